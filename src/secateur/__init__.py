@@ -1,8 +1,16 @@
 """secateur: prune PyTorch models.
 
 The public surface is small; see README.md. Importing secateur has no side effects."""
+from secateur.criteria import Criterion, Magnitude, Random, Scores, Taylor, register_criterion
 from secateur.errors import PruningError
+from secateur.masks import apply_masks, finalize, get_mask, is_pruned, masks_of, set_mask
+from secateur.patterns import NM, Block, Element, Slices
+from secateur.prune import prune
 
 __version__ = "0.1.0"
 
-__all__ = ["PruningError", "__version__"]
+__all__ = [
+    "PruningError", "prune", "finalize", "is_pruned", "masks_of", "apply_masks", "get_mask", "set_mask",
+    "Criterion", "Magnitude", "Random", "Scores", "Taylor", "register_criterion",
+    "Element", "NM", "Block", "Slices", "__version__",
+]

@@ -1,0 +1,131 @@
+"""Masking engine: boolean masks held in ``torch.nn.utils.parametrize`` parametrizations.
+
+Why parametrizations: the Parameter object stays the same (an optimizer built before pruning keeps
+working), gradients of masked entries are exactly zero (they flow through ``w * mask``), a mask costs
+one byte per weight, and ``finalize`` bakes the zeros in and leaves an ordinary module."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from secateur.errors import fail
+
+
+class Mask(nn.Module):
+    """Parametrization ``w -> w * mask``; ``mask`` is a boolean buffer (saved in the state_dict)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+    def extra_repr(self) -> str:
+        n = self.mask.numel()
+        return f"shape={tuple(self.mask.shape)}, sparsity={1 - int(self.mask.sum()) / max(n, 1):.3f}"
+
+
+def _mask_module(module: nn.Module, param: str) -> Mask | None:
+    if not parametrize.is_parametrized(module, param):
+        return None
+    for p in module.parametrizations[param]:
+        if isinstance(p, Mask):
+            return p
+    return None
+
+
+def original(module: nn.Module, param: str) -> torch.Tensor | None:
+    """The stored tensor behind ``module.<param>`` (the un-masked values), or None if absent."""
+    if parametrize.is_parametrized(module, param):
+        return module.parametrizations[param].original
+    t = getattr(module, param, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def get_mask(module: nn.Module, param: str = "weight") -> torch.Tensor | None:
+    """The boolean keep-mask of ``module.<param>`` (True = kept), or None if it is not masked."""
+    m = _mask_module(module, param)
+    return None if m is None else m.mask
+
+
+def set_mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
+    """Attach (or replace) the keep-mask of ``module.<param>``. The mask must match the tensor's shape."""
+    t = original(module, param)
+    if t is None:
+        raise fail(f"module has no tensor {param!r}", where=type(module).__name__)
+    if tuple(mask.shape) != tuple(t.shape):
+        raise fail(f"mask shape {tuple(mask.shape)} does not match the tensor", where=param, shape=t.shape)
+    mask = mask.to(device=t.device, dtype=torch.bool)
+    existing = _mask_module(module, param)
+    if existing is not None:
+        existing.mask = mask
+        return
+    parametrize.register_parametrization(module, param, Mask(mask), unsafe=True)
+
+
+def remove_mask(module: nn.Module, param: str = "weight", *, bake: bool = True) -> None:
+    """Drop the mask of ``module.<param>``; ``bake=True`` writes the zeros into the tensor first."""
+    if _mask_module(module, param) is None:
+        return
+    if bake:
+        parametrize.remove_parametrizations(module, param, leave_parametrized=True)
+    else:
+        parametrize.remove_parametrizations(module, param, leave_parametrized=False)
+
+
+def iter_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Yield ``(module_name, module, param, mask)`` for every masked tensor in the model."""
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param in list(module.parametrizations.keys()):
+            m = _mask_module(module, param)
+            if m is not None:
+                yield name, module, param, m.mask
+
+
+def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All masks, keyed ``"<module>.<param>"``."""
+    return {f"{n}.{p}" if n else p: m for n, _, p, m in iter_masks(model)}
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Attach masks keyed ``"<module>.<param>"`` (as returned by `masks_of`). Checks all before changing any."""
+    modules = dict(model.named_modules())
+    plan = []
+    for key, mask in masks.items():
+        mod_name, _, param = key.rpartition(".")
+        module = modules.get(mod_name)
+        t = None if module is None else original(module, param)
+        if t is None:
+            raise fail("no such tensor in the model", where=key)
+        if tuple(mask.shape) != tuple(t.shape):
+            raise fail(f"mask shape {tuple(mask.shape)} does not match the tensor", where=key, shape=t.shape)
+        plan.append((module, param, mask))
+    for module, param, mask in plan:
+        set_mask(module, param, mask)
+
+
+def is_pruned(model: nn.Module) -> bool:
+    """True while any tensor of the model carries a secateur mask."""
+    return any(True for _ in iter_masks(model))
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Make pruning permanent: bake every mask's zeros into its tensor and remove all parametrizations
+    secateur added. The Parameter objects stay the same. Returns the model."""
+    for _, module, param, _ in list(iter_masks(model)):
+        remove_mask(module, param, bake=True)
+    return model
+
+
+def reapply(model: nn.Module) -> None:
+    """Zero the stored values under every mask (so optimizer momentum or weight decay cannot make a
+    later ``finalize(bake=False)`` or a mask removal revive them)."""
+    with torch.no_grad():
+        for _, module, param, mask in iter_masks(model):
+            original(module, param).mul_(mask)

@@ -1,0 +1,181 @@
+"""``prune``: the one verb of the masking engine.
+
+Everything is computed and validated first; masks are attached only when every tensor succeeded, so a
+bad call leaves the model exactly as it was."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Callable, Iterable, Mapping, Union
+
+import torch
+from torch import nn
+
+from secateur.criteria import CriterionSpec, get_criterion
+from secateur.errors import fail
+from secateur.masks import get_mask, set_mask
+from secateur.patterns import NM, PatternSpec, get_pattern
+from secateur.selection import lowest
+from secateur.targets import Target, TargetSpec, select_targets
+
+Amount = Union[float, Mapping[str, float], Callable[[str, torch.Tensor], float]]
+
+_NEG_INF = float("-inf")
+
+
+def _check_ratio(r, where):
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= float(r) <= 1.0) or math.isnan(r):
+        raise fail("amount must be a ratio in [0, 1]", where=where, value=r)
+    return float(r)
+
+
+def _ratio_for(amount: Amount, t: Target, used: set) -> float | None:
+    if isinstance(amount, Mapping):
+        for pat, r in amount.items():
+            if fnmatch.fnmatchcase(t.name, pat) or fnmatch.fnmatchcase(t.module_name, pat):
+                used.add(pat)
+                return _check_ratio(r, t.name)
+        return None
+    if callable(amount):
+        return _check_ratio(amount(t.name, t.tensor), t.name)
+    return _check_ratio(amount, t.name)
+
+
+def _validate_tensor(t: Target) -> torch.Tensor:
+    w = t.tensor
+    if not torch.is_floating_point(w):
+        raise fail("cannot prune a non-floating tensor", where=t.name, shape=w.shape, value=w.dtype)
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        bad = w[~torch.isfinite(w)].flatten()[0].item()
+        raise fail("tensor holds NaN or infinite values", where=t.name, shape=w.shape, value=bad)
+    return w
+
+
+def _group_keep_old(old: torch.Tensor | None, pattern, shape) -> torch.Tensor | None:
+    """Which groups are already fully pruned by an existing mask (they count as pruned)."""
+    if old is None:
+        return None
+    if pattern.is_elementwise:
+        return ~old
+    return pattern.reduce((~old).float(), 1.0) == math.prod(shape) / math.prod(pattern.group_shape(shape))
+
+
+def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | None = None,
+          count: int | None = None, criterion: CriterionSpec = "l1", pattern: PatternSpec = "element",
+          scope: str = "local", targets: TargetSpec = None, include_bias: bool = False,
+          exclude: Iterable[str] = (), min_sparsity: float = 0.0, max_sparsity: float = 1.0,
+          ) -> dict[str, float]:
+    """Mask the least important weights of ``model`` in place; returns each tensor's sparsity.
+
+    Say how much with exactly one of: ``amount`` (target sparsity ratio of each tensor for
+    ``scope="local"``, of all targets together for ``"global"``; a dict ``{name glob: ratio}`` or a
+    function ``(name, tensor) -> ratio`` gives per-layer ratios), ``threshold`` (prune scores below it,
+    PaddleSlim's threshold mode) or ``count`` (number of weights, or of groups for block/row patterns).
+    N:M patterns need none of them. Ratios are targets: pruning again to a higher ratio prunes among
+    the survivors and reaches exactly that ratio; masks never regrow.
+
+    ``criterion``: ``"l1"``, ``"l2"``, ``"random"``, ``"taylor"``, a `Criterion` or a function
+    ``(tensor, name) -> scores``. ``pattern``: ``"element"``, ``"2:4"``, ``"block4x4"``, ``"rows"``...
+    ``targets``: None (Linear/Conv weights), a preset (``"conv1x1"``), a filter ``(name, module) -> bool``
+    or module names. ``min_sparsity`` / ``max_sparsity`` bound each tensor in global scope."""
+    crit = get_criterion(criterion)
+    pat = get_pattern(pattern)
+    given = [x is not None for x in (amount, threshold, count)]
+    if isinstance(pat, NM):
+        if any(given):
+            raise fail("N:M patterns fix the sparsity; do not pass amount, threshold or count", value=pat)
+    elif sum(given) != 1:
+        raise fail("give exactly one of amount, threshold or count", value=dict(amount=amount,
+                   threshold=threshold, count=count))
+    if scope not in ("local", "global"):
+        raise fail("scope must be 'local' or 'global'", value=scope)
+    lo = _check_ratio(min_sparsity, "min_sparsity")
+    hi = _check_ratio(max_sparsity, "max_sparsity")
+    if lo > hi:
+        raise fail("min_sparsity exceeds max_sparsity", value=(lo, hi))
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise fail("count must be a non-negative integer", value=count)
+    if threshold is not None and (not isinstance(threshold, (int, float)) or math.isnan(threshold)):
+        raise fail("threshold must be a number", value=threshold)
+    if scope == "global" and (isinstance(amount, Mapping) or callable(amount)):
+        raise fail("per-layer amounts need scope='local'", value=amount)
+
+    chosen = select_targets(model, targets, include_bias=include_bias, exclude=exclude)
+    used: set = set()
+    work = []  # (target, group_scores, already_pruned_groups, ratio)
+    for t in chosen:
+        w = _validate_tensor(t)
+        pat.check(tuple(w.shape), t.name)
+        ratio = _ratio_for(amount, t, used) if amount is not None else None
+        if amount is not None and ratio is None:
+            continue
+        with torch.no_grad():
+            s = crit.group_scores(w, t.name, pat).float()
+            if s.numel() and not bool(torch.isfinite(s).all()):
+                raise fail("criterion produced NaN or infinite scores", where=t.name, shape=w.shape)
+            done = _group_keep_old(get_mask(t.module, t.param), pat, tuple(w.shape))
+            if done is not None:
+                s = s.masked_fill(done, _NEG_INF)
+        work.append((t, s, done, ratio))
+    if isinstance(amount, Mapping):
+        unused = set(amount) - used
+        if unused:
+            raise fail("amount keys matched no target tensor", value=sorted(unused),
+                       hint=f"targets are {[t.name for t in chosen][:10]}")
+
+    with torch.no_grad():
+        if isinstance(pat, NM):
+            pruned = [~pat.keep(s) for _, s, _, _ in work]
+        elif threshold is not None:
+            pruned = [s < threshold for _, s, _, _ in work]
+        elif scope == "local":
+            pruned = []
+            for _, s, done, ratio in work:
+                k = count if count is not None else round(ratio * s.numel())
+                k = max(k, int(done.sum()) if done is not None else 0)
+                pruned.append(lowest([s], min(k, s.numel()))[0])
+        else:
+            pruned = _global(work, amount, count, lo, hi)
+
+        new_masks = []
+        for (t, s, _, _), p in zip(work, pruned):
+            keep = pat.expand(~p, tuple(t.tensor.shape))
+            old = get_mask(t.module, t.param)
+            if old is not None:
+                keep = keep & old
+            new_masks.append((t, keep))
+    result = {}
+    for t, keep in new_masks:
+        set_mask(t.module, t.param, keep.contiguous())
+        result[t.name] = 1.0 - int(keep.sum()) / max(keep.numel(), 1)
+    return result
+
+
+def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
+    """Global selection with per-tensor floors/ceilings (water-filling: fix violators, redo the rest)."""
+    scores = [s for _, s, _, _ in work]
+    sizes = [s.numel() for s in scores]
+    total = sum(sizes)
+    k = count if count is not None else round(amount * total)
+    k = min(max(k, sum(int(d.sum()) for _, _, d, _ in work if d is not None)), total)
+    fixed: dict[int, int] = {}
+    out: dict[int, torch.Tensor] = {}
+    while True:
+        active = [i for i in range(len(scores)) if i not in fixed]
+        budget = k - sum(fixed.values())
+        if not active:
+            break
+        masks = lowest([scores[i] for i in active], max(budget, 0))
+        changed = False
+        for i, m in zip(active, masks):
+            c = int(m.sum())
+            floor, ceil = math.ceil(lo * sizes[i]), math.floor(hi * sizes[i])
+            if c < floor or c > ceil:
+                fixed[i] = min(max(c, floor), ceil)
+                changed = True
+        if not changed:
+            out = dict(zip(active, masks))
+            break
+    for i, c in fixed.items():
+        out[i] = lowest([scores[i]], c)[0]
+    return [out[i] for i in range(len(scores))]

@@ -1,0 +1,96 @@
+"""Exact, deterministic selection of the k lowest scores, within one tensor or across many.
+
+Global selection never concatenates or sorts the model's scores: it runs a two-pass radix select
+(16-bit histograms of the order-preserving integer image of float32 scores, ``torch.bincount`` on the
+scores' own device, in chunks), so memory stays at one chunk of int64 keys whatever the model's size.
+Ties at the threshold go to the earliest tensor, then the lowest flat index: deterministic everywhere."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+CHUNK = 1 << 24  # elements converted to int64 keys at a time (128 MiB)
+
+
+def _keys(s: torch.Tensor) -> torch.Tensor:
+    """Monotone map float32 -> int64 in [0, 2**32): a < b  <=>  key(a) < key(b) (no NaNs)."""
+    b = s.contiguous().float().view(torch.int32)
+    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+    return b.to(torch.int64) + (1 << 31)
+
+
+def _chunks(s: torch.Tensor):
+    flat = s.reshape(-1)
+    for i in range(0, flat.numel(), CHUNK):
+        yield _keys(flat[i:i + CHUNK])
+
+
+def kth_key(scores: Sequence[torch.Tensor], k: int) -> int:
+    """Integer key t of the k-th smallest score overall (1-based): #(key < t) < k <= #(key <= t)."""
+    hist = None
+    for s in scores:
+        for key in _chunks(s):
+            h = torch.bincount(key >> 16, minlength=1 << 16).cpu()
+            hist = h if hist is None else hist + h
+    cum = torch.cumsum(hist, 0)
+    hi = int(torch.searchsorted(cum, torch.tensor(k), right=False))
+    below = int(cum[hi - 1]) if hi > 0 else 0
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for s in scores:
+        for key in _chunks(s):
+            sel = key[(key >> 16) == hi]
+            if sel.numel():
+                hist += torch.bincount(sel & 0xFFFF, minlength=1 << 16).cpu()
+    cum = torch.cumsum(hist, 0)
+    lo = int(torch.searchsorted(cum, torch.tensor(k - below), right=False))
+    return (hi << 16) | lo
+
+
+def _prune_at(s: torch.Tensor, t: int, ties: int) -> tuple[torch.Tensor, int]:
+    """Boolean prune-mask of entries with key < t plus the first ``ties`` entries equal to t."""
+    flat = s.reshape(-1)
+    out = torch.empty(flat.numel(), dtype=torch.bool, device=s.device)
+    used = 0
+    for i in range(0, flat.numel(), CHUNK):
+        key = _keys(flat[i:i + CHUNK])
+        less = key < t
+        eq = key == t
+        if ties - used > 0 and bool(eq.any()):
+            take = eq & (torch.cumsum(eq, 0) <= ties - used)
+            used += int(take.sum())
+            less |= take
+        out[i:i + CHUNK] = less
+    return out.reshape(s.shape), used
+
+
+def lowest(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Prune-masks (True = pruned) marking exactly the k lowest scores across all tensors."""
+    total = sum(s.numel() for s in scores)
+    if k <= 0:
+        return [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+    if k >= total:
+        return [torch.ones(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+    if len(scores) == 1 and scores[0].numel() <= CHUNK:
+        return [_lowest_small(scores[0], k)]
+    t = kth_key(scores, k)
+    less = sum(int((key < t).sum()) for s in scores for key in _chunks(s))
+    ties = k - less
+    out = []
+    for s in scores:
+        m, used = _prune_at(s, t, ties)
+        ties -= used
+        out.append(m)
+    return out
+
+
+def _lowest_small(s: torch.Tensor, k: int) -> torch.Tensor:
+    flat = s.reshape(-1).float()
+    t = torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat, k).values.to(flat.device)
+    less = flat < t
+    eq = flat == t
+    need = k - int(less.sum())
+    less |= eq & (torch.cumsum(eq, 0) <= need)
+    return less.reshape(s.shape)
+
+

@@ -1,0 +1,98 @@
+"""Which tensors may be pruned.
+
+By default the weights of Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d. Norm layers, biases and
+embeddings are skipped unless asked for, as in PaddleSlim's unstructured pruner and the torch tutorial."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Union
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+
+#: Module types whose ``weight`` is pruned by default.
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+ModuleFilter = Callable[[str, nn.Module], bool]
+TargetSpec = Union[None, str, ModuleFilter, Iterable[str]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable tensor: ``getattr(module, param)`` inside ``model`` at ``module_name``."""
+
+    module_name: str
+    module: nn.Module
+    param: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.module_name}.{self.param}" if self.module_name else self.param
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        from secateur.masks import original
+        return original(self.module, self.param)
+
+
+def is_default_layer(name: str, module: nn.Module) -> bool:
+    return isinstance(module, DEFAULT_TYPES)
+
+
+def is_conv1x1(name: str, module: nn.Module) -> bool:
+    """PaddleSlim's ``prune_params_type='conv1x1_only'``: only pointwise convolutions."""
+    return isinstance(module, _CONV_TYPES) and all(k == 1 for k in module.kernel_size)
+
+
+PRESETS: dict[str, ModuleFilter] = {
+    "default": is_default_layer,
+    "linear": lambda n, m: isinstance(m, nn.Linear),
+    "conv": lambda n, m: isinstance(m, _CONV_TYPES),
+    "conv1x1": is_conv1x1,
+}
+
+
+def _module_filter(targets: TargetSpec) -> ModuleFilter:
+    if targets is None:
+        return is_default_layer
+    if isinstance(targets, str):
+        if targets not in PRESETS:
+            raise fail("unknown targets preset", value=targets, hint=f"choose one of {sorted(PRESETS)}")
+        return PRESETS[targets]
+    if callable(targets):
+        return targets
+    names = set(targets)
+    return lambda n, m: n in names
+
+
+def select_targets(model: nn.Module, targets: TargetSpec = None, *, include_bias: bool = False,
+                   exclude: Iterable[str] = ()) -> list[Target]:
+    """Resolve a target spec into the list of tensors to prune, in module order.
+
+    ``targets`` is None (the default layer types), a preset name (``"linear"``, ``"conv"``, ``"conv1x1"``),
+    a filter ``(name, module) -> bool`` or an iterable of module names. ``include_bias`` adds biases."""
+    from secateur.masks import original
+
+    keep = _module_filter(targets)
+    excluded = set(exclude)
+    found: list[Target] = []
+    for name, module in model.named_modules():
+        if name in excluded or not keep(name, module):
+            continue
+        for param in ("weight", "bias") if include_bias else ("weight",):
+            t = original(module, param)
+            if t is None:
+                continue
+            if not torch.is_floating_point(t):
+                raise fail("cannot prune a non-floating tensor", where=f"{name}.{param}", shape=t.shape,
+                           value=t.dtype)
+            found.append(Target(name, module, param))
+    if not found:
+        raise fail("the target filter selected no prunable tensor", where=type(model).__name__,
+                   value=targets, hint="check the filter or the module names")
+    return found
