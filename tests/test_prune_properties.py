@@ -1,0 +1,91 @@
+"""Randomised tests over shapes, ratios and patterns: exact counts, N:M validity, block validity, ties."""
+import math
+
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import secateur as S
+from secateur.selection import lowest
+
+ALL = dict(targets=lambda n, m: True)
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@SETTINGS
+@given(out=st.integers(1, 24), inp=st.integers(1, 24), ratio=st.floats(0, 1), seed=st.integers(0, 10**6))
+def test_exact_count_local(out, inp, ratio, seed):
+    torch.manual_seed(seed)
+    m = nn.Linear(inp, out)
+    S.prune(m, ratio, **ALL)
+    assert int((~S.get_mask(m)).sum()) == round(ratio * out * inp)
+
+
+@SETTINGS
+@given(n_layers=st.integers(1, 4), ratio=st.floats(0, 1), seed=st.integers(0, 10**6),
+       quantise=st.booleans())
+def test_global_exact_count_and_kept_dominate_pruned(n_layers, ratio, seed, quantise):
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(*[nn.Linear(int(torch.randint(1, 9, (1,), generator=g)) * 3, 6) for _ in range(n_layers)])
+    with torch.no_grad():
+        for layer in m:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+            layer.in_features = layer.weight.shape[1]
+            if quantise:  # many exact ties
+                layer.weight.copy_(torch.round(layer.weight * 2) / 2)
+    S.prune(m, ratio, scope="global")
+    total = sum(l.weight.numel() for l in m)
+    pruned = [l.parametrizations.weight.original[~S.get_mask(l)].abs() for l in m]
+    kept = [l.parametrizations.weight.original[S.get_mask(l)].abs() for l in m]
+    assert sum(p.numel() for p in pruned) == round(ratio * total)
+    if any(p.numel() for p in pruned) and any(k.numel() for k in kept):
+        assert torch.cat(pruned).max() <= torch.cat(kept).min()
+
+
+@SETTINGS
+@given(nm=st.sampled_from([(1, 2), (2, 4), (4, 8), (1, 4), (3, 8)]), groups=st.integers(1, 6),
+       out=st.integers(1, 10), seed=st.integers(0, 10**6), conv=st.booleans())
+def test_nm_validity(nm, groups, out, seed, conv):
+    n, mm = nm
+    torch.manual_seed(seed)
+    layer = nn.Conv2d(groups * mm, out, 2) if conv else nn.Linear(groups * mm, out)
+    S.prune(layer, pattern=S.NM(n, mm), **ALL)
+    mask = S.get_mask(layer)
+    per_group = mask.movedim(1, -1).reshape(-1, mm).sum(-1)
+    assert torch.all(per_group == n)
+    # the kept ones are the largest of their group
+    w = layer.parametrizations.weight.original.detach().abs().movedim(1, -1).reshape(-1, mm)
+    km = mask.movedim(1, -1).reshape(-1, mm)
+    kept_min = torch.where(km, w, torch.full_like(w, math.inf)).amin(-1)
+    pruned_max = torch.where(~km, w, torch.full_like(w, -math.inf)).amax(-1)
+    assert torch.all(kept_min >= pruned_max)
+
+
+@SETTINGS
+@given(r=st.sampled_from([1, 2, 4]), c=st.sampled_from([1, 2, 4]), br=st.integers(1, 5), bc=st.integers(1, 5),
+       ratio=st.floats(0, 1), seed=st.integers(0, 10**6))
+def test_block_validity(r, c, br, bc, ratio, seed):
+    torch.manual_seed(seed)
+    layer = nn.Linear(bc * c, br * r)
+    S.prune(layer, ratio, pattern=S.Block(r, c), **ALL)
+    mask = S.get_mask(layer).reshape(br, r, bc, c)
+    block_any = mask.any(dim=(1, 3))
+    block_all = mask.all(dim=(1, 3))
+    assert torch.equal(block_any, block_all)  # every block all-kept or all-pruned
+    assert int((~block_all).sum()) == round(ratio * br * bc)
+
+
+@SETTINGS
+@given(values=st.lists(st.sampled_from([-2.0, -1.0, 0.0, 0.5, 1.0, float("-inf")]), min_size=1, max_size=60),
+       k=st.integers(0, 60), split=st.integers(1, 59))
+def test_lowest_selection_exact_with_ties_single_and_split(values, k, split):
+    s = torch.tensor(values)
+    k = min(k, s.numel())
+    one = lowest([s], k)[0]
+    assert int(one.sum()) == k
+    if 0 < k < s.numel():
+        assert s[one].max() <= s[~one].min()
+    split = min(split, s.numel())
+    parts = lowest([s[:split], s[split:]], k)
+    # deterministic tie-break: earliest tensor, lowest index -> same as the single-tensor answer
+    assert torch.equal(torch.cat(parts), one)
