@@ -1,0 +1,5 @@
+"""One-shot pruning of transformers and LLMs: layer-wise calibration with magnitude, Wanda or SparseGPT."""
+from secateur.llm.methods import METHODS, Method, register_method
+from secateur.llm.oneshot import LLMReport, LayerResult, prune_llm
+
+__all__ = ["prune_llm", "LLMReport", "LayerResult", "METHODS", "Method", "register_method"]

@@ -1,0 +1,139 @@
+"""Layer-wise calibration: catch the inputs of the first block, then run blocks one at a time.
+
+Why layer-wise: running the whole model on every calibration batch for every block costs O(blocks^2)
+and needs all weights on the device at once. Catching the first block's inputs (hidden states plus the
+keyword arguments the model passes, e.g. attention masks and rotary embeddings) and then feeding each
+block's output to the next needs one block on the device and one block's activations in memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+
+
+class _Caught(Exception):
+    """Raised by the first block's pre-hook to stop the model's forward once its inputs are caught."""
+
+
+def to_device(obj: Any, device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return getattr(emb, "num_embeddings", None)
+
+
+def check_batches(model: nn.Module, calibration: Iterable) -> list:
+    """Materialise and validate calibration batches: 2-D integer token tensors ``[B, T]`` or dicts
+    with such an ``input_ids`` (plus e.g. ``attention_mask``). Returns the list."""
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = [calibration]
+    try:
+        batches = list(calibration)
+    except TypeError:
+        raise fail("calibration must be an iterable of token batches", value=type(calibration).__name__,
+                   hint="pass a list of LongTensor [batch, seq] or of dicts with 'input_ids'") from None
+    if not batches:
+        raise fail("calibration is empty", value=0, hint="pass at least one batch of tokens")
+    vocab = _vocab_size(model)
+    for i, b in enumerate(batches):
+        where = f"calibration[{i}]"
+        ids = b.get("input_ids") if isinstance(b, Mapping) else b
+        if isinstance(b, Mapping) and ids is None:
+            raise fail("batch dict has no 'input_ids'", where=where, value=sorted(b))
+        if not isinstance(ids, torch.Tensor):
+            raise fail("batch is not a tensor", where=where, value=type(ids).__name__,
+                       hint="token batches are LongTensor [batch, seq]")
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise fail("token batch must be 2-D [batch, seq] and non-empty", where=where, shape=ids.shape)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise fail("token batch must hold integer token ids", where=where, shape=ids.shape, value=ids.dtype,
+                       hint="tokenize text first (tokenizer(..., return_tensors='pt'))")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise fail(f"token ids out of the vocabulary range [0, {vocab})", where=where, shape=ids.shape,
+                       value=(lo, hi))
+    return batches
+
+
+def count_tokens(batches: list) -> int:
+    return sum(int((b["input_ids"] if isinstance(b, Mapping) else b).numel()) for b in batches)
+
+
+@dataclass
+class BlockInput:
+    """What the model passed to a block for one calibration batch (hidden states replaced per block)."""
+
+    hidden: torch.Tensor
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    by_keyword: bool = False
+
+
+_NO_CACHE = {"past_key_values": None, "past_key_value": None, "layer_past": None, "use_cache": False}
+
+
+def catch_inputs(model: nn.Module, first: nn.Module, batches: list, device=None) -> list[BlockInput]:
+    """Run the model on each batch until ``first`` is called; keep its inputs (moved to ``device``)."""
+    caught: list[BlockInput] = []
+
+    def hook(module, args, kwargs):
+        kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else v) for k, v in kwargs.items()}
+        if args:
+            hidden, rest, by_kw = args[0], tuple(args[1:]), False
+        elif "hidden_states" in kwargs:
+            hidden, rest, by_kw = kwargs.pop("hidden_states"), (), True
+        else:
+            raise fail("the first block was called without a hidden-state tensor", where=type(module).__name__,
+                       value=sorted(kwargs))
+        dev = device if device is not None else hidden.device
+        caught.append(BlockInput(hidden.detach().to(dev), to_device(rest, dev), to_device(kwargs, dev), by_kw))
+        raise _Caught
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                try:
+                    model(**b) if isinstance(b, Mapping) else model(b)
+                except _Caught:
+                    continue
+                raise fail("the model's forward never reached the first block", where=f"calibration[{i}]",
+                           value=type(first).__name__, hint="check blocks=... names modules the forward calls")
+    finally:
+        handle.remove()
+    return caught
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a block returns (a tensor, or the first item of a tuple/list)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise fail("cannot find the hidden states in the block's output", value=type(out).__name__)
+
+
+def run_block(block: nn.Module, inp: BlockInput, device) -> torch.Tensor:
+    hidden = inp.hidden.to(device)
+    args, kwargs = to_device(inp.args, device), to_device(inp.kwargs, device)
+    if inp.by_keyword:
+        return block_output(block(*args, hidden_states=hidden, **kwargs))
+    return block_output(block(hidden, *args, **kwargs))

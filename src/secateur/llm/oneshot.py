@@ -1,0 +1,247 @@
+"""``prune_llm``: one-shot, calibration-based pruning of transformer blocks (magnitude, Wanda, SparseGPT).
+
+The result is in the masking engine's form (a mask per pruned Linear weight; SparseGPT also writes its
+updated weights into the stored parameter), so ``finalize``, reports, saving and fine-tuning work as for
+``prune``. Everything that can be checked is checked before the model is touched; if a block fails later
+(e.g. the user's forward raises), every mask and weight already changed is restored."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+from secateur.llm.blocks import BlocksSpec, find_blocks
+from secateur.llm.calibration import catch_inputs, check_batches, count_tokens, run_block
+from secateur.llm.methods import METHODS, Method
+from secateur.llm.text import token_batches
+from secateur.masks import get_mask, original, remove_mask, set_mask
+from secateur.patterns import NM, Element, PatternSpec, get_pattern
+from secateur.targets import TargetSpec, select_targets
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    name: str
+    shape: tuple
+    sparsity: float
+    loss: float | None  # SparseGPT's estimate of the added squared output error; None for other methods
+
+
+@dataclass(frozen=True)
+class LLMReport:
+    """What ``prune_llm`` did: per-layer sparsity, the calibration size and the time taken."""
+
+    method: str
+    pattern: str
+    sparsity: float
+    blocks: str
+    n_blocks: int
+    tokens: int
+    seconds: float
+    layers: tuple[LayerResult, ...]
+
+    @property
+    def total_sparsity(self) -> float:
+        n = sum(torch.Size(r.shape).numel() for r in self.layers)
+        return sum(r.sparsity * torch.Size(r.shape).numel() for r in self.layers) / max(n, 1)
+
+    def table(self) -> str:
+        lines = [f"{self.method} {self.pattern} on {self.n_blocks} blocks ({self.blocks}), {self.tokens} "
+                 f"calibration tokens, {self.seconds:.2f} s, sparsity {self.total_sparsity:.4f}",
+                 f"{'layer':<48} {'shape':>14} {'sparsity':>9} {'loss':>11}"]
+        for r in self.layers:
+            loss = "" if r.loss is None else f"{r.loss:.4g}"
+            lines.append(f"{r.name:<48} {'x'.join(map(str, r.shape)):>14} {r.sparsity:>9.4f} {loss:>11}")
+        return "\n".join(lines)
+
+
+class _Journal:
+    """Records each layer's previous mask (and weight, when a method rewrites it) so a failure mid-way
+    can put the model back exactly as it was."""
+
+    def __init__(self):
+        self.entries: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None]] = []
+
+    def record(self, module: nn.Module, keep_weight: bool) -> None:
+        old = get_mask(module, "weight")
+        w = original(module, "weight").detach().to("cpu", copy=True) if keep_weight else None
+        self.entries.append((module, None if old is None else old.clone(), w))
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for module, old, w in reversed(self.entries):
+                if w is not None:
+                    original(module, "weight").copy_(w)
+                if old is None:
+                    remove_mask(module, "weight", bake=False)
+                else:
+                    set_mask(module, "weight", old)
+
+
+def _method(method: str) -> Method:
+    if method not in METHODS:
+        raise fail("unknown one-shot method", value=method, hint=f"choose one of {sorted(METHODS)}")
+    return METHODS[method]
+
+
+def _ratio(pattern, sparsity) -> float:
+    if isinstance(pattern, NM):
+        implied = 1 - pattern.n / pattern.m
+        if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
+            raise fail(f"an N:M pattern fixes the sparsity at {implied}", value=sparsity,
+                       hint="leave sparsity=None for N:M patterns")
+        return implied
+    if not isinstance(pattern, Element):
+        raise fail("one-shot LLM pruning supports 'element' and N:M patterns", value=pattern,
+                   hint="use pattern='element', '2:4' or '4:8'")
+    sparsity = 0.5 if sparsity is None else sparsity
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise fail("sparsity must be a ratio in [0, 1)", value=sparsity)
+    return float(sparsity)
+
+
+def _layers(model: nn.Module, blocks: list[nn.Module], targets: TargetSpec, pattern) -> list[list[tuple[str, nn.Module]]]:
+    """Per block, the (name, Linear) pairs to prune, validated."""
+    chosen = {id(t.module): t for t in select_targets(model, "linear" if targets is None else targets)}
+    names = {id(m): n for n, m in model.named_modules()}
+    per_block, total = [], 0
+    for block in blocks:
+        layers = []
+        for m in block.modules():
+            t = chosen.get(id(m))
+            if t is None:
+                continue
+            if not isinstance(m, nn.Linear):
+                raise fail("one-shot LLM pruning handles nn.Linear layers only", where=t.name,
+                           value=type(m).__name__, hint="narrow targets= to Linear layers")
+            w = original(m, "weight")
+            if w.is_meta:
+                raise fail("weight is on the meta device (not materialised)", where=t.name, shape=w.shape)
+            if not bool(torch.isfinite(w).all()):
+                raise fail("weight holds NaN or infinite values", where=t.name, shape=w.shape)
+            pattern.check(tuple(w.shape), t.name) if isinstance(pattern, NM) else None
+            layers.append((names[id(m)], m))
+        per_block.append(layers)
+        total += len(layers)
+    if total == 0:
+        raise fail("the blocks hold no targeted Linear layer", value=targets)
+    return per_block
+
+
+def _progress(items, enabled: bool, total: int):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # plain counter
+        def gen():
+            for i, x in enumerate(items):
+                print(f"block {i + 1}/{total}", flush=True)
+                yield x
+        return gen()
+    return tqdm(items, total=total, desc="prune_llm", leave=False)
+
+
+def _block_device(block: nn.Module, device):
+    if device is not None:
+        return torch.device(device)
+    p = next(block.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: str = "wanda",
+              sparsity: float | None = None, pattern: PatternSpec = "element", blocks: BlocksSpec = None,
+              tokenizer=None, n_samples: int = 128, seq_len: int = 128, device=None,
+              targets: TargetSpec = None, progress: bool = True) -> LLMReport:
+    """Prune the Linear layers inside ``model``'s repeated blocks, one block at a time, in place.
+
+    ``calibration``: an iterable of LongTensor ``[B, T]`` token batches or dicts for Hugging Face models
+    (``input_ids``, ``attention_mask``...); None = ``n_samples`` windows of ``seq_len`` tokens of Python's
+    own language reference, tokenised with ``tokenizer``. ``method``: ``"magnitude"`` (no calibration),
+    ``"wanda"`` or ``"sparsegpt"``. ``sparsity``: ratio for ``pattern="element"`` (default 0.5); N:M
+    patterns (``"2:4"``, ``"4:8"``, ``NM(n, m)``) fix it. ``blocks``: None (auto-detect the layer list),
+    its dotted name, or the block modules. ``device``: where each block is computed (moved there and
+    back; None = where it lives). ``targets``: which Linear layers inside the blocks (default all)."""
+    start = time.perf_counter()
+    meth = _method(method)
+    pat = get_pattern(pattern)
+    ratio = _ratio(pat, sparsity)
+    block_name, mods = find_blocks(model, blocks)
+    layers = _layers(model, mods, targets, pat)
+    batches, tokens = [], 0
+    if meth.stats is not None or calibration is not None:
+        if calibration is None:
+            calibration = token_batches(tokenizer, n_samples, seq_len)
+        batches = check_batches(model, calibration)
+        tokens = count_tokens(batches)
+    if meth.stats is not None and method == "sparsegpt":
+        widest = max((m.in_features, n) for lay in layers for n, m in lay)
+        if tokens < widest[0]:
+            warnings.warn(f"SparseGPT: {tokens} calibration tokens < {widest[0]} input features of {widest[1]}: "
+                          f"its Hessian is rank-deficient and only dampening keeps it invertible; use at least "
+                          f"{widest[0]} tokens (the papers use 128 x 2048)", stacklevel=2)
+
+    results: list[LayerResult] = []
+    journal = _Journal()
+    try:
+        inputs = catch_inputs(model, mods[0], batches, device) if meth.stats is not None else []
+        for bi, (block, lays) in enumerate(_progress(list(zip(mods, layers)), progress, len(mods))):
+            dev = _block_device(block, device)
+            home = _block_device(block, None)
+            if home != dev:
+                block.to(dev)
+            try:
+                _prune_block(block, lays, meth, pat, ratio, inputs, dev, journal, results,
+                             advance=bi + 1 < len(mods))
+            finally:
+                if home != dev:
+                    block.to(home)
+    except BaseException:
+        journal.undo()
+        raise
+    return LLMReport(meth.name, _pattern_name(pat), ratio, block_name, len(mods), tokens,
+                     time.perf_counter() - start, tuple(results))
+
+
+def _pattern_name(pat) -> str:
+    return f"{pat.n}:{pat.m}" if isinstance(pat, NM) else "element"
+
+
+def _prune_block(block, lays, meth: Method, pat, ratio, inputs, dev, journal: _Journal,
+                 results: list, *, advance: bool) -> None:
+    """Gather statistics on the dense block, prune its layers, then (``advance``) replace the inputs by
+    the PRUNED block's outputs, which the next block sees, as in the papers."""
+    with torch.no_grad():
+        stats = _gather(block, lays, meth, inputs, dev)
+        for name, mod in lays:
+            pruned, new, loss = meth.prune(mod.weight.detach(), stats.get(name), pat, ratio, name)
+            journal.record(mod, keep_weight=new is not None)
+            if new is not None:
+                original(mod, "weight").copy_(new.to(original(mod, "weight").dtype))
+            set_mask(mod, "weight", ~pruned)
+            results.append(LayerResult(name, tuple(mod.weight.shape), float(pruned.float().mean()), loss))
+        del stats
+        if advance:
+            for inp in inputs:
+                inp.hidden = run_block(block, inp, dev).to(inp.hidden.device)
+
+
+def _gather(block: nn.Module, lays, meth: Method, inputs, dev) -> dict:
+    """Run the (unpruned) block on every caught input and accumulate each layer's input statistics."""
+    if meth.stats is None:
+        return {}
+    stats = {name: meth.stats(mod.in_features, dev) for name, mod in lays}
+    hooks = [mod.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0].detach()))
+             for name, mod in lays]
+    try:
+        for inp in inputs:
+            run_block(block, inp, dev)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
