@@ -1,0 +1,276 @@
+"""How the amount of pruning grows over training, and a scheduler that applies it.
+
+A schedule is a small frozen dataclass that maps a training step to a target sparsity and says at
+which steps the sparsity changes; `PruningScheduler` calls ``step()`` once per training step and, at
+those steps only, prunes the model to the new target (masks never regrow, so each update prunes among
+the survivors). Schedules are pure functions of the step, which is what makes resume and multi-process
+training exact: the only state is the step counter."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+
+
+def _ratio(value: float, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
+        raise fail(f"{name} must be a sparsity in [0, 1]", where=where, value=value)
+    return float(value)
+
+
+def _step(value: int, name: str, where: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise fail(f"{name} must be an integer >= {minimum}", where=where, value=value)
+    return value
+
+
+class Schedule:
+    """Base: ``sparsity_at(step)`` (0 before the schedule starts) and ``changes_at(step)``."""
+
+    kind: ClassVar[str] = ""
+
+    def sparsity_at(self, step: int) -> float:
+        raise NotImplementedError
+
+    def changes_at(self, step: int) -> bool:
+        """True at the steps where the target sparsity is (re)applied."""
+        raise NotImplementedError
+
+    def __call__(self, step: int) -> float:
+        return self.sparsity_at(step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+
+_SCHEDULES: dict[str, type[Schedule]] = {}
+
+
+def _register(cls):
+    _SCHEDULES[cls.kind] = cls
+    return cls
+
+
+def schedule_from_dict(d: dict[str, Any]) -> Schedule:
+    """Inverse of ``Schedule.to_dict`` (used when a checkpoint is resumed)."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in _SCHEDULES:
+        raise fail("unknown schedule kind", where="schedule", value=kind, hint=f"known: {sorted(_SCHEDULES)}")
+    return _SCHEDULES[kind](**d)
+
+
+@_register
+@dataclass(frozen=True)
+class OneShot(Schedule):
+    """Prune once, to ``sparsity``, at step ``at``."""
+
+    sparsity: float
+    at: int = 0
+    kind: ClassVar[str] = "one_shot"
+
+    def __post_init__(self):
+        _ratio(self.sparsity, "sparsity", "OneShot")
+        _step(self.at, "at", "OneShot")
+
+    def sparsity_at(self, step: int) -> float:
+        return self.sparsity if step >= self.at else 0.0
+
+    def changes_at(self, step: int) -> bool:
+        return step == self.at
+
+
+class _Ramp(Schedule):
+    """Shared validation and update grid for schedules that ramp from ``initial`` at ``start`` to
+    ``final`` at ``end``, updating every ``frequency`` steps and holding ``final`` afterwards."""
+
+    def __post_init__(self):
+        where = type(self).__name__
+        _ratio(self.initial, "initial", where)
+        _ratio(self.final, "final", where)
+        _step(self.start, "start", where)
+        _step(self.end, "end", where)
+        _step(self.frequency, "frequency", where, minimum=1)
+        if self.end < self.start:
+            raise fail("end step precedes start step", where=where, value=(self.start, self.end))
+        if self.final < self.initial:
+            raise fail("final sparsity is below initial sparsity (masks never regrow)", where=where,
+                       value=(self.initial, self.final))
+
+    def _progress(self, step: int) -> float:
+        """Fraction of the ramp done at the last update at or before ``step`` (1 at and after end)."""
+        if step >= self.end:
+            return 1.0
+        done = (step - self.start) // self.frequency * self.frequency
+        return done / (self.end - self.start)
+
+    def sparsity_at(self, step: int) -> float:
+        if step < self.start:
+            return 0.0
+        return self._shape(self._progress(step))
+
+    def changes_at(self, step: int) -> bool:
+        return step == self.end or (self.start <= step < self.end and (step - self.start) % self.frequency == 0)
+
+
+@_register
+@dataclass(frozen=True)
+class GMP(_Ramp):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3``
+    for ``t = t0, t0 + dt, ..., t0 + n dt`` with ``t0 = start``, ``dt = frequency``, ``t0 + n dt = end``.
+
+    PaddleSlim's phases map onto it with `GMP.phases` (stable: before start; pruning: start..end;
+    tuning: after end, final sparsity held)."""
+
+    final: float
+    start: int = 0
+    end: int = 0
+    frequency: int = 1
+    initial: float = 0.0
+    kind: ClassVar[str] = "gmp"
+
+    def _shape(self, progress: float) -> float:
+        return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
+
+    @classmethod
+    def phases(cls, *, final: float, stable: int, pruning: int, tuning: int = 0, updates: int | None = None,
+               initial: float = 0.0) -> "GMP":
+        """PaddleSlim-style GMP: ``stable`` steps dense, ``pruning`` steps of cubic ramp (``updates``
+        mask updates, default one per step), then ``tuning`` steps at the final sparsity. ``tuning`` is
+        the caller's remaining training; it only has to be non-negative."""
+        _step(stable, "stable", "GMP.phases")
+        _step(pruning, "pruning", "GMP.phases")
+        _step(tuning, "tuning", "GMP.phases")
+        freq = 1 if updates is None else max(1, pruning // _step(updates, "updates", "GMP.phases", minimum=1))
+        return cls(final=final, start=stable, end=stable + pruning, frequency=freq, initial=initial)
+
+
+@_register
+@dataclass(frozen=True)
+class Linear(_Ramp):
+    """Sparsity grows linearly from ``initial`` at ``start`` to ``final`` at ``end``."""
+
+    final: float
+    start: int = 0
+    end: int = 0
+    frequency: int = 1
+    initial: float = 0.0
+    kind: ClassVar[str] = "linear"
+
+    def _shape(self, progress: float) -> float:
+        return self.initial + (self.final - self.initial) * progress
+
+
+@_register
+@dataclass(frozen=True)
+class Iterative(Schedule):
+    """``steps`` prune rounds, one every ``every`` training steps from ``start``. ``mode="geometric"``
+    removes the same fraction of the surviving weights each round (Han et al.'s iterative pruning);
+    ``"linear"`` adds the same sparsity each round."""
+
+    final: float
+    steps: int
+    start: int = 0
+    every: int = 1
+    mode: str = "geometric"
+    kind: ClassVar[str] = "iterative"
+
+    def __post_init__(self):
+        _ratio(self.final, "final", "Iterative")
+        _step(self.steps, "steps", "Iterative", minimum=1)
+        _step(self.start, "start", "Iterative")
+        _step(self.every, "every", "Iterative", minimum=1)
+        if self.mode not in ("geometric", "linear"):
+            raise fail("mode must be 'geometric' or 'linear'", where="Iterative", value=self.mode)
+
+    def level(self, k: int) -> float:
+        """Sparsity after round ``k`` (1-based)."""
+        k = min(max(k, 0), self.steps)
+        if self.mode == "linear":
+            return self.final * k / self.steps
+        return 1.0 - (1.0 - self.final) ** (k / self.steps)
+
+    def sparsity_at(self, step: int) -> float:
+        if step < self.start:
+            return 0.0
+        return self.level((step - self.start) // self.every + 1)
+
+    def changes_at(self, step: int) -> bool:
+        return step >= self.start and (step - self.start) % self.every == 0 and \
+            (step - self.start) // self.every < self.steps
+
+
+PruneFn = Callable[[nn.Module, float], Any]
+
+
+class PruningScheduler:
+    """Drive pruning from a schedule: call ``step()`` once per training step (after ``optimizer.step()``).
+
+    By default it calls ``secateur.prune(model, amount=s, **prune_kwargs)`` when the target changes;
+    ``prune_fn(model, sparsity)`` replaces that (for channel pruning through the structural engine, for
+    instance). Under ``torch.distributed`` the new masks are broadcast from rank 0 so every rank holds
+    the same masks even with a random or data-dependent criterion."""
+
+    def __init__(self, model: nn.Module, schedule: Schedule, *, prune_fn: PruneFn | None = None,
+                 broadcast: bool = True, **prune_kwargs):
+        if not isinstance(schedule, Schedule):
+            raise fail("schedule must be a secateur Schedule", where="PruningScheduler", value=type(schedule))
+        if prune_fn is not None and prune_kwargs:
+            raise fail("pass prune options or prune_fn, not both", where="PruningScheduler",
+                       value=sorted(prune_kwargs))
+        self.model = model
+        self.schedule = schedule
+        self.prune_kwargs = prune_kwargs
+        self.prune_fn = prune_fn
+        self.broadcast = broadcast
+        self.step_count = 0          # number of step() calls so far; the next call handles this step
+        self.sparsity = 0.0          # last target applied
+        self.applied: list[tuple[int, float]] = []
+
+    def _apply(self, sparsity: float) -> None:
+        if self.prune_fn is not None:
+            self.prune_fn(self.model, sparsity)
+        else:
+            from secateur.prune import prune
+            prune(self.model, amount=sparsity, **self.prune_kwargs)
+        if self.broadcast:
+            from secateur.distributed import broadcast_masks, is_distributed
+            if is_distributed():
+                broadcast_masks(self.model)
+
+    def step(self) -> float:
+        """Advance one training step; prune if the schedule changes here. Returns the current target."""
+        t = self.step_count
+        if self.schedule.changes_at(t):
+            target = self.schedule.sparsity_at(t)
+            if target > self.sparsity:
+                self._apply(target)
+                self.sparsity = target
+                self.applied.append((t, target))
+        self.step_count = t + 1
+        return self.sparsity
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data only (ints, floats, lists, a dict for the schedule): safe for ``torch.save`` and
+        ``torch.load(weights_only=True)``. Masks live in the model, see `secateur.training.checkpoint`."""
+        return {"step": self.step_count, "sparsity": self.sparsity, "applied": [list(a) for a in self.applied],
+                "schedule": self.schedule.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the counter; refuses a state written by a different schedule (nothing is changed)."""
+        try:
+            step, sparsity, applied = int(state["step"]), float(state["sparsity"]), state["applied"]
+            sched = state["schedule"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise fail("not a PruningScheduler state", where="PruningScheduler.load_state_dict",
+                       value=sorted(state) if isinstance(state, dict) else type(state)) from e
+        if sched != self.schedule.to_dict():
+            raise fail("the state was written by a different schedule", where="PruningScheduler.load_state_dict",
+                       value={"saved": sched, "current": self.schedule.to_dict()})
+        self.step_count, self.sparsity = step, sparsity
+        self.applied = [(int(a), float(b)) for a, b in applied]
