@@ -1,0 +1,513 @@
+"""A latency model of *this* device: how long each prunable layer takes for a given channel count.
+
+Why: MACs are a poor proxy for time. Kernels process channels in blocks (8/16 on CPUs, 8/32/64 on GPU
+tensor cores), so latency is a staircase in the channel count: a layer with 72 output channels can be
+as slow as one with 80, or slower. HALP-style pruning measures the staircase once per device and
+layer shape, then (1) snaps counts to the fast side of each step and (2) spends the pruning budget
+where it buys the most time (`secateur.allocate`).
+
+How: every Conv/Linear is recorded with the actual input shape it sees (forward hooks, one run), then
+a fresh layer of the same configuration is timed alone over a grid of output-channel counts (at the
+full input count) and over a grid of input-channel counts (at the full output count). A layer with
+``c_in`` and ``c_out`` kept is estimated as ``T_out(c_out) * T_in(c_in) / T_in(C_in)`` (separable:
+exact for the MACs and close for time). Depthwise convolutions have one sweep (in = out = groups).
+Measurements are cached as JSON per device (``$SECATEUR_CACHE`` or ``~/.cache/secateur``) and keyed
+by the full layer configuration, input shape, dtype, threads and torch version, so identical layers
+(ResNet has many) and later runs cost nothing."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+from secateur.latency import _calibrate, _caller, _inputs_device, _Timer, pinned_threads
+
+__all__ = ["LayerSpec", "LatencyTable", "layer_specs", "channel_grid", "device_name", "cache_dir"]
+
+
+# ----------------------------------------------------------------------------------------- layer specs
+@dataclass(frozen=True)
+class LayerSpec:
+    """What determines a layer's latency: its type, configuration and the input shape it actually sees."""
+
+    kind: str                          # key of `_KINDS`: "conv1d", "conv2d", "conv3d", "linear"
+    in_channels: int
+    out_channels: int
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    config: tuple                      # kernel, stride, padding, dilation, groups, bias (conv) / bias (linear)
+    groups: int = 1
+    dtype: str = "torch.float32"
+    channels_last: bool = False
+
+    @property
+    def depthwise(self) -> bool:
+        """Depthwise: in = out = groups, so one channel count moves all three together."""
+        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    def key(self) -> str:
+        d = asdict(self)
+        d.pop("output_shape")
+        return json.dumps(d, sort_keys=True, default=str)
+
+    def macs(self, c_in: int | None = None, c_out: int | None = None) -> float:
+        """Multiply-accumulates with ``c_in`` / ``c_out`` channels kept (exact for conv and linear)."""
+        c_in, c_out = self._counts(c_in, c_out)
+        positions = math.prod(self.output_shape) // self.output_shape[self._channel_dim]
+        per_out = (c_in // self._groups(c_in)) * self._kernel_volume
+        return float(positions * c_out * per_out)
+
+    def params(self, c_in: int | None = None, c_out: int | None = None) -> float:
+        c_in, c_out = self._counts(c_in, c_out)
+        bias = c_out if self._has_bias else 0
+        return float(c_out * (c_in // self._groups(c_in)) * self._kernel_volume + bias)
+
+    # helpers ------------------------------------------------------------------------------------
+    def _counts(self, c_in, c_out):
+        c_in = self.in_channels if c_in is None else c_in
+        c_out = self.out_channels if c_out is None else c_out
+        if self.depthwise:
+            c_in = c_out
+        return c_in, c_out
+
+    def _groups(self, c_in: int) -> int:
+        return c_in if self.depthwise else self.groups
+
+    @property
+    def _channel_dim(self) -> int:
+        return -1 if self.kind == "linear" else 1
+
+    @property
+    def _kernel_volume(self) -> int:
+        return 1 if self.kind == "linear" else math.prod(self.config[0])
+
+    @property
+    def _has_bias(self) -> bool:
+        return bool(self.config[-1])
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How to describe and rebuild one layer type (the registry below is keyed by module type)."""
+
+    name: str
+    spec: Callable[[nn.Module, torch.Tensor, torch.Tensor], LayerSpec]
+    build: Callable[[LayerSpec, int, int, torch.device], tuple[nn.Module, torch.Tensor]]
+
+
+def _conv_spec(name: str):
+    def spec(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerSpec:
+        cfg = (tuple(m.kernel_size), tuple(m.stride), m.padding if isinstance(m.padding, str) else
+               tuple(m.padding), tuple(m.dilation), m.groups, m.padding_mode, m.bias is not None)
+        cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return LayerSpec(name, m.in_channels, m.out_channels, tuple(x.shape), tuple(y.shape), cfg,
+                         groups=m.groups, dtype=str(x.dtype), channels_last=cl)
+    return spec
+
+
+def _conv_build(cls: type[nn.Module]):
+    def build(spec: LayerSpec, c_in: int, c_out: int, device: torch.device):
+        kernel, stride, padding, dilation, groups, padding_mode, bias = spec.config
+        if spec.depthwise:
+            c_in = groups = c_out
+        dtype = _dtype(spec.dtype)
+        m = nn.utils.skip_init(cls, c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,
+                               groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+        shape = list(spec.input_shape)
+        shape[1] = c_in
+        x = torch.randn(shape, device=device, dtype=dtype)
+        if spec.channels_last:
+            m = m.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return _fill(m), x
+    return build
+
+
+def _linear_spec(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerSpec:
+    return LayerSpec("linear", m.in_features, m.out_features, tuple(x.shape), tuple(y.shape),
+                     (m.bias is not None,), dtype=str(x.dtype))
+
+
+def _linear_build(spec: LayerSpec, c_in: int, c_out: int, device: torch.device):
+    dtype = _dtype(spec.dtype)
+    m = nn.utils.skip_init(nn.Linear, c_in, c_out, bias=spec.config[0], device=device, dtype=dtype)
+    shape = list(spec.input_shape)
+    shape[-1] = c_in
+    return _fill(m), torch.randn(shape, device=device, dtype=dtype)
+
+
+def _fill(m: nn.Module) -> nn.Module:
+    """Random finite weights: uninitialised memory may hold denormals, which are slow on CPUs."""
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.02)
+    return m.eval()
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+_KINDS: dict[type, _Kind] = {
+    nn.Conv1d: _Kind("conv1d", _conv_spec("conv1d"), _conv_build(nn.Conv1d)),
+    nn.Conv2d: _Kind("conv2d", _conv_spec("conv2d"), _conv_build(nn.Conv2d)),
+    nn.Conv3d: _Kind("conv3d", _conv_spec("conv3d"), _conv_build(nn.Conv3d)),
+    nn.Linear: _Kind("linear", _linear_spec, _linear_build),
+}
+_BY_NAME = {k.name: k for k in _KINDS.values()}
+
+
+def _kind_of(module: nn.Module) -> _Kind | None:
+    return _KINDS.get(type(module))
+
+
+def layer_specs(model: nn.Module, example_inputs: Any,
+                layers: Iterable[str] | None = None) -> dict[str, LayerSpec]:
+    """One forward pass with hooks: the `LayerSpec` of every Conv/Linear (or of the named ``layers``).
+
+    A layer called more than once (shared weights) is recorded at its first call."""
+    wanted = None if layers is None else set(layers)
+    specs: dict[str, LayerSpec] = {}
+    handles = []
+    names = dict(model.named_modules())
+    if wanted is not None:
+        missing = sorted(wanted - set(names))
+        if missing:
+            raise fail("no such layer in the model", where=missing[0], value=missing[:5])
+    for name, m in names.items():
+        kind = _kind_of(m)
+        if kind is None or (wanted is not None and name not in wanted):
+            continue
+
+        def hook(mod, args, out, name=name, kind=kind):
+            if name not in specs and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                specs[name] = kind.spec(mod, args[0], out)
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            _caller(model, example_inputs)()
+    finally:
+        for h in handles:
+            h.remove()
+    return specs
+
+
+# ----------------------------------------------------------------------------------------- the grid
+def channel_grid(channels: int, *, max_points: int = 32, multiple: int = 8) -> list[int]:
+    """Counts to measure: multiples of a step (itself a multiple of ``multiple``, the usual kernel
+    block) with at most ~``max_points`` of them, plus ``channels`` itself. Small layers get every count."""
+    if channels < 1:
+        raise fail("channel count must be positive", value=channels)
+    if channels <= max_points:
+        return list(range(1, channels + 1))
+    step = multiple * max(1, math.ceil(channels / max_points / multiple))
+    grid = list(range(step, channels, step))
+    return grid + [channels]
+
+
+def device_name(device: torch.device | str = "cpu", threads: int | None = None) -> str:
+    """A file-name-safe identity of the device the latencies belong to."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = f"cuda-{torch.cuda.get_device_name(device)}"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        cpu = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        name = f"cpu-{cpu}-{torch.backends.cpu.get_cpu_capability()}-t{threads or torch.get_num_threads()}"
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SECATEUR_CACHE") or Path.home() / ".cache" / "secateur")
+
+
+# ----------------------------------------------------------------------------------------- the table
+@dataclass
+class _Curve:
+    """Measured latency (s) at grid counts; ``at(c)`` reads the step value of the next measured count."""
+
+    counts: list[int]
+    seconds: list[float]
+
+    def at(self, c: int) -> float:
+        for n, s in zip(self.counts, self.seconds):
+            if n >= c:
+                return s
+        return self.seconds[-1]
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer latency lookup on one device. Build with `LatencyTable.build`; query with
+    `latency`, `snap`, `candidates`; turn group counts into a model cost with `cost_fn`."""
+
+    specs: dict[str, LayerSpec]
+    out_curves: dict[str, _Curve]
+    in_curves: dict[str, _Curve]
+    device: str
+    tolerance: float = 0.02
+    _names: dict[int, str] = field(default_factory=dict, repr=False)
+
+    # building -----------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, model: nn.Module, example_inputs: Any, *, layers: Iterable[str] | None = None,
+              threads: int | None = None, repeats: int = 5, warmup: int = 2, max_points: int = 32,
+              multiple: int = 8, min_sample_s: float = 2e-3, cache: bool = True,
+              cache_path: str | os.PathLike | None = None, tolerance: float = 0.02,
+              progress: bool = True) -> "LatencyTable":
+        """Measure every Conv/Linear of ``model`` (or the named ``layers``) on the device of
+        ``example_inputs``. Identical layer configurations are measured once; cached ones not at all."""
+        specs = layer_specs(model, example_inputs, layers)
+        if not specs:
+            raise fail("the model has no Conv/Linear layer that runs on the example inputs",
+                       where=type(model).__name__)
+        device = _first_device(example_inputs, model)
+        dev_name = device_name(device, threads)
+        path = Path(cache_path) if cache_path else cache_dir() / "latency" / f"{dev_name}.json"
+        store = _load(path) if cache else {}
+        todo = _sweeps_to_measure(specs, store, max_points, multiple)
+        fresh: dict[str, dict[str, dict[str, float]]] = {}
+        bar = _progress(sum(len(cs) for *_, cs in todo), progress, "latency table")
+        for key, spec, which, counts in todo:
+            fresh.setdefault(key, {})[which] = _measure_sweep(
+                spec, which, counts, device, threads=threads, repeats=repeats, warmup=warmup,
+                min_sample_s=min_sample_s, tick=bar)
+        if fresh:
+            for key, sweeps in fresh.items():
+                for which, pts in sweeps.items():
+                    store.setdefault(key, {}).setdefault(which, {}).update(pts)
+            if cache:
+                _save(path, fresh)
+        table = cls.from_measurements(specs, store, device=dev_name, max_points=max_points,
+                                      multiple=multiple, tolerance=tolerance)
+        table._names = {id(m): n for n, m in model.named_modules() if n in specs}
+        return table
+
+    @classmethod
+    def from_measurements(cls, specs: Mapping[str, LayerSpec], store: Mapping[str, Mapping[str, Mapping]],
+                          *, device: str = "unknown", max_points: int = 32, multiple: int = 8,
+                          tolerance: float = 0.02) -> "LatencyTable":
+        """A table from raw measurements ``{spec.key(): {"out": {count: s}, "in": {count: s}}}``
+        (as stored in the cache); also how tests build tables with known staircases."""
+        outs, ins = {}, {}
+        for name, spec in specs.items():
+            sweeps = store.get(spec.key(), {})
+            for which, full, dest in (("out", spec.out_channels, outs), ("in", spec.in_channels, ins)):
+                if which == "in" and spec.depthwise:
+                    continue
+                pts = {int(k): float(v) for k, v in sweeps.get(which, {}).items()}
+                grid = [c for c in channel_grid(full, max_points=max_points, multiple=multiple)]
+                if not all(c in pts for c in grid):
+                    pts_grid = sorted(pts)
+                    if not pts_grid or pts_grid[-1] != full:
+                        raise fail("latency measurements are missing for this layer", where=name,
+                                   shape=spec.input_shape, value=which)
+                    grid = pts_grid
+                dest[name] = _Curve(grid, [pts[c] for c in grid])
+        return cls(dict(specs), outs, ins, device, tolerance)
+
+    # queries ------------------------------------------------------------------------------------
+    def name_of(self, layer: str | nn.Module) -> str:
+        name = layer if isinstance(layer, str) else self._names.get(id(layer))
+        if name is None or name not in self.specs:
+            raise fail("layer is not in the latency table", where=str(name or type(layer).__name__),
+                       value=sorted(self.specs)[:5])
+        return name
+
+    def latency(self, layer: str | nn.Module, channels: int, in_channels: int | None = None) -> float:
+        """Estimated seconds of ``layer`` with ``channels`` output channels kept (and ``in_channels``
+        input channels; full when None). Counts between grid points read the next measured count."""
+        name = self.name_of(layer)
+        spec = self.specs[name]
+        self._check(name, channels, spec.out_channels, "output")
+        t = self.out_curves[name].at(channels)
+        if in_channels is None or spec.depthwise or in_channels == spec.in_channels:
+            return t
+        self._check(name, in_channels, spec.in_channels, "input")
+        curve = self.in_curves[name]
+        return t * curve.at(in_channels) / curve.seconds[-1]
+
+    def snap(self, layer: str | nn.Module, channels: int) -> int:
+        """The largest measured count that is no slower than ``channels`` (within ``tolerance``):
+        the fast side of the staircase, i.e. the channels that come for free at this latency."""
+        name = self.name_of(layer)
+        spec = self.specs[name]
+        self._check(name, channels, spec.out_channels, "output")
+        curve = self.out_curves[name]
+        limit = curve.at(channels) * (1 + self.tolerance)
+        best = channels
+        for n, s in zip(curve.counts, curve.seconds):
+            if n >= channels and s <= limit:
+                best = n
+        return best
+
+    def candidates(self, layer: str | nn.Module) -> list[int]:
+        """Counts at the fast edge of each step: every larger measured count is slower by more than
+        ``tolerance``. Pruning to any other count keeps fewer channels for no time saved."""
+        curve = self.out_curves[self.name_of(layer)]
+        keep, best = [], math.inf
+        for n, s in sorted(zip(curve.counts, curve.seconds), reverse=True):
+            if s * (1 + self.tolerance) < best or not keep:
+                keep.append(n)
+                best = min(best, s)
+        return sorted(keep)
+
+    def total(self, out_counts: Mapping[str, int] | None = None,
+              in_counts: Mapping[str, int] | None = None) -> float:
+        """Sum of the estimated latencies of all layers in the table (full where no count is given)."""
+        out_counts, in_counts = out_counts or {}, in_counts or {}
+        return sum(self.latency(n, out_counts.get(n, s.out_channels), in_counts.get(n))
+                   for n, s in self.specs.items())
+
+    def cost_fn(self, members: Sequence[Sequence[tuple[str, str]]], metric: str = "latency"
+                ) -> Callable[[Sequence[int]], float]:
+        """Model cost of per-group keep counts, for `secateur.allocate.channel_counts`.
+
+        ``members[g]`` lists ``(layer_name, "out" | "in")``: group ``g`` sets that layer's output or
+        input channel count. ``metric`` is ``"latency"`` (seconds, from the table), ``"macs"`` or
+        ``"params"`` (exact counts), so one allocator serves all three targets."""
+        if metric not in _METRICS:
+            raise fail("unknown cost metric", value=metric, hint=f"use one of {sorted(_METRICS)}")
+        for g, ms in enumerate(members):
+            for layer, role in ms:
+                self.name_of(layer)
+                if role not in ("out", "in"):
+                    raise fail("group member role must be 'out' or 'in'", where=layer, value=role)
+        specs, measure = self.specs, _METRICS[metric]
+
+        def cost(counts: Sequence[int]) -> float:
+            outs: dict[str, int] = {}
+            ins: dict[str, int] = {}
+            for ms, k in zip(members, counts):
+                for layer, role in ms:
+                    (outs if role == "out" else ins)[layer] = k
+            return sum(measure(self, n, s, outs.get(n), ins.get(n)) for n, s in specs.items())
+        return cost
+
+    def _check(self, name: str, c: int, full: int, what: str) -> None:
+        if not isinstance(c, int) or not 1 <= c <= full:
+            raise fail(f"{what} channel count out of range 1..{full}", where=name,
+                       shape=self.specs[name].input_shape, value=c)
+
+
+def _latency_metric(t: LatencyTable, n: str, s: LayerSpec, c_out, c_in) -> float:
+    return t.latency(n, c_out if c_out is not None else s.out_channels, c_in)
+
+
+_METRICS: dict[str, Callable[[LatencyTable, str, LayerSpec, Any, Any], float]] = {
+    "latency": _latency_metric,
+    "macs": lambda t, n, s, c_out, c_in: s.macs(c_in, c_out),
+    "params": lambda t, n, s, c_out, c_in: s.params(c_in, c_out),
+}
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _first_device(example_inputs: Any, model: nn.Module) -> torch.device:
+    return _inputs_device(model, example_inputs)
+
+
+def _sweeps_to_measure(specs: Mapping[str, LayerSpec], store: Mapping, max_points: int, multiple: int):
+    """``(key, spec, "out" | "in", counts still to measure)`` for each distinct layer configuration."""
+    todo, seen = [], set()
+    for spec in specs.values():
+        key = spec.key()
+        if key in seen:
+            continue
+        seen.add(key)
+        sweeps = [("out", spec.out_channels)] + ([] if spec.depthwise else [("in", spec.in_channels)])
+        for which, full in sweeps:
+            have = store.get(key, {}).get(which, {})
+            counts = [c for c in channel_grid(full, max_points=max_points, multiple=multiple)
+                      if str(c) not in have]
+            if counts:
+                todo.append((key, spec, which, counts))
+    return todo
+
+
+def _measure_sweep(spec: LayerSpec, which: str, counts: Sequence[int], device: torch.device, *,
+                   threads: int | None, repeats: int, warmup: int, min_sample_s: float,
+                   tick: Callable[[], None]) -> dict[str, float]:
+    """Median seconds per count. The counts are timed in interleaved rounds (every count once per
+    round) so that a burst of load from other processes spreads over the sweep instead of bending
+    a few neighbouring counts, which would fake a step in the staircase."""
+    kind = _BY_NAME[spec.kind]
+    timer = _Timer(device)
+    calls, numbers = [], []
+    with pinned_threads(threads), torch.inference_mode():
+        for c in counts:
+            c_in, c_out = (spec.in_channels, c) if which == "out" else (c, spec.out_channels)
+            m, x = kind.build(spec, c_in, c_out, device)
+            call = (lambda m=m, x=x: m(x))
+            for _ in range(warmup):
+                call()
+            calls.append(call)
+            numbers.append(_calibrate(timer, call, min_sample_s))
+            tick()
+        samples: list[list[float]] = [[] for _ in counts]
+        for _ in range(repeats):
+            for i, call in enumerate(calls):
+                samples[i].append(timer(call, numbers[i]))
+    return {str(c): statistics.median(s) for c, s in zip(counts, samples)}
+
+
+def _load(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if data.get("torch") != torch.__version__:
+        return {}
+    return data.get("layers", {})
+
+
+def _save(path: Path, fresh: Mapping) -> None:
+    """Merge ``fresh`` into the file (another process may have written it meanwhile), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = _load(path)
+    for key, sweeps in fresh.items():
+        for which, pts in sweeps.items():
+            layers.setdefault(key, {}).setdefault(which, {}).update(pts)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"torch": torch.__version__, "layers": layers}, f)
+    os.replace(tmp, path)
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Callable[[], None]:
+    if not enabled or total == 0:
+        return lambda: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        state = {"n": 0}
+
+        def tick() -> None:
+            state["n"] += 1
+            if state["n"] % 20 == 0 or state["n"] == total:
+                print(f"{desc}: {state['n']}/{total}", flush=True)
+        return tick
+    bar = tqdm(total=total, desc=desc, leave=False)
+
+    def tick() -> None:
+        bar.update()
+        if bar.n >= total:
+            bar.close()
+    return tick
