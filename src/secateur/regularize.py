@@ -1,0 +1,253 @@
+"""Sparsity regularisation: L1 on BatchNorm scales (network slimming) and group lasso over channels.
+
+Each regulariser works two ways: ``penalty(model)`` is a loss term to add before ``backward()``, and
+``proximal_(model, lr)`` is the cheaper, exact-zero-producing proximal step to call right after
+``optimizer.step()`` (soft-thresholding for L1, block soft-thresholding for group lasso). Lambda is a
+number or a function ``step -> lambda`` (any secateur schedule works), so it can be warmed up or decayed.
+
+After sparse training, `prune_bn_channels` removes channels by BN scale with an absolute threshold
+(the seed's ``sparsity_threshold``) or a ratio."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+from secateur.masks import get_mask, original, set_mask
+
+LambdaSpec = Union[float, Callable[[int], float]]
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _lam(lam: LambdaSpec, step: int, where: str) -> float:
+    value = lam(step) if callable(lam) else lam
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise fail("lambda must be a number >= 0", where=where, value=value)
+    return float(value)
+
+
+def _check_lr(lr: float, where: str) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or math.isnan(lr) or lr < 0:
+        raise fail("the proximal step size (learning rate) must be >= 0", where=where, value=lr)
+    return float(lr)
+
+
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The affine BatchNorm layers whose scales the slimming penalty acts on."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BN) and m.affine]
+
+
+@dataclass(frozen=True)
+class BNScaleL1:
+    """L1 on BatchNorm scales (Liu et al. 2017, network slimming); typical lambda 1e-5 .. 1e-4."""
+
+    lam: LambdaSpec = 1e-4
+
+    def __post_init__(self):
+        if not callable(self.lam):
+            _lam(self.lam, 0, "BNScaleL1")
+
+    def penalty(self, model: nn.Module, step: int = 0) -> torch.Tensor:
+        lam = _lam(self.lam, step, "BNScaleL1")
+        terms = [m.weight.abs().sum() for _, m in bn_layers(model)]
+        if not terms:
+            raise fail("the model has no affine BatchNorm layer to regularise", where=type(model).__name__)
+        return lam * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def proximal_(self, model: nn.Module, lr: float, step: int = 0) -> None:
+        """Soft-threshold every BN scale by ``lr * lambda`` (the proximal map of the L1 term)."""
+        tau = _check_lr(lr, "BNScaleL1.proximal_") * _lam(self.lam, step, "BNScaleL1")
+        for _, m in bn_layers(model):
+            g = original(m, "weight")
+            g.copy_(g.sign() * (g.abs() - tau).clamp_min(0))
+
+
+@dataclass(frozen=True)
+class LassoGroup:
+    """``size`` coupled channels: channel ``k`` is slice ``index[k]`` along ``dim`` of every member
+    tensor ``(module_name, param, dim, index)``; ``index=None`` means ``range(size)``. The structural
+    engine's groups convert to this; `channel_groups` builds the simple conv/linear + BN grouping."""
+
+    members: tuple[tuple[str, str, int, tuple[int, ...] | None], ...]
+    size: int
+
+
+def channel_groups(model: nn.Module, *, exclude: Iterable[str] | None = None) -> list[LassoGroup]:
+    """One group per Linear/Conv layer: each output channel's weight row, bias entry and the following
+    BatchNorm's scale and shift (when the next layer in definition order is a BN of matching width).
+    The last producer layer (the classifier) is excluded by default: its outputs are the classes."""
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, _PRODUCERS + _BN)]
+    producers = [n for n, m in mods if isinstance(m, _PRODUCERS)]
+    skip = set(producers[-1:]) if exclude is None else set(exclude)
+    groups = []
+    for i, (name, m) in enumerate(mods):
+        if not isinstance(m, _PRODUCERS) or name in skip:
+            continue
+        width = original(m, "weight").shape[0]
+        members = [(name, "weight", 0, None)] + ([(name, "bias", 0, None)] if m.bias is not None else [])
+        nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+        if isinstance(nxt, _BN) and nxt.affine and nxt.num_features == width:
+            members += [(mods[i + 1][0], "weight", 0, None), (mods[i + 1][0], "bias", 0, None)]
+        groups.append(LassoGroup(tuple(members), width))
+    return groups
+
+
+def _resolve(model: nn.Module, groups: Sequence[LassoGroup]):
+    """Check every member exists and fits before anything is touched; return (tensor, dim, index) lists."""
+    modules = dict(model.named_modules())
+    resolved = []
+    for g in groups:
+        parts = []
+        for mod_name, param, dim, index in g.members:
+            t = original(modules[mod_name], param) if mod_name in modules else None
+            if t is None:
+                raise fail("group member not found in the model", where=f"{mod_name}.{param}")
+            if not -t.dim() <= dim < t.dim():
+                raise fail("group dim out of range", where=f"{mod_name}.{param}", shape=t.shape, value=dim)
+            idx = None if index is None else torch.as_tensor(index, dtype=torch.long, device=t.device)
+            n = t.shape[dim] if idx is None else len(idx)
+            if n != g.size or (idx is not None and len(idx) and int(idx.max()) >= t.shape[dim]):
+                raise fail(f"group member does not hold {g.size} channels along dim {dim}",
+                           where=f"{mod_name}.{param}", shape=t.shape, value=index)
+            parts.append((t, dim, idx))
+        resolved.append(parts)
+    return resolved
+
+
+def _rows(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    v = t if idx is None else t.index_select(dim, idx)
+    return v.movedim(dim, 0).reshape(v.shape[dim], -1)
+
+
+@dataclass(frozen=True)
+class GroupLasso:
+    """Group lasso ``lambda * sum_g sqrt(sum of squares of group g)``: whole channels shrink to zero
+    together (weights, bias, BN and any coupled slices), which is what channel pruning can remove."""
+
+    groups: tuple[LassoGroup, ...]
+    lam: LambdaSpec = 1e-4
+
+    def __post_init__(self):
+        if not callable(self.lam):
+            _lam(self.lam, 0, "GroupLasso")
+        object.__setattr__(self, "groups", tuple(self.groups))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, lam: LambdaSpec = 1e-4, **kw) -> "GroupLasso":
+        return cls(tuple(channel_groups(model, **kw)), lam)
+
+    def norms(self, model: nn.Module, *, effective: bool = False) -> list[torch.Tensor]:
+        """Per-channel L2 norm of each group (of the masked, effective tensors when ``effective``)."""
+        out, modules = [], dict(model.named_modules())
+        for parts, g in zip(_resolve(model, self.groups), self.groups):
+            sq = 0
+            for (t, dim, idx), (mod_name, param, _, _) in zip(parts, g.members):
+                if effective:
+                    t = getattr(modules[mod_name], param)
+                sq = sq + _rows(t, dim, idx).pow(2).sum(1)
+            out.append(torch.sqrt(sq))
+        return out
+
+    def penalty(self, model: nn.Module, step: int = 0) -> torch.Tensor:
+        lam = _lam(self.lam, step, "GroupLasso")
+        norms = self.norms(model, effective=True)
+        if not norms:
+            raise fail("group lasso has no groups", where=type(model).__name__)
+        # eps keeps the gradient finite at an exactly-zero group
+        return lam * torch.stack([torch.sqrt(n.pow(2) + 1e-12).sum() for n in norms]).sum()
+
+    @torch.no_grad()
+    def proximal_(self, model: nn.Module, lr: float, step: int = 0) -> None:
+        """Block soft-thresholding: scale channel k of a group by ``max(0, 1 - lr*lambda/||w_k||)``."""
+        tau = _check_lr(lr, "GroupLasso.proximal_") * _lam(self.lam, step, "GroupLasso")
+        resolved = _resolve(model, self.groups)
+        for parts in resolved:
+            norm = torch.sqrt(sum(_rows(t, d, i).pow(2).sum(1) for t, d, i in parts))
+            scale = (1 - tau / norm.clamp_min(1e-30)).clamp_min(0)
+            for t, dim, idx in parts:
+                shape = [1] * t.dim()
+                shape[dim] = -1
+                s = scale.to(t.dtype).reshape(shape)
+                if idx is None:
+                    t.mul_(s)
+                else:
+                    t.index_copy_(dim, idx, t.index_select(dim, idx) * s)
+
+
+def _structured():
+    try:
+        from secateur import structured  # noqa: F401
+        return structured
+    except ImportError:
+        return None
+
+
+def prune_bn_channels(model: nn.Module, *, threshold: float | None = None, ratio: float | None = None,
+                      example_inputs=None, min_channels: int = 1) -> dict[str, int]:
+    """Network slimming's pruning step: remove channels whose |BN scale| is below ``threshold`` or the
+    ``ratio`` smallest scales across all BN layers (global, as in the paper). Returns the channels kept
+    per BN layer.
+
+    With ``example_inputs`` and the structural engine available the channels are physically removed via
+    ``secateur.structured.prune_channels(importance="bn_scale")``. Otherwise the channels are masked: the
+    BN scale and shift and the producing layer's output rows, which zeroes the channel exactly."""
+    if (threshold is None) == (ratio is None):
+        raise fail("give exactly one of threshold or ratio", where="prune_bn_channels",
+                   value={"threshold": threshold, "ratio": ratio})
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
+        raise fail("ratio must be in [0, 1)", where="prune_bn_channels", value=ratio)
+    if threshold is not None and (not isinstance(threshold, (int, float)) or math.isnan(threshold)):
+        raise fail("threshold must be a number", where="prune_bn_channels", value=threshold)
+    eng = _structured()
+    if example_inputs is not None and eng is not None:
+        kw = {"ratio": ratio} if ratio is not None else {"threshold": threshold}
+        eng.prune_channels(model, example_inputs, importance="bn_scale", **kw)
+        return {n: m.num_features for n, m in bn_layers(model)}
+    layers = bn_layers(model)
+    if not layers:
+        raise fail("the model has no affine BatchNorm layer", where=type(model).__name__)
+    scales = [original(m, "weight").detach().abs() for _, m in layers]
+    if ratio is not None:
+        flat = torch.cat([s.flatten().float() for s in scales])
+        k = int(round(ratio * flat.numel()))
+        cut = float(torch.kthvalue(flat.cpu(), k).values) if k > 0 else -math.inf
+        keeps = [s > cut for s in scales]
+    else:
+        keeps = [s >= threshold for s in scales]
+    # never empty a layer: keep its largest scales up to min_channels
+    for i, (s, keep) in enumerate(zip(scales, keeps)):
+        need = min(min_channels, s.numel())
+        if int(keep.sum()) < need:
+            keep = keep.clone()
+            keep[torch.topk(s, need).indices] = True
+            keeps[i] = keep
+    producers = _producers_of(model, [n for n, _ in layers])
+    plan = []
+    for (name, bn), keep in zip(layers, keeps):
+        plan += [(bn, "weight", keep), (bn, "bias", keep)]
+        prod = producers.get(name)
+        if prod is not None:
+            w = original(prod, "weight")
+            plan.append((prod, "weight", keep.reshape(-1, *[1] * (w.dim() - 1)).expand_as(w)))
+            if prod.bias is not None:
+                plan.append((prod, "bias", keep))
+    for module, param, keep in plan:
+        old = get_mask(module, param)
+        set_mask(module, param, keep if old is None else keep & old)
+    return {name: int(k.sum()) for (name, _), k in zip(layers, keeps)}
+
+
+def _producers_of(model: nn.Module, bn_names: list[str]) -> dict[str, nn.Module]:
+    """The Linear/Conv layer defined right before each BN with a matching width (simple chain models)."""
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, _PRODUCERS + _BN)]
+    out = {}
+    for (pn, p), (bn_name, bn) in zip(mods, mods[1:]):
+        if bn_name in bn_names and isinstance(p, _PRODUCERS) and original(p, "weight").shape[0] == bn.num_features:
+            out[bn_name] = p
+    return out

@@ -1,0 +1,165 @@
+"""Regularisers: proximal maps against their closed forms, penalties against autograd-free formulas,
+group lasso shrinking whole groups, network-slimming pruning by threshold and ratio."""
+import pytest
+import torch
+from torch import nn
+
+from secateur import PruningError, get_mask
+from secateur.regularize import BNScaleL1, GroupLasso, LassoGroup, channel_groups, prune_bn_channels
+from secateur.schedules import Linear
+
+
+def _convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3),
+                         nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+
+
+def _bn_randomise(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+
+
+def test_bn_l1_proximal_is_soft_thresholding():
+    model = _convnet()
+    _bn_randomise(model)
+    before = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    BNScaleL1(lam=0.5).proximal_(model, lr=0.8)
+    tau = 0.4
+    for b, m in zip(before, [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]):
+        expect = torch.where(b > tau, b - tau, torch.where(b < -tau, b + tau, torch.zeros_like(b)))
+        assert torch.equal(m.weight.detach(), expect)
+        assert bool((m.weight[b.abs() <= tau] == 0).all())
+
+
+def test_bn_l1_penalty_and_gradient():
+    model = _convnet()
+    _bn_randomise(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    p = BNScaleL1(lam=1e-2).penalty(model)
+    assert float(p.detach()) == pytest.approx(1e-2 * sum(float(m.weight.detach().abs().sum()) for m in bns), rel=1e-6)
+    p.backward()
+    for m in bns:
+        assert torch.allclose(m.weight.grad, 1e-2 * m.weight.detach().sign())
+
+
+def test_lambda_schedule_and_negative_lambda():
+    model = _convnet()
+    _bn_randomise(model)
+    reg = BNScaleL1(lam=Linear(final=1.0, start=0, end=10))  # a schedule is a callable step -> value
+    assert float(reg.penalty(model, step=0).detach()) == 0.0
+    assert float(reg.penalty(model, step=5).detach()) == pytest.approx(0.5 * float(BNScaleL1(1.0).penalty(model).detach()))
+    with pytest.raises(PruningError, match="lambda"):
+        BNScaleL1(lam=-1e-4)
+    with pytest.raises(PruningError, match="lambda"):
+        GroupLasso(groups=(), lam=-1.0)
+    bad = BNScaleL1(lam=lambda step: -step)
+    before = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with pytest.raises(PruningError, match="lambda"):
+        bad.proximal_(model, lr=0.1, step=3)
+    after = [m.weight.detach() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(PruningError, match="step size"):
+        BNScaleL1(1e-4).proximal_(model, lr=-1)
+
+
+def test_group_lasso_groups_cover_conv_and_bn():
+    model = _convnet()
+    model(torch.randn(2, 3, 10, 10))
+    groups = channel_groups(model)
+    assert [g.size for g in groups] == [8, 6]  # the classifier is excluded
+    assert {(m[0], m[1]) for m in groups[0].members} == {("0", "weight"), ("0", "bias"), ("1", "weight"), ("1", "bias")}
+
+
+def test_group_lasso_shrinks_whole_groups_together():
+    model = _convnet()
+    model(torch.randn(2, 3, 10, 10))
+    _bn_randomise(model)
+    reg = GroupLasso.for_model(model, lam=1.0)
+    norms = reg.norms(model)
+    tau = float(torch.cat(norms).median())
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    reg.proximal_(model, lr=tau)
+    new_norms = reg.norms(model)
+    for g, old, new in zip(reg.groups, norms, new_norms):
+        dead = old <= tau
+        assert bool((new[dead] == 0).all())  # whole channel zero: conv rows, bias, BN scale and shift
+        assert torch.allclose(new[~dead], old[~dead] - tau, atol=1e-5)  # survivors shrink by exactly tau
+        for mod_name, param, dim, _ in g.members:
+            t = getattr(dict(model.named_modules())[mod_name], param).detach()
+            rows = t.movedim(dim, 0).reshape(g.size, -1)
+            assert bool((rows[dead] == 0).all())
+            scale = (1 - tau / old[~dead]).unsqueeze(1)
+            orig = snapshot[f"{mod_name}.{param}"].movedim(dim, 0).reshape(g.size, -1)
+            assert torch.allclose(rows[~dead], orig[~dead] * scale, atol=1e-6)  # direction kept
+
+
+def test_group_lasso_penalty_gradient_training_shrinks_groups():
+    torch.manual_seed(0)
+    model = _convnet()
+    x = torch.randn(16, 3, 10, 10)
+    model(x)
+    reg = GroupLasso.for_model(model, lam=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = sum(float(n.sum()) for n in reg.norms(model))
+    for _ in range(20):
+        opt.zero_grad()
+        reg.penalty(model).backward()
+        opt.step()
+    assert sum(float(n.sum()) for n in reg.norms(model)) < start - 0.05 * 0.1 * 20 * 0.5
+
+
+def test_group_lasso_bad_group_is_refused_before_change():
+    model = _convnet()
+    model(torch.randn(2, 3, 10, 10))
+    good = channel_groups(model)[0]
+    bad = LassoGroup(good.members + (("3", "weight", 0, None),), good.size)  # conv 3 has 6 rows, not 8
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="does not hold 8 channels"):
+        GroupLasso((good, bad), lam=1.0).proximal_(model, lr=1.0)
+    assert all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
+
+
+def test_group_lasso_with_explicit_indices():
+    lin = nn.Sequential(nn.Linear(4, 6))
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.arange(24.0).reshape(6, 4))
+    grp = LassoGroup((("0", "weight", 0, (1, 3)), ("0", "weight", 1, (0, 2))), size=2)
+    n = GroupLasso((grp,), lam=1.0).norms(lin)[0]
+    w = torch.arange(24.0).reshape(6, 4)
+    expect = torch.sqrt(w[[1, 3]].pow(2).sum(1) + w[:, [0, 2]].pow(2).sum(0))
+    assert torch.allclose(n, expect)
+
+
+def test_prune_bn_channels_threshold_and_ratio():
+    model = _convnet()
+    x = torch.randn(4, 3, 10, 10)
+    model(x)
+    _bn_randomise(model)
+    model.eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    kept = prune_bn_channels(model, threshold=0.5)
+    for (name, k), bn in zip(kept.items(), bns):
+        assert k == max(1, int((bn.weight.detach().abs() >= 0.5).sum()))
+    # masked channel output is exactly zero after BN
+    h = model[1](model[0](x))
+    dead = ~get_mask(model[1], "weight")
+    assert bool((h[:, dead] == 0).all())
+    # ratio is global over all BN scales
+    model2 = _convnet()
+    model2(x)
+    _bn_randomise(model2)
+    scales = torch.cat([m.weight.detach().abs() for m in model2.modules() if isinstance(m, nn.BatchNorm2d)])
+    kept = prune_bn_channels(model2, ratio=0.5)
+    assert sum(kept.values()) == 14 - 7
+    cut = scales.sort().values[6]
+    for m in [m for m in model2.modules() if isinstance(m, nn.BatchNorm2d)]:
+        assert torch.equal(get_mask(m, "weight"), m.parametrizations.weight.original.detach().abs() > cut)
+    with pytest.raises(PruningError, match="exactly one"):
+        prune_bn_channels(model2)
+    with pytest.raises(PruningError, match="ratio"):
+        prune_bn_channels(model2, ratio=1.5)
