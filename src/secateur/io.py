@@ -1,0 +1,344 @@
+"""Keeping pruned models: save / load without pickle, and ONNX export.
+
+One file, safetensors format. The tensors are the model's state under *plain* names (``fc.weight``, not
+``fc.parametrizations.weight.original``: the raw stored values of masked tensors, so a masked model
+comes back exactly, un-masked values included) plus each mask bit-packed (``numpy.packbits``, 1 bit
+per weight) as a uint8 tensor ``__mask__.<name>``. The JSON description of what changed lives in the
+safetensors header metadata rather than a sidecar: one file is renamed atomically, the description
+cannot get separated from or out of sync with its weights, and it is parsed by the safetensors
+header parser and ``json.loads`` only -- reading a file never runs code (no pickle, no ``torch.load``).
+
+Integrity: ``secateur.sha256`` in the metadata is the SHA-256 of the description followed by every
+tensor's bytes in key order; a truncated file fails to parse, a tampered description or payload fails
+the checksum, and a file from another architecture fails the class and shape checks, each as a
+`PruningError` raised before the fresh model is touched."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateur.errors import PruningError, fail
+
+FORMAT = "secateur"
+FORMAT_VERSION = 1
+MASK_PREFIX = "__mask__."
+_META_DESC = "secateur"
+_META_SUM = "secateur.sha256"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _version() -> str:
+    try:
+        from secateur import __version__
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def _class_name(model: nn.Module) -> str:
+    cls = type(model)
+    if cls.__name__.startswith("Parametrized") and cls.__bases__:  # parametrize swaps the class
+        cls = cls.__bases__[0]
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def plain_name(key: str) -> str | None:
+    """State-dict key without parametrize's wrapping; None for secateur's own mask buffers."""
+    parts = key.split(".")
+    if "parametrizations" not in parts:
+        return key
+    i = parts.index("parametrizations")
+    rest = parts[i + 1:]
+    if len(rest) == 2 and rest[1] == "original":
+        return ".".join(parts[:i] + [rest[0]])
+    if len(rest) == 3 and rest[2] == "mask":
+        return None
+    raise fail("cannot save a tensor under a parametrization secateur did not add", where=key,
+               hint="remove or finalize other parametrizations before saving")
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _checksum(description: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(description.encode())
+    for k in sorted(tensors):
+        h.update(k.encode() + b"\0" + str(tensors[k].dtype).encode() + str(tuple(tensors[k].shape)).encode())
+        h.update(_bytes_view(tensors[k]))
+    return h.hexdigest()
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    bits = np.packbits(mask.detach().cpu().reshape(-1).numpy().astype(np.bool_))
+    return torch.from_numpy(bits)
+
+
+def _unpack(packed: torch.Tensor, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    n = int(np.prod(shape)) if shape else 1
+    bits = packed.numpy()
+    if packed.dtype != torch.uint8 or bits.ndim != 1 or bits.size != (n + 7) // 8:
+        raise fail("packed mask has the wrong size", where=where, shape=shape, value=tuple(packed.shape))
+    return torch.from_numpy(np.unpackbits(bits, count=n).astype(np.bool_)).reshape(shape)
+
+
+def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Plain-named tensors of the model, shared tensors stored once: ``(tensors, {alias: stored key})``."""
+    from secateur.masks import original
+
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        name = plain_name(key)
+        if name is None:
+            continue
+        if key != name:  # raw stored tensor behind a mask
+            mod, _, param = name.rpartition(".")
+            t = original(modules[mod], param)
+        t = t.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        out[name] = t.cpu().contiguous()
+    return out, aliases
+
+
+def _hf_config(model: nn.Module) -> dict | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_json_string"):
+        return None
+    return json.loads(cfg.to_json_string(use_diff=False))
+
+
+# -------------------------------------------------------------------------------------------- save
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights, masks and structural changes to one safetensors file, atomically.
+
+    Reload with `load` into a freshly built, unpruned instance of the same architecture."""
+    from safetensors.torch import save_file
+
+    from secateur.masks import iter_masks
+
+    if not isinstance(model, nn.Module):
+        raise fail("save() needs an nn.Module", value=type(model).__name__)
+    tensors, aliases = _state(model)
+    masks = {}
+    for mod, _, param, mask in iter_masks(model):
+        name = f"{mod}.{param}" if mod else param
+        masks[name] = {"shape": list(mask.shape), "kept": int(mask.sum())}
+        tensors[MASK_PREFIX + name] = _pack(mask)
+    structure = getattr(model, "_secateur_structure", None)
+    desc = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "secateur_version": _version(),
+        "model_class": _class_name(model), "masks": masks, "aliases": aliases,
+        "structure": structure, "config": _hf_config(model),
+        "shapes": {k: list(t.shape) for k, t in tensors.items()},
+    }
+    try:
+        desc_s = json.dumps(desc, sort_keys=True)
+    except TypeError as e:
+        raise fail("the structure description is not JSON-serialisable", where="_secateur_structure",
+                   value=str(e)) from None
+    meta = {_META_DESC: desc_s, _META_SUM: _checksum(desc_s, tensors)}
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# -------------------------------------------------------------------------------------------- load
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Parse and verify a secateur file: ``(description, tensors)``. Never executes code."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise fail("no such file", where=path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for truncated / garbage files
+        raise fail("not a readable safetensors file (truncated or corrupted?)", where=path,
+                   value=str(e)[:120]) from None
+    desc_s = meta.get(_META_DESC)
+    if desc_s is None:
+        raise fail("this safetensors file was not written by secateur.save (no description)", where=path)
+    if _checksum(desc_s, tensors) != meta.get(_META_SUM):
+        raise fail("checksum mismatch: the file's description or tensors were modified or damaged", where=path)
+    try:
+        desc = json.loads(desc_s)
+    except ValueError:
+        raise fail("the description is not valid JSON", where=path) from None
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        raise fail("not a secateur description", where=path)
+    if desc.get("format_version") != FORMAT_VERSION:
+        raise fail("unsupported secateur file version", where=path, value=desc.get("format_version"),
+                   hint=f"this secateur reads version {FORMAT_VERSION}")
+    return desc, tensors
+
+
+def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """Everything that can be checked before touching the model: class, names and (new) shapes."""
+    if desc.get("model_class") != _class_name(model):
+        raise fail("the file holds a different model class", where=path, value=desc.get("model_class"),
+                   hint=f"load it into a fresh {desc.get('model_class')}, not {_class_name(model)}")
+    current = {}
+    for key, t in model.state_dict().items():
+        name = plain_name(key)
+        if name is not None:
+            current[name] = tuple(t.shape)
+    for mod, spec in (desc.get("structure") or {}).items():
+        for kind in ("params", "buffers"):
+            for pname, shape in (spec.get(kind) or {}).items():
+                current[f"{mod}.{pname}" if mod else pname] = tuple(shape)
+    stored = {k: tuple(t.shape) for k, t in tensors.items() if not k.startswith(MASK_PREFIX)}
+    stored.update({a: stored.get(k) for a, k in desc.get("aliases", {}).items()})
+    missing = sorted(set(current) - set(stored))
+    extra = sorted(set(stored) - set(current))
+    if missing or extra:
+        raise fail("the file does not match this architecture", where=path,
+                   value={"missing": missing[:5], "unexpected": extra[:5]})
+    for name, shape in stored.items():
+        if current[name] != shape:
+            raise fail("tensor shape differs from this architecture", where=name, shape=current[name], value=shape)
+    for name, spec in desc.get("masks", {}).items():
+        if name not in current or tuple(spec.get("shape", ())) != current[name]:
+            raise fail("mask does not match a tensor of this architecture", where=name,
+                       shape=current.get(name), value=spec.get("shape"))
+        if MASK_PREFIX + name not in tensors:
+            raise fail("mask listed in the description is missing from the file", where=name)
+
+
+def _apply_config(model: nn.Module, recorded: dict | None) -> None:
+    cfg = getattr(model, "config", None)
+    if not recorded or cfg is None:
+        return
+    fresh = _hf_config(model) or {}
+    for k, v in recorded.items():
+        if k.startswith("_") or k in ("transformers_version", "architectures") or fresh.get(k) == v:
+            continue
+        if k in fresh:
+            setattr(cfg, k, v)
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Re-apply a saved file to ``model`` (a freshly built, unpruned instance of the same
+    architecture): structural changes, config fields, masks, then the exact weights. Returns it."""
+    from secateur.masks import apply_masks, original
+
+    path = os.fspath(path)
+    desc, tensors = read(path)
+    _check_compatible(model, desc, tensors, path)
+    masks = {name: _unpack(tensors[MASK_PREFIX + name], tuple(spec["shape"]), name)
+             for name, spec in desc.get("masks", {}).items()}
+
+    structure = desc.get("structure")
+    if structure:
+        try:
+            from secateur.structured import apply_structure
+        except ImportError:
+            raise fail("the file holds structural changes but secateur.structured is unavailable",
+                       where=path) from None
+        model = apply_structure(model, structure) or model
+        model._secateur_structure = structure
+    _apply_config(model, desc.get("config"))
+    if masks:
+        apply_masks(model, masks)
+
+    modules = dict(model.named_modules())
+    values = {k: t for k, t in tensors.items() if not k.startswith(MASK_PREFIX)}
+    for alias, key in desc.get("aliases", {}).items():
+        values[alias] = values[key]
+    with torch.no_grad():
+        for key, t in model.state_dict(keep_vars=True).items():
+            name = plain_name(key)
+            if name is None:
+                continue
+            if key != name:
+                mod, _, param = name.rpartition(".")
+                t = original(modules[mod], param)
+            t.copy_(values[name])
+    return model
+
+
+# ------------------------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, opset: int | None = None,
+                input_names=None, output_names=None, dynamic_axes=None) -> None:
+    """Export a pruned model to ONNX with the TorchScript exporter. A masked tensor is traced as
+    ``weight * mask`` of two constants, which the exporter's constant folding turns into one
+    initializer holding the zeros: the graph is the finalized model's, and the user's model (masks,
+    raw values, train/eval flags) is left exactly as it was."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise fail("ONNX export needs onnx", hint="pip install secateur[onnx]") from None
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else None
+    if kwargs is not None:
+        args = ()
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=".onnx", dir=folder)
+    os.close(fd)
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        opts: dict[str, Any] = {"dynamo": False}
+        if opset is not None:
+            opts["opset_version"] = opset
+        for k, v in (("input_names", input_names), ("output_names", output_names), ("dynamic_axes", dynamic_axes)):
+            if v is not None:
+                opts[k] = v
+        with torch.no_grad():
+            if kwargs is not None:
+                torch.onnx.export(model, args, tmp, kwargs=kwargs, **opts)
+            else:
+                torch.onnx.export(model, args, tmp, **opts)
+        os.replace(tmp, path)
+    except PruningError:
+        raise
+    finally:
+        for m, t in flags:
+            m.training = t
+        if os.path.exists(tmp):
+            os.unlink(tmp)
