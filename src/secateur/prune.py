@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from functools import partial
 from typing import Callable, Iterable, Mapping, Union
 
 import torch
@@ -15,7 +16,7 @@ from secateur.criteria import CriterionSpec, get_criterion
 from secateur.errors import fail
 from secateur.masks import get_mask, set_mask
 from secateur.patterns import NM, PatternSpec, get_pattern
-from secateur.selection import lowest
+from secateur.selection import Lazy, lowest
 from secateur.targets import Target, TargetSpec, select_targets
 
 Amount = Union[float, Mapping[str, float], Callable[[str, torch.Tensor], float]]
@@ -102,7 +103,7 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
 
     chosen = select_targets(model, targets, include_bias=include_bias, exclude=exclude)
     used: set = set()
-    work = []  # (target, group_scores, already_pruned_groups, ratio)
+    work = []  # (target, lazy group scores, already-pruned groups, ratio)
     for t in chosen:
         w = _validate_tensor(t)
         pat.check(tuple(w.shape), t.name)
@@ -110,13 +111,11 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
         if amount is not None and ratio is None:
             continue
         with torch.no_grad():
-            s = crit.group_scores(w, t.name, pat).float()
-            if s.numel() and not bool(torch.isfinite(s).all()):
-                raise fail("criterion produced NaN or infinite scores", where=t.name, shape=w.shape)
             done = _group_keep_old(get_mask(t.module, t.param), pat, tuple(w.shape))
-            if done is not None:
-                s = s.masked_fill(done, _NEG_INF)
-        work.append((t, s, done, ratio))
+            s = _scores(crit, t, pat, done, check=True)  # validate now; recomputed lazily later
+            shape = s.shape
+            del s
+        work.append((t, Lazy(partial(_scores, crit, t, pat, done), shape, w.device), done, ratio))
     if isinstance(amount, Mapping):
         unused = set(amount) - used
         if unused:
@@ -125,9 +124,9 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
 
     with torch.no_grad():
         if isinstance(pat, NM):
-            pruned = [~pat.keep(s) for _, s, _, _ in work]
+            pruned = [~pat.keep(s()) for _, s, _, _ in work]
         elif threshold is not None:
-            pruned = [s < threshold for _, s, _, _ in work]
+            pruned = [s() < threshold for _, s, _, _ in work]
         elif scope == "local":
             pruned = []
             for _, s, done, ratio in work:
@@ -149,6 +148,13 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
         set_mask(t.module, t.param, keep.contiguous())
         result[t.name] = 1.0 - int(keep.sum()) / max(keep.numel(), 1)
     return result
+
+
+def _scores(crit, t: Target, pat, done, check: bool = False) -> torch.Tensor:
+    s = crit.group_scores(t.tensor, t.name, pat).float()
+    if check and s.numel() and not bool(torch.isfinite(s).all()):
+        raise fail("criterion produced NaN or infinite scores", where=t.name, shape=t.tensor.shape)
+    return s.masked_fill(done, _NEG_INF) if done is not None else s
 
 
 def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:

@@ -6,11 +6,32 @@ scores' own device, in chunks), so memory stays at one chunk of int64 keys whate
 Ties at the threshold go to the earliest tensor, then the lowest flat index: deterministic everywhere."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 
 CHUNK = 1 << 24  # elements converted to int64 keys at a time (128 MiB)
+
+
+class Lazy:
+    """Scores computed on demand, so that global selection over a large model never holds every
+    tensor's scores at once (each pass recomputes one tensor's scores, then drops them)."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor], shape: torch.Size, device: torch.device):
+        self.fn, self.shape, self.device = fn, torch.Size(shape), device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn()
+
+
+Scores = Union[torch.Tensor, Lazy]
+
+
+def _get(s: Scores) -> torch.Tensor:
+    return s() if isinstance(s, Lazy) else s
 
 
 def _keys(s: torch.Tensor) -> torch.Tensor:
@@ -20,13 +41,13 @@ def _keys(s: torch.Tensor) -> torch.Tensor:
     return b.to(torch.int64) + (1 << 31)
 
 
-def _chunks(s: torch.Tensor):
-    flat = s.reshape(-1)
+def _chunks(s: Scores):
+    flat = _get(s).reshape(-1)
     for i in range(0, flat.numel(), CHUNK):
         yield _keys(flat[i:i + CHUNK])
 
 
-def kth_key(scores: Sequence[torch.Tensor], k: int) -> int:
+def kth_key(scores: Sequence[Scores], k: int) -> int:
     """Integer key t of the k-th smallest score overall (1-based): #(key < t) < k <= #(key <= t)."""
     hist = None
     for s in scores:
@@ -47,9 +68,9 @@ def kth_key(scores: Sequence[torch.Tensor], k: int) -> int:
     return (hi << 16) | lo
 
 
-def _prune_at(s: torch.Tensor, t: int, ties: int) -> tuple[torch.Tensor, int]:
+def _prune_at(s: Scores, t: int, ties: int) -> tuple[torch.Tensor, int]:
     """Boolean prune-mask of entries with key < t plus the first ``ties`` entries equal to t."""
-    flat = s.reshape(-1)
+    flat = _get(s).reshape(-1)
     out = torch.empty(flat.numel(), dtype=torch.bool, device=s.device)
     used = 0
     for i in range(0, flat.numel(), CHUNK):
@@ -64,7 +85,7 @@ def _prune_at(s: torch.Tensor, t: int, ties: int) -> tuple[torch.Tensor, int]:
     return out.reshape(s.shape), used
 
 
-def lowest(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+def lowest(scores: Sequence[Scores], k: int) -> list[torch.Tensor]:
     """Prune-masks (True = pruned) marking exactly the k lowest scores across all tensors."""
     total = sum(s.numel() for s in scores)
     if k <= 0:
@@ -72,7 +93,7 @@ def lowest(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
     if k >= total:
         return [torch.ones(s.shape, dtype=torch.bool, device=s.device) for s in scores]
     if len(scores) == 1 and scores[0].numel() <= CHUNK:
-        return [_lowest_small(scores[0], k)]
+        return [_lowest_small(_get(scores[0]), k)]
     t = kth_key(scores, k)
     less = sum(int((key < t).sum()) for s in scores for key in _chunks(s))
     ties = k - less
