@@ -48,7 +48,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern, sparsi
                     block_size: int = 128, damp: float = 0.01, where: str = "") -> tuple[torch.Tensor, torch.Tensor, float]:
     """Return ``(new_weight, prune_mask, loss)`` for ``weight (out, in)`` and ``hessian (in, in)``.
 
-    ``loss`` is the OBS estimate of the added squared error summed over rows (``sum err^2 / 2``)."""
+    ``loss`` is the OBS estimate of the added error ``sum_q w_q^2 / (2 [H^-1]_qq)``; with ``H = 2 X X^T / N``
+    and no dampening it equals ``||(W - W')X||^2 / N`` exactly."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
     u, dead = hessian_inverse_factor(hessian.float(), damp, where=where)
