@@ -1,0 +1,293 @@
+"""Training with pruning: recovery fine-tuning with masks held, knowledge distillation, the iterative
+prune / fine-tune loop, and checkpoints that resume exactly.
+
+Data is any re-iterable of ``(inputs, targets)`` batches (a DataLoader, a list). Checkpoints are plain
+dicts of tensors and plain data (``torch.save``-able, loadable with ``weights_only=True``): the model's
+weights under their ordinary names, the masks, the scheduler's counter and the history, plus a
+fingerprint of the model so that resuming into a different model is refused before anything changes."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateur.errors import fail
+from secateur.masks import apply_masks, iter_masks, masks_of, original, reapply, remove_mask
+
+Batches = Iterable[Sequence[torch.Tensor]]
+CHECKPOINT_FORMAT = "secateur-checkpoint/1"
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Batches) -> float:
+    """Top-1 accuracy in [0, 1]; the model's train/eval mode is restored afterwards."""
+    was = model.training
+    model.eval()
+    dev = _device(model)
+    correct = total = 0
+    try:
+        for x, y in data:
+            pred = model(x.to(dev)).argmax(-1)
+            correct += int((pred == y.to(dev)).sum())
+            total += int(y.numel())
+    finally:
+        model.train(was)
+    if total == 0:
+        raise fail("evaluation data is empty", where="evaluate")
+    return correct / total
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, *,
+                      alpha: float = 0.5, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton et al.'s loss: ``(1-alpha) * CE(student, y) + alpha * T^2 * KL(teacher_T || student_T)``."""
+    hard = F.cross_entropy(student, targets)
+    soft = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                    reduction="batchmean", log_target=True)
+    return (1 - alpha) * hard + alpha * temperature ** 2 * soft
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+
+
+def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer, *, epochs: int = 1,
+              teacher: nn.Module | None = None, alpha: float = 0.5, temperature: float = 4.0,
+              regularizer: Any = None, scheduler: Any = None,
+              on_step: Callable[[int, float], None] | None = None, progress: str | None = None) -> float:
+    """Train with the masks held: after every ``optimizer.step()`` the stored values under each mask
+    are zeroed again, so momentum or weight decay can never revive a pruned weight.
+
+    ``teacher``: distil from it (usually the unpruned model). ``regularizer``: anything with
+    ``proximal_(model, lr, step)`` (see `secateur.regularize`), applied after each step. ``scheduler``: a
+    `PruningScheduler`, stepped once per batch. ``on_step(step, loss)`` is called after each batch (for
+    checkpointing). Returns the mean loss of the last epoch."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise fail("epochs must be an integer >= 0", where="fine_tune", value=epochs)
+    if not 0 <= alpha <= 1 or temperature <= 0:
+        raise fail("distillation needs 0 <= alpha <= 1 and temperature > 0", where="fine_tune",
+                   value=(alpha, temperature))
+    dev = _device(model)
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    step, last = 0, math.nan
+    for epoch in range(epochs):
+        total, n = 0.0, 0
+        for x, y in _progress(data, f"{progress} epoch {epoch + 1}/{epochs}" if progress else None):
+            x, y = x.to(dev), y.to(dev)
+            out = model(x)
+            if teacher is not None:
+                loss = distillation_loss(out, _teacher_logits(teacher, x), y, alpha=alpha, temperature=temperature)
+            else:
+                loss = F.cross_entropy(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            reg_step = scheduler.step_count if scheduler is not None else step
+            if regularizer is not None:
+                regularizer.proximal_(model, optimizer.param_groups[0]["lr"], reg_step)
+            if scheduler is not None:
+                scheduler.step()
+            reapply(model)
+            _mask_optimizer_state(model, optimizer)
+            total, n = total + float(loss.detach()), n + 1
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+            step += 1
+        last = total / max(n, 1)
+    return last
+
+
+@torch.no_grad()
+def _mask_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum / Adam moments under the masks too, so a pruned entry's stored value is not
+    pushed away from zero at the next step (it would be re-zeroed, but this keeps it exactly zero)."""
+    for _, module, param, mask in iter_masks(model):
+        state = optimizer.state.get(original(module, param))
+        if not state:
+            continue
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.shape == mask.shape and value.is_floating_point():
+                value.mul_(mask)
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return teacher(x)
+
+
+def _progress(data: Batches, desc: str | None):
+    if desc is None:
+        return data
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(data, desc=desc, leave=False)
+    except ImportError:
+        return data
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+_ORIGINAL = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
+_PARAM_BUFFER = re.compile(r"(^|\.)parametrizations\.[^.]+\.\d+\.")
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state under ordinary names (``fc.weight``, not ``fc.parametrizations.weight.original``),
+    stored (unmasked) values, masks left out: the same keys whether or not the model is pruned."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if _PARAM_BUFFER.search(key):
+            continue
+        out[_ORIGINAL.sub(lambda m: f"{m.group(1)}{m.group(2)}", key)] = value
+    return out
+
+
+def fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """Tensor names and shapes: what must match for a checkpoint to belong to this model."""
+    return {k: list(v.shape) for k, v in plain_state(model).items()}
+
+
+def checkpoint(model: nn.Module, *, scheduler: Any = None, optimizer: torch.optim.Optimizer | None = None,
+               history: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
+    """A plain dict for ``torch.save``: weights, masks, scheduler/optimizer state, history, ``extra``.
+    Tensors are references to the live ones: save (or clone) it before training goes on."""
+    return {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint(model), "weights": plain_state(model),
+            "masks": dict(masks_of(model)), "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "history": list(history or []), "extra": extra}
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **kw: Any) -> None:
+    """`checkpoint` written atomically (temporary file, then rename): a kill mid-write leaves the
+    previous checkpoint intact."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(checkpoint(model, **kw), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+    return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+
+
+def resume(model: nn.Module, ckpt: Mapping[str, Any], *, scheduler: Any = None,
+           optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
+    """Restore weights, masks, scheduler and optimizer from a `checkpoint`; returns its history.
+
+    Everything is checked first (format, model fingerprint, mask shapes, schedule); a checkpoint of a
+    different model or schedule is a PruningError and the model is left untouched."""
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise fail("not a secateur checkpoint", where="resume",
+                   value=ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__)
+    mine, theirs = fingerprint(model), ckpt["fingerprint"]
+    if mine != theirs:
+        missing = sorted(set(mine) - set(theirs))[:3]
+        extra = sorted(set(theirs) - set(mine))[:3]
+        shapes = [(k, theirs[k], mine[k]) for k in mine if k in theirs and mine[k] != theirs[k]][:3]
+        raise fail("the checkpoint belongs to a different model", where=f"resume({type(model).__name__})",
+                   value={"missing from checkpoint": missing, "not in model": extra,
+                          "shape (checkpoint, model)": shapes})
+    for key, mask in ckpt["masks"].items():
+        if key not in mine or list(mask.shape) != mine[key] or mask.dtype != torch.bool:
+            raise fail("checkpoint mask does not fit the model", where=key, shape=mask.shape,
+                       value=mine.get(key))
+    if scheduler is not None:
+        state = ckpt.get("scheduler")
+        if state is None:
+            raise fail("the checkpoint holds no scheduler state", where="resume")
+        if state.get("schedule") != scheduler.state_dict()["schedule"]:
+            raise fail("the checkpoint was written with a different schedule", where="resume",
+                       value={"saved": state.get("schedule"), "current": scheduler.state_dict()["schedule"]})
+    if optimizer is not None and ckpt.get("optimizer") is None:
+        raise fail("the checkpoint holds no optimizer state", where="resume")
+    # apply: drop current masks (keeping the Parameter objects), load weights, re-attach masks
+    for _, module, param, _ in list(iter_masks(model)):
+        remove_mask(module, param, bake=False)
+    model.load_state_dict(ckpt["weights"], strict=True)
+    apply_masks(model, ckpt["masks"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return list(ckpt.get("history", []))
+
+
+# ------------------------------------------------------------------------------- iterative loop
+
+
+def _measure(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    from secateur.report import report
+    rep = report(model, example_inputs)
+    return {"params": rep.total_params, "nonzero": rep.nonzero_params, "sparsity": rep.sparsity,
+            "macs": rep.macs_nonzero}
+
+
+def iterative_prune(model: nn.Module, train_data: Batches, eval_data: Batches, *,
+                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], rate: float = 0.2,
+                    target: float = 0.99, max_drop: float = 0.01, epochs: int = 1, example_inputs: Any = None,
+                    teacher: nn.Module | None = None, max_rounds: int = 100, progress: bool = False,
+                    **prune_kwargs: Any) -> tuple[nn.Module, list[dict]]:
+    """Prune ``rate`` of the surviving weights, fine-tune ``epochs`` with masks held, evaluate; repeat
+    until the accuracy drop from the unpruned model exceeds ``max_drop`` (that round is undone: the
+    model returned is the last one within the bound) or sparsity ``target`` is reached.
+
+    ``prune_kwargs`` go to `secateur.prune` (``scope="global"``, ``criterion=...``). Returns ``(model,
+    history)``; each history row has round, target sparsity, accuracy, drop, params, nonzero, sparsity
+    (of all parameters), MACs (non-zero, with ``example_inputs``) and ``accepted``."""
+    from secateur.prune import prune
+    for name, v, lo, hi in (("rate", rate, 0, 1), ("target", target, 0, 1), ("max_drop", max_drop, 0, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not lo <= v <= hi:
+            raise fail(f"{name} must be in [{lo}, {hi}]", where="iterative_prune", value=v)
+    if rate == 0:
+        raise fail("rate must be > 0", where="iterative_prune", value=rate)
+    base = evaluate(model, eval_data)
+    history = [{"round": 0, "target": 0.0, "accuracy": base, "drop": 0.0, **_measure(model, example_inputs),
+                "accepted": True}]
+    level = 0.0
+    for r in range(1, max_rounds + 1):
+        if level >= target - 1e-12:
+            break
+        level = min(target, 1 - (1 - level) * (1 - rate))
+        saved = _snapshot(model)  # weights + masks only: undoing a round needs exactly these
+        prune(model, amount=level, **prune_kwargs)
+        opt = make_optimizer(model)
+        fine_tune(model, train_data, opt, epochs=epochs, teacher=teacher,
+                  progress=f"round {r}" if progress else None)
+        acc = evaluate(model, eval_data)
+        ok = base - acc <= max_drop
+        history.append({"round": r, "target": level, "accuracy": acc, "drop": base - acc,
+                        **_measure(model, example_inputs), "accepted": ok})
+        if progress:
+            print(f"round {r}: target sparsity {level:.4f} accuracy {acc:.4f} (drop {base - acc:+.4f})"
+                  f"{'' if ok else ' -> over the bound, undone'}", flush=True)
+        if not ok:
+            resume(model, saved)
+            break
+    return model, history
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    ck = checkpoint(model)
+    ck["weights"] = {k: v.detach().clone() for k, v in ck["weights"].items()}
+    ck["masks"] = {k: v.clone() for k, v in ck["masks"].items()}
+    return ck
