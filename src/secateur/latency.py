@@ -155,9 +155,16 @@ def _prepare(model: torch.nn.Module, example_inputs: Any, compile: bool) -> Call
 
 
 def _calibrate(timer: _Timer, call: Callable[[], Any], min_sample_s: float) -> int:
-    """Calls per sample so that one sample lasts at least ``min_sample_s`` (timer resolution, jitter)."""
-    one = max(timer(call, 1), 1e-7)
-    return max(1, min(10_000, int(min_sample_s / one + 0.999)))
+    """Calls per sample so that one sample lasts at least ``min_sample_s`` (timer resolution, jitter).
+
+    Like ``timeit.autorange``: grow the count until a whole sample is long enough, since one cold call
+    says little about the next thousand."""
+    n = 1
+    while n < 100_000:
+        if timer(call, n) * n >= min_sample_s:
+            return n
+        n *= 2
+    return n
 
 
 def benchmark_latency(model: torch.nn.Module, example_inputs: Any, *, repeats: int = 30, warmup: int = 5,

@@ -1,0 +1,202 @@
+"""Choose how many channels each group keeps so the model meets a target cost with the least importance lost.
+
+Why an allocator: a uniform ratio ("50 % of every layer") ignores that layers differ in how much
+time a channel costs and in how much a channel matters. HALP (Shen et al., NVIDIA) frames channel
+pruning as a knapsack: keep the channels whose importance per unit of latency is highest, under a
+latency budget. The cost is a black box over the vector of keep counts, so the same allocator serves a
+latency target (`secateur.latency_model.LatencyTable.cost_fn`), a MACs target or a parameter target.
+
+The solver is greedy with lazy re-evaluation: repeatedly take the step (one group down to one of its
+next few allowed counts that save cost) that loses the least importance per unit of cost saved. Steps are evaluated
+with the *whole* count vector, so couplings (a producer's output count is the consumer's input count)
+are priced correctly. Allowed counts come from the latency staircase (`LatencyTable.candidates`), a
+rounding multiple, or all counts; flat parts of the cost are walked past, never taken.
+
+Everything here is a pure function of its inputs: no model is touched."""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from secateur.errors import fail
+
+__all__ = ["channel_counts", "separable", "as_ratios", "round_candidates", "NORMALIZERS"]
+
+CostFn = Callable[[Sequence[int]], float]
+
+NORMALIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda s: s,
+    "mean": lambda s: s / s.mean().clamp_min(1e-12),   # groups of different scale become comparable
+    "max": lambda s: s / s.max().clamp_min(1e-12),
+    "sum": lambda s: s / s.sum().clamp_min(1e-12),
+}
+
+
+def separable(per_group: Sequence[Callable[[int], float]]) -> CostFn:
+    """A total cost that is a sum of independent per-group costs ``f_g(k_g)``."""
+    fns = list(per_group)
+    return lambda counts: float(sum(f(k) for f, k in zip(fns, counts)))
+
+
+def round_candidates(channels: int, multiple: int) -> list[int]:
+    """Counts that are multiples of ``multiple`` (and the full count): Torch-Pruning's ``round_to``."""
+    if multiple < 1:
+        raise fail("rounding multiple must be positive", value=multiple)
+    return sorted({c for c in range(multiple, channels + 1, multiple)} | {channels})
+
+
+def as_ratios(names: Sequence[str], counts: Sequence[int], channels: Sequence[int]) -> dict[str, float]:
+    """Per-group pruning ratios ``1 - kept / channels``, the form the structural engine consumes."""
+    return {n: 1.0 - k / c for n, k, c in zip(names, counts, channels)}
+
+
+def _label(group: Any, i: int) -> str:
+    name = getattr(group, "name", None)
+    return str(name) if name is not None else (group if isinstance(group, str) else f"group {i}")
+
+
+def _floor(min_keep: int | float, channels: int, where: str) -> int:
+    if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or min_keep <= 0:
+        raise fail("min_keep must be a positive count or a fraction in (0, 1]", where=where, value=min_keep)
+    if isinstance(min_keep, float):
+        if min_keep > 1:
+            raise fail("a fractional min_keep must be in (0, 1]", where=where, value=min_keep)
+        return max(1, math.ceil(min_keep * channels))
+    return min(min_keep, channels)
+
+
+class _Group:
+    """One group's state: sorted importance prefix sums and allowed counts."""
+
+    def __init__(self, label: str, scores: torch.Tensor, allowed: Sequence[int], floor: int):
+        self.label = label
+        self.channels = scores.numel()
+        s = torch.sort(scores.double().flatten()).values
+        self.prefix = [0.0] + torch.cumsum(s, 0).tolist()   # prefix[r]: loss of removing the r lowest
+        full = self.channels
+        self.allowed = sorted({c for c in allowed if floor <= c <= full} | {full})
+
+    def loss(self, keep_from: int, keep_to: int) -> float:
+        """Importance removed when going from ``keep_from`` to ``keep_to`` channels (lowest go first)."""
+        return self.prefix[self.channels - keep_to] - self.prefix[self.channels - keep_from]
+
+    def below(self, k: int) -> list[int]:
+        """Allowed counts under ``k``, nearest first."""
+        return self.allowed[:self.allowed.index(k)][::-1]
+
+
+def channel_counts(groups: Sequence[Any], importance: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor],
+                   cost_fn: CostFn, target: float | None = None, *, budget: float | None = None,
+                   candidates: Sequence[Sequence[int] | None] | None = None, min_keep: int | float = 1,
+                   normalize: str = "mean", lookahead: int = 4) -> list[int]:
+    """Keep counts per group (aligned with ``groups``) such that ``cost_fn(counts) <= budget``.
+
+    ``importance[g]`` holds one score per channel of group ``g`` (higher = more important; its length
+    is the group's channel count). ``target`` is a reduction factor of the dense cost (2.0 = half the
+    latency / MACs / params); ``budget`` is an absolute cost instead; give exactly one. ``candidates[g]``
+    lists the counts group ``g`` may keep (None: any count); ``min_keep`` is a floor per group (a count,
+    or a fraction of its channels) so that no layer collapses. ``normalize`` rescales each group's
+    scores (see `NORMALIZERS`) so that scores of different layers can be compared.
+
+    Raises `PruningError` if the budget cannot be met within the floors and allowed counts."""
+    groups = list(groups)
+    scores = [importance[g] for g in groups] if isinstance(importance, Mapping) else list(importance)
+    if len(scores) != len(groups):
+        raise fail("need one importance vector per group", value=(len(groups), len(scores)))
+    if normalize not in NORMALIZERS:
+        raise fail("unknown importance normalizer", value=normalize, hint=f"use one of {sorted(NORMALIZERS)}")
+    if (target is None) == (budget is None):
+        raise fail("give exactly one of target (a reduction factor) and budget (an absolute cost)",
+                   value={"target": target, "budget": budget})
+    if target is not None and not (isinstance(target, (int, float)) and target >= 1):
+        raise fail("target is a reduction factor and must be >= 1 (2.0 = twice as fast / small)", value=target)
+    if not isinstance(lookahead, int) or lookahead < 1:
+        raise fail("lookahead must be a positive integer", value=lookahead)
+    if candidates is not None and len(candidates) != len(groups):
+        raise fail("need one candidate list (or None) per group", value=(len(groups), len(candidates)))
+
+    state = []
+    for i, (g, s) in enumerate(zip(groups, scores)):
+        label = _label(g, i)
+        if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.numel() == 0:
+            raise fail("importance must be a non-empty 1-D tensor per group", where=label,
+                       shape=getattr(s, "shape", None))
+        if not torch.isfinite(s).all():
+            raise fail("importance has NaN or infinite scores", where=label, shape=s.shape)
+        expect = getattr(g, "channels", g if isinstance(g, int) and not isinstance(g, bool) else None)
+        if expect is not None and expect != s.numel():
+            raise fail("importance length differs from the group's channel count", where=label,
+                       shape=s.shape, value=expect)
+        allowed = candidates[i] if candidates is not None and candidates[i] is not None else range(1, s.numel() + 1)
+        state.append(_Group(label, NORMALIZERS[normalize](s.detach().float()), list(allowed),
+                            _floor(min_keep, s.numel(), label)))
+
+    counts = [st.channels for st in state]
+    current = float(cost_fn(counts))
+    limit = current / target if budget is None else float(budget)
+    return _greedy(state, counts, current, limit, cost_fn, lookahead)
+
+
+def _best_step(st: _Group, g: int, counts: list[int], current: float, cost_fn: CostFn,
+               lookahead: int) -> tuple[float, int, float] | None:
+    """(importance lost per unit of cost saved, new count, new cost) of group ``g``'s best next step.
+
+    Walks down the allowed counts past flat parts of the cost (no saving) and compares the first
+    ``lookahead`` counts that do save something, so a staircase never traps a group on a step."""
+    best = None
+    k = counts[g]
+    seen = 0
+    for k2 in st.below(k):
+        counts[g] = k2
+        new = float(cost_fn(counts))
+        counts[g] = k
+        gain = current - new
+        if gain <= 0:
+            continue
+        ratio = st.loss(k, k2) / gain
+        if best is None or ratio < best[0]:
+            best = (ratio, k2, new)
+        seen += 1
+        if seen >= lookahead:
+            break
+    return best
+
+
+def _fresh_heap(state: list[_Group], counts: list[int], current: float, cost_fn: CostFn,
+                lookahead: int) -> list[tuple[float, int]]:
+    heap = []
+    for g, st in enumerate(state):
+        step = _best_step(st, g, counts, current, cost_fn, lookahead)
+        if step is not None:
+            heap.append((step[0], g))
+    heapq.heapify(heap)
+    return heap
+
+
+def _greedy(state: list[_Group], counts: list[int], current: float, limit: float, cost_fn: CostFn,
+            lookahead: int) -> list[int]:
+    """Lazy greedy: a popped step is re-priced against the current counts and taken only if it is still
+    no worse than the best stale price left in the heap (prices rarely improve as others shrink)."""
+    heap = _fresh_heap(state, counts, current, cost_fn, lookahead)
+    while current > limit:
+        if not heap:  # coupled costs: a group without a saving step may have gained one meanwhile
+            heap = _fresh_heap(state, counts, current, cost_fn, lookahead)
+        if not heap:
+            raise fail("the cost target cannot be reached within the per-group floors and allowed counts",
+                       value={"reached": current, "budget": limit},
+                       hint="lower min_keep, allow more channel counts, or ask for a smaller reduction")
+        _, g = heapq.heappop(heap)
+        step = _best_step(state[g], g, counts, current, cost_fn, lookahead)
+        if step is None:
+            continue
+        if heap and step[0] > heap[0][0]:
+            heapq.heappush(heap, (step[0], g))
+            continue
+        counts[g], current = step[1], step[2]
+        nxt = _best_step(state[g], g, counts, current, cost_fn, lookahead)
+        if nxt is not None:
+            heapq.heappush(heap, (nxt[0], g))
+    return counts
