@@ -77,13 +77,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern, sparsi
             if nm is not None and i % nm.m == 0:
                 score = w1[:, i:i + nm.m] ** 2 / d1[i:i + nm.m].reshape(1, -1) ** 2
                 m1[:, i:i + nm.m].scatter_(1, torch.topk(score, n_prune, dim=1, largest=False).indices, True)
-            col = w1[:, i]
-            q = col.masked_fill(m1[:, i], 0.0)
-            e = (col - q) / d1[i]
-            loss += e.pow(2).sum() / 2
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            w1[:, i] = q
+            e = w1[:, i].masked_fill(~m1[:, i], 0.0) / d1[i]  # error of zeroing the pruned entries
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)  # OBS update of this and the later columns
             err1[:, i] = e
+        w1.masked_fill_(m1, 0.0)
+        loss += err1.pow(2).sum() / 2
         w[:, i1:i2] = w1
         pruned[:, i1:i2] = m1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
