@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Union
 import torch
 from torch import nn
 
-from secateur.criteria import CriterionSpec, get_criterion
+from secateur.criteria import CriterionSpec, Magnitude, get_criterion
 from secateur.errors import fail
 from secateur.masks import get_mask, set_mask
 from secateur.patterns import NM, PatternSpec, get_pattern
@@ -46,9 +46,13 @@ def _validate_tensor(t: Target) -> torch.Tensor:
     w = t.tensor
     if not torch.is_floating_point(w):
         raise fail("cannot prune a non-floating tensor", where=t.name, shape=w.shape, value=w.dtype)
-    if w.numel() and not bool(torch.isfinite(w).all()):
-        bad = w[~torch.isfinite(w)].flatten()[0].item()
-        raise fail("tensor holds NaN or infinite values", where=t.name, shape=w.shape, value=bad)
+    # a finite sum proves every entry finite with one reduction and no boolean copy; only a sum that is
+    # not finite (a NaN/inf, or an overflow) pays for the exact element-wise check
+    if w.numel() and not bool(torch.isfinite(w.detach().sum())):
+        bad = ~torch.isfinite(w.detach())
+        if bool(bad.any()):
+            raise fail("tensor holds NaN or infinite values", where=t.name, shape=w.shape,
+                       value=w.detach()[bad].flatten()[0].item())
     return w
 
 
@@ -112,7 +116,8 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
             continue
         with torch.no_grad():
             done = _group_keep_old(get_mask(t.module, t.param), pat, tuple(w.shape))
-            s = _scores(crit, t, pat, done, check=True)  # validate now; recomputed lazily later
+            # validate now (magnitudes of finite weights are finite); recomputed lazily later
+            s = _scores(crit, t, pat, done, check=not isinstance(crit, Magnitude))
             shape = s.shape
             del s
         work.append((t, Lazy(partial(_scores, crit, t, pat, done), shape, w.device), done, ratio))

@@ -35,10 +35,15 @@ def _get(s: Scores) -> torch.Tensor:
 
 
 def _keys(s: torch.Tensor) -> torch.Tensor:
-    """Monotone map float32 -> int64 in [0, 2**32): a < b  <=>  key(a) < key(b) (no NaNs)."""
+    """Monotone map float32 -> int32 (a < b  <=>  key(a) < key(b); no NaNs): the IEEE bits, with the
+    order of negative numbers flipped. Non-negative scores (magnitudes) keep their bits unchanged."""
     b = s.contiguous().float().view(torch.int32)
-    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
-    return b.to(torch.int64) + (1 << 31)
+    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+def _high(key: torch.Tensor) -> torch.Tensor:
+    """Top 16 bits as a bin index in [0, 65536) (arithmetic shift, then offset)."""
+    return (key >> 16) + 32768
 
 
 def _chunks(s: Scores):
@@ -47,40 +52,42 @@ def _chunks(s: Scores):
         yield _keys(flat[i:i + CHUNK])
 
 
-def kth_key(scores: Sequence[Scores], k: int) -> int:
-    """Integer key t of the k-th smallest score overall (1-based): #(key < t) < k <= #(key <= t)."""
-    hist = None
-    for s in scores:
-        for key in _chunks(s):
-            h = torch.bincount(key >> 16, minlength=1 << 16).cpu()
-            hist = h if hist is None else hist + h
-    cum = torch.cumsum(hist, 0)
-    hi = int(torch.searchsorted(cum, torch.tensor(k), right=False))
-    below = int(cum[hi - 1]) if hi > 0 else 0
+def kth_key(scores: Sequence[Scores], k: int) -> tuple[int, int]:
+    """Return ``(t, less)``: the int32 key t of the k-th smallest score overall (1-based) and the number
+    of scores strictly below it. Two histogram passes, no sort, memory of one chunk."""
     hist = torch.zeros(1 << 16, dtype=torch.int64)
     for s in scores:
         for key in _chunks(s):
-            sel = key[(key >> 16) == hi]
+            hist += torch.bincount(_high(key), minlength=1 << 16).cpu()
+    cum = torch.cumsum(hist, 0)
+    hi = int(torch.searchsorted(cum, torch.tensor(k), right=False))
+    below = int(cum[hi - 1]) if hi > 0 else 0
+    hist.zero_()
+    for s in scores:
+        for key in _chunks(s):
+            sel = key[_high(key) == hi]
             if sel.numel():
                 hist += torch.bincount(sel & 0xFFFF, minlength=1 << 16).cpu()
     cum = torch.cumsum(hist, 0)
     lo = int(torch.searchsorted(cum, torch.tensor(k - below), right=False))
-    return (hi << 16) | lo
+    less = below + (int(cum[lo - 1]) if lo > 0 else 0)
+    return ((hi - 32768) << 16) | lo, less
 
 
 def _prune_at(s: Scores, t: int, ties: int) -> tuple[torch.Tensor, int]:
     """Boolean prune-mask of entries with key < t plus the first ``ties`` entries equal to t."""
     flat = _get(s).reshape(-1)
-    out = torch.empty(flat.numel(), dtype=torch.bool, device=s.device)
+    out = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
     used = 0
     for i in range(0, flat.numel(), CHUNK):
         key = _keys(flat[i:i + CHUNK])
         less = key < t
-        eq = key == t
-        if ties - used > 0 and bool(eq.any()):
-            take = eq & (torch.cumsum(eq, 0) <= ties - used)
-            used += int(take.sum())
-            less |= take
+        if ties - used > 0:
+            eq = key == t
+            if bool(eq.any()):
+                take = eq & (torch.cumsum(eq, 0) <= ties - used)
+                used += int(take.sum())
+                less |= take
         out[i:i + CHUNK] = less
     return out.reshape(s.shape), used
 
@@ -94,8 +101,7 @@ def lowest(scores: Sequence[Scores], k: int) -> list[torch.Tensor]:
         return [torch.ones(s.shape, dtype=torch.bool, device=s.device) for s in scores]
     if len(scores) == 1 and scores[0].numel() <= CHUNK:
         return [_lowest_small(_get(scores[0]), k)]
-    t = kth_key(scores, k)
-    less = sum(int((key < t).sum()) for s in scores for key in _chunks(s))
+    t, less = kth_key(scores, k)
     ties = k - less
     out = []
     for s in scores:
