@@ -1,0 +1,148 @@
+"""2:4 masked Linear layers -> PyTorch semi-structured sparse weights (cuSPARSELt / CUTLASS) where it pays.
+
+Why measure: the sparse kernel is faster than dense only for some shapes and token counts, and through
+the plain ``F.linear`` path each call re-plans on the host, which can make it slower end to end (see the
+issue's H100 numbers). So a layer is converted only when a timing of its own shape says the sparse
+``F.linear`` beats dense; every other layer stays masked dense, and the reason is returned per layer.
+On CPU and on GPUs below compute capability 8.0, nothing is converted and the reason says why."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateur.errors import fail
+from secateur.masks import get_mask, remove_mask
+
+log = logging.getLogger(__name__)
+
+SPARSE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``to_semi_structured`` did with one Linear layer."""
+
+    name: str
+    converted: bool
+    reason: str
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+
+
+def device_support(device: torch.device) -> str | None:
+    """None when ``device`` can run semi-structured sparse matmuls, else the reason it cannot."""
+    if device.type != "cuda":
+        return f"{device.type.upper()} tensors: PyTorch's semi-structured (2:4) kernels run on CUDA GPUs only"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"GPU compute capability {major}.{minor} < 8.0 (2:4 sparse tensor cores need Ampere or newer)"
+    if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        return f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured"
+    return None
+
+
+def is_2_4(weight: torch.Tensor) -> bool:
+    """Every group of 4 consecutive inputs of every row holds at most 2 non-zeros."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def _layer_reason(module: nn.Linear) -> str | None:
+    w = module.weight
+    if get_mask(module, "weight") is None and not is_2_4(w.detach()):
+        return "not 2:4 sparse (no mask and the weight is not 2:4)"
+    if not is_2_4(w.detach()):
+        return "weight is not 2:4 (at most 2 non-zeros in every 4 inputs)"
+    why = device_support(w.device)
+    if why:
+        return why
+    if w.dtype not in SPARSE_DTYPES:
+        return f"dtype {w.dtype}: semi-structured sparse matmul needs float16 or bfloat16"
+    return None
+
+
+def _time_ms(fn: Callable[[], torch.Tensor], repeat: int) -> float:
+    """Median CUDA-event time of ``fn`` after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def to_semi_structured(model: nn.Module, *, tokens: int = 2048, measure: bool = True, min_speedup: float = 1.0,
+                       repeat: int = 20, filter: Callable[[str, nn.Module], bool] | None = None) -> list[Decision]:
+    """Convert 2:4 Linear weights of ``model`` to semi-structured sparse tensors in place, where it pays.
+
+    A layer qualifies when its (masked) weight is 2:4 along the input dimension, lives on a CUDA GPU of
+    compute capability >= 8.0 and is float16/bfloat16. With ``measure`` (default), ``F.linear`` on
+    ``tokens`` input rows is timed once per (shape, dtype), dense vs sparse, and the layer is converted only
+    when sparse is at least ``min_speedup`` times faster. A converted layer's mask is baked in first (the
+    sparse tensor holds the zeros). Returns one `Decision` per Linear layer, with the reason for each
+    layer left dense; on CPU every layer stays masked dense and says so."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise fail("tokens must be a positive integer", value=tokens)
+    if not min_speedup > 0:
+        raise fail("min_speedup must be positive", value=min_speedup)
+    decisions: list[Decision] = []
+    plan: list[tuple[nn.Linear, torch.Tensor]] = []
+    timed: dict[tuple, tuple[float, float]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or (filter is not None and not filter(name, module)):
+            continue
+        reason = _layer_reason(module)
+        if reason is not None:
+            decisions.append(Decision(name, False, reason))
+            continue
+        dense = module.weight.detach().contiguous()
+        try:
+            sparse = torch.sparse.to_sparse_semi_structured(dense)
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            decisions.append(Decision(name, False, f"conversion refused: {e}"))
+            continue
+        if not measure:
+            decisions.append(Decision(name, True, "converted (not measured)"))
+            plan.append((module, sparse))
+            continue
+        key = (tuple(dense.shape), dense.dtype, module.bias is not None)
+        if key not in timed:
+            with torch.no_grad():
+                x = torch.randn(tokens, dense.shape[1], device=dense.device, dtype=dense.dtype)
+                b = module.bias.detach() if module.bias is not None else None
+                try:
+                    timed[key] = (_time_ms(lambda: F.linear(x, dense, b), repeat),
+                                  _time_ms(lambda: F.linear(x, sparse, b), repeat))
+                except (RuntimeError, NotImplementedError) as e:
+                    timed[key] = (float("nan"), float("nan"))
+                    log.warning("sparse F.linear failed for %s: %s", key, e)
+        d_ms, s_ms = timed[key]
+        if not s_ms == s_ms:  # NaN: the sparse matmul failed
+            decisions.append(Decision(name, False, "sparse F.linear failed for this shape"))
+        elif s_ms * min_speedup <= d_ms:
+            decisions.append(Decision(name, True, f"sparse {d_ms / s_ms:.2f}x faster at {tokens} tokens",
+                                      d_ms, s_ms))
+            plan.append((module, sparse))
+        else:
+            decisions.append(Decision(name, False, f"kept dense: sparse {d_ms / s_ms:.2f}x dense speed at "
+                                      f"{tokens} tokens", d_ms, s_ms))
+    for module, sparse in plan:  # everything decided: now change the model
+        remove_mask(module, "weight", bake=True)
+        module.weight = nn.Parameter(sparse, requires_grad=False)
+    for d in decisions:
+        if not d.converted:
+            log.info("%s stays dense: %s", d.name, d.reason)
+    return decisions
