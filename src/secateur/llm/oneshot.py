@@ -64,12 +64,14 @@ class _Journal:
     """Records each layer's previous mask (and weight, when a method rewrites it) so a failure mid-way
     can put the model back exactly as it was."""
 
-    def __init__(self):
+    def __init__(self, keep_weights: bool = True):
+        self.keep_weights = keep_weights
         self.entries: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None]] = []
 
     def record(self, module: nn.Module, keep_weight: bool) -> None:
         old = get_mask(module, "weight")
-        w = original(module, "weight").detach().to("cpu", copy=True) if keep_weight else None
+        keep = keep_weight and self.keep_weights
+        w = original(module, "weight").detach().to("cpu", copy=True) if keep else None
         self.entries.append((module, None if old is None else old.clone(), w))
 
     def undo(self) -> None:
@@ -157,7 +159,7 @@ def _block_device(block: nn.Module, device):
 def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: str = "wanda",
               sparsity: float | None = None, pattern: PatternSpec = "element", blocks: BlocksSpec = None,
               tokenizer=None, n_samples: int = 128, seq_len: int = 128, device=None,
-              targets: TargetSpec = None, progress: bool = True) -> LLMReport:
+              targets: TargetSpec = None, progress: bool = True, rollback: bool = True) -> LLMReport:
     """Prune the Linear layers inside ``model``'s repeated blocks, one block at a time, in place.
 
     ``calibration``: an iterable of LongTensor ``[B, T]`` token batches or dicts for Hugging Face models
@@ -166,7 +168,10 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
     ``"wanda"`` or ``"sparsegpt"``. ``sparsity``: ratio for ``pattern="element"`` (default 0.5); N:M
     patterns (``"2:4"``, ``"4:8"``, ``NM(n, m)``) fix it. ``blocks``: None (auto-detect the layer list),
     its dotted name, or the block modules. ``device``: where each block is computed (moved there and
-    back; None = where it lives). ``targets``: which Linear layers inside the blocks (default all)."""
+    back; None = where it lives). ``targets``: which Linear layers inside the blocks (default all).
+    ``rollback``: if a block fails mid-way, restore every mask and weight already changed; for SparseGPT
+    this keeps a CPU copy of each rewritten weight (the size of the pruned layers). ``rollback=False``
+    saves that memory; a failure then leaves the blocks already done pruned."""
     start = time.perf_counter()
     meth = _method(method)
     pat = get_pattern(pattern)
@@ -187,7 +192,7 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
                           f"{widest[0]} tokens (the papers use 128 x 2048)", stacklevel=2)
 
     results: list[LayerResult] = []
-    journal = _Journal()
+    journal = _Journal(keep_weights=rollback)
     try:
         inputs = catch_inputs(model, mods[0], batches, device) if meth.stats is not None else []
         for bi, (block, lays) in enumerate(_progress(list(zip(mods, layers)), progress, len(mods))):
@@ -202,7 +207,8 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
                 if home != dev:
                     block.to(home)
     except BaseException:
-        journal.undo()
+        if rollback:
+            journal.undo()
         raise
     return LLMReport(meth.name, _pattern_name(pat), ratio, block_name, len(mods), tokens,
                      time.perf_counter() - start, tuple(results))
