@@ -1,0 +1,176 @@
+"""Capture: run the model once under an ATen-level ``TorchDispatchMode`` and label every tensor's channels.
+
+Why a dispatch mode (and not autograd-graph walking or ``torch.export``), with the evidence we measured:
+- it runs the model's own eager Python, so control flow, ``-1`` in ``view`` and shape arithmetic behave exactly
+  as in normal use (torch.export fails or specialises on data-dependent control flow in several timm/HF models);
+- every op arrives with its real arguments and output shapes, so view/reshape/permute/window-partition index maps
+  are computed by running the *same op* on an int64 label tensor: exact and bounded by the activation size, never
+  a symbolic search (Torch-Pruning's flatten index mapping is what hangs on Swin/MaxViT);
+- it needs no gradients (``no_grad``; autograd walking needs a grad graph: memory and no meta support) and works on
+  ``meta`` tensors, so a 7B-parameter plan allocates no weights;
+- module boundaries come from forward hooks: known leaf modules (a registry keyed by type, ``modules.py``) are
+  handled as one op with their parameters; everything between them is handled per ATen op (``rules.py``).
+An ATen op the registry does not know, reached by a labelled (channel-carrying) tensor, is a PruningError naming the
+op and the module, never a guess."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from secateur.errors import PruningError, fail
+from secateur.graph.labels import Atoms, compress
+
+
+class Tracer:
+    """State of one capture: labels of live tensors, slots (param dims owned by atoms), notes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.atoms = Atoms()
+        self.labels: dict[int, torch.Tensor | None] = {}
+        self.alive: list[torch.Tensor] = []  # keep ids unique while capturing
+        self.slots: dict[tuple[str, int], dict[str, Any]] = {}
+        self.notes: list[str] = []
+        self.constraints: list[tuple[torch.Tensor, list[int]]] = []  # view splits, see groups.py
+        self.depth = 0  # >0 while inside a leaf module handled as a whole
+        self.stack: list[str] = [""]
+        self.owner: dict[int, tuple[str, str, bool]] = {}  # id(tensor) -> (module name, attr, is_param)
+        for mname, mod in model.named_modules():
+            for attr, p in mod._parameters.items():
+                if p is not None and id(p) not in self.owner:
+                    self.owner[id(p)] = (mname, attr, True)
+            for attr, b in mod._buffers.items():
+                if b is not None and id(b) not in self.owner:
+                    self.owner[id(b)] = (mname, attr, False)
+
+    # ---- labels of tensors
+    def get(self, t: Any) -> torch.Tensor | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        return self.labels.get(id(t))
+
+    def set(self, t: Any, lab: torch.Tensor | None) -> None:
+        if isinstance(t, torch.Tensor):
+            if lab is not None:
+                assert lab.dim() == t.dim(), (lab.shape, t.shape)
+            self.labels[id(t)] = compress(lab)
+            self.alive.append(t)
+
+    def param_label(self, p: torch.Tensor, *, buffers: bool = False) -> torch.Tensor | None:
+        """A free parameter (cls token, layer scale, BN-subclass affine/stat) with one non-1 dim gets atoms
+        along that dim, so it is sliced with whatever channels it meets. Others are constants."""
+        if id(p) not in self.owner:
+            return None
+        if id(p) in self.labels:
+            return self.labels[id(p)]
+        _, _, is_param = self.owner[id(p)]
+        big = [d for d in range(p.dim()) if p.size(d) > 1]
+        if (not is_param and not buffers) or len(big) != 1:
+            return None
+        d = big[0]
+        atoms = self.atoms.new(p.size(d))
+        self.slot(p, d, atoms, "param")
+        shape = [1] * p.dim()
+        shape[d] = p.size(d)
+        lab = atoms.reshape(shape)
+        self.labels[id(p)] = lab
+        return lab
+
+    # ---- slots: (tensor name, dim) -> atom per index
+    def name_of(self, p: torch.Tensor) -> tuple[str, str]:
+        mname, attr, _ = self.owner[id(p)]
+        return mname, attr
+
+    def slot(self, p: torch.Tensor, dim: int, atoms: torch.Tensor, kind: str) -> None:
+        mname, attr = self.name_of(p)
+        key = (f"{mname}.{attr}" if mname else attr, dim)
+        atoms = atoms.reshape(-1).expand(p.size(dim)) if atoms.numel() == 1 else atoms.reshape(-1)
+        if atoms.numel() != p.size(dim):
+            raise fail("internal: slot size mismatch", where=key[0], shape=p.shape, value=atoms.numel())
+        prev = self.slots.get(key)
+        if prev is None:
+            self.slots[key] = {"module": mname, "name": attr, "dim": dim, "atoms": atoms.clone(), "kind": kind}
+        else:
+            self.atoms.union(prev["atoms"], atoms)
+            if kind == "out":
+                prev["kind"] = "out"
+
+    def where(self) -> str:
+        return self.stack[-1] or "<root>"
+
+    def error(self, msg: str, t: torch.Tensor | None = None, hint: str | None = None) -> PruningError:
+        return fail(msg, where=self.where(), shape=None if t is None else t.shape, hint=hint)
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.tracer.depth == 0:
+            from secateur.graph.rules import apply_rule
+            apply_rule(self.tracer, func, args, kwargs, out)
+        return out
+
+
+def _flat_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _flat_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _flat_tensors(v)]
+    return []
+
+
+def call(model: nn.Module, example_inputs: Any):
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def capture(model: nn.Module, example_inputs: Any) -> Tracer:
+    """Run ``model(example_inputs)`` once, recording channel labels and slots. The model is not changed."""
+    from secateur.graph.modules import leaf_rule
+
+    tracer = Tracer(model)
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(mod, args, kwargs):
+        tracer.stack.append(names.get(mod, "?"))
+        if leaf_rule(mod) is not None:
+            tracer.depth += 1
+
+    def post(mod, args, kwargs, out):
+        rule = leaf_rule(mod)
+        if rule is not None:
+            tracer.depth -= 1
+            if tracer.depth == 0:
+                rule(tracer, mod, args, kwargs, out)
+        tracer.stack.pop()
+
+    for mod in model.modules():
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad(), _Mode(tracer):
+            out = call(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for t in _flat_tensors(out):  # never change the model's output shape
+        tracer.atoms.block(tracer.get(t))
+    tracer.output = out
+    tracer.alive.clear()
+    tracer.labels.clear()
+    return tracer

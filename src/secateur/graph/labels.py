@@ -1,0 +1,101 @@
+"""Channel labels: which *atom* (prunable unit) each element of a tensor belongs to.
+
+A label is an int64 tensor with the same number of dims as the tensor it describes, each dim either full size
+or 1 (broadcast: the same atom all along that dim). ``-1`` means "no atom". Atoms are created by producers
+(output channels of Linear/Conv/Embedding, free 1-d parameters) and *unioned* whenever two atoms must be removed
+together (residual adds, q/k contraction, a constant that cannot be sliced, ...). Unions are recorded as edge
+tensors and solved once at the end (vectorised union-find), so capture cost is one small tensor op per model op.
+
+Atom 0 is BLOCKED: anything unioned with it can never be pruned (model outputs, normalisations over the channel
+dim, recurrent layers...)."""
+from __future__ import annotations
+
+import torch
+
+BLOCKED = 0
+
+
+class Atoms:
+    """Atom allocator + union edges."""
+
+    def __init__(self) -> None:
+        self.count = 1  # atom 0 is BLOCKED
+        self.edges: list[torch.Tensor] = []
+
+    def new(self, n: int) -> torch.Tensor:
+        out = torch.arange(self.count, self.count + n, dtype=torch.long)
+        self.count += n
+        return out
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Union a[i] with b[i] elementwise (broadcast), ignoring -1."""
+        a, b = torch.broadcast_tensors(a, b)
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if keep.any():
+            self.edges.append(torch.stack([a[keep], b[keep]]))
+
+    def block(self, lab: torch.Tensor | None) -> None:
+        if lab is not None:
+            lab = lab[lab >= 0]
+            if lab.numel():
+                self.union(lab, torch.zeros_like(lab))
+
+    def collapse(self, lab: torch.Tensor, dims) -> torch.Tensor:
+        """Union every atom along ``dims`` (per position of the other dims); returns lab with those dims size 1."""
+        dims = sorted({d % lab.dim() for d in dims if lab.size(d % lab.dim()) > 1})
+        if not dims:
+            return lab
+        other = [d for d in range(lab.dim()) if d not in dims]
+        perm = lab.permute(*other, *dims)
+        flat = perm.reshape(-1, int(torch.tensor([lab.size(d) for d in dims]).prod()))
+        rep = flat.max(dim=1, keepdim=True).values  # any real atom of the row (or -1)
+        self.union(flat, rep)
+        shape = [1 if d in dims else lab.size(d) for d in range(lab.dim())]
+        return rep.reshape(shape)
+
+    def components(self) -> torch.Tensor:
+        """root[atom] for every atom: vectorised min-label propagation with pointer jumping."""
+        root = torch.arange(self.count, dtype=torch.long)
+        if not self.edges:
+            return root
+        e = torch.cat(self.edges, dim=1)
+        src = torch.cat([e[0], e[1]])
+        dst = torch.cat([e[1], e[0]])
+        while True:
+            new = root.clone()
+            new.scatter_reduce_(0, dst, root[src], reduce="amin")
+            new = new[new]
+            new = new[new]
+            if torch.equal(new, root):
+                return root
+            root = new
+
+
+def compress(lab: torch.Tensor | None) -> torch.Tensor | None:
+    """Shrink dims along which the label is constant to size 1; None if no atom at all."""
+    if lab is None:
+        return None
+    if lab.numel() == 0 or bool((lab < 0).all()):
+        return None
+    for d in range(lab.dim()):
+        if lab.size(d) > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):
+            lab = lab.narrow(d, 0, 1)
+    return lab.contiguous()
+
+
+def full(lab: torch.Tensor | None, shape) -> torch.Tensor:
+    """Materialise a label to ``shape`` (-1 everywhere when unlabelled)."""
+    if lab is None:
+        return torch.full(tuple(shape), -1, dtype=torch.long)
+    return lab.expand(tuple(shape)).contiguous()
+
+
+def varies(lab: torch.Tensor | None, dim: int) -> bool:
+    return lab is not None and lab.size(dim) > 1
+
+
+def along(lab: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """The atoms along ``dim`` as a 1-d tensor of length ``size`` (lab must be constant along other dims)."""
+    idx = [0] * lab.dim()
+    idx[dim] = slice(None)
+    return lab[tuple(idx)].expand(size) if lab.size(dim) == 1 else lab[tuple(idx)]

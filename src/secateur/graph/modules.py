@@ -1,0 +1,314 @@
+"""Leaf modules handled as one op (registry keyed by type), and the size attributes to fix after slicing.
+
+A subclass counts as its registered base only when it does not override ``forward`` (timm's StdConv2d does, so its
+ops are traced at ATen level, where a computed weight makes its channels all-or-nothing: safe, never wrong)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from secateur.graph.capture import Tracer
+from secateur.graph.labels import along
+
+LEAVES: dict[type, Callable] = {}
+LEAVES_BY_NAME: dict[str, Callable] = {}  # "module.path.ClassName" for optional libraries (transformers)
+
+
+def leaf(*types, names=()):
+    def deco(fn):
+        for t in types:
+            LEAVES[t] = fn
+        for n in names:
+            LEAVES_BY_NAME[n] = fn
+        return fn
+    return deco
+
+
+def leaf_rule(mod: nn.Module) -> Callable | None:
+    cls = type(mod)
+    fn = LEAVES.get(cls) or LEAVES_BY_NAME.get(f"{cls.__module__}.{cls.__name__}")
+    if fn is not None:
+        return fn
+    for base in cls.__mro__[1:]:
+        if base in LEAVES:
+            return LEAVES[base] if cls.forward is base.forward else None
+    return None
+
+
+def _input(args, kwargs) -> torch.Tensor:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    raise TypeError("module called without a tensor input")
+
+
+def _pad(lab, nd):
+    return None if lab is None else lab.reshape((1,) * (nd - lab.dim()) + tuple(lab.shape))
+
+
+def _channels(tr: Tracer, x: torch.Tensor, cdim: int) -> torch.Tensor | None:
+    """The atom of each channel along ``cdim`` (other dims collapsed: a channel is one unit everywhere)."""
+    lab = _pad(tr.get(x), x.dim())
+    if lab is None:
+        return None
+    cdim %= x.dim()
+    lab = tr.atoms.collapse(lab, [d for d in range(x.dim()) if d != cdim])
+    return along(lab, cdim, x.size(cdim)).clone()
+
+
+def _shape_for(nd: int, cdim: int, atoms: torch.Tensor) -> torch.Tensor:
+    shape = [1] * nd
+    shape[cdim % nd] = atoms.numel()
+    return atoms.reshape(shape)
+
+
+def _produce(tr: Tracer, mod: nn.Module, n: int, wdim: int) -> torch.Tensor:
+    atoms = tr.atoms.new(n)
+    tr.slot(mod.weight, wdim, atoms, "out")
+    if getattr(mod, "bias", None) is not None:
+        tr.slot(mod.bias, 0, atoms, "out")
+    return atoms
+
+
+@leaf(nn.Linear, names=("transformers.pytorch_utils.Conv1D",))
+def linear(tr: Tracer, mod, args, kwargs, out):
+    x = _input(args, kwargs)
+    conv1d = not isinstance(mod, nn.Linear)  # HF Conv1D keeps weight as [in, out]
+    lab = _pad(tr.get(x), x.dim())
+    if lab is not None and lab.size(-1) == 1 and lab.numel() > 1:
+        tr.set(out, lab)  # channels on other dims pass through (token mixing); our outputs are not prunable
+        return
+    chan = _channels(tr, x, -1)
+    if chan is not None:
+        tr.slot(mod.weight, 0 if conv1d else 1, chan, "in")
+    atoms = _produce(tr, mod, out.size(-1), 1 if conv1d else 0)
+    tr.set(out, _shape_for(out.dim(), -1, atoms))
+
+
+@leaf(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(tr: Tracer, mod, args, kwargs, out):
+    x = _input(args, kwargs)
+    cdim = x.dim() - mod.weight.dim() + 1
+    chan = _channels(tr, x, cdim)
+    atoms = _produce(tr, mod, mod.out_channels, 0)
+    g = mod.groups
+    if g == 1:
+        if chan is not None:
+            tr.slot(mod.weight, 1, chan, "in")
+    else:  # grouped / depthwise: a group's inputs and outputs go together, whole groups at a time
+        ins = chan if chan is not None else torch.full((mod.in_channels,), -1, dtype=torch.long)
+        both = torch.cat([ins.view(g, -1), atoms.view(g, -1)], dim=1)
+        tr.atoms.collapse(both, [1])
+    tr.set(out, _shape_for(out.dim(), cdim, atoms))
+
+
+@leaf(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose(tr: Tracer, mod, args, kwargs, out):
+    x = _input(args, kwargs)
+    cdim = x.dim() - mod.weight.dim() + 1
+    chan = _channels(tr, x, cdim)
+    g = mod.groups
+    atoms = tr.atoms.new(mod.out_channels)
+    if mod.bias is not None:
+        tr.slot(mod.bias, 0, atoms, "out")
+    if g == 1:
+        tr.slot(mod.weight, 1, atoms, "out")
+        if chan is not None:
+            tr.slot(mod.weight, 0, chan, "in")
+    else:
+        ins = chan if chan is not None else torch.full((mod.in_channels,), -1, dtype=torch.long)
+        tr.slot(mod.weight, 0, ins, "in")
+        both = torch.cat([ins.view(g, -1), atoms.view(g, -1)], dim=1)
+        tr.atoms.collapse(both, [1])
+        if chan is None:  # no input labels: the weight's dim 0 follows the output groups
+            tr.slot(mod.weight, 0, atoms.view(g, -1)[:, :1].expand(g, mod.in_channels // g).reshape(-1), "out")
+    tr.set(out, _shape_for(out.dim(), cdim, atoms))
+
+
+@leaf(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+      nn.InstanceNorm3d)
+def batch_norm(tr: Tracer, mod, args, kwargs, out):
+    x = _input(args, kwargs)
+    cdim = 1 if x.dim() > 1 and not (isinstance(mod, nn.modules.instancenorm._InstanceNorm)
+                                     and x.dim() == mod._get_no_batch_dim()) else 0
+    chan = _channels(tr, x, cdim)
+    if chan is None:
+        return
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(mod, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == chan.numel():
+            tr.slot(t, 0, chan, "param")
+    tr.set(out, _shape_for(out.dim(), cdim, chan))
+
+
+@leaf(nn.GroupNorm)
+def group_norm(tr: Tracer, mod, args, kwargs, out):
+    x = _input(args, kwargs)
+    chan = _channels(tr, x, 1)
+    if chan is None:
+        return
+    per = mod.num_channels // mod.num_groups  # a group is normalised together: whole groups only
+    chan = tr.atoms.collapse(chan.view(mod.num_groups, per), [1]).expand(mod.num_groups, per).reshape(-1)
+    if mod.affine:
+        tr.slot(mod.weight, 0, chan, "param")
+        tr.slot(mod.bias, 0, chan, "param")
+    tr.set(out, _shape_for(out.dim(), 1, chan))
+
+
+@leaf(nn.LayerNorm, nn.RMSNorm, names=("transformers.models.llama.modeling_llama.LlamaRMSNorm",))
+def layer_norm(tr: Tracer, mod, args, kwargs, out):
+    """Normalising over channels: removal is not zeroing, so these channels are kept (noted in the plan)."""
+    x = _input(args, kwargs)
+    tr.atoms.block(tr.get(x))
+    tr.notes.append(f"{tr.where()}: {type(mod).__name__} normalises over channels; its channels are kept")
+
+
+@leaf(nn.PReLU)
+def prelu(tr: Tracer, mod, args, kwargs, out):
+    x = _input(args, kwargs)
+    lab = tr.get(x)
+    if lab is None:
+        return
+    if mod.num_parameters > 1:
+        chan = _channels(tr, x, 1 if x.dim() > 1 else 0)
+        tr.slot(mod.weight, 0, chan, "param")
+        tr.set(out, _shape_for(out.dim(), 1 if x.dim() > 1 else 0, chan))
+    else:
+        tr.set(out, lab)
+
+
+@leaf(nn.Embedding)
+def embedding(tr: Tracer, mod, args, kwargs, out):
+    x = _input(args, kwargs)
+    if tr.get(x) is not None:
+        raise tr.error("Embedding indices carry channels", x)
+    atoms = tr.atoms.new(mod.embedding_dim)
+    tr.slot(mod.weight, 1, atoms, "out")
+    tr.set(out, _shape_for(out.dim(), -1, atoms))
+
+
+@leaf(nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
+      nn.EmbeddingBag, nn.Bilinear)
+def kept(tr: Tracer, mod, args, kwargs, out):
+    """Refused on purpose: nn.MultiheadAttention ties embed_dim to its input, output and heads; recurrent layers
+    tie hidden size to their state. Their channels (and their inputs' channels) are kept."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            tr.atoms.block(tr.get(a))
+        elif isinstance(a, (tuple, list)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    tr.atoms.block(tr.get(b))
+    tr.notes.append(f"{tr.where()}: {type(mod).__name__} is kept whole (its channels are not pruned)")
+
+
+# ---------------------------------------------------------------- size attributes after slicing
+UPDATERS: dict[type, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
+
+
+def updater(*types):
+    def deco(fn):
+        for t in types:
+            UPDATERS[t] = fn
+        return fn
+    return deco
+
+
+def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
+    """Set the module's size attributes from its (already sliced) tensors; return what was set."""
+    for base in type(mod).__mro__:
+        if base in UPDATERS:
+            return UPDATERS[base](mod, old)
+    return heads_updater(mod, old)
+
+
+def snapshot(mod: nn.Module) -> dict[str, Any]:
+    out = {k: v for k, v in vars(mod).items() if isinstance(v, (int, tuple)) and not k.startswith("_")}
+    out["_children_out"] = {n: _out_size(c) for n, c in mod.named_children() if _out_size(c) is not None}
+    return out
+
+
+def _out_size(m: nn.Module) -> int | None:
+    w = getattr(m, "weight", None)
+    if isinstance(m, nn.Linear) and w is not None:
+        return int(w.shape[0])
+    if type(m).__name__ == "Conv1D" and w is not None:
+        return int(w.shape[1])
+    return None
+
+
+@updater(nn.Linear)
+def _linear(mod, old):
+    mod.in_features, mod.out_features = int(mod.weight.shape[1]), int(mod.weight.shape[0])
+    return {"in_features": mod.in_features, "out_features": mod.out_features}
+
+
+@updater(nn.modules.conv._ConvNd)
+def _conv(mod, old):
+    w = mod.weight
+    if mod.transposed:
+        g = old["groups"] * int(w.shape[0]) // old["in_channels"] if old["groups"] > 1 else 1
+        mod.groups, mod.in_channels, mod.out_channels = g, int(w.shape[0]), int(w.shape[1]) * g
+    else:
+        g = old["groups"] * int(w.shape[0]) // old["out_channels"] if old["groups"] > 1 else 1
+        mod.groups, mod.out_channels, mod.in_channels = g, int(w.shape[0]), int(w.shape[1]) * g
+    return {"groups": mod.groups, "in_channels": mod.in_channels, "out_channels": mod.out_channels}
+
+
+@updater(nn.modules.batchnorm._NormBase)
+def _bn(mod, old):
+    t = mod.weight if mod.weight is not None else mod.running_mean
+    mod.num_features = int(t.shape[0])
+    return {"num_features": mod.num_features}
+
+
+@updater(nn.GroupNorm)
+def _gn(mod, old):
+    c = int(mod.weight.shape[0])
+    mod.num_groups = old["num_groups"] * c // old["num_channels"]
+    mod.num_channels = c
+    return {"num_groups": mod.num_groups, "num_channels": c}
+
+
+@updater(nn.PReLU)
+def _prelu(mod, old):
+    mod.num_parameters = int(mod.weight.shape[0])
+    return {"num_parameters": mod.num_parameters}
+
+
+@updater(nn.Embedding)
+def _emb(mod, old):
+    mod.embedding_dim = int(mod.weight.shape[1])
+    return {"embedding_dim": mod.embedding_dim}
+
+
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "num_key_value_heads", "all_head_size", "split_size",
+              "attn_dim", "inner_dim")
+
+
+def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
+    """Attention containers (timm, Hugging Face): when all their q/k/v/qkv projections shrank by the same
+    ratio (whole heads removed), scale their head-count attributes by that ratio."""
+    if type(mod).__name__ == "Conv1D":
+        return {}
+    ratios = set()
+    for n, c in mod.named_children():
+        before = old.get("_children_out", {}).get(n)
+        now = _out_size(c)
+        if before and now is not None and now != before and any(k in n for k in ("q", "k", "v", "attn")):
+            ratios.add((now, before))
+    if not ratios:
+        return {}
+    fr = {round(a / b, 9) for a, b in ratios}
+    if len(fr) != 1:
+        return {}
+    (now, before) = next(iter(ratios))
+    set_ = {}
+    for k in HEAD_ATTRS:
+        v = old.get(k)
+        if isinstance(v, int) and v > 0 and v * now % before == 0:
+            setattr(mod, k, v * now // before)
+            set_[k] = v * now // before
+    return set_

@@ -1,0 +1,522 @@
+"""Per-ATen-op channel rules: a registry keyed by op (overload packet), plus the op tags torch provides.
+
+Each rule reads the labels of its inputs and sets the labels of its outputs, unioning atoms that must be removed
+together. Categories: identity copies, pointwise (``torch.Tag.pointwise``), pure data movement (view, permute,
+cat, split, index...: the same op is run on the int64 labels, which gives an exact index map), reductions,
+per-channel spatial ops (pooling, upsampling), matmuls, attention, normalisations. Ops that only read a shape
+produce unlabelled tensors. Anything else reached by a labelled tensor is a PruningError."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from secateur.graph.capture import Tracer
+from secateur.graph.labels import full
+
+aten = torch.ops.aten
+RULES: dict[Any, Callable] = {}
+
+
+def rule(*ops):
+    def deco(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _tensors(y)
+
+
+def _outs(out):
+    return list(_tensors(out))
+
+
+def _pad(lab: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    if lab is None:
+        return None
+    return lab.reshape((1,) * (ndim - lab.dim()) + tuple(lab.shape))
+
+
+def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
+    labelled = any(tr.get(t) is not None for a in (*args, *kwargs.values()) for t in _tensors(a))
+    packet = func.overloadpacket
+    if not labelled:
+        if func._schema.is_mutable and out is not None:
+            for t in _outs(out):
+                if id(t) in tr.labels and tr.labels[id(t)] is not None:
+                    tr.set(t, None)
+        return
+    fn = RULES.get(packet)
+    if fn is None and (torch.Tag.pointwise in func.tags or _inplace_of_pointwise(packet)
+                       or packet in _POINTWISE_UNTAGGED):
+        fn = pointwise
+    if fn is None:
+        raise tr.error(f"operation {packet._qualified_op_name} on a channel-carrying tensor is not understood by "
+                       "the structural engine", hint="add a rule in secateur/graph/rules.py or list the "
+                       "module in ignore=")
+    if func._schema.is_mutable and isinstance(args[0], torch.Tensor) and args[0]._is_view():
+        raise tr.error(f"in-place {packet._qualified_op_name} on a view of a channel-carrying tensor: "
+                       "cannot track its base", args[0])
+    fn(tr, func, args, kwargs, out)
+
+
+_POINTWISE_UNTAGGED = {aten.hardswish, aten.hardswish_, aten.mish, aten.mish_, aten.silu, aten.gelu_,
+                       aten.elu, aten.elu_, aten.selu, aten.selu_, aten.celu, aten.celu_, aten.softplus,
+                       aten.hardsigmoid, aten.threshold, aten.threshold_, aten.rrelu, aten.glu}
+
+
+def _inplace_of_pointwise(packet) -> bool:
+    name = packet.__name__
+    if not name.endswith("_"):
+        return False
+    base = getattr(aten, name[:-1], None)
+    return base is not None and any(torch.Tag.pointwise in getattr(base, o).tags for o in base.overloads())
+
+
+# ---------------------------------------------------------------- identity and shape-only
+@rule(aten.as_strided_, aten.as_strided)
+def restride(tr, func, args, kwargs, out):
+    """Kernels restride their own outputs (channels-last pooling): fine while the shape is unchanged."""
+    if tuple(out.shape) != tuple(args[0].shape):
+        raise tr.error("as_strided changing the shape of a channel-carrying tensor is not supported", args[0])
+    tr.set(out, tr.get(args[0]))
+
+
+@rule(aten.clone, aten._to_copy, aten.detach, aten.alias, aten.lift_fresh_copy, aten.contiguous, aten.positive,
+      aten._conj, aten.resolve_conj, aten.resolve_neg, aten.native_dropout, aten.dropout, aten.feature_dropout,
+      aten.alpha_dropout)
+def identity(tr, func, args, kwargs, out):
+    for t in _outs(out):
+        tr.set(t, _pad(tr.get(args[0]), t.dim()) if t.shape == args[0].shape else None)
+
+
+@rule(aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like,
+      aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.sym_size, aten.sym_numel,
+      aten.sym_stride, aten.is_same_size, aten.new_empty_strided, aten.randint_like)
+def shape_only(tr, func, args, kwargs, out):
+    for t in _outs(out):
+        tr.set(t, None)
+
+
+@rule(aten._local_scalar_dense, aten.is_nonzero, aten.equal, aten.allclose)
+def data_dependent(tr, func, args, kwargs, out):
+    for t in _tensors(args):  # a Python decision on channel values: removal would change it
+        tr.atoms.block(tr.get(t))
+
+
+@rule(aten.copy_)
+def copy_(tr, func, args, kwargs, out):
+    dst, src = args[0], args[1]
+    tr.set(dst, _pad(tr.get(src), dst.dim()).expand(dst.shape) if tr.get(src) is not None else None)
+
+
+# ---------------------------------------------------------------- pointwise
+def pointwise(tr, func, args, kwargs, out):
+    outs = _outs(out)
+    shape = outs[0].shape
+    nd = len(shape)
+    tens = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
+    labs = []
+    consts = []
+    for t in tens:
+        lab = tr.get(t)
+        if lab is None and id(t) in tr.owner:
+            lab = tr.param_label(t)
+        if lab is None:
+            if t.dim() > 0 and t.numel() > 1:
+                consts.append(t)
+        else:
+            labs.append(_pad(lab, nd))
+    res = labs[0]
+    for lab in labs[1:]:
+        tr.atoms.union(res, lab)
+        a, b = torch.broadcast_tensors(res, lab)
+        res = torch.where(a >= 0, a, b)
+    for c in consts:  # a constant that varies along a channel dim cannot be sliced: all-or-nothing there
+        csh = (1,) * (nd - c.dim()) + tuple(c.shape)
+        dims = [d for d in range(nd) if csh[d] > 1 and res.size(d) > 1]
+        if dims:
+            res = tr.atoms.collapse(res, dims)
+    for t in outs:
+        tr.set(t, res if t.dim() == nd else None)
+
+
+# ---------------------------------------------------------------- data movement: run the op on the labels
+_INDEX_ARGS = {aten.index: (1,), aten.index_select: (2,), aten.gather: (2,), aten.take_along_dim: (1,)}
+
+
+@rule(aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.permute, aten.transpose, aten.t,
+      aten.expand, aten.unsqueeze, aten.squeeze, aten.slice, aten.select, aten.split, aten.split_with_sizes,
+      aten.unbind, aten.cat, aten.stack, aten.roll, aten.flip, aten.repeat, aten.constant_pad_nd, aten.narrow,
+      aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle, aten.index, aten.index_select,
+      aten.gather, aten.movedim, aten.unfold, aten.diagonal, aten.unsafe_split, aten.tensor_split,
+      aten.unsafe_split_with_sizes, aten.expand_copy, aten.view_copy, aten.permute_copy, aten.transpose_copy,
+      aten.slice_copy, aten.select_copy, aten.unsqueeze_copy, aten.squeeze_copy, aten.split_copy,
+      aten.split_with_sizes_copy, aten.alias_copy, aten.hstack, aten.vstack, aten.concat, aten.concatenate,
+      aten.take_along_dim, aten.swapaxes, aten.swapdims, aten.tile, aten.reflection_pad1d,
+      aten.reflection_pad2d, aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d,
+      aten.reflection_pad3d, aten.im2col)
+def move(tr, func, args, kwargs, out):
+    packet = func.overloadpacket
+    index_pos = _INDEX_ARGS.get(packet, ())
+    data_devices = {t.device.type for t in _tensors(args)}
+
+    def sub(x, pos):
+        if pos in index_pos:
+            if any(t.device.type == "meta" for t in _tensors(x)):
+                raise tr.error(f"{packet._qualified_op_name} with tensor indices on the meta device: labels need "
+                               "real indices", hint="capture with real (small) inputs")
+            return x.cpu() if isinstance(x, torch.Tensor) else [None if y is None else y.cpu() for y in x]
+        if isinstance(x, torch.Tensor):
+            return full(_pad(tr.get(x), x.dim()), x.shape)
+        if isinstance(x, (list, tuple)) and x and all(isinstance(y, torch.Tensor) for y in x):
+            return [full(_pad(tr.get(y), y.dim()), y.shape) for y in x]
+        return x
+
+    largs = [sub(a, i) for i, a in enumerate(args)]
+    if packet is aten.constant_pad_nd:
+        largs = largs[:2] + [-1]
+    if packet is aten.im2col:  # patches of one channel stay together: collapse spatial first
+        raise tr.error("im2col (nn.Unfold) on a channel-carrying tensor is not supported")
+    lout = func(*largs, **kwargs)
+    del data_devices
+    outs, louts = _outs(out), _outs(lout)
+    check = _CHECKS.get(packet)
+    if check is not None:
+        check(tr, args, largs, louts)
+    for t, lab in zip(outs, louts):
+        tr.set(t, lab)
+
+
+# ---- after pruning, the model's own code re-splits / re-slices a shrunken dim: keep that valid
+def _varying(tr, x, dim):
+    lab = tr.get(x)
+    return lab is not None and _pad(lab, x.dim()).size(dim % x.dim()) > 1
+
+
+def _check_split(tr, args, largs, louts):
+    """Equal parts (chunk, q/k/v split) must shrink alike: align position j of every part. Unequal parts come
+    from sizes the engine cannot update: keep those channels."""
+    x = args[0]
+    dim = (args[2] if len(args) > 2 else 0) % x.dim()
+    if not _varying(tr, x, dim):
+        return
+    sizes = {o.size(dim) for o in louts}
+    if len(sizes) == 1:
+        for o in louts[1:]:
+            tr.atoms.union(louts[0], o)
+    else:
+        tr.atoms.block(largs[0])
+
+
+def _check_slice(tr, args, largs, louts):
+    """A slice/select/index along a channel dim uses positions fixed in the model's code: keep those channels
+    (a full-range slice is a no-op and is fine)."""
+    x = args[0]
+    packet_dim = {aten.select: 1, aten.slice: 1, aten.narrow: 1, aten.index_select: 1, aten.gather: 1,
+                  aten.roll: 2}
+    dims = []
+    if isinstance(args[1], (list, tuple)) and not isinstance(args[1], torch.Size) and \
+            any(isinstance(i, torch.Tensor) or i is None for i in args[1]):  # aten.index
+        dims = [d for d, i in enumerate(args[1]) if i is not None]
+    else:
+        dims = [args[1] if len(args) > 1 and isinstance(args[1], int) else 0]
+        if len(args) > 2 and isinstance(args[2], int) and largs is not None and args[0].dim() and False:
+            dims = [args[2]]
+    if louts and louts[0].shape == x.shape and all(torch.equal(louts[0], largs[0]) for _ in [0]):
+        return
+    for d in dims:
+        if _varying(tr, x, d):
+            tr.atoms.block(largs[0])
+            tr.notes.append(f"{tr.where()}: slicing a channel dim at fixed positions; those channels are kept")
+            return
+
+
+def _check_roll(tr, args, largs, louts):
+    x = args[0]
+    dims = args[2] if len(args) > 2 else []
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims or any(_varying(tr, x, d) for d in dims):
+        tr.atoms.block(largs[0]) if tr.get(x) is not None and (not dims or True) else None
+
+
+def _blocks(a, b):
+    """Reshape factorisation: [(in_dims, out_dims)] whose sizes multiply to the same number."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        ins, outs, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                ins.append(i); pa *= a[i]; i += 1
+            elif j < len(b):
+                outs.append(j); pb *= b[j]; j += 1
+            else:
+                break
+        out.append((ins, outs))
+    return out
+
+
+def _check_view(tr, args, largs, louts):
+    """A channel dim split into several dims ([E] -> [heads, head_dim], [C] -> [groups, C/groups]): after
+    pruning, the code re-splits the smaller dim, so removals must be whole slices along one of those dims.
+    Decided once all unions are known (see groups.py)."""
+    x, lab = args[0], louts[0]
+    if tr.get(x) is None or lab.dim() == 0:
+        return
+    for ins, outs in _blocks(list(x.shape), list(lab.shape)):
+        if len(ins) == 1 and len(outs) >= 2 and _varying(tr, x, ins[0]):
+            varying = [d for d in outs if lab.size(d) > 1 and not bool((lab == lab.narrow(d, 0, 1)).all())]
+            if len(varying) >= 2:
+                tr.constraints.append((lab.clone(), outs))
+
+
+_CHECKS = {aten.split: _check_split, aten.split_with_sizes: _check_split, aten.unsafe_split: _check_split,
+           aten.unsafe_split_with_sizes: _check_split, aten.split_copy: _check_split,
+           aten.split_with_sizes_copy: _check_split, aten.tensor_split: _check_split,
+           aten.slice: _check_slice, aten.select: _check_slice, aten.narrow: _check_slice,
+           aten.index: _check_slice, aten.slice_copy: _check_slice, aten.select_copy: _check_slice,
+           aten.roll: _check_roll, aten.view: _check_view, aten._unsafe_view: _check_view,
+           aten.reshape: _check_view, aten.view_copy: _check_view, aten._reshape_alias: _check_view}
+
+
+# ---------------------------------------------------------------- reductions
+def _dims(d, nd):
+    if d is None or (isinstance(d, (list, tuple)) and len(d) == 0):
+        return list(range(nd))
+    if isinstance(d, int):
+        return [d % nd]
+    return [x % nd for x in d]
+
+
+_RED = {  # op -> (position of dim arg, position of keepdim arg or None, keeps shape)
+    aten.sum: (1, 2, False), aten.mean: (1, 2, False), aten.amax: (1, 2, False), aten.amin: (1, 2, False),
+    aten.max: (1, 2, False), aten.min: (1, 2, False), aten.prod: (1, 2, False), aten.any: (1, 2, False),
+    aten.all: (1, 2, False), aten.argmax: (1, 2, False), aten.argmin: (1, 2, False), aten.logsumexp: (1, 2, False),
+    aten.var: (1, None, False), aten.std: (1, None, False), aten.var_mean: (1, None, False),
+    aten.std_mean: (1, None, False), aten.linalg_vector_norm: (2, 3, False), aten.norm: (2, 3, False),
+    aten.nansum: (1, 2, False), aten.count_nonzero: (1, None, False),
+    aten._softmax: (1, None, True), aten._log_softmax: (1, None, True), aten.softmax: (1, None, True),
+    aten.log_softmax: (1, None, True), aten.cumsum: (1, None, True), aten.cumprod: (1, None, True),
+    aten.sort: (1, None, True), aten.topk: (2, None, True), aten.argsort: (1, None, True),
+    aten._safe_softmax: (1, None, True), aten.special_logsumexp: (1, 2, False),
+}
+
+
+@rule(*_RED)
+def reduction(tr, func, args, kwargs, out):
+    x = args[0]
+    lab = _pad(tr.get(x), x.dim())
+    dpos, kpos, keeps = _RED[func.overloadpacket]
+    names = [a.name for a in func._schema.arguments]
+    dim = args[dpos] if len(args) > dpos else kwargs.get("dim", None)
+    if "dim" not in names:
+        dim = None
+    keepdim = bool(args[kpos]) if kpos is not None and len(args) > kpos else bool(kwargs.get("keepdim", False))
+    dims = _dims(dim, x.dim()) if x.dim() else []
+    red = tr.atoms.collapse(lab, dims)
+    for t in _outs(out):
+        if t.dim() == x.dim():
+            tr.set(t, red.expand(*[1 if red.size(d) == 1 else t.size(d) for d in range(t.dim())])
+                   if not keeps else red)
+        else:
+            r = red
+            for d in sorted(dims, reverse=True):
+                r = r.squeeze(d) if r.dim() > t.dim() else r
+            tr.set(t, r if r.dim() == t.dim() else None)
+
+
+# ---------------------------------------------------------------- per-channel spatial ops
+_SPATIAL = {
+    aten.max_pool2d_with_indices: 2, aten.max_pool3d_with_indices: 3, aten.avg_pool2d: 2, aten.avg_pool3d: 3,
+    aten.avg_pool1d: 1, aten.max_pool1d: 1, aten.max_pool2d: 2, aten._adaptive_avg_pool2d: 2,
+    aten.adaptive_avg_pool2d: 2, aten._adaptive_avg_pool3d: 3, aten.adaptive_max_pool2d: 2,
+    aten.adaptive_avg_pool1d: 1, aten.adaptive_max_pool1d: 1,
+    aten.upsample_nearest2d: 2, aten.upsample_bilinear2d: 2, aten.upsample_bicubic2d: 2,
+    aten._upsample_bilinear2d_aa: 2, aten._upsample_nearest_exact2d: 2, aten.upsample_nearest1d: 1,
+    aten.upsample_linear1d: 1, aten.upsample_nearest3d: 3, aten.upsample_trilinear3d: 3,
+    aten._upsample_nearest_exact1d: 1, aten._upsample_bicubic2d_aa: 2, aten.max_pool3d: 3,
+}
+
+
+@rule(*_SPATIAL)
+def spatial(tr, func, args, kwargs, out):
+    x = args[0]
+    k = _SPATIAL[func.overloadpacket]
+    lab = tr.atoms.collapse(_pad(tr.get(x), x.dim()), range(x.dim() - k, x.dim()))
+    for t in _outs(out):
+        tr.set(t, lab if t.dim() == x.dim() else None)
+
+
+# ---------------------------------------------------------------- matmul
+def _matmul(tr, a, c):
+    """a [..., n, k] @ c [..., k, m] -> label of [..., n, m]."""
+    nd = max(a.dim(), c.dim())
+    la = _pad(tr.get(a), a.dim())
+    lc = _pad(tr.get(c), c.dim())
+    if a.dim() == 1 or c.dim() == 1:
+        raise tr.error("matmul with a 1-d channel-carrying operand is not supported", a)
+    ka = a.dim() - 1
+    kc = c.dim() - 2
+
+    def others_vary(lab, kdim):
+        return any(lab.size(d) > 1 for d in range(lab.dim()) if d != kdim)
+
+    va = la is not None and la.size(ka) > 1
+    vc = lc is not None and lc.size(kc) > 1
+    if va and vc and not others_vary(la, ka) and not others_vary(lc, kc):
+        tr.atoms.union(la.reshape(-1), lc.reshape(-1))  # contracted pair: removing k from both drops a term
+        la = lc = None
+    else:
+        if va:
+            la = tr.atoms.collapse(la, [ka])
+        if vc:
+            lc = tr.atoms.collapse(lc, [kc])
+    shape = None
+    res = None
+    if la is not None:
+        res = _pad(la, nd)  # [..., n, 1]
+    if lc is not None:
+        lcc = _pad(lc, nd)  # [..., 1, m]
+        if res is None:
+            res = lcc
+        else:
+            tr.atoms.union(res, lcc)
+            x, y = torch.broadcast_tensors(res, lcc)
+            res = torch.where(x >= 0, x, y)
+    del shape
+    return res
+
+
+@rule(aten.mm, aten.bmm)
+def mm(tr, func, args, kwargs, out):
+    tr.set(out, _matmul(tr, args[0], args[1]))
+
+
+@rule(aten.addmm, aten.baddbmm)
+def addmm(tr, func, args, kwargs, out):
+    res = _matmul(tr, args[1], args[2])
+    bias = tr.get(args[0])
+    if bias is None and args[0].numel() > 1 and res is not None:
+        b = args[0]
+        csh = (1,) * (out.dim() - b.dim()) + tuple(b.shape)
+        dims = [d for d in range(out.dim()) if csh[d] > 1 and res.size(d) > 1]
+        res = tr.atoms.collapse(res, dims)
+    elif bias is not None:
+        bias = _pad(bias, out.dim())
+        if res is None:
+            res = bias
+        else:
+            tr.atoms.union(res, bias)
+            x, y = torch.broadcast_tensors(res, bias)
+            res = torch.where(x >= 0, x, y)
+    tr.set(out, res)
+
+
+# ---------------------------------------------------------------- attention
+@rule(aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+      aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+      aten.scaled_dot_product_attention, aten._scaled_dot_product_fused_attention_overrideable)
+def sdpa(tr, func, args, kwargs, out):
+    """Whole heads: q, k, v of one head (and of one key/value group under GQA) go together."""
+    q, k, v = args[:3]
+    mask = kwargs.get("attn_mask")
+    if mask is None and len(args) > 3 and isinstance(args[3], torch.Tensor):
+        mask = args[3]
+    if mask is not None and tr.get(mask) is not None:
+        raise tr.error("attention mask carries channels", mask)
+    heads = []
+    for t in (q, k, v):
+        lab = _pad(tr.get(t), t.dim())
+        if lab is None:
+            heads.append(None)
+            continue
+        lab = tr.atoms.collapse(lab, [t.dim() - 2, t.dim() - 1])
+        if lab.size(-3) > 1 and lab.size(-3) != q.size(-3):  # GQA: one kv head serves H/Hkv query heads
+            lab = lab.repeat_interleave(q.size(-3) // lab.size(-3), dim=-3)
+        heads.append(lab)
+    res = None
+    for lab in heads:
+        if lab is None:
+            continue
+        if res is None:
+            res = lab
+        else:
+            tr.atoms.union(res, lab)
+            x, y = torch.broadcast_tensors(res, lab)
+            res = torch.where(x >= 0, x, y)
+    for t in _outs(out):
+        if t.dim() == q.dim():
+            tr.set(t, res)
+        elif t.dim() == q.dim() - 1 and res is not None:
+            tr.set(t, res[..., 0])
+        else:
+            tr.set(t, None)
+
+
+# ---------------------------------------------------------------- normalisation at op level (module subclasses)
+@rule(aten.native_batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
+      aten._native_batch_norm_legit_functional, aten.batch_norm, aten.instance_norm)
+def batch_norm(tr, func, args, kwargs, out):
+    x = args[0]
+    lab = _pad(tr.get(x), x.dim())
+    if lab is not None:
+        lab = tr.atoms.collapse(lab, [0, *range(2, x.dim())])
+    chan = None if lab is None else lab.reshape(-1)
+    for p in list(args[1:5]):
+        if isinstance(p, torch.Tensor) and p.dim() == 1 and p.numel() == x.size(1):
+            pl = tr.get(p)
+            if pl is None:
+                pl = tr.param_label(p, buffers=True)
+            if pl is None:  # an unsliceable per-channel constant
+                if chan is not None:
+                    chan = tr.atoms.collapse(chan, [0])
+                continue
+            if chan is None:
+                chan = pl.reshape(-1)
+            else:
+                tr.atoms.union(chan, pl.reshape(-1))
+    if chan is None:
+        return
+    for i, t in enumerate(_outs(out)):
+        if t.dim() == x.dim():
+            shape = [1] * x.dim()
+            shape[1] = -1
+            tr.set(t, chan.expand(x.size(1)).reshape(shape) if chan.numel() == 1 else chan.reshape(shape))
+        elif t.dim() == 1 and t.numel() == x.size(1):
+            tr.set(t, chan.expand(x.size(1)).clone())
+        else:
+            tr.set(t, None)
+
+
+@rule(aten.native_layer_norm, aten.layer_norm, aten.native_group_norm, aten.group_norm, aten.rms_norm,
+      aten._fused_rms_norm)
+def norm_over_channels(tr, func, args, kwargs, out):
+    """Normalising over the channel dim: removing a channel changes every output, unlike zeroing its consumer
+    weights, so these channels are never pruned (the plan says so)."""
+    for t in [*_tensors(args)]:
+        tr.atoms.block(tr.get(t))
+        if id(t) in tr.owner:
+            tr.atoms.block(tr.param_label(t))
+    tr.notes.append(f"{tr.where()}: {func.overloadpacket._qualified_op_name} normalises over channels; "
+                    "its channels are kept")
+    for t in _outs(out):
+        tr.set(t, None)
+
+
+# ---------------------------------------------------------------- convolution / embedding reached at op level
+@rule(aten.convolution, aten._convolution, aten.conv2d, aten.conv1d, aten.conv3d, aten.mkldnn_convolution,
+      aten.convolution_overrideable, aten.embedding, aten._embedding_bag, aten.embedding_bag)
+def opaque_weighted(tr, func, args, kwargs, out):
+    """A weighted op outside a known module (custom forward): its channels are kept (all-or-nothing)."""
+    for t in _tensors(args):
+        tr.atoms.block(tr.get(t))
+    for t in _outs(out):
+        tr.set(t, None)

@@ -1,0 +1,148 @@
+"""Group importance: one score per channel of a group, from the slices the channel owns in every member.
+
+Scores are computed per member (the tensor slice along the member's dim, gathered to channels), reduced across
+members (``reduce``: mean, sum, max) and optionally normalised within the group (``normalize``: None, "sum",
+"max", "mean", "standardize"). A callable ``importance(group, model) -> tensor[group.size]`` is also accepted."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+from secateur.graph.groups import Group, Member
+
+IMPORTANCES: dict[str, Callable] = {}
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
+def importance(name: str):
+    def deco(fn):
+        IMPORTANCES[name] = fn
+        return fn
+    return deco
+
+
+def _rows(model: nn.Module, m: Member, grad: bool = False) -> torch.Tensor:
+    """The member's slices as rows [len(index), -1] (float32, on the tensor's device)."""
+    t = m.tensor(model)
+    if grad:
+        if t.grad is None:
+            raise fail("Taylor importance needs gradients: run a backward pass first", where=m.qualname,
+                       shape=t.shape, hint="call loss.backward() on a batch before pruning")
+        t = t.grad
+    t = t.detach()
+    idx = m.index.to(t.device)
+    return t.index_select(m.dim, idx).movedim(m.dim, 0).reshape(idx.numel(), -1).float()
+
+
+def _per_channel(m: Member, row_scores: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=torch.float32, device=row_scores.device)
+    return out.index_add_(0, m.channel.to(row_scores.device), row_scores)
+
+
+def _weighted(group: Group) -> list[Member]:
+    return [m for m in group.members if m.kind in ("out", "in")]
+
+
+def _magnitude(p: float):
+    def score(group: Group, model: nn.Module) -> list[torch.Tensor]:
+        return [_per_channel(m, _rows(model, m).abs().pow(p).sum(1), group.size) for m in _weighted(group)]
+    return score
+
+
+importance("l1")(_magnitude(1.0))
+importance("l2")(_magnitude(2.0))
+
+
+@importance("taylor")
+def taylor(group: Group, model: nn.Module) -> list[torch.Tensor]:
+    """First-order Taylor: |sum w * dL/dw| over each channel's slices (gradients provided by the caller)."""
+    return [_per_channel(m, (_rows(model, m) * _rows(model, m, grad=True)).sum(1), group.size).abs()
+            for m in _weighted(group)]
+
+
+@importance("bn_scale")
+def bn_scale(group: Group, model: nn.Module) -> list[torch.Tensor]:
+    """Network slimming: |gamma| of the group's BatchNorm/GroupNorm weights (no norm layer: nothing to say)."""
+    out = []
+    for m in group.members:
+        mod = model.get_submodule(m.module)
+        if m.kind == "param" and m.name == "weight" and isinstance(mod, _NORM_LAYERS):
+            out.append(_per_channel(m, _rows(model, m).abs().sum(1), group.size))
+    return out
+
+
+@importance("random")
+def random(group: Group, model: nn.Module) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(hash(group.name) % (2 ** 31))
+    return [torch.rand(group.size, generator=g)]
+
+
+@importance("fpgm")
+def fpgm(group: Group, model: nn.Module) -> list[torch.Tensor]:
+    """Filter pruning via geometric median: a filter close to all others is redundant (low score)."""
+    out = []
+    for m in group.members:
+        if m.kind != "out" or m.dim != 0 or m.name != "weight":
+            continue
+        rows = _rows(model, m)
+        per = torch.zeros(group.size, rows.size(1), device=rows.device).index_add_(0, m.channel.to(rows.device),
+                                                                                   rows)
+        out.append(torch.cdist(per, per).sum(1))
+    return out or _magnitude(2.0)(group, model)
+
+
+def _lamp(scores: torch.Tensor) -> torch.Tensor:
+    """LAMP: s^2 / sum of s^2 over channels at least as important (scale-free across layers)."""
+    sq = scores.pow(2)
+    order = torch.argsort(sq)
+    suffix = torch.flip(torch.cumsum(torch.flip(sq[order], [0]), 0), [0])
+    out = torch.empty_like(sq)
+    out[order] = sq[order] / suffix.clamp_min(1e-30)
+    return out
+
+
+@importance("lamp")
+def lamp(group: Group, model: nn.Module) -> list[torch.Tensor]:
+    return [_lamp(s) for s in _magnitude(2.0)(group, model)]
+
+
+_REDUCE = {"mean": lambda s: s.mean(0), "sum": lambda s: s.sum(0), "max": lambda s: s.max(0).values,
+           "prod": lambda s: s.prod(0), "first": lambda s: s[0]}
+_NORMALIZE = {None: lambda s: s, "sum": lambda s: s / s.sum().clamp_min(1e-30),
+              "max": lambda s: s / s.max().clamp_min(1e-30), "mean": lambda s: s / s.mean().clamp_min(1e-30),
+              "standardize": lambda s: (s - s.min()) / (s.max() - s.min()).clamp_min(1e-30)}
+
+
+def group_scores(group: Group, model: nn.Module, how="l1", *, reduce: str = "mean",
+                 normalize: str | None = None) -> torch.Tensor | None:
+    """One float score per channel of ``group`` (None when the criterion has nothing to say, e.g. bn_scale on a
+    group without a norm layer: such groups are left alone)."""
+    if reduce not in _REDUCE:
+        raise fail("unknown reduce", where="importance", value=reduce, hint=f"use one of {sorted(_REDUCE)}")
+    if normalize not in _NORMALIZE:
+        raise fail("unknown normalize", where="importance", value=normalize,
+                   hint=f"use one of {list(_NORMALIZE)}")
+    if callable(how):
+        s = torch.as_tensor(how(group, model) if _takes_two(how) else how(group)).float().flatten()
+        if s.numel() != group.size:
+            raise fail("importance callable returned the wrong number of scores", where=group.name,
+                       shape=s.shape, value=group.size)
+        return _NORMALIZE[normalize](s.cpu())
+    if how not in IMPORTANCES:
+        raise fail("unknown importance", where="importance", value=how, hint=f"use one of {sorted(IMPORTANCES)}")
+    parts = IMPORTANCES[how](group, model)
+    if not parts:
+        return None
+    s = _REDUCE[reduce](torch.stack([p.cpu() for p in parts]))
+    return _NORMALIZE[normalize](s)
+
+
+def _takes_two(fn) -> bool:
+    import inspect
+    try:
+        return len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,40 @@
+"""Model size metrics: parameters and multiply-accumulates.
+
+MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (ATen-level, like fvcore: convolutions, matmuls,
+attention; element-wise ops, norms and pooling count 0), halved (one MAC = two FLOPs). It runs on meta tensors,
+so counting a large model allocates nothing."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct parameter elements (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _run(model: nn.Module, example_inputs: Any) -> FlopCounterMode:
+    from secateur.graph.capture import call
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        call(model, example_inputs)
+    return counter
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs``."""
+    return _run(model, example_inputs).get_total_flops() // 2
+
+
+def macs_by_layer(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """MACs per module (qualified name, "" for the whole model; parents include their children)."""
+    counts = _run(model, example_inputs).get_flop_counts()
+    out = {}
+    for name, ops in counts.items():
+        key = "" if name == "Global" else name.split(".", 1)[1] if "." in name else ""
+        out[key] = sum(ops.values()) // 2
+    return out

@@ -1,0 +1,369 @@
+"""Structural pruning: physically remove channels, filters, neurons and attention heads.
+
+``prune_channels(model, example_inputs, ratio=0.5)`` captures the model's dependency groups (secateur.graph),
+scores every group's channels (secateur.importance), chooses what to remove, then slices parameters, buffers and
+size attributes in place. The result is an ordinary, smaller ``nn.Module``: no masks, no hooks. Everything is
+computed and checked first; a PruningError leaves the model untouched."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+from secateur.graph.groups import Graph, Group, build_graph
+from secateur.graph.modules import snapshot, update_attrs
+from secateur.importance import group_scores
+from secateur.metrics import count_macs, count_params
+
+STRUCTURE_ATTR = "_secateur_structure"
+
+
+@dataclass
+class Plan:
+    """What will be removed: ``removed[(module, tensor)][dim] = positions``; ``choices`` pairs each group with the
+    channels (0..size-1) chosen in it. ``notes`` say where removal is not the same as zeroing (kept channels)."""
+    groups: list[Group]
+    choices: list[tuple[Group, torch.Tensor]]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def removed(self) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
+        out: dict[tuple[str, str], dict[int, list[torch.Tensor]]] = {}
+        for g, chans in self.choices:
+            pick = torch.zeros(g.size, dtype=torch.bool)
+            pick[chans] = True
+            for m in g.members:
+                pos = m.index[pick[m.channel]]
+                if pos.numel():
+                    out.setdefault((m.module, m.name), {}).setdefault(m.dim, []).append(pos)
+        return {k: {d: torch.unique(torch.cat(v)) for d, v in dims.items()} for k, dims in out.items()}
+
+    @property
+    def channels(self) -> int:
+        return sum(int(c.numel()) for _, c in self.choices)
+
+    def zero_consumers(self, model: nn.Module) -> None:
+        """The pruning oracle's reference: zero the chosen channels where they enter their consumers."""
+        with torch.no_grad():
+            for g, chans in self.choices:
+                pick = torch.zeros(g.size, dtype=torch.bool)
+                pick[chans] = True
+                for m in g.members:
+                    if m.kind == "in":
+                        t = m.tensor(model)
+                        t.index_fill_(m.dim, m.index[pick[m.channel]].to(t.device), 0)
+
+    def apply(self, model: nn.Module) -> dict[str, Any]:
+        return _apply(model, self)
+
+
+@dataclass
+class StructuredResult:
+    description: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    groups_pruned: int
+    channels_pruned: int
+    plans: list[Plan] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.description
+
+
+# ---------------------------------------------------------------- choosing
+def _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads):
+    if threshold is None and not isinstance(ratio, dict) and not (0.0 <= float(ratio) < 1.0):
+        raise fail("ratio must be in [0, 1)", where="prune_channels", value=ratio)
+    if isinstance(ratio, dict):
+        for k, v in ratio.items():
+            if not 0.0 <= float(v) < 1.0:
+                raise fail("ratio must be in [0, 1)", where=f"prune_channels ratio[{k!r}]", value=v)
+    if scope not in ("local", "global"):
+        raise fail("scope must be 'local' or 'global'", where="prune_channels", value=scope)
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise fail("round_to must be a positive int", where="prune_channels", value=round_to)
+    if not isinstance(steps, int) or steps < 1:
+        raise fail("steps must be a positive int", where="prune_channels", value=steps)
+    for name, t in (("target_macs", target_macs), ("target_params", target_params)):
+        if t is not None and not 0.0 < float(t) <= 1.0:
+            raise fail(f"{name} is a fraction of the current model in (0, 1]", where="prune_channels", value=t)
+    if heads != "heads":
+        raise fail("only whole-head attention pruning is supported", where="prune_channels", value=heads,
+                   hint="use heads='heads' (head_dim pruning would change the attention scale and RoPE)")
+
+
+def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
+    names = {m: n for n, m in model.named_modules()}
+    out = set()
+    for x in ignore:
+        if isinstance(x, nn.Module):
+            if x not in names:
+                raise fail("ignored module is not part of the model", where="prune_channels", value=type(x))
+            out.add(names[x])
+        else:
+            out.add(str(x))
+    return out
+
+
+def _is_ignored(group: Group, ignored: set[str]) -> bool:
+    for m in group.members:
+        for pat in ignored:
+            if m.module == pat or m.module.startswith(pat + ".") or fnmatch.fnmatch(m.module, pat):
+                return True
+    return False
+
+
+def _ratio_for(group: Group, ratio) -> float:
+    if not isinstance(ratio, dict):
+        return float(ratio)
+    for pat, r in ratio.items():
+        if any(fnmatch.fnmatch(m.module, pat) for m in group.members if m.kind == "out"):
+            return float(r)
+    return 0.0
+
+
+def _round(size: int, n: int, round_to: int | None) -> int:
+    """Never prune a group to zero; keep a multiple of round_to channels."""
+    n = max(0, min(n, size - 1))
+    if round_to:
+        keep = min(size, math.ceil((size - n) / round_to) * round_to)
+        n = size - keep
+    return n
+
+
+def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
+                  importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
+                  ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
+                  reduce: str = "mean", normalize: str | None = None, graph: Graph | None = None) -> Plan:
+    """Choose the channels ``prune_channels`` would remove; nothing is changed (``plan.apply(model)`` does it)."""
+    _validate(ratio, threshold, scope, round_to, 1, None, None, heads)
+    graph = graph or build_graph(model, example_inputs)
+    ignored = _ignored(model, ignore)
+    cands: list[tuple[Group, torch.Tensor, float]] = []
+    for g in graph.groups:
+        if _is_ignored(g, ignored):
+            continue
+        r = _ratio_for(g, ratio)
+        if r <= 0 and threshold is None:
+            continue
+        s = group_scores(g, model, importance, reduce=reduce, normalize=normalize)
+        if s is not None:
+            cands.append((g, s, r))
+    choices = []
+    if threshold is not None:
+        for g, s, _ in cands:
+            order = torch.argsort(s)
+            n = _round(g.size, int((s < threshold).sum()), round_to)
+            if n:
+                choices.append((g, order[:n]))
+    elif scope == "local":
+        for g, s, r in cands:
+            n = _round(g.size, int(g.size * r), round_to)
+            if n:
+                choices.append((g, torch.argsort(s, stable=True)[:n]))
+    else:
+        choices = _global(cands, round_to)
+    return Plan(graph.groups, choices, list(graph.notes))
+
+
+def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
+    """One ranking across groups; each group keeps at least one channel (or a round_to multiple)."""
+    if not cands:
+        return []
+    total = sum(g.size for g, _, _ in cands)
+    k = int(sum(g.size * r for g, _, r in cands))
+    scores, owner, rank = [], [], []
+    for i, (g, s, _) in enumerate(cands):
+        order = torch.argsort(s, stable=True)
+        rk = torch.empty_like(order)
+        rk[order] = torch.arange(g.size)
+        scores.append(s)
+        owner.append(torch.full((g.size,), i))
+        rank.append(rk)
+    scores, owner, rank = torch.cat(scores), torch.cat(owner), torch.cat(rank)
+    caps = torch.tensor([g.size - 1 for g, _, _ in cands])
+    eligible = rank < caps[owner]
+    k = min(k, int(eligible.sum()))
+    del total
+    sel = torch.argsort(torch.where(eligible, scores, torch.inf), stable=True)[:k]
+    counts = torch.bincount(owner[sel], minlength=len(cands))
+    out = []
+    for i, (g, s, _) in enumerate(cands):
+        n = _round(g.size, int(counts[i]), round_to)
+        if n:
+            out.append((g, torch.argsort(s, stable=True)[:n]))
+    return out
+
+
+# ---------------------------------------------------------------- applying
+def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
+    t = getattr(mod, name)
+    if not isinstance(t, torch.Tensor):
+        raise fail("not a tensor", where=name, value=type(t))
+    return t
+
+
+def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
+    removed = plan.removed
+    # compute everything first: a PruningError must leave the model as it was
+    new_tensors = []
+    for (mname, tname), dims in removed.items():
+        mod = model.get_submodule(mname)
+        t = _tensor(mod, tname)
+        keep = []
+        for d, pos in dims.items():
+            mask = torch.ones(t.size(d), dtype=torch.bool)
+            mask[pos] = False
+            if not mask.any():
+                raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape, value=d)
+            keep.append((d, mask.nonzero().flatten()))
+        new = t.detach()
+        for d, idx in keep:
+            new = new.index_select(d, idx.to(new.device))
+        new_tensors.append((mod, mname, tname, t, new.contiguous()))
+    touched = {m for m, *_ in new_tensors}
+    names = {m: n for n, m in model.named_modules()}
+    parents = {}
+    for mod in list(touched):
+        n = names[mod]
+        while n:
+            n = n.rpartition(".")[0]
+            parents[n] = model.get_submodule(n)
+    snaps = {m: snapshot(m) for m in [*touched, *parents.values()]}
+    done = set()
+    with torch.no_grad():
+        for mod, mname, tname, t, new in new_tensors:
+            if id(t) in done:
+                continue
+            done.add(id(t))
+            if isinstance(t, nn.Parameter):
+                t.data = new
+                t.grad = None
+            else:
+                mod._buffers[tname] = new
+    structure = getattr(model, STRUCTURE_ATTR, None) or {}
+    for mod, snap in snaps.items():
+        attrs = update_attrs(mod, snap)
+        name = names[mod]
+        entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
+        entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()})
+        for pn, p in mod.named_parameters(recurse=False):
+            entry["params"][pn] = list(p.shape)
+        for bn, b in mod.named_buffers(recurse=False):
+            if b is not None:
+                entry["buffers"][bn] = list(b.shape)
+        if not attrs and not entry["params"] and not entry["buffers"]:
+            structure.pop(name)
+    _update_hf_config(model, structure)
+    setattr(model, STRUCTURE_ATTR, structure)
+    return structure
+
+
+def _update_hf_config(model: nn.Module, structure: dict) -> None:
+    """Hugging Face: keep ``config`` in step where every layer has the same new size (else leave it, noted)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    fields = {"intermediate_size": ("out_features", ("mlp.up_proj", "mlp.gate_proj", "intermediate.dense")),
+              "n_inner": ("nx", ())}
+    changed = {}
+    for key, (attr, suffixes) in fields.items():
+        vals = {v["attrs"].get(attr) for n, v in structure.items() if n.endswith(suffixes) and suffixes}
+        vals.discard(None)
+        if len(vals) == 1 and hasattr(config, key):
+            setattr(config, key, vals.pop())
+            changed[key] = getattr(config, key)
+    heads = {}
+    for n, v in structure.items():
+        for k in ("num_heads", "num_attention_heads", "n_head", "num_key_value_heads"):
+            if k in v["attrs"]:
+                heads.setdefault(k, set()).add(v["attrs"][k])
+    for k, vals in heads.items():
+        ck = {"num_heads": "num_attention_heads", "n_head": "n_head"}.get(k, k)
+        if len(vals) == 1 and hasattr(config, ck):
+            setattr(config, ck, vals.pop())
+            changed[ck] = getattr(config, ck)
+    if changed:
+        structure.setdefault("", {"params": {}, "buffers": {}, "attrs": {}}).setdefault("config", {}).update(changed)
+
+
+def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
+    """Resize a freshly built, unpruned ``model`` to a recorded structure (values are truncated: load the pruned
+    state_dict afterwards). Returns the model."""
+    with torch.no_grad():
+        for name, entry in structure.items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError as e:
+                raise fail("module of the structure not found in the model", where=name) from e
+            for pn, shape in entry.get("params", {}).items():
+                p = getattr(mod, pn)
+                p.data = p.data[tuple(slice(0, s) for s in shape)].contiguous()
+            for bn, shape in entry.get("buffers", {}).items():
+                b = mod._buffers[bn]
+                mod._buffers[bn] = b[tuple(slice(0, s) for s in shape)].contiguous()
+            for k, v in entry.get("attrs", {}).items():
+                old = getattr(mod, k, None)
+                setattr(mod, k, tuple(v) if isinstance(old, tuple) else v)
+            for k, v in entry.get("config", {}).items():
+                setattr(model.config, k, v)
+    setattr(model, STRUCTURE_ATTR, {k: v for k, v in structure.items()})
+    return model
+
+
+# ---------------------------------------------------------------- the verb
+def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
+                   importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
+                   ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
+                   target_macs: float | None = None, target_params: float | None = None, steps: int = 1,
+                   reduce: str = "mean", normalize: str | None = None) -> StructuredResult:
+    """Physically remove channels from ``model`` in place (see module docstring). ``target_macs`` /
+    ``target_params`` (fractions of the current model) prune iteratively until reached; ``steps`` splits
+    ``ratio`` into that many capture-score-prune rounds."""
+    _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads)
+    macs0, params0 = count_macs(model, example_inputs), count_params(model)
+    opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
+                reduce=reduce, normalize=normalize)
+    plans = []
+    if target_macs is not None or target_params is not None:
+        measure = (lambda: count_macs(model, example_inputs)) if target_macs is not None else \
+            (lambda: count_params(model))
+        goal = (target_macs if target_macs is not None else target_params) * (macs0 if target_macs is not None
+                                                                               else params0)
+        current = macs0 if target_macs is not None else params0
+        for _ in range(50):
+            if current <= goal:
+                break
+            r = min(0.5, max(0.02, 1 - math.sqrt(goal / current)))
+            plan = plan_channels(model, example_inputs, ratio=r, threshold=None, **opts)
+            if not plan.choices:
+                break
+            plan.apply(model)
+            plans.append(plan)
+            current = measure()
+    else:
+        for i in range(steps):
+            if isinstance(ratio, dict):
+                r = {k: 1 - (1 - v) ** (1 / steps) for k, v in ratio.items()}
+            else:
+                r = 1 - (1 - float(ratio)) ** (1 / steps)
+            plan = plan_channels(model, example_inputs, ratio=r, threshold=threshold, **opts)
+            if not plan.choices:
+                break
+            plan.apply(model)
+            plans.append(plan)
+    macs1, params1 = count_macs(model, example_inputs), count_params(model)
+    groups = sum(len(p.choices) for p in plans)
+    chans = sum(p.channels for p in plans)
+    notes = sorted({n for p in plans for n in p.notes})
+    desc = (f"pruned {chans} channels in {groups} groups: params {params0:,} -> {params1:,} "
+            f"({params1 / max(params0, 1):.1%}), MACs {macs0:,} -> {macs1:,} ({macs1 / max(macs0, 1):.1%})")
+    return StructuredResult(desc, macs0, macs1, params0, params1, groups, chans, plans, notes)
