@@ -16,8 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from secateur.errors import fail
-from secateur.masks import finalize, get_mask, iter_masks
+from secateur.errors import PruningError, fail
 from secateur.prune import prune
 
 
@@ -87,10 +86,6 @@ def _table(rows: list[Row]) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"fc{i + 1}": m.weight.detach().clone() for i, m in enumerate(x for x in model if isinstance(x, nn.Linear))}
-
-
 def run_demo(*, epochs: int = 1, ratio: float = 0.6, global_ratio: float = 0.9, data: str = "mnist",
              out_dir: str | Path = "secateur-out", seed: int = 0, hidden: int = 200) -> list[Row]:
     """Run the experiment, print the table, write ``demo.json`` and ``histograms.png`` (if matplotlib)."""
@@ -110,7 +105,8 @@ def run_demo(*, epochs: int = 1, ratio: float = 0.6, global_ratio: float = 0.9, 
     model = seed_mlp(ds.x_train.shape[1], hidden, ds.num_classes)
     train(model, ds.x_train, ds.y_train, epochs=epochs, seed=seed, label="train")
     rows = [_row("dense", model, ds.x_test, ds.y_test)]
-    before = _weights(model)
+    from secateur.report import report
+    before = report(model, ds.x_test[:1])
 
     prune(model, ratio, criterion="l1")  # local: ratio of each layer
     rows.append(_row(f"prune {ratio:.0%} per layer", model, ds.x_test, ds.y_test))
@@ -127,17 +123,18 @@ def run_demo(*, epochs: int = 1, ratio: float = 0.6, global_ratio: float = 0.9, 
     rows.append(_row(f"prune {global_ratio:.0%} global", glob, ds.x_test, ds.y_test))
     train(glob, ds.x_train, ds.y_train, epochs=epochs, seed=seed + 2, label="fine-tune (global)")
     rows.append(_row(f"  + fine-tune", glob, ds.x_test, ds.y_test))
-    finalize(glob)
-    after = _weights(glob)
+    after = report(glob, ds.x_test[:1])
 
     print(_table(rows))
+    print(after.table())
     (out / "demo.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    written = [out / "demo.json"]
+    after.to_json(out / "report.json")
+    written = [out / "demo.json", out / "report.json"]
     try:
-        from secateur.report import weight_histograms
-        weight_histograms(before, after, out / "histograms.png", title="seed MLP weights: dense vs pruned")
-        written.append(out / "histograms.png")
-    except ImportError:
-        print("(histograms skipped: install matplotlib, pip install 'secateur[plot]')")
+        after.histograms(out / "histograms.png", before=before)
+        after.to_html(out / "report.html", before=before)
+        written += [out / "histograms.png", out / "report.html"]
+    except PruningError as e:  # matplotlib is an optional extra
+        print(f"(pictures skipped: {e})")
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - t0:.1f} s")
     return rows
