@@ -199,3 +199,10 @@ def test_deepcopy_and_bf16():
     assert torch.equal(S.get_mask(c), S.get_mask(m))
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     assert torch.equal(c(x), m(x))
+
+
+def test_nm_runs_along_the_input_dim_of_conv_transpose():
+    m = nn.ConvTranspose2d(8, 3, 2)  # weight (in=8, out=3, 2, 2)
+    S.prune(m, pattern="2:4", targets=lambda n, mod: True)
+    mask = S.get_mask(m)
+    assert torch.all(mask.movedim(0, -1).reshape(-1, 4).sum(-1) == 2)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
+from torch import nn
 
 from secateur.errors import fail
 
@@ -27,6 +28,9 @@ class Element:
     """Unstructured: every weight on its own."""
 
     is_elementwise = True
+
+    def for_module(self, module):
+        return self
 
     def check(self, shape, where):
         pass
@@ -58,6 +62,9 @@ class Block:
         c = math.prod(shape[1:]) if len(shape) > 1 else 1
         return r, c
 
+    def for_module(self, module):
+        return self
+
     def check(self, shape, where):
         r, c = self._2d(shape)
         if r % self.rows or c % self.cols:
@@ -84,6 +91,9 @@ class Slices:
     dim: int = 0
     is_elementwise = False
 
+    def for_module(self, module):
+        return self
+
     def check(self, shape, where):
         if not -len(shape) <= self.dim < len(shape):
             raise fail(f"dim {self.dim} out of range", where=where, shape=shape)
@@ -104,22 +114,30 @@ class Slices:
 
 @dataclass(frozen=True)
 class NM:
-    """Keep the ``n`` highest-scoring of every ``m`` consecutive weights along ``dim`` (the input
-    dimension: 1 for Linear ``(out, in)`` and Conv ``(out, in, *k)``). 2:4 is the GPU sparse format."""
+    """Keep the ``n`` highest-scoring of every ``m`` consecutive weights along ``dim``; ``None`` means the
+    input dimension (1 for Linear ``(out, in)`` and Conv ``(out, in, *k)``, 0 for ConvTranspose
+    ``(in, out, *k)``). 2:4 is the GPU sparse format."""
 
     n: int = 2
     m: int = 4
-    dim: int = 1
+    dim: int | None = None
     is_elementwise = True
 
     def __post_init__(self):
         if not (0 < self.n < self.m):
             raise fail("N:M needs 0 < N < M", value=f"{self.n}:{self.m}")
 
+    def for_module(self, module):
+        """Resolve ``dim=None`` to the module's input dimension (0 for ConvTranspose weights)."""
+        if self.dim is not None:
+            return self
+        transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+        return NM(self.n, self.m, 0 if transposed else 1)
+
     def check(self, shape, where):
         if len(shape) < 2:
             raise fail("N:M needs a tensor with an input dimension", where=where, shape=shape)
-        size = shape[self.dim]
+        size = shape[1 if self.dim is None else self.dim]
         if size % self.m:
             raise fail(f"input dimension {size} is not divisible by M={self.m}", where=where, shape=shape,
                        value=f"{self.n}:{self.m}")
@@ -135,11 +153,12 @@ class NM:
 
     def keep(self, scores: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask with exactly n per group; ties go to the lower index (stable sort)."""
-        moved = scores.movedim(self.dim, -1)
+        dim = 1 if self.dim is None else self.dim
+        moved = scores.movedim(dim, -1)
         g = moved.reshape(*moved.shape[:-1], moved.shape[-1] // self.m, self.m)
         order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., : self.n]
         keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True)
-        return keep.reshape(moved.shape).movedim(-1, self.dim)
+        return keep.reshape(moved.shape).movedim(-1, dim)
 
 
 PatternSpec = Union[str, Element, Block, Slices, NM]

@@ -110,17 +110,18 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
     work = []  # (target, lazy group scores, already-pruned groups, ratio)
     for t in chosen:
         w = _validate_tensor(t)
-        pat.check(tuple(w.shape), t.name)
+        tp = pat.for_module(t.module)  # e.g. N:M along dim 0 of a ConvTranspose weight (its input dim)
+        tp.check(tuple(w.shape), t.name)
         ratio = _ratio_for(amount, t, used) if amount is not None else None
         if amount is not None and ratio is None:
             continue
         with torch.no_grad():
-            done = _group_keep_old(get_mask(t.module, t.param), pat, tuple(w.shape))
+            done = _group_keep_old(get_mask(t.module, t.param), tp, tuple(w.shape))
             # validate now (magnitudes of finite weights are finite); recomputed lazily later
-            s = _scores(crit, t, pat, done, check=not isinstance(crit, Magnitude))
+            s = _scores(crit, t, tp, done, check=not isinstance(crit, Magnitude))
             shape = s.shape
             del s
-        work.append((t, Lazy(partial(_scores, crit, t, pat, done), shape, w.device), done, ratio))
+        work.append((t, Lazy(partial(_scores, crit, t, tp, done), shape, w.device), done, ratio, tp))
     if isinstance(amount, Mapping):
         unused = set(amount) - used
         if unused:
@@ -129,12 +130,12 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
 
     with torch.no_grad():
         if isinstance(pat, NM):
-            pruned = [~pat.keep(s()) for _, s, _, _ in work]
+            pruned = [~tp.keep(s()) for _, s, _, _, tp in work]
         elif threshold is not None:
-            pruned = [s() < threshold for _, s, _, _ in work]
+            pruned = [s() < threshold for _, s, _, _, _ in work]
         elif scope == "local":
             pruned = []
-            for _, s, done, ratio in work:
+            for _, s, done, ratio, _ in work:
                 k = count if count is not None else round(ratio * s.numel())
                 k = max(k, int(done.sum()) if done is not None else 0)
                 pruned.append(lowest([s], min(k, s.numel()))[0])
@@ -142,8 +143,8 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
             pruned = _global(work, amount, count, lo, hi)
 
         new_masks = []
-        for (t, s, _, _), p in zip(work, pruned):
-            keep = pat.expand(~p, tuple(t.tensor.shape))
+        for (t, _, _, _, tp), p in zip(work, pruned):
+            keep = tp.expand(~p, tuple(t.tensor.shape))
             old = get_mask(t.module, t.param)
             if old is not None:
                 keep = keep & old
@@ -164,11 +165,11 @@ def _scores(crit, t: Target, pat, done, check: bool = False) -> torch.Tensor:
 
 def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
     """Global selection with per-tensor floors/ceilings (water-filling: fix violators, redo the rest)."""
-    scores = [s for _, s, _, _ in work]
+    scores = [s for _, s, _, _, _ in work]
     sizes = [s.numel() for s in scores]
     total = sum(sizes)
     k = count if count is not None else round(amount * total)
-    k = min(max(k, sum(int(d.sum()) for _, _, d, _ in work if d is not None)), total)
+    k = min(max(k, sum(int(d.sum()) for _, _, d, _, _ in work if d is not None)), total)
     fixed: dict[int, int] = {}
     out: dict[int, torch.Tensor] = {}
     while True:
