@@ -127,10 +127,14 @@ def _hf_config(model: nn.Module) -> dict | None:
 # -------------------------------------------------------------------------------------------- save
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
+def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None) -> None:
     """Write ``model``'s weights, masks and structural changes to one safetensors file, atomically.
 
-    Reload with `load` into a freshly built, unpruned instance of the same architecture."""
+    Reload with `load` into a freshly built, unpruned instance of the same architecture. ``source``
+    optionally records how to build that instance (a command-line model spec such as ``resnet18``),
+    which lets ``secateur report/export/bench FILE`` rebuild it."""
+    if source is not None and not isinstance(source, str):
+        raise fail("source must be a model spec string", value=source)
     from safetensors.torch import save_file
 
     from secateur.masks import iter_masks
@@ -147,7 +151,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     desc = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "secateur_version": _version(),
         "model_class": _class_name(model), "masks": masks, "aliases": aliases,
-        "structure": structure, "config": _hf_config(model),
+        "structure": structure, "config": _hf_config(model), "source": source,
         "shapes": {k: list(t.shape) for k, t in tensors.items()},
     }
     try:
@@ -181,6 +185,27 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 # -------------------------------------------------------------------------------------------- load
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """The description of a secateur file, from its header only (cheap; not checksum-verified --
+    `load` verifies). Raises a PruningError for anything that is not a secateur file."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise fail("no such file", where=path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        desc = json.loads(meta[_META_DESC])
+    except KeyError:
+        raise fail("this safetensors file was not written by secateur.save (no description)", where=path) from None
+    except Exception as e:  # noqa: BLE001 - any parse failure of an untrusted file
+        raise fail("not a readable secateur file (truncated or corrupted?)", where=path, value=str(e)[:120]) from None
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        raise fail("not a secateur description", where=path)
+    return desc
 
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

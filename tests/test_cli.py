@@ -1,0 +1,189 @@
+"""The command line, in-process (fast) and through the installed ``secateur`` script (exit codes, no
+tracebacks)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import secateur
+from secateur import cli
+from secateur import io as sio
+from secateur.masks import masks_of
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".venv" / "bin" / "secateur"
+
+FACTORY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def tiny():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def broken():
+        raise RuntimeError("factory exploded")
+
+    def evaluate(model):
+        torch.manual_seed(1)
+        x = torch.randn(8, 3, 8, 8)
+        with torch.no_grad():
+            return float(-model(x).abs().mean())
+""")
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch):
+    (tmp_path / "cli_models.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("cli_models", None)
+    return "cli_models:tiny"
+
+
+SHAPE = ["--input-shape", "2,3,8,8"]
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_prune_report_export_round_trip(tmp_path, factory, capsys):
+    out = tmp_path / "tiny.safetensors"
+    code, stdout, err = run(["prune", factory, *SHAPE, "--ratio", "0.6", "-o", str(out)], capsys)
+    assert code == 0 and out.exists() and "total" in stdout
+    desc = sio.describe(out)
+    assert desc["source"] == factory
+    import cli_models
+    loaded = sio.load(cli_models.tiny(), out)
+    assert abs(secateur.report.report(loaded).sparsity - 0.6) < 0.02  # global 60 % of Linear/conv weights
+    html, js = tmp_path / "r.html", tmp_path / "r.json"
+    code, stdout, _ = run(["report", str(out), *SHAPE, "--html", str(html), "--json", str(js)], capsys)
+    assert code == 0 and html.read_text().startswith("<!DOCTYPE html>")
+    assert json.loads(js.read_text())["totals"]["zeros"] > 0
+    code, stdout, _ = run(["export", str(out), *SHAPE, "-o", str(tmp_path / "m.onnx")], capsys)
+    assert code == 0 and "onnxruntime vs PyTorch" in stdout
+
+
+def test_prune_to_target_macs(tmp_path, factory, capsys):
+    out = tmp_path / "t.st"
+    code, _, _ = run(["prune", factory, *SHAPE, "--target-macs", "0.4", "-o", str(out)], capsys)
+    assert code == 0
+    import cli_models
+    rep = secateur.report.report(sio.load(cli_models.tiny(), out), torch.randn(2, 3, 8, 8))
+    assert rep.macs_nonzero <= 0.4 * rep.macs
+    assert rep.macs_nonzero > 0.35 * rep.macs  # the bisection stops near the target, not far below
+
+
+def test_prune_nm_pattern(tmp_path, factory, capsys):
+    out = tmp_path / "nm.st"
+    code, _, err = run(["prune", factory, *SHAPE, "--pattern", "2:4", "-o", str(out)], capsys)
+    assert code == 1 and "divisible" in err  # the first conv has 3 input channels: a clear error
+    code, _, err = run(["prune", factory, *SHAPE, "--pattern", "block1x4", "--ratio", "0.5", "-o", str(out)],
+                       capsys)
+    assert code == 1 and "block" in err
+
+
+def test_sensitivity_allocate_and_apply(tmp_path, factory, capsys):
+    js, png, out = tmp_path / "s.json", tmp_path / "s.png", tmp_path / "alloc.st"
+    code, stdout, _ = run(["sensitivity", factory, *SHAPE, "--ratios", "0.3,0.6,0.9", "--json", str(js),
+                           "--plot", str(png), "--target", "params", "--fraction", "0.5", "-o", str(out)], capsys)
+    assert code == 0, stdout
+    d = json.loads(js.read_text())
+    assert set(d["curves"]) == {"0", "2", "5", "7"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    import cli_models
+    loaded = sio.load(cli_models.tiny(), out)
+    pruned = sum(int((~m).sum()) for m in masks_of(loaded).values())
+    total = sum(m.weight.numel() for m in loaded.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    assert pruned >= 0.5 * total
+    code, stdout, _ = run(["sensitivity", factory, *SHAPE, "--ratios", "0.5", "--eval", "cli_models:evaluate"],
+                          capsys)
+    assert code == 0 and "baseline" in stdout
+
+
+def test_bench_before_after(tmp_path, factory, capsys):
+    out = tmp_path / "b.st"
+    assert run(["prune", factory, *SHAPE, "--ratio", "0.5", "-o", str(out)], capsys)[0] == 0
+    js = tmp_path / "bench.json"
+    code, stdout, _ = run(["bench", str(out), *SHAPE, "--repeats", "3", "--warmup", "1", "--json", str(js)], capsys)
+    assert code == 0 and "before" in stdout and "after" in stdout
+    d = json.loads(js.read_text())
+    assert d["before"]["params"] == d["after"]["params"]
+    assert d["after"]["nonzero_params"] < d["before"]["nonzero_params"]
+    assert d["after"]["latency_ms_median"] > 0
+
+
+def test_exit_codes_in_process(tmp_path, factory, capsys):
+    code, _, err = run(["prune", "no_such_model_xyz", "-o", str(tmp_path / "x")], capsys)
+    assert code == 1 and "unknown model" in err and "Traceback" not in err
+    code, _, err = run(["prune", "cli_models:broken", "-o", str(tmp_path / "x")], capsys)
+    assert code == 3 and "factory exploded" in err and "--debug" in err
+    with pytest.raises(RuntimeError):
+        cli.main(["--debug", "prune", "cli_models:broken", "-o", str(tmp_path / "x")])
+    with pytest.raises(RuntimeError):
+        cli.main(["prune", "cli_models:broken", "-o", str(tmp_path / "x"), "--debug"])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["prune", factory])  # -o missing
+    assert e.value.code == 2
+    code, _, err = run(["report", str(tmp_path / "missing.st")], capsys)  # not a file: treated as a spec
+    assert code == 1
+    bad = tmp_path / "bad.st"
+    bad.write_bytes(b"garbage that is not safetensors")
+    code, _, err = run(["report", str(bad)], capsys)
+    assert code == 1 and "truncated or corrupted" in err
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_help_everywhere(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--help"])
+    assert e.value.code == 0
+    assert "usage: secateur " + name in capsys.readouterr().out
+
+
+def test_demo_keeps_its_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--epochs", "--ratio", "--global-ratio", "--data", "--out", "--seed"):
+        assert opt in text
+
+
+def _script(tmp_path):
+    if not SCRIPT.exists():
+        pytest.skip("the console script is installed by scripts/setup.sh")
+    (tmp_path / "cli_models.py").write_text(FACTORY)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1")
+
+    def sh(*argv):
+        return subprocess.run([str(SCRIPT), *argv], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=300)
+    return sh
+
+
+def test_console_script_exit_codes(tmp_path):
+    sh = _script(tmp_path)
+    r = sh("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in cli.COMMANDS)
+    r = sh("prune", "cli_models:tiny", *SHAPE, "--ratio", "1.5", "-o", "t2.st")
+    assert r.returncode == 1 and "secateur: error" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "t2.st").exists()
+    r = sh("prune", "--no-such-option")
+    assert r.returncode == 2 and "usage:" in r.stderr
+
+
+@pytest.mark.slow
+def test_console_script_prune_then_export(tmp_path):
+    sh = _script(tmp_path)
+    r = sh("prune", "cli_models:tiny", *SHAPE, "--ratio", "0.5", "-o", "t.st")
+    assert r.returncode == 0 and (tmp_path / "t.st").exists(), r.stderr
+    r = sh("export", "t.st", *SHAPE, "-o", "t.onnx")
+    assert r.returncode == 0 and "onnxruntime vs PyTorch" in r.stdout, r.stderr
