@@ -54,7 +54,7 @@ class Plan:
                 pick = torch.zeros(g.size, dtype=torch.bool)
                 pick[chans] = True
                 for m in g.members:
-                    if m.kind == "in":
+                    if m.consumer:
                         t = m.tensor(model)
                         t.index_fill_(m.dim, m.index[pick[m.channel]].to(t.device), 0)
 
@@ -229,7 +229,12 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
         for d, idx in keep:
             new = new.index_select(d, idx.to(new.device))
         new_tensors.append((mod, mname, tname, t, new.contiguous()))
+    sliced = {id(t) for *_, t, _ in new_tensors}
     touched = {m for m, *_ in new_tensors}
+    for mod in model.modules():  # tied weights: every owner's size attributes change
+        for t in (*mod._parameters.values(), *mod._buffers.values()):
+            if t is not None and id(t) in sliced:
+                touched.add(mod)
     names = {m: n for n, m in model.named_modules()}
     parents = {}
     for mod in list(touched):

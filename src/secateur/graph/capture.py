@@ -93,11 +93,13 @@ class Tracer:
             raise fail("internal: slot size mismatch", where=key[0], shape=p.shape, value=atoms.numel())
         prev = self.slots.get(key)
         if prev is None:
-            self.slots[key] = {"module": mname, "name": attr, "dim": dim, "atoms": atoms.clone(), "kind": kind}
+            self.slots[key] = {"module": mname, "name": attr, "dim": dim, "atoms": atoms.clone(), "kind": kind,
+                               "consumer": kind == "in"}
         else:
             self.atoms.union(prev["atoms"], atoms)
-            if kind == "out":
-                prev["kind"] = "out"
+            prev["consumer"] |= kind == "in"
+            if kind == "out" or (kind == "in" and prev["kind"] == "param"):
+                prev["kind"] = kind
 
     def where(self) -> str:
         return self.stack[-1] or "<root>"

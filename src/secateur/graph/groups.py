@@ -19,13 +19,15 @@ class Member:
     "in" (a consumer's input columns: zeroing these is what the pruning oracle does), or "param" (rides along:
     norm affine and running stats, free parameters such as layer scales or cls tokens);
     index: positions along ``dim`` owned by the group; channel: for each position, which of the group's channels
-    (0..size-1) it belongs to (one channel can own several positions, e.g. after a flatten or for a whole head)."""
+    (0..size-1) it belongs to (one channel can own several positions, e.g. after a flatten or for a whole head);
+    consumer: the slice is read as an input somewhere (kind "in", or a tied weight that is also a producer)."""
     module: str
     name: str
     dim: int
     kind: str
     index: torch.Tensor
     channel: torch.Tensor
+    consumer: bool = False
 
     @property
     def qualname(self) -> str:
@@ -118,7 +120,8 @@ def groups_from(tr: Tracer) -> Graph:
         g = gid[c]
         for G in torch.unique(g[g >= 0]).tolist():
             idx = (g == G).nonzero().flatten()
-            groups[G].members.append(Member(s["module"], s["name"], s["dim"], s["kind"], idx, local[c[idx]]))
+            groups[G].members.append(Member(s["module"], s["name"], s["dim"], s["kind"], idx, local[c[idx]],
+                                            s["consumer"]))
     for g in groups:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
         g.name = g.members[0].module

@@ -50,6 +50,9 @@ class Atoms:
         flat = perm.reshape(-1, int(torch.tensor([lab.size(d) for d in dims]).prod()))
         rep = flat.max(dim=1, keepdim=True).values  # any real atom of the row (or -1)
         self.union(flat, rep)
+        mixed = (flat < 0).any(dim=1, keepdim=True) & (rep >= 0)
+        if mixed.any():  # an unsliceable element shares the slice: the whole slice is kept
+            self.block(rep[mixed])
         shape = [1 if d in dims else lab.size(d) for d in range(lab.dim())]
         return rep.reshape(shape)
 

@@ -47,6 +47,10 @@ def _pad(lab: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
 def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
     labelled = any(tr.get(t) is not None for a in (*args, *kwargs.values()) for t in _tensors(a))
     packet = func.overloadpacket
+    if not labelled and RULES.get(packet) is move:  # a free parameter entering a view/cat (cls token, pos emb)
+        for t in _tensors(args):
+            if id(t) in tr.owner and tr.param_label(t) is not None:
+                labelled = True
     if not labelled:
         if func._schema.is_mutable and out is not None:
             for t in _outs(out):
@@ -138,6 +142,7 @@ def pointwise(tr, func, args, kwargs, out):
     for lab in labs[1:]:
         tr.atoms.union(res, lab)
         a, b = torch.broadcast_tensors(res, lab)
+        tr.atoms.block(torch.where(a >= 0, a, b)[(a >= 0) != (b >= 0)])  # meets an unsliceable element
         res = torch.where(a >= 0, a, b)
     for c in consts:  # a constant that varies along a channel dim cannot be sliced: all-or-nothing there
         csh = (1,) * (nd - c.dim()) + tuple(c.shape)
@@ -175,10 +180,25 @@ def move(tr, func, args, kwargs, out):
                                "real indices", hint="capture with real (small) inputs")
             return x.cpu() if isinstance(x, torch.Tensor) else [None if y is None else y.cpu() for y in x]
         if isinstance(x, torch.Tensor):
-            return full(_pad(tr.get(x), x.dim()), x.shape)
+            return full(_pad(_lab(x), x.dim()), x.shape)
         if isinstance(x, (list, tuple)) and x and all(isinstance(y, torch.Tensor) for y in x):
-            return [full(_pad(tr.get(y), y.dim()), y.shape) for y in x]
+            return [full(_pad(_lab(y), y.dim()), y.shape) for y in x]
         return x
+
+    def _lab(t):
+        lab = tr.get(t)
+        return tr.param_label(t) if lab is None and id(t) in tr.owner else lab
+
+    if packet in (aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d,
+                  aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d):
+        x, lab = args[0], _pad(tr.get(args[0]), args[0].dim())
+        pads = list(args[1])
+        padded = [x.dim() - 1 - i // 2 for i in range(len(pads)) if pads[i] != 0]
+        if all(lab.size(d) == 1 for d in padded):  # padding spatial dims: padded cells belong to the channel
+            tr.set(out, lab)
+            return
+        if packet is not aten.constant_pad_nd:
+            raise tr.error(f"{packet._qualified_op_name} along a channel dim is not supported", x)
 
     largs = [sub(a, i) for i, a in enumerate(args)]
     if packet is aten.constant_pad_nd:

@@ -1,0 +1,220 @@
+"""Dependency-graph rules: each coupling checked on a tiny model, plus the oracle (zeroing == removal)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from secateur.errors import PruningError
+from secateur.graph import build_groups
+from secateur.structured import plan_channels
+
+torch.set_num_threads(1)
+
+
+def _oracle(model, x, **kw):
+    """Prune with a plan, compare with the original whose pruned channels are zeroed at their consumers."""
+    torch.manual_seed(0)
+    plan = plan_channels(model, x, **kw)
+    ref = copy.deepcopy(model)
+    plan.zero_consumers(ref)
+    with torch.no_grad():
+        want = ref(x)
+        plan.apply(model)
+        got = model(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return plan
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.running_mean.normal_(generator=g)
+            m.running_var.uniform_(0.5, 2, generator=g)
+            m.weight.data.normal_(generator=g)
+            m.bias.data.normal_(generator=g)
+    return model
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.a(x).relu()
+        x = x + self.b(x)  # residual: a and b outputs pruned together
+        x = torch.cat([x, self.c(x)], 1)[:, ::1]  # concatenation: index ranges (and a no-op slice)
+        x = nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.head(x.flatten(1))  # flatten: each channel owns 16 input features
+
+
+def test_residual_cat_flatten_groups_and_oracle():
+    m, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    groups = build_groups(m, x)
+    names = {g.name: g for g in groups}
+    g = names["a"]
+    assert {mem.qualname for mem in g.members} >= {"a.weight", "b.weight", "c.weight", "head.weight"}
+    head = next(mem for mem in g.members if mem.qualname == "head.weight")
+    assert head.dim == 1 and head.index.numel() == 8 * 16  # flatten mapping: 16 features per channel
+    assert torch.equal(torch.bincount(head.channel), torch.full((8,), 16))
+    _oracle(m, x, ratio=0.5)
+    assert m.a.out_channels == m.b.out_channels == 4 and m.head.in_features == 8 * 16
+
+
+def test_depthwise_and_grouped_conv():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                      nn.Conv2d(8, 12, 1), nn.Conv2d(12, 12, 3, padding=1, groups=4), nn.Conv2d(12, 4, 1)).eval()
+    _randomize_bn(m)
+    x = torch.randn(1, 3, 6, 6)
+    _oracle(m, x, ratio=0.5)
+    assert m[3].groups == m[3].in_channels == m[3].out_channels == 4
+    assert m[5].groups == 2 and m[5].out_channels == 6  # whole groups of a grouped conv
+
+
+def test_groupnorm_prunes_whole_groups_layernorm_blocks():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 5, 5)
+    _oracle(m, x, ratio=0.5)
+    assert m[1].num_groups == 2 and m[1].num_channels == 4
+    ln = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    plan = plan_channels(ln, torch.randn(2, 4), ratio=0.5)
+    assert plan.choices == [] and any("LayerNorm" in n for n in plan.notes)
+
+
+def test_model_output_channels_never_pruned():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1))  # SqueezeNet-like
+    x = torch.randn(1, 3, 4, 4)
+    _oracle(m, x, ratio=0.9)
+    assert m(x).shape == (1, 10, 1, 1) and m[2].in_channels < 8
+
+
+def test_unknown_op_is_an_error_naming_op_and_module():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.post = nn.Identity()
+
+        def forward(self, x):
+            return self.post(torch.fft.fft(self.conv(x)).real)
+
+    with pytest.raises(PruningError, match=r"fft.*") as e:
+        build_groups(Odd(), torch.randn(1, 3, 4, 4))
+    assert "fft" in str(e.value) and "[" in str(e.value)
+
+
+def test_unequal_split_and_fixed_slices_are_kept():
+    class S(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(2, 2, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            p, q = self.a(x).split([2, 4], 1)
+            return self.b(p) + self.c(q)
+
+    m, x = S(), torch.randn(1, 3, 4, 4)
+    assert all(g.name != "a" for g in build_groups(m, x))
+    _oracle(m, x, ratio=0.5)
+
+
+def test_chunk_and_channel_shuffle_stay_consistent():
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            x1, x2 = self.a(x).chunk(2, dim=1)
+            y = torch.cat([x1, self.b(x2)], 1)
+            n, c, h, w = y.shape
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            return self.c(y)
+
+    m, x = Shuffle(), torch.randn(1, 3, 4, 4)
+    _oracle(m, x, ratio=0.5)
+
+
+def test_free_parameters_follow_their_channels():
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.cls = nn.Parameter(torch.randn(1, 1, 8))
+            self.scale = nn.Parameter(torch.rand(8))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            t = self.embed(x) * self.scale
+            t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1)
+            return self.head(t.mean(1))
+
+    m, x = Tok(), torch.randn(2, 5, 4)
+    _oracle(m, x, ratio=0.5)
+    assert m.cls.shape == (1, 1, 4) and m.scale.shape == (4,)
+
+
+def test_weight_tying_kept_consistent():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.mid = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, i):
+            return self.out(self.mid(self.emb(i)).relu() + self.emb(i))
+
+    m, x = Tied(), torch.randint(0, 10, (2, 3))
+    _oracle(m, x, ratio=0.5)
+    assert m.out.weight is m.emb.weight and m.emb.embedding_dim == 4 and m.out.in_features == 4
+
+
+def test_lstm_is_refused_clearly():
+    class R(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.rnn, self.b = nn.Linear(3, 6), nn.LSTM(6, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.b(self.rnn(self.a(x))[0])
+
+    plan = plan_channels(R(), torch.randn(2, 4, 3), ratio=0.5)
+    assert plan.choices == [] and any("LSTM" in n for n in plan.notes)
+
+
+def test_attention_heads_gqa_whole_groups():
+    class Attn(nn.Module):
+        def __init__(self, h=4, kv=2, d=3):
+            super().__init__()
+            self.h, self.kv, self.d = h, kv, d
+            self.q, self.k, self.v = nn.Linear(6, h * d), nn.Linear(6, kv * d), nn.Linear(6, kv * d)
+            self.o = nn.Linear(h * d, 6)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q = self.q(x).view(b, t, -1, self.d).transpose(1, 2)
+            k = self.k(x).view(b, t, -1, self.d).transpose(1, 2)
+            v = self.v(x).view(b, t, -1, self.d).transpose(1, 2)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+    m, x = Attn(), torch.randn(2, 5, 6)
+    groups = [g for g in build_groups(m, x) if g.name == "q"]
+    assert len(groups) == 1 and groups[0].size == 2  # two key/value groups of 2 query heads each
+    _oracle(m, x, ratio=0.5)
+    assert m.q.out_features == 6 and m.k.out_features == 3
+
+
+def test_meta_device_capture_allocates_nothing():
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(4096, 11008), nn.SiLU(), nn.Linear(11008, 4096))
+    groups = build_groups(m, torch.randn(1, 4, 4096, device="meta"))
+    assert groups[0].size == 11008
