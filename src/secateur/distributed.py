@@ -35,7 +35,7 @@ def broadcast_masks(model: nn.Module, src: int = 0) -> None:
     sizes = torch.tensor([len(names), sum(m.numel() for *_, m in entries), zlib.crc32(layout.encode())],
                          dtype=torch.int64)
     dev = _comm_device()
-    ref = sizes.to(dev)
+    ref = sizes.to(dev, copy=True)  # broadcast writes in place: keep our own counts apart
     dist.broadcast(ref, src)
     mismatch = torch.tensor([int(not torch.equal(ref.cpu(), sizes))], dtype=torch.int64, device=dev)
     dist.all_reduce(mismatch)

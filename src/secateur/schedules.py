@@ -214,7 +214,8 @@ class PruningScheduler:
     By default it calls ``secateur.prune(model, amount=s, **prune_kwargs)`` when the target changes;
     ``prune_fn(model, sparsity)`` replaces that (for channel pruning through the structural engine, for
     instance). Under ``torch.distributed`` the new masks are broadcast from rank 0 so every rank holds
-    the same masks even with a random or data-dependent criterion."""
+    the same masks even with a random or data-dependent criterion. Build it before wrapping the model
+    in ``DistributedDataParallel``: it attaches (all-ones) masks at once, which DDP must see."""
 
     def __init__(self, model: nn.Module, schedule: Schedule, *, prune_fn: PruneFn | None = None,
                  broadcast: bool = True, **prune_kwargs):
@@ -228,6 +229,12 @@ class PruningScheduler:
         self.prune_kwargs = prune_kwargs
         self.prune_fn = prune_fn
         self.broadcast = broadcast
+        if prune_fn is None:
+            # Attach all-ones masks now: it validates the prune options up front, and a parametrization
+            # registered after DistributedDataParallel wraps the model would cut DDP's gradient hooks
+            # (so build the scheduler before wrapping the model in DDP).
+            from secateur.prune import prune
+            prune(model, amount=0.0, **prune_kwargs)
         self.step_count = 0          # number of step() calls so far; the next call handles this step
         self.sparsity = 0.0          # last target applied
         self.applied: list[tuple[int, float]] = []
