@@ -268,12 +268,14 @@ class LatencyTable:
     # building -----------------------------------------------------------------------------------
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Any, *, layers: Iterable[str] | None = None,
-              threads: int | None = None, repeats: int = 5, warmup: int = 2, max_points: int = 32,
-              multiple: int = 8, min_sample_s: float = 2e-3, cache: bool = True,
+              threads: int | None = None, repeats: int = 5, warmup: int = 1, max_points: int = 16,
+              in_points: int = 8, multiple: int = 8, min_sample_s: float = 2e-3, cache: bool = True,
               cache_path: str | os.PathLike | None = None, tolerance: float = 0.02,
               progress: bool = True) -> "LatencyTable":
         """Measure every Conv/Linear of ``model`` (or the named ``layers``) on the device of
-        ``example_inputs``. Identical layer configurations are measured once; cached ones not at all."""
+        ``example_inputs``. Identical layer configurations are measured once; cached ones not at all.
+        ``max_points`` / ``in_points`` bound the output / input channel grids (the input dependence is
+        smoother, so it gets fewer points); each measured count costs about ``repeats + 2`` calls."""
         specs = layer_specs(model, example_inputs, layers)
         if not specs:
             raise fail("the model has no Conv/Linear layer that runs on the example inputs",
@@ -282,7 +284,7 @@ class LatencyTable:
         dev_name = device_name(device, threads)
         path = Path(cache_path) if cache_path else cache_dir() / "latency" / f"{dev_name}.json"
         store = _load(path) if cache else {}
-        todo = _sweeps_to_measure(specs, store, max_points, multiple)
+        todo = _sweeps_to_measure(specs, store, max_points, in_points, multiple)
         fresh: dict[str, dict[str, dict[str, float]]] = {}
         bar = _progress(sum(len(cs) for *_, cs in todo), progress, "latency table")
         for key, spec, which, counts in todo:
@@ -295,17 +297,15 @@ class LatencyTable:
                     store.setdefault(key, {}).setdefault(which, {}).update(pts)
             if cache:
                 _save(path, fresh)
-        table = cls.from_measurements(specs, store, device=dev_name, max_points=max_points,
-                                      multiple=multiple, tolerance=tolerance)
+        table = cls.from_measurements(specs, store, device=dev_name, tolerance=tolerance)
         table._names = {id(m): n for n, m in model.named_modules() if n in specs}
         return table
 
     @classmethod
     def from_measurements(cls, specs: Mapping[str, LayerSpec], store: Mapping[str, Mapping[str, Mapping]],
-                          *, device: str = "unknown", max_points: int = 32, multiple: int = 8,
-                          tolerance: float = 0.02) -> "LatencyTable":
+                          *, device: str = "unknown", tolerance: float = 0.02) -> "LatencyTable":
         """A table from raw measurements ``{spec.key(): {"out": {count: s}, "in": {count: s}}}``
-        (as stored in the cache); also how tests build tables with known staircases."""
+        (as stored in the cache; every measured count is used); also how tests build known staircases."""
         outs, ins = {}, {}
         for name, spec in specs.items():
             sweeps = store.get(spec.key(), {})
@@ -313,13 +313,10 @@ class LatencyTable:
                 if which == "in" and spec.depthwise:
                     continue
                 pts = {int(k): float(v) for k, v in sweeps.get(which, {}).items()}
-                grid = [c for c in channel_grid(full, max_points=max_points, multiple=multiple)]
-                if not all(c in pts for c in grid):
-                    pts_grid = sorted(pts)
-                    if not pts_grid or pts_grid[-1] != full:
-                        raise fail("latency measurements are missing for this layer", where=name,
-                                   shape=spec.input_shape, value=which)
-                    grid = pts_grid
+                grid = sorted(c for c in pts if 1 <= c <= full)
+                if not grid or grid[-1] != full:
+                    raise fail("latency measurements are missing for this layer", where=name,
+                               shape=spec.input_shape, value=which)
                 dest[name] = _Curve(grid, [pts[c] for c in grid])
         return cls(dict(specs), outs, ins, device, tolerance)
 
@@ -376,30 +373,60 @@ class LatencyTable:
         return sum(self.latency(n, out_counts.get(n, s.out_channels), in_counts.get(n))
                    for n, s in self.specs.items())
 
-    def cost_fn(self, members: Sequence[Sequence[tuple[str, str]]], metric: str = "latency"
-                ) -> Callable[[Sequence[int]], float]:
+    def cost_fn(self, members: Sequence[Sequence[tuple]], metric: str = "latency", *,
+                sizes: Sequence[int] | None = None) -> Callable[[Sequence[int]], float]:
         """Model cost of per-group keep counts, for `secateur.allocate.channel_counts`.
 
-        ``members[g]`` lists ``(layer_name, "out" | "in")``: group ``g`` sets that layer's output or
-        input channel count. ``metric`` is ``"latency"`` (seconds, from the table), ``"macs"`` or
-        ``"params"`` (exact counts), so one allocator serves all three targets."""
+        ``members[g]`` lists ``(layer_name, "out" | "in")`` or ``(layer_name, role, width)``: group ``g``
+        sets that layer's output or input channel count. Without ``sizes`` the layer keeps exactly the
+        group's count. With ``sizes`` (each group's full channel count) a group may own only part of a
+        layer (concatenations, splits): the layer loses ``width`` positions per removed group channel.
+        ``metric`` is ``"latency"`` (seconds, from the table), ``"macs"`` or ``"params"`` (exact counts),
+        so one allocator serves all three targets."""
         if metric not in _METRICS:
             raise fail("unknown cost metric", value=metric, hint=f"use one of {sorted(_METRICS)}")
-        for g, ms in enumerate(members):
-            for layer, role in ms:
+        if sizes is not None and len(sizes) != len(members):
+            raise fail("need one size per group", value=(len(members), len(sizes)))
+        norm: list[list[tuple[str, str, float]]] = []
+        for ms in members:
+            row = []
+            for m in ms:
+                layer, role, width = (*m, 1.0) if len(m) == 2 else m
                 self.name_of(layer)
                 if role not in ("out", "in"):
                     raise fail("group member role must be 'out' or 'in'", where=layer, value=role)
+                row.append((layer, role, float(width)))
+            norm.append(row)
         specs, measure = self.specs, _METRICS[metric]
 
         def cost(counts: Sequence[int]) -> float:
             outs: dict[str, int] = {}
             ins: dict[str, int] = {}
-            for ms, k in zip(members, counts):
-                for layer, role in ms:
-                    (outs if role == "out" else ins)[layer] = k
+            for g, (ms, k) in enumerate(zip(norm, counts)):
+                for layer, role, width in ms:
+                    dest = outs if role == "out" else ins
+                    if sizes is None:
+                        dest[layer] = k
+                    else:
+                        full = specs[layer].out_channels if role == "out" else specs[layer].in_channels
+                        dest[layer] = dest.get(layer, full) - round(width * (sizes[g] - k))
+            for dest in (outs, ins):
+                for layer, c in dest.items():
+                    dest[layer] = max(1, c)
             return sum(measure(self, n, s, outs.get(n), ins.get(n)) for n, s in specs.items())
         return cost
+
+    def members_of(self, groups: Sequence[Any]) -> list[list[tuple[str, str, float]]]:
+        """``cost_fn`` members of structural groups (`secateur.graph.Group`: ``size`` and ``members`` with
+        ``module``, ``name``, ``kind``, ``index``): each weight of a table layer that a group slices."""
+        out = []
+        for g in groups:
+            row = []
+            for m in g.members:
+                if m.name == "weight" and m.module in self.specs and m.kind in ("out", "in"):
+                    row.append((m.module, m.kind, m.index.numel() / g.size))
+            out.append(row)
+        return out
 
     def _check(self, name: str, c: int, full: int, what: str) -> None:
         if not isinstance(c, int) or not 1 <= c <= full:
@@ -423,7 +450,8 @@ def _first_device(example_inputs: Any, model: nn.Module) -> torch.device:
     return _inputs_device(model, example_inputs)
 
 
-def _sweeps_to_measure(specs: Mapping[str, LayerSpec], store: Mapping, max_points: int, multiple: int):
+def _sweeps_to_measure(specs: Mapping[str, LayerSpec], store: Mapping, max_points: int, in_points: int,
+                       multiple: int):
     """``(key, spec, "out" | "in", counts still to measure)`` for each distinct layer configuration."""
     todo, seen = [], set()
     for spec in specs.values():
@@ -434,7 +462,8 @@ def _sweeps_to_measure(specs: Mapping[str, LayerSpec], store: Mapping, max_point
         sweeps = [("out", spec.out_channels)] + ([] if spec.depthwise else [("in", spec.in_channels)])
         for which, full in sweeps:
             have = store.get(key, {}).get(which, {})
-            counts = [c for c in channel_grid(full, max_points=max_points, multiple=multiple)
+            points = max_points if which == "out" else in_points
+            counts = [c for c in channel_grid(full, max_points=points, multiple=multiple)
                       if str(c) not in have]
             if counts:
                 todo.append((key, spec, which, counts))
