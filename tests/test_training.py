@@ -146,9 +146,10 @@ def test_checkpoint_roundtrip_and_refuses_other_model(tmp_path, digits):
     assert all(torch.equal(snap[k], v) for k, v in other.state_dict().items())
     # a different schedule: refused before the model changes
     m3 = _mlp(seed=9)
+    other_sched = PruningScheduler(m3, GMP(final=0.9, end=10))
     snap3 = {k: v.clone() for k, v in m3.state_dict().items()}
     with pytest.raises(PruningError, match="different schedule"):
-        resume(m3, ck, scheduler=PruningScheduler(m3, GMP(final=0.9, end=10)))
+        resume(m3, ck, scheduler=other_sched)
     assert all(torch.equal(snap3[k], v) for k, v in m3.state_dict().items())
     with pytest.raises(PruningError, match="not a secateur checkpoint"):
         resume(m3, {"weights": {}})
