@@ -242,3 +242,49 @@ def test_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
         sio.save(trained_pruned(), p)
     assert p.read_bytes() == good
     assert os.listdir(tmp_path) == ["m.st"]  # no temp file left behind
+
+
+# ---------------------------------------------------------------------------------------- structural
+
+
+def test_structurally_pruned_round_trip_is_exact(tmp_path):
+    structured = pytest.importorskip("secateur.structured")
+    m = trained_pruned()  # masks first ...
+    secateur.finalize(m)
+    structured.prune_channels(m, X, ratio=0.5)  # ... then channels physically removed
+    secateur.prune(m, 0.3)  # and masks again on the smaller model
+    assert m[0].out_channels < 8 and secateur.is_pruned(m)
+    sio.save(m, tmp_path / "s.st")
+    back = sio.load(net(seed=4), tmp_path / "s.st")
+    assert back[0].weight.shape == m[0].weight.shape and back[4].in_features == m[4].in_features
+    assert same_outputs(m, back)
+    assert back._secateur_structure == m._secateur_structure
+
+
+def test_structural_file_refuses_a_smaller_fresh_model(tmp_path):
+    structured = pytest.importorskip("secateur.structured")
+    m = net().eval()
+    structured.prune_channels(m, X, ratio=0.5)
+    sio.save(m, tmp_path / "s.st")
+    msg = untouched_check(lambda f: sio.load(f, tmp_path / "s.st"), fresh=net(hidden=8))
+    assert "structure does not fit" in msg and "[4." in msg
+
+
+def test_hugging_face_structural_round_trip_updates_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    structured = pytest.importorskip("secateur.structured")
+    kw = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+              max_position_embeddings=16)
+    torch.manual_seed(0)
+    m = transformers.BertForMaskedLM(transformers.BertConfig(**kw)).eval()
+    ids = torch.randint(0, 60, (2, 7))
+    structured.prune_channels(m, {"input_ids": ids}, ratio=0.5)
+    assert m.config.intermediate_size < 32
+    sio.save(m, tmp_path / "bert.st")
+    torch.manual_seed(1)
+    fresh = transformers.BertForMaskedLM(transformers.BertConfig(**kw)).eval()
+    back = sio.load(fresh, tmp_path / "bert.st")
+    assert back.config.intermediate_size == m.config.intermediate_size
+    assert back.config.num_attention_heads == m.config.num_attention_heads
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, back(input_ids=ids).logits)

@@ -81,3 +81,16 @@ def test_compile_inductor_on_masked_and_finalized():
         torch.testing.assert_close(torch.compile(m)(X), ref)
         secateur.finalize(m)  # in place: finalize(deepcopy(masked)) would share parametrize's class
         torch.testing.assert_close(torch.compile(m)(X), ref)
+
+
+def test_structurally_pruned_export(tmp_path):
+    structured = pytest.importorskip("secateur.structured")
+    m = cnn().eval()
+    structured.prune_channels(m, X, ratio=0.5)
+    secateur.prune(m, 0.5)  # masks on top of the smaller model
+    export_onnx(m, X, tmp_path / "s.onnx")
+    g = onnx.load(str(tmp_path / "s.onnx"))
+    shapes = {tuple(t.dims) for t in g.graph.initializer}
+    assert tuple(m[0].weight.shape) in shapes and m[0].weight.shape[0] < 8
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(tmp_path / "s.onnx", X), m(X).numpy(), rtol=1e-4, atol=1e-5)

@@ -250,9 +250,16 @@ def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.
         if name is not None:
             current[name] = tuple(t.shape)
     for mod, spec in (desc.get("structure") or {}).items():
+        if not isinstance(spec, dict):
+            raise fail("malformed structure entry", where=mod, value=spec)
         for kind in ("params", "buffers"):
             for pname, shape in (spec.get(kind) or {}).items():
-                current[f"{mod}.{pname}" if mod else pname] = tuple(shape)
+                name = f"{mod}.{pname}" if mod else pname
+                have = current.get(name)
+                if have is None or len(have) != len(shape) or any(s > h for s, h in zip(shape, have)):
+                    raise fail("the structure does not fit this architecture (a pruned tensor must be a slice "
+                               "of the fresh model's)", where=name, shape=have, value=shape)
+                current[name] = tuple(shape)
     stored = {k: tuple(t.shape) for k, t in tensors.items() if not k.startswith(MASK_PREFIX)}
     stored.update({a: stored.get(k) for a, k in desc.get("aliases", {}).items()})
     missing = sorted(set(current) - set(stored))

@@ -11,6 +11,7 @@ convolution is used once per output position (``output.numel() / out_features``)
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -33,22 +34,28 @@ PLOT_HINT = "install the plot extra: pip install secateur[plot]"
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Run ``model`` on example inputs given as a tensor, a tuple/list of positional args or a dict of
-    keyword args, in eval mode and without gradients; every module's training flag is restored after,
-    so a BatchNorm's running statistics are never touched."""
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode for the duration, every module's own training flag restored after (so measuring a
+    model never updates a BatchNorm's running statistics)."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
-            if isinstance(inputs, Mapping):
-                return model(**inputs)
-            if isinstance(inputs, (tuple, list)):
-                return model(*inputs)
-            return model(inputs)
+        yield model
     finally:
         for m, t in flags:
             m.training = t
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on example inputs given as a tensor, a tuple/list of positional args or a dict of
+    keyword args, in eval mode and without gradients (see `eval_mode`)."""
+    with eval_mode(model), torch.no_grad():
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
 
 
 # ----------------------------------------------------------------------------------------------- MACs
@@ -225,6 +232,8 @@ class Report:
         rule = "-" * len(fmt(head))
         lines = [fmt(head), rule, *map(fmt, body), rule, fmt(total),
                  f"non-zero parameters: {self.nonzero_params:,} of {self.total_params:,}"]
+        if self.model_macs is not None:
+            lines.append(f"model MACs (every op, torch flop counter): {self.model_macs:,}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -406,7 +415,8 @@ def report(model: nn.Module, example_inputs: Any = None) -> Report:
             count_macs = None
         if count_macs is not None:
             try:
-                model_macs = int(count_macs(model, example_inputs))
+                with eval_mode(model):
+                    model_macs = int(count_macs(model, example_inputs))
             except Exception:  # noqa: BLE001 - the whole-model count is extra information only
                 model_macs = None
     return Report(type(model).__name__, rows, total, zeros, hists, model_macs)

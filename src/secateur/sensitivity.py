@@ -246,8 +246,8 @@ class Allocation:
                 raise fail("structural allocation needs secateur.structured, which this install lacks") from None
             if example_inputs is None:
                 raise fail("structural pruning needs example_inputs to trace the model")
-            out = prune_channels(model, example_inputs, ratio=ratios)
-            return model if out is None else out
+            prune_channels(model, example_inputs, ratio=ratios)  # in place; returns a summary
+            return model
         prune(model, {f"{k}.weight": v for k, v in ratios.items()}, pattern=pattern, criterion=criterion,
               targets=list(ratios))
         return model
