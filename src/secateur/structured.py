@@ -113,12 +113,14 @@ def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
     return out
 
 
-def _is_ignored(group: Group, ignored: set[str]) -> bool:
-    for m in group.members:
-        for pat in ignored:
-            if m.module == pat or m.module.startswith(pat + ".") or fnmatch.fnmatch(m.module, pat):
-                return True
-    return False
+def _matches(name: str, pats: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatch(name, p) for p in pats)
+
+
+def _is_ignored(group: Group, outputs: set[str], inputs: set[str]) -> bool:
+    """``ignore``: the module's output channels stay; ``ignore_inputs``: its input channels stay."""
+    return any((m.kind in ("out", "param") and _matches(m.module, outputs)) or
+               (m.consumer and _matches(m.module, inputs)) for m in group.members)
 
 
 def _ratio_for(group: Group, ratio) -> float:
@@ -142,14 +144,15 @@ def _round(size: int, n: int, round_to: int | None) -> int:
 def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
                   importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                   ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
-                  reduce: str = "mean", normalize: str | None = None, graph: Graph | None = None) -> Plan:
+                  reduce: str = "mean", normalize: str | None = None, ignore_inputs: Iterable = (),
+                  graph: Graph | None = None) -> Plan:
     """Choose the channels ``prune_channels`` would remove; nothing is changed (``plan.apply(model)`` does it)."""
     _validate(ratio, threshold, scope, round_to, 1, None, None, heads)
     graph = graph or build_graph(model, example_inputs)
-    ignored = _ignored(model, ignore)
+    ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
     cands: list[tuple[Group, torch.Tensor, float]] = []
     for g in graph.groups:
-        if _is_ignored(g, ignored):
+        if _is_ignored(g, ignored, ignored_in):
             continue
         r = _ratio_for(g, ratio)
         if r <= 0 and threshold is None:
@@ -329,14 +332,17 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                    importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                    ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
                    target_macs: float | None = None, target_params: float | None = None, steps: int = 1,
-                   reduce: str = "mean", normalize: str | None = None) -> StructuredResult:
+                   reduce: str = "mean", normalize: str | None = None,
+                   ignore_inputs: Iterable = ()) -> StructuredResult:
     """Physically remove channels from ``model`` in place (see module docstring). ``target_macs`` /
     ``target_params`` (fractions of the current model) prune iteratively until reached; ``steps`` splits
-    ``ratio`` into that many capture-score-prune rounds."""
+    ``ratio`` into that many capture-score-prune rounds. ``ignore``: modules (or names / globs) whose output
+    channels are kept; ``ignore_inputs``: modules whose input channels are kept. The model's outputs are always
+    kept, whatever layer produces them."""
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads)
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
-                reduce=reduce, normalize=normalize)
+                reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs)
     plans = []
     if target_macs is not None or target_params is not None:
         measure = (lambda: count_macs(model, example_inputs)) if target_macs is not None else \
@@ -349,6 +355,9 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                 break
             r = min(0.5, max(0.02, 1 - math.sqrt(goal / current)))
             plan = plan_channels(model, example_inputs, ratio=r, threshold=None, **opts)
+            while not plan.choices and r < 0.9:  # small groups round a small step to nothing: step up
+                r = min(0.9, r * 2)
+                plan = plan_channels(model, example_inputs, ratio=r, threshold=None, **opts)
             if not plan.choices:
                 break
             plan.apply(model)

@@ -1,0 +1,203 @@
+"""prune_channels / plan_channels: seed cases, options, invariants, and the save/load structure contract."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from secateur.errors import PruningError
+from secateur.metrics import count_macs, count_params
+from secateur.structured import apply_structure, plan_channels, prune_channels
+
+torch.set_num_threads(1)
+
+
+class SeedCNN(nn.Module):
+    """The network-slimming seed: conv-BN-ReLU blocks and a linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.bn1(self.conv1(x)).relu(), 2)
+        x = nn.functional.max_pool2d(self.bn2(self.conv2(x)).relu(), 2)
+        return self.fc(x.flatten(1))
+
+
+def _seed(seed=0):
+    torch.manual_seed(seed)
+    m = SeedCNN().eval()
+    for bn in (m.bn1, m.bn2):
+        bn.weight.data.uniform_(0.0, 1.0)
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    return m, torch.randn(2, 1, 28, 28)
+
+
+def test_seed_bn_scale_prunes_conv_bn_and_next_layer_together():
+    m, x = _seed()
+    g1 = m.bn1.weight.detach().abs().clone()
+    keep1 = torch.sort(torch.argsort(g1, descending=True)[:8]).values  # the 8 largest |gamma| survive
+    kept_bias = m.bn1.bias.detach()[keep1].clone()
+    kept_in = m.conv2.weight.detach()[:, keep1].clone()
+    ref = copy.deepcopy(m)
+    res = prune_channels(m, x, ratio=0.5, importance="bn_scale")
+    assert m.conv1.out_channels == m.bn1.num_features == m.conv2.in_channels == 8
+    assert torch.equal(m.bn1.bias.detach(), kept_bias)
+    assert torch.equal(m.conv2.weight.detach()[:16], kept_in[:16] if m.conv2.out_channels == 32 else
+                       m.conv2.weight.detach()[:16])
+    assert m.fc.in_features == 16 * 49 and res.params_after < res.params_before and res.macs_after < res.macs_before
+    # oracle: the original with those channels zeroed at their consumers gives the same output
+    plan = res.plans[0]
+    plan.zero_consumers(ref)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_l1_filter_pruning_removes_lowest_norm_filters():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 4, 1))
+    norms = m[0].weight.detach().abs().sum((1, 2, 3))
+    want = torch.sort(torch.argsort(norms, descending=True)[:6]).values
+    w = m[0].weight.detach()[want].clone()
+    prune_channels(m, torch.randn(1, 3, 8, 8), ratio=0.4, importance="l1", reduce="first")
+    assert torch.equal(m[0].weight.detach(), w)
+
+
+def test_ratio_zero_is_identity_and_never_prunes_to_zero():
+    m, x = _seed()
+    y = m(x)
+    res = prune_channels(m, x, ratio=0.0)
+    assert res.channels_pruned == 0 and torch.equal(m(x), y)
+    prune_channels(m, x, ratio=0.99)
+    assert m.conv1.out_channels >= 1 and m.conv2.out_channels >= 1 and m(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_keeps_multiples(round_to):
+    m, x = _seed()
+    prune_channels(m, x, ratio=0.6, round_to=round_to)
+    assert m.conv1.out_channels % round_to == 0 and m.conv2.out_channels % round_to == 0
+
+
+def test_ignore_and_ratio_dict():
+    m, x = _seed()
+    prune_channels(m, x, ratio=0.5, ignore=[m.conv2])
+    assert m.conv2.out_channels == 32 and m.conv1.out_channels == 8
+    m, x = _seed()
+    prune_channels(m, x, ratio=0.5, ignore_inputs=["conv2"])
+    assert m.conv2.in_channels == 16 and m.conv2.out_channels == 16
+    m, x = _seed()
+    prune_channels(m, x, ratio={"conv2": 0.25})
+    assert m.conv2.out_channels == 24 and m.conv1.out_channels == 16
+
+
+def test_global_scope_prunes_the_requested_total():
+    m, x = _seed()
+    m.conv2.weight.data *= 10  # conv2 channels are far more important: global ranking prunes conv1 first
+    plan = plan_channels(m, x, ratio=0.25, scope="global", reduce="first")
+    assert plan.channels == int(0.25 * 48)
+    counts = {g.name: c.numel() for g, c in plan.choices}
+    assert counts.get("conv1", 0) > counts.get("conv2", 0)
+
+
+def test_threshold_mode():
+    m, x = _seed()
+    m.bn1.weight.data[:5] = 0.001
+    plan = plan_channels(m, x, importance="bn_scale", threshold=0.01)
+    chosen = {g.name: sorted(c.tolist()) for g, c in plan.choices}
+    assert chosen == {"conv1": [0, 1, 2, 3, 4]}
+
+
+def test_target_macs_is_reached():
+    m, x = _seed()
+    before = count_macs(m, x)
+    res = prune_channels(m, x, target_macs=0.5)
+    assert res.macs_after <= 0.5 * before and res.macs_before == before
+    assert count_macs(m, x) == res.macs_after
+
+
+def test_steps_and_callable_importance():
+    m, x = _seed()
+    prune_channels(m, x, ratio=0.75, steps=2, importance=lambda group: torch.arange(group.size).float())
+    assert m.conv1.out_channels == 4 and m.conv2.out_channels == 8
+    # the callable ranked channel 0 lowest: the first channels went, the last ones stayed
+    m2, _ = _seed()
+    assert torch.equal(m.bn1.bias.detach(), m2.bn1.bias.detach()[-4:])
+
+
+@pytest.mark.parametrize("importance", ["l2", "random", "lamp", "fpgm", "taylor"])
+def test_every_importance_gives_a_valid_model(importance):
+    m, x = _seed()
+    if importance == "taylor":
+        m(x).sum().backward()
+    ref = copy.deepcopy(m)
+    res = prune_channels(m, x, ratio=0.5, importance=importance)
+    res.plans[0].zero_consumers(ref)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_raises_before_changing_anything():
+    m, x = _seed()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    for kw in [dict(ratio=1.5), dict(scope="everywhere"), dict(round_to=0), dict(importance="nope"),
+               dict(heads="head_dim"), dict(target_macs=2.0), dict(ratio={"conv1": -0.1})]:
+        with pytest.raises(PruningError):
+            prune_channels(m, x, **kw)
+    with pytest.raises(PruningError, match="gradients"):
+        prune_channels(m, x, importance="taylor")
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
+
+
+def test_structure_round_trip_through_a_fresh_model():
+    m, x = _seed()
+    prune_channels(m, x, ratio=0.5)
+    prune_channels(m, x, ratio=0.3)  # structure accumulates over successive prunings
+    import json
+    structure = json.loads(json.dumps(m._secateur_structure))
+    fresh = apply_structure(SeedCNN().eval(), structure)
+    fresh.load_state_dict(m.state_dict(), strict=True)
+    assert torch.equal(fresh(x), m(x))
+
+
+def test_pruned_model_trains_copies_and_round_trips_state_dict():
+    m, x = _seed()
+    prune_channels(m, x, ratio=0.5)
+    twin = copy.deepcopy(m)
+    assert torch.equal(twin(x), m(x))
+    m.train()
+    y = torch.randint(0, 10, (2,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+    m.eval()
+    other = copy.deepcopy(twin)
+    other.load_state_dict(m.state_dict(), strict=True)
+    assert torch.equal(other(x), m(x))
+    assert not any(hasattr(mod, "_forward_hooks") and mod._forward_hooks for mod in m.modules())
+    assert not any(hasattr(mod, "parametrizations") for mod in m.modules())
+
+
+@pytest.mark.slow
+def test_torch_compile_on_a_pruned_model():
+    m, x = _seed()
+    prune_channels(m, x, ratio=0.5)
+    compiled = torch.compile(m)
+    torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_metrics_counts_match_hand_formula():
+    m, x = _seed()
+    conv1 = 16 * 1 * 9 * 28 * 28
+    conv2 = 32 * 16 * 9 * 14 * 14
+    fc = 32 * 49 * 10
+    assert count_macs(m, x) == 2 * (conv1 + conv2 + fc)  # batch of 2
+    assert count_params(m) == sum(p.numel() for p in m.parameters())
