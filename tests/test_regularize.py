@@ -75,6 +75,36 @@ def test_group_lasso_groups_cover_conv_and_bn():
     assert {(m[0], m[1]) for m in groups[0].members} == {("0", "weight"), ("0", "bias"), ("1", "weight"), ("1", "bias")}
 
 
+def test_group_lasso_over_engine_groups_shrinks_coupled_slices():
+    pytest.importorskip("secateur.graph.groups")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5))
+    x = torch.randn(2, 3, 10, 10)
+    model.eval()
+    groups = channel_groups(model, example_inputs=x)
+    assert groups and all(g.size > 0 for g in groups)
+    reg = GroupLasso(tuple(groups), lam=1.0)
+    norms = reg.norms(model)
+    # oracle for the 8-channel group: conv0 rows, conv0 bias, BN affine, conv3 input columns
+    g8 = [i for i, g in enumerate(groups) if g.size == 8]
+    assert g8
+    ref = (model[0].weight.detach().reshape(8, -1).pow(2).sum(1) + model[0].bias.detach().pow(2)
+           + model[1].weight.detach().pow(2) + model[1].bias.detach().pow(2)
+           + model[3].weight.detach().transpose(0, 1).reshape(8, -1).pow(2).sum(1))
+    assert torch.allclose(norms[g8[0]], ref.sqrt(), rtol=1e-5)
+    # the 4-channel group crosses the flatten: each conv3 channel owns 36 columns of the Linear
+    g4 = [i for i, g in enumerate(groups) if g.size == 4][0]
+    ref4 = (model[3].weight.detach().reshape(4, -1).pow(2).sum(1) + model[3].bias.detach().pow(2)
+            + model[5].weight.detach().reshape(5, 4, 36).pow(2).sum((0, 2)))
+    assert torch.allclose(norms[g4], ref4.sqrt(), rtol=1e-5)
+    tau = float(norms[g8[0]].detach().median())
+    reg.proximal_(model, lr=tau)
+    dead = norms[g8[0]] <= tau
+    assert bool((model[3].weight[:, dead] == 0).all()) and bool((model[0].weight[dead] == 0).all())
+    assert bool((model[1].weight[dead] == 0).all())
+
+
 def test_group_lasso_shrinks_whole_groups_together():
     model = _convnet()
     model(torch.randn(2, 3, 10, 10))
@@ -89,7 +119,7 @@ def test_group_lasso_shrinks_whole_groups_together():
         dead = old <= tau
         assert bool((new[dead] == 0).all())  # whole channel zero: conv rows, bias, BN scale and shift
         assert torch.allclose(new[~dead], old[~dead] - tau, atol=1e-5)  # survivors shrink by exactly tau
-        for mod_name, param, dim, _ in g.members:
+        for mod_name, param, dim, *_ in g.members:
             t = getattr(dict(model.named_modules())[mod_name], param).detach()
             rows = t.movedim(dim, 0).reshape(g.size, -1)
             assert bool((rows[dead] == 0).all())
@@ -117,7 +147,7 @@ def test_group_lasso_bad_group_is_refused_before_change():
     model = _convnet()
     model(torch.randn(2, 3, 10, 10))
     good = channel_groups(model)[0]
-    bad = LassoGroup(good.members + (("3", "weight", 0, None),), good.size)  # conv 3 has 6 rows, not 8
+    bad = LassoGroup(good.members + (("3", "weight", 0),), good.size)  # conv 3 has 6 rows, not 8
     snap = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PruningError, match="does not hold 8 channels"):
         GroupLasso((good, bad), lam=1.0).proximal_(model, lr=1.0)

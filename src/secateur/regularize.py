@@ -70,18 +70,50 @@ class BNScaleL1:
 
 @dataclass(frozen=True)
 class LassoGroup:
-    """``size`` coupled channels: channel ``k`` is slice ``index[k]`` along ``dim`` of every member
-    tensor ``(module_name, param, dim, index)``; ``index=None`` means ``range(size)``. The structural
-    engine's groups convert to this; `channel_groups` builds the simple conv/linear + BN grouping."""
+    """``size`` coupled channels. Each member ``(module_name, param, dim, index, channel)`` owns the
+    positions ``index`` along ``dim`` of one tensor, position ``index[i]`` belonging to channel
+    ``channel[i]`` (one channel may own several positions, e.g. after a flatten). ``index=None`` means
+    every position, ``channel=None`` means position ``i`` is channel ``i``. The structural engine's
+    groups convert with `LassoGroup.from_engine`; `channel_groups` builds a simple conv/linear + BN one."""
 
-    members: tuple[tuple[str, str, int, tuple[int, ...] | None], ...]
+    members: tuple[tuple, ...]
     size: int
 
+    @classmethod
+    def from_engine(cls, group, model: nn.Module) -> "LassoGroup":
+        """Convert a `secateur.graph` Group: every trainable member (weights, biases, norm affine and
+        consumers' input columns), buffers such as running statistics left out."""
+        members = []
+        for m in group.members:
+            t = original(model.get_submodule(m.module), m.name)
+            if t is None or not isinstance(t, nn.Parameter) or not t.is_floating_point():
+                continue
+            members.append((m.module, m.name, m.dim, tuple(int(i) for i in m.index),
+                            tuple(int(c) for c in m.channel)))
+        return cls(tuple(members), int(group.size))
 
-def channel_groups(model: nn.Module, *, exclude: Iterable[str] | None = None) -> list[LassoGroup]:
-    """One group per Linear/Conv layer: each output channel's weight row, bias entry and the following
-    BatchNorm's scale and shift (when the next layer in definition order is a BN of matching width).
-    The last producer layer (the classifier) is excluded by default: its outputs are the classes."""
+
+def _member(m: tuple) -> tuple:
+    return tuple(m) + (None,) * (5 - len(m))
+
+
+def channel_groups(model: nn.Module, *, exclude: Iterable[str] | None = None, example_inputs=None
+                   ) -> list[LassoGroup]:
+    """Channel groups for group lasso. With ``example_inputs`` and the structural engine available:
+    the engine's dependency groups (producer rows, norm parameters, consumers' input columns, residual
+    partners); otherwise one group per Linear/Conv layer: each output channel's weight row, bias entry
+    and the following BatchNorm's scale and shift (when the next Linear/Conv/BN layer in definition
+    order is a BN of matching width). The last producer (the classifier) is excluded by default in the
+    simple grouping; the engine never offers the model's outputs."""
+    if example_inputs is not None:
+        try:
+            from secateur.graph.groups import build_groups
+        except ImportError:
+            build_groups = None
+        if build_groups is not None:
+            skip = set(exclude or ())
+            return [LassoGroup.from_engine(g, model) for g in build_groups(model, example_inputs)
+                    if not (g.modules() & skip)]
     mods = [(n, m) for n, m in model.named_modules() if isinstance(m, _PRODUCERS + _BN)]
     producers = [n for n, m in mods if isinstance(m, _PRODUCERS)]
     skip = set(producers[-1:]) if exclude is None else set(exclude)
@@ -90,39 +122,50 @@ def channel_groups(model: nn.Module, *, exclude: Iterable[str] | None = None) ->
         if not isinstance(m, _PRODUCERS) or name in skip:
             continue
         width = original(m, "weight").shape[0]
-        members = [(name, "weight", 0, None)] + ([(name, "bias", 0, None)] if m.bias is not None else [])
+        members = [(name, "weight", 0)] + ([(name, "bias", 0)] if m.bias is not None else [])
         nxt = mods[i + 1][1] if i + 1 < len(mods) else None
         if isinstance(nxt, _BN) and nxt.affine and nxt.num_features == width:
-            members += [(mods[i + 1][0], "weight", 0, None), (mods[i + 1][0], "bias", 0, None)]
+            members += [(mods[i + 1][0], "weight", 0), (mods[i + 1][0], "bias", 0)]
         groups.append(LassoGroup(tuple(members), width))
     return groups
 
 
 def _resolve(model: nn.Module, groups: Sequence[LassoGroup]):
-    """Check every member exists and fits before anything is touched; return (tensor, dim, index) lists."""
+    """Check every member exists and fits before anything is touched; return lists of
+    ``(tensor, dim, index or None, channel or None, module_name, param)``."""
     modules = dict(model.named_modules())
     resolved = []
     for g in groups:
         parts = []
-        for mod_name, param, dim, index in g.members:
+        for mod_name, param, dim, index, channel in map(_member, g.members):
+            where = f"{mod_name}.{param}"
             t = original(modules[mod_name], param) if mod_name in modules else None
             if t is None:
-                raise fail("group member not found in the model", where=f"{mod_name}.{param}")
+                raise fail("group member not found in the model", where=where)
             if not -t.dim() <= dim < t.dim():
-                raise fail("group dim out of range", where=f"{mod_name}.{param}", shape=t.shape, value=dim)
+                raise fail("group dim out of range", where=where, shape=t.shape, value=dim)
+            dim = dim % t.dim()
             idx = None if index is None else torch.as_tensor(index, dtype=torch.long, device=t.device)
+            ch = None if channel is None else torch.as_tensor(channel, dtype=torch.long, device=t.device)
             n = t.shape[dim] if idx is None else len(idx)
-            if n != g.size or (idx is not None and len(idx) and int(idx.max()) >= t.shape[dim]):
-                raise fail(f"group member does not hold {g.size} channels along dim {dim}",
-                           where=f"{mod_name}.{param}", shape=t.shape, value=index)
-            parts.append((t, dim, idx))
+            if idx is not None and len(idx) and (int(idx.max()) >= t.shape[dim] or int(idx.min()) < 0):
+                raise fail(f"group index out of range along dim {dim}", where=where, shape=t.shape, value=index)
+            if ch is None and n != g.size:
+                raise fail(f"group member does not hold {g.size} channels along dim {dim}", where=where,
+                           shape=t.shape, value=index)
+            if ch is not None and (len(ch) != n or (n and (int(ch.max()) >= g.size or int(ch.min()) < 0))):
+                raise fail("group channel map does not fit", where=where, shape=t.shape, value=channel)
+            parts.append((t, dim, idx, ch, mod_name, param))
         resolved.append(parts)
     return resolved
 
 
-def _rows(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+def _sq_per_channel(t: torch.Tensor, dim: int, idx, ch, size: int) -> torch.Tensor:
     v = t if idx is None else t.index_select(dim, idx)
-    return v.movedim(dim, 0).reshape(v.shape[dim], -1)
+    sq = v.movedim(dim, 0).reshape(v.shape[dim], -1).float().pow(2).sum(1)
+    if ch is None:
+        return sq
+    return torch.zeros(size, dtype=sq.dtype, device=sq.device).index_add_(0, ch, sq)
 
 
 @dataclass(frozen=True)
@@ -140,18 +183,21 @@ class GroupLasso:
 
     @classmethod
     def for_model(cls, model: nn.Module, lam: LambdaSpec = 1e-4, **kw) -> "GroupLasso":
+        """Groups from `channel_groups` (pass ``example_inputs=`` to use the structural engine's)."""
         return cls(tuple(channel_groups(model, **kw)), lam)
 
     def norms(self, model: nn.Module, *, effective: bool = False) -> list[torch.Tensor]:
-        """Per-channel L2 norm of each group (of the masked, effective tensors when ``effective``)."""
+        """Per-channel L2 norm of each group: of the stored values (no autograd), or of the masked,
+        effective tensors with autograd when ``effective`` (what `penalty` differentiates)."""
         out, modules = [], dict(model.named_modules())
-        for parts, g in zip(_resolve(model, self.groups), self.groups):
-            sq = 0
-            for (t, dim, idx), (mod_name, param, _, _) in zip(parts, g.members):
-                if effective:
-                    t = getattr(modules[mod_name], param)
-                sq = sq + _rows(t, dim, idx).pow(2).sum(1)
-            out.append(torch.sqrt(sq))
+        with torch.set_grad_enabled(effective and torch.is_grad_enabled()):
+            for parts, g in zip(_resolve(model, self.groups), self.groups):
+                sq = 0
+                for t, dim, idx, ch, mod_name, param in parts:
+                    if effective:
+                        t = getattr(modules[mod_name], param)
+                    sq = sq + _sq_per_channel(t, dim, idx, ch, g.size)
+                out.append(torch.sqrt(sq))
         return out
 
     def penalty(self, model: nn.Module, step: int = 0) -> torch.Tensor:
@@ -167,17 +213,19 @@ class GroupLasso:
         """Block soft-thresholding: scale channel k of a group by ``max(0, 1 - lr*lambda/||w_k||)``."""
         tau = _check_lr(lr, "GroupLasso.proximal_") * _lam(self.lam, step, "GroupLasso")
         resolved = _resolve(model, self.groups)
-        for parts in resolved:
-            norm = torch.sqrt(sum(_rows(t, d, i).pow(2).sum(1) for t, d, i in parts))
+        for parts, g in zip(resolved, self.groups):
+            norm = torch.sqrt(sum(_sq_per_channel(t, d, i, c, g.size) for t, d, i, c, _, _ in parts))
             scale = (1 - tau / norm.clamp_min(1e-30)).clamp_min(0)
-            for t, dim, idx in parts:
+            for t, dim, idx, ch, _, _ in parts:
+                n = t.shape[dim] if idx is None else len(idx)
+                per_pos = scale if ch is None else scale[ch]
                 shape = [1] * t.dim()
-                shape[dim] = -1
-                s = scale.to(t.dtype).reshape(shape)
+                shape[dim] = n
+                s_ = per_pos[:n].to(t.dtype).reshape(shape)
                 if idx is None:
-                    t.mul_(s)
+                    t.mul_(s_)
                 else:
-                    t.index_copy_(dim, idx, t.index_select(dim, idx) * s)
+                    t.index_copy_(dim, idx, t.index_select(dim, idx) * s_)
 
 
 def _structured():
