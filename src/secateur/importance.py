@@ -34,7 +34,9 @@ def _rows(model: nn.Module, m: Member, grad: bool = False) -> torch.Tensor:
         t = t.grad
     t = t.detach()
     idx = m.index.to(t.device)
-    return t.index_select(m.dim, idx).movedim(m.dim, 0).reshape(idx.numel(), -1).float()
+    if not (idx.numel() == t.size(m.dim) and bool((idx == torch.arange(idx.numel(), device=idx.device)).all())):
+        t = t.index_select(m.dim, idx)  # whole-dim members (the common case) need no copy
+    return t.movedim(m.dim, 0).reshape(idx.numel(), -1).float()
 
 
 def _per_channel(m: Member, row_scores: torch.Tensor, size: int) -> torch.Tensor:
@@ -48,7 +50,8 @@ def _weighted(group: Group) -> list[Member]:
 
 def _magnitude(p: float):
     def score(group: Group, model: nn.Module) -> list[torch.Tensor]:
-        return [_per_channel(m, _rows(model, m).abs().pow(p).sum(1), group.size) for m in _weighted(group)]
+        return [_per_channel(m, (_rows(model, m).abs() if p == 1 else _rows(model, m).square()).sum(1),
+                             group.size) for m in _weighted(group)]
     return score
 
 

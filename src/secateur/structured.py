@@ -275,30 +275,56 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
     return structure
 
 
+_HF_SIZES = {  # config field -> (module attribute, module-name suffixes): set when every layer agrees
+    "intermediate_size": ("out_features", ("mlp.up_proj", "mlp.gate_proj", "intermediate.dense", "mlp.fc1")),
+    "n_inner": ("nf", ("mlp.c_fc",)),
+    "encoder_ffn_dim": ("out_features", ("encoder.layers.*.fc1",)),
+    "decoder_ffn_dim": ("out_features", ("decoder.layers.*.fc1",)),
+    "d_ff": ("out_features", ("DenseReluDense.wi",)),
+}
+_HF_HEADS = {"num_attention_heads": ("q_proj", "attention.self.query", "attention.attention.query", "attn.c_attn"),
+             "num_key_value_heads": ("k_proj",), "n_head": ("attn.c_attn",), "num_heads": ("SelfAttention.q",)}
+
+
 def _update_hf_config(model: nn.Module, structure: dict) -> None:
-    """Hugging Face: keep ``config`` in step where every layer has the same new size (else leave it, noted)."""
+    """Hugging Face: keep ``config`` in step where every layer has the same new size; where layers differ the
+    config cannot say it and the structure record is what reloads the model."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    fields = {"intermediate_size": ("out_features", ("mlp.up_proj", "mlp.gate_proj", "intermediate.dense")),
-              "n_inner": ("nx", ())}
     changed = {}
-    for key, (attr, suffixes) in fields.items():
-        vals = {v["attrs"].get(attr) for n, v in structure.items() if n.endswith(suffixes) and suffixes}
-        vals.discard(None)
-        if len(vals) == 1 and hasattr(config, key):
-            setattr(config, key, vals.pop())
-            changed[key] = getattr(config, key)
-    heads = {}
-    for n, v in structure.items():
-        for k in ("num_heads", "num_attention_heads", "n_head", "num_key_value_heads"):
-            if k in v["attrs"]:
-                heads.setdefault(k, set()).add(v["attrs"][k])
-    for k, vals in heads.items():
-        ck = {"num_heads": "num_attention_heads", "n_head": "n_head"}.get(k, k)
-        if len(vals) == 1 and hasattr(config, ck):
-            setattr(config, ck, vals.pop())
-            changed[ck] = getattr(config, ck)
+
+    def sizes(attr, suffixes, dim=0):
+        vals = set()
+        for n, mod in model.named_modules():
+            if any(fnmatch.fnmatch(n, "*" + s) for s in suffixes):
+                w = getattr(mod, "weight", None)
+                if w is not None:
+                    vals.add(int(getattr(mod, attr, w.shape[dim])))
+        return vals
+
+    for key, (attr, suffixes) in _HF_SIZES.items():
+        vals = sizes(attr, suffixes)
+        if hasattr(config, key) and len(vals) == 1:
+            changed[key] = vals.pop()
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or \
+        getattr(config, "num_heads", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or \
+        (hidden // heads if heads and hidden else None)
+    if head_dim:
+        for key, suffixes in _HF_HEADS.items():
+            vals = {v // (3 if "c_attn" in s else 1) for s in suffixes for v in sizes("out_features", (s,))
+                    if "c_attn" not in s} | {v // 3 for s in suffixes if "c_attn" in s
+                                             for v in sizes("nf", (s,))}
+            if hasattr(config, key) and len(vals) == 1 and getattr(config, key) is not None:
+                changed[key] = vals.pop() // head_dim
+        if changed.get("num_attention_heads") and getattr(config, "head_dim", None) is None and \
+                hasattr(config, "hidden_size") and "head_dim" in type(config).__init__.__code__.co_varnames:
+            changed["head_dim"] = head_dim
+    changed = {k: v for k, v in changed.items() if getattr(config, k) != v}
+    for k, v in changed.items():
+        setattr(config, k, v)
     if changed:
         structure.setdefault("", {"params": {}, "buffers": {}, "attrs": {}}).setdefault("config", {}).update(changed)
 

@@ -206,6 +206,7 @@ def kept(tr: Tracer, mod, args, kwargs, out):
 
 # ---------------------------------------------------------------- size attributes after slicing
 UPDATERS: dict[type, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
+UPDATERS_BY_NAME: dict[str, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
 
 
 def updater(*types):
@@ -221,6 +222,9 @@ def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     for base in type(mod).__mro__:
         if base in UPDATERS:
             return UPDATERS[base](mod, old)
+        fn = UPDATERS_BY_NAME.get(f"{base.__module__}.{base.__name__}")
+        if fn is not None:
+            return fn(mod, old)
     return heads_updater(mod, old)
 
 
@@ -284,7 +288,14 @@ def _emb(mod, old):
     return {"embedding_dim": mod.embedding_dim}
 
 
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "num_key_value_heads", "all_head_size", "split_size",
+def _hf_conv1d(mod, old):
+    mod.nx, mod.nf = int(mod.weight.shape[0]), int(mod.weight.shape[1])
+    return {"nx": mod.nx, "nf": mod.nf}
+
+
+UPDATERS_BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d
+
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "all_head_size", "split_size",
               "attn_dim", "inner_dim")
 
 

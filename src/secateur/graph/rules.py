@@ -65,10 +65,15 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         raise tr.error(f"operation {packet._qualified_op_name} on a channel-carrying tensor is not understood by "
                        "the structural engine", hint="add a rule in secateur/graph/rules.py or list the "
                        "module in ignore=")
-    if func._schema.is_mutable and isinstance(args[0], torch.Tensor) and args[0]._is_view():
-        raise tr.error(f"in-place {packet._qualified_op_name} on a view of a channel-carrying tensor: "
-                       "cannot track its base", args[0])
+    inplace_view = func._schema.is_mutable and isinstance(args[0], torch.Tensor) and args[0]._is_view()
+    before = tr.get(args[0]) if inplace_view else None
     fn(tr, func, args, kwargs, out)
+    if inplace_view:
+        after = tr.get(args[0])
+        if not (before is None and after is None) and (before is None or after is None or
+                                                        not torch.equal(before, after)):
+            raise tr.error(f"in-place {packet._qualified_op_name} changes the channels of a view: cannot track "
+                           "its base", args[0])
 
 
 _POINTWISE_UNTAGGED = {aten.hardswish, aten.hardswish_, aten.mish, aten.mish_, aten.silu, aten.gelu_,
@@ -233,7 +238,7 @@ def _check_split(tr, args, largs, louts):
         for o in louts[1:]:
             tr.atoms.union(louts[0], o)
     else:
-        tr.atoms.block(largs[0])
+        tr.atoms.collapse(largs[0], [dim])
 
 
 def _check_slice(tr, args, largs, louts):
@@ -252,19 +257,17 @@ def _check_slice(tr, args, largs, louts):
             dims = [args[2]]
     if louts and louts[0].shape == x.shape and all(torch.equal(louts[0], largs[0]) for _ in [0]):
         return
-    for d in dims:
-        if _varying(tr, x, d):
-            tr.atoms.block(largs[0])
-            tr.notes.append(f"{tr.where()}: slicing a channel dim at fixed positions; those channels are kept")
-            return
+    for d in dims:  # the dim must never shrink: its atoms go all together (whole heads survive a
+        if _varying(tr, x, d):  # rotate_half over head_dim; conv channels sliced at [:, :8] are kept)
+            tr.atoms.collapse(largs[0], [d])
 
 
 def _check_roll(tr, args, largs, louts):
     x = args[0]
     dims = args[2] if len(args) > 2 else []
     dims = [dims] if isinstance(dims, int) else list(dims)
-    if not dims or any(_varying(tr, x, d) for d in dims):
-        tr.atoms.block(largs[0]) if tr.get(x) is not None and (not dims or True) else None
+    if tr.get(x) is not None:
+        tr.atoms.collapse(largs[0], dims or range(x.dim()))
 
 
 def _blocks(a, b):
@@ -450,10 +453,11 @@ def sdpa(tr, func, args, kwargs, out):
     mask = kwargs.get("attn_mask")
     if mask is None and len(args) > 3 and isinstance(args[3], torch.Tensor):
         mask = args[3]
-    if mask is not None and tr.get(mask) is not None:
-        raise tr.error("attention mask carries channels", mask)
     heads = []
-    for t in (q, k, v):
+    for t in (q, k, v, mask):  # a per-head mask (T5's relative position bias) goes with its head
+        if t is None or (t is mask and t.dim() < 3):
+            heads.append(None)
+            continue
         lab = _pad(tr.get(t), t.dim())
         if lab is None:
             heads.append(None)
