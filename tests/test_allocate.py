@@ -69,6 +69,11 @@ def test_budget_floor_and_allowed_counts_hold(sizes, target, seed, multiple, flo
     assert cost(counts) <= cost(sizes) / target + 1e-9
     for k, n, cs in zip(counts, sizes, cands):
         assert k in cs and k >= math.ceil(floor * n) or k == n
+    for g, cs in enumerate(cands):  # maximal: no group can take its next count back within the budget
+        up = [c for c in cs if c > counts[g]]
+        if up:
+            raised = counts[:g] + [up[0]] + counts[g + 1:]
+            assert cost(raised) > cost(sizes) / target + 1e-12
 
 
 def test_target_one_is_identity_and_ratios_roundtrip():
@@ -84,6 +89,25 @@ def test_expensive_channels_go_first():
     cost = separable([lambda k: 10.0 * k, lambda k: 1.0 * k])
     cheap_first = channel_counts(["costly", "cheap"], [same, same.clone()], cost, 1.5)
     assert cheap_first[0] < cheap_first[1] == 16
+
+
+def test_rank_fn_spends_the_budget_where_it_buys_time():
+    """Same MACs per channel everywhere; group 0's channels take 10x the time: with latency ranking
+    a MACs target is met by pruning group 0, with MACs ranking by importance alone."""
+    torch.manual_seed(0)
+    scores = [torch.rand(32) + 1.0, torch.rand(32)]  # group 1 is less important
+    macs = separable([float, float])
+    latency = separable([lambda k: 10.0 * k, lambda k: 1.0 * k])
+    by_macs = channel_counts(["a", "b"], scores, macs, 1.5, normalize="none")
+    by_time = channel_counts(["a", "b"], scores, macs, 1.5, normalize="none", rank_fn=latency)
+    assert by_macs[0] == 32 and by_macs[1] < 32
+    assert macs(by_time) <= 64 / 1.5 and macs(by_macs) <= 64 / 1.5
+    assert by_time[0] < 32 and latency(by_time) < latency(by_macs)
+    # steps that save MACs but no time come last
+    flat = separable([lambda k: 1.0, lambda k: float(k)])
+    c = channel_counts(["a", "b"], [torch.ones(8), torch.ones(8) * 5], separable([float, float]), 1.25,
+                       normalize="none", rank_fn=flat)
+    assert c == [8, 4]
 
 
 def test_staircase_keeps_step_edges_and_beats_uniform():

@@ -172,3 +172,27 @@ def test_build_rejects_model_without_layers(tmp_path, monkeypatch):
     monkeypatch.setenv("SECATEUR_CACHE", str(tmp_path))
     with pytest.raises(PruningError, match="no Conv/Linear"):
         LatencyTable.build(nn.ReLU(), torch.randn(1, 3), progress=False)
+
+
+def test_partial_members_and_graph_groups():
+    """A group that owns only part of a layer (a concatenation) removes ``width`` positions per channel."""
+    from types import SimpleNamespace as NS
+    a = LayerSpec("linear", 4, 8, (1, 4), (1, 8), (True,))
+    b = LayerSpec("linear", 4, 8, (1, 4), (1, 8), (True,))
+    c = LayerSpec("linear", 16, 2, (1, 16), (1, 2), (True,))  # consumes cat(a, b)
+    specs = {"a": a, "b": b, "c": c}
+    t = LatencyTable.from_measurements(specs, {
+        s.key(): {"out": {k: 1e-3 for k in range(1, s.out_channels + 1)},
+                  "in": {k: 1e-3 for k in range(1, s.in_channels + 1)}} for s in specs.values()})
+    groups = [NS(size=8, members=[NS(module="a", name="weight", kind="out", index=torch.arange(8)),
+                                  NS(module="a", name="bias", kind="out", index=torch.arange(8)),
+                                  NS(module="c", name="weight", kind="in", index=torch.arange(8))]),
+              NS(size=8, members=[NS(module="b", name="weight", kind="out", index=torch.arange(8)),
+                                  NS(module="c", name="weight", kind="in", index=torch.arange(8, 16))])]
+    members = t.members_of(groups)
+    assert members == [[("a", "out", 1.0), ("c", "in", 1.0)], [("b", "out", 1.0), ("c", "in", 1.0)]]
+    macs = t.cost_fn(members, "macs", sizes=[8, 8])
+    assert macs([5, 6]) == pytest.approx(a.macs(4, 5) + b.macs(4, 6) + c.macs(5 + 6, 2))
+    assert macs([8, 8]) == pytest.approx(sum(s.macs() for s in specs.values()))
+    with pytest.raises(PruningError, match="one size per group"):
+        t.cost_fn(members, "macs", sizes=[8])

@@ -91,7 +91,7 @@ class _Group:
 def channel_counts(groups: Sequence[Any], importance: Sequence[torch.Tensor] | Mapping[Any, torch.Tensor],
                    cost_fn: CostFn, target: float | None = None, *, budget: float | None = None,
                    candidates: Sequence[Sequence[int] | None] | None = None, min_keep: int | float = 1,
-                   normalize: str = "mean", lookahead: int = 4) -> list[int]:
+                   normalize: str = "mean", lookahead: int = 4, rank_fn: CostFn | None = None) -> list[int]:
     """Keep counts per group (aligned with ``groups``) such that ``cost_fn(counts) <= budget``.
 
     ``importance[g]`` holds one score per channel of group ``g`` (higher = more important; its length
@@ -100,6 +100,10 @@ def channel_counts(groups: Sequence[Any], importance: Sequence[torch.Tensor] | M
     lists the counts group ``g`` may keep (None: any count); ``min_keep`` is a floor per group (a count,
     or a fraction of its channels) so that no layer collapses. ``normalize`` rescales each group's
     scores (see `NORMALIZERS`) so that scores of different layers can be compared.
+
+    ``rank_fn`` (default ``cost_fn``) is the cost whose savings rank the steps while ``cost_fn`` only
+    decides when to stop: ``cost_fn`` = MACs and ``rank_fn`` = latency meets a MACs target with the
+    channels that buy the most time (steps that save MACs but no time come last).
 
     Raises `PruningError` if the budget cannot be met within the floors and allowed counts."""
     groups = list(groups)
@@ -137,66 +141,108 @@ def channel_counts(groups: Sequence[Any], importance: Sequence[torch.Tensor] | M
     counts = [st.channels for st in state]
     current = float(cost_fn(counts))
     limit = current / target if budget is None else float(budget)
-    return _greedy(state, counts, current, limit, cost_fn, lookahead)
+    return _greedy(state, counts, current, limit, _Costs(cost_fn, rank_fn), lookahead)
 
 
-def _best_step(st: _Group, g: int, counts: list[int], current: float, cost_fn: CostFn,
-               lookahead: int) -> tuple[float, int, float] | None:
-    """(importance lost per unit of cost saved, new count, new cost) of group ``g``'s best next step.
+class _Costs:
+    """The budget cost and the ranking cost of a count vector (one call when they are the same)."""
 
-    Walks down the allowed counts past flat parts of the cost (no saving) and compares the first
+    def __init__(self, budget: CostFn, rank: CostFn | None):
+        self.budget, self.rank = budget, rank
+
+    def __call__(self, counts: Sequence[int]) -> tuple[float, float]:
+        b = float(self.budget(counts))
+        return b, (b if self.rank is None else float(self.rank(counts)))
+
+
+def _best_step(st: _Group, g: int, counts: list[int], current: tuple[float, float], costs: _Costs,
+               lookahead: int) -> tuple[tuple[int, float], int, tuple[float, float]] | None:
+    """(priority, new count, new costs) of group ``g``'s best next step; priority is (0 if the ranking
+    cost drops else 1, importance lost per unit of ranking cost saved), smaller first.
+
+    Walks down the allowed counts past flat parts of the budget cost (no saving) and compares the first
     ``lookahead`` counts that do save something, so a staircase never traps a group on a step."""
     best = None
     k = counts[g]
     seen = 0
     for k2 in st.below(k):
         counts[g] = k2
-        new = float(cost_fn(counts))
+        new = costs(counts)
         counts[g] = k
-        gain = current - new
-        if gain <= 0:
+        if current[0] - new[0] <= 0:
             continue
-        ratio = st.loss(k, k2) / gain
-        if best is None or ratio < best[0]:
-            best = (ratio, k2, new)
+        loss = st.loss(k, k2)
+        rank_gain = current[1] - new[1]
+        prio = (0, loss / rank_gain) if rank_gain > 0 else (1, loss / (current[0] - new[0]))
+        if best is None or prio < best[0]:
+            best = (prio, k2, new)
         seen += 1
         if seen >= lookahead:
             break
     return best
 
 
-def _fresh_heap(state: list[_Group], counts: list[int], current: float, cost_fn: CostFn,
-                lookahead: int) -> list[tuple[float, int]]:
+def _fresh_heap(state: list[_Group], counts: list[int], current: tuple[float, float], costs: _Costs,
+                lookahead: int) -> list[tuple[tuple[int, float], int]]:
     heap = []
     for g, st in enumerate(state):
-        step = _best_step(st, g, counts, current, cost_fn, lookahead)
+        step = _best_step(st, g, counts, current, costs, lookahead)
         if step is not None:
             heap.append((step[0], g))
     heapq.heapify(heap)
     return heap
 
 
-def _greedy(state: list[_Group], counts: list[int], current: float, limit: float, cost_fn: CostFn,
+def _greedy(state: list[_Group], counts: list[int], budget_now: float, limit: float, costs: _Costs,
             lookahead: int) -> list[int]:
     """Lazy greedy: a popped step is re-priced against the current counts and taken only if it is still
     no worse than the best stale price left in the heap (prices rarely improve as others shrink)."""
-    heap = _fresh_heap(state, counts, current, cost_fn, lookahead)
-    while current > limit:
+    current = costs(counts)
+    heap = _fresh_heap(state, counts, current, costs, lookahead)
+    while current[0] > limit:
         if not heap:  # coupled costs: a group without a saving step may have gained one meanwhile
-            heap = _fresh_heap(state, counts, current, cost_fn, lookahead)
+            heap = _fresh_heap(state, counts, current, costs, lookahead)
         if not heap:
             raise fail("the cost target cannot be reached within the per-group floors and allowed counts",
-                       value={"reached": current, "budget": limit},
+                       value={"reached": current[0], "budget": limit},
                        hint="lower min_keep, allow more channel counts, or ask for a smaller reduction")
         _, g = heapq.heappop(heap)
-        step = _best_step(state[g], g, counts, current, cost_fn, lookahead)
+        step = _best_step(state[g], g, counts, current, costs, lookahead)
         if step is None:
             continue
         if heap and step[0] > heap[0][0]:
             heapq.heappush(heap, (step[0], g))
             continue
         counts[g], current = step[1], step[2]
-        nxt = _best_step(state[g], g, counts, current, cost_fn, lookahead)
+        nxt = _best_step(state[g], g, counts, current, costs, lookahead)
         if nxt is not None:
             heapq.heappush(heap, (nxt[0], g))
-    return counts
+    return _refill(state, counts, current, limit, costs)
+
+
+def _refill(state: list[_Group], counts: list[int], current: tuple[float, float], limit: float,
+            costs: _Costs) -> list[int]:
+    """Give back what the last (possibly large) steps overshot: while the budget allows, raise the
+    group whose next allowed count regains the most importance per unit of ranking cost added."""
+    while True:
+        best = None
+        for g, st in enumerate(state):
+            k = counts[g]
+            idx = st.allowed.index(k)
+            if idx + 1 == len(st.allowed):
+                continue
+            k2 = st.allowed[idx + 1]
+            counts[g] = k2
+            new = costs(counts)
+            counts[g] = k
+            if new[0] > limit:
+                continue
+            added = new[1] - current[1]
+            gain = st.loss(k2, k)  # importance regained
+            prio = gain / added if added > 0 else math.inf
+            if best is None or prio > best[0]:
+                best = (prio, g, k2, new)
+        if best is None:
+            return counts
+        _, g, k2, current = best
+        counts[g] = k2

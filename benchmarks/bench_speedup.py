@@ -1,0 +1,313 @@
+"""Real speedup of structural pruning: secateur vs Torch-Pruning 1.6.1, side by side in the same run.
+
+For each torchvision model (random weights) and each reduction target, every method prunes its own copy
+of the same dense model; then the dense model and all pruned copies are timed *interleaved* (one call
+each per round, order rotated) so that load from other processes hits all of them alike. Speedup is the
+median of the per-round ratios dense / pruned (p10-p90 in brackets); efficiency = speedup / MACs
+reduction (1.0 is the physical limit). MACs are counted the same way for every method
+(torch's FlopCounterMode: convolutions, matmuls, attention).
+
+Methods (``--methods``):
+  tp                Torch-Pruning 1.6.1 BasePruner, L1 magnitude, round_to=8, classifier ignored,
+                    uniform ratio raised in ``iterative_steps`` until the MACs target is met
+  secateur          secateur.structured.prune_channels(target_macs=..., round_to=8): the same recipe
+  secateur-latency  HALP-style: a per-layer latency table of this machine (secateur.latency_model) and the
+                    greedy allocator (secateur.allocate) choose per-group counts (multiples of 8) that meet
+                    the same MACs target, removing first the channels with the least L1 importance per
+                    second of (estimated) latency saved
+
+CPU: ``--batch`` sizes with ``--threads`` threads, float32. GPU (when CUDA is present and ``--gpu-batch``
+is given): bf16 channels-last, eager (and ``--compile``).
+
+    .venv/bin/python benchmarks/bench_speedup.py                       # full run (about 10 minutes)
+    .venv/bin/python benchmarks/bench_speedup.py --models resnet50 --targets 2 --batch 1 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results" / "speedup.json"
+MODELS = ["resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16"]
+ROUND_TO = 8
+
+
+def say(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def macs_of(model: nn.Module, x: torch.Tensor) -> int:
+    """One counter for every method: torch's FlopCounterMode (2 FLOPs = 1 MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def params_of(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The last Linear (the 1000-way head of torchvision classifiers)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+# ----------------------------------------------------------------------------------------- methods
+# Each method gets the dense model (which it must not change) and the ascending targets, and returns
+# {target: pruned copy}. Targets it cannot reach are left out (and reported).
+METHODS: dict[str, Callable[..., dict[float, nn.Module]]] = {}
+
+
+def method(name: str):
+    def deco(fn):
+        METHODS[name] = fn
+        return fn
+    return deco
+
+
+@method("tp")
+def prune_tp(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
+    import torch_pruning as tp
+    model = copy.deepcopy(dense)
+    kw: dict[str, Any] = {}
+    mha = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if mha:  # torchvision ViT: heads and the free class token / position embedding (Torch-Pruning's recipe)
+        kw["num_heads"] = {m: m.num_heads for m in mha}
+        kw["unwrapped_parameters"] = [(p, 2) for n, p in model.named_parameters()
+                                      if n in ("class_token", "encoder.pos_embedding")]
+    steps = args.tp_steps
+    pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=args.tp_max_ratio, iterative_steps=steps, round_to=ROUND_TO,
+                                  ignored_layers=[classifier(model)], **kw)
+    base = macs_of(dense, x)
+    out, todo = {}, list(targets)
+    for _ in range(steps):
+        pruner.step()
+        macs = macs_of(model, x)
+        while todo and base / macs >= todo[0]:
+            out[todo.pop(0)] = copy.deepcopy(model)
+        if not todo:
+            break
+    return out
+
+
+@method("secateur")
+def prune_secateur(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
+    from secateur.structured import prune_channels
+    model = copy.deepcopy(dense)
+    base = macs_of(dense, x)
+    out = {}
+    for t in targets:
+        current = macs_of(model, x)
+        goal = base / t / current
+        if goal < 1:
+            prune_channels(model, x, target_macs=goal, round_to=ROUND_TO)
+        if base / macs_of(model, x) >= t * 0.98:
+            out[t] = copy.deepcopy(model)
+    return out
+
+
+@method("secateur-latency")
+def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[float], args
+                           ) -> dict[float, nn.Module]:
+    from secateur.allocate import channel_counts, round_candidates
+    from secateur.graph import build_graph
+    from secateur.importance import group_scores
+    from secateur.latency_model import LatencyTable
+    from secateur.structured import Plan
+
+    graph = build_graph(dense, x)
+    groups, scores = [], []
+    for g in graph.groups:
+        s = group_scores(g, dense, "l1")
+        if s is not None and g.size > 1:
+            groups.append(g)
+            scores.append(s)
+    xt = torch.randn(args.table_batch, *x.shape[1:])
+    t0 = time.perf_counter()
+    table = LatencyTable.build(dense, xt, threads=args.threads, repeats=args.table_repeats,
+                               max_points=args.table_points, in_points=max(4, args.table_points // 2),
+                               progress=True)
+    say(f"  latency table: {len(table.specs)} layers in {time.perf_counter() - t0:.0f} s")
+    members = table.members_of(groups)
+    sizes = [g.size for g in groups]
+    macs = table.cost_fn(members, "macs", sizes=sizes)
+    latency = table.cost_fn(members, "latency", sizes=sizes)
+    base, dense_layers = macs_of(dense, xt), macs(sizes)  # both at the table's batch size
+    fixed = base - dense_layers  # MACs outside the table's layers (attention matmuls): not pruned
+    cands = [round_candidates(g.size, ROUND_TO) for g in groups]
+    out = {}
+    for t in targets:
+        try:
+            counts = channel_counts(groups, scores, macs, budget=base / t - fixed, candidates=cands,
+                                    min_keep=ROUND_TO, rank_fn=latency)
+        except Exception as e:  # noqa: BLE001 - reported, the other targets still run
+            say(f"  secateur-latency {t}x: {e}")
+            continue
+        choices = [(g, torch.argsort(s, stable=True)[: g.size - k]) for g, s, k in zip(groups, scores, counts)
+                   if k < g.size]
+        model = copy.deepcopy(dense)
+        Plan(graph.groups, choices, list(graph.notes)).apply(model)
+        out[t] = model
+    return out
+
+
+# ----------------------------------------------------------------------------------------- measuring
+def measure(variants: dict[str, nn.Module], x: torch.Tensor, args, *, threads: int | None,
+            compile: bool = False) -> dict[str, dict]:
+    from secateur.latency import compare_latency, paired_speedup
+    n = args.repeats
+    res = compare_latency(variants, x, repeats=n, warmup=args.warmup, threads=threads, compile=compile)
+    dense = res["dense"]
+    out = {}
+    for k, st in res.items():
+        med, lo, hi = paired_speedup(dense, st)
+        out[k] = {"latency_ms": st.median * 1e3, "latency_p10_ms": st.p10 * 1e3, "latency_p90_ms": st.p90 * 1e3,
+                  "speedup": med, "speedup_p10": lo, "speedup_p90": hi}
+    return out
+
+
+def run_model(name: str, args) -> list[dict]:
+    import torchvision
+    torch.manual_seed(0)
+    dense = getattr(torchvision.models, name)().eval()
+    x = torch.randn(1, 3, 224, 224)
+    base_macs, base_params = macs_of(dense, x), params_of(dense)
+    variants: dict[str, nn.Module] = {"dense": dense}
+    info: dict[str, dict] = {"dense": {"method": "dense", "target": 1.0, "macs": base_macs, "params": base_params,
+                                       "prune_s": 0.0}}
+    for meth in args.methods:
+        t0 = time.perf_counter()
+        say(f"{name}: pruning with {meth} to {args.targets}x")
+        try:
+            pruned = METHODS[meth](dense, x, sorted(args.targets), args)
+        except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
+            say(f"  {meth} failed on {name}: {type(e).__name__}: {e}")
+            pruned = {}
+        secs = time.perf_counter() - t0
+        for t in sorted(args.targets):
+            if t not in pruned:
+                say(f"  {meth} did not reach {t}x on {name}")
+                continue
+            m = pruned[t].eval()
+            with torch.no_grad():
+                assert m(x).shape == dense(x).shape
+            key = f"{meth}@{t:g}x"
+            variants[key] = m
+            info[key] = {"method": meth, "target": t, "macs": macs_of(m, x), "params": params_of(m), "prune_s": secs}
+    rows = []
+    for b in args.batch:
+        say(f"{name}: timing {len(variants)} variants, CPU batch {b}, {args.threads} threads, {args.repeats} rounds")
+        xb = torch.randn(b, 3, 224, 224)
+        lat = measure(variants, xb, args, threads=args.threads)
+        rows += _rows(name, info, lat, base_macs, base_params, device="cpu", batch=b, dtype="float32",
+                      compiled=False, threads=args.threads)
+    if torch.cuda.is_available() and args.gpu_batch:
+        for k, m in variants.items():
+            variants[k] = m.to("cuda", torch.bfloat16).to(memory_format=torch.channels_last)
+        for b in args.gpu_batch:
+            xb = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).contiguous(
+                memory_format=torch.channels_last)
+            for comp in ([False, True] if args.compile else [False]):
+                say(f"{name}: timing on {torch.cuda.get_device_name()} batch {b}{' compiled' if comp else ''}")
+                lat = measure(variants, xb, args, threads=None, compile=comp)
+                rows += _rows(name, info, lat, base_macs, base_params, device="cuda", batch=b, dtype="bfloat16",
+                              compiled=comp, threads=None)
+    return rows
+
+
+def _rows(name, info, lat, base_macs, base_params, **where) -> list[dict]:
+    rows = []
+    for k, i in info.items():
+        if k == "dense":
+            continue
+        mr = base_macs / i["macs"]
+        r = {"model": name, "variant": k, **i, "macs_reduction": mr, "params_reduction": base_params / i["params"],
+             **where, **lat[k], "dense_latency_ms": lat["dense"]["latency_ms"]}
+        r["efficiency"] = r["speedup"] / mr
+        rows.append(r)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'model':<14}{'device':<7}{'bs':>4} {'method':<17}{'target':>7}{'MACs red':>9}{'speedup':>9}"
+            f"{'[p10-p90]':>14}{'effic.':>8}{'dense ms':>10}{'ms':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["batch"], r["target"], r["method"])):
+        dev = r["device"] + ("+c" if r["compiled"] else "")
+        print(f"{r['model']:<14}{dev:<7}{r['batch']:>4} {r['method']:<17}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
+              f"{r['speedup']:>8.2f}x  [{r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}]{r['efficiency']:>8.2f}"
+              f"{r['dense_latency_ms']:>10.1f}{r['latency_ms']:>9.1f}")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torchvision
+    d = {"cpu": cpu, "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
+         "torchvision": torchvision.__version__, "python": platform.python_version(),
+         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    try:
+        import importlib.metadata as md
+        d["torch_pruning"] = md.version("torch-pruning")
+    except Exception:  # noqa: BLE001
+        d["torch_pruning"] = None
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name()
+    return d
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=MODELS, help="torchvision model names")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--targets", nargs="+", type=float, default=[2.0, 4.0], help="MACs (or latency) reductions")
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="CPU batch sizes")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for timing (pinned)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed rounds per batch (interleaved)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--gpu-batch", nargs="*", type=int, default=[64, 256], help="GPU batch sizes (bf16)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models on the GPU")
+    ap.add_argument("--tp-steps", type=int, default=30, help="Torch-Pruning iterative_steps")
+    ap.add_argument("--tp-max-ratio", type=float, default=0.9, help="Torch-Pruning final pruning_ratio")
+    ap.add_argument("--table-batch", type=int, default=1, help="batch size the latency table is measured at")
+    ap.add_argument("--table-points", type=int, default=12, help="output-channel grid points per layer")
+    ap.add_argument("--table-repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args)
+        print_table([r for r in rows if r["model"] == name])
+        print(flush=True)
+    print_table(rows)
+    result = {"benchmark": "speedup", "command": " ".join(["benchmarks/bench_speedup.py", *(argv or sys.argv[1:])]),
+              "machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "seconds": time.perf_counter() - t0, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    say(f"wrote {args.out} in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
