@@ -63,7 +63,7 @@ def test_prune_report_export_round_trip(tmp_path, factory, capsys):
     assert desc["source"] == factory
     import cli_models
     loaded = sio.load(cli_models.tiny(), out)
-    assert abs(secateur.report.report(loaded).sparsity - 0.6) < 0.02  # global 60 % of Linear/conv weights
+    assert abs(secateur.report(loaded).sparsity - 0.6) < 0.02  # global 60 % of Linear/conv weights
     html, js = tmp_path / "r.html", tmp_path / "r.json"
     code, stdout, _ = run(["report", str(out), *SHAPE, "--html", str(html), "--json", str(js)], capsys)
     assert code == 0 and html.read_text().startswith("<!DOCTYPE html>")
@@ -77,7 +77,7 @@ def test_prune_to_target_macs(tmp_path, factory, capsys):
     code, _, _ = run(["prune", factory, *SHAPE, "--target-macs", "0.4", "-o", str(out)], capsys)
     assert code == 0
     import cli_models
-    rep = secateur.report.report(sio.load(cli_models.tiny(), out), torch.randn(2, 3, 8, 8))
+    rep = secateur.report(sio.load(cli_models.tiny(), out), torch.randn(2, 3, 8, 8))
     assert rep.macs_nonzero <= 0.4 * rep.macs
     assert rep.macs_nonzero > 0.35 * rep.macs  # the bisection stops near the target, not far below
 

@@ -6,6 +6,9 @@ from secateur.errors import PruningError
 from secateur.masks import apply_masks, finalize, get_mask, is_pruned, masks_of, set_mask
 from secateur.patterns import NM, Block, Element, Slices
 from secateur.prune import prune
+from secateur.io import export_onnx, load, save
+from secateur.report import Report, report
+from secateur.sensitivity import allocate, sensitivity
 
 __version__ = "0.1.0"
 
@@ -13,4 +16,5 @@ __all__ = [
     "PruningError", "prune", "finalize", "is_pruned", "masks_of", "apply_masks", "get_mask", "set_mask",
     "Criterion", "Magnitude", "Random", "Scores", "Taylor", "register_criterion",
     "Element", "NM", "Block", "Slices", "__version__",
+    "save", "load", "export_onnx", "report", "Report", "sensitivity", "allocate",
 ]
