@@ -145,8 +145,10 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
                   importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                   ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
                   reduce: str = "mean", normalize: str | None = None, ignore_inputs: Iterable = (),
-                  graph: Graph | None = None) -> Plan:
-    """Choose the channels ``prune_channels`` would remove; nothing is changed (``plan.apply(model)`` does it)."""
+                  graph: Graph | None = None, verify: bool = True) -> Plan:
+    """Choose the channels ``prune_channels`` would remove; nothing is changed (``plan.apply(model)`` does it).
+    ``verify`` dry-runs the plan on a meta-device skeleton (no weight memory) and leaves out groups whose removal
+    would break the model's own forward (noted in ``plan.notes``)."""
     _validate(ratio, threshold, scope, round_to, 1, None, None, heads)
     graph = graph or build_graph(model, example_inputs)
     ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
@@ -174,7 +176,33 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
                 choices.append((g, torch.argsort(s, stable=True)[:n]))
     else:
         choices = _global(cands, round_to)
-    return Plan(graph.groups, choices, list(graph.notes))
+    plan = Plan(graph.groups, choices, list(graph.notes))
+    return _verified(model, example_inputs, plan) if verify and plan.choices else plan
+
+
+def _verified(model: nn.Module, example_inputs: Any, plan: Plan) -> Plan:
+    """Dry-run the plan on a meta skeleton; drop the groups inside a module whose forward breaks (its code
+    keeps a size the engine cannot update) and try again. Never returns a plan that breaks the forward."""
+    from secateur.graph import verify
+    for _ in range(32):
+        ok, where, err = verify.check(model, example_inputs, plan.apply)
+        if err and ok:
+            plan.notes.append(err)
+        if ok:
+            return plan
+        scope = where or ""
+        while True:
+            keep = [(g, c) for g, c in plan.choices if not any(
+                m.module == scope or m.module.startswith(scope + ".") for m in g.members)] if scope else []
+            if len(keep) < len(plan.choices) or not scope:
+                break
+            scope = scope.rpartition(".")[0]
+        dropped = len(plan.choices) - len(keep)
+        plan.notes.append(f"{where or '<model>'}: pruned forward failed ({err}); kept {dropped} group(s) there")
+        plan = Plan(plan.groups, keep, plan.notes)
+        if not keep:
+            return plan
+    raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
 
 
 def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
