@@ -193,3 +193,16 @@ def test_prune_bn_channels_threshold_and_ratio():
         prune_bn_channels(model2)
     with pytest.raises(PruningError, match="ratio"):
         prune_bn_channels(model2, ratio=1.5)
+
+
+def test_size_weighted_group_lasso_thresholds_by_sqrt_size():
+    lin = nn.Sequential(nn.Linear(9, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        lin[0].weight.fill_(1.0)   # each row: 9 entries of 1, norm 3 (bias 0)
+        lin[0].bias.zero_()
+    grp = LassoGroup((("0", "weight", 0), ("0", "bias", 0)), size=2)
+    # sqrt(10 entries per channel) * tau = 3.16 * 0.9 = 2.85 < 3: shrinks but survives
+    GroupLasso((grp,), lam=1.0, size_weighted=True).proximal_(lin, lr=0.9)
+    assert torch.allclose(lin[0].weight, torch.full((2, 9), 1 - 0.9 * 10 ** 0.5 / 3))
+    GroupLasso((grp,), lam=1.0, size_weighted=True).proximal_(lin, lr=1.0)
+    assert bool((lin[0].weight == 0).all())

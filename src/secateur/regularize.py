@@ -175,11 +175,28 @@ class GroupLasso:
 
     groups: tuple[LassoGroup, ...]
     lam: LambdaSpec = 1e-4
+    size_weighted: bool = False  # weight each group by sqrt(entries per channel), Yuan & Lin's group lasso
 
     def __post_init__(self):
         if not callable(self.lam):
             _lam(self.lam, 0, "GroupLasso")
         object.__setattr__(self, "groups", tuple(self.groups))
+
+    def _weights(self, resolved) -> list[torch.Tensor | float]:
+        """Per-channel penalty weights: 1, or sqrt(number of entries of the channel) when size-weighted
+        (a channel's norm grows like sqrt of its size, so unweighted lasso spares wide channels)."""
+        if not self.size_weighted:
+            return [1.0] * len(resolved)
+        out = []
+        for parts, g in zip(resolved, self.groups):
+            count = 0
+            for t, dim, idx, ch, _, _ in parts:
+                per_pos = t.numel() // t.shape[dim]
+                n = t.shape[dim] if idx is None else len(idx)
+                ones = torch.full((n,), float(per_pos), device=t.device)
+                count = count + (ones if ch is None else torch.zeros(g.size, device=t.device).index_add_(0, ch, ones))
+            out.append(torch.sqrt(count))
+        return out
 
     @classmethod
     def for_model(cls, model: nn.Module, lam: LambdaSpec = 1e-4, **kw) -> "GroupLasso":
@@ -205,17 +222,18 @@ class GroupLasso:
         norms = self.norms(model, effective=True)
         if not norms:
             raise fail("group lasso has no groups", where=type(model).__name__)
+        weights = self._weights(_resolve(model, self.groups))
         # eps keeps the gradient finite at an exactly-zero group
-        return lam * torch.stack([torch.sqrt(n.pow(2) + 1e-12).sum() for n in norms]).sum()
+        return lam * torch.stack([(w * torch.sqrt(n.pow(2) + 1e-12)).sum() for n, w in zip(norms, weights)]).sum()
 
     @torch.no_grad()
     def proximal_(self, model: nn.Module, lr: float, step: int = 0) -> None:
         """Block soft-thresholding: scale channel k of a group by ``max(0, 1 - lr*lambda/||w_k||)``."""
         tau = _check_lr(lr, "GroupLasso.proximal_") * _lam(self.lam, step, "GroupLasso")
         resolved = _resolve(model, self.groups)
-        for parts, g in zip(resolved, self.groups):
+        for parts, g, w in zip(resolved, self.groups, self._weights(resolved)):
             norm = torch.sqrt(sum(_sq_per_channel(t, d, i, c, g.size) for t, d, i, c, _, _ in parts))
-            scale = (1 - tau / norm.clamp_min(1e-30)).clamp_min(0)
+            scale = (1 - tau * w / norm.clamp_min(1e-30)).clamp_min(0)
             for t, dim, idx, ch, _, _ in parts:
                 n = t.shape[dim] if idx is None else len(idx)
                 per_pos = scale if ch is None else scale[ch]
