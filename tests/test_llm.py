@@ -264,6 +264,7 @@ def test_sparsegpt_warns_with_the_numbers_when_tokens_are_few():
     (dict(method="obs"), "unknown one-shot method"),
     (dict(pattern="2:4", sparsity=0.7), "fixes the sparsity"),
     (dict(sparsity=1.5), "sparsity"),
+    (dict(pattern=NM(2, 4, dim=0)), "input dimension"),
     (dict(pattern="block4x4"), "element"),
     (dict(targets=["head"]), "no targeted Linear"),
 ])

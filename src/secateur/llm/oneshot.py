@@ -93,6 +93,9 @@ def _method(method: str) -> Method:
 
 def _ratio(pattern, sparsity) -> float:
     if isinstance(pattern, NM):
+        if pattern.dim not in (None, 1, -1):
+            raise fail("one-shot N:M groups run along a Linear layer's input dimension", value=pattern,
+                       hint=f"use NM({pattern.n}, {pattern.m})")
         implied = 1 - pattern.n / pattern.m
         if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
             raise fail(f"an N:M pattern fixes the sparsity at {implied}", value=sparsity,

@@ -61,28 +61,29 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern, sparsi
     loss = torch.zeros((), device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2].T.contiguous()  # (columns, rows): each column is one contiguous row here
         u1 = u[i1:i2, i1:i2]
-        d1 = torch.diag(u1)
+        d1 = torch.diag(u1).reshape(-1, 1)
+        m1 = torch.zeros_like(w1, dtype=torch.bool)
         err1 = torch.zeros_like(w1)
         if nm is None:
-            m1 = torch.zeros_like(w1, dtype=torch.bool)
             k = _block_budget(rows, cols, sparsity, i1, i2)
             if k:
-                score = (w1 ** 2 / d1.reshape(1, -1) ** 2).flatten()
-                m1.view(-1)[torch.topk(score, k, largest=False).indices] = True
+                m1.view(-1)[torch.topk((w1 / d1).pow(2).flatten(), k, largest=False).indices] = True
+            scale = m1 / d1  # e = w * [pruned] / d, precomputed for the whole block
         else:
-            m1 = torch.zeros_like(w1, dtype=torch.bool)
+            scale = torch.zeros_like(w1)
         for i in range(i2 - i1):
             if nm is not None and i % nm.m == 0:
-                score = w1[:, i:i + nm.m] ** 2 / d1[i:i + nm.m].reshape(1, -1) ** 2
-                m1[:, i:i + nm.m].scatter_(1, torch.topk(score, n_prune, dim=1, largest=False).indices, True)
-            e = w1[:, i].masked_fill(~m1[:, i], 0.0) / d1[i]  # error of zeroing the pruned entries
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)  # OBS update of this and the later columns
-            err1[:, i] = e
+                g = slice(i, i + nm.m)
+                idx = torch.topk((w1[g] / d1[g]).pow(2), n_prune, dim=0, largest=False).indices
+                m1[g].scatter_(0, idx, True)
+                scale[g] = m1[g] / d1[g]
+            torch.mul(w1[i], scale[i], out=err1[i])  # error of zeroing this column's pruned entries
+            w1[i:].addr_(u1[i, i:], err1[i], alpha=-1.0)  # OBS update of this and the later columns
         w1.masked_fill_(m1, 0.0)
         loss += err1.pow(2).sum() / 2
-        w[:, i1:i2] = w1
-        pruned[:, i1:i2] = m1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        w[:, i1:i2] = w1.T
+        pruned[:, i1:i2] = m1.T
+        w[:, i2:] -= err1.T @ u[i1:i2, i2:]
     return w, pruned, float(loss)
