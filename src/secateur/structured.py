@@ -335,21 +335,14 @@ def _update_hf_config(model: nn.Module, structure: dict) -> None:
         vals = sizes(attr, suffixes)
         if hasattr(config, key) and len(vals) == 1:
             changed[key] = vals.pop()
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or \
-        getattr(config, "num_heads", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or \
-        (hidden // heads if heads and hidden else None)
+    # head counts only where the config states the head size; where it derives it (hidden // heads: BERT, GPT-2,
+    # ViT, BART) a new head count would build a different model, so the structure record carries it instead
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
     if head_dim:
         for key, suffixes in _HF_HEADS.items():
-            vals = {v // (3 if "c_attn" in s else 1) for s in suffixes for v in sizes("out_features", (s,))
-                    if "c_attn" not in s} | {v // 3 for s in suffixes if "c_attn" in s
-                                             for v in sizes("nf", (s,))}
+            vals = {v for s in suffixes for v in sizes("out_features", (s,))}
             if hasattr(config, key) and len(vals) == 1 and getattr(config, key) is not None:
                 changed[key] = vals.pop() // head_dim
-        if changed.get("num_attention_heads") and getattr(config, "head_dim", None) is None and \
-                hasattr(config, "hidden_size") and "head_dim" in type(config).__init__.__code__.co_varnames:
-            changed["head_dim"] = head_dim
     changed = {k: v for k, v in changed.items() if getattr(config, k) != v}
     for k, v in changed.items():
         setattr(config, k, v)
