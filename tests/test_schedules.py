@@ -148,3 +148,19 @@ def test_scheduler_with_custom_prune_fn():
     assert calls == [0.5]
     with pytest.raises(PruningError, match="not both"):
         PruningScheduler(_net(), OneShot(0.5), prune_fn=lambda m, s: None, scope="global")
+
+
+def test_scheduler_channel_pruning_through_the_structural_engine():
+    pytest.importorskip("secateur.structured")
+    from secateur.schedules import channel_pruning
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 4 * 4, 5))
+    x = torch.randn(2, 3, 8, 8)
+    ps = PruningScheduler(model, Iterative(final=0.75, steps=2, mode="linear"), prune_fn=channel_pruning(x))
+    ps.step()   # 37.5 % of the original channels gone
+    widths = [m.out_channels for m in model if isinstance(m, nn.Conv2d)]
+    assert widths == [10, 10]
+    ps.step()   # 75 % of the original channels gone, not 75 % of the survivors
+    assert [m.out_channels for m in model if isinstance(m, nn.Conv2d)] == [4, 4]
+    assert model(x).shape == (2, 5)

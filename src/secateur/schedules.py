@@ -208,14 +208,34 @@ class Iterative(Schedule):
 PruneFn = Callable[[nn.Module, float], Any]
 
 
+def channel_pruning(example_inputs: Any, **prune_channels_kwargs: Any) -> "ChannelPruning":
+    """A ``prune_fn`` for `PruningScheduler` that removes channels physically with
+    ``secateur.structured.prune_channels``; the schedule's sparsity is the fraction of each group's
+    *original* channels removed so far (each update removes the right share of the survivors).
+    Physical removal replaces parameters: rebuild the optimizer after an update (``scheduler.applied``
+    grows) and do not use it under DDP, where masks (the default) are the way."""
+    return ChannelPruning(example_inputs, prune_channels_kwargs)
+
+
+@dataclass
+class ChannelPruning:
+    example_inputs: Any
+    kwargs: dict
+
+    def __call__(self, model: nn.Module, target: float, previous: float = 0.0) -> Any:
+        from secateur.structured import prune_channels
+        ratio = 1.0 - (1.0 - target) / (1.0 - previous) if previous < 1 else 0.0
+        return prune_channels(model, self.example_inputs, ratio=ratio, **self.kwargs)
+
+
 class PruningScheduler:
     """Drive pruning from a schedule: call ``step()`` once per training step (after ``optimizer.step()``).
 
     By default it calls ``secateur.prune(model, amount=s, **prune_kwargs)`` when the target changes;
-    ``prune_fn(model, sparsity)`` replaces that (for channel pruning through the structural engine, for
-    instance). Under ``torch.distributed`` the new masks are broadcast from rank 0 so every rank holds
-    the same masks even with a random or data-dependent criterion. Build it before wrapping the model
-    in ``DistributedDataParallel``: it attaches (all-ones) masks at once, which DDP must see."""
+    ``prune_fn(model, sparsity)`` replaces that (`channel_pruning` removes channels through the
+    structural engine). Under ``torch.distributed`` the new masks are broadcast from rank 0 so every
+    rank holds the same masks even with a random or data-dependent criterion. Build it before wrapping
+    the model in ``DistributedDataParallel``: it attaches (all-ones) masks at once, which DDP must see."""
 
     def __init__(self, model: nn.Module, schedule: Schedule, *, prune_fn: PruneFn | None = None,
                  broadcast: bool = True, **prune_kwargs):
@@ -240,7 +260,9 @@ class PruningScheduler:
         self.applied: list[tuple[int, float]] = []
 
     def _apply(self, sparsity: float) -> None:
-        if self.prune_fn is not None:
+        if isinstance(self.prune_fn, ChannelPruning):
+            self.prune_fn(self.model, sparsity, self.sparsity)
+        elif self.prune_fn is not None:
             self.prune_fn(self.model, sparsity)
         else:
             from secateur.prune import prune
