@@ -189,3 +189,17 @@ def test_bad_input():
     r = report(small_cnn())
     with pytest.raises(PruningError):
         r.to_html("/tmp/x.html", before=42)
+
+
+def test_structural_before_after(tmp_path):
+    structured = pytest.importorskip("secateur.structured")
+    m = small_cnn().eval()
+    x = torch.randn(X)
+    before = report(m, x)
+    structured.prune_channels(m, x, ratio=0.5)
+    r = report(m, x)
+    assert r.total_params < before.total_params and r.macs < before.macs
+    assert r.total_params == sum(p.numel() for p in m.parameters())
+    r.to_html(tmp_path / "s.html", before=before)
+    text = (tmp_path / "s.html").read_text()
+    assert f"8x3x3x3 → {'x'.join(map(str, m[0].weight.shape))}" in text

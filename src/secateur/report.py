@@ -519,6 +519,13 @@ def _sensitivity_html(sensitivity: Any) -> str:
             f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>")
 
 
+def _shape_change(before: LayerRow | None, after: LayerRow) -> str:
+    now = "x".join(map(str, after.shape))
+    if before is None or tuple(before.shape) == tuple(after.shape):
+        return now
+    return "x".join(map(str, before.shape)) + " → " + now
+
+
 def _layers_html(rep: Report, before: Report | None) -> str:
     prev = {r.name: r for r in before.rows} if before is not None else {}
     with_macs = rep.macs is not None
@@ -534,7 +541,7 @@ def _layers_html(rep: Report, before: Report | None) -> str:
     for r in rep.rows:
         b = prev.get(r.name)
         cells = [f'<td class="l">{_e(r.name or "(model)")}</td>', f'<td class="l">{_e(r.type)}</td>',
-                 f'<td class="l">{_e("x".join(map(str, r.shape)))}</td>']
+                 f'<td class="l">{_e(_shape_change(b, r))}</td>']
         if before is not None:
             cells.append(f"<td>{_fmt_int(b.params if b else None)}</td>")
         cells += [f"<td>{r.params:,}</td>", f"<td>{r.zeros:,}</td>",

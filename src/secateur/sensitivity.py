@@ -9,7 +9,10 @@ which predicts what removing those channels physically costs without copying or 
 ratio whose (interpolated, monotone) loss stays below ``t``; a bisection on ``t`` finds the smallest
 threshold whose ratios remove the requested fraction of MACs, parameters or measured latency, so no
 other threshold meets the target with less predicted loss. ``align`` rounds each layer's kept rows to
-a multiple (hardware-friendly channel counts), always towards more pruning so the target still holds."""
+a multiple (hardware-friendly channel counts), always towards more pruning so the target still holds.
+The predicted saving counts each layer's own weights only; removing a layer's output channels also
+shrinks its consumers' inputs, so a structural plan usually saves more than predicted (up to channel-count
+rounding); check the result with `secateur.metrics.count_macs`."""
 from __future__ import annotations
 
 import io
