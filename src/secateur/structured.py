@@ -191,9 +191,11 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan) -> Plan:
         if ok:
             return plan
         scope = where or ""
-        while True:
+        while True:  # the failing module and every module of its class (same code, same problem)
+            cls = type(model.get_submodule(scope)) if scope else None
+            scopes = {n for n, mod in model.named_modules() if type(mod) is cls} | {scope} if scope else set()
             keep = [(g, c) for g, c in plan.choices if not any(
-                m.module == scope or m.module.startswith(scope + ".") for m in g.members)] if scope else []
+                _matches(m.module, scopes) for m in g.members)] if scope else []
             if len(keep) < len(plan.choices) or not scope:
                 break
             scope = scope.rpartition(".")[0]
