@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-import secateur
 from secateur.errors import PruningError
 from secateur.masks import iter_masks, masks_of
 from secateur.schedules import GMP, PruningScheduler
