@@ -209,6 +209,13 @@ def test_tampered_mask_with_recomputed_checksum_still_checked(saved):
     assert "packed mask" in untouched_check(lambda f: sio.load(f, saved))
 
 
+def test_malformed_description_with_valid_checksum(saved):
+    def garble(d):
+        d["masks"] = ["not", "a", "dict"]
+    _rewrite(saved, garble, keep_sum=False)
+    assert "malformed" in untouched_check(lambda f: sio.load(f, saved))
+
+
 def test_other_architecture(tmp_path, saved):
     msg = untouched_check(lambda f: sio.load(f, saved), fresh=net(hidden=16))
     assert "shape differs" in msg and "[4." in msg

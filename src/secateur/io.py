@@ -297,9 +297,14 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     path = os.fspath(path)
     desc, tensors = read(path)
-    _check_compatible(model, desc, tensors, path)
-    masks = {name: _unpack(tensors[MASK_PREFIX + name], tuple(spec["shape"]), name)
-             for name, spec in desc.get("masks", {}).items()}
+    try:
+        _check_compatible(model, desc, tensors, path)
+        masks = {name: _unpack(tensors[MASK_PREFIX + name], tuple(spec["shape"]), name)
+                 for name, spec in desc.get("masks", {}).items()}
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        if isinstance(e, PruningError):
+            raise
+        raise fail("malformed secateur description", where=path, value=repr(e)[:120]) from None
 
     structure = desc.get("structure")
     if structure:
