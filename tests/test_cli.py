@@ -82,6 +82,19 @@ def test_prune_to_target_macs(tmp_path, factory, capsys):
     assert rep.macs_nonzero > 0.35 * rep.macs  # the bisection stops near the target, not far below
 
 
+def test_prune_structural_to_target_macs(tmp_path, factory, capsys):
+    pytest.importorskip("secateur.structured")
+    from secateur.metrics import count_macs
+    out = tmp_path / "s.st"
+    code, _, err = run(["prune", factory, *SHAPE, "--structural", "--target-macs", "0.5", "-o", str(out)], capsys)
+    assert code == 0, err
+    import cli_models
+    x = torch.randn(2, 3, 8, 8)
+    dense = count_macs(cli_models.tiny(), x)
+    loaded = sio.load(cli_models.tiny(), out)
+    assert count_macs(loaded, x) <= 0.5 * dense and not secateur.is_pruned(loaded)
+
+
 def test_prune_nm_pattern(tmp_path, factory, capsys):
     out = tmp_path / "nm.st"
     code, _, err = run(["prune", factory, *SHAPE, "--pattern", "2:4", "-o", str(out)], capsys)

@@ -166,7 +166,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=float, help="fraction of the weights to prune (default 0.5)")
     how.add_argument("--target-macs", type=float, metavar="F",
-                     help="prune until the non-zero (or, with --structural, dense) MACs are at most F "
+                     help="prune until the non-zero (with --structural: dense) MACs are at most F "
                           "times the original's, e.g. 0.5")
     p.add_argument("--method", default="l1", help="criterion: l1, l2, random (default l1)")
     p.add_argument("--pattern", default="element", help="element, 2:4, 4:8, block4x4, rows ... (default element)")
@@ -214,13 +214,15 @@ def _prune_masks_to_macs(model, inputs, fraction: float, criterion: str) -> floa
     return kept(hi)
 
 
-def _structural(model, inputs, ratio):
+def _structural(model, inputs, ratio, target_macs=None):
     try:
         from secateur.structured import prune_channels
     except ImportError:
         raise fail("structural pruning needs secateur.structured, which this install lacks") from None
-    out = prune_channels(model, inputs, ratio=ratio)
-    return model if out is None or not hasattr(out, "forward") else out
+    kw = {"target_macs": target_macs} if target_macs is not None else {"ratio": ratio}
+    result = prune_channels(model, inputs, **kw)  # in place
+    say(str(result))
+    return model
 
 
 @command("prune", _prune_args)
@@ -236,8 +238,11 @@ def _prune(args: argparse.Namespace) -> int:
     before = report(model, x)
     if args.structural:
         if args.target_macs is not None:
-            raise fail("--structural takes --ratio (channel fraction)", value=args.target_macs)
-        model = _structural(model, x, args.ratio if args.ratio is not None else 0.5)
+            if not 0 < args.target_macs < 1:
+                raise fail("--target-macs must lie in (0, 1)", value=args.target_macs)
+            model = _structural(model, x, None, target_macs=args.target_macs)
+        else:
+            model = _structural(model, x, args.ratio if args.ratio is not None else 0.5)
     elif args.target_macs is not None:
         if args.pattern != "element":
             raise fail("--target-macs works with --pattern element", value=args.pattern)
