@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -366,7 +367,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         for k, v in (("input_names", input_names), ("output_names", output_names), ("dynamic_axes", dynamic_axes)):
             if v is not None:
                 opts[k] = v
-        with torch.no_grad():
+        # The TorchScript exporter is chosen on purpose (its constant folding bakes the masks; the dynamo
+        # exporter needs onnxscript): silence its deprecation notice rather than show it to every user.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
             if kwargs is not None:
                 torch.onnx.export(model, args, tmp, kwargs=kwargs, **opts)
             else:
