@@ -4,7 +4,6 @@ import gzip
 import importlib.util
 import pickle
 
-import numpy as np
 import pytest
 import torch
 

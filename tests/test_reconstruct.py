@@ -1,7 +1,6 @@
 """Feature-map reconstruction: the closed form against torch.linalg.lstsq, lower output error than plain
 removal (measured by running the layer, not by trusting the returned numbers), the channel-error Gram
 against brute force, and underdetermined calibration handling."""
-import warnings
 
 import pytest
 import torch

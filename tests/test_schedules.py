@@ -1,6 +1,5 @@
 """Schedules: formula values from the papers' formulas (computed independently here), validation,
 the scheduler driving prune, and state_dict round trips."""
-import math
 
 import pytest
 import torch
