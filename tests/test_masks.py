@@ -206,3 +206,17 @@ def test_nm_runs_along_the_input_dim_of_conv_transpose():
     S.prune(m, pattern="2:4", targets=lambda n, mod: True)
     mask = S.get_mask(m)
     assert torch.all(mask.movedim(0, -1).reshape(-1, 4).sum(-1) == 2)
+
+
+def test_finalizing_a_deepcopy_leaves_the_original_intact_and_vice_versa():
+    m = small_cnn().eval()
+    S.prune(m, 0.5)
+    x = torch.randn(2, 3, 6, 6)
+    y = m(x)
+    c = copy.deepcopy(m)
+    S.finalize(c)
+    assert S.is_pruned(m) and torch.equal(m(x), y)
+    S.prune(c, 0.5, include_bias=True)  # new parametrization on the copy only
+    assert torch.equal(m(x), y) and S.get_mask(m[0], "bias") is None
+    S.finalize(m)
+    assert torch.equal(m(x), y) and S.is_pruned(c)

@@ -52,6 +52,18 @@ def get_mask(module: nn.Module, param: str = "weight") -> torch.Tensor | None:
     return None if m is None else m.mask
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrizations change.
+
+    ``parametrize`` keeps the masked tensors' properties on a generated subclass, and ``deepcopy`` shares
+    that class between a module and its copy: removing (or adding) a parametrization on one would then
+    remove (or add) the property on the other too."""
+    if parametrize.is_parametrized(module):
+        cls = type(module)
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
 def set_mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
     """Attach (or replace) the keep-mask of ``module.<param>``. The mask must match the tensor's shape."""
     t = original(module, param)
@@ -64,6 +76,7 @@ def set_mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
     if existing is not None:
         existing.mask = mask
         return
+    _own_class(module)
     parametrize.register_parametrization(module, param, Mask(mask), unsafe=True)
 
 
@@ -71,6 +84,7 @@ def remove_mask(module: nn.Module, param: str = "weight", *, bake: bool = True) 
     """Drop the mask of ``module.<param>``; ``bake=True`` writes the zeros into the tensor first."""
     if _mask_module(module, param) is None:
         return
+    _own_class(module)
     if bake:
         parametrize.remove_parametrizations(module, param, leave_parametrized=True)
     else:
