@@ -206,3 +206,20 @@ def test_size_weighted_group_lasso_thresholds_by_sqrt_size():
     assert torch.allclose(lin[0].weight, torch.full((2, 9), 1 - 0.9 * 10 ** 0.5 / 3))
     GroupLasso((grp,), lam=1.0, size_weighted=True).proximal_(lin, lr=1.0)
     assert bool((lin[0].weight == 0).all())
+
+
+def test_prune_bn_channels_engine_path_matches_mask_path():
+    pytest.importorskip("secateur.structured")
+    import copy
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3),
+                          nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 5))
+    _bn_randomise(model)
+    model.eval()
+    x = torch.randn(4, 3, 10, 10)
+    masked, physical = copy.deepcopy(model), copy.deepcopy(model)
+    kept = prune_bn_channels(masked, threshold=0.6)
+    kept_phys = prune_bn_channels(physical, threshold=0.6, example_inputs=x)
+    assert kept == kept_phys
+    assert [m.num_features for m in physical.modules() if isinstance(m, nn.BatchNorm2d)] == list(kept.values())
+    with torch.no_grad():
+        assert torch.allclose(masked(x), physical(x), atol=1e-5)
