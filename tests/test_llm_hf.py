@@ -99,3 +99,15 @@ def test_builtin_text_windows_with_real_tokenizer():
     model = _bert(vocab=tok.vocab_size)
     rep = prune_llm(model, tokenizer=tok, n_samples=4, seq_len=32, method="wanda", progress=False)
     assert rep.tokens == 128 and abs(rep.total_sparsity - 0.5) < 1e-9
+
+
+def test_bf16_llama_sparsegpt_keeps_dtype_and_pattern():
+    model = _llama().to(torch.bfloat16)
+    cal = [torch.randint(0, 96, (4, 32)) for _ in range(2)]
+    prune_llm(model, cal, method="sparsegpt", pattern="2:4", progress=False)
+    for name, m in masks_of(model).items():
+        assert (m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all(), name
+    q = model.model.layers[1].self_attn.q_proj
+    assert q.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 96, (1, 8))).logits.float()).all()
