@@ -13,7 +13,7 @@ from secateur.errors import fail
 
 BlocksSpec = Union[None, str, Iterable[nn.Module]]
 
-_HINT = ("name them with blocks='<dotted name of the ModuleList>' (e.g. 'model.layers', 'encoder.layer') "
+_HINT = ("Name them with blocks='<dotted name of the ModuleList>' (e.g. 'model.layers', 'encoder.layer') "
          "or pass the list of block modules")
 
 

@@ -49,9 +49,9 @@ def check_batches(model: nn.Module, calibration: Iterable) -> list:
         batches = list(calibration)
     except TypeError:
         raise fail("calibration must be an iterable of token batches", value=type(calibration).__name__,
-                   hint="pass a list of LongTensor [batch, seq] or of dicts with 'input_ids'") from None
+                   hint="Pass a list of LongTensor [batch, seq] or of dicts with 'input_ids'") from None
     if not batches:
-        raise fail("calibration is empty", value=0, hint="pass at least one batch of tokens")
+        raise fail("calibration is empty", value=0, hint="Pass at least one batch of tokens")
     vocab = _vocab_size(model)
     for i, b in enumerate(batches):
         where = f"calibration[{i}]"
@@ -60,12 +60,12 @@ def check_batches(model: nn.Module, calibration: Iterable) -> list:
             raise fail("batch dict has no 'input_ids'", where=where, value=sorted(b))
         if not isinstance(ids, torch.Tensor):
             raise fail("batch is not a tensor", where=where, value=type(ids).__name__,
-                       hint="token batches are LongTensor [batch, seq]")
+                       hint="Token batches are LongTensor [batch, seq]")
         if ids.dim() != 2 or ids.numel() == 0:
             raise fail("token batch must be 2-D [batch, seq] and non-empty", where=where, shape=ids.shape)
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise fail("token batch must hold integer token ids", where=where, shape=ids.shape, value=ids.dtype,
-                       hint="tokenize text first (tokenizer(..., return_tensors='pt'))")
+                       hint="Tokenize text first (tokenizer(..., return_tensors='pt'))")
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or (vocab is not None and hi >= vocab):
             raise fail(f"token ids out of the vocabulary range [0, {vocab})", where=where, shape=ids.shape,
@@ -116,7 +116,7 @@ def catch_inputs(model: nn.Module, first: nn.Module, batches: list, device=None)
                 except _Caught:
                     continue
                 raise fail("the model's forward never reached the first block", where=f"calibration[{i}]",
-                           value=type(first).__name__, hint="check blocks=... names modules the forward calls")
+                           value=type(first).__name__, hint="Check that blocks=... names modules the forward calls")
     finally:
         handle.remove()
     return caught

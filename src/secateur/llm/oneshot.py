@@ -87,7 +87,7 @@ class _Journal:
 
 def _method(method: str) -> Method:
     if method not in METHODS:
-        raise fail("unknown one-shot method", value=method, hint=f"choose one of {sorted(METHODS)}")
+        raise fail("unknown one-shot method", value=method, hint=f"Choose one of {sorted(METHODS)}")
     return METHODS[method]
 
 
@@ -95,15 +95,15 @@ def _ratio(pattern, sparsity) -> float:
     if isinstance(pattern, NM):
         if pattern.dim not in (None, 1, -1):
             raise fail("one-shot N:M groups run along a Linear layer's input dimension", value=pattern,
-                       hint=f"use NM({pattern.n}, {pattern.m})")
+                       hint=f"Use NM({pattern.n}, {pattern.m})")
         implied = 1 - pattern.n / pattern.m
         if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
             raise fail(f"an N:M pattern fixes the sparsity at {implied}", value=sparsity,
-                       hint="leave sparsity=None for N:M patterns")
+                       hint="Leave sparsity=None for N:M patterns")
         return implied
     if not isinstance(pattern, Element):
         raise fail("one-shot LLM pruning supports 'element' and N:M patterns", value=pattern,
-                   hint="use pattern='element', '2:4' or '4:8'")
+                   hint="Use pattern='element', '2:4' or '4:8'")
     sparsity = 0.5 if sparsity is None else sparsity
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise fail("sparsity must be a ratio in [0, 1)", value=sparsity)
@@ -123,7 +123,7 @@ def _layers(model: nn.Module, blocks: list[nn.Module], targets: TargetSpec, patt
                 continue
             if not isinstance(m, nn.Linear):
                 raise fail("one-shot LLM pruning handles nn.Linear layers only", where=t.name,
-                           value=type(m).__name__, hint="narrow targets= to Linear layers")
+                           value=type(m).__name__, hint="Narrow targets= to Linear layers")
             w = original(m, "weight")
             if w.is_meta:
                 raise fail("weight is on the meta device (not materialised)", where=t.name, shape=w.shape)

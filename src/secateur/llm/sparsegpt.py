@@ -35,7 +35,7 @@ def hessian_inverse_factor(hessian: torch.Tensor, damp: float, *, where: str = "
             if int(info) == 0:
                 return u, dead
     raise fail("the calibration Hessian is not positive definite even with 10000x dampening", where=where,
-               shape=h.shape, value=float(mean_diag), hint="use more (or more varied) calibration tokens")
+               shape=h.shape, value=float(mean_diag), hint="Use more (or more varied) calibration tokens")
 
 
 def _block_budget(rows: int, cols: int, sparsity: float, i1: int, i2: int) -> int:

@@ -26,7 +26,7 @@ def token_batches(tokenizer, n_samples: int = 128, seq_len: int = 128, *, batch_
             raise fail(f"{name} must be a positive integer", value=v)
     if tokenizer is None:
         raise fail("built-in calibration text needs the model's tokenizer", value=None,
-                   hint="pass tokenizer=AutoTokenizer.from_pretrained(...) or calibration=<token batches>")
+                   hint="Pass tokenizer=AutoTokenizer.from_pretrained(...) or calibration=<token batches>")
     ids = tokenizer(calibration_text(), add_special_tokens=False, return_attention_mask=False,
                     verbose=False)["input_ids"]
     ids = torch.as_tensor(ids, dtype=torch.long)
