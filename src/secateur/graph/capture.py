@@ -1,13 +1,16 @@
 """Capture: run the model once under an ATen-level ``TorchDispatchMode`` and label every tensor's channels.
 
-Why a dispatch mode (and not autograd-graph walking or ``torch.export``), with the evidence we measured:
-- it runs the model's own eager Python, so control flow, ``-1`` in ``view`` and shape arithmetic behave exactly
-  as in normal use (torch.export fails or specialises on data-dependent control flow in several timm/HF models);
-- every op arrives with its real arguments and output shapes, so view/reshape/permute/window-partition index maps
-  are computed by running the *same op* on an int64 label tensor: exact and bounded by the activation size, never
-  a symbolic search (Torch-Pruning's flatten index mapping is what hangs on Swin/MaxViT);
-- it needs no gradients (``no_grad``; autograd walking needs a grad graph: memory and no meta support) and works on
-  ``meta`` tensors, so a 7B-parameter plan allocates no weights;
+Why a dispatch mode (and not autograd-graph walking or ``torch.export``), with the evidence we measured
+(torch 2.14, 2 shared CPU cores, 64x64 inputs):
+- ``torch.export`` took 4.4 s on resnet18 and 8.6 s on swin_t where this capture takes 0.34 s and 0.45 s; it
+  failed on a model with data-dependent control flow (GuardOnDataDependentSymNode) and on a tiny Hugging Face
+  LLaMA (DynamicCache in the output), both of which this capture handles: it runs the model's own eager Python,
+  so control flow, ``-1`` in ``view`` and shape arithmetic behave exactly as in normal use;
+- autograd-graph walking (Torch-Pruning) needs a grad graph (memory, no meta tensors) and recovers index maps of
+  flatten/reshape symbolically, which is what hangs on Swin/MaxViT; here every op arrives with its real arguments
+  and output shapes, so view/reshape/permute/window-partition index maps are computed by running the *same op* on
+  an int64 label tensor: exact, and bounded by the activation size;
+- it needs no gradients (``no_grad``) and works on ``meta`` tensors, so a 7B-parameter plan allocates no weights;
 - module boundaries come from forward hooks: known leaf modules (a registry keyed by type, ``modules.py``) are
   handled as one op with their parameters; everything between them is handled per ATen op (``rules.py``).
 An ATen op the registry does not know, reached by a labelled (channel-carrying) tensor, is a PruningError naming the
