@@ -10,7 +10,8 @@ reduction (1.0 is the physical limit). MACs are counted the same way for every m
 Methods (``--methods``):
   tp                Torch-Pruning 1.6.1 BasePruner, L1 magnitude, round_to=8, classifier ignored,
                     uniform ratio raised in ``iterative_steps`` until the MACs target is met
-  secateur          secateur.structured.prune_channels(target_macs=..., round_to=8): the same recipe
+  secateur          the structural engine's uniform recipe (plan_channels: one L1 ratio for every group,
+                    round_to=8), the ratio that meets the MACs target found by bisection, applied once
   secateur-latency  HALP-style: a per-layer latency table of this machine (secateur.latency_model) and the
                     greedy allocator (secateur.allocate) choose per-group counts (multiples of 8) that meet
                     the same MACs target, removing first the channels with the least L1 importance per
@@ -103,31 +104,10 @@ def prune_tp(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> d
     return out
 
 
-@method("secateur")
-def prune_secateur(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
-    from secateur.structured import prune_channels
-    model = copy.deepcopy(dense)
-    base = macs_of(dense, x)
-    out = {}
-    for t in targets:
-        current = macs_of(model, x)
-        goal = base / t / current
-        if goal < 1:
-            prune_channels(model, x, target_macs=goal, round_to=ROUND_TO)
-        if base / macs_of(model, x) >= t * 0.98:
-            out[t] = copy.deepcopy(model)
-    return out
-
-
-@method("secateur-latency")
-def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[float], args
-                           ) -> dict[float, nn.Module]:
-    from secateur.allocate import channel_counts, round_candidates
+def _scored_groups(dense: nn.Module, x: torch.Tensor):
+    """The structural engine's groups of ``dense`` with their L1 channel scores (unscorable ones left out)."""
     from secateur.graph import build_graph
     from secateur.importance import group_scores
-    from secateur.latency_model import LatencyTable
-    from secateur.structured import Plan
-
     graph = build_graph(dense, x)
     groups, scores = [], []
     for g in graph.groups:
@@ -135,32 +115,87 @@ def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[floa
         if s is not None and g.size > 1:
             groups.append(g)
             scores.append(s)
+    return graph, groups, scores
+
+
+def _apply_counts(dense, graph, groups, scores, counts) -> nn.Module:
+    """A pruned copy of ``dense`` keeping, in each group, its ``counts[g]`` highest-scored channels."""
+    from secateur.structured import Plan
+    choices = [(g, torch.argsort(s, stable=True)[: g.size - k]) for g, s, k in zip(groups, scores, counts)
+               if k < g.size]
+    model = copy.deepcopy(dense)
+    Plan(graph.groups, choices, list(graph.notes)).apply(model)
+    return model
+
+
+def _macs_budget(dense, x, table, groups, target):
+    """(MACs cost of group counts, budget for ``target``): MACs outside the table's layers
+    (attention matmuls) are not pruned and stay as a fixed part of the model's total."""
+    sizes = [g.size for g in groups]
+    macs = table.cost_fn(table.members_of(groups), "macs", sizes=sizes)
+    base = macs_of(dense, x)
+    fixed = base - macs(sizes)
+    return macs, base / target - fixed
+
+
+@method("secateur")
+def prune_secateur(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
+    """prune_channels' recipe (one uniform L1 ratio for every group, round_to=8) in one shot: the ratio
+    that meets the MACs target is found by bisection on the exact MACs of the plan, then applied once."""
+    from secateur.latency_model import LatencyTable
+    from secateur.structured import plan_channels
+    graph, groups, scores = _scored_groups(dense, x)
+    table = LatencyTable.shapes_only(dense, x)
+    index = {id(g): i for i, g in enumerate(groups)}
+
+    def plan_counts(r: float):
+        plan = plan_channels(dense, x, ratio=r, round_to=ROUND_TO, graph=graph)
+        counts = [g.size for g in groups]
+        for g, chans in plan.choices:
+            counts[index[id(g)]] -= int(chans.numel())
+        return plan, counts
+
+    out = {}
+    for t in targets:
+        macs, budget = _macs_budget(dense, x, table, groups, t)
+        lo, hi = 0.0, 0.99
+        if macs(plan_counts(hi)[1]) > budget:
+            continue
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if macs(plan_counts(mid)[1]) <= budget else (mid, hi)
+        plan, _ = plan_counts(hi)
+        model = copy.deepcopy(dense)
+        plan.apply(model)
+        out[t] = model
+    return out
+
+
+@method("secateur-latency")
+def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[float], args
+                           ) -> dict[float, nn.Module]:
+    from secateur.allocate import channel_counts, round_candidates
+    from secateur.latency_model import LatencyTable
+    graph, groups, scores = _scored_groups(dense, x)
     xt = torch.randn(args.table_batch, *x.shape[1:])
     t0 = time.perf_counter()
+    cache = {} if args.table_cache else {"cache": False}
     table = LatencyTable.build(dense, xt, threads=args.threads, repeats=args.table_repeats,
                                max_points=args.table_points, in_points=max(4, args.table_points // 2),
-                               progress=True)
+                               progress=True, **cache)
     say(f"  latency table: {len(table.specs)} layers in {time.perf_counter() - t0:.0f} s")
-    members = table.members_of(groups)
-    sizes = [g.size for g in groups]
-    macs = table.cost_fn(members, "macs", sizes=sizes)
-    latency = table.cost_fn(members, "latency", sizes=sizes)
-    base, dense_layers = macs_of(dense, xt), macs(sizes)  # both at the table's batch size
-    fixed = base - dense_layers  # MACs outside the table's layers (attention matmuls): not pruned
+    latency = table.cost_fn(table.members_of(groups), "latency", sizes=[g.size for g in groups])
     cands = [round_candidates(g.size, ROUND_TO) for g in groups]
     out = {}
     for t in targets:
+        macs, budget = _macs_budget(dense, xt, table, groups, t)
         try:
-            counts = channel_counts(groups, scores, macs, budget=base / t - fixed, candidates=cands,
-                                    min_keep=ROUND_TO, rank_fn=latency)
+            counts = channel_counts(groups, scores, macs, budget=budget, candidates=cands, min_keep=ROUND_TO,
+                                    rank_fn=latency)
         except Exception as e:  # noqa: BLE001 - reported, the other targets still run
             say(f"  secateur-latency {t}x: {e}")
             continue
-        choices = [(g, torch.argsort(s, stable=True)[: g.size - k]) for g, s, k in zip(groups, scores, counts)
-                   if k < g.size]
-        model = copy.deepcopy(dense)
-        Plan(graph.groups, choices, list(graph.notes)).apply(model)
-        out[t] = model
+        out[t] = _apply_counts(dense, graph, groups, scores, counts)
     return out
 
 
@@ -290,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table-batch", type=int, default=1, help="batch size the latency table is measured at")
     ap.add_argument("--table-points", type=int, default=12, help="output-channel grid points per layer")
     ap.add_argument("--table-repeats", type=int, default=3)
+    ap.add_argument("--table-cache", action="store_true",
+                    help="reuse latency tables cached by earlier runs (default: measure afresh, on this run's load)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")

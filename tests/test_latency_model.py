@@ -196,3 +196,14 @@ def test_partial_members_and_graph_groups():
     assert macs([8, 8]) == pytest.approx(sum(s.macs() for s in specs.values()))
     with pytest.raises(PruningError, match="one size per group"):
         t.cost_fn(members, "macs", sizes=[8])
+
+
+def test_shapes_only_table_counts_but_does_not_time():
+    m, x = Tiny().eval(), torch.randn(1, 3, 8, 8)
+    t = LatencyTable.shapes_only(m, x)
+    members = [[("conv", "out"), ("dw", "out"), ("pw", "in")], [("pw", "out"), ("fc", "in")]]
+    assert t.cost_fn(members, "params")([16, 24]) == sum(p.numel() for p in m.parameters())
+    with pytest.raises(PruningError, match="not measured"):
+        t.latency("conv", 8)
+    with pytest.raises(PruningError, match="not measured"):
+        t.cost_fn(members, "latency")([16, 24])

@@ -302,6 +302,16 @@ class LatencyTable:
         return table
 
     @classmethod
+    def shapes_only(cls, model: nn.Module, example_inputs: Any, *,
+                    layers: Iterable[str] | None = None) -> "LatencyTable":
+        """A table without measurements (one forward pass, no timing): ``cost_fn`` with the ``"macs"``
+        and ``"params"`` metrics works, latency queries raise."""
+        specs = layer_specs(model, example_inputs, layers)
+        table = cls(specs, {}, {}, "none")
+        table._names = {id(m): n for n, m in model.named_modules() if n in specs}
+        return table
+
+    @classmethod
     def from_measurements(cls, specs: Mapping[str, LayerSpec], store: Mapping[str, Mapping[str, Mapping]],
                           *, device: str = "unknown", tolerance: float = 0.02) -> "LatencyTable":
         """A table from raw measurements ``{spec.key(): {"out": {count: s}, "in": {count: s}}}``
@@ -334,11 +344,11 @@ class LatencyTable:
         name = self.name_of(layer)
         spec = self.specs[name]
         self._check(name, channels, spec.out_channels, "output")
-        t = self.out_curves[name].at(channels)
+        t = self._curve(self.out_curves, name).at(channels)
         if in_channels is None or spec.depthwise or in_channels == spec.in_channels:
             return t
         self._check(name, in_channels, spec.in_channels, "input")
-        curve = self.in_curves[name]
+        curve = self._curve(self.in_curves, name)
         return t * curve.at(in_channels) / curve.seconds[-1]
 
     def snap(self, layer: str | nn.Module, channels: int) -> int:
@@ -347,7 +357,7 @@ class LatencyTable:
         name = self.name_of(layer)
         spec = self.specs[name]
         self._check(name, channels, spec.out_channels, "output")
-        curve = self.out_curves[name]
+        curve = self._curve(self.out_curves, name)
         limit = curve.at(channels) * (1 + self.tolerance)
         best = channels
         for n, s in zip(curve.counts, curve.seconds):
@@ -358,7 +368,7 @@ class LatencyTable:
     def candidates(self, layer: str | nn.Module) -> list[int]:
         """Counts at the fast edge of each step: every larger measured count is slower by more than
         ``tolerance``. Pruning to any other count keeps fewer channels for no time saved."""
-        curve = self.out_curves[self.name_of(layer)]
+        curve = self._curve(self.out_curves, self.name_of(layer))
         keep, best = [], math.inf
         for n, s in sorted(zip(curve.counts, curve.seconds), reverse=True):
             if s * (1 + self.tolerance) < best or not keep:
@@ -427,6 +437,12 @@ class LatencyTable:
                     row.append((m.module, m.kind, m.index.numel() / g.size))
             out.append(row)
         return out
+
+    def _curve(self, curves: Mapping[str, _Curve], name: str) -> _Curve:
+        if name not in curves:
+            raise fail("this layer's latency was not measured (a shapes-only table answers MACs and params)",
+                       where=name, shape=self.specs[name].input_shape, hint="build it with LatencyTable.build")
+        return curves[name]
 
     def _check(self, name: str, c: int, full: int, what: str) -> None:
         if not isinstance(c, int) or not 1 <= c <= full:
