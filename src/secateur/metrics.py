@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _sdpa_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# attention kernels FlopCounterMode does not know (the CPU flash path): q k^T and attn v, like its GPU formulas
+_EXTRA = {op: _sdpa_flops for op in (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,)}
 
 
 def count_params(model: nn.Module) -> int:
@@ -19,7 +27,7 @@ def count_params(model: nn.Module) -> int:
 
 def _run(model: nn.Module, example_inputs: Any) -> FlopCounterMode:
     from secateur.graph.capture import call
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA)
     with torch.no_grad(), counter:
         call(model, example_inputs)
     return counter
