@@ -160,6 +160,7 @@ def main(argv=None):
         if not args.no_peer:
             row["torch_pruning"] = run(_peer, name, args.size, args.timeout)
         rows.append(row)
+        _write(args, rows, None, partial=True)  # a long run keeps what it measured
     print(f"\n{'model':24} {'sec cap':>8} {'sec prune':>9} {'sec err':>8} {'sec MB':>7} {'TP cap':>8} "
           f"{'TP prune':>8} {'TP ok':>6} {'MACs sec/TP (M)':>18} {'params sec/TP (M)':>18}")
     for r in rows:
@@ -193,10 +194,14 @@ def main(argv=None):
                                             default=None),
                    secateur_max_oracle_err=max((r["secateur"]["oracle_err"] for r in ok), default=None))
     print("\nsummary:", json.dumps(summary))
+    _write(args, rows, meta, summary=summary)
+
+
+def _write(args, rows, meta, partial=False, summary=None):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump(dict(size=args.size, timeout=args.timeout, summary=summary, llama7b_meta=meta, rows=rows), fh,
-                  indent=1, default=str)
+        json.dump(dict(size=args.size, timeout=args.timeout, partial=partial, summary=summary,
+                       llama7b_meta=meta, rows=rows), fh, indent=1, default=str)
 
 
 if __name__ == "__main__":
