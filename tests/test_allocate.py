@@ -179,3 +179,61 @@ def test_bad_importance():
         channel_counts([4, 4], [torch.rand(4), torch.rand(2, 2)], cost, 2.0)
     with pytest.raises(PruningError, match="cannot be reached"):
         channel_counts([4, 4], [torch.rand(4), torch.rand(4)], cost, 10.0)
+
+
+class _ResNetish(torch.nn.Module):
+    """Conv stem, a residual block and a head: groups with coupled producers and consumers."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.a = nn.Conv2d(32, 48, 3, padding=1)
+        self.b = nn.Conv2d(48, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.stem(x).relu()
+        x = x + self.b(self.a(x).relu())
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("metric, target", [("macs", 2.0), ("params", 3.0)])
+def test_group_counts_meets_the_target_on_the_real_model(metric, target):
+    pytest.importorskip("secateur.structured")
+    from secateur.allocate import group_counts
+    from secateur.metrics import count_macs, count_params
+    from secateur.structured import Plan
+    model, x = _ResNetish().eval(), torch.randn(1, 3, 16, 16)
+    before = count_macs(model, x) if metric == "macs" else count_params(model)
+    pairs = group_counts(model, x, target, metric=metric, round_to=8)
+    assert pairs and all(k % 8 == 0 or k == g.size for g, k in pairs)
+    from secateur.importance import group_scores
+    choices = [(g, torch.argsort(group_scores(g, model, "l1"), stable=True)[: g.size - k]) for g, k in pairs
+               if k < g.size]
+    Plan([g for g, _ in pairs], choices).apply(model)
+    after = count_macs(model, x) if metric == "macs" else count_params(model)
+    if metric == "params":  # biases of the head and norms are outside the groups' conv/linear weights
+        assert after <= before / target + 5 + 64
+    else:
+        assert after <= before / target
+    assert model(x).shape == (1, 5)
+
+
+def test_group_counts_ranks_by_a_latency_table():
+    pytest.importorskip("secateur.structured")
+    from secateur.allocate import group_counts
+    from secateur.latency_model import layer_specs
+    model, x = _ResNetish().eval(), torch.randn(1, 3, 16, 16)
+    specs = layer_specs(model, x)
+    # conv "a" is made 50x slower per channel than the others: a latency-ranked MACs target prunes it first
+    store = {}
+    for n, s in specs.items():
+        per = 50e-6 if n == "a" else 1e-6
+        store[s.key()] = {"out": {c: per * c for c in channel_grid(s.out_channels)},
+                          "in": {c: 1.0 for c in channel_grid(s.in_channels)}}
+    table = LatencyTable.from_measurements(specs, store)
+    by_macs = dict((g.name, k) for g, k in group_counts(model, x, 1.3, metric="macs", table=table))
+    by_time = dict((g.name, k) for g, k in group_counts(model, x, 1.3, metric="macs", rank="latency",
+                                                      table=table))
+    assert by_time["a"] < by_macs["a"]

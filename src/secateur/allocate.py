@@ -23,7 +23,7 @@ import torch
 
 from secateur.errors import fail
 
-__all__ = ["channel_counts", "separable", "as_ratios", "round_candidates", "NORMALIZERS"]
+__all__ = ["channel_counts", "group_counts", "separable", "as_ratios", "round_candidates", "NORMALIZERS"]
 
 CostFn = Callable[[Sequence[int]], float]
 
@@ -160,7 +160,7 @@ def _best_step(st: _Group, g: int, counts: list[int], current: tuple[float, floa
     """(priority, new count, new costs) of group ``g``'s best next step; priority is (0 if the ranking
     cost drops else 1, importance lost per unit of ranking cost saved), smaller first.
 
-    Walks down the allowed counts past flat parts of the budget cost (no saving) and compares the first
+    Walks down the allowed counts past flat parts of both costs (no saving) and compares the first
     ``lookahead`` counts that do save something, so a staircase never traps a group on a step."""
     best = None
     k = counts[g]
@@ -176,10 +176,49 @@ def _best_step(st: _Group, g: int, counts: list[int], current: tuple[float, floa
         prio = (0, loss / rank_gain) if rank_gain > 0 else (1, loss / (current[0] - new[0]))
         if best is None or prio < best[0]:
             best = (prio, k2, new)
-        seen += 1
-        if seen >= lookahead:
-            break
+        if rank_gain > 0:  # flat parts of the ranking cost (a latency step) are walked past as well
+            seen += 1
+            if seen >= lookahead:
+                break
     return best
+
+
+def group_counts(model: Any, example_inputs: Any, target: float, *, metric: str = "latency",
+                 rank: str | None = None, table: Any = None, importance: Any = "l1",
+                 round_to: int | None = None, min_keep: int | float = 1, graph: Any = None,
+                 **table_options: Any) -> list[tuple[Any, int]]:
+    """Keep counts for the structural engine's groups of ``model``: the bridge from `channel_counts` to
+    ``secateur.structured`` (``prune_channels(..., target_latency=...)`` can be built on it).
+
+    ``metric`` ("latency", "macs" or "params") is what ``target`` reduces; ``rank`` (default: the
+    same) is what the steps are ranked by, e.g. ``metric="macs", rank="latency"`` meets a MACs target
+    with the channels that buy the most time. Latency needs a measured `LatencyTable` (``table``, or
+    built here with ``table_options``). Returns ``[(group, keep), ...]`` for the groups with scores.
+    MACs and params count the Conv/Linear layers the groups touch: the rest of the model is fixed."""
+    from secateur.graph import build_graph
+    from secateur.importance import group_scores
+    from secateur.latency_model import LatencyTable
+
+    graph = graph or build_graph(model, example_inputs)
+    groups, scores = [], []
+    for g in graph.groups:
+        s = group_scores(g, model, importance)
+        if s is not None and g.size > 1:
+            groups.append(g)
+            scores.append(s)
+    if not groups:
+        return []
+    needs_time = "latency" in (metric, rank)
+    if table is None:
+        table = (LatencyTable.build(model, example_inputs, **table_options) if needs_time
+                 else LatencyTable.shapes_only(model, example_inputs))
+    members = table.members_of(groups)
+    sizes = [g.size for g in groups]
+    cost = table.cost_fn(members, metric, sizes=sizes)
+    rank_fn = None if rank in (None, metric) else table.cost_fn(members, rank, sizes=sizes)
+    cands = [round_candidates(n, round_to) for n in sizes] if round_to else None
+    counts = channel_counts(groups, scores, cost, target, candidates=cands, min_keep=min_keep, rank_fn=rank_fn)
+    return list(zip(groups, counts))
 
 
 def _fresh_heap(state: list[_Group], counts: list[int], current: tuple[float, float], costs: _Costs,
