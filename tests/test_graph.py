@@ -120,7 +120,7 @@ def test_unequal_split_and_fixed_slices_are_kept():
             return self.b(p) + self.c(q)
 
     m, x = S(), torch.randn(1, 3, 4, 4)
-    assert all(g.name != "a" for g in build_groups(m, x))
+    assert all(g.name != "a" or g.size == 1 for g in build_groups(m, x))  # all-or-nothing: never pruned
     _oracle(m, x, ratio=0.5)
 
 

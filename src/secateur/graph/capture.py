@@ -92,7 +92,7 @@ class Tracer:
         mname, attr = self.name_of(p)
         key = (f"{mname}.{attr}" if mname else attr, dim)
         atoms = atoms.reshape(-1).expand(p.size(dim)) if atoms.numel() == 1 else atoms.reshape(-1)
-        if atoms.numel() != p.size(dim):
+        if atoms.numel() != p.size(dim) or bool((atoms < 0).any()):
             raise fail("internal: slot size mismatch", where=key[0], shape=p.shape, value=atoms.numel())
         prev = self.slots.get(key)
         if prev is None:

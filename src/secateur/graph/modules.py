@@ -117,13 +117,12 @@ def conv_transpose(tr: Tracer, mod, args, kwargs, out):
         tr.slot(mod.weight, 1, atoms, "out")
         if chan is not None:
             tr.slot(mod.weight, 0, chan, "in")
-    else:
+    else:  # whole groups: the weight's dim 0 (inputs) follows its group
         ins = chan if chan is not None else torch.full((mod.in_channels,), -1, dtype=torch.long)
-        tr.slot(mod.weight, 0, ins, "in")
         both = torch.cat([ins.view(g, -1), atoms.view(g, -1)], dim=1)
         tr.atoms.collapse(both, [1])
-        if chan is None:  # no input labels: the weight's dim 0 follows the output groups
-            tr.slot(mod.weight, 0, atoms.view(g, -1)[:, :1].expand(g, mod.in_channels // g).reshape(-1), "out")
+        per_group = atoms.view(g, -1)[:, :1].expand(g, mod.in_channels // g).reshape(-1)
+        tr.slot(mod.weight, 0, chan if chan is not None else per_group, "in" if chan is not None else "out")
     tr.set(out, _shape_for(out.dim(), cdim, atoms))
 
 

@@ -176,7 +176,6 @@ _INDEX_ARGS = {aten.index: (1,), aten.index_select: (2,), aten.gather: (2,), ate
 def move(tr, func, args, kwargs, out):
     packet = func.overloadpacket
     index_pos = _INDEX_ARGS.get(packet, ())
-    data_devices = {t.device.type for t in _tensors(args)}
 
     def sub(x, pos):
         if pos in index_pos:
@@ -211,7 +210,6 @@ def move(tr, func, args, kwargs, out):
     if packet is aten.im2col:  # patches of one channel stay together: collapse spatial first
         raise tr.error("im2col (nn.Unfold) on a channel-carrying tensor is not supported")
     lout = func(*largs, **kwargs)
-    del data_devices
     outs, louts = _outs(out), _outs(lout)
     check = _CHECKS.get(packet)
     if check is not None:
@@ -245,18 +243,12 @@ def _check_slice(tr, args, largs, louts):
     """A slice/select/index along a channel dim uses positions fixed in the model's code: keep those channels
     (a full-range slice is a no-op and is fine)."""
     x = args[0]
-    packet_dim = {aten.select: 1, aten.slice: 1, aten.narrow: 1, aten.index_select: 1, aten.gather: 1,
-                  aten.roll: 2}
-    dims = []
-    if isinstance(args[1], (list, tuple)) and not isinstance(args[1], torch.Size) and \
-            any(isinstance(i, torch.Tensor) or i is None for i in args[1]):  # aten.index
+    if isinstance(args[1], (list, tuple)):  # aten.index: a list of index tensors, None = whole dim
         dims = [d for d, i in enumerate(args[1]) if i is not None]
     else:
         dims = [args[1] if len(args) > 1 and isinstance(args[1], int) else 0]
-        if len(args) > 2 and isinstance(args[2], int) and largs is not None and args[0].dim() and False:
-            dims = [args[2]]
-    if louts and louts[0].shape == x.shape and all(torch.equal(louts[0], largs[0]) for _ in [0]):
-        return
+    if louts and louts[0].shape == x.shape and torch.equal(louts[0], largs[0]):
+        return  # a full-range slice
     for d in dims:  # the dim must never shrink: its atoms go all together (whole heads survive a
         if _varying(tr, x, d):  # rotate_half over head_dim; conv channels sliced at [:, :8] are kept)
             tr.atoms.collapse(largs[0], [d])
@@ -402,7 +394,6 @@ def _matmul(tr, a, c):
             la = tr.atoms.collapse(la, [ka])
         if vc:
             lc = tr.atoms.collapse(lc, [kc])
-    shape = None
     res = None
     if la is not None:
         res = _pad(la, nd)  # [..., n, 1]
@@ -414,7 +405,6 @@ def _matmul(tr, a, c):
             tr.atoms.union(res, lcc)
             x, y = torch.broadcast_tensors(res, lcc)
             res = torch.where(x >= 0, x, y)
-    del shape
     return res
 
 

@@ -65,7 +65,10 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
                                                                                            str | None]:
     """(ok, failing module, error) of applying ``apply`` to a skeleton and running it. ok is True also when the
     unpruned model cannot run on meta (nothing to compare with; the caller notes it)."""
-    base = skeleton(model)
+    try:
+        base = skeleton(model)
+    except Exception as e:  # noqa: BLE001 - a model that cannot be deep-copied is not verified (noted)
+        return True, None, f"not verified on meta (skeleton: {type(e).__name__}: {e})"
     want, _, err0 = run(base, example_inputs)
     if want is None:
         return True, None, f"not verified on meta ({err0})"
