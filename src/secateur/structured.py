@@ -3,7 +3,15 @@
 ``prune_channels(model, example_inputs, ratio=0.5)`` captures the model's dependency groups (secateur.graph),
 scores every group's channels (secateur.importance), chooses what to remove, then slices parameters, buffers and
 size attributes in place. The result is an ordinary, smaller ``nn.Module``: no masks, no hooks. Everything is
-computed and checked first; a PruningError leaves the model untouched."""
+computed and checked first (including a dry run on a meta-device skeleton); a PruningError leaves the model
+untouched.
+
+Where removing a channel is not the same as zeroing it at its consumers (a LayerNorm / GroupNorm-over-channels /
+RMSNorm or softmax over the channel dim, a constant that cannot be sliced, a slice at fixed positions, the model's
+outputs), the engine keeps those channels and says so in ``plan.notes``; heads are pruned whole, so the attention
+scale (from the head size) never changes. Hence every plan satisfies the oracle: the original model with the
+chosen channels zeroed where they enter their consumers (``plan.zero_consumers``) computes what the pruned model
+computes."""
 from __future__ import annotations
 
 import fnmatch
