@@ -298,7 +298,8 @@ def machine() -> dict:
     d = {"cpu": cpu, "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
          "torchvision": torchvision.__version__, "python": platform.python_version(),
          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+         "load_average_at_end": __import__("os").getloadavg()}  # > cores: other processes shared the CPU
     try:
         import importlib.metadata as md
         d["torch_pruning"] = md.version("torch-pruning")
