@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -162,13 +162,24 @@ def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None
                    value=str(e)) from None
     meta = {_META_DESC: desc_s, _META_SUM: _checksum(desc_s, tensors)}
 
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None]) -> None:
+    """Write ``path`` so that a crash leaves the previous file intact: write a temp file in the same
+    folder (``data`` bytes, or ``data(tmp_path)`` writes it), fsync it, rename it over ``path``, fsync
+    the folder. Every file secateur writes (models, JSON, PNG, HTML) goes through here."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -350,21 +349,9 @@ def _as_report(x) -> "Report | None":
 
 
 def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Crash-safe write (see `secateur.io.atomic_write`, the one implementation)."""
+    from secateur.io import atomic_write
+    atomic_write(path, data)
 
 
 def png_data_uri(png: bytes) -> str:
