@@ -164,20 +164,26 @@ def _demo(args: argparse.Namespace) -> int:
 def _prune_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--ratio", type=float, help="fraction of the weights to prune (default 0.5)")
+    how.add_argument("--ratio", "--amount", dest="ratio", type=float,
+                     help="fraction of the weights to prune (default 0.5; prune()'s amount)")
     how.add_argument("--target-macs", type=float, metavar="F",
                      help="prune until the non-zero (with --structural: dense) MACs are at most F "
                           "times the original's, e.g. 0.5")
-    p.add_argument("--method", default="l1", help="criterion: l1, l2, random (default l1)")
+    p.add_argument("--criterion", "--method", dest="method", default="l1",
+                   help="importance: l1, l2, random (default l1); with --structural also fpgm, lamp, bn_scale")
     p.add_argument("--pattern", default="element", help="element, 2:4, 4:8, block4x4, rows ... (default element)")
-    p.add_argument("--scope", choices=["local", "global"], default="global")
+    p.add_argument("--scope", choices=["local", "global"],
+                   help="compare scores per tensor (local) or across the model (global); default global for "
+                        "masks (one threshold for the whole model), the structural engine's local with --structural")
+    p.add_argument("--exclude", action="append", default=[], metavar="NAMES",
+                   help="comma-separated module names or globs to leave unpruned, e.g. conv1,fc (repeatable)")
     p.add_argument("--structural", action="store_true",
                    help="remove channels physically with the structural engine instead of masking")
     p.add_argument("--finalize", action="store_true", help="bake the masks in before saving")
     p.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
 
 
-def _prune_masks_to_macs(model, inputs, fraction: float, criterion: str) -> float:
+def _prune_masks_to_macs(model, inputs, fraction: float, criterion: str, exclude=()) -> float:
     """Global magnitude threshold whose pruned weights leave at most ``fraction`` of the dense MACs.
 
     Bisection on the score threshold over the per-layer counts, without touching the model, then
@@ -195,7 +201,7 @@ def _prune_masks_to_macs(model, inputs, fraction: float, criterion: str) -> floa
     uses = weight_uses(model, inputs)
     crit = get_criterion(criterion)
     scored = [(crit.group_scores(t.tensor, t.name, Element()).flatten(), uses.get(t.module_name, 0))
-              for t in select_targets(model) if uses.get(t.module_name)]
+              for t in select_targets(model, exclude=exclude) if uses.get(t.module_name)]
     dense = sum(s.numel() * u for s, u in scored)
     if dense == 0:
         raise fail("no Linear/conv layer of the model runs on these inputs", value=fraction)
@@ -210,16 +216,17 @@ def _prune_masks_to_macs(model, inputs, fraction: float, criterion: str) -> floa
         else:
             lo = mid
     with torch.no_grad():
-        prune(model, threshold=hi, criterion=criterion)
+        prune(model, threshold=hi, criterion=criterion, exclude=exclude)
     return kept(hi)
 
 
-def _structural(model, inputs, ratio, target_macs=None):
+def _structural(model, inputs, ratio, target_macs=None, **options):
     try:
         from secateur.structured import prune_channels
     except ImportError:
         raise fail("structural pruning needs secateur.structured, which this install lacks") from None
     kw = {"target_macs": target_macs} if target_macs is not None else {"ratio": ratio}
+    kw.update(options)
     result = prune_channels(model, inputs, **kw)  # in place
     say(str(result))
     return model
@@ -233,25 +240,36 @@ def _prune(args: argparse.Namespace) -> int:
     from secateur.prune import prune
     from secateur.report import report
 
+    from secateur.patterns import NM, get_pattern
+
+    exclude = [n.strip() for text in args.exclude for n in text.split(",") if n.strip()]
+    pattern = get_pattern(args.pattern)
+    if args.structural and args.pattern != "element":
+        raise fail("--structural removes whole channels; --pattern applies to masks only", value=args.pattern,
+                   hint="drop --pattern, or drop --structural to mask with that pattern")
+    if isinstance(pattern, NM) and (args.ratio is not None or args.target_macs is not None):
+        raise fail("an N:M pattern fixes the sparsity itself; do not pass --ratio/--target-macs",
+                   value=args.pattern)
     loaded = load_model(args.model, arch=args.arch, input_shape=args.input_shape)
     model, x = loaded.model, loaded.inputs
     before = report(model, x)
     if args.structural:
-        if args.target_macs is not None:
-            if not 0 < args.target_macs < 1:
-                raise fail("--target-macs must lie in (0, 1)", value=args.target_macs)
-            model = _structural(model, x, None, target_macs=args.target_macs)
-        else:
-            model = _structural(model, x, args.ratio if args.ratio is not None else 0.5)
+        if args.target_macs is not None and not 0 < args.target_macs < 1:
+            raise fail("--target-macs must lie in (0, 1)", value=args.target_macs)
+        options = {"importance": args.method, "ignore": exclude}
+        if args.scope is not None:
+            options["scope"] = args.scope
+        ratio = None if args.target_macs is not None else args.ratio if args.ratio is not None else 0.5
+        model = _structural(model, x, ratio, target_macs=args.target_macs, **options)
     elif args.target_macs is not None:
         if args.pattern != "element":
             raise fail("--target-macs works with --pattern element", value=args.pattern)
-        _prune_masks_to_macs(model, x, args.target_macs, args.method)
-    elif ":" in args.pattern:  # N:M fixes the sparsity itself
-        prune(model, pattern=args.pattern, criterion=args.method)
+        _prune_masks_to_macs(model, x, args.target_macs, args.method, exclude)
+    elif isinstance(pattern, NM):  # N:M fixes the sparsity itself
+        prune(model, pattern=pattern, criterion=args.method, exclude=exclude)
     else:
-        prune(model, args.ratio if args.ratio is not None else 0.5, criterion=args.method, pattern=args.pattern,
-              scope=args.scope)
+        prune(model, args.ratio if args.ratio is not None else 0.5, criterion=args.method, pattern=pattern,
+              scope=args.scope or "global", exclude=exclude)
     if args.finalize:
         finalize(model)
     after = report(model, x)

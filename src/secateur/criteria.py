@@ -17,7 +17,9 @@ from secateur.errors import fail
 
 
 class Criterion:
-    """Base class. ``p`` is the norm used when a pattern reduces element scores to group scores."""
+    """Subclass this to prune by your own importance measure: override ``score(tensor, name)`` (higher =
+    kept longer) and, for a custom group rule, ``group_scores``. ``p`` is the norm that combines element
+    scores into group scores (blocks, rows)."""
 
     p: float = 1.0
 
@@ -50,6 +52,10 @@ class Random(Criterion):
     per group, like ``random_structured``. With the same seed both give torch's masks."""
 
     seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise fail("Random needs an integer seed", where="Random", value=self.seed)
 
     def _draw(self, shape, device):
         g = torch.Generator(device=device)

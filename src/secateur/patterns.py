@@ -137,7 +137,10 @@ class NM:
     def check(self, shape, where):
         if len(shape) < 2:
             raise fail("N:M needs a tensor with an input dimension", where=where, shape=shape)
-        size = shape[1 if self.dim is None else self.dim]
+        dim = 1 if self.dim is None else self.dim
+        if not -len(shape) <= dim < len(shape):
+            raise fail(f"N:M dim {dim} out of range", where=where, shape=shape, value=f"{self.n}:{self.m}")
+        size = shape[dim]
         if size % self.m:
             raise fail(f"input dimension {size} is not divisible by M={self.m}", where=where, shape=shape,
                        value=f"{self.n}:{self.m}")

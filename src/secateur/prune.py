@@ -128,6 +128,15 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
             raise fail("amount keys matched no target tensor", value=sorted(unused),
                        hint=f"targets are {[t.name for t in chosen][:10]}")
 
+    if count is not None:
+        sizes = {t.name: s.numel() for t, s, _, _, _ in work}
+        too_small = {n: size for n, size in sizes.items() if size < count} if scope == "local" else (
+            {"all targets": sum(sizes.values())} if sum(sizes.values()) < count else {})
+        if too_small:
+            name, size = next(iter(too_small.items()))
+            raise fail(f"count exceeds the {size} prunable entries (or groups)", where=name, value=count,
+                       hint="count is per tensor with scope='local', over all targets with scope='global'")
+
     with torch.no_grad():
         if isinstance(pat, NM):
             pruned = [~tp.keep(s()) for _, s, _, _, tp in work]

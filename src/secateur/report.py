@@ -48,13 +48,28 @@ def eval_mode(model: nn.Module):
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Run ``model`` on example inputs given as a tensor, a tuple/list of positional args or a dict of
-    keyword args, in eval mode and without gradients (see `eval_mode`)."""
+    keyword args, in eval mode and without gradients (see `eval_mode`). A model that rejects the inputs
+    (wrong shape or dtype) gives a PruningError naming the model and the input shapes."""
     with eval_mode(model), torch.no_grad():
-        if isinstance(inputs, Mapping):
-            return model(**inputs)
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
+        try:
+            if isinstance(inputs, Mapping):
+                return model(**inputs)
+            if isinstance(inputs, (tuple, list)):
+                return model(*inputs)
+            return model(inputs)
+        except RuntimeError as e:
+            raise fail("the model failed on the example inputs", where=type(model).__name__,
+                       shape=_shape_of(inputs), value=str(e).splitlines()[0][:200],
+                       hint="pass example inputs the model accepts (command line: --input-shape)") from e
+
+
+def _shape_of(inputs: Any):
+    """The shape of a single tensor input (None for several inputs, named in the message instead)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape
+    if isinstance(inputs, (tuple, list)) and len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
+        return inputs[0].shape
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- MACs

@@ -4,6 +4,7 @@ By default the weights of Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d. Norm l
 embeddings are skipped unless asked for, as in PaddleSlim's unstructured pruner and the torch tutorial."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
@@ -75,23 +76,44 @@ def select_targets(model: nn.Module, targets: TargetSpec = None, *, include_bias
     """Resolve a target spec into the list of tensors to prune, in module order.
 
     ``targets`` is None (the default layer types), a preset name (``"linear"``, ``"conv"``, ``"conv1x1"``),
-    a filter ``(name, module) -> bool`` or an iterable of module names. ``include_bias`` adds biases."""
+    a filter ``(name, module) -> bool`` or an iterable of module names. ``include_bias`` adds biases.
+    ``exclude``: globs matched against module names (``"fc"``, ``"layer4.*"``) and tensor names
+    (``"fc.bias"``), like the keys of a per-layer amount dict; one that matches no candidate tensor is an
+    error, so that a typo cannot leave a layer the user meant to protect unprotected."""
     from secateur.masks import original
 
+    if isinstance(exclude, str):
+        exclude = (exclude,)
     keep = _module_filter(targets)
-    excluded = set(exclude)
+    excluded = list(dict.fromkeys(exclude))
+    used: set[str] = set()
+
+    def is_excluded(*names: str) -> bool:
+        hits = [pat for pat in excluded if any(fnmatch.fnmatchcase(n, pat) for n in names if n)]
+        used.update(hits)
+        return bool(hits)
+
     found: list[Target] = []
     for name, module in model.named_modules():
-        if name in excluded or not keep(name, module):
+        if not keep(name, module):
             continue
+        skip_module = is_excluded(name)
         for param in ("weight", "bias") if include_bias else ("weight",):
             t = original(module, param)
             if t is None:
+                continue
+            if is_excluded(f"{name}.{param}" if name else param) or skip_module:
                 continue
             if not torch.is_floating_point(t):
                 raise fail("cannot prune a non-floating tensor", where=f"{name}.{param}", shape=t.shape,
                            value=t.dtype)
             found.append(Target(name, module, param))
+    unused = [pat for pat in excluded if pat not in used]
+    if unused:
+        raise fail("exclude entries matched no target tensor", where=type(model).__name__, value=unused,
+                   hint="give module names or globs such as 'fc' or 'layer4.*'")
+    if not found and excluded:
+        raise fail("exclude removed every target tensor", where=type(model).__name__, value=excluded)
     if not found:
         raise fail("the target filter selected no prunable tensor", where=type(model).__name__,
                    value=targets, hint="check the filter or the module names")

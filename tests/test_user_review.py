@@ -1,0 +1,115 @@
+"""Bugs a first user hit, each held by a test: bad input fails with a PruningError that names the
+tensor and value, before the model changes; CLI options mean what the API's do."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import secateur
+from secateur import PruningError
+from secateur.cli import main
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 8))
+
+
+def untouched(fn) -> str:
+    """Run ``fn(model)``, expect a PruningError, check the model is exactly as it was; the message."""
+    m = net()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(PruningError) as e:
+        fn(m)
+    assert not secateur.is_pruned(m)
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    return str(e.value)
+
+
+def test_nm_dim_out_of_range_is_a_pruning_error():
+    msg = untouched(lambda m: secateur.prune(m, pattern=secateur.NM(2, 4, dim=7)))
+    assert "0.weight" in msg and "7" in msg
+
+
+def test_exclude_name_that_matches_nothing_is_an_error():
+    # a typo in exclude would otherwise prune the very layer the user meant to protect
+    msg = untouched(lambda m: secateur.prune(m, 0.5, exclude=["3.weight.typo"]))
+    assert "3.weight.typo" in msg
+
+
+def test_exclude_takes_globs_and_tensor_names_like_amount_keys():
+    m = net()
+    out = secateur.prune(m, 0.5, exclude=["3*"])
+    assert set(out) == {"0.weight"}
+    m = net()
+    out = secateur.prune(m, 0.5, include_bias=True, exclude=["3.bias"])
+    assert set(out) == {"0.weight", "0.bias", "3.weight"}
+    m = net()  # an exact module name still works
+    assert set(secateur.prune(m, 0.5, exclude=["0"])) == {"3.weight"}
+
+
+def test_exclude_everything_is_an_error():
+    untouched(lambda m: secateur.prune(m, 0.5, exclude=["*"]))
+
+
+def test_count_larger_than_the_tensor_is_an_error():
+    # torch.nn.utils.prune refuses too; silently pruning the whole tensor hides a wrong unit
+    msg = untouched(lambda m: secateur.prune(m, count=10_000))
+    assert "0.weight" in msg and "10000" in msg
+    msg = untouched(lambda m: secateur.prune(m, count=10_000, scope="global"))
+    assert "10000" in msg
+    m = net()  # exactly the whole tensor is allowed
+    assert secateur.prune(m, count=8 * 4 * 9, targets=["0"]) == {"0.weight": 1.0}
+
+
+def test_random_seed_must_be_an_integer():
+    msg = untouched(lambda m: secateur.prune(m, 0.5, criterion=secateur.Random("x")))
+    assert "'x'" in msg
+
+
+def test_integer_scores_from_a_criterion_function_still_prune_exactly():
+    m = net()
+    out = secateur.prune(m, 0.5, criterion=lambda t, n: (t.abs() * 1000).long())
+    assert all(abs(v - 0.5) < 1e-9 for v in out.values())
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def _factory() -> nn.Module:
+    return net()
+
+
+FACTORY = f"{__name__}:_factory"
+
+
+def test_cli_nm_pattern_with_a_ratio_is_refused(tmp_path, capsys):
+    rc = main(["prune", FACTORY, "--input-shape", "1,4,6,6", "--pattern", "2:4", "--ratio", "0.9",
+               "-o", str(tmp_path / "m.st")])
+    assert rc == 1 and not (tmp_path / "m.st").exists()
+    assert "2:4" in capsys.readouterr().err
+
+
+def test_cli_structural_with_a_pattern_is_refused(tmp_path, capsys):
+    rc = main(["prune", FACTORY, "--input-shape", "1,4,6,6", "--structural", "--pattern", "2:4",
+               "-o", str(tmp_path / "m.st")])
+    assert rc == 1 and not (tmp_path / "m.st").exists()
+    assert "--pattern" in capsys.readouterr().err
+
+
+def test_cli_criterion_option_and_exclude(tmp_path):
+    out = tmp_path / "m.st"
+    rc = main(["prune", FACTORY, "--input-shape", "1,4,6,6", "--criterion", "l2", "--amount", "0.5",
+               "--exclude", "3", "-o", str(out)])
+    assert rc == 0
+    back = secateur.load(net(), out)
+    assert set(secateur.masks_of(back)) == {"0.weight"}
+
+
+def test_cli_wrong_input_shape_is_a_clear_error(tmp_path, capsys):
+    rc = main(["prune", FACTORY, "--input-shape", "1,3,6,6", "-o", str(tmp_path / "m.st")])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "(1, 3, 6, 6)" in err and "--input-shape" in err and "internal error" not in err
