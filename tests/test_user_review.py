@@ -113,3 +113,27 @@ def test_cli_wrong_input_shape_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1, err
     assert "(1, 3, 6, 6)" in err and "--input-shape" in err and "internal error" not in err
+
+
+def test_target_names_that_do_not_exist_are_named():
+    # targets=["3", "typo"] would otherwise prune layer 3 and silently skip the typo
+    msg = untouched(lambda m: secateur.prune(m, 0.5, targets=["3", "typo"]))
+    assert "value=['typo']" in msg
+
+
+def test_cli_sensitivity_checks_allocation_options_before_the_scan(tmp_path, capsys, monkeypatch):
+    import sys
+    sens = sys.modules["secateur.sensitivity"]  # the attribute secateur.sensitivity is the function
+
+    def scan(*a, **k):
+        raise AssertionError("the scan ran before the options were checked")
+    monkeypatch.setattr(sens, "sensitivity", scan)
+    for extra in (["--fraction", "2"], ["--fraction", "0.5", "--align", "0"], ["-o", str(tmp_path / "m.st")]):
+        rc = main(["sensitivity", FACTORY, "--input-shape", "1,4,6,6", *extra])
+        assert rc == 1, (extra, capsys.readouterr().err)
+
+
+def test_cli_fidelity_baseline_prints_as_zero(capsys):
+    assert main(["sensitivity", FACTORY, "--input-shape", "1,4,6,6", "--ratios", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline metric: 0" in out and "-0" not in out.split("baseline metric:")[1].split()[0]

@@ -348,7 +348,7 @@ def _fidelity(model, x):
     def metric(m):
         out = call_model(m, x)
         out = out if isinstance(out, torch.Tensor) else out[0]
-        return -float((out.float() - ref.float()).norm()) / norm
+        return 0.0 - float((out.float() - ref.float()).norm()) / norm  # 0.0 - 0.0 is 0.0, not -0.0
     return metric
 
 
@@ -357,11 +357,18 @@ def _sensitivity(args: argparse.Namespace) -> int:
     """Scan each layer's sensitivity to pruning; optionally allocate ratios to a target and apply them."""
     from secateur import io as sio
     from secateur.sensitivity import allocate, sensitivity
-    loaded = load_model(args.model, arch=args.arch, input_shape=args.input_shape)
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     except ValueError:
         raise fail("--ratios must be numbers", value=args.ratios) from None
+    # options of the allocation step are checked before the (long) scan, not after it
+    if args.fraction is not None and not 0 < args.fraction < 1:
+        raise fail("--fraction (of --target to remove) must lie in (0, 1)", value=args.fraction)
+    if args.align is not None and args.align < 1:
+        raise fail("--align must be a positive integer", value=args.align)
+    if args.output and args.fraction is None:
+        raise fail("-o needs --fraction (what to allocate)", value=args.output)
+    loaded = load_model(args.model, arch=args.arch, input_shape=args.input_shape)
     if args.evaluate:
         mod, _, fn = args.evaluate.partition(":")
         try:
@@ -389,8 +396,6 @@ def _sensitivity(args: argparse.Namespace) -> int:
             model = alloc.apply(loaded.model, loaded.inputs, pattern=args.pattern)
             sio.save(model, args.output, source=loaded.spec)
             say(f"saved {args.output}")
-    elif args.output:
-        raise fail("-o needs --fraction (what to allocate)", value=args.output)
     return 0
 
 

@@ -85,6 +85,12 @@ def select_targets(model: nn.Module, targets: TargetSpec = None, *, include_bias
     if isinstance(exclude, str):
         exclude = (exclude,)
     keep = _module_filter(targets)
+    if targets is not None and not isinstance(targets, str) and not callable(targets):
+        known = [n for n, _ in model.named_modules()]
+        missing = [n for n in dict.fromkeys(targets) if n not in set(known)]
+        if missing:
+            raise fail("no module of that name in the model", where=type(model).__name__, value=missing,
+                       hint=f"module names look like {[n for n in known if n][:5]}")
     excluded = list(dict.fromkeys(exclude))
     used: set[str] = set()
 
