@@ -137,3 +137,22 @@ def test_cli_fidelity_baseline_prints_as_zero(capsys):
     assert main(["sensitivity", FACTORY, "--input-shape", "1,4,6,6", "--ratios", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "baseline metric: 0" in out and "-0" not in out.split("baseline metric:")[1].split()[0]
+
+
+def test_every_public_name_has_a_docstring_that_says_when_to_use_it():
+    import inspect
+    for name in secateur.__all__:
+        if name == "__version__":
+            continue
+        doc = inspect.getdoc(getattr(secateur, name)) or ""
+        assert len(doc.split()) >= 12, (name, doc)
+
+
+def test_import_has_no_heavy_side_effects():
+    import subprocess
+    import sys
+    code = ("import sys, secateur; heavy = [m for m in ('matplotlib', 'transformers', 'torchvision', 'timm', "
+            "'onnx', 'onnxruntime', 'sklearn', 'pytorch_lightning', 'lightning') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

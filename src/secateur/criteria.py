@@ -33,7 +33,10 @@ class Criterion:
 
 @dataclass(frozen=True)
 class Magnitude(Criterion):
-    """|w|; groups are ranked by their L-p norm (p=1: L1, p=2: L2, any p > 0, or inf)."""
+    """|w|; groups are ranked by their L-p norm (p=1: L1, p=2: L2, any p > 0, or inf).
+
+    The default and the baseline: needs no data or gradients, and is what most tutorials and
+    ``torch.nn.utils.prune`` use."""
 
     p: float = 1.0
 
@@ -49,7 +52,9 @@ class Magnitude(Criterion):
 class Random(Criterion):
     """Seeded random scores. Element scores are ``-rand`` so that, like ``torch.nn.utils.prune``'s
     ``random_unstructured``, the entries with the *largest* draws go first; group scores are ``rand``
-    per group, like ``random_structured``. With the same seed both give torch's masks."""
+    per group, like ``random_structured``. With the same seed both give torch's masks.
+
+    Use it as the control in experiments: a criterion that does not beat random pruning is not helping."""
 
     seed: int = 0
 
@@ -74,7 +79,8 @@ class Random(Criterion):
 @dataclass(frozen=True)
 class Taylor(Criterion):
     """First-order Taylor importance |w * dL/dw|, from the gradient already in ``.grad``
-    (call ``loss.backward()`` on a batch first)."""
+    (call ``loss.backward()`` on a batch first). Use it when a batch of real data is at hand: it
+    estimates each weight's effect on the loss, which magnitude alone cannot."""
 
     def score(self, tensor, name):
         if tensor.grad is None:
@@ -85,7 +91,10 @@ class Taylor(Criterion):
 
 @dataclass(frozen=True)
 class Scores(Criterion):
-    """Scores supplied by the caller, keyed by tensor name (``"fc1.weight"``)."""
+    """Scores supplied by the caller, keyed by tensor name (``"fc1.weight"``).
+
+    Use it when importance comes from elsewhere (accumulated gradients, a saliency method, another
+    tool): secateur then only does the selection, patterns and masking."""
 
     scores: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
@@ -127,7 +136,8 @@ CriterionSpec = Union[str, Criterion, Callable[[torch.Tensor, str], torch.Tensor
 
 
 def register_criterion(name: str, factory: Callable[[], Criterion]) -> None:
-    """Make ``factory()`` available as ``criterion=name``."""
+    """Make ``factory()`` available as ``criterion=name``, so that a custom `Criterion` can be chosen
+    by name from configs and the command line like the built-in ones."""
     _REGISTRY[name] = factory
 
 

@@ -47,7 +47,8 @@ def original(module: nn.Module, param: str) -> torch.Tensor | None:
 
 
 def get_mask(module: nn.Module, param: str = "weight") -> torch.Tensor | None:
-    """The boolean keep-mask of ``module.<param>`` (True = kept), or None if it is not masked."""
+    """The boolean keep-mask of ``module.<param>`` (True = kept), or None if it is not masked; read it
+    to inspect or copy one layer's pruning decision."""
     m = _mask_module(module, param)
     return None if m is None else m.mask
 
@@ -65,7 +66,10 @@ def _own_class(module: nn.Module) -> None:
 
 
 def set_mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
-    """Attach (or replace) the keep-mask of ``module.<param>``. The mask must match the tensor's shape."""
+    """Attach (or replace) the keep-mask of ``module.<param>``. The mask must match the tensor's shape.
+
+    Use it for masks decided outside `prune` (by hand, by another tool); pruning then behaves as usual
+    (zero gradients, `finalize`, `save`)."""
     t = original(module, param)
     if t is None:
         raise fail(f"module has no tensor {param!r}", where=type(module).__name__)
@@ -103,7 +107,8 @@ def iter_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Te
 
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """All masks, keyed ``"<module>.<param>"``."""
+    """All masks, keyed ``"<module>.<param>"``: to inspect them, or to move them to another instance of
+    the same architecture with `apply_masks` (e.g. from a pruned copy back onto the model being trained)."""
     return {f"{n}.{p}" if n else p: m for n, _, p, m in iter_masks(model)}
 
 
@@ -125,13 +130,17 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 
 def is_pruned(model: nn.Module) -> bool:
-    """True while any tensor of the model carries a secateur mask."""
+    """True while any tensor of the model carries a secateur mask: check it before deploying, since a
+    masked model still pays for the parametrizations until `finalize`."""
     return any(True for _ in iter_masks(model))
 
 
 def finalize(model: nn.Module) -> nn.Module:
     """Make pruning permanent: bake every mask's zeros into its tensor and remove all parametrizations
-    secateur added. The Parameter objects stay the same. Returns the model."""
+    secateur added. The Parameter objects stay the same. Returns the model.
+
+    Call it once pruning and fine-tuning are done (before exporting or serving): the model becomes
+    an ordinary module again, without the per-forward ``weight * mask`` cost."""
     for _, module, param, _ in list(iter_masks(model)):
         remove_mask(module, param, bake=True)
     return model

@@ -25,7 +25,8 @@ def _norm_reduce(s: torch.Tensor, dims: tuple[int, ...], p: float) -> torch.Tens
 
 @dataclass(frozen=True)
 class Element:
-    """Unstructured: every weight on its own."""
+    """Unstructured: every weight on its own. Keeps the most accuracy for a given sparsity, but dense
+    kernels run no faster: use it for size (with compressed storage) or to study sparsity."""
 
     is_elementwise = True
 
@@ -47,7 +48,10 @@ class Element:
 
 @dataclass(frozen=True)
 class Block:
-    """``rows x cols`` blocks over the 2-D view ``(shape[0], prod(shape[1:]))`` of the tensor."""
+    """``rows x cols`` blocks over the 2-D view ``(shape[0], prod(shape[1:]))`` of the tensor.
+
+    Use it for block-sparse kernels and formats (e.g. BSR, CPU inference engines), which skip whole
+    blocks of zeros where scattered zeros gain nothing."""
 
     rows: int = 1
     cols: int = 4
@@ -86,7 +90,10 @@ class Block:
 
 @dataclass(frozen=True)
 class Slices:
-    """Whole slices along ``dim`` (dim=0: output rows / conv filters), like ``ln_structured``."""
+    """Whole slices along ``dim`` (dim=0: output rows / conv filters), like ``ln_structured``.
+
+    Masks only: use it to try channel pruning (accuracy, fine-tuning) before removing channels for real
+    with the structural engine (`secateur.structured.prune_channels`), which makes the model smaller."""
 
     dim: int = 0
     is_elementwise = False
@@ -116,7 +123,8 @@ class Slices:
 class NM:
     """Keep the ``n`` highest-scoring of every ``m`` consecutive weights along ``dim``; ``None`` means the
     input dimension (1 for Linear ``(out, in)`` and Conv ``(out, in, *k)``, 0 for ConvTranspose
-    ``(in, out, *k)``). 2:4 is the GPU sparse format."""
+    ``(in, out, *k)``). 2:4 is the GPU sparse format: Ampere and newer GPUs run 2:4 weights on sparse
+    tensor cores (see `secateur.semi_structured`), so this is the pattern to choose for GPU speed."""
 
     n: int = 2
     m: int = 4

@@ -187,7 +187,8 @@ def _histogram(w: torch.Tensor) -> dict:
 
 @dataclass
 class Report:
-    """Per-layer rows and model totals; build one with `report(model, example_inputs)`."""
+    """Per-layer rows and model totals; build one with `report(model, example_inputs)`. It is plain data
+    (``to_dict`` / ``from_dict``), so reports of different runs can be stored and compared later."""
 
     model: str
     rows: list[LayerRow]
@@ -378,7 +379,10 @@ def png_data_uri(png: bytes) -> str:
 
 def report(model: nn.Module, example_inputs: Any = None) -> Report:
     """Measure ``model`` as it is now: per-layer params, effective zeros and sparsity, and (when
-    ``example_inputs`` are given) dense and non-zero MACs of Linear/conv layers for those inputs."""
+    ``example_inputs`` are given) dense and non-zero MACs of Linear/conv layers for those inputs.
+
+    Use it to check that pruning did what was asked (per-layer sparsity), and to compare models
+    before/after: print it, or write JSON, histograms or an HTML page from the `Report`."""
     if not isinstance(model, nn.Module):
         raise fail("report() needs an nn.Module", value=type(model).__name__)
     skip = {id(m) for m in model.modules() if isinstance(m, parametrize.ParametrizationList)}

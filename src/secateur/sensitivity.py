@@ -174,7 +174,10 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], ratios
     ``layers``: module names (default: every Linear / conv). ``structural=True`` removes whole output
     rows (filters, neurons) by magnitude instead of ``pattern``. With ``example_inputs`` the result
     also records each layer's MACs and measured forward time, which `allocate` needs for those
-    targets (parameters are always recorded)."""
+    targets (parameters are always recorded).
+
+    Use it before choosing per-layer ratios: it shows which layers tolerate pruning and which break
+    the metric, and its result feeds `allocate`."""
     ratios = _check_ratios(ratios)
     if not callable(evaluate):
         raise fail("evaluate must be a function model -> float", value=type(evaluate).__name__)
@@ -293,7 +296,10 @@ def _align(ratio: float, rows: int, align: int | None) -> float:
 def allocate(sens: SensitivityResult, target: str = "macs", fraction: float = 0.5, *, align: int | None = None,
              max_ratio: float | None = None) -> Allocation:
     """Per-layer ratios that remove at least ``fraction`` of the scanned layers' ``target``
-    (``"macs"``, ``"params"`` or ``"latency"``) with the least predicted loss; see the module notes."""
+    (``"macs"``, ``"params"`` or ``"latency"``) with the least predicted loss; see the module notes.
+
+    Use it instead of one uniform ratio: layers that `sensitivity` found robust are pruned harder,
+    fragile ones less, for the same saving."""
     sens = as_sensitivity(sens)
     if target not in TARGETS:
         raise fail("unknown allocation target", value=target, hint=f"choose one of {TARGETS}")
