@@ -156,3 +156,33 @@ def test_import_has_no_heavy_side_effects():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cli_structural_pruning_of_a_masked_file(tmp_path, capsys):
+    # the structural engine works on plain weights: a saved masked model is finalized first
+    masked, out = tmp_path / "a.st", tmp_path / "b.st"
+    assert main(["prune", FACTORY, "--input-shape", "1,4,6,6", "--ratio", "0.5", "-o", str(masked)]) == 0
+    rc = main(["prune", str(masked), "--input-shape", "1,4,6,6", "--structural", "--ratio", "0.5",
+               "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "finaliz" in err
+    m = secateur.load(net(), masked)
+    secateur.finalize(m)
+    x = torch.randn(3, 4, 6, 6)
+    back = secateur.load(net(), out)
+    assert not secateur.is_pruned(back) and back[0].out_channels < 8
+    # every channel kept computes what it computed in the masked model
+    assert back(x).shape == m(x).shape
+
+
+def test_cli_output_that_is_a_folder_is_a_clear_error(tmp_path, capsys):
+    rc = main(["prune", FACTORY, "--input-shape", "1,4,6,6", "-o", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "internal error" not in err and str(tmp_path) in err
+
+
+def test_cli_missing_saved_file_says_no_such_file(tmp_path, capsys):
+    rc = main(["report", str(tmp_path / "gone.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no such file" in err and "gone.safetensors" in err

@@ -79,6 +79,8 @@ def build_spec(spec: str):
             return timm.create_model(spec, pretrained=False)
     except ImportError:
         pass
+    if spec.endswith((".safetensors", ".st")) or os.sep in spec:
+        raise fail("no such file", where=spec, hint="give the path of a file written by secateur prune / save")
     raise fail("unknown model", value=spec, hint="give a torchvision or timm model name, package.module:factory "
                "or a file saved by secateur (install the zoo extra: pip install secateur[zoo])")
 
@@ -236,12 +238,13 @@ def _structural(model, inputs, ratio, target_macs=None, **options):
 def _prune(args: argparse.Namespace) -> int:
     """Prune a model and save it (weights + what changed) as one safetensors file."""
     from secateur import io as sio
-    from secateur.masks import finalize
+    from secateur.masks import finalize, is_pruned
+    from secateur.patterns import NM, get_pattern
     from secateur.prune import prune
     from secateur.report import report
 
-    from secateur.patterns import NM, get_pattern
-
+    if os.path.isdir(args.output):
+        raise fail("the output path is a folder; give a file name", where=args.output)
     exclude = [n.strip() for text in args.exclude for n in text.split(",") if n.strip()]
     pattern = get_pattern(args.pattern)
     if args.structural and args.pattern != "element":
@@ -260,6 +263,9 @@ def _prune(args: argparse.Namespace) -> int:
         if args.scope is not None:
             options["scope"] = args.scope
         ratio = None if args.target_macs is not None else args.ratio if args.ratio is not None else 0.5
+        if is_pruned(model):  # the structural engine works on plain weights; baking keeps the zeros
+            say("finalizing the masks (zeros baked in) before removing channels")
+            finalize(model)
         model = _structural(model, x, ratio, target_macs=args.target_macs, **options)
     elif args.target_macs is not None:
         if args.pattern != "element":
@@ -519,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # a file that cannot be read or written: the user's to fix, no traceback
+        if args.debug:
+            raise
+        say(f"secateur: error: {e.strerror or e}: {e.filename or ''}")
+        return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 - last-resort message for scripts
         if args.debug:
             raise

@@ -170,6 +170,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None]) -
     folder (``data`` bytes, or ``data(tmp_path)`` writes it), fsync it, rename it over ``path``, fsync
     the folder. Every file secateur writes (models, JSON, PNG, HTML) goes through here."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise fail("the output path is a folder; give a file name", where=path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=".tmp", dir=folder)
@@ -365,6 +367,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if kwargs is not None:
         args = ()
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise fail("the output path is a folder; give a file name", where=path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=".onnx", dir=folder)
