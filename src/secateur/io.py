@@ -201,9 +201,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None]) -
 # -------------------------------------------------------------------------------------------- load
 
 
-def describe(path: str | os.PathLike) -> dict:
-    """The description of a secateur file, from its header only (cheap; not checksum-verified --
-    `load` verifies). Raises a PruningError for anything that is not a secateur file."""
+def _open(path: str | os.PathLike, *, tensors: bool) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """``(path, header metadata, tensors or {})`` of a safetensors file; any parse failure of an untrusted
+    file is a PruningError. Parsing never executes code."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -212,41 +212,39 @@ def describe(path: str | os.PathLike) -> dict:
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        desc = json.loads(meta[_META_DESC])
-    except KeyError:
-        raise fail("this safetensors file was not written by secateur.save (no description)", where=path) from None
-    except Exception as e:  # noqa: BLE001 - any parse failure of an untrusted file
-        raise fail("not a readable secateur file (truncated or corrupted?)", where=path, value=str(e)[:120]) from None
-    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
-        raise fail("not a secateur description", where=path)
-    return desc
-
-
-def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Parse and verify a secateur file: ``(description, tensors)``. Never executes code."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise fail("no such file", where=path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for truncated / garbage files
-        raise fail("not a readable safetensors file (truncated or corrupted?)", where=path,
+            found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for truncated / garbage files
+        raise fail("not a readable secateur file (truncated or corrupted?)", where=path,
                    value=str(e)[:120]) from None
-    desc_s = meta.get(_META_DESC)
-    if desc_s is None:
+    if meta.get(_META_DESC) is None:
         raise fail("this safetensors file was not written by secateur.save (no description)", where=path)
-    if _checksum(desc_s, tensors) != meta.get(_META_SUM):
-        raise fail("checksum mismatch: the file's description or tensors were modified or damaged", where=path)
+    return path, meta, found
+
+
+def _parse(desc_s: str, path: str) -> dict:
     try:
         desc = json.loads(desc_s)
     except ValueError:
         raise fail("the description is not valid JSON", where=path) from None
     if not isinstance(desc, dict) or desc.get("format") != FORMAT:
         raise fail("not a secateur description", where=path)
+    return desc
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """The description of a secateur file, from its header only (cheap; not checksum-verified --
+    `load` verifies). Raises a PruningError for anything that is not a secateur file."""
+    path, meta, _ = _open(path, tensors=False)
+    return _parse(meta[_META_DESC], path)
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Parse and verify a secateur file: ``(description, tensors)``. Never executes code."""
+    path, meta, tensors = _open(path, tensors=True)
+    desc_s = meta[_META_DESC]
+    if _checksum(desc_s, tensors) != meta.get(_META_SUM):
+        raise fail("checksum mismatch: the file's description or tensors were modified or damaged", where=path)
+    desc = _parse(desc_s, path)
     if desc.get("format_version") != FORMAT_VERSION:
         raise fail("unsupported secateur file version", where=path, value=desc.get("format_version"),
                    hint=f"this secateur reads version {FORMAT_VERSION}")
