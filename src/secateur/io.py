@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.errors import PruningError, fail
+from secateur.errors import fail
 
 FORMAT = "secateur"
 FORMAT_VERSION = 1
@@ -165,7 +165,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None], *, suffix: str = ".tmp") -> None:
     """Write ``path`` so that a crash leaves the previous file intact: write a temp file in the same
     folder (``data`` bytes, or ``data(tmp_path)`` writes it), fsync it, rename it over ``path``, fsync
     the folder. Every file secateur writes (models, JSON, PNG, HTML) goes through here."""
@@ -174,7 +174,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None]) -
         raise fail("the output path is a folder; give a file name", where=path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
         if callable(data):
@@ -364,35 +364,26 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else None
     if kwargs is not None:
         args = ()
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise fail("the output path is a folder; give a file name", where=path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        opts: dict[str, Any] = {"dynamo": False}
-        if opset is not None:
-            opts["opset_version"] = opset
-        for k, v in (("input_names", input_names), ("output_names", output_names), ("dynamic_axes", dynamic_axes)):
-            if v is not None:
-                opts[k] = v
+    opts: dict[str, Any] = {"dynamo": False}
+    if opset is not None:
+        opts["opset_version"] = opset
+    for k, v in (("input_names", input_names), ("output_names", output_names), ("dynamic_axes", dynamic_axes)):
+        if v is not None:
+            opts[k] = v
+    if kwargs is not None:
+        opts["kwargs"] = kwargs
+
+    def write(tmp: str) -> None:
         # The TorchScript exporter is chosen on purpose (its constant folding bakes the masks; the dynamo
         # exporter needs onnxscript): silence its deprecation notice rather than show it to every user.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            if kwargs is not None:
-                torch.onnx.export(model, args, tmp, kwargs=kwargs, **opts)
-            else:
-                torch.onnx.export(model, args, tmp, **opts)
-        os.replace(tmp, path)
-    except PruningError:
-        raise
+            torch.onnx.export(model, args, tmp, **opts)
+
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        atomic_write(path, write, suffix=".onnx")
     finally:
         for m, t in flags:
             m.training = t
-        if os.path.exists(tmp):
-            os.unlink(tmp)
