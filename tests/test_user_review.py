@@ -186,3 +186,14 @@ def test_cli_missing_saved_file_says_no_such_file(tmp_path, capsys):
     rc = main(["report", str(tmp_path / "gone.safetensors")])
     err = capsys.readouterr().err
     assert rc == 1 and "no such file" in err and "gone.safetensors" in err
+
+
+def test_cli_sensitivity_takes_the_criterion(tmp_path):
+    # random scores remove different weights than magnitude: the option must reach the scan
+    js = {c: tmp_path / f"{c}.json" for c in ("l1", "random")}
+    for c, path in js.items():
+        assert main(["sensitivity", FACTORY, "--input-shape", "1,4,6,6", "--ratios", "0.5", "--criterion", c,
+                     "--json", str(path)]) == 0
+    import json
+    curves = {c: json.loads(p.read_text())["curves"] for c, p in js.items()}
+    assert curves["l1"] != curves["random"]

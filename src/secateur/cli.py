@@ -333,7 +333,10 @@ def _sensitivity_args(p: argparse.ArgumentParser) -> None:
                    help="metric function model -> float, higher is better (default: output fidelity, "
                         "-relative L2 error of the outputs against the unpruned model on random inputs)")
     p.add_argument("--structural", action="store_true", help="prune whole output channels")
-    p.add_argument("--pattern", default="element")
+    p.add_argument("--pattern", default="element",
+                   help="what each scan step masks: element, 2:4 (fixed sparsity), block4x4, rows ... (default element)")
+    p.add_argument("--criterion", "--method", dest="method", default="l1",
+                   help="importance used to prune each layer: l1, l2, random (default l1)")
     p.add_argument("--layers", help="comma-separated module names (default: every Linear/conv)")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write the curves as PNG here")
@@ -385,7 +388,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         evaluate = _fidelity(loaded.model, loaded.inputs)
     layers = [s.strip() for s in args.layers.split(",")] if args.layers else None
     res = sensitivity(loaded.model, evaluate, ratios, pattern=args.pattern, structural=args.structural,
-                      layers=layers, example_inputs=loaded.inputs)
+                      layers=layers, example_inputs=loaded.inputs, criterion=args.method)
     print(res.table())
     if args.json:
         from secateur.report import _atomic_write
@@ -399,7 +402,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         for name, r in alloc.ratios.items():
             print(f"  {name}: {r:.3f}")
         if args.output:
-            model = alloc.apply(loaded.model, loaded.inputs, pattern=args.pattern)
+            model = alloc.apply(loaded.model, loaded.inputs, pattern=args.pattern, criterion=args.method)
             sio.save(model, args.output, source=loaded.spec)
             say(f"saved {args.output}")
     return 0
