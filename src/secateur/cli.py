@@ -171,7 +171,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     how.add_argument("--target-macs", type=float, metavar="F",
                      help="prune until the non-zero (with --structural: dense) MACs are at most F "
                           "times the original's, e.g. 0.5")
-    p.add_argument("--criterion", "--method", dest="method", default="l1",
+    p.add_argument("--criterion", "--method", dest="method", default="l1", metavar="NAME",
                    help="importance: l1, l2, random (default l1); with --structural also fpgm, lamp, bn_scale")
     p.add_argument("--pattern", default="element", help="element, 2:4, 4:8, block4x4, rows ... (default element)")
     p.add_argument("--scope", choices=["local", "global"],
@@ -335,7 +335,7 @@ def _sensitivity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--structural", action="store_true", help="prune whole output channels")
     p.add_argument("--pattern", default="element",
                    help="what each scan step masks: element, 2:4 (fixed sparsity), block4x4, rows ... (default element)")
-    p.add_argument("--criterion", "--method", dest="method", default="l1",
+    p.add_argument("--criterion", "--method", dest="method", default="l1", metavar="NAME",
                    help="importance used to prune each layer: l1, l2, random (default l1)")
     p.add_argument("--layers", help="comma-separated module names (default: every Linear/conv)")
     p.add_argument("--json", help="write the result as JSON here")
