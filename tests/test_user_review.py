@@ -197,3 +197,42 @@ def test_cli_sensitivity_takes_the_criterion(tmp_path):
     import json
     curves = {c: json.loads(p.read_text())["curves"] for c, p in js.items()}
     assert curves["l1"] != curves["random"]
+
+
+# ---------------------------------------------------------------------------------------- save/load
+
+
+def test_load_into_a_model_with_other_masks_gives_the_saved_model(tmp_path):
+    m = net()
+    secateur.prune(m, 0.5)
+    secateur.save(m, tmp_path / "m.st")
+    q = net()
+    secateur.prune(q, 0.5, targets=["0"], include_bias=True)  # a mask the file does not have
+    secateur.load(q, tmp_path / "m.st")
+    assert sorted(secateur.masks_of(q)) == sorted(secateur.masks_of(m))
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.equal(q(x), m(x))
+
+
+def test_save_and_load_bad_arguments_are_pruning_errors(tmp_path):
+    m = net()
+    secateur.save(m, tmp_path / "m.st")
+    with pytest.raises(PruningError, match="nn.Module"):
+        secateur.load("not a model", tmp_path / "m.st")
+    with pytest.raises(PruningError, match="path"):
+        secateur.save(m, 3)
+
+
+def test_export_with_inputs_the_model_rejects_is_a_pruning_error(tmp_path):
+    pytest.importorskip("onnx")
+    m = net()
+    with pytest.raises(PruningError, match=r"\(1, 5\)"):
+        secateur.export_onnx(m, torch.randn(1, 5), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_sensitivity_metric_that_is_not_a_number_is_a_pruning_error():
+    m = net()
+    with pytest.raises(PruningError, match="'x'"):
+        secateur.sensitivity(m, lambda model: "x", [0.5], progress=False)
+    assert not secateur.is_pruned(m)

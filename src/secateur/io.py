@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateur.errors import fail
+from secateur.errors import PruningError, fail
 
 FORMAT = "secateur"
 FORMAT_VERSION = 1
@@ -35,6 +35,12 @@ _META_SUM = "secateur.sha256"
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+
+def _path(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise fail("the file path must be a str or os.PathLike", value=path)
+    return os.fspath(path)
 
 
 def _version() -> str:
@@ -142,6 +148,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None
 
     if not isinstance(model, nn.Module):
         raise fail("save() needs an nn.Module", value=type(model).__name__)
+    path = _path(path)
     tensors, aliases = _state(model)
     masks = {}
     for mod, _, param, mask in iter_masks(model):
@@ -305,9 +312,12 @@ def _apply_config(model: nn.Module, recorded: dict | None) -> None:
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Re-apply a saved file to ``model`` (a freshly built, unpruned instance of the same
     architecture): structural changes, config fields, masks, then the exact weights. Returns it."""
-    from secateur.masks import apply_masks, original
+    from secateur.masks import apply_masks, iter_masks, original, remove_mask
 
-    path = os.fspath(path)
+    if not isinstance(model, nn.Module):
+        raise fail("load() needs an nn.Module (a freshly built instance of the saved architecture)",
+                   value=type(model).__name__)
+    path = _path(path)
     desc, tensors = read(path)
     try:
         _check_compatible(model, desc, tensors, path)
@@ -328,6 +338,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         model = apply_structure(model, structure) or model
         model._secateur_structure = structure
     _apply_config(model, desc.get("config"))
+    for mod, module, param, _ in list(iter_masks(model)):  # masks the file does not have are not the saved model's
+        if (f"{mod}.{param}" if mod else param) not in masks:
+            remove_mask(module, param, bake=False)
     if masks:
         apply_masks(model, masks)
 
@@ -384,6 +397,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     model.eval()
     try:
         atomic_write(path, write, suffix=".onnx")
+    except RuntimeError as e:  # the model rejects the inputs, or an op has no ONNX form
+        from secateur.report import _shape_of
+        raise fail("the model could not be exported on these example inputs", where=type(model).__name__,
+                   shape=_shape_of(example_inputs), value=str(e).splitlines()[0][:200] if str(e) else None,
+                   hint="check that the model runs on the example inputs; an unsupported op is named above") from e
     finally:
         for m, t in flags:
             m.training = t

@@ -197,7 +197,7 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], ratios
         costs["latency"] = _layer_latency(model, names, example_inputs)
     rows = {t.module_name: int(t.tensor.shape[0]) for t in targets}
 
-    baseline = float(evaluate(model))
+    baseline = _metric(evaluate, model, "the unpruned model")
     curves: dict[str, dict[float, float]] = {}
     bar = _progress(len(targets) * len(ratios), "sensitivity") if progress else None
     try:
@@ -208,7 +208,7 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], ratios
             try:
                 for r in ratios:
                     prune(model, r, pattern=pat, criterion=criterion, targets=[t.module_name])
-                    curve[r] = float(evaluate(model))
+                    curve[r] = _metric(evaluate, model, f"{t.module_name} at {r}")
                     if bar is not None:
                         bar.update(1)
             finally:
@@ -221,6 +221,18 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], ratios
         if bar is not None:
             bar.close()
     return SensitivityResult(curves, baseline, higher_is_better, structural, costs, rows)
+
+
+def _metric(evaluate: Callable[[nn.Module], float], model: nn.Module, where: str) -> float:
+    """``evaluate(model)`` as a float; anything else (a string, None, NaN) is the caller's bug, named."""
+    value = evaluate(model)
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise fail("evaluate(model) must return a number", where=where, value=value) from None
+    if math.isnan(out):
+        raise fail("evaluate(model) returned NaN", where=where, value=value)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- allocate
