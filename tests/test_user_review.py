@@ -236,3 +236,41 @@ def test_sensitivity_metric_that_is_not_a_number_is_a_pruning_error():
     with pytest.raises(PruningError, match="'x'"):
         secateur.sensitivity(m, lambda model: "x", [0.5], progress=False)
     assert not secateur.is_pruned(m)
+
+
+# ------------------------------------------------------------------------------------------ tied weights
+
+
+class Tied(nn.Module):
+    """An embedding and an output Linear sharing one weight (GPT-2 / BERT heads do this)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(16, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.mid(self.emb(ids)))
+
+
+def test_tied_weight_named_by_the_user_is_refused_with_both_names():
+    # a mask on one user of a shared tensor would zero the other user too at finalize: masked != finalized
+    m = Tied()
+    with pytest.raises(PruningError) as e:
+        secateur.prune(m, 0.5, targets=["mid", "head"])
+    assert "head.weight" in str(e.value) and "emb.weight" in str(e.value)
+    assert not secateur.is_pruned(m)
+
+
+def test_default_targets_skip_a_tied_weight_so_masked_equals_finalized():
+    m = Tied()
+    with pytest.warns(UserWarning, match="head.weight"):
+        out = secateur.prune(m, 0.5)
+    assert set(out) == {"mid.weight"}
+    ids = torch.randint(0, 16, (2, 5))
+    a = m(ids)
+    secateur.finalize(m)
+    assert torch.equal(a, m(ids))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from functools import partial
 from typing import Callable, Iterable, Mapping, Union
 
@@ -106,6 +107,7 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
         raise fail("per-layer amounts need scope='local'", value=amount)
 
     chosen = select_targets(model, targets, include_bias=include_bias, exclude=exclude)
+    chosen = _untied(model, chosen, explicit=targets is not None)
     used: set = set()
     work = []  # (target, lazy group scores, already-pruned groups, ratio)
     for t in chosen:
@@ -163,6 +165,33 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
         set_mask(t.module, t.param, keep.contiguous())
         result[t.name] = 1.0 - int(keep.sum()) / max(keep.numel(), 1)
     return result
+
+
+def _untied(model: nn.Module, chosen: list[Target], explicit: bool) -> list[Target]:
+    """A tensor shared by several modules (tied embeddings) cannot carry one module's mask: the other
+    users would see the zeros only once `finalize` bakes them, so the masked and the finalized model
+    would differ. The default targets skip such a tensor, like the embedding it is tied to (with a
+    warning naming it); targets named by the user make it an error that names both places."""
+    users: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), []).append(name.replace(".parametrizations.", ".").removesuffix(".original"))
+    kept, skipped = [], []
+    for t in chosen:
+        names = users.get(id(t.tensor), [])
+        if len(names) <= 1:
+            kept.append(t)
+            continue
+        if explicit:
+            raise fail("this tensor is shared (tied) with " + ", ".join(n for n in names if n != t.name),
+                       where=t.name, shape=t.tensor.shape, value=names,
+                       hint=f"leave it out of targets, or exclude=[{t.module_name!r}]")
+        skipped.append(f"{t.name} (tied to {', '.join(n for n in names if n != t.name)})")
+    if skipped:
+        warnings.warn("secateur.prune skips tensors shared with other modules: " + "; ".join(skipped),
+                      stacklevel=3)
+    if not kept:
+        raise fail("every target tensor is shared (tied) with another module", value=skipped)
+    return kept
 
 
 def _scores(crit, t: Target, pat, done, check: bool = False) -> torch.Tensor:
