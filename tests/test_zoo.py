@@ -24,6 +24,10 @@ GIANTS = {"vit_h_14": "632M params", "regnet_y_128gf": "645M params", "vit_l_16"
 def oracle(model, x, ratio=0.5, rtol=1e-4, **kw):
     """Removal == zeroing the chosen channels at their consumers (the original model), output shape kept."""
     model.eval()
+    with torch.no_grad():  # zero-initialised heads (torchvision ViT) would make the comparison vacuous
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(std=0.02)
     plan = plan_channels(model, x, ratio=ratio, **kw)
     ref = copy.deepcopy(model)
     plan.zero_consumers(ref)
@@ -212,11 +216,16 @@ except BaseException:  # noqa: BLE001 - timm missing
     TIMM_ZOO = []
 
 
+TIMM_GIANTS = {"deepseek_vit_412m": "412M params: over the per-test time limit on 2 cores"}
+
+
 @pytest.mark.slow
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", TIMM_ZOO)
 def test_timm_zoo(name):
     """Every timm model either prunes and passes the oracle, or is refused with a PruningError."""
+    if name in TIMM_GIANTS:
+        pytest.skip(f"giant: {TIMM_GIANTS[name]}")
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False).eval()
