@@ -274,3 +274,26 @@ def test_default_targets_skip_a_tied_weight_so_masked_equals_finalized():
     a = m(ids)
     secateur.finalize(m)
     assert torch.equal(a, m(ids))
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_conv1d_layers_are_default_targets_and_nm_runs_along_their_inputs():
+    m = _gpt2()
+    with pytest.warns(UserWarning, match="lm_head.weight"):
+        out = secateur.prune(m, pattern="2:4")
+    assert "transformer.h.0.attn.c_attn.weight" in out and "lm_head.weight" not in out
+    w = m.transformer.h[0].mlp.c_fc.weight  # HF Conv1D: (in, out), inputs along dim 0
+    groups = (w != 0).reshape(w.shape[0] // 4, 4, w.shape[1]).sum(1)
+    assert bool((groups == 2).all())
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        a = m(ids).logits
+        secateur.finalize(m)
+        assert torch.equal(a, m(ids).logits)

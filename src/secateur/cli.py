@@ -334,7 +334,8 @@ def _sensitivity_args(p: argparse.ArgumentParser) -> None:
                         "-relative L2 error of the outputs against the unpruned model on random inputs)")
     p.add_argument("--structural", action="store_true", help="prune whole output channels")
     p.add_argument("--pattern", default="element",
-                   help="what each scan step masks: element, 2:4 (fixed sparsity), block4x4, rows ... (default element)")
+                   help="what each scan step masks: element, 2:4 (fixed sparsity), block4x4, rows ... "
+                        "(default element)")
     p.add_argument("--criterion", "--method", dest="method", default="l1", metavar="NAME",
                    help="importance used to prune each layer: l1, l2, random (default l1)")
     p.add_argument("--layers", help="comma-separated module names (default: every Linear/conv)")

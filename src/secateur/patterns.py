@@ -123,8 +123,9 @@ class Slices:
 class NM:
     """Keep the ``n`` highest-scoring of every ``m`` consecutive weights along ``dim``; ``None`` means the
     input dimension (1 for Linear ``(out, in)`` and Conv ``(out, in, *k)``, 0 for ConvTranspose
-    ``(in, out, *k)``). 2:4 is the GPU sparse format: Ampere and newer GPUs run 2:4 weights on sparse
-    tensor cores (see `secateur.semi_structured`), so this is the pattern to choose for GPU speed."""
+    ``(in, out, *k)`` and transformers' GPT-2 ``Conv1D`` ``(in, out)``). 2:4 is the GPU sparse format:
+    Ampere and newer GPUs run 2:4 weights on sparse tensor cores (see `secateur.semi_structured`), so
+    this is the pattern to choose for GPU speed."""
 
     n: int = 2
     m: int = 4
@@ -139,8 +140,9 @@ class NM:
         """Resolve ``dim=None`` to the module's input dimension (0 for ConvTranspose weights)."""
         if self.dim is not None:
             return self
+        from secateur.targets import is_hf_conv1d
         transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
-        return NM(self.n, self.m, 0 if transposed else 1)
+        return NM(self.n, self.m, 0 if transposed or is_hf_conv1d(module) else 1)
 
     def check(self, shape, where):
         if len(shape) < 2:

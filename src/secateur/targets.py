@@ -1,7 +1,8 @@
 """Which tensors may be pruned.
 
-By default the weights of Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d. Norm layers, biases and
-embeddings are skipped unless asked for, as in PaddleSlim's unstructured pruner and the torch tutorial."""
+By default the weights of Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d and transformers' GPT-2
+``Conv1D``. Norm layers, biases and embeddings are skipped unless asked for, as in PaddleSlim's
+unstructured pruner and the torch tutorial."""
 from __future__ import annotations
 
 import fnmatch
@@ -41,8 +42,14 @@ class Target:
         return original(self.module, self.param)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (a Linear with the weight stored ``(in, out)``), recognised
+    without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def is_default_layer(name: str, module: nn.Module) -> bool:
-    return isinstance(module, DEFAULT_TYPES)
+    return isinstance(module, DEFAULT_TYPES) or is_hf_conv1d(module)
 
 
 def is_conv1x1(name: str, module: nn.Module) -> bool:
