@@ -297,3 +297,15 @@ def test_gpt2_conv1d_layers_are_default_targets_and_nm_runs_along_their_inputs()
         a = m(ids).logits
         secateur.finalize(m)
         assert torch.equal(a, m(ids).logits)
+
+
+def test_set_mask_error_names_the_module_type_and_tensor():
+    m = net()
+    with pytest.raises(PruningError, match=r"\[Conv2d\.weight\]"):
+        secateur.set_mask(m[0], "weight", torch.ones(3, dtype=torch.bool))
+
+
+def test_to_semi_structured_needs_a_module():
+    from secateur.semi_structured import to_semi_structured
+    with pytest.raises(PruningError, match="nn.Module"):
+        to_semi_structured("model")

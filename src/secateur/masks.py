@@ -74,7 +74,8 @@ def set_mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
     if t is None:
         raise fail(f"module has no tensor {param!r}", where=type(module).__name__)
     if tuple(mask.shape) != tuple(t.shape):
-        raise fail(f"mask shape {tuple(mask.shape)} does not match the tensor", where=param, shape=t.shape)
+        raise fail(f"mask shape {tuple(mask.shape)} does not match the tensor",
+                   where=f"{type(module).__name__}.{param}", shape=t.shape)
     mask = mask.to(device=t.device, dtype=torch.bool)
     existing = _mask_module(module, param)
     if existing is not None:

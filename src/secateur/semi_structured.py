@@ -94,6 +94,8 @@ def to_semi_structured(model: nn.Module, *, tokens: int = 2048, measure: bool = 
     when sparse is at least ``min_speedup`` times faster. A converted layer's mask is baked in first (the
     sparse tensor holds the zeros). Returns one `Decision` per Linear layer, with the reason for each
     layer left dense; on CPU every layer stays masked dense and says so."""
+    if not isinstance(model, nn.Module):
+        raise fail("to_semi_structured() needs an nn.Module", value=type(model).__name__)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise fail("tokens must be a positive integer", value=tokens)
     if not min_speedup > 0:
