@@ -309,3 +309,13 @@ def test_to_semi_structured_needs_a_module():
     from secateur.semi_structured import to_semi_structured
     with pytest.raises(PruningError, match="nn.Module"):
         to_semi_structured("model")
+
+
+def test_report_counts_a_tied_tensor_once():
+    m = Tied()
+    rep = secateur.report(m, torch.randint(0, 16, (2, 5)))
+    unique = sum(p.numel() for p in m.parameters())  # parameters() yields a shared tensor once
+    assert rep.total_params == unique
+    assert sum(r.params for r in rep.rows) == rep.total_params
+    head = next(r for r in rep.rows if r.name == "head")
+    assert head.macs == 2 * 5 * 16 * 8  # the layer's compute is still counted

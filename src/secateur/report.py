@@ -148,15 +148,17 @@ class LayerRow:
         return self.zeros / self.params if self.params else 0.0
 
 
-def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
-    """``(param name, effective tensor, masked?)`` of the parameters a module owns directly."""
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, bool, int]]:
+    """``(param name, effective tensor, masked?, id of the stored tensor)`` of the parameters a module
+    owns directly; the id lets a tensor shared by several modules (tied weights) be counted once."""
     out = []
     for pname, p in module.named_parameters(recurse=False):
-        out.append((pname, p, False))
+        out.append((pname, p, False, id(p)))
     if parametrize.is_parametrized(module):
-        from secateur.masks import get_mask
+        from secateur.masks import get_mask, original
         for pname in module.parametrizations.keys():
-            out.append((pname, getattr(module, pname), get_mask(module, pname) is not None))
+            out.append((pname, getattr(module, pname), get_mask(module, pname) is not None,
+                        id(original(module, pname))))
     order = {"weight": 0, "bias": 1}
     return sorted(out, key=lambda x: order.get(x[0], 2))
 
@@ -390,6 +392,7 @@ def report(model: nn.Module, example_inputs: Any = None) -> Report:
     rows: list[LayerRow] = []
     hists: dict[str, dict] = {}
     total = zeros = 0
+    seen: set[int] = set()
     with torch.no_grad():
         for name, module in model.named_modules():
             if id(module) in skip:
@@ -397,19 +400,19 @@ def report(model: nn.Module, example_inputs: Any = None) -> Report:
             tensors = _own_tensors(module)
             if not tensors:
                 continue
-            params = sum(t.numel() for _, t, _ in tensors)
-            z = sum(t.numel() - int(torch.count_nonzero(t)) for _, t, _ in tensors)
+            fresh = [t for _, t, _, key in tensors if key not in seen]  # a tied tensor counts in its first row
+            seen.update(key for _, _, _, key in tensors)
+            params = sum(t.numel() for t in fresh)
+            z = sum(t.numel() - int(torch.count_nonzero(t)) for t in fresh)
             first = tensors[0][1]
+            w = {p: t for p, t, _, _ in tensors}.get("weight")
             macs = macs_nz = None
-            if name in uses:
-                w = dict((p, t) for p, t, _ in tensors).get("weight")
-                if w is not None:
-                    macs = uses[name] * w.numel()
-                    macs_nz = uses[name] * int(torch.count_nonzero(w))
+            if name in uses and w is not None:
+                macs = uses[name] * w.numel()
+                macs_nz = uses[name] * int(torch.count_nonzero(w))
             rows.append(LayerRow(name, _type_name(module), tuple(first.shape), params, z,
-                                 any(m for _, _, m in tensors), macs, macs_nz))
-            w = dict((p, t) for p, t, _ in tensors).get("weight")
-            if w is not None and w.dim() >= 2 and torch.is_floating_point(w):
+                                 any(m for _, _, m, _ in tensors), macs, macs_nz))
+            if w is not None and w.dim() >= 2 and torch.is_floating_point(w) and name not in hists:
                 hists[name] = _histogram(w)
             total += params
             zeros += z
