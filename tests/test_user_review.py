@@ -319,3 +319,11 @@ def test_report_counts_a_tied_tensor_once():
     assert sum(r.params for r in rep.rows) == rep.total_params
     head = next(r for r in rep.rows if r.name == "head")
     assert head.macs == 2 * 5 * 16 * 8  # the layer's compute is still counted
+
+
+def test_sensitivity_skips_a_tied_tensor_like_prune():
+    m = Tied()
+    ids = torch.randint(0, 16, (2, 5))
+    with pytest.warns(UserWarning, match="head.weight"):
+        res = secateur.sensitivity(m, lambda model: float(model(ids).sum()), [0.5], progress=False)
+    assert set(res.curves) == {"mid"} and not secateur.is_pruned(m)

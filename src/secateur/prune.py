@@ -107,7 +107,7 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
         raise fail("per-layer amounts need scope='local'", value=amount)
 
     chosen = select_targets(model, targets, include_bias=include_bias, exclude=exclude)
-    chosen = _untied(model, chosen, explicit=targets is not None)
+    chosen = drop_tied(model, chosen, explicit=targets is not None)
     used: set = set()
     work = []  # (target, lazy group scores, already-pruned groups, ratio)
     for t in chosen:
@@ -167,7 +167,7 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
     return result
 
 
-def _untied(model: nn.Module, chosen: list[Target], explicit: bool) -> list[Target]:
+def drop_tied(model: nn.Module, chosen: list[Target], explicit: bool) -> list[Target]:
     """A tensor shared by several modules (tied embeddings) cannot carry one module's mask: the other
     users would see the zeros only once `finalize` bakes them, so the masked and the finalized model
     would differ. The default targets skip such a tensor, like the embedding it is tied to (with a

@@ -26,7 +26,7 @@ from torch import nn
 from secateur.errors import fail
 from secateur.masks import get_mask, remove_mask, set_mask
 from secateur.patterns import Slices
-from secateur.prune import prune
+from secateur.prune import drop_tied, prune
 from secateur.targets import select_targets
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -182,6 +182,7 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float], ratios
     if not callable(evaluate):
         raise fail("evaluate must be a function model -> float", value=type(evaluate).__name__)
     targets = select_targets(model, list(layers) if layers is not None else None)
+    targets = drop_tied(model, targets, explicit=layers is not None)  # as prune() does
     names = [t.module_name for t in targets]
     if layers is not None:
         missing = sorted(set(layers) - set(names))
