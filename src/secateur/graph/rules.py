@@ -204,6 +204,8 @@ def move(tr, func, args, kwargs, out):
         if packet is not aten.constant_pad_nd:
             raise tr.error(f"{packet._qualified_op_name} along a channel dim is not supported", x)
 
+    if _compressed_move(tr, func, args, out):
+        return
     largs = [sub(a, i) for i, a in enumerate(args)]
     if packet is aten.constant_pad_nd:
         largs = largs[:2] + [-1]
@@ -216,6 +218,45 @@ def move(tr, func, args, kwargs, out):
         check(tr, args, largs, louts)
     for t, lab in zip(outs, louts):
         tr.set(t, lab)
+
+
+def _compressed_move(tr, func, args, out) -> bool:
+    """Fast path on broadcast (compressed) labels for ops that only rearrange dims, or cut / join along a dim
+    the labels do not vary on: no full-size label is materialised (densenet's concatenations at 224 px)."""
+    packet = func.overloadpacket
+    x = args[0]
+    if packet in (aten.permute, aten.transpose, aten.t, aten.unsqueeze) and isinstance(x, torch.Tensor):
+        lab = tr.get(x)
+        if lab is None:
+            return False
+        tr.set(out, func(_pad(lab, x.dim()), *args[1:]))
+        return True
+    if packet is aten.expand and isinstance(x, torch.Tensor) and tr.get(x) is not None:
+        tr.set(out, _pad(tr.get(x), out.dim()))  # broadcasting is what a label of size 1 already means
+        return True
+    if packet in (aten.slice, aten.select) and isinstance(x, torch.Tensor) and tr.get(x) is not None:
+        lab = _pad(tr.get(x), x.dim())
+        d = (args[1] if len(args) > 1 else 0) % x.dim()
+        if lab.size(d) != 1:
+            return False
+        tr.set(out, lab.select(d, 0) if packet is aten.select else lab)
+        return True
+    if packet is aten.cat and isinstance(x, (list, tuple)):
+        ts = [t for t in x if t.numel() or t.dim() > 1]
+        if not ts:
+            return False
+        nd = out.dim()
+        d = (args[1] if len(args) > 1 else 0) % nd
+        labs = [_pad(tr.get(t) if tr.get(t) is not None or id(t) not in tr.owner else tr.param_label(t), nd)
+                for t in ts]
+        keep = [j == d or any(lab is not None and lab.size(j) > 1 for lab in labs) for j in range(nd)]
+        parts = []
+        for t, lab in zip(ts, labs):
+            shape = [t.size(j) if keep[j] else 1 for j in range(nd)]
+            parts.append(torch.full(shape, -1, dtype=torch.long) if lab is None else lab.expand(shape))
+        tr.set(out, torch.cat(parts, d))
+        return True
+    return False
 
 
 # ---- after pruning, the model's own code re-splits / re-slices a shrunken dim: keep that valid
