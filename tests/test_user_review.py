@@ -327,3 +327,12 @@ def test_sensitivity_skips_a_tied_tensor_like_prune():
     with pytest.warns(UserWarning, match="head.weight"):
         res = secateur.sensitivity(m, lambda model: float(model(ids).detach().sum()), [0.5], progress=False)
     assert set(res.curves) == {"mid"} and not secateur.is_pruned(m)
+
+
+def test_prune_llm_on_gpt2_says_conv1d_is_the_reason():
+    from secateur.llm import prune_llm
+    m = _gpt2()
+    with pytest.raises(PruningError, match="Conv1D") as e:
+        prune_llm(m, [torch.randint(0, 64, (2, 8))], method="wanda", progress=False)
+    assert "secateur.prune" in str(e.value)
+    assert not secateur.is_pruned(m)

@@ -10,6 +10,7 @@ from typing import Iterable, Union
 from torch import nn
 
 from secateur.errors import fail
+from secateur.targets import is_hf_conv1d
 
 BlocksSpec = Union[None, str, Iterable[nn.Module]]
 
@@ -34,12 +35,23 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _refuse_conv1d(model: nn.Module) -> None:
+    """GPT-2 style ``Conv1D`` layers store their weight ``(in, out)``; the calibrated methods work on
+    ``nn.Linear``. Say so, rather than that no blocks were found."""
+    conv1d = next((n for n, m in model.named_modules() if is_hf_conv1d(m)), None)
+    if conv1d is not None:
+        raise fail("one-shot LLM pruning handles nn.Linear layers; this model uses transformers' GPT-2 Conv1D",
+                   where=conv1d, hint="prune it with secateur.prune (magnitude, N:M along the inputs), which "
+                   "handles Conv1D, or convert the Conv1D layers to nn.Linear first")
+
+
 def find_blocks(model: nn.Module, blocks: BlocksSpec = None) -> tuple[str, list[nn.Module]]:
     """``(name, block modules)`` in execution order. ``blocks`` is None (auto: the list of identical
     Linear-holding modules with the most parameters), a dotted module name, or the modules themselves."""
     if blocks is None:
         found = [(name, m) for name, m in model.named_modules() if _is_block_list(m)]
         if not found:
+            _refuse_conv1d(model)
             raise fail("no repeated blocks found (no ModuleList/Sequential of identical modules holding Linear "
                        "layers)", where=type(model).__name__, hint=_HINT)
         name, container = max(found, key=lambda nm: _n_params(nm[1]))
@@ -51,6 +63,7 @@ def find_blocks(model: nn.Module, blocks: BlocksSpec = None) -> tuple[str, list[
             raise fail("no submodule with this name", where=type(model).__name__, value=blocks, hint=_HINT) from None
         mods = list(container.children())
         if not mods or not all(_has_linear(m) for m in mods):
+            _refuse_conv1d(container)
             raise fail("the named module is not a list of blocks holding Linear layers", where=blocks,
                        value=type(container).__name__, hint=_HINT)
         return blocks, mods
