@@ -336,3 +336,13 @@ def test_prune_llm_on_gpt2_says_conv1d_is_the_reason():
         prune_llm(m, [torch.randint(0, 64, (2, 8))], method="wanda", progress=False)
     assert "secateur.prune" in str(e.value)
     assert not secateur.is_pruned(m)
+
+
+def test_cli_threshold_matches_the_api(tmp_path):
+    out = tmp_path / "m.st"
+    assert main(["prune", FACTORY, "--input-shape", "1,4,6,6", "--threshold", "0.05", "-o", str(out)]) == 0
+    back = secateur.load(net(), out)
+    ref = net()
+    secateur.prune(ref, threshold=0.05)
+    got, want = secateur.masks_of(back), secateur.masks_of(ref)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -168,6 +168,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--ratio", "--amount", dest="ratio", type=float,
                      help="fraction of the weights to prune (default 0.5; prune()'s amount)")
+    how.add_argument("--threshold", type=float, metavar="T",
+                     help="prune every weight whose score (|w| for l1) is below T (PaddleSlim's threshold mode)")
     how.add_argument("--target-macs", type=float, metavar="F",
                      help="prune until the non-zero (with --structural: dense) MACs are at most F "
                           "times the original's, e.g. 0.5")
@@ -250,9 +252,13 @@ def _prune(args: argparse.Namespace) -> int:
     if args.structural and args.pattern != "element":
         raise fail("--structural removes whole channels; --pattern applies to masks only", value=args.pattern,
                    hint="drop --pattern, or drop --structural to mask with that pattern")
-    if isinstance(pattern, NM) and (args.ratio is not None or args.target_macs is not None):
-        raise fail("an N:M pattern fixes the sparsity itself; do not pass --ratio/--target-macs",
+    if isinstance(pattern, NM) and (args.ratio is not None or args.target_macs is not None
+                                    or args.threshold is not None):
+        raise fail("an N:M pattern fixes the sparsity itself; do not pass --ratio/--threshold/--target-macs",
                    value=args.pattern)
+    if args.structural and args.threshold is not None:
+        raise fail("--threshold applies to masks; with --structural use --ratio or --target-macs",
+                   value=args.threshold)
     loaded = load_model(args.model, arch=args.arch, input_shape=args.input_shape)
     model, x = loaded.model, loaded.inputs
     before = report(model, x)
@@ -273,6 +279,8 @@ def _prune(args: argparse.Namespace) -> int:
         _prune_masks_to_macs(model, x, args.target_macs, args.method, exclude)
     elif isinstance(pattern, NM):  # N:M fixes the sparsity itself
         prune(model, pattern=pattern, criterion=args.method, exclude=exclude)
+    elif args.threshold is not None:
+        prune(model, threshold=args.threshold, criterion=args.method, pattern=pattern, exclude=exclude)
     else:
         prune(model, args.ratio if args.ratio is not None else 0.5, criterion=args.method, pattern=pattern,
               scope=args.scope or "global", exclude=exclude)
