@@ -201,3 +201,13 @@ def test_metrics_counts_match_hand_formula():
     fc = 32 * 49 * 10
     assert count_macs(m, x) == 2 * (conv1 + conv2 + fc)  # batch of 2
     assert count_params(m) == sum(p.numel() for p in m.parameters())
+
+
+def test_masked_model_is_refused_with_a_hint_and_left_unchanged():
+    import secateur as S
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    S.prune(m, 0.5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(S.PruningError, match="finalize"):
+        S.prune_channels(m, torch.randn(1, 3, 8, 8), ratio=0.5)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

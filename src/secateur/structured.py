@@ -149,6 +149,14 @@ def _round(size: int, n: int, round_to: int | None) -> int:
     return n
 
 
+def _refuse_masked(model: nn.Module) -> None:
+    """Channel removal slices the stored tensors; a mask on top would be sliced out of step with them."""
+    from secateur.masks import iter_masks
+    for name, module, param, mask in iter_masks(model):
+        raise fail("structural pruning needs a model without masks", where=f"{name}.{param}", shape=mask.shape,
+                   hint="call secateur.finalize(model) first to bake the masks in")
+
+
 def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
                   importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                   ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
@@ -158,6 +166,7 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
     ``verify`` dry-runs the plan on a meta-device skeleton (no weight memory) and leaves out groups whose removal
     would break the model's own forward (noted in ``plan.notes``)."""
     _validate(ratio, threshold, scope, round_to, 1, None, None, heads)
+    _refuse_masked(model)
     graph = graph or build_graph(model, example_inputs)
     ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
     cands: list[tuple[Group, torch.Tensor, float]] = []
@@ -397,6 +406,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     channels are kept; ``ignore_inputs``: modules whose input channels are kept. The model's outputs are always
     kept, whatever layer produces them."""
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads)
+    _refuse_masked(model)
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
                 reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs)
