@@ -84,8 +84,30 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
     ``(tensor, name) -> scores``. ``pattern``: ``"element"``, ``"2:4"``, ``"block4x4"``, ``"rows"``...
     ``targets``: None (Linear/Conv weights), a preset (``"conv1x1"``), a filter ``(name, module) -> bool``
     or module names. ``min_sparsity`` / ``max_sparsity`` bound each tensor in global scope."""
-    crit = get_criterion(criterion)
-    pat = get_pattern(pattern)
+    crit, pat = get_criterion(criterion), get_pattern(pattern)
+    lo, hi = _check_options(pat, amount, threshold, count, scope, min_sparsity, max_sparsity)
+    chosen = select_targets(model, targets, include_bias=include_bias, exclude=exclude)
+    chosen = drop_tied(model, chosen, explicit=targets is not None)
+    work = _collect(chosen, crit, pat, amount)
+    _check_count(work, count, scope)
+    with torch.no_grad():
+        pruned = _select(work, pat, amount, threshold, count, scope, lo, hi)
+        new_masks = []
+        for (t, _, _, _, tp), p in zip(work, pruned):
+            keep = tp.expand(~p, tuple(t.tensor.shape))
+            old = get_mask(t.module, t.param)
+            if old is not None:
+                keep = keep & old
+            new_masks.append((t, keep))
+    # every check has passed and every mask is computed: only now is the model changed
+    result = {}
+    for t, keep in new_masks:
+        set_mask(t.module, t.param, keep.contiguous())
+        result[t.name] = 1.0 - int(keep.sum()) / max(keep.numel(), 1)
+    return result
+
+
+def _check_options(pat, amount, threshold, count, scope, min_sparsity, max_sparsity) -> tuple[float, float]:
     given = [x is not None for x in (amount, threshold, count)]
     if isinstance(pat, NM):
         if any(given):
@@ -105,11 +127,14 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
         raise fail("threshold must be a number", value=threshold)
     if scope == "global" and (isinstance(amount, Mapping) or callable(amount)):
         raise fail("per-layer amounts need scope='local'", value=amount)
+    return lo, hi
 
-    chosen = select_targets(model, targets, include_bias=include_bias, exclude=exclude)
-    chosen = drop_tied(model, chosen, explicit=targets is not None)
+
+def _collect(chosen: list[Target], crit, pat, amount) -> list[tuple]:
+    """Validate every target and prepare ``(target, lazy group scores, already-pruned groups, ratio,
+    pattern resolved for the module)``; scores are computed once to validate, then dropped."""
     used: set = set()
-    work = []  # (target, lazy group scores, already-pruned groups, ratio)
+    work = []
     for t in chosen:
         w = _validate_tensor(t)
         tp = pat.for_module(t.module)  # e.g. N:M along dim 0 of a ConvTranspose weight (its input dim)
@@ -119,52 +144,43 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
             continue
         with torch.no_grad():
             done = _group_keep_old(get_mask(t.module, t.param), tp, tuple(w.shape))
-            # validate now (magnitudes of finite weights are finite); recomputed lazily later
-            s = _scores(crit, t, tp, done, check=not isinstance(crit, Magnitude))
-            shape = s.shape
-            del s
+            # magnitudes of finite weights are finite: only other criteria need the check
+            shape = _scores(crit, t, tp, done, check=not isinstance(crit, Magnitude)).shape
         work.append((t, Lazy(partial(_scores, crit, t, tp, done), shape, w.device), done, ratio, tp))
     if isinstance(amount, Mapping):
         unused = set(amount) - used
         if unused:
             raise fail("amount keys matched no target tensor", value=sorted(unused),
                        hint=f"targets are {[t.name for t in chosen][:10]}")
+    return work
 
-    if count is not None:
-        sizes = {t.name: s.numel() for t, s, _, _, _ in work}
-        too_small = {n: size for n, size in sizes.items() if size < count} if scope == "local" else (
-            {"all targets": sum(sizes.values())} if sum(sizes.values()) < count else {})
-        if too_small:
-            name, size = next(iter(too_small.items()))
-            raise fail(f"count exceeds the {size} prunable entries (or groups)", where=name, value=count,
-                       hint="count is per tensor with scope='local', over all targets with scope='global'")
 
-    with torch.no_grad():
-        if isinstance(pat, NM):
-            pruned = [~tp.keep(s()) for _, s, _, _, tp in work]
-        elif threshold is not None:
-            pruned = [s() < threshold for _, s, _, _, _ in work]
-        elif scope == "local":
-            pruned = []
-            for _, s, done, ratio, _ in work:
-                k = count if count is not None else round(ratio * s.numel())
-                k = max(k, int(done.sum()) if done is not None else 0)
-                pruned.append(lowest([s], min(k, s.numel()))[0])
-        else:
-            pruned = _global(work, amount, count, lo, hi)
+def _check_count(work: list[tuple], count: int | None, scope: str) -> None:
+    if count is None:
+        return
+    sizes = {t.name: s.numel() for t, s, _, _, _ in work}
+    too_small = {n: size for n, size in sizes.items() if size < count} if scope == "local" else (
+        {"all targets": sum(sizes.values())} if sum(sizes.values()) < count else {})
+    if too_small:
+        name, size = next(iter(too_small.items()))
+        raise fail(f"count exceeds the {size} prunable entries (or groups)", where=name, value=count,
+                   hint="count is per tensor with scope='local', over all targets with scope='global'")
 
-        new_masks = []
-        for (t, _, _, _, tp), p in zip(work, pruned):
-            keep = tp.expand(~p, tuple(t.tensor.shape))
-            old = get_mask(t.module, t.param)
-            if old is not None:
-                keep = keep & old
-            new_masks.append((t, keep))
-    result = {}
-    for t, keep in new_masks:
-        set_mask(t.module, t.param, keep.contiguous())
-        result[t.name] = 1.0 - int(keep.sum()) / max(keep.numel(), 1)
-    return result
+
+def _select(work, pat, amount, threshold, count, scope, lo, hi) -> list[torch.Tensor]:
+    """Prune-masks over each target's groups (True = pruned)."""
+    if isinstance(pat, NM):
+        return [~tp.keep(s()) for _, s, _, _, tp in work]
+    if threshold is not None:
+        return [s() < threshold for _, s, _, _, _ in work]
+    if scope == "global":
+        return _global(work, amount, count, lo, hi)
+    pruned = []
+    for _, s, done, ratio, _ in work:
+        k = count if count is not None else round(ratio * s.numel())
+        k = max(k, int(done.sum()) if done is not None else 0)
+        pruned.append(lowest([s], min(k, s.numel()))[0])
+    return pruned
 
 
 def drop_tied(model: nn.Module, chosen: list[Target], explicit: bool) -> list[Target]:
