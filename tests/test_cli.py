@@ -200,3 +200,13 @@ def test_console_script_prune_then_export(tmp_path):
     assert r.returncode == 0 and (tmp_path / "t.st").exists(), r.stderr
     r = sh("export", "t.st", *SHAPE, "-o", "t.onnx")
     assert r.returncode == 0 and "onnxruntime vs PyTorch" in r.stdout, r.stderr
+
+
+def test_bench_refuses_cuda_without_a_gpu_and_unknown_devices(capsys):
+    import torch
+    from secateur.cli import main
+    if not torch.cuda.is_available():
+        assert main(["bench", "torch.nn:Identity", "--input-shape", "1,4", "--device", "cuda"]) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["bench", "torch.nn:Identity", "--input-shape", "1,4", "--device", "tpu-ish"]) == 1
+    assert "unknown device" in capsys.readouterr().err

@@ -462,12 +462,27 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, help="pin torch threads during timing")
+    p.add_argument("--device", default="cpu", help="where to time: cpu (default) or cuda[:N]")
+    p.add_argument("--compile", action="store_true", help="time the torch.compile'd models (compiled in warm-up)")
     p.add_argument("--json", help="write the numbers as JSON here")
+
+
+def _bench_device(spec: str) -> "torch.device":
+    import torch
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise fail("unknown device", where="secateur bench", value=spec, hint="use cpu or cuda[:N]") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise fail("CUDA is not available on this machine", where="secateur bench", value=spec)
+    return device
 
 
 @command("bench", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
     """Latency, MACs and parameters of a model (before and after, for a saved pruned file)."""
+    import torch
+
     from secateur.latency import compare_latency
     from secateur.masks import finalize
     from secateur.report import report
@@ -476,15 +491,19 @@ def _bench(args: argparse.Namespace) -> int:
     if loaded.saved:
         # a masked model is timed as deployed: finalized (dense kernels, zeros baked in)
         models = {"before": loaded.fresh().eval(), "after": finalize(loaded.model)}
+    reports = {name: report(m, loaded.inputs) for name, m in models.items()}  # counted on the CPU
+    device = _bench_device(args.device)
+    models = {name: m.to(device) for name, m in models.items()}
+    inputs = loaded.inputs.to(device) if isinstance(loaded.inputs, torch.Tensor) else loaded.inputs
     bar = _bar(args.repeats, "timing")
     try:
-        stats = compare_latency(models, (loaded.inputs,), repeats=args.repeats, warmup=args.warmup,
-                                threads=args.threads, progress=lambda i, n: bar.update(1))
+        stats = compare_latency(models, (inputs,), repeats=args.repeats, warmup=args.warmup,
+                                threads=args.threads, compile=args.compile, progress=lambda i, n: bar.update(1))
     finally:
         bar.close()
     rows = {}
     for name, m in models.items():
-        rep = report(m, loaded.inputs)
+        rep = reports[name]
         rows[name] = {"params": rep.total_params, "nonzero_params": rep.nonzero_params, "macs": rep.macs,
                       "macs_nonzero": rep.macs_nonzero, "latency_ms_median": stats[name].median * 1e3,
                       "latency_ms_p10": stats[name].p10 * 1e3, "latency_ms_p90": stats[name].p90 * 1e3}
