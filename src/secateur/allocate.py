@@ -23,7 +23,8 @@ import torch
 
 from secateur.errors import fail
 
-__all__ = ["channel_counts", "group_counts", "separable", "as_ratios", "round_candidates", "NORMALIZERS"]
+__all__ = ["channel_counts", "group_counts", "latency_choices", "separable", "as_ratios", "round_candidates",
+           "NORMALIZERS"]
 
 CostFn = Callable[[Sequence[int]], float]
 
@@ -183,29 +184,40 @@ def _best_step(st: _Group, g: int, counts: list[int], current: tuple[float, floa
     return best
 
 
+def _scored_groups(model: Any, candidates: Sequence[Any], importance: Any, skip: Callable[[Any], bool] | None,
+                   score_options: Mapping[str, Any]) -> tuple[list[Any], list[torch.Tensor]]:
+    """The graph's groups that can lose channels (scored, more than one channel, not skipped)."""
+    from secateur.importance import group_scores
+    groups, scores = [], []
+    for g in candidates:
+        if g.size <= 1 or (skip is not None and skip(g)):
+            continue
+        s = group_scores(g, model, importance, **score_options)
+        if s is not None:
+            groups.append(g)
+            scores.append(s)
+    return groups, scores
+
+
 def group_counts(model: Any, example_inputs: Any, target: float, *, metric: str = "latency",
                  rank: str | None = None, table: Any = None, importance: Any = "l1",
                  round_to: int | None = None, min_keep: int | float = 1, graph: Any = None,
+                 skip: Callable[[Any], bool] | None = None, score_options: Mapping[str, Any] | None = None,
                  **table_options: Any) -> list[tuple[Any, int]]:
     """Keep counts for the structural engine's groups of ``model``: the bridge from `channel_counts` to
-    ``secateur.structured`` (``prune_channels(..., target_latency=...)`` can be built on it).
+    ``secateur.structured`` (`latency_choices` turns them into the channels to remove).
 
     ``metric`` ("latency", "macs" or "params") is what ``target`` reduces; ``rank`` (default: the
     same) is what the steps are ranked by, e.g. ``metric="macs", rank="latency"`` meets a MACs target
     with the channels that buy the most time. Latency needs a measured `LatencyTable` (``table``, or
-    built here with ``table_options``). Returns ``[(group, keep), ...]`` for the groups with scores.
+    built here with ``table_options``). Returns ``[(group, keep), ...]`` for the groups with scores;
+    ``skip(group)`` leaves a group out (it keeps every channel), ``score_options`` go to ``group_scores``.
     MACs and params count the Conv/Linear layers the groups touch: the rest of the model is fixed."""
     from secateur.graph import build_graph
-    from secateur.importance import group_scores
     from secateur.latency_model import LatencyTable
 
     graph = graph or build_graph(model, example_inputs)
-    groups, scores = [], []
-    for g in graph.groups:
-        s = group_scores(g, model, importance)
-        if s is not None and g.size > 1:
-            groups.append(g)
-            scores.append(s)
+    groups, scores = _scored_groups(model, graph.groups, importance, skip, score_options or {})
     if not groups:
         return []
     needs_time = "latency" in (metric, rank)
@@ -219,6 +231,34 @@ def group_counts(model: Any, example_inputs: Any, target: float, *, metric: str 
     cands = [round_candidates(n, round_to) for n in sizes] if round_to else None
     counts = channel_counts(groups, scores, cost, target, candidates=cands, min_keep=min_keep, rank_fn=rank_fn)
     return list(zip(groups, counts))
+
+
+def latency_choices(model: Any, example_inputs: Any, target_latency: float, *, table: Any = None,
+                    importance: Any = "l1", round_to: int | None = None, min_keep: int | float = 1,
+                    graph: Any = None, skip: Callable[[Any], bool] | None = None,
+                    score_options: Mapping[str, Any] | None = None) -> list[tuple[Any, torch.Tensor]]:
+    """``[(group, channels to remove), ...]`` so that the table's estimated latency is at most
+    ``target_latency`` times today's (0.5 = twice as fast), in the form of ``structured.Plan.choices``:
+    the allocator picks the counts, each group drops its lowest-scored channels. Nothing is changed.
+    Every group keeps at least ``min_keep`` (>= 1) channels; an unreachable target raises `PruningError`
+    with the best estimate reached."""
+    from secateur.graph import build_graph
+    from secateur.latency_model import LatencyTable
+
+    if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float)) \
+            or not 0.0 < target_latency < 1.0:
+        raise fail("target_latency is a fraction of the current latency in (0, 1) (0.5 = twice as fast)",
+                   where="target_latency", value=target_latency)
+    if table is not None and not isinstance(table, LatencyTable):
+        raise fail("latency_table must be a secateur.latency_model.LatencyTable", where="latency_table",
+                   value=type(table).__name__, hint="build one with LatencyTable.build(model, example_inputs)")
+    graph = graph or build_graph(model, example_inputs)
+    options = dict(score_options or {})
+    counts = group_counts(model, example_inputs, 1.0 / target_latency, metric="latency", table=table,
+                          importance=importance, round_to=round_to, min_keep=min_keep, graph=graph, skip=skip,
+                          score_options=options)
+    _, scores = _scored_groups(model, [g for g, _ in counts], importance, None, options)
+    return [(g, torch.argsort(s, stable=True)[: g.size - k]) for (g, k), s in zip(counts, scores) if k < g.size]
 
 
 def _fresh_heap(state: list[_Group], counts: list[int], current: tuple[float, float], costs: _Costs,
@@ -243,7 +283,8 @@ def _greedy(state: list[_Group], counts: list[int], budget_now: float, limit: fl
             heap = _fresh_heap(state, counts, current, costs, lookahead)
         if not heap:
             raise fail("the cost target cannot be reached within the per-group floors and allowed counts",
-                       value={"reached": current[0], "budget": limit},
+                       value={"reached": current[0], "budget": limit,
+                              "reached_fraction_of_dense": round(current[0] / budget_now, 4)},
                        hint="lower min_keep, allow more channel counts, or ask for a smaller reduction")
         _, g = heapq.heappop(heap)
         step = _best_step(state[g], g, counts, current, costs, lookahead)

@@ -253,6 +253,34 @@ def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
     return out
 
 
+def _validate_latency(ratio, threshold, steps, target_macs, target_params) -> None:
+    """A latency target chooses every group's count itself: other ways to say how much to prune conflict."""
+    clash = {k: v for k, v in (("threshold", threshold), ("target_macs", target_macs),
+                               ("target_params", target_params)) if v is not None}
+    if isinstance(ratio, dict):
+        clash["ratio"] = ratio
+    if steps != 1:
+        clash["steps"] = steps
+    if clash:
+        raise fail("target_latency chooses the channel counts itself; it cannot be combined with these",
+                   where="prune_channels", value=clash, hint="give only target_latency (ratio is ignored)")
+
+
+def _latency_plan(model: nn.Module, example_inputs: Any, target_latency: float, table: Any,
+                  opts: dict) -> Plan:
+    """One plan whose per-group counts meet the latency target (see `secateur.allocate.latency_choices`),
+    verified like every other plan."""
+    from secateur.allocate import latency_choices
+    graph = build_graph(model, example_inputs)
+    ignored, ignored_in = _ignored(model, opts["ignore"]), _ignored(model, opts["ignore_inputs"])
+    choices = latency_choices(model, example_inputs, target_latency, table=table, importance=opts["importance"],
+                              round_to=opts["round_to"], graph=graph,
+                              skip=lambda g: _is_ignored(g, ignored, ignored_in),
+                              score_options=dict(reduce=opts["reduce"], normalize=opts["normalize"]))
+    plan = Plan(graph.groups, choices, list(graph.notes))
+    return _verified(model, example_inputs, plan) if plan.choices else plan
+
+
 # ---------------------------------------------------------------- applying
 def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
     t = getattr(mod, name)
@@ -399,19 +427,33 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                    ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
                    target_macs: float | None = None, target_params: float | None = None, steps: int = 1,
                    reduce: str = "mean", normalize: str | None = None,
-                   ignore_inputs: Iterable = ()) -> StructuredResult:
+                   ignore_inputs: Iterable = (), target_latency: float | None = None,
+                   latency_table: Any = None) -> StructuredResult:
     """Physically remove channels from ``model`` in place (see module docstring). ``target_macs`` /
     ``target_params`` (fractions of the current model) prune iteratively until reached; ``steps`` splits
     ``ratio`` into that many capture-score-prune rounds. ``ignore``: modules (or names / globs) whose output
     channels are kept; ``ignore_inputs``: modules whose input channels are kept. The model's outputs are always
-    kept, whatever layer produces them."""
+    kept, whatever layer produces them.
+
+    ``target_latency`` (a fraction of today's estimated latency in (0, 1): 0.5 = twice as fast) lets the
+    allocator (`secateur.allocate.latency_choices`) pick every group's channel count from ``latency_table``
+    (measured here with `LatencyTable.build` when None) and removes them in one plan; a float ``ratio`` and
+    ``scope`` are ignored, and it cannot be combined with ``threshold``, a ratio dict, ``steps`` > 1,
+    ``target_macs`` or ``target_params``. Groups the dry run drops (``plan.notes``) keep their channels."""
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads)
+    if target_latency is not None:
+        _validate_latency(ratio, threshold, steps, target_macs, target_params)
     _refuse_masked(model)
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
                 reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs)
     plans = []
-    if target_macs is not None or target_params is not None:
+    if target_latency is not None:
+        plan = _latency_plan(model, example_inputs, target_latency, latency_table, opts)
+        if plan.choices:
+            plan.apply(model)
+            plans.append(plan)
+    elif target_macs is not None or target_params is not None:
         measure = (lambda: count_macs(model, example_inputs)) if target_macs is not None else \
             (lambda: count_params(model))
         goal = (target_macs if target_macs is not None else target_params) * (macs0 if target_macs is not None
