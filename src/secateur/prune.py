@@ -103,7 +103,7 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
     result = {}
     for t, keep in new_masks:
         set_mask(t.module, t.param, keep.contiguous())
-        result[t.name] = 1.0 - int(keep.sum()) / max(keep.numel(), 1)
+        result[t.name] = 1.0 - int(torch.count_nonzero(keep)) / max(keep.numel(), 1)
     return result
 
 
@@ -146,7 +146,8 @@ def _collect(chosen: list[Target], crit, pat, amount) -> list[tuple]:
             done = _group_keep_old(get_mask(t.module, t.param), tp, tuple(w.shape))
             # magnitudes of finite weights are finite: only other criteria need the check
             shape = _scores(crit, t, tp, done, check=not isinstance(crit, Magnitude)).shape
-        work.append((t, Lazy(partial(_scores, crit, t, tp, done), shape, w.device), done, ratio, tp))
+        nonneg = isinstance(crit, Magnitude) and done is None  # no -inf fill: every score >= 0
+        work.append((t, Lazy(partial(_scores, crit, t, tp, done), shape, w.device, nonneg), done, ratio, tp))
     if isinstance(amount, Mapping):
         unused = set(amount) - used
         if unused:
@@ -178,7 +179,7 @@ def _select(work, pat, amount, threshold, count, scope, lo, hi) -> list[torch.Te
     pruned = []
     for _, s, done, ratio, _ in work:
         k = count if count is not None else round(ratio * s.numel())
-        k = max(k, int(done.sum()) if done is not None else 0)
+        k = max(k, int(torch.count_nonzero(done)) if done is not None else 0)
         pruned.append(lowest([s], min(k, s.numel()))[0])
     return pruned
 
@@ -223,7 +224,7 @@ def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
     sizes = [s.numel() for s in scores]
     total = sum(sizes)
     k = count if count is not None else round(amount * total)
-    k = min(max(k, sum(int(d.sum()) for _, _, d, _, _ in work if d is not None)), total)
+    k = min(max(k, sum(int(torch.count_nonzero(d)) for _, _, d, _, _ in work if d is not None)), total)
     fixed: dict[int, int] = {}
     out: dict[int, torch.Tensor] = {}
     while True:
@@ -234,7 +235,7 @@ def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
         masks = lowest([scores[i] for i in active], max(budget, 0))
         changed = False
         for i, m in zip(active, masks):
-            c = int(m.sum())
+            c = int(torch.count_nonzero(m))
             floor, ceil = math.ceil(lo * sizes[i]), math.floor(hi * sizes[i])
             if c < floor or c > ceil:
                 fixed[i] = min(max(c, floor), ceil)
