@@ -22,25 +22,14 @@ import torch.nn.functional as F
 
 from secateur import prune
 from secateur.masks import finalize
-from secateur.semi_structured import device_support, to_semi_structured
+from secateur.semi_structured import device_support, time_cuda_ms, to_semi_structured
 
 LAYERS = {"attn 4096x4096": (4096, 4096), "mlp up 11008x4096": (11008, 4096), "mlp down 4096x11008": (4096, 11008)}
 OUT = os.path.join(os.path.dirname(__file__), "results", "bench_semi_structured.json")
 
 
 def time_ms(fn: Callable[[], object], repeat: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return time_cuda_ms(fn, repeat, warmup=5)
 
 
 def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

@@ -69,9 +69,9 @@ def _layer_reason(module: nn.Linear) -> str | None:
     return None
 
 
-def _time_ms(fn: Callable[[], torch.Tensor], repeat: int) -> float:
-    """Median CUDA-event time of ``fn`` after warm-up."""
-    for _ in range(3):
+def time_cuda_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    """Median CUDA-event time of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
@@ -126,8 +126,8 @@ def to_semi_structured(model: nn.Module, *, tokens: int = 2048, measure: bool = 
                 x = torch.randn(tokens, dense.shape[1], device=dense.device, dtype=dense.dtype)
                 b = module.bias.detach() if module.bias is not None else None
                 try:
-                    timed[key] = (_time_ms(lambda: F.linear(x, dense, b), repeat),
-                                  _time_ms(lambda: F.linear(x, sparse, b), repeat))
+                    timed[key] = (time_cuda_ms(lambda: F.linear(x, dense, b), repeat),
+                                  time_cuda_ms(lambda: F.linear(x, sparse, b), repeat))
                 except (RuntimeError, NotImplementedError) as e:
                     timed[key] = (float("nan"), float("nan"))
                     log.warning("sparse F.linear failed for %s: %s", key, e)
