@@ -412,6 +412,16 @@ def spatial(tr, func, args, kwargs, out):
 
 
 # ---------------------------------------------------------------- matmul
+def _join(tr, res, lab):
+    """Labels of a result that several operands feed: their channels are one group (unioned), and
+    each position takes whichever operand labels it (``-1`` means unlabelled)."""
+    if res is None:
+        return lab
+    tr.atoms.union(res, lab)
+    x, y = torch.broadcast_tensors(res, lab)
+    return torch.where(x >= 0, x, y)
+
+
 def _matmul(tr, a, c):
     """a [..., n, k] @ c [..., k, m] -> label of [..., n, m]."""
     nd = max(a.dim(), c.dim())
@@ -439,13 +449,7 @@ def _matmul(tr, a, c):
     if la is not None:
         res = _pad(la, nd)  # [..., n, 1]
     if lc is not None:
-        lcc = _pad(lc, nd)  # [..., 1, m]
-        if res is None:
-            res = lcc
-        else:
-            tr.atoms.union(res, lcc)
-            x, y = torch.broadcast_tensors(res, lcc)
-            res = torch.where(x >= 0, x, y)
+        res = _join(tr, res, _pad(lc, nd))  # [..., 1, m]
     return res
 
 
@@ -464,13 +468,7 @@ def addmm(tr, func, args, kwargs, out):
         dims = [d for d in range(out.dim()) if csh[d] > 1 and res.size(d) > 1]
         res = tr.atoms.collapse(res, dims)
     elif bias is not None:
-        bias = _pad(bias, out.dim())
-        if res is None:
-            res = bias
-        else:
-            tr.atoms.union(res, bias)
-            x, y = torch.broadcast_tensors(res, bias)
-            res = torch.where(x >= 0, x, y)
+        res = _join(tr, res, _pad(bias, out.dim()))
     tr.set(out, res)
 
 
@@ -499,14 +497,8 @@ def sdpa(tr, func, args, kwargs, out):
         heads.append(lab)
     res = None
     for lab in heads:
-        if lab is None:
-            continue
-        if res is None:
-            res = lab
-        else:
-            tr.atoms.union(res, lab)
-            x, y = torch.broadcast_tensors(res, lab)
-            res = torch.where(x >= 0, x, y)
+        if lab is not None:
+            res = _join(tr, res, lab)
     for t in _outs(out):
         if t.dim() == q.dim():
             tr.set(t, res)
