@@ -85,9 +85,16 @@ class OneShot(Schedule):
         return step == self.at
 
 
+@dataclass(frozen=True)
 class _Ramp(Schedule):
-    """Shared validation and update grid for schedules that ramp from ``initial`` at ``start`` to
-    ``final`` at ``end``, updating every ``frequency`` steps and holding ``final`` afterwards."""
+    """Shared fields, validation and update grid for schedules that ramp from ``initial`` at ``start``
+    to ``final`` at ``end``, updating every ``frequency`` steps and holding ``final`` afterwards."""
+
+    final: float
+    start: int = 0
+    end: int = 0
+    frequency: int = 1
+    initial: float = 0.0
 
     def __post_init__(self):
         where = type(self).__name__
@@ -127,11 +134,6 @@ class GMP(_Ramp):
     PaddleSlim's phases map onto it with `GMP.phases` (stable: before start; pruning: start..end;
     tuning: after end, final sparsity held)."""
 
-    final: float
-    start: int = 0
-    end: int = 0
-    frequency: int = 1
-    initial: float = 0.0
     kind: ClassVar[str] = "gmp"
 
     def _shape(self, progress: float) -> float:
@@ -155,11 +157,6 @@ class GMP(_Ramp):
 class Linear(_Ramp):
     """Sparsity grows linearly from ``initial`` at ``start`` to ``final`` at ``end``."""
 
-    final: float
-    start: int = 0
-    end: int = 0
-    frequency: int = 1
-    initial: float = 0.0
     kind: ClassVar[str] = "linear"
 
     def _shape(self, progress: float) -> float:
