@@ -23,10 +23,8 @@ def _norm_reduce(s: torch.Tensor, dims: tuple[int, ...], p: float) -> torch.Tens
     return s.abs().pow(p).sum(dim=dims).pow(1.0 / p)
 
 
-@dataclass(frozen=True)
-class Element:
-    """Unstructured: every weight on its own. Keeps the most accuracy for a given sparsity, but dense
-    kernels run no faster: use it for size (with compressed storage) or to study sparsity."""
+class _PerElement:
+    """Patterns whose groups are single elements: scores and keep-masks pass through unchanged."""
 
     is_elementwise = True
 
@@ -44,6 +42,12 @@ class Element:
 
     def expand(self, keep, shape):
         return keep
+
+
+@dataclass(frozen=True)
+class Element(_PerElement):
+    """Unstructured: every weight on its own. Keeps the most accuracy for a given sparsity, but dense
+    kernels run no faster: use it for size (with compressed storage) or to study sparsity."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class Slices:
 
 
 @dataclass(frozen=True)
-class NM:
+class NM(_PerElement):
     """Keep the ``n`` highest-scoring of every ``m`` consecutive weights along ``dim``; ``None`` means the
     input dimension (1 for Linear ``(out, in)`` and Conv ``(out, in, *k)``, 0 for ConvTranspose
     ``(in, out, *k)`` and transformers' GPT-2 ``Conv1D`` ``(in, out)``). 2:4 is the GPU sparse format:
@@ -130,7 +134,6 @@ class NM:
     n: int = 2
     m: int = 4
     dim: int | None = None
-    is_elementwise = True
 
     def __post_init__(self):
         if not (0 < self.n < self.m):
@@ -154,15 +157,6 @@ class NM:
         if size % self.m:
             raise fail(f"input dimension {size} is not divisible by M={self.m}", where=where, shape=shape,
                        value=f"{self.n}:{self.m}")
-
-    def group_shape(self, shape):
-        return tuple(shape)
-
-    def reduce(self, s, p):
-        return s
-
-    def expand(self, keep, shape):
-        return keep
 
     def keep(self, scores: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask with exactly n per group; ties go to the lower index (stable sort)."""
