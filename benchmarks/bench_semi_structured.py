@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from secateur import prune
 from secateur.masks import finalize
-from secateur.semi_structured import device_support, time_cuda_ms, to_semi_structured
+from secateur.semi_structured import device_support, graphed, time_cuda_ms, to_semi_structured
 
 LAYERS = {"attn 4096x4096": (4096, 4096), "mlp up 11008x4096": (11008, 4096), "mlp down 4096x11008": (4096, 11008)}
 OUT = os.path.join(os.path.dirname(__file__), "results", "bench_semi_structured.json")
@@ -30,20 +30,6 @@ OUT = os.path.join(os.path.dirname(__file__), "results", "bench_semi_structured.
 
 def time_ms(fn: Callable[[], object], repeat: int = 50) -> float:
     return time_cuda_ms(fn, repeat, warmup=5)
-
-
-def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """Capture ``fn`` (closed over static inputs) in a CUDA graph; return its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def variants(make: Callable[[], Callable[[], torch.Tensor]]) -> dict[str, Callable[[], object]]:
@@ -102,6 +88,8 @@ def bench_layers(tokens: list[int], dtype) -> list[dict]:
 
 
 def bench_block(tokens: list[int], dtype) -> list[dict]:
+    """A LLaMA-7B decoder block: masked dense vs every Linear converted vs only the Linears that
+    `to_semi_structured(mode="cuda_graph")` measured faster at that token count."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -110,30 +98,35 @@ def bench_block(tokens: list[int], dtype) -> list[dict]:
     cfg._attn_implementation = "sdpa"
     masked = LlamaDecoderLayer(cfg, layer_idx=0).to("cuda", dtype).eval()
     prune(masked, pattern="2:4", targets="linear")
-    sparse = copy.deepcopy(masked)
+    every = copy.deepcopy(masked)
     finalize(masked)  # the masked dense twin (same zeros, dense kernels)
-    decisions = to_semi_structured(sparse, measure=False)
+    decisions = to_semi_structured(every, measure=False)
     rope = LlamaRotaryEmbedding(cfg).to("cuda")
     rows = []
     for t in tokens:
+        chosen = copy.deepcopy(masked)  # its weights are 2:4 already: to_semi_structured takes them unmasked
+        picked = to_semi_structured(chosen, tokens=t, mode="cuda_graph")
         h = torch.randn(1, t, 4096, device="cuda", dtype=dtype)
         pos = rope(h, torch.arange(t, device="cuda")[None])
         with torch.no_grad():
             call = lambda blk: (lambda: blk(h, attention_mask=None, position_embeddings=pos))  # noqa: E731
-            ref = masked(h, attention_mask=None, position_embeddings=pos)
-            got = sparse(h, attention_mask=None, position_embeddings=pos)
-            ref, got = (r[0] if isinstance(r, tuple) else r for r in (ref, got))
-            err = ((got - ref).abs().max() / ref.abs().max()).item()
-            row = dict(layer="LLaMA-7B decoder block", tokens=t, max_rel_err=err,
-                       converted=sum(d.converted for d in decisions),
-                       **_measure(variants(lambda: call(masked)), variants(lambda: call(sparse))))
-        rows.append(row)
-        print(_fmt(row), flush=True)
+            first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731
+            ref = first(call(masked)())
+            dense_v = variants(lambda: call(masked))
+            for label, blk, dec in (("all Linears 2:4", every, decisions), ("2:4 where faster", chosen, picked)):
+                got = first(call(blk)())
+                err = ((got - ref).abs().max() / ref.abs().max()).item()
+                row = dict(layer=f"LLaMA-7B block, {label}", tokens=t, max_rel_err=err,
+                           converted=sum(d.converted for d in dec), linears=len(dec),
+                           **_measure(dense_v, variants(lambda: call(blk))))
+                rows.append(row)
+                print(_fmt(row), flush=True)
+        del chosen
     return rows
 
 
 def _fmt(row: dict) -> str:
-    parts = [f"{row['layer']:<24} {row['tokens']:>6} tok  err {row['max_rel_err']:.1e}"]
+    parts = [f"{row['layer']:<36} {row['tokens']:>6} tok  err {row['max_rel_err']:.1e}"]
     for v in ("eager", "compile", "cudagraph"):
         r = row[v]
         parts.append(f"{v}: " + (f"{r['dense_ms']:.3f}/{r['sparse_ms']:.3f} ms = {r['speedup']:.2f}x"
@@ -145,6 +138,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    ap.add_argument("--block-tokens", type=int, nargs="*", default=None,
+                    help="token counts for the whole-block timing (default: --tokens)")
     ap.add_argument("--no-block", action="store_true")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
@@ -161,7 +156,7 @@ def main() -> None:
         print(f"{result['device']}, torch {torch.__version__}, {args.dtype}; times are dense/sparse medians")
         result["layers"] = bench_layers(args.tokens, dtype)
         if not args.no_block:
-            result["block"] = bench_block(args.tokens, dtype)
+            result["block"] = bench_block(args.block_tokens or args.tokens, dtype)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -1,9 +1,18 @@
 """2:4 masked Linear layers -> PyTorch semi-structured sparse weights (cuSPARSELt / CUTLASS) where it pays.
 
 Why measure: the sparse kernel is faster than dense only for some shapes and token counts, and through
-the plain ``F.linear`` path each call re-plans on the host, which can make it slower end to end (see the
-issue's H100 numbers). So a layer is converted only when a timing of its own shape says the sparse
-``F.linear`` beats dense; every other layer stays masked dense, and the reason is returned per layer.
+the plain ``F.linear`` path each call re-plans on the host (about 0.6 ms on an H100 with torch 2.11), so
+in eager mode it is almost always slower end to end. Replayed from a CUDA graph (``torch.compile(mode=
+"reduce-overhead")`` or `graphed`) the host work disappears and only the kernels count. So a layer is
+converted only when a timing of its own shape, in the execution mode the caller will use (``mode``),
+says sparse beats dense; every other layer stays masked dense, and the reason is returned per layer.
+
+Why a layer class: the sparse matmul returns its result transposed (a non-contiguous ``[tokens, out]``
+view). Attention code that reshapes q/k/v into heads then hands scaled-dot-product attention tensors
+whose last dim is not contiguous, and SDPA falls back from its flash kernel to the quadratic math path:
+we measured a whole LLaMA-7B block 8x slower at 8192 tokens. `SemiStructuredLinear` returns a
+contiguous output (one copy of the activations), which removes that cliff.
+
 On CPU and on GPUs below compute capability 8.0, nothing is converted and the reason says why."""
 from __future__ import annotations
 
@@ -69,6 +78,41 @@ def _layer_reason(module: nn.Linear) -> str | None:
     return None
 
 
+class SemiStructuredLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is a semi-structured sparse tensor and whose output is contiguous
+    (see the module docstring for why). Built by `to_semi_structured`; inference only."""
+
+    @classmethod
+    def from_linear(cls, module: nn.Linear, sparse: torch.Tensor) -> "SemiStructuredLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = module.in_features, module.out_features
+        new.weight = nn.Parameter(sparse, requires_grad=False)
+        new.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias).contiguous()
+
+
+def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """Capture ``fn`` (a call closed over static CUDA inputs) in a CUDA graph and return its replay: the
+    kernels run without the host work (planning, Python dispatch) that makes eager 2:4 calls slow."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside the capture: lazy initialisation must not be recorded
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+MODES = ("eager", "cuda_graph")
+
+
 def time_cuda_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
     """Median CUDA-event time of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
     for _ in range(warmup):
@@ -85,26 +129,36 @@ def time_cuda_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> floa
 
 
 def to_semi_structured(model: nn.Module, *, tokens: int = 2048, measure: bool = True, min_speedup: float = 1.0,
-                       repeat: int = 20, filter: Callable[[str, nn.Module], bool] | None = None) -> list[Decision]:
+                       repeat: int = 20, mode: str = "eager",
+                       filter: Callable[[str, nn.Module], bool] | None = None) -> list[Decision]:
     """Convert 2:4 Linear weights of ``model`` to semi-structured sparse tensors in place, where it pays.
 
     A layer qualifies when its (masked) weight is 2:4 along the input dimension, lives on a CUDA GPU of
     compute capability >= 8.0 and is float16/bfloat16. With ``measure`` (default), ``F.linear`` on
-    ``tokens`` input rows is timed once per (shape, dtype), dense vs sparse, and the layer is converted only
-    when sparse is at least ``min_speedup`` times faster. A converted layer's mask is baked in first (the
-    sparse tensor holds the zeros). Returns one `Decision` per Linear layer, with the reason for each
-    layer left dense; on CPU every layer stays masked dense and says so."""
+    ``tokens`` input rows is timed once per (shape, dtype), dense vs sparse, called the way the model will
+    be run (``mode``: ``"eager"``, or ``"cuda_graph"`` for models replayed from CUDA graphs, e.g. under
+    ``torch.compile(mode="reduce-overhead")``), and the layer is converted only when sparse is at least
+    ``min_speedup`` times faster. A converted layer's mask is baked in first (the sparse tensor holds the
+    zeros) and the layer is replaced by a `SemiStructuredLinear`. Returns one `Decision` per Linear
+    layer, with the reason for each layer left dense; on CPU every layer stays masked dense and says so."""
     if not isinstance(model, nn.Module):
         raise fail("to_semi_structured() needs an nn.Module", value=type(model).__name__)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise fail("tokens must be a positive integer", value=tokens)
     if not min_speedup > 0:
         raise fail("min_speedup must be positive", value=min_speedup)
+    if mode not in MODES:
+        raise fail(f"mode must be one of {MODES}", value=mode)
+    timer = (lambda fn: time_cuda_ms(fn, repeat)) if mode == "eager" else \
+        (lambda fn: time_cuda_ms(graphed(fn), repeat))
     decisions: list[Decision] = []
     plan: list[tuple[nn.Linear, torch.Tensor]] = []
     timed: dict[tuple, tuple[float, float]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or (filter is not None and not filter(name, module)):
+            continue
+        if isinstance(module, SemiStructuredLinear):
+            decisions.append(Decision(name, True, "already semi-structured"))
             continue
         reason = _layer_reason(module)
         if reason is not None:
@@ -126,8 +180,8 @@ def to_semi_structured(model: nn.Module, *, tokens: int = 2048, measure: bool = 
                 x = torch.randn(tokens, dense.shape[1], device=dense.device, dtype=dense.dtype)
                 b = module.bias.detach() if module.bias is not None else None
                 try:
-                    timed[key] = (time_cuda_ms(lambda: F.linear(x, dense, b), repeat),
-                                  time_cuda_ms(lambda: F.linear(x, sparse, b), repeat))
+                    timed[key] = (timer(lambda: F.linear(x, dense, b)),
+                                  timer(lambda: F.linear(x, sparse, b).contiguous()))
                 except (RuntimeError, NotImplementedError) as e:
                     timed[key] = (float("nan"), float("nan"))
                     log.warning("sparse F.linear failed for %s: %s", key, e)
@@ -135,15 +189,20 @@ def to_semi_structured(model: nn.Module, *, tokens: int = 2048, measure: bool = 
         if not s_ms == s_ms:  # NaN: the sparse matmul failed
             decisions.append(Decision(name, False, "sparse F.linear failed for this shape"))
         elif s_ms * min_speedup <= d_ms:
-            decisions.append(Decision(name, True, f"sparse {d_ms / s_ms:.2f}x faster at {tokens} tokens",
+            decisions.append(Decision(name, True, f"sparse {d_ms / s_ms:.2f}x faster at {tokens} tokens ({mode})",
                                       d_ms, s_ms))
             plan.append((module, sparse))
         else:
             decisions.append(Decision(name, False, f"kept dense: sparse {d_ms / s_ms:.2f}x dense speed at "
-                                      f"{tokens} tokens", d_ms, s_ms))
+                                      f"{tokens} tokens ({mode})", d_ms, s_ms))
+    parents = {id(child): (parent, key) for parent in model.modules() for key, child in parent.named_children()}
     for module, sparse in plan:  # everything decided: now change the model
         remove_mask(module, "weight", bake=True)
-        module.weight = nn.Parameter(sparse, requires_grad=False)
+        new = SemiStructuredLinear.from_linear(module, sparse)
+        if id(module) in parents:
+            setattr(*parents[id(module)], new)
+        else:  # the model is this one Linear: it cannot be replaced in place, only its weight
+            module.weight = nn.Parameter(sparse, requires_grad=False)
     for d in decisions:
         if not d.converted:
             log.info("%s stays dense: %s", d.name, d.reason)
