@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from secateur import prune
 from secateur.masks import finalize
-from secateur.semi_structured import device_support, graphed, time_cuda_ms, to_semi_structured
+from secateur.semi_structured import SemiStructuredLinear, device_support, graphed, time_cuda_ms, to_semi_structured
 
 LAYERS = {"attn 4096x4096": (4096, 4096), "mlp up 11008x4096": (11008, 4096), "mlp down 4096x11008": (4096, 11008)}
 OUT = os.path.join(os.path.dirname(__file__), "results", "bench_semi_structured.json")
@@ -67,6 +67,9 @@ def _measure(dense_v, sparse_v) -> dict:
 
 
 def bench_layers(tokens: list[int], dtype) -> list[dict]:
+    """Dense ``F.linear`` vs secateur's `SemiStructuredLinear` (cuSPARSELt called directly, result in
+    row-major order, algorithm searched for each token count) vs ``F.linear`` on PyTorch's semi-structured
+    tensor subclass (CUDA graph only: its result is transposed)."""
     rows = []
     for label, (out_f, in_f) in LAYERS.items():
         lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
@@ -75,15 +78,20 @@ def bench_layers(tokens: list[int], dtype) -> list[dict]:
         w = lin.weight.detach().contiguous()
         ws = torch.sparse.to_sparse_semi_structured(w)
         for t in tokens:
+            layer = SemiStructuredLinear.from_linear(lin, tokens=t)
             x = torch.randn(t, in_f, device="cuda", dtype=dtype)
             with torch.no_grad():
                 ref = F.linear(x, w)
-                err = ((F.linear(x, ws) - ref).abs().max() / ref.abs().max()).item()
-                row = dict(layer=label, tokens=t, max_rel_err=err,
-                           **_measure(variants(lambda: lambda: F.linear(x, w)),
-                                      variants(lambda: lambda: F.linear(x, ws))))
+                got = layer(x)
+                err = ((got - ref).abs().max() / ref.abs().max()).item()
+                row = dict(layer=label, tokens=t, max_rel_err=err, contiguous=got.is_contiguous(),
+                           alg_id=layer.alg_id, **_measure(variants(lambda: lambda: F.linear(x, w)),
+                                                            variants(lambda: lambda: layer(x))))
+                sub = time_ms(graphed(lambda: F.linear(x, ws)))
+                row["torch_subclass_cudagraph_speedup"] = row["cudagraph"].get("dense_ms", float("nan")) / sub
             rows.append(row)
-            print(_fmt(row), flush=True)
+            print(_fmt(row) + f"  (torch subclass, graph: {row['torch_subclass_cudagraph_speedup']:.2f}x)",
+                  flush=True)
     return rows
 
 
