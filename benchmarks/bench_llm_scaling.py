@@ -1,8 +1,13 @@
 """How the time of one-shot Wanda and SparseGPT grows with model size (randomly initialised LLaMA-style
-models, this CPU). Calibration is small (default 8 x 128 random tokens): the timings are of the pruning
-machinery, not of model quality; SparseGPT then warns that its Hessian is rank-deficient, as expected.
+models, on this CPU or a GPU). Calibration is small (default 8 x 128 random tokens): the timings are of the
+pruning machinery, not of model quality; SparseGPT then warns that its Hessian is rank-deficient, as expected.
 
     .venv/bin/python benchmarks/bench_llm_scaling.py [--sizes 20m 60m 200m 1b] [--threads 1]
+    PYTHONPATH=src python benchmarks/bench_llm_scaling.py --device cuda --dtype bfloat16 [--offload]
+
+``--device cuda`` builds the model on the GPU (or, with ``--offload``, keeps it in CPU memory and lets
+``prune_llm(device=...)`` move one block at a time to the GPU) and reports peak GPU memory; results go to
+``results/bench_llm_scaling_<device>[_offload].json`` so CPU and GPU runs do not overwrite each other.
 """
 from __future__ import annotations
 
@@ -28,17 +33,32 @@ SIZES = {
     "1b": (2048, 5632, 22, 32, 4),
 }
 VOCAB = 32000
-OUT = os.path.join(os.path.dirname(__file__), "results", "bench_llm_scaling.json")
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build(size: str):
+def build(size: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Random weights, initialised directly on ``device`` (a 1B model initialises in seconds on a GPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     h, i, n, heads, kv = SIZES[size]
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048)
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def default_out(device: str, offload: bool) -> str:
+    if device == "cpu":
+        return os.path.join(RESULTS, "bench_llm_scaling.json")
+    return os.path.join(RESULTS, f"bench_llm_scaling_{device.split(':')[0]}{'_offload' if offload else ''}.json")
 
 
 def unmask(model) -> None:
@@ -52,42 +72,70 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the blocks are computed")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights' dtype")
+    ap.add_argument("--offload", action="store_true",
+                    help="keep the model in CPU memory; prune_llm moves one block at a time to --device")
+    ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    if args.offload and not cuda:
+        raise SystemExit("--offload needs --device cuda (the model is on the CPU already)")
+    args.out = args.out or default_out(args.device, args.offload)
+    home = "cpu" if args.offload or not cuda else args.device
+    dtype = DTYPES[args.dtype]
+    if cuda:  # CUDA context and cuBLAS handles are created here, not inside the first timing
+        torch.ones(64, 64, device=args.device) @ torch.ones(64, 64, device=args.device)
+        sync(args.device)
     gen = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, VOCAB, (1, args.seq_len), generator=gen) for _ in range(args.samples)]
     old = json.load(open(args.out)) if os.path.exists(args.out) else {}
     rows = {r["size"]: r for r in old.get("results", [])}
-    print(f"{'size':<6} {'params':>8} {'block params':>12} {'wanda s':>8} {'sparsegpt s':>11} (threads={args.threads}, "
-          f"{args.samples}x{args.seq_len} tokens)")
+    heads = "".join(f" {m + ' s':>11}" for m in args.methods)
+    print(f"{'size':<6} {'params':>8} {'block params':>12}{heads} (device={args.device}{' offload' if args.offload else ''}, "
+          f"{args.dtype}, threads={args.threads}, {args.samples}x{args.seq_len} tokens)")
     for size in args.sizes:
-        model = build(size)
+        model = build(size, home, dtype)
         params = sum(p.numel() for p in model.parameters())
         block_params = sum(p.numel() for p in model.model.layers.parameters())
         row = dict(size=size, shape=SIZES[size], params=params, block_params=block_params)
-        for method in ("wanda", "sparsegpt"):
+        for method in args.methods:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(args.device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                sync(args.device)
                 t0 = time.perf_counter()
-                rep = prune_llm(model, calib, method=method, sparsity=0.5, rollback=False)
+                rep = prune_llm(model, calib, method=method, sparsity=0.5, rollback=False, progress=False,
+                                device=args.device if cuda else None)
+                sync(args.device)
                 row[method + "_s"] = time.perf_counter() - t0
             row[method + "_sparsity"] = rep.total_sparsity
+            if cuda:
+                row[method + "_peak_gpu_gib"] = torch.cuda.max_memory_allocated(args.device) / 2**30
             unmask(model)
         rows[size] = row
-        print(f"{size:<6} {params / 1e6:>7.0f}M {block_params / 1e6:>11.0f}M {row['wanda_s']:>8.1f} "
-              f"{row['sparsegpt_s']:>11.1f}", flush=True)
+        cells = "".join(f" {row[m + '_s']:>11.2f}" for m in args.methods)
+        print(f"{size:<6} {params / 1e6:>7.0f}M {block_params / 1e6:>11.0f}M{cells}", flush=True)
         del model
         gc.collect()
     ordered = [rows[s] for s in SIZES if s in rows]
     growth = {}
     if len(ordered) >= 2:
         a, b = ordered[0], ordered[-1]
-        for method in ("wanda", "sparsegpt"):
+        for method in args.methods:
+            if method + "_s" not in a or method + "_s" not in b:
+                continue
             slope = math.log(b[method + "_s"] / a[method + "_s"]) / math.log(b["block_params"] / a["block_params"])
             growth[method] = slope
             print(f"{method}: time ~ (block params)^{slope:.2f} from {a['size']} to {b['size']}")
+    gpu = torch.cuda.get_device_name(args.device) if cuda else None
     result = dict(torch=torch.__version__, machine=platform.machine(), cpu_threads=args.threads,
+                  device=args.device, gpu=gpu, dtype=args.dtype, offload=args.offload,
                   calibration=f"{args.samples} x {args.seq_len} random tokens", results=ordered,
                   time_exponent_vs_block_params=growth)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

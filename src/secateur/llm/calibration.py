@@ -90,6 +90,16 @@ class BlockInput:
 _NO_CACHE = {"past_key_values": None, "past_key_value": None, "layer_past": None, "use_cache": False}
 
 
+def _input_device(model: nn.Module):
+    """Where the token embedding lives (token batches are moved there), or None if unknown or meta."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    w = getattr(emb, "weight", None)
+    return w.device if isinstance(w, torch.Tensor) and not w.is_meta else None
+
+
 def catch_inputs(model: nn.Module, first: nn.Module, batches: list, device=None) -> list[BlockInput]:
     """Run the model on each batch until ``first`` is called; keep its inputs (moved to ``device``)."""
     caught: list[BlockInput] = []
@@ -108,9 +118,11 @@ def catch_inputs(model: nn.Module, first: nn.Module, batches: list, device=None)
         raise _Caught
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    home = _input_device(model)
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
+                b = to_device(b, home) if home is not None else b
                 try:
                     model(**b) if isinstance(b, Mapping) else model(b)
                 except _Caught:
