@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.llm.blocks import BlocksSpec, find_blocks
+from secateur.llm.blocks import BlocksSpec, find_blocks, is_linear_like
 from secateur.llm.calibration import catch_inputs, check_batches, count_tokens, run_block
 from secateur.llm.methods import METHODS, Method
 from secateur.llm.text import token_batches
 from secateur.masks import get_mask, original, remove_mask, set_mask
 from secateur.patterns import NM, Element, PatternSpec, get_pattern
-from secateur.targets import TargetSpec, select_targets
+from secateur.targets import TargetSpec, is_hf_conv1d, select_targets
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,19 @@ def _method(method: str) -> Method:
     return METHODS[method]
 
 
+def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """The ``(out, in)`` view the methods work on: a Linear weight as stored, a GPT-2 ``Conv1D`` weight
+    (stored ``(in, out)``, ``y = x @ W + b``) transposed. The same call maps results back (a transpose
+    is its own inverse)."""
+    return tensor.T if is_hf_conv1d(module) else tensor
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_hf_conv1d(module) else module.in_features
+
+
 def _ratio(pattern, sparsity) -> float:
     if isinstance(pattern, NM):
-        if pattern.dim not in (None, 1, -1):
-            raise fail("one-shot N:M groups run along a Linear layer's input dimension", value=pattern,
-                       hint=f"Use NM({pattern.n}, {pattern.m})")
         implied = 1 - pattern.n / pattern.m
         if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
             raise fail(f"an N:M pattern fixes the sparsity at {implied}", value=sparsity,
@@ -110,9 +118,21 @@ def _ratio(pattern, sparsity) -> float:
     return float(sparsity)
 
 
+def _check_nm(pattern: NM, module: nn.Module, where: str) -> None:
+    """N:M groups must run along the layer's input dimension (dim 1 of a Linear weight, dim 0 of a
+    ``Conv1D`` weight), and that dimension must divide into groups of M."""
+    w = original(module, "weight")
+    tp = pattern.for_module(module)
+    want = 0 if is_hf_conv1d(module) else 1
+    if tp.dim % w.dim() != want:
+        raise fail(f"one-shot N:M groups run along the layer's input dimension (dim {want} of this weight)",
+                   where=where, shape=w.shape, value=pattern, hint=f"Use NM({pattern.n}, {pattern.m})")
+    tp.check(tuple(w.shape), where)
+
+
 def _layers(model: nn.Module, blocks: list[nn.Module], targets: TargetSpec, pattern) -> list[list[tuple[str, nn.Module]]]:
-    """Per block, the (name, Linear) pairs to prune, validated."""
-    chosen = {id(t.module): t for t in select_targets(model, "linear" if targets is None else targets)}
+    """Per block, the (name, Linear or Conv1D) pairs to prune, validated."""
+    chosen = {id(t.module): t for t in select_targets(model, (lambda n, m: is_linear_like(m)) if targets is None else targets)}
     names = {id(m): n for n, m in model.named_modules()}
     per_block, total = [], 0
     for block in blocks:
@@ -121,15 +141,16 @@ def _layers(model: nn.Module, blocks: list[nn.Module], targets: TargetSpec, patt
             t = chosen.get(id(m))
             if t is None:
                 continue
-            if not isinstance(m, nn.Linear):
-                raise fail("one-shot LLM pruning handles nn.Linear layers only", where=t.name,
+            if not is_linear_like(m):
+                raise fail("one-shot LLM pruning handles nn.Linear and GPT-2 Conv1D layers only", where=t.name,
                            value=type(m).__name__, hint="Narrow targets= to Linear layers")
             w = original(m, "weight")
             if w.is_meta:
                 raise fail("weight is on the meta device (not materialised)", where=t.name, shape=w.shape)
             if not bool(torch.isfinite(w).all()):
                 raise fail("weight holds NaN or infinite values", where=t.name, shape=w.shape)
-            pattern.check(tuple(w.shape), t.name) if isinstance(pattern, NM) else None
+            if isinstance(pattern, NM):
+                _check_nm(pattern, m, t.name)
             layers.append((names[id(m)], m))
         per_block.append(layers)
         total += len(layers)
@@ -181,6 +202,7 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
     ratio = _ratio(pat, sparsity)
     block_name, mods = find_blocks(model, blocks)
     layers = _layers(model, mods, targets, pat)
+    pat = NM(pat.n, pat.m, 1) if isinstance(pat, NM) else pat  # the methods see (out, in) weights
     batches, tokens = [], 0
     if meth.stats is not None or calibration is not None:
         if calibration is None:
@@ -188,7 +210,7 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
         batches = check_batches(model, calibration)
         tokens = count_tokens(batches)
     if meth.stats is not None and method == "sparsegpt":
-        widest = max((m.in_features, n) for lay in layers for n, m in lay)
+        widest = max((in_features(m), n) for lay in layers for n, m in lay)
         if tokens < widest[0]:
             warnings.warn(f"SparseGPT: {tokens} calibration tokens < {widest[0]} input features of {widest[1]}: "
                           f"its Hessian is rank-deficient and only dampening keeps it invertible; use at least "
@@ -228,12 +250,16 @@ def _prune_block(block, lays, meth: Method, pat, ratio, inputs, dev, journal: _J
     with torch.no_grad():
         stats = _gather(block, lays, meth, inputs, dev)
         for name, mod in lays:
-            pruned, new, loss = meth.prune(mod.weight.detach(), stats.get(name), pat, ratio, name)
+            pruned, new, loss = meth.prune(as_out_in(mod, mod.weight.detach()), stats.get(name), pat, ratio, name)
             journal.record(mod, keep_weight=new is not None)
             if new is not None:
-                original(mod, "weight").copy_(new.to(original(mod, "weight").dtype))
-            set_mask(mod, "weight", ~pruned)
-            results.append(LayerResult(name, tuple(mod.weight.shape), float(pruned.float().mean()), loss))
+                original(mod, "weight").copy_(as_out_in(mod, new).to(original(mod, "weight").dtype))
+            keep = ~as_out_in(mod, pruned)
+            old = get_mask(mod, "weight")
+            if old is not None:  # as in secateur.prune: a weight pruned before stays pruned (N:M: <= n kept)
+                keep = keep & old
+            set_mask(mod, "weight", keep)
+            results.append(LayerResult(name, tuple(mod.weight.shape), 1.0 - float(keep.float().mean()), loss))
         del stats
         if advance:
             for inp in inputs:
@@ -244,7 +270,7 @@ def _gather(block: nn.Module, lays, meth: Method, inputs, dev) -> dict:
     """Run the (unpruned) block on every caught input and accumulate each layer's input statistics."""
     if meth.stats is None:
         return {}
-    stats = {name: meth.stats(mod.in_features, dev) for name, mod in lays}
+    stats = {name: meth.stats(in_features(mod), dev) for name, mod in lays}
     hooks = [mod.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0].detach()))
              for name, mod in lays]
     try:
