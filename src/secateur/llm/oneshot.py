@@ -18,6 +18,8 @@ from secateur.errors import fail
 from secateur.llm.blocks import BlocksSpec, find_blocks, is_linear_like
 from secateur.llm.calibration import catch_inputs, check_batches, count_tokens, run_block
 from secateur.llm.methods import METHODS, Method
+from secateur.llm.offload import (Checkpoint, ShardWriter, block_state, check_checkpoint, materialise,
+                                  refuse_accelerate_offload, release)
 from secateur.llm.text import token_batches
 from secateur.masks import get_mask, original, remove_mask, set_mask
 from secateur.patterns import NM, Element, PatternSpec, get_pattern
@@ -130,7 +132,8 @@ def _check_nm(pattern: NM, module: nn.Module, where: str) -> None:
     tp.check(tuple(w.shape), where)
 
 
-def _layers(model: nn.Module, blocks: list[nn.Module], targets: TargetSpec, pattern) -> list[list[tuple[str, nn.Module]]]:
+def _layers(model: nn.Module, blocks: list[nn.Module], targets: TargetSpec, pattern,
+            on_disk: bool = False) -> list[list[tuple[str, nn.Module]]]:
     """Per block, the (name, Linear or Conv1D) pairs to prune, validated."""
     chosen = {id(t.module): t for t in select_targets(model, (lambda n, m: is_linear_like(m)) if targets is None else targets)}
     names = {id(m): n for n, m in model.named_modules()}
@@ -145,9 +148,10 @@ def _layers(model: nn.Module, blocks: list[nn.Module], targets: TargetSpec, patt
                 raise fail("one-shot LLM pruning handles nn.Linear and GPT-2 Conv1D layers only", where=t.name,
                            value=type(m).__name__, hint="Narrow targets= to Linear layers")
             w = original(m, "weight")
-            if w.is_meta:
-                raise fail("weight is on the meta device (not materialised)", where=t.name, shape=w.shape)
-            if not bool(torch.isfinite(w).all()):
+            if w.is_meta and not on_disk:  # from disk, values are checked as each block is read
+                raise fail("weight is on the meta device (not materialised)", where=t.name, shape=w.shape,
+                           hint="For a skeleton built on meta, pass offload_dir=<its safetensors> and save_dir=")
+            if not w.is_meta and not bool(torch.isfinite(w).all()):
                 raise fail("weight holds NaN or infinite values", where=t.name, shape=w.shape)
             if isinstance(pattern, NM):
                 _check_nm(pattern, m, t.name)
@@ -183,7 +187,8 @@ def _block_device(block: nn.Module, device):
 def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: str = "wanda",
               sparsity: float | None = None, pattern: PatternSpec = "element", blocks: BlocksSpec = None,
               tokenizer=None, n_samples: int = 128, seq_len: int = 128, device=None,
-              targets: TargetSpec = None, progress: bool = True, rollback: bool = True) -> LLMReport:
+              targets: TargetSpec = None, progress: bool = True, rollback: bool = True,
+              offload_dir=None, save_dir=None) -> LLMReport:
     """Prune the Linear layers inside ``model``'s repeated blocks, one block at a time, in place.
 
     ``calibration``: an iterable of LongTensor ``[B, T]`` token batches or dicts for Hugging Face models
@@ -195,13 +200,27 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
     back; None = where it lives). ``targets``: which Linear layers inside the blocks (default all).
     ``rollback``: if a block fails mid-way, restore every mask and weight already changed; for SparseGPT
     this keeps a CPU copy of each rewritten weight (the size of the pruned layers). ``rollback=False``
-    saves that memory; a failure then leaves the blocks already done pruned."""
+    saves that memory; a failure then leaves the blocks already done pruned.
+
+    ``offload_dir``: prune a model too large for memory. ``model`` is a skeleton with parameters on the
+    meta device (`secateur.llm.empty_model`) and ``offload_dir`` its safetensors checkpoint (a file or a
+    folder of shards). Each block is read to ``device`` (default CPU), pruned, written to ``save_dir``
+    (a new folder: safetensors shards in the checkpoint's naming with the zeros baked in, the masks
+    beside them) and dropped, so memory holds one block, the activations and the modules outside the
+    blocks. The skeleton stays empty; `secateur.llm.load_pruned` reads the result as a masked model.
+    A failure leaves no ``save_dir``."""
     start = time.perf_counter()
     meth = _method(method)
     pat = get_pattern(pattern)
     ratio = _ratio(pat, sparsity)
     block_name, mods = find_blocks(model, blocks)
-    layers = _layers(model, mods, targets, pat)
+    disk = offload_dir is not None
+    if disk != (save_dir is not None):
+        raise fail("offload_dir (the checkpoint to read) and save_dir (where the pruned one goes) come together",
+                   value=dict(offload_dir=offload_dir, save_dir=save_dir))
+    ckpt = Checkpoint(offload_dir) if disk else None
+    check_checkpoint(model, ckpt) if disk else refuse_accelerate_offload(model)
+    layers = _layers(model, mods, targets, pat, on_disk=disk)
     pat = NM(pat.n, pat.m, 1) if isinstance(pat, NM) else pat  # the methods see (out, in) weights
     batches, tokens = [], 0
     if meth.stats is not None or calibration is not None:
@@ -217,26 +236,59 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
                           f"{widest[0]} tokens (the papers use 128 x 2048)", stacklevel=2)
 
     results: list[LayerResult] = []
-    journal = _Journal(keep_weights=rollback)
+    journal = _Journal(keep_weights=rollback and not disk)
+    writer = ShardWriter(save_dir) if disk else None
+    names = {id(m): n for n, m in model.named_modules()}
     try:
-        inputs = catch_inputs(model, mods[0], batches, device) if meth.stats is not None else []
+        inputs = _catch(model, mods, batches, device, meth, ckpt, writer, names)
         for bi, (block, lays) in enumerate(_progress(list(zip(mods, layers)), progress, len(mods))):
-            dev = _block_device(block, device)
+            prefix = names[id(block)] + "."
+            dev = torch.device(device or "cpu") if disk else _block_device(block, device)
             home = _block_device(block, None)
-            if home != dev:
-                block.to(dev)
+            filled = materialise(model, prefix, ckpt, dev) if disk else None
+            if not disk and home != dev:
+                block.to(dev)  # Module.to swaps each tensor: the source copy is freed as it goes
             try:
                 _prune_block(block, lays, meth, pat, ratio, inputs, dev, journal, results,
                              advance=bi + 1 < len(mods))
+                if disk:
+                    writer.write(*block_state(block, prefix, ckpt.meta))
             finally:
-                if home != dev:
+                if disk:
+                    for _, mod in lays:
+                        remove_mask(mod, "weight", bake=False)
+                    release(model, filled)
+                elif home != dev:
                     block.to(home)
+        if disk:
+            writer.commit()
     except BaseException:
-        if rollback:
+        if disk:
+            writer.abort()
+        elif rollback:
             journal.undo()
         raise
     return LLMReport(meth.name, _pattern_name(pat), ratio, block_name, len(mods), tokens,
                      time.perf_counter() - start, tuple(results))
+
+
+def _catch(model, mods, batches, device, meth: Method, ckpt, writer, names) -> list:
+    """The first block's inputs. From disk: the modules outside the blocks (embeddings, head...) are
+    read for this, copied unchanged to the output, and dropped again."""
+    if ckpt is None:
+        return catch_inputs(model, mods[0], batches, device) if meth.stats is not None else []
+    filled = materialise(model, "", ckpt, torch.device(device or "cpu"), skip=[names[id(b)] for b in mods])
+    try:
+        inputs = catch_inputs(model, mods[0], batches, device) if meth.stats is not None else []
+        writer.write({n: _named_tensor(model, n) for n in filled if n in ckpt.meta}, {})
+    finally:
+        release(model, filled)
+    return inputs
+
+
+def _named_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    mod, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(mod), leaf).detach()
 
 
 def _pattern_name(pat) -> str:
