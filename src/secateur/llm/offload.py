@@ -141,20 +141,24 @@ def materialise(model: nn.Module, prefix: str, ckpt: Checkpoint, device, *, skip
     the checkpoint to ``device``; tied names get the same tensor. Returns the names filled (those that
     were meta); values must be finite, so that no NaN reaches the calibration silently."""
     skip = tuple(s + "." for s in skip)
-    filled = []
-    for first, names in _aliases(model).items():
-        mine = [n for n in names if n.startswith(prefix) and not n.startswith(skip)]
-        if not mine:
-            continue
-        t = _tensor(model, first)
-        if not t.is_meta:
-            continue
-        key = next(n for n in names if n in ckpt.meta)
-        value = ckpt.get(key, device).to(t.dtype)
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise fail("checkpoint tensor holds NaN or infinite values", where=key, shape=value.shape)
-        _set(model, names, value, isinstance(t, nn.Parameter), getattr(t, "requires_grad", False))
-        filled += names
+    filled: list[str] = []
+    try:
+        for first, names in _aliases(model).items():
+            mine = [n for n in names if n.startswith(prefix) and not n.startswith(skip)]
+            if not mine:
+                continue
+            t = _tensor(model, first)
+            if not t.is_meta:
+                continue
+            key = next(n for n in names if n in ckpt.meta)
+            value = ckpt.get(key, device).to(t.dtype)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise fail("checkpoint tensor holds NaN or infinite values", where=key, shape=value.shape)
+            _set(model, names, value, isinstance(t, nn.Parameter), getattr(t, "requires_grad", False))
+            filled += names
+    except BaseException:
+        release(model, filled)  # a half-read block is dropped again
+        raise
     return filled
 
 
