@@ -163,12 +163,32 @@ def materialise(model: nn.Module, prefix: str, ckpt: Checkpoint, device, *, skip
 
 
 def release(model: nn.Module, names: list[str]) -> None:
-    """Put the named tensors back on the meta device (their memory is freed)."""
+    """Put the named tensors back on the meta device (their memory is freed) and hand freed heap back
+    to the OS."""
+    wanted = set(names)
     for first, group in _aliases(model).items():
-        mine = [n for n in group if n in set(names)]
-        if mine:
+        if any(n in wanted for n in group):
             t = _tensor(model, first)
             _set(model, group, t.detach().to("meta"), isinstance(t, nn.Parameter), getattr(t, "requires_grad", False))
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc keeps freed blocks of a few MB in its heap (its mmap threshold grows with each freed large
+    block), so block after block the resident size crept up by most of a block (measured: +220 MB over
+    20 blocks of 14 MB); ``malloc_trim`` returns that memory. A no-op off glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 class ShardWriter:
