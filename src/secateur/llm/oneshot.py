@@ -179,7 +179,10 @@ def _progress(items, enabled: bool, total: int):
 
 def _block_device(block: nn.Module, device):
     if device is not None:
-        return torch.device(device)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" is cuda:<current>, as tensors report it
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
     p = next(block.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -243,7 +246,7 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
         inputs = _catch(model, mods, batches, device, meth, ckpt, writer, names)
         for bi, (block, lays) in enumerate(_progress(list(zip(mods, layers)), progress, len(mods))):
             prefix = names[id(block)] + "."
-            dev = torch.device(device or "cpu") if disk else _block_device(block, device)
+            dev = _block_device(block, device or "cpu") if disk else _block_device(block, device)
             home = _block_device(block, None)
             filled = materialise(model, prefix, ckpt, dev) if disk else None
             if not disk and home != dev:
