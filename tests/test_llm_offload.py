@@ -152,6 +152,8 @@ def test_disk_bad_input(tmp_path):
     wide = empty_model(lambda: transformers.LlamaForCausalLM(_cfg(layers=2, vocab=128)).eval())
     with pytest.raises(PruningError, match=r"embed_tokens.*another shape"):
         prune_llm(wide, _calib(), progress=False, offload_dir=tmp_path / "ckpt", save_dir=tmp_path / "o")
+    with pytest.raises(PruningError, match="skeleton.*holds values"):
+        prune_llm(_llama(cfg), cal, progress=False, offload_dir=tmp_path / "ckpt", save_dir=tmp_path / "o")
     with torch.device("meta"):  # buffers on meta too: rotary inv_freq is in no checkpoint
         all_meta = transformers.LlamaForCausalLM(cfg)
     with pytest.raises(PruningError, match="empty_model"):

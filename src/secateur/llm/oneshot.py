@@ -222,6 +222,11 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
         raise fail("offload_dir (the checkpoint to read) and save_dir (where the pruned one goes) come together",
                    value=dict(offload_dir=offload_dir, save_dir=save_dir))
     ckpt = Checkpoint(offload_dir) if disk else None
+    real = next((n for n, p in model.named_parameters() if not p.is_meta), None) if disk else None
+    if real is not None:
+        raise fail("offload_dir prunes a skeleton whose parameters are on the meta device; this one holds values",
+                   where=real, hint="Build it with secateur.llm.empty_model(...), or prune it in memory "
+                   "without offload_dir")
     check_checkpoint(model, ckpt) if disk else refuse_accelerate_offload(model)
     layers = _layers(model, mods, targets, pat, on_disk=disk)
     pat = NM(pat.n, pat.m, 1) if isinstance(pat, NM) else pat  # the methods see (out, in) weights
