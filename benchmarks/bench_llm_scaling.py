@@ -127,7 +127,8 @@ def main() -> None:
     old = json.load(open(args.out)) if os.path.exists(args.out) else {}
     rows = {r["size"]: r for r in old.get("results", [])}
     heads = "".join(f" {m + ' s':>11}" for m in args.methods)
-    print(f"{'size':<6} {'params':>8} {'block params':>12}{heads} (device={args.device}{' offload' if args.offload else ''}, "
+    where = args.device + (" offload" if args.offload else "") + (" disk" if args.disk else "")
+    print(f"{'size':<6} {'params':>8} {'block params':>12}{heads} (device={where}, "
           f"{args.dtype}, threads={args.threads}, {args.samples}x{args.seq_len} tokens)")
     for size in args.sizes:
         model = build(size, "cpu" if args.disk else home, dtype)

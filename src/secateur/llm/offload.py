@@ -91,7 +91,8 @@ class Checkpoint:
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
     """Parameter/buffer names grouped by tensor identity (tied weights share one group), first name first."""
     groups: dict[int, list[str]] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
         groups.setdefault(id(t), []).append(name)
     return {names[0]: names for names in groups.values()}
 

@@ -135,7 +135,8 @@ def _check_nm(pattern: NM, module: nn.Module, where: str) -> None:
 def _layers(model: nn.Module, blocks: list[nn.Module], targets: TargetSpec, pattern,
             on_disk: bool = False) -> list[list[tuple[str, nn.Module]]]:
     """Per block, the (name, Linear or Conv1D) pairs to prune, validated."""
-    chosen = {id(t.module): t for t in select_targets(model, (lambda n, m: is_linear_like(m)) if targets is None else targets)}
+    spec = (lambda n, m: is_linear_like(m)) if targets is None else targets
+    chosen = {id(t.module): t for t in select_targets(model, spec)}
     names = {id(m): n for n, m in model.named_modules()}
     per_block, total = [], 0
     for block in blocks:
