@@ -3,7 +3,7 @@ models, on this CPU or a GPU). Calibration is small (default 8 x 128 random toke
 pruning machinery, not of model quality; SparseGPT then warns that its Hessian is rank-deficient, as expected.
 
     .venv/bin/python benchmarks/bench_llm_scaling.py [--sizes 20m 60m 200m 1b] [--threads 1]
-    PYTHONPATH=src python benchmarks/bench_llm_scaling.py --device cuda --dtype bfloat16 [--offload]
+    PYTHONPATH=src python benchmarks/bench_llm_scaling.py --device cuda --dtype bfloat16 [--offload | --disk DIR]
 
 ``--device cuda`` builds the model on the GPU (or, with ``--offload``, keeps it in CPU memory and lets
 ``prune_llm(device=...)`` move one block at a time to the GPU) and reports peak GPU memory; results go to
@@ -17,12 +17,14 @@ import json
 import math
 import os
 import platform
+import resource
+import shutil
 import time
 import warnings
 
 import torch
 
-from secateur.llm import prune_llm
+from secateur.llm import empty_model, prune_llm
 from secateur.masks import iter_masks, remove_mask
 
 # name: (hidden, intermediate, layers, heads, kv heads) -- the largest is TinyLlama-1.1B's shape
@@ -61,6 +63,28 @@ def default_out(device: str, offload: bool) -> str:
     return os.path.join(RESULTS, f"bench_llm_scaling_{device.split(':')[0]}{'_offload' if offload else ''}.json")
 
 
+def save_checkpoint(model, folder: str, shard_bytes: int = 2**30) -> str:
+    """The model's state dict as ~1 GiB safetensors shards (as Hugging Face writes them)."""
+    from safetensors.torch import save_file
+
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    part, size, n = {}, 0, 0
+    items = list(model.state_dict().items())
+    for i, (k, v) in enumerate(items):
+        part[k] = v.detach().contiguous()
+        size += v.numel() * v.element_size()
+        if size >= shard_bytes or i == len(items) - 1:
+            save_file(part, os.path.join(folder, f"model-{n:05d}.safetensors"))
+            part, size, n = {}, 0, n + 1
+    return folder
+
+
+def fresh_dir(path: str) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
 def unmask(model) -> None:
     for _, module, param, _ in list(iter_masks(model)):
         remove_mask(module, param, bake=False)
@@ -76,6 +100,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights' dtype")
     ap.add_argument("--offload", action="store_true",
                     help="keep the model in CPU memory; prune_llm moves one block at a time to --device")
+    ap.add_argument("--disk", metavar="DIR", default=None,
+                    help="prune from disk: save each model's checkpoint under DIR, then prune a meta skeleton "
+                    "block by block from it (offload_dir=), writing to DIR/<size>-<method>; reports peak RSS")
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=["magnitude", "wanda", "sparsegpt"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -85,7 +112,11 @@ def main() -> None:
         raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     if args.offload and not cuda:
         raise SystemExit("--offload needs --device cuda (the model is on the CPU already)")
+    if args.disk and args.offload:
+        raise SystemExit("--disk and --offload are two different placements; choose one")
     args.out = args.out or default_out(args.device, args.offload)
+    if args.disk and args.out == default_out(args.device, False):
+        args.out = args.out.replace(".json", "_disk.json")
     home = "cpu" if args.offload or not cuda else args.device
     dtype = DTYPES[args.dtype]
     if cuda:  # CUDA context and cuBLAS handles are created here, not inside the first timing
@@ -96,13 +127,19 @@ def main() -> None:
     old = json.load(open(args.out)) if os.path.exists(args.out) else {}
     rows = {r["size"]: r for r in old.get("results", [])}
     heads = "".join(f" {m + ' s':>11}" for m in args.methods)
-    print(f"{'size':<6} {'params':>8} {'block params':>12}{heads} (device={args.device}{' offload' if args.offload else ''}, "
+    where = args.device + (" offload" if args.offload else "") + (" disk" if args.disk else "")
+    print(f"{'size':<6} {'params':>8} {'block params':>12}{heads} (device={where}, "
           f"{args.dtype}, threads={args.threads}, {args.samples}x{args.seq_len} tokens)")
     for size in args.sizes:
-        model = build(size, home, dtype)
+        model = build(size, "cpu" if args.disk else home, dtype)
         params = sum(p.numel() for p in model.parameters())
         block_params = sum(p.numel() for p in model.model.layers.parameters())
         row = dict(size=size, shape=SIZES[size], params=params, block_params=block_params)
+        if args.disk:
+            ckpt = save_checkpoint(model, os.path.join(args.disk, size))
+            del model
+            gc.collect()
+            model = empty_model(lambda: build(size, "cpu", dtype))
         for method in args.methods:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(args.device)
@@ -110,13 +147,17 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 sync(args.device)
                 t0 = time.perf_counter()
+                disk = dict(offload_dir=ckpt, save_dir=fresh_dir(os.path.join(args.disk, f"{size}-{method}"))) \
+                    if args.disk else {}
                 rep = prune_llm(model, calib, method=method, sparsity=0.5, rollback=False, progress=False,
-                                device=args.device if cuda else None)
+                                device=args.device if cuda else None, **disk)
                 sync(args.device)
                 row[method + "_s"] = time.perf_counter() - t0
             row[method + "_sparsity"] = rep.total_sparsity
             if cuda:
                 row[method + "_peak_gpu_gib"] = torch.cuda.max_memory_allocated(args.device) / 2**30
+            if args.disk:
+                row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
             unmask(model)
         rows[size] = row
         cells = "".join(f" {row[m + '_s']:>11.2f}" for m in args.methods)
@@ -135,7 +176,7 @@ def main() -> None:
             print(f"{method}: time ~ (block params)^{slope:.2f} from {a['size']} to {b['size']}")
     gpu = torch.cuda.get_device_name(args.device) if cuda else None
     result = dict(torch=torch.__version__, machine=platform.machine(), cpu_threads=args.threads,
-                  device=args.device, gpu=gpu, dtype=args.dtype, offload=args.offload,
+                  device=args.device, gpu=gpu, dtype=args.dtype, offload=args.offload, disk=bool(args.disk),
                   calibration=f"{args.samples} x {args.seq_len} random tokens", results=ordered,
                   time_exponent_vs_block_params=growth)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

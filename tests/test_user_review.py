@@ -329,13 +329,15 @@ def test_sensitivity_skips_a_tied_tensor_like_prune():
     assert set(res.curves) == {"mid"} and not secateur.is_pruned(m)
 
 
-def test_prune_llm_on_gpt2_says_conv1d_is_the_reason():
+def test_prune_llm_handles_gpt2_conv1d():
+    # the Conv1D layers (weight (in, out)) are pruned along their inputs; a one-block list is named explicitly
     from secateur.llm import prune_llm
     m = _gpt2()
-    with pytest.raises(PruningError, match="Conv1D") as e:
-        prune_llm(m, [torch.randint(0, 64, (2, 8))], method="wanda", progress=False)
-    assert "secateur.prune" in str(e.value)
-    assert not secateur.is_pruned(m)
+    rep = prune_llm(m, [torch.randint(0, 64, (2, 8))], method="wanda", pattern="2:4", blocks="transformer.h",
+                    progress=False)
+    assert len(rep.layers) == 4 and abs(rep.total_sparsity - 0.5) < 1e-9
+    w = m.transformer.h[0].mlp.c_fc.weight
+    assert bool(((w != 0).reshape(w.shape[0] // 4, 4, w.shape[1]).sum(1) <= 2).all())
 
 
 def test_cli_threshold_matches_the_api(tmp_path):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from secateur.errors import PruningError, fail
+from secateur.targets import is_hf_conv1d
 
 HIST_BINS = 60
 MAX_HIST_LAYERS = 16
@@ -95,8 +96,7 @@ def _uses_fn(module: nn.Module):
     for cls in type(module).__mro__:
         if cls in WEIGHT_USES:
             return WEIGHT_USES[cls]
-    # transformers' GPT-2 style Conv1D (weight (in, out)) without importing transformers
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if is_hf_conv1d(module):  # transformers' GPT-2 style Conv1D (weight (in, out)), masked or not
         return lambda m, i, o: o.numel() // max(m.nf, 1)
     return None
 

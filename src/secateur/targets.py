@@ -44,8 +44,9 @@ class Target:
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D`` (a Linear with the weight stored ``(in, out)``), recognised
-    without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    without importing transformers. The class is looked up along the MRO because a masked module's class
+    is parametrize's subclass ``ParametrizedConv1D``."""
+    return hasattr(module, "nf") and any(c.__name__ == "Conv1D" for c in type(module).__mro__)
 
 
 def is_default_layer(name: str, module: nn.Module) -> bool:

@@ -18,8 +18,13 @@ _HINT = ("Name them with blocks='<dotted name of the ModuleList>' (e.g. 'model.l
          "or pass the list of block modules")
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' GPT-2 ``Conv1D`` (the same map with the weight stored ``(in, out)``)."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
 def _has_linear(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in module.modules())
+    return any(is_linear_like(m) for m in module.modules())
 
 
 def _is_block_list(container: nn.Module) -> bool:
@@ -27,22 +32,12 @@ def _is_block_list(container: nn.Module) -> bool:
     if len(children) < 2 or not isinstance(container, (nn.ModuleList, nn.Sequential)):
         return False
     kind = type(children[0])
-    return (all(type(c) is kind for c in children) and not isinstance(children[0], nn.Linear)
+    return (all(type(c) is kind for c in children) and not is_linear_like(children[0])
             and all(_has_linear(c) for c in children))
 
 
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _refuse_conv1d(model: nn.Module) -> None:
-    """GPT-2 style ``Conv1D`` layers store their weight ``(in, out)``; the calibrated methods work on
-    ``nn.Linear``. Say so, rather than that no blocks were found."""
-    conv1d = next((n for n, m in model.named_modules() if is_hf_conv1d(m)), None)
-    if conv1d is not None:
-        raise fail("one-shot LLM pruning handles nn.Linear layers; this model uses transformers' GPT-2 Conv1D",
-                   where=conv1d, hint="prune it with secateur.prune (magnitude, N:M along the inputs), which "
-                   "handles Conv1D, or convert the Conv1D layers to nn.Linear first")
 
 
 def find_blocks(model: nn.Module, blocks: BlocksSpec = None) -> tuple[str, list[nn.Module]]:
@@ -51,7 +46,6 @@ def find_blocks(model: nn.Module, blocks: BlocksSpec = None) -> tuple[str, list[
     if blocks is None:
         found = [(name, m) for name, m in model.named_modules() if _is_block_list(m)]
         if not found:
-            _refuse_conv1d(model)
             raise fail("no repeated blocks found (no ModuleList/Sequential of identical modules holding Linear "
                        "layers)", where=type(model).__name__, hint=_HINT)
         name, container = max(found, key=lambda nm: _n_params(nm[1]))
@@ -63,7 +57,6 @@ def find_blocks(model: nn.Module, blocks: BlocksSpec = None) -> tuple[str, list[
             raise fail("no submodule with this name", where=type(model).__name__, value=blocks, hint=_HINT) from None
         mods = list(container.children())
         if not mods or not all(_has_linear(m) for m in mods):
-            _refuse_conv1d(container)
             raise fail("the named module is not a list of blocks holding Linear layers", where=blocks,
                        value=type(container).__name__, hint=_HINT)
         return blocks, mods

@@ -87,6 +87,11 @@ class BlockInput:
     by_keyword: bool = False
 
 
+def _is_cache(obj: Any) -> bool:
+    """A transformers ``Cache`` (duck-typed, so transformers need not be imported)."""
+    return callable(getattr(obj, "update", None)) and callable(getattr(obj, "get_seq_length", None))
+
+
 _NO_CACHE = {"past_key_values": None, "past_key_value": None, "layer_past": None, "use_cache": False}
 
 
@@ -106,8 +111,8 @@ def catch_inputs(model: nn.Module, first: nn.Module, batches: list, device=None)
 
     def hook(module, args, kwargs):
         kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else v) for k, v in kwargs.items()}
-        if args:
-            hidden, rest, by_kw = args[0], tuple(args[1:]), False
+        if args:  # a KV cache passed by position (GPT-2 does) would grow on every block run: drop it
+            hidden, rest, by_kw = args[0], tuple(None if _is_cache(a) else a for a in args[1:]), False
         elif "hidden_states" in kwargs:
             hidden, rest, by_kw = kwargs.pop("hidden_states"), (), True
         else:
