@@ -63,7 +63,10 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             bq, bk, bv = self.in_proj_bias.split([h * dq, h * dq, h * dv])
         q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
         dtype = q.dtype
-        mask = _float_mask(attn_mask, dtype)
+        # as the stock module: with the hint and nothing else to mask, sdpa's own causal mask is used (over the
+        # keys after bias_k / the zero key are appended)
+        hint = is_causal and key_padding_mask is None and not need_weights
+        mask = None if hint else _float_mask(attn_mask, dtype)
         kpm = _float_mask(key_padding_mask, dtype)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(1, bsz, -1)])
@@ -98,7 +101,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             if not batched:
                 weights = weights.squeeze(0)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scaling)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=hint,
+                                                 scale=self.scaling)
         out = F.linear(out.transpose(0, 1).reshape(tgt, bsz, h * dv), self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(1)
