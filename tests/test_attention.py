@@ -211,6 +211,15 @@ def test_torchvision_vit_b_16(heads):
 
 # ---------------------------------------------------------------- Hugging Face
 def _hf(name, **over):
+    model, x = _hf_model(name, **over)
+    with torch.no_grad():  # at the default init (std 0.02) attention is almost uniform: a wrong head layout would
+        for p in model.parameters():  # pass a 1e-4 oracle; larger weights make every head matter
+            if p.dim() > 1:
+                p.normal_(std=0.3)
+    return model, x
+
+
+def _hf_model(name, **over):
     T = pytest.importorskip("transformers")
     if name == "bert":
         cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
@@ -252,12 +261,15 @@ def test_hf_head_dim_oracle_and_reload(name, tmp_path):
 
 
 def test_hf_head_dim_eager_attention_is_safe():
-    """The eager path (q @ k^T * scaling) is not split per dim: whole heads stay, the oracle still holds."""
+    """The eager path (q @ k^T * a scale the capture cannot tell from q's size) is not split per dim: there the
+    plan falls back to whole heads, and the head count (not the head size) shrinks."""
     torch.manual_seed(0)
     model, x = _hf("bert", attn_implementation="eager")
-    model.config._attn_implementation = "eager"
+    assert model.config._attn_implementation == "eager"
     plan = oracle(model, x, ratio=0.5, heads="head_dim")
-    assert not any("attention.self" in g.name for g, _ in plan.choices)
+    assert _even_per_head(plan) == 0
+    att = model.encoder.layer[0].attention.self
+    assert (att.num_attention_heads, att.attention_head_size, att.query.out_features) == (2, 8, 16)
 
 
 def test_hf_llama_head_dim_refused_for_rope_and_model_unchanged():

@@ -388,7 +388,12 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
         while n:
             n = n.rpartition(".")[0]
             parents[n] = model.get_submodule(n)
-    snaps = {m: {**snapshot(m), "_heads": plan.heads} for m in [*touched, *parents.values()]}
+    # head-dim units sliced inside a module (or below it): its head sizes shrink; elsewhere head counts do (a
+    # head_dim plan can still hold whole heads where dims could not be split, e.g. eager q @ k^T)
+    dims_in = {m.module for g, _ in plan.choices if g.block is not None for m in g.members}
+    mode = {mod: "head_dim" if any(d == names[mod] or d.startswith(names[mod] + ".") for d in dims_in)
+            and names[mod] else "heads" for mod in [*touched, *parents.values()]}
+    snaps = {m: {**snapshot(m), "_heads": mode[m]} for m in [*touched, *parents.values()]}
     done = set()
     with torch.no_grad():
         for mod, mname, tname, t, new in new_tensors:
