@@ -323,3 +323,42 @@ def test_sdpa_without_explicit_scale_keeps_qk_dims():
     m2 = Att()
     with pytest.raises(PruningError):
         prune_channels(m2, torch.randn(2, 5, 16), heads="per_dim")
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention written out (4 query heads, 2 kv heads), scale passed explicitly."""
+
+    def __init__(self, enable_gqa=True):
+        super().__init__()
+        self.head_dim, self.scaling, self.enable_gqa = 8, 8 ** -0.5, enable_gqa
+        self.inp = nn.Linear(6, 32)
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16)
+        self.o = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, t, _ = h.shape
+        q, k, v = (f(h).view(b, t, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if not self.enable_gqa:
+            k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling, enable_gqa=self.enable_gqa)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("enable_gqa", [True, False])
+@pytest.mark.parametrize("heads", ["heads", "head_dim"])
+def test_gqa_keeps_groups_consistent(enable_gqa, heads):
+    """Whole heads: a kv head goes with all its query heads. Head dims: q/k dim d of a kv group is one unit
+    shared by the group's query heads; every head keeps the same size."""
+    torch.manual_seed(0)
+    m = GQAttention(enable_gqa)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.5)
+    plan = oracle(m, torch.randn(2, 5, 6), ratio=0.5, heads=heads)
+    if heads == "heads":
+        assert (m.q.out_features, m.k.out_features, m.v.out_features, m.head_dim) == (16, 8, 8, 8)
+    else:
+        assert (m.q.out_features, m.k.out_features, m.v.out_features, m.head_dim) == (16, 8, 8, 4)
+        assert _even_per_head(plan) == 2

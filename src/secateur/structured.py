@@ -388,11 +388,11 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
         while n:
             n = n.rpartition(".")[0]
             parents[n] = model.get_submodule(n)
-    # head-dim units sliced inside a module (or below it): its head sizes shrink; elsewhere head counts do (a
+    # head-dim units sliced in a module or its children: its head sizes shrink; elsewhere head counts do (a
     # head_dim plan can still hold whole heads where dims could not be split, e.g. eager q @ k^T)
     dims_in = {m.module for g, _ in plan.choices if g.block is not None for m in g.members}
-    mode = {mod: "head_dim" if any(d == names[mod] or d.startswith(names[mod] + ".") for d in dims_in)
-            and names[mod] else "heads" for mod in [*touched, *parents.values()]}
+    mode = {mod: "head_dim" if any(d == names[mod] or d.rpartition(".")[0] == names[mod] for d in dims_in)
+            else "heads" for mod in [*touched, *parents.values()]}
     snaps = {m: {**snapshot(m), "_heads": mode[m]} for m in [*touched, *parents.values()]}
     done = set()
     with torch.no_grad():
