@@ -230,6 +230,9 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
     _refuse_masked(model)
     if heads == "head_dim":
         _refuse_rope(model)
+    if graph is not None and getattr(graph.tracer, "head_dim", heads == "head_dim") != (heads == "head_dim"):
+        raise fail("the graph was built for another heads= mode", where="plan_channels", value=heads,
+                   hint="build it with build_graph(model, example_inputs, heads=...) using the same mode")
     graph = graph or build_graph(model, example_inputs, heads)
     ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
     cands: list[tuple[Group, torch.Tensor, float]] = []
@@ -258,7 +261,7 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
     if graph.links:
         choices = _linked(choices, graph.links, {id(g): s for g, s, _ in cands})
     plan = Plan(graph.groups, choices, list(graph.notes), heads)
-    if heads == "head_dim" and choices:
+    if any(g.block is not None for g, _ in choices):
         plan.notes.append("heads='head_dim': attention scales stay 1/sqrt(original head size) (module `scaling`)")
     return _verified(model, example_inputs, plan) if verify and plan.choices else plan
 

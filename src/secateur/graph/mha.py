@@ -153,12 +153,12 @@ def multihead_attention(tr: Tracer, mod: nn.MultiheadAttention, args, kwargs, ou
         rq = rk = heads.repeat_interleave(dq)
         rv = heads.repeat_interleave(dv)
     if mod.in_proj_weight is not None:
-        tr.slot(mod.in_proj_weight, 0, torch.cat([rq, rk, rv]), "out", consumer=True)
+        tr.slot(mod.in_proj_weight, 0, torch.cat([rq, rk, rv]), "out", consumer=tr.head_dim)
     else:
         for w, r in ((mod.q_proj_weight, rq), (mod.k_proj_weight, rk), (mod.v_proj_weight, rv)):
-            tr.slot(w, 0, r, "out", consumer=True)
+            tr.slot(w, 0, r, "out", consumer=tr.head_dim)
     if mod.in_proj_bias is not None:
-        tr.slot(mod.in_proj_bias, 0, torch.cat([rq, rk, rv]), "out", consumer=True)
+        tr.slot(mod.in_proj_bias, 0, torch.cat([rq, rk, rv]), "out", consumer=tr.head_dim)
     if mod.bias_k is not None:
         tr.slot(mod.bias_k, 2, rk, "param")
         tr.slot(mod.bias_v, 2, rv, "param")
