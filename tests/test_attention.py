@@ -362,3 +362,101 @@ def test_gqa_keeps_groups_consistent(enable_gqa, heads):
     else:
         assert (m.q.out_features, m.k.out_features, m.v.out_features, m.head_dim) == (16, 8, 8, 4)
         assert _even_per_head(plan) == 2
+
+
+def _random_mha_net(g):
+    """A random small attention block: embed size, heads, kdim, bias, bias_kv, zero_attn, layout."""
+    heads = int(torch.randint(1, 5, (1,), generator=g))
+    hd = int(torch.randint(1, 5, (1,), generator=g))
+    kdim = [None, 3, 7][int(torch.randint(0, 3, (1,), generator=g))]
+    flags = torch.rand(4, generator=g) < 0.5
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            e = heads * hd
+            self.inp, self.kin = nn.Linear(5, e), nn.Linear(5, kdim or e)
+            self.att = nn.MultiheadAttention(e, heads, bias=bool(flags[0]), add_bias_kv=bool(flags[1]),
+                                             add_zero_attn=bool(flags[2]), kdim=kdim, vdim=kdim,
+                                             batch_first=bool(flags[3]))
+            self.out = nn.Linear(e, 2)
+
+        def forward(self, x):
+            h, kv = self.inp(x), self.kin(x)
+            if not self.att.batch_first:
+                h, kv = h.transpose(0, 1), kv.transpose(0, 1)
+            a = self.att(h, kv, kv, need_weights=False)[0] + h
+            return self.out(a if self.att.batch_first else a.transpose(0, 1))
+
+    return Net()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_mha_blocks_pass_the_oracle(seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    m = _random_mha_net(g).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.7)
+    heads = ["heads", "head_dim"][seed % 2]
+    ratio = 0.3 + float(torch.rand(1, generator=g)) * 0.6
+    x = torch.randn(2, 4, 5, generator=g)
+    plan = plan_channels(m, x, ratio=ratio, heads=heads)
+    ref = copy.deepcopy(m)
+    plan.zero_consumers(ref)
+    h0, d0 = m.att.num_heads, m.att.head_dim
+    with torch.no_grad():
+        want = ref(x)
+        plan.apply(m)
+        got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    att = m.att
+    assert att.num_heads >= 1 and att.head_dim >= 1 and getattr(att, "v_head_dim", 1) >= 1
+    if heads == "heads":
+        assert m.att.num_heads <= h0 and m.att.head_dim == d0
+    else:
+        assert m.att.num_heads == h0 and m.att.head_dim <= d0
+
+
+def test_pruned_mha_trains_and_deepcopies():
+    torch.manual_seed(0)
+    m = MHANet()
+    x, y = torch.randn(8, 5, 6), torch.randn(8, 5, 3)
+    prune_channels(m, x, ratio=0.5, heads="head_dim")
+    m.train()
+    c = copy.deepcopy(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    first = None
+    for _ in range(20):
+        loss = (m(x) - y).pow(2).mean()
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first
+    assert type(c.att) is PrunedMultiheadAttention and c.att.head_dim == m.att.head_dim
+
+
+def test_graph_of_the_other_mode_is_refused():
+    from secateur.graph import build_graph
+    m = MHANet()
+    x = torch.randn(2, 5, 6)
+    with pytest.raises(PruningError, match="heads= mode"):
+        plan_channels(m, x, heads="head_dim", graph=build_graph(m, x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_b_32", "swin_t"])
+@pytest.mark.parametrize("heads", ["heads", "head_dim"])
+def test_torchvision_other_transformers(name, heads):
+    """vit_b_32 uses nn.MultiheadAttention like vit_b_16; Swin has its own attention (eager q @ k^T): there a
+    head_dim plan keeps whole heads."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m = tv.models.get_model(name)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(std=0.02)
+    oracle(m, torch.randn(1, 3, 224, 224) if name.startswith("vit") else torch.randn(1, 3, 64, 64), heads=heads)
