@@ -230,6 +230,13 @@ def _hf_model(name, **over):
                    patch_size=8)
         return T.ViTForImageClassification(T.ViTConfig(**{**cfg, **over})), \
             {"pixel_values": torch.randn(1, 3, 32, 32)}
+    if name == "gpt2":
+        cfg = dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+        return T.GPT2LMHeadModel(T.GPT2Config(**{**cfg, **over})), {"input_ids": torch.randint(0, 100, (1, 6))}
+    if name == "t5":
+        cfg = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+        return T.T5Model(T.T5Config(**{**cfg, **over})), {"input_ids": torch.randint(0, 100, (1, 6)),
+                                                          "decoder_input_ids": torch.randint(0, 100, (1, 5))}
     if name == "llama":
         cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=32)
@@ -237,17 +244,23 @@ def _hf_model(name, **over):
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["bert", "vit"])
-def test_hf_head_dim_oracle_and_reload(name, tmp_path):
+@pytest.mark.parametrize("name,groups", [("bert", 4), ("vit", 4), ("gpt2", 2), ("t5", 6)])
+def test_hf_head_dim_oracle_and_reload(name, groups, tmp_path):
+    """groups: head-dim groups expected (q/k and v per attention; GPT-2's fused c_attn splits q, k, v at the
+    same offsets, so its q/k/v dims go together)."""
     from secateur.io import load, save
     torch.manual_seed(0)
     model, x = _hf(name)
     plan = oracle(model, x, ratio=0.5, heads="head_dim")
-    assert _even_per_head(plan) == 4  # q/k and v of two layers
+    assert _even_per_head(plan) == groups
     assert any("scale" in n for n in plan.notes)
-    q = [mod for n, mod in model.named_modules() if n.endswith(("self.query", "attention.q_proj"))]
-    assert len(q) == 2 and all(m.out_features == 16 for m in q)
-    assert model.config.num_attention_heads == 4  # head counts stay
+    q = [mod for n, mod in model.named_modules() if n.endswith(("self.query", "attention.q_proj", "Attention.q"))]
+    assert all(m.out_features == 16 for m in q)
+    heads = getattr(model.config, "num_attention_heads", None) or model.config.num_heads
+    assert heads == 4  # head counts stay
+    if name == "t5":  # a config that states the head size follows it, so the config alone rebuilds the model
+        assert model.config.d_kv == 4
+        type(model)(model.config).load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         got = _run(model, x)
     # a fresh model from the config, resized by the structure record (head size and the original scale)

@@ -421,7 +421,7 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
                 entry["buffers"][bn] = list(b.shape)
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
-    _update_hf_config(model, structure, plan.heads)
+    _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
 

@@ -301,7 +301,7 @@ HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_
 
 
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size", "all_head_size", "inner_dim", "attn_dim",
-                   "key_value_proj_dim")
+                   "split_size", "key_value_proj_dim")
 
 
 def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
