@@ -473,3 +473,31 @@ def test_torchvision_other_transformers(name, heads):
             if p.dim() > 1 and not p.any():
                 p.normal_(std=0.02)
     oracle(m, torch.randn(1, 3, 224, 224) if name.startswith("vit") else torch.randn(1, 3, 64, 64), heads=heads)
+
+
+def test_pruned_mha_is_captured_again():
+    """A second plan on an already pruned MHA (head dims, then whole heads; then both again, global scope)."""
+    torch.manual_seed(0)
+    m = MHANet()
+    x = torch.randn(2, 5, 6)
+    oracle(m, x, ratio=0.5, heads="head_dim")
+    oracle(m, x, ratio=0.5, heads="heads")
+    assert (m.att.num_heads, m.att.head_dim, m.att.v_head_dim) == (2, 2, 2)
+    res = prune_channels(m, x, ratio=0.4, heads="head_dim", scope="global", steps=2)
+    assert res.channels_pruned > 0 and m.att.num_heads == 2
+
+
+@pytest.mark.parametrize("kw", [dict(scope="global"), dict(threshold=7.7), dict(ratio={"*value*": 0.5,
+                                                                                      "*query*": 0.25})])
+def test_hf_head_dim_selection_modes_keep_q_and_v_sizes_equal(kw):
+    """BERT reads one head size for q, k and v: global ranking, thresholds and per-layer ratios must still remove
+    the same number of dims from q/k and from v in every head (the smaller of the two)."""
+    torch.manual_seed(0)
+    model, x = _hf("bert")
+    kw = {"ratio": 0.5, **kw}
+    plan = oracle(model, x, heads="head_dim", **kw)
+    for layer in model.encoder.layer:
+        att = layer.attention.self
+        assert att.query.out_features == att.key.out_features == att.value.out_features
+        assert att.all_head_size == att.query.out_features == 4 * att.attention_head_size
+    assert plan.choices

@@ -530,6 +530,13 @@ def _sdpa_dims(tr, q, k, v, mask, scale, out):
     lq, lk, lv = _head_rows(tr, q, heads), _head_rows(tr, k, heads), _head_rows(tr, v, heads)
     if mask is not None and mask.dim() >= 3:
         tr.atoms.block(tr.get(mask))  # a per-head bias is untouched by head dims: its heads stay
+    for lab in (lq, lk, lv):  # partly unlabelled heads (a constant head): nothing there can be split
+        if lab is not None and bool((lab < 0).any()):
+            tr.atoms.block(lq)
+            tr.atoms.block(lk)
+            tr.atoms.block(lv)
+            lq = lk = lv = None
+            break
     if lq is not None or lk is not None:
         if lq is None or lk is None or scale is None:
             tr.atoms.block(lq)
