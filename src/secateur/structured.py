@@ -521,7 +521,10 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     ``target_params`` (fractions of the current model) prune iteratively until reached; ``steps`` splits
     ``ratio`` into that many capture-score-prune rounds. ``ignore``: modules (or names / globs) whose output
     channels are kept; ``ignore_inputs``: modules whose input channels are kept. The model's outputs are always
-    kept, whatever layer produces them.
+    kept, whatever layer produces them. ``heads``: "heads" removes whole attention heads (whole key/value groups
+    under GQA); "head_dim" removes the same number of dims from every head (q/k dims together, v dims with the
+    output projection's columns), keeping each module's original softmax scale; RoPE models are refused, and
+    attention whose scale cannot be kept falls back to whole heads or keeps its dims (noted).
 
     ``target_latency`` (a fraction of today's estimated latency in (0, 1): 0.5 = twice as fast) lets the
     allocator (`secateur.allocate.latency_choices`) pick every group's channel count from ``latency_table``
