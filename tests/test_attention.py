@@ -501,3 +501,27 @@ def test_hf_head_dim_selection_modes_keep_q_and_v_sizes_equal(kw):
         assert att.query.out_features == att.key.out_features == att.value.out_features
         assert att.all_head_size == att.query.out_features == 4 * att.attention_head_size
     assert plan.choices
+
+
+def test_pruned_mha_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from secateur.io import export_onnx
+    torch.manual_seed(0)
+    m = MHANet().eval()
+    x = torch.randn(2, 5, 6)
+    prune_channels(m, x, ratio=0.5, heads="head_dim")
+    export_onnx(m, x, tmp_path / "m.onnx")
+    s = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    got = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pruned_mha_under_torch_compile():
+    torch.manual_seed(0)
+    m = MHANet().eval()
+    x = torch.randn(2, 5, 6)
+    prune_channels(m, x, ratio=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m)(x), m(x), rtol=1e-5, atol=1e-6)
