@@ -525,3 +525,39 @@ def test_pruned_mha_under_torch_compile():
     prune_channels(m, x, ratio=0.5)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(m)(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_encoder_with_padding_mask_and_nested_tensors():
+    """The default encoder turns padded batches into nested tensors in eval (a fused path that assumes the
+    unpruned layout): the pruned encoder stops doing so. PyTorch's fast path leaves padded positions at zero,
+    the layer-by-layer path computes them, so only real positions are compared."""
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2)
+
+        def forward(self, x):
+            pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+            pad[0, -2:] = True
+            return self.enc(x, src_key_padding_mask=pad)
+
+    real = torch.ones(2, 5, dtype=torch.bool)
+    real[0, -2:] = False
+    for heads in ("heads", "head_dim"):
+        torch.manual_seed(0)
+        m = Padded().eval()
+        x = torch.randn(2, 5, 16)
+        plan = plan_channels(m, x, ratio=0.5, heads=heads)
+        ref = copy.deepcopy(m)
+        plan.zero_consumers(ref)
+        with torch.no_grad():
+            want = ref(x)
+            plan.apply(m)
+            got = m(x)
+        assert plan.choices and m.enc.use_nested_tensor is False
+        torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+        fresh = apply_structure(Padded().eval(), m._secateur_structure)
+        fresh.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), got)

@@ -200,3 +200,13 @@ def _mha(mod: nn.MultiheadAttention, old: dict[str, Any]) -> dict[str, Any]:
     return {"embed_dim": mod.embed_dim, "kdim": kdim, "vdim": vdim, "num_heads": h, "head_dim": dq,
             "v_head_dim": dv, "scaling": scaling, "_qkv_same_embed_dim": False,
             "__class__": "secateur.graph.mha.PrunedMultiheadAttention"}
+
+
+@updater(nn.TransformerEncoder)
+def _encoder(mod: nn.TransformerEncoder, old: dict[str, Any]) -> dict[str, Any]:
+    """The nested-tensor fast path feeds its layers nested tensors only the stock fused kernels read; a pruned
+    encoder runs its layers' own forwards (outputs at padded positions are then computed, not zero)."""
+    if getattr(mod, "use_nested_tensor", False):
+        mod.use_nested_tensor = False
+        return {"use_nested_tensor": False}
+    return {}
