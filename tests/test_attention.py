@@ -331,12 +331,16 @@ def test_sdpa_without_explicit_scale_keeps_qk_dims():
 
     torch.manual_seed(0)
     m = Att()
-    plan = plan_channels(m, torch.randn(2, 5, 16), ratio=0.5, heads="head_dim")
+    x = torch.randn(2, 5, 16)
+    plan = plan_channels(m, x, ratio=0.5, heads="head_dim")
     assert any("scale follows" in n for n in plan.notes)
-    assert not any(g.name == "q" for g, _ in plan.choices)
-    m2 = Att()
-    with pytest.raises(PruningError):
-        prune_channels(m2, torch.randn(2, 5, 16), heads="per_dim")
+    assert not any(mem.module in ("q", "k") for g, _ in plan.choices for mem in g.members)
+    ref = copy.deepcopy(m)
+    plan.zero_consumers(ref)
+    with torch.no_grad():
+        want = ref(x)
+        plan.apply(m)
+        torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
 
 
 class GQAttention(nn.Module):
@@ -562,3 +566,23 @@ def test_transformer_encoder_with_padding_mask_and_nested_tensors():
         fresh.load_state_dict(m.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(fresh(x), got)
+
+
+def test_bad_heads_options_raise_and_change_nothing():
+    torch.manual_seed(0)
+    m = MHANet()
+    x = torch.randn(2, 5, 6)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    for kw in (dict(heads="per_dim"), dict(heads="head_dim", target_latency=0.5), dict(heads=None)):
+        with pytest.raises(PruningError):
+            prune_channels(m, x, **kw)
+    assert type(m.att) is nn.MultiheadAttention
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
+
+
+def test_head_dim_target_macs_reaches_the_target():
+    torch.manual_seed(0)
+    m = MHANet()
+    x = torch.randn(2, 5, 6)
+    res = prune_channels(m, x, heads="head_dim", target_macs=0.6)
+    assert res.macs_after <= 0.6 * res.macs_before and m.att.num_heads == 4
