@@ -314,20 +314,23 @@ def test_llama_gqa_whole_heads_keep_the_grouping(heads, kv, ratio, want):
     alone.load_state_dict(model.state_dict(), strict=True)
 
 
-def test_sdpa_without_explicit_scale_keeps_qk_dims():
-    """A module that lets sdpa derive the scale from q's size: removing q/k dims would change it, so q/k dims
-    are kept (noted) and only value dims go."""
+@pytest.mark.parametrize("explicit", [False, True])
+def test_sdpa_scale_from_the_head_size_keeps_qk_dims(explicit):
+    """A module that lets sdpa derive the scale from q's size, or computes it from its head size in forward:
+    removing q/k dims would change it, so q/k dims are kept (noted) and the oracle holds."""
 
     class Att(nn.Module):
         def __init__(self):
             super().__init__()
+            self.head_dim = 4
             self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
 
         def forward(self, x):
             b, t, _ = x.shape
-            q, k, v = (f(x).view(b, t, 4, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
-            y = nn.functional.scaled_dot_product_attention(q, k, v)
-            return self.o(y.transpose(1, 2).reshape(b, t, 16))
+            q, k, v = (f(x).view(b, t, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+            scale = self.head_dim ** -0.5 if explicit else None
+            y = nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+            return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
     torch.manual_seed(0)
     m = Att()

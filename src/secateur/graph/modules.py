@@ -328,9 +328,9 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, int) and v > 0 and v * now % before == 0:
                 setattr(mod, k, v * now // before)
                 set_[k] = v * now // before
-        for k in ("scaling", "scale"):
-            if isinstance(getattr(mod, k, None), float):
-                set_[k] = getattr(mod, k)  # recorded: a model rebuilt from the config recomputes it
+        for k, v in vars(mod).items():  # the scale among them: a model rebuilt from the config recomputes it
+            if isinstance(v, float) and not k.startswith("_"):
+                set_[k] = v
         return set_
     for k in HEAD_ATTRS:
         v = old.get(k)

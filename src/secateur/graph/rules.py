@@ -7,6 +7,7 @@ per-channel spatial ops (pooling, upsampling), matmuls, attention, normalisation
 produce unlabelled tensors. Anything else reached by a labelled tensor is a PruningError."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -522,6 +523,24 @@ def _head_rows(tr, t, heads):
     return lab.contiguous()
 
 
+def _kept_scale(tr, scale, head_size) -> bool:
+    """Will the pruned model still use this scale? Not when derived from q's size (``scale=None``), nor when it
+    equals 1/sqrt(head size) and no module on the call stack stores it (it may be recomputed from an updated
+    head size); a stored attribute (HF ``scaling``) is left as it is by the engine."""
+    if scale is None:
+        return False
+    if not math.isclose(scale, head_size ** -0.5, rel_tol=1e-9):
+        return True
+    for name in tr.stack[1:]:
+        try:
+            mod = tr.model.get_submodule(name)
+        except AttributeError:
+            continue
+        if any(isinstance(v, float) and math.isclose(v, scale, rel_tol=1e-9) for v in vars(mod).values()):
+            return True
+    return False
+
+
 def _sdpa_dims(tr, q, k, v, mask, scale, out):
     """heads="head_dim": q dim d and k dim d of a head are one unit (removing both drops one term of q.k), v dim d
     of a head goes to the output's dim d. The scale must not follow the new head size: a call without an
@@ -538,10 +557,10 @@ def _sdpa_dims(tr, q, k, v, mask, scale, out):
             lq = lk = lv = None
             break
     if lq is not None or lk is not None:
-        if lq is None or lk is None or scale is None:
+        if lq is None or lk is None or not _kept_scale(tr, scale, q.size(-1)):
             tr.atoms.block(lq)
             tr.atoms.block(lk)
-            if scale is None:
+            if lq is not None and lk is not None:
                 tr.notes.append(f"{tr.where()}: attention scale follows q's head size; q/k head dims are kept")
         else:
             tr.atoms.union(lq, lk)
