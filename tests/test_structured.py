@@ -143,7 +143,7 @@ def test_bad_input_raises_before_changing_anything():
     m, x = _seed()
     sd = {k: v.clone() for k, v in m.state_dict().items()}
     for kw in [dict(ratio=1.5), dict(scope="everywhere"), dict(round_to=0), dict(importance="nope"),
-               dict(heads="head_dim"), dict(target_macs=2.0), dict(ratio={"conv1": -0.1})]:
+               dict(heads="nope"), dict(target_macs=2.0), dict(ratio={"conv1": -0.1})]:
         with pytest.raises(PruningError):
             prune_channels(m, x, **kw)
     with pytest.raises(PruningError, match="gradients"):

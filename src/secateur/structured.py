@@ -9,7 +9,9 @@ untouched.
 Where removing a channel is not the same as zeroing it at its consumers (a LayerNorm / GroupNorm-over-channels /
 RMSNorm or softmax over the channel dim, a constant that cannot be sliced, a slice at fixed positions, the model's
 outputs), the engine keeps those channels and says so in ``plan.notes``; heads are pruned whole, so the attention
-scale (from the head size) never changes. Hence every plan satisfies the oracle: the original model with the
+scale (from the head size) never changes, or, with ``heads="head_dim"``, every head loses the same number of dims
+and the modules keep the scale of the original head size (their ``scaling`` attribute; a call that derives the
+scale from q's size keeps its q/k dims). Hence every plan satisfies the oracle: the original model with the
 chosen channels zeroed where they enter their consumers (``plan.zero_consumers``) computes what the pruned model
 computes."""
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 
 from secateur.errors import fail
 from secateur.graph.groups import Graph, Group, build_graph
-from secateur.graph.modules import snapshot, update_attrs
+from secateur.graph.modules import STRUCTURE_CLASSES, snapshot, update_attrs
 from secateur.importance import group_scores
 from secateur.metrics import count_macs, count_params
 
@@ -38,6 +40,7 @@ class Plan:
     groups: list[Group]
     choices: list[tuple[Group, torch.Tensor]]
     notes: list[str] = field(default_factory=list)
+    heads: str = "heads"  # "head_dim": attention units are per-head dims (size attributes follow that)
 
     @property
     def removed(self) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
@@ -103,9 +106,24 @@ def _validate(ratio, threshold, scope, round_to, steps, target_macs, target_para
     for name, t in (("target_macs", target_macs), ("target_params", target_params)):
         if t is not None and not 0.0 < float(t) <= 1.0:
             raise fail(f"{name} is a fraction of the current model in (0, 1]", where="prune_channels", value=t)
-    if heads != "heads":
-        raise fail("only whole-head attention pruning is supported", where="prune_channels", value=heads,
-                   hint="use heads='heads' (head_dim pruning would change the attention scale and RoPE)")
+    if heads not in ("heads", "head_dim"):
+        raise fail("heads must be 'heads' (whole heads) or 'head_dim' (the same number of dims in every head)",
+                   where="prune_channels", value=heads)
+
+
+def _refuse_rope(model: nn.Module) -> None:
+    """RoPE rotates q/k dims i and i + head_dim/2 together with frequencies computed from the head size:
+    removing dims would change the rotation of the dims that stay (and a rebuilt model recomputes them)."""
+    config = getattr(model, "config", None)
+    for name, mod in model.named_modules():
+        if "inv_freq" in mod._buffers or "rotary" in type(mod).__name__.lower():
+            raise fail("heads='head_dim' is not supported with rotary position embeddings (RoPE)",
+                       where=name or type(mod).__name__, value=type(mod).__name__,
+                       hint="use heads='heads' to remove whole heads")
+    rope = [k for k in ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim") if getattr(config, k, None)]
+    if rope:
+        raise fail("heads='head_dim' is not supported with rotary position embeddings (RoPE)",
+                   where=type(model).__name__, value=rope[0], hint="use heads='heads' to remove whole heads")
 
 
 def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
@@ -149,6 +167,49 @@ def _round(size: int, n: int, round_to: int | None) -> int:
     return n
 
 
+def _count(group: Group, n: int, round_to: int | None) -> int:
+    """How many channels to remove: a head-dim group removes the same count from every head (at least one dim
+    stays in each), so ``n`` is split evenly and rounded per head."""
+    if group.block is None:
+        return _round(group.size, n, round_to)
+    heads = int(group.block.max()) + 1
+    return _round(group.size // heads, n // heads, round_to) * heads
+
+
+def _pick(group: Group, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` lowest-scoring channels (per head for a head-dim group: n / heads in each)."""
+    if group.block is None:
+        return torch.argsort(scores, stable=True)[:n]
+    heads = int(group.block.max()) + 1
+    out = []
+    for b in range(heads):
+        idx = (group.block == b).nonzero().flatten()
+        out.append(idx[torch.argsort(scores[idx], stable=True)[:n // heads]])
+    return torch.cat(out)
+
+
+def _linked(choices, links, scores) -> list[tuple[Group, torch.Tensor]]:
+    """q/k units and v units of one attention read by one head size (HF ``view(..., head_dim)``): both lose the
+    same count per head, the smaller of the two (zero where one of them is not pruned)."""
+    per = {id(g): c.numel() // (int(g.block.max()) + 1) for g, c in choices if g.block is not None}
+    changed = True
+    while changed:
+        changed = False
+        for a, b in links:
+            m = min(per.get(id(a), 0), per.get(id(b), 0))
+            for g in (a, b):
+                if per.get(id(g), 0) != m:
+                    per[id(g)], changed = m, True
+    out = []
+    for g, c in choices:
+        if g.block is None:
+            out.append((g, c))
+        elif per[id(g)]:
+            heads = int(g.block.max()) + 1
+            out.append((g, c if per[id(g)] * heads == c.numel() else _pick(g, scores[id(g)], per[id(g)] * heads)))
+    return out
+
+
 def _refuse_masked(model: nn.Module) -> None:
     """Channel removal slices the stored tensors; a mask on top would be sliced out of step with them."""
     from secateur.masks import iter_masks
@@ -167,7 +228,12 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
     would break the model's own forward (noted in ``plan.notes``)."""
     _validate(ratio, threshold, scope, round_to, 1, None, None, heads)
     _refuse_masked(model)
-    graph = graph or build_graph(model, example_inputs)
+    if heads == "head_dim":
+        _refuse_rope(model)
+    if graph is not None and getattr(graph.tracer, "head_dim", heads == "head_dim") != (heads == "head_dim"):
+        raise fail("the graph was built for another heads= mode", where="plan_channels", value=heads,
+                   hint="build it with build_graph(model, example_inputs, heads=...) using the same mode")
+    graph = graph or build_graph(model, example_inputs, heads)
     ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
     cands: list[tuple[Group, torch.Tensor, float]] = []
     for g in graph.groups:
@@ -182,18 +248,21 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
     choices = []
     if threshold is not None:
         for g, s, _ in cands:
-            order = torch.argsort(s)
-            n = _round(g.size, int((s < threshold).sum()), round_to)
+            n = _count(g, int((s < threshold).sum()), round_to)
             if n:
-                choices.append((g, order[:n]))
+                choices.append((g, _pick(g, s, n)))
     elif scope == "local":
         for g, s, r in cands:
-            n = _round(g.size, int(g.size * r), round_to)
+            n = _count(g, int(g.size * r), round_to)
             if n:
-                choices.append((g, torch.argsort(s, stable=True)[:n]))
+                choices.append((g, _pick(g, s, n)))
     else:
         choices = _global(cands, round_to)
-    plan = Plan(graph.groups, choices, list(graph.notes))
+    if graph.links:
+        choices = _linked(choices, graph.links, {id(g): s for g, s, _ in cands})
+    plan = Plan(graph.groups, choices, list(graph.notes), heads)
+    if any(g.block is not None for g, _ in choices):
+        plan.notes.append("heads='head_dim': attention scales stay 1/sqrt(original head size) (module `scaling`)")
     return _verified(model, example_inputs, plan) if verify and plan.choices else plan
 
 
@@ -218,7 +287,7 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan) -> Plan:
             scope = scope.rpartition(".")[0]
         dropped = len(plan.choices) - len(keep)
         plan.notes.append(f"{where or '<model>'}: pruned forward failed ({err}); kept {dropped} group(s) there")
-        plan = Plan(plan.groups, keep, plan.notes)
+        plan = Plan(plan.groups, keep, plan.notes, plan.heads)
         if not keep:
             return plan
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
@@ -247,13 +316,13 @@ def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
     counts = torch.bincount(owner[sel], minlength=len(cands))
     out = []
     for i, (g, s, _) in enumerate(cands):
-        n = _round(g.size, int(counts[i]), round_to)
+        n = _count(g, int(counts[i]), round_to)
         if n:
-            out.append((g, torch.argsort(s, stable=True)[:n]))
+            out.append((g, _pick(g, s, n)))
     return out
 
 
-def _validate_latency(ratio, threshold, steps, target_macs, target_params) -> None:
+def _validate_latency(ratio, threshold, steps, target_macs, target_params, heads="heads") -> None:
     """A latency target chooses every group's count itself: other ways to say how much to prune conflict."""
     clash = {k: v for k, v in (("threshold", threshold), ("target_macs", target_macs),
                                ("target_params", target_params)) if v is not None}
@@ -261,6 +330,8 @@ def _validate_latency(ratio, threshold, steps, target_macs, target_params) -> No
         clash["ratio"] = ratio
     if steps != 1:
         clash["steps"] = steps
+    if heads != "heads":
+        clash["heads"] = heads
     if clash:
         raise fail("target_latency chooses the channel counts itself; it cannot be combined with these",
                    where="prune_channels", value=clash, hint="give only target_latency (ratio is ignored)")
@@ -320,7 +391,12 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
         while n:
             n = n.rpartition(".")[0]
             parents[n] = model.get_submodule(n)
-    snaps = {m: snapshot(m) for m in [*touched, *parents.values()]}
+    # head-dim units sliced in a module or its children: its head sizes shrink; elsewhere head counts do (a
+    # head_dim plan can still hold whole heads where dims could not be split, e.g. eager q @ k^T)
+    dims_in = {m.module for g, _ in plan.choices if g.block is not None for m in g.members}
+    mode = {mod: "head_dim" if any(d == names[mod] or d.rpartition(".")[0] == names[mod] for d in dims_in)
+            else "heads" for mod in [*touched, *parents.values()]}
+    snaps = {m: {**snapshot(m), "_heads": mode[m]} for m in [*touched, *parents.values()]}
     done = set()
     with torch.no_grad():
         for mod, mname, tname, t, new in new_tensors:
@@ -345,7 +421,7 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
                 entry["buffers"][bn] = list(b.shape)
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
-    _update_hf_config(model, structure)
+    _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
 
@@ -361,7 +437,7 @@ _HF_HEADS = {"num_attention_heads": ("q_proj", "attention.self.query", "attentio
              "num_key_value_heads": ("k_proj",), "n_head": ("attn.c_attn",), "num_heads": ("SelfAttention.q",)}
 
 
-def _update_hf_config(model: nn.Module, structure: dict) -> None:
+def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -> None:
     """Hugging Face: keep ``config`` in step where every layer has the same new size; where layers differ the
     config cannot say it and the structure record is what reloads the model."""
     config = getattr(model, "config", None)
@@ -385,7 +461,14 @@ def _update_hf_config(model: nn.Module, structure: dict) -> None:
     # head counts only where the config states the head size; where it derives it (hidden // heads: BERT, GPT-2,
     # ViT, BART) a new head count would build a different model, so the structure record carries it instead
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
-    if head_dim:
+    if head_dim and heads == "head_dim":  # head counts stay; the stated head size follows the q projections
+        key = "head_dim" if getattr(config, "head_dim", None) else "d_kv"
+        n = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
+        vals = {v for s in _HF_HEADS["num_attention_heads"] + _HF_HEADS["num_heads"] for v in
+                sizes("out_features", (s,))}
+        if n and len(vals) == 1:
+            changed[key] = vals.pop() // n
+    elif head_dim:
         for key, suffixes in _HF_HEADS.items():
             vals = {v for s in suffixes for v in sizes("out_features", (s,))}
             if hasattr(config, key) and len(vals) == 1 and getattr(config, key) is not None:
@@ -413,6 +496,11 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
                 b = mod._buffers[bn]
                 mod._buffers[bn] = b[tuple(slice(0, s) for s in shape)].contiguous()
             for k, v in entry.get("attrs", {}).items():
+                if k == "__class__":  # a module that became a pruned variant (nn.MultiheadAttention)
+                    if v not in STRUCTURE_CLASSES:
+                        raise fail("unknown module class in the structure", where=name, value=v)
+                    mod.__class__ = STRUCTURE_CLASSES[v]
+                    continue
                 old = getattr(mod, k, None)
                 setattr(mod, k, tuple(v) if isinstance(old, tuple) else v)
             for k, v in entry.get("config", {}).items():
@@ -433,7 +521,10 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     ``target_params`` (fractions of the current model) prune iteratively until reached; ``steps`` splits
     ``ratio`` into that many capture-score-prune rounds. ``ignore``: modules (or names / globs) whose output
     channels are kept; ``ignore_inputs``: modules whose input channels are kept. The model's outputs are always
-    kept, whatever layer produces them.
+    kept, whatever layer produces them. ``heads``: "heads" removes whole attention heads (whole key/value groups
+    under GQA); "head_dim" removes the same number of dims from every head (q/k dims together, v dims with the
+    output projection's columns), keeping each module's original softmax scale; RoPE models are refused, and
+    attention whose scale cannot be kept falls back to whole heads or keeps its dims (noted).
 
     ``target_latency`` (a fraction of today's estimated latency in (0, 1): 0.5 = twice as fast) lets the
     allocator (`secateur.allocate.latency_choices`) pick every group's channel count from ``latency_table``
@@ -442,7 +533,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     ``target_macs`` or ``target_params``. Groups the dry run drops (``plan.notes``) keep their channels."""
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads)
     if target_latency is not None:
-        _validate_latency(ratio, threshold, steps, target_macs, target_params)
+        _validate_latency(ratio, threshold, steps, target_macs, target_params, heads)
     _refuse_masked(model)
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,

@@ -31,8 +31,15 @@ from secateur.graph.labels import Atoms, compress
 class Tracer:
     """State of one capture: labels of live tensors, slots (param dims owned by atoms), notes."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, heads: str = "heads") -> None:
         self.model = model
+        # heads="head_dim": attention rules make per-head dims the units (q/k dim d of a head together, v dim d
+        # with what reads it) instead of whole heads; ``blocks`` rows are heads (same count removed from each),
+        # ``contracted`` units are read only by q.k (zeroing their producers is the oracle's reference)
+        self.head_dim = heads == "head_dim"
+        self.blocks: list[torch.Tensor] = []
+        self.contracted: list[torch.Tensor] = []
+        self.links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q/k unit, v unit): one head size for both
         self.atoms = Atoms()
         self.labels: dict[int, torch.Tensor | None] = {}
         self.alive: list[torch.Tensor] = []  # keep ids unique while capturing
@@ -88,7 +95,8 @@ class Tracer:
         mname, attr, _ = self.owner[id(p)]
         return mname, attr
 
-    def slot(self, p: torch.Tensor, dim: int, atoms: torch.Tensor, kind: str) -> None:
+    def slot(self, p: torch.Tensor, dim: int, atoms: torch.Tensor, kind: str, consumer: bool = False) -> None:
+        """``consumer``: an "out" slice that the oracle zeroes too (q/k rows, whose only reader is q.k)."""
         mname, attr = self.name_of(p)
         key = (f"{mname}.{attr}" if mname else attr, dim)
         atoms = atoms.reshape(-1).expand(p.size(dim)) if atoms.numel() == 1 else atoms.reshape(-1)
@@ -97,10 +105,10 @@ class Tracer:
         prev = self.slots.get(key)
         if prev is None:
             self.slots[key] = {"module": mname, "name": attr, "dim": dim, "atoms": atoms.clone(), "kind": kind,
-                               "consumer": kind == "in"}
+                               "consumer": kind == "in" or consumer}
         else:
             self.atoms.union(prev["atoms"], atoms)
-            prev["consumer"] |= kind == "in"
+            prev["consumer"] |= kind == "in" or consumer
             if kind == "out" or (kind == "in" and prev["kind"] == "param"):
                 prev["kind"] = kind
 
@@ -143,11 +151,12 @@ def call(model: nn.Module, example_inputs: Any):
     return model(example_inputs)
 
 
-def capture(model: nn.Module, example_inputs: Any) -> Tracer:
-    """Run ``model(example_inputs)`` once, recording channel labels and slots. The model is not changed."""
+def capture(model: nn.Module, example_inputs: Any, heads: str = "heads") -> Tracer:
+    """Run ``model(example_inputs)`` once, recording channel labels and slots. The model is not changed.
+    PyTorch's fused MHA / TransformerEncoderLayer fast path is off meanwhile: its single op hides the layout."""
     from secateur.graph.modules import leaf_rule
 
-    tracer = Tracer(model)
+    tracer = Tracer(model, heads)
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -167,10 +176,13 @@ def capture(model: nn.Module, example_inputs: Any) -> Tracer:
     for mod in model.modules():
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), _Mode(tracer):
             out = call(model, example_inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
     for t in _flat_tensors(out):  # never change the model's output shape

@@ -45,6 +45,7 @@ class Group:
     name: str
     size: int
     members: list[Member] = field(default_factory=list)
+    block: torch.Tensor | None = None  # heads="head_dim": head of each channel; every head loses the same count
 
     def modules(self) -> set[str]:
         return {m.module for m in self.members}
@@ -60,18 +61,43 @@ class Graph:
     groups: list[Group]
     notes: list[str]
     tracer: Any = None
+    links: list[tuple[Group, Group]] = field(default_factory=list)  # must lose the same count per head
+    root: Any = None  # root[atom]: its component
+    where: Any = None  # where[root] = (group index, channel), -1 where not prunable
+
+
+def _block_rows(tr: Tracer, root: torch.Tensor) -> set[frozenset]:
+    """Root sets of the registered heads (heads="head_dim") whose dims are still distinct units."""
+    rows = set()
+    for b in tr.blocks:
+        for row in root[b].tolist():
+            if len(set(row)) == len(row):
+                rows.add(frozenset(row))
+    return rows
+
+
+def _equal_count(r: torch.Tensor, dims: list[int], rows: set[frozenset]) -> bool:
+    """[E] viewed as [heads, head_dim] where every head is a registered block: removing the same number of
+    units from every head keeps the view valid."""
+    if len(dims) != 2 or not rows:
+        return False
+    other = [d for d in range(r.dim()) if d not in dims]
+    m = r.permute(*other, *dims).reshape(-1, r.size(dims[1]))
+    return all(frozenset(row) in rows for row in torch.unique(m, dim=0).tolist())
 
 
 def _settle(tr: Tracer) -> torch.Tensor:
     """Components, after making every view-split channel dim prunable only by whole slices along one dim (the
-    one already whole, e.g. heads; else the largest, e.g. channels-per-group in a channel shuffle)."""
+    one already whole, e.g. heads; else the largest, e.g. channels-per-group in a channel shuffle), or by the
+    same count from every head (heads="head_dim")."""
     root = tr.atoms.components()
     for _ in range(8):
         added = False
+        rows = _block_rows(tr, root)
         for lab, dims in tr.constraints:
             r = torch.where(lab >= 0, root[lab.clamp_min(0)], lab)
-            ok = False
-            for i in dims:
+            ok = _equal_count(r, dims, rows)
+            for i in ([] if ok else dims):
                 others = [d for d in dims if d != i]
                 m = r.amax(dim=others, keepdim=True)
                 if bool(((r == m) | (r < 0)).all()):
@@ -88,6 +114,57 @@ def _settle(tr: Tracer) -> torch.Tensor:
 
 
 def groups_from(tr: Tracer) -> Graph:
+    for _ in range(4):
+        graph = _groups(tr)
+        bad = _assign_blocks(tr, graph)
+        if not bad:
+            return graph
+        for b in bad:  # heads whose dims do not form one group each: whole heads there (always valid)
+            tr.atoms.collapse(b, [1])
+        tr.blocks = [b for b in tr.blocks if not any(b is x for x in bad)]
+    return _groups(tr)
+
+
+def _assign_blocks(tr: Tracer, graph: Graph) -> list[torch.Tensor]:
+    """Set ``Group.block`` from the registered heads; return the registered heads that do not fit (a group
+    mixing head units with other channels, or heads of unequal sizes)."""
+    if not tr.blocks:
+        return []
+    root, where = graph.root, graph.where
+    bad, blocks = [], {}
+    for b in tr.blocks:
+        r = root[b]
+        gl = where[r]  # (group index, local channel) per unit, or -1
+        if bool((gl[..., 0] < 0).all()):
+            continue  # blocked or never produced: nothing to prune there
+        if bool((gl[..., 0] < 0).any()) or any(len(set(row)) != len(row) for row in r.tolist()):
+            bad.append(b)
+            continue
+        for row in gl.tolist():
+            gi = {g for g, _ in row}
+            if len(gi) != 1:
+                bad.append(b)
+                break
+            blocks.setdefault(gi.pop(), set()).add(tuple(sorted(c for _, c in row)))
+    for gi, rows in blocks.items():
+        g = graph.groups[gi]
+        sizes = {len(r) for r in rows}
+        cover = sorted(c for r in rows for c in r)
+        if len(sizes) != 1 or cover != list(range(g.size)):
+            bad += [b for b in tr.blocks if bool((graph.where[root[b]][..., 0] == gi).any())]
+            continue
+        block = torch.empty(g.size, dtype=torch.long)
+        for i, r in enumerate(sorted(rows)):
+            block[list(r)] = i
+        g.block = block
+    for a, b in tr.links:
+        ga, gb = where[root[a]][0], where[root[b]][0]
+        if ga >= 0 and gb >= 0 and ga != gb:
+            graph.links.append((graph.groups[int(ga)], graph.groups[int(gb)]))
+    return bad
+
+
+def _groups(tr: Tracer) -> Graph:
     root = _settle(tr)
     blocked = root[0]
     slots = list(tr.slots.values())
@@ -106,7 +183,7 @@ def groups_from(tr: Tracer) -> Graph:
         sig.index_add_(0, torch.unique(c), weights[i].expand(torch.unique(c).numel()).contiguous())
     roots = prunable.nonzero().flatten()
     if roots.numel() == 0:
-        return Graph([], tr.notes, tr)
+        return Graph([], tr.notes, tr, root=root, where=torch.full((n, 2), -1, dtype=torch.long))
     keys, gid_of_root = torch.unique(sig[roots], return_inverse=True)
     gid = torch.full((n,), -1, dtype=torch.long)
     gid[roots] = gid_of_root
@@ -115,24 +192,34 @@ def groups_from(tr: Tracer) -> Graph:
     starts = torch.cumsum(counts, 0) - counts
     local = torch.full((n,), -1, dtype=torch.long)
     local[roots[order]] = torch.arange(roots.numel()) - starts[gid_of_root[order]]
+    contracted = torch.zeros(n, dtype=torch.bool)
+    for a in tr.contracted:
+        contracted[root[a]] = True
     groups = [Group(name="", size=int(c)) for c in counts]
     for s, c in zip(slots, comps):
         g = gid[c]
         for G in torch.unique(g[g >= 0]).tolist():
             idx = (g == G).nonzero().flatten()
+            consumer = s["consumer"] or (s["kind"] == "out" and bool(contracted[c[idx]].any()))
             groups[G].members.append(Member(s["module"], s["name"], s["dim"], s["kind"], idx, local[c[idx]],
-                                            s["consumer"]))
+                                            consumer))
     for g in groups:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
         g.name = g.members[0].module
-    groups.sort(key=lambda g: g.name)
-    return Graph(groups, tr.notes, tr)
+    order = sorted(range(len(groups)), key=lambda i: groups[i].name)
+    rank = torch.empty(len(groups), dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(len(groups))
+    where = torch.full((n, 2), -1, dtype=torch.long)
+    where[roots, 0] = rank[gid[roots]]
+    where[roots, 1] = local[roots]
+    return Graph([groups[i] for i in order], tr.notes, tr, root=root, where=where)
 
 
-def build_graph(model: nn.Module, example_inputs: Any) -> Graph:
-    return groups_from(capture(model, example_inputs))
+def build_graph(model: nn.Module, example_inputs: Any, heads: str = "heads") -> Graph:
+    return groups_from(capture(model, example_inputs, heads))
 
 
-def build_groups(model: nn.Module, example_inputs: Any) -> list[Group]:
-    """The dependency groups of ``model`` for ``example_inputs`` (the model is run once, not changed)."""
-    return build_graph(model, example_inputs).groups
+def build_groups(model: nn.Module, example_inputs: Any, heads: str = "heads") -> list[Group]:
+    """The dependency groups of ``model`` for ``example_inputs`` (the model is run once, not changed).
+    ``heads="head_dim"``: attention units are per-head dims instead of whole heads."""
+    return build_graph(model, example_inputs, heads).groups

@@ -188,11 +188,11 @@ def embedding(tr: Tracer, mod, args, kwargs, out):
     tr.set(out, _shape_for(out.dim(), -1, atoms))
 
 
-@leaf(nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
+@leaf(nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
       nn.EmbeddingBag, nn.Bilinear)
 def kept(tr: Tracer, mod, args, kwargs, out):
-    """Refused on purpose: nn.MultiheadAttention ties embed_dim to its input, output and heads; recurrent layers
-    tie hidden size to their state. Their channels (and their inputs' channels) are kept."""
+    """Refused on purpose: recurrent layers tie hidden size to their state. Their channels (and their inputs'
+    channels) are kept. (nn.MultiheadAttention has its own rule in mha.py.)"""
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
             tr.atoms.block(tr.get(a))
@@ -206,6 +206,8 @@ def kept(tr: Tracer, mod, args, kwargs, out):
 # ---------------------------------------------------------------- size attributes after slicing
 UPDATERS: dict[type, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
 UPDATERS_BY_NAME: dict[str, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
+# classes a module may become when pruned (structure attr "__class__"); only these are rebuilt on load
+STRUCTURE_CLASSES: dict[str, type] = {}
 
 
 def updater(*types):
@@ -298,6 +300,10 @@ HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_
               "attn_dim", "inner_dim")
 
 
+HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size", "all_head_size", "inner_dim", "attn_dim",
+                   "split_size", "key_value_proj_dim")
+
+
 def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     """Attention containers (timm, Hugging Face): when all their q/k/v/qkv projections shrank by the same
     ratio (whole heads removed), scale their head-count attributes by that ratio."""
@@ -316,9 +322,22 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
         return {}
     (now, before) = next(iter(ratios))
     set_ = {}
+    if old.get("_heads") == "head_dim":  # head counts stay, head sizes shrink; the softmax scale stays
+        for k in HEAD_SIZE_ATTRS:
+            v = old.get(k)
+            if isinstance(v, int) and v > 0 and v * now % before == 0:
+                setattr(mod, k, v * now // before)
+                set_[k] = v * now // before
+        for k, v in vars(mod).items():  # the scale among them: a model rebuilt from the config recomputes it
+            if isinstance(v, float) and not k.startswith("_"):
+                set_[k] = v
+        return set_
     for k in HEAD_ATTRS:
         v = old.get(k)
         if isinstance(v, int) and v > 0 and v * now % before == 0:
             setattr(mod, k, v * now // before)
             set_[k] = v * now // before
     return set_
+
+
+from secateur.graph import mha as _mha  # noqa: E402,F401 - registers nn.MultiheadAttention (needs the above)
