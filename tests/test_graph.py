@@ -177,7 +177,7 @@ def test_weight_tying_kept_consistent():
     assert m.out.weight is m.emb.weight and m.emb.embedding_dim == 4 and m.out.in_features == 4
 
 
-def test_lstm_is_refused_clearly():
+def test_lstm_hidden_units_are_pruned():
     class R(nn.Module):
         def __init__(self):
             super().__init__()
@@ -186,8 +186,9 @@ def test_lstm_is_refused_clearly():
         def forward(self, x):
             return self.b(self.rnn(self.a(x))[0])
 
-    plan = plan_channels(R(), torch.randn(2, 4, 3), ratio=0.5)
-    assert plan.choices == [] and any("LSTM" in n for n in plan.notes)
+    m = R()
+    _oracle(m, torch.randn(2, 4, 3), ratio=0.5)  # more cases: tests/test_recurrent.py
+    assert m.rnn.hidden_size == 3 and m.rnn.input_size == 3 and m.b.in_features == 3
 
 
 def test_attention_heads_gqa_whole_groups():

@@ -188,11 +188,10 @@ def embedding(tr: Tracer, mod, args, kwargs, out):
     tr.set(out, _shape_for(out.dim(), -1, atoms))
 
 
-@leaf(nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
-      nn.EmbeddingBag, nn.Bilinear)
+@leaf(nn.MultiheadAttention, nn.EmbeddingBag, nn.Bilinear)
 def kept(tr: Tracer, mod, args, kwargs, out):
-    """Refused on purpose: nn.MultiheadAttention ties embed_dim to its input, output and heads; recurrent layers
-    tie hidden size to their state. Their channels (and their inputs' channels) are kept."""
+    """Refused on purpose: nn.MultiheadAttention ties embed_dim to its input, output and heads. Their channels
+    (and their inputs' channels) are kept. (Recurrent layers: recurrent.py.)"""
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
             tr.atoms.block(tr.get(a))
@@ -322,3 +321,6 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
             setattr(mod, k, v * now // before)
             set_[k] = v * now // before
     return set_
+
+
+from secateur.graph import recurrent  # noqa: E402,F401  (registers the recurrent leaves and updaters)
