@@ -168,3 +168,24 @@ def test_prune_channels_result_trains_and_keeps_output_shape():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_packed_sequences_classified_from_the_last_state():
+    """pack_padded_sequence -> LSTM -> h_n. (pad_packed_sequence decomposes into a copy into a view of a fresh
+    tensor, which the engine refuses with a PruningError naming aten::copy_.)"""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.rnn, self.out = nn.Linear(5, 6), nn.LSTM(6, 8, batch_first=True, num_layers=2), \
+                nn.Linear(8, 2)
+
+        def forward(self, x):
+            p = pack_padded_sequence(self.enc(x), torch.tensor([4, 2]), batch_first=True)
+            return self.out(self.rnn(p)[1][0][-1])
+
+    torch.manual_seed(0)
+    m = _randomize(Packed()).eval()
+    _oracle(m, torch.randn(2, 4, 5), ratio=0.5)
+    assert m.rnn.hidden_size == 4 and m.rnn.input_size == 3

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from secateur.graph.capture import Tracer
 from secateur.graph.modules import _channels, leaf, updater
+from secateur.graph.rules import _pad, aten, rule
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 CELL_GATES = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
@@ -45,6 +46,17 @@ def _state(tr: Tracer, h: torch.Tensor | None, atoms: torch.Tensor) -> None:
                         "kept")
         return
     tr.atoms.union(_channels(tr, h, -1), atoms)
+
+
+@rule(aten._pack_padded_sequence)
+def pack(tr: Tracer, func, args, kwargs, out) -> None:
+    """(T, B, *features) -> data (sum of lengths, *features): time and batch merge, features pass through."""
+    x = args[0]
+    lab = _pad(tr.get(x), x.dim())
+    if lab is not None:
+        lab = tr.atoms.collapse(lab, [0, 1])[0]
+    tr.set(out[0], lab)
+    tr.set(out[1], None)
 
 
 @leaf(nn.LSTM, nn.GRU, nn.RNN)
