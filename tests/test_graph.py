@@ -18,8 +18,9 @@ def _oracle(model, x, **kw):
     plan = plan_channels(model, x, **kw)
     ref = copy.deepcopy(model)
     plan.zero_consumers(ref)
-    with torch.no_grad():
+    with torch.no_grad(), plan.kept_norms(ref):
         want = ref(x)
+    with torch.no_grad():
         plan.apply(model)
         got = model(x)
     assert got.shape == want.shape
@@ -77,14 +78,14 @@ def test_depthwise_and_grouped_conv():
     assert m[5].groups == 2 and m[5].out_channels == 6  # whole groups of a grouped conv
 
 
-def test_groupnorm_prunes_whole_groups_layernorm_blocks():
+def test_groupnorm_prunes_whole_groups_layernorm_prunes_with_a_note():
     m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(1, 3, 5, 5)
     _oracle(m, x, ratio=0.5)
     assert m[1].num_groups == 2 and m[1].num_channels == 4
     ln = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
-    plan = plan_channels(ln, torch.randn(2, 4), ratio=0.5)
-    assert plan.choices == [] and any("LayerNorm" in n for n in plan.notes)
+    plan = _oracle(ln, torch.randn(2, 4), ratio=0.5)  # more: tests/test_norm_reference.py
+    assert ln[1].normalized_shape == (3,) and any("LayerNorm" in n and "statistics" in n for n in plan.notes)
 
 
 def test_model_output_channels_never_pruned():

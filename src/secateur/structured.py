@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.graph.groups import Graph, Group, build_graph
+from secateur.graph.groups import Graph, Group, NormSite, build_graph
 from secateur.graph.modules import snapshot, update_attrs
 from secateur.importance import group_scores
 from secateur.metrics import count_macs, count_params
@@ -38,6 +38,7 @@ class Plan:
     groups: list[Group]
     choices: list[tuple[Group, torch.Tensor]]
     notes: list[str] = field(default_factory=list)
+    norms: list[NormSite] = field(default_factory=list)
 
     @property
     def removed(self) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
@@ -68,6 +69,35 @@ class Plan:
 
     def apply(self, model: nn.Module) -> dict[str, Any]:
         return _apply(model, self)
+
+    def _norm_keeps(self) -> list[tuple[NormSite, torch.Tensor]]:
+        """(site, kept positions) for every normalisation that loses channels under this plan."""
+        picks = {id(g): chans for g, chans in self.choices}
+        out = []
+        for site in self.norms:
+            drop = torch.zeros(site.size, dtype=torch.bool)
+            for g, idx, chan in site.parts:
+                if id(g) in picks:
+                    pick = torch.zeros(g.size, dtype=torch.bool)
+                    pick[picks[id(g)]] = True
+                    drop[idx[pick[chan]]] = True
+            if drop.any():
+                out.append((site, (~drop).nonzero().flatten()))
+        return out
+
+    def norm_notes(self) -> list[str]:
+        """One note per normalisation whose statistics change (removal is not zeroing there)."""
+        seen = dict.fromkeys(f"{s.where}: {s.op} normalises over pruned channels; its statistics now cover the "
+                             f"kept channels only (removal is not zeroing there; reference: Plan.kept_norms)"
+                             for s, _ in self._norm_keeps())
+        return list(seen)
+
+    def kept_norms(self, model: nn.Module):
+        """Context manager for the oracle where removal is not zeroing: inside it, ``model`` (an unpruned copy,
+        usually after ``zero_consumers``) computes every normalisation this plan shrinks over the kept channels
+        only. ``with plan.kept_norms(ref): want = ref(x)`` then equals the pruned model's output."""
+        from secateur.graph.reference import kept_norms
+        return kept_norms(model, self._norm_keeps())
 
 
 @dataclass
@@ -193,8 +223,10 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
                 choices.append((g, torch.argsort(s, stable=True)[:n]))
     else:
         choices = _global(cands, round_to)
-    plan = Plan(graph.groups, choices, list(graph.notes))
-    return _verified(model, example_inputs, plan) if verify and plan.choices else plan
+    plan = Plan(graph.groups, choices, list(graph.notes), graph.norms)
+    plan = _verified(model, example_inputs, plan) if verify and plan.choices else plan
+    plan.notes.extend(plan.norm_notes())
+    return plan
 
 
 def _verified(model: nn.Module, example_inputs: Any, plan: Plan) -> Plan:
@@ -218,7 +250,7 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan) -> Plan:
             scope = scope.rpartition(".")[0]
         dropped = len(plan.choices) - len(keep)
         plan.notes.append(f"{where or '<model>'}: pruned forward failed ({err}); kept {dropped} group(s) there")
-        plan = Plan(plan.groups, keep, plan.notes)
+        plan = Plan(plan.groups, keep, plan.notes, plan.norms)
         if not keep:
             return plan
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
@@ -277,8 +309,10 @@ def _latency_plan(model: nn.Module, example_inputs: Any, target_latency: float, 
                               round_to=opts["round_to"], graph=graph,
                               skip=lambda g: _is_ignored(g, ignored, ignored_in),
                               score_options=dict(reduce=opts["reduce"], normalize=opts["normalize"]))
-    plan = Plan(graph.groups, choices, list(graph.notes))
-    return _verified(model, example_inputs, plan) if plan.choices else plan
+    plan = Plan(graph.groups, choices, list(graph.notes), graph.norms)
+    plan = _verified(model, example_inputs, plan) if plan.choices else plan
+    plan.notes.extend(plan.norm_notes())
+    return plan
 
 
 # ---------------------------------------------------------------- applying

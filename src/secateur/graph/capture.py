@@ -39,6 +39,8 @@ class Tracer:
         self.slots: dict[tuple[str, int], dict[str, Any]] = {}
         self.notes: list[str] = []
         self.constraints: list[tuple[torch.Tensor, list[int]]] = []  # view splits, see groups.py
+        self.norms: list[dict[str, Any]] = []  # normalisations over prunable channels, see norm_site
+        self.calls: dict[Any, int] = {}  # ATen calls per op (all, labelled or not) and norm-module calls
         self.depth = 0  # >0 while inside a leaf module handled as a whole
         self.stack: list[str] = [""]
         self.owner: dict[int, tuple[str, str, bool]] = {}  # id(tensor) -> (module name, attr, is_param)
@@ -104,6 +106,14 @@ class Tracer:
             if kind == "out" or (kind == "in" and prev["kind"] == "param"):
                 prev["kind"] = kind
 
+    def norm_site(self, kind: str, key: Any, op: str, atoms: torch.Tensor) -> None:
+        """A normalisation whose statistics run over prunable channels (``atoms``: one per position along the
+        normalised dim). Removing a channel there is not zeroing it; the plan notes it, and ``Plan.kept_norms``
+        rebuilds the reference (statistics over the kept channels) from ``kind`` ("op": ATen op packet, or
+        "module": module name) and the call number ``key`` is at."""
+        self.norms.append({"kind": kind, "key": key, "call": self.calls.get(key, 0) - 1, "where": self.where(),
+                           "op": op, "atoms": atoms.clone()})
+
     def where(self) -> str:
         return self.stack[-1] or "<root>"
 
@@ -119,6 +129,8 @@ class _Mode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        calls = self.tracer.calls
+        calls[func.overloadpacket] = calls.get(func.overloadpacket, 0) + 1
         if self.tracer.depth == 0:
             from secateur.graph.rules import apply_rule
             apply_rule(self.tracer, func, args, kwargs, out)

@@ -45,6 +45,7 @@ class Group:
     name: str
     size: int
     members: list[Member] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)  # normalisations over these channels ("where: op")
 
     def modules(self) -> set[str]:
         return {m.module for m in self.members}
@@ -56,10 +57,26 @@ class Group:
 
 
 @dataclass
+class NormSite:
+    """One call of a normalisation over prunable channels (LayerNorm / RMSNorm over the last dim): removing a
+    channel changes its statistics, so the pruning reference recomputes it over the kept channels. ``kind``:
+    "module" (``key`` = module name) or "op" (``key`` = ATen op packet); ``call``: which call of that key, in
+    the order the model runs; ``parts``: (group, positions along the normalised dim, group channel of each)."""
+    kind: str
+    key: Any
+    call: int
+    where: str
+    op: str
+    size: int
+    parts: list[tuple[Group, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
 class Graph:
     groups: list[Group]
     notes: list[str]
     tracer: Any = None
+    norms: list[NormSite] = field(default_factory=list)
 
 
 def _settle(tr: Tracer) -> torch.Tensor:
@@ -125,8 +142,19 @@ def groups_from(tr: Tracer) -> Graph:
     for g in groups:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
         g.name = g.members[0].module
+    norms = []
+    for site in tr.norms:
+        c = root[site["atoms"]]
+        ns = NormSite(site["kind"], site["key"], site["call"], site["where"], site["op"], c.numel())
+        g = gid[c]
+        for G in torch.unique(g[g >= 0]).tolist():
+            idx = (g == G).nonzero().flatten()
+            ns.parts.append((groups[G], idx, local[c[idx]]))
+            groups[G].norms.append(f"{site['where']}: {site['op']}")
+        if ns.parts:
+            norms.append(ns)
     groups.sort(key=lambda g: g.name)
-    return Graph(groups, tr.notes, tr)
+    return Graph(groups, tr.notes, tr, norms)
 
 
 def build_graph(model: nn.Module, example_inputs: Any) -> Graph:
