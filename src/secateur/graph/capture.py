@@ -85,6 +85,23 @@ class Tracer:
         self.labels[id(p)] = lab
         return lab
 
+    def param_label_along(self, p: torch.Tensor, dim: int) -> torch.Tensor | None:
+        """A free parameter with several non-1 dims (a position embedding [1, tokens, C]) that meets channels
+        along exactly one of them: atoms along that dim (sliced with those channels), constant along the
+        others. None if it is not a model parameter or already labelled another way."""
+        if id(p) not in self.owner or not self.owner[id(p)][2]:
+            return None
+        if id(p) in self.labels:
+            lab = self.labels[id(p)]
+            return lab if lab is not None and lab.size(dim) == p.size(dim) and lab.numel() == p.size(dim) else None
+        atoms = self.atoms.new(p.size(dim))
+        self.slot(p, dim, atoms, "param")
+        shape = [1] * p.dim()
+        shape[dim] = p.size(dim)
+        lab = atoms.reshape(shape)
+        self.labels[id(p)] = lab
+        return lab
+
     # ---- slots: (tensor name, dim) -> atom per index
     def name_of(self, p: torch.Tensor) -> tuple[str, str]:
         mname, attr, _ = self.owner[id(p)]

@@ -152,10 +152,33 @@ def pointwise(tr, func, args, kwargs, out):
     for c in consts:  # a constant that varies along a channel dim cannot be sliced: all-or-nothing there
         csh = (1,) * (nd - c.dim()) + tuple(c.shape)
         dims = [d for d in range(nd) if csh[d] > 1 and res.size(d) > 1]
+        d = _param_dim(tr, c, res, dims)
+        if d is not None:  # a free parameter (position embedding [1, tokens, C]) is sliced with its channels
+            res = tr.atoms.collapse(res, [e for e in dims if e != d])  # the other dims: the same channels
+            res = _join(tr, res, _pad(tr.param_label_along(c, d - (nd - c.dim())), nd))
+            continue
         if dims:
             res = tr.atoms.collapse(res, dims)
     for t in outs:
         tr.set(t, res if t.dim() == nd else None)
+
+
+def _param_dim(tr, c, res, dims) -> int | None:
+    """For a model parameter meeting labelled channels along ``dims``: the one dim it can be sliced along (the
+    dim whose slices mix the fewest distinct atoms: channels, not tokens, in a cls-token + patches stream), or
+    None when it is not a free parameter, is already labelled, or cannot be sliced."""
+    if not dims or id(c) not in tr.owner or not tr.owner[id(c)][2] or id(c) in tr.labels:
+        return None
+    off = res.dim() - c.dim()
+    best, cost = None, None
+    for d in dims:
+        if res.size(d) != c.size(d - off):
+            continue
+        rows = res.movedim(d, 0).reshape(res.size(d), -1).sort(dim=1).values
+        k = int((rows[:, 1:] != rows[:, :-1]).sum()) if rows.size(1) > 1 else 0
+        if cost is None or k < cost:
+            best, cost = d, k
+    return best
 
 
 # ---------------------------------------------------------------- data movement: run the op on the labels
@@ -582,12 +605,15 @@ def layer_norm(tr, func, args, kwargs, out):
 
 @rule(aten.native_group_norm, aten.group_norm)
 def group_norm(tr, func, args, kwargs, out):
-    """GroupNorm at op level: whole groups only (then removal is exactly zeroing)."""
+    """GroupNorm at op level: whole groups only (then removal is exactly zeroing), and only inside an
+    nn.GroupNorm (subclass) with that group count, whose ``num_groups`` the engine updates: a count written in
+    the model's code would stay and silently regroup the channels."""
     x = args[0]
     groups = args[6] if func.overloadpacket is aten.native_group_norm else args[1]
     lab = _pad(tr.get(x), x.dim())
     outs = _outs(out)
-    if lab is None or x.dim() < 2:
+    owner = tr.model.get_submodule(tr.where()) if tr.where() != "<root>" else tr.model
+    if lab is None or x.dim() < 2 or not (isinstance(owner, torch.nn.GroupNorm) and owner.num_groups == groups):
         return norm_over_channels(tr, func, args, kwargs, out)
     chan = tr.atoms.collapse(lab, [0, *range(2, x.dim())]).reshape(-1).expand(x.size(1))
     chan = tr.atoms.collapse(chan.reshape(groups, -1), [1]).expand(groups, x.size(1) // groups).reshape(-1)
