@@ -6,12 +6,14 @@ size attributes in place. The result is an ordinary, smaller ``nn.Module``: no m
 computed and checked first (including a dry run on a meta-device skeleton); a PruningError leaves the model
 untouched.
 
-Where removing a channel is not the same as zeroing it at its consumers (a LayerNorm / GroupNorm-over-channels /
-RMSNorm or softmax over the channel dim, a constant that cannot be sliced, a slice at fixed positions, the model's
-outputs), the engine keeps those channels and says so in ``plan.notes``; heads are pruned whole, so the attention
-scale (from the head size) never changes. Hence every plan satisfies the oracle: the original model with the
-chosen channels zeroed where they enter their consumers (``plan.zero_consumers``) computes what the pruned model
-computes."""
+Where removing a channel is not the same as zeroing it at its consumers, the engine either keeps those channels
+and says so in ``plan.notes`` (a softmax or a fused norm over the channel dim, a constant that cannot be sliced,
+a slice at fixed positions, the model's outputs), or prunes them and says so: a LayerNorm / RMSNorm over the
+channel dim then computes its statistics over the kept channels, and the oracle's reference does the same
+(``plan.kept_norms``). GroupNorm loses whole groups only, which is exact. Heads are pruned whole, so the
+attention scale (from the head size) never changes. Hence every plan satisfies the oracle: the original model
+with the chosen channels zeroed where they enter their consumers (``plan.zero_consumers``), inside
+``plan.kept_norms``, computes what the pruned model computes."""
 from __future__ import annotations
 
 import fnmatch
@@ -499,9 +501,9 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
         entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()})
         for pn, p in mod.named_parameters(recurse=False):
             entry["params"][pn] = list(p.shape)
-        for bn, b in mod.named_buffers(recurse=False):
-            if b is not None:
-                entry["buffers"][bn] = list(b.shape)
+        for bn, b in mod.named_buffers(recurse=False):  # a non-persistent buffer left whole is not recorded:
+            if b is not None and (bn not in mod._non_persistent_buffers_set or (name, bn) in removed):
+                entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
     _update_hf_config(model, structure)
