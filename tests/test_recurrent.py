@@ -189,3 +189,20 @@ def test_packed_sequences_classified_from_the_last_state():
     m = _randomize(Packed()).eval()
     _oracle(m, torch.randn(2, 4, 5), ratio=0.5)
     assert m.rnn.hidden_size == 4 and m.rnn.input_size == 3
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_plan_macs_count_without_applying_is_exact_for_recurrent_layers(kind):
+    from secateur.graph import build_graph
+    from secateur.metrics import count_macs
+    from secateur.structured import _Counter
+    torch.manual_seed(0)
+    m, x = Tagger(kind, 2, True, True, proj=6 if kind == "LSTM" else 0), torch.randn(2, 7, 5)
+    graph = build_graph(m, x)
+    plan = plan_channels(m, x, ratio=0.5, graph=graph)
+    counter = _Counter(m, x, graph.groups, "macs")
+    estimate = counter.estimate(plan.choices)
+    plan.apply(m)
+    assert counter.fixed == 0 and estimate == count_macs(m, x)
+    res = prune_channels(Tagger(kind, 2, True, True), x, target_macs=0.5)
+    assert len(res.plans) == 1 and res.macs_after <= 0.5 * res.macs_before
