@@ -220,3 +220,21 @@ def test_meta_device_capture_allocates_nothing():
         m = nn.Sequential(nn.Linear(4096, 11008), nn.SiLU(), nn.Linear(11008, 4096))
     groups = build_groups(m, torch.randn(1, 4, 4096, device="meta"))
     assert groups[0].size == 11008
+
+
+def test_a_size_kept_by_the_root_forward_drops_only_its_group():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.width = 8
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 6)
+            self.c, self.d = nn.Linear(6, 10), nn.Linear(10, 3)
+
+        def forward(self, x):
+            y = self.a(x).reshape(x.size(0), self.width)  # the engine cannot update self.width
+            return self.d(torch.relu(self.c(self.b(y))))
+
+    m, x = Root(), torch.randn(2, 4)
+    plan = _oracle(m, x, ratio=0.5)
+    assert m.a.out_features == 8 and m.c.out_features == 5  # the culprit kept, the rest still pruned
+    assert any("pruned forward failed" in n for n in plan.notes)

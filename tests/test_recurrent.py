@@ -206,3 +206,15 @@ def test_plan_macs_count_without_applying_is_exact_for_recurrent_layers(kind):
     assert counter.fixed == 0 and estimate == count_macs(m, x)
     res = prune_channels(Tagger(kind, 2, True, True), x, target_macs=0.5)
     assert len(res.plans) == 1 and res.macs_after <= 0.5 * res.macs_before
+
+
+def test_structure_round_trip_and_deepcopy_of_a_pruned_lstm():
+    from secateur.structured import apply_structure
+    torch.manual_seed(0)
+    m, x = Tagger("LSTM", 2, True, False, proj=6), torch.randn(7, 2, 5)
+    prune_channels(m, x, ratio=0.5)
+    fresh = apply_structure(Tagger("LSTM", 2, True, False, proj=6), m._secateur_structure)
+    fresh.load_state_dict(m.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), m.eval()(x)) and torch.equal(copy.deepcopy(m)(x), m(x))
+    assert (fresh.rnn.hidden_size, fresh.rnn.proj_size, fresh.rnn.input_size) == (4, 3, 3)
