@@ -39,7 +39,9 @@ def oracle(model, x, rtol=1e-4, **kw):
     ref = copy.deepcopy(model)
     plan.zero_consumers(ref)
     with torch.no_grad():
-        base, want = _run(model, x), _run(ref, x)
+        base = _run(model, x)
+        with plan.kept_norms(ref):  # norms over pruned channels: statistics over the kept ones (a no-op elsewhere)
+            want = _run(ref, x)
         plan.apply(model)
         got = _run(model, x)
     assert got.shape == want.shape == base.shape

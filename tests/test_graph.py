@@ -18,8 +18,9 @@ def _oracle(model, x, **kw):
     plan = plan_channels(model, x, **kw)
     ref = copy.deepcopy(model)
     plan.zero_consumers(ref)
-    with torch.no_grad():
+    with torch.no_grad(), plan.kept_norms(ref):
         want = ref(x)
+    with torch.no_grad():
         plan.apply(model)
         got = model(x)
     assert got.shape == want.shape
@@ -77,14 +78,14 @@ def test_depthwise_and_grouped_conv():
     assert m[5].groups == 2 and m[5].out_channels == 6  # whole groups of a grouped conv
 
 
-def test_groupnorm_prunes_whole_groups_layernorm_blocks():
+def test_groupnorm_prunes_whole_groups_layernorm_prunes_with_a_note():
     m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(1, 3, 5, 5)
     _oracle(m, x, ratio=0.5)
     assert m[1].num_groups == 2 and m[1].num_channels == 4
     ln = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
-    plan = plan_channels(ln, torch.randn(2, 4), ratio=0.5)
-    assert plan.choices == [] and any("LayerNorm" in n for n in plan.notes)
+    plan = _oracle(ln, torch.randn(2, 4), ratio=0.5)  # more: tests/test_norm_reference.py
+    assert ln[1].normalized_shape == (3,) and any("LayerNorm" in n and "statistics" in n for n in plan.notes)
 
 
 def test_model_output_channels_never_pruned():
@@ -177,7 +178,7 @@ def test_weight_tying_kept_consistent():
     assert m.out.weight is m.emb.weight and m.emb.embedding_dim == 4 and m.out.in_features == 4
 
 
-def test_lstm_is_refused_clearly():
+def test_lstm_hidden_units_are_pruned():
     class R(nn.Module):
         def __init__(self):
             super().__init__()
@@ -186,8 +187,9 @@ def test_lstm_is_refused_clearly():
         def forward(self, x):
             return self.b(self.rnn(self.a(x))[0])
 
-    plan = plan_channels(R(), torch.randn(2, 4, 3), ratio=0.5)
-    assert plan.choices == [] and any("LSTM" in n for n in plan.notes)
+    m = R()
+    _oracle(m, torch.randn(2, 4, 3), ratio=0.5)  # more cases: tests/test_recurrent.py
+    assert m.rnn.hidden_size == 3 and m.rnn.input_size == 3 and m.b.in_features == 3
 
 
 def test_attention_heads_gqa_whole_groups():
@@ -218,3 +220,21 @@ def test_meta_device_capture_allocates_nothing():
         m = nn.Sequential(nn.Linear(4096, 11008), nn.SiLU(), nn.Linear(11008, 4096))
     groups = build_groups(m, torch.randn(1, 4, 4096, device="meta"))
     assert groups[0].size == 11008
+
+
+def test_a_size_kept_by_the_root_forward_drops_only_its_group():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.width = 8
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 6)
+            self.c, self.d = nn.Linear(6, 10), nn.Linear(10, 3)
+
+        def forward(self, x):
+            y = self.a(x).reshape(x.size(0), self.width)  # the engine cannot update self.width
+            return self.d(torch.relu(self.c(self.b(y))))
+
+    m, x = Root(), torch.randn(2, 4)
+    plan = _oracle(m, x, ratio=0.5)
+    assert m.a.out_features == 8 and m.c.out_features == 5  # the culprit kept, the rest still pruned
+    assert any("pruned forward failed" in n for n in plan.notes)

@@ -211,3 +211,30 @@ def test_masked_model_is_refused_with_a_hint_and_left_unchanged():
     with pytest.raises(S.PruningError, match="finalize"):
         S.prune_channels(m, torch.randn(1, 3, 8, 8), ratio=0.5)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("what", ["macs", "params"])
+def test_target_is_one_plan_within_and_near_the_target(what):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m, x = tv.models.resnet18(), torch.randn(1, 3, 64, 64)
+    res = prune_channels(m, x, **{f"target_{what}": 0.5})
+    before, after = (res.macs_before, res.macs_after) if what == "macs" else (res.params_before, res.params_after)
+    assert len(res.plans) == 1 and 0.45 * before <= after <= 0.5 * before
+    assert res.macs_after == count_macs(m, x) and res.params_after == count_params(m)
+
+
+def test_plan_counter_is_exact_for_weighted_layers_and_an_upper_bound_elsewhere():
+    from secateur.graph import build_graph
+    from secateur.structured import _Counter
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m, x = tv.models.mobilenet_v3_small(), torch.randn(1, 3, 64, 64)
+    graph = build_graph(m, x)
+    for ratio in (0.2, 0.6):
+        plan = plan_channels(m, x, ratio=ratio, graph=graph, verify=False)
+        macs, params = _Counter(m, x, graph.groups, "macs"), _Counter(m, x, graph.groups, "params")
+        pruned = copy.deepcopy(m)
+        plan.apply(pruned)
+        assert macs.fixed == 0 and macs.estimate(plan.choices) == count_macs(pruned, x)
+        assert params.estimate(plan.choices) == count_params(pruned)

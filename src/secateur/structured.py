@@ -6,14 +6,16 @@ size attributes in place. The result is an ordinary, smaller ``nn.Module``: no m
 computed and checked first (including a dry run on a meta-device skeleton); a PruningError leaves the model
 untouched.
 
-Where removing a channel is not the same as zeroing it at its consumers (a LayerNorm / GroupNorm-over-channels /
-RMSNorm or softmax over the channel dim, a constant that cannot be sliced, a slice at fixed positions, the model's
-outputs), the engine keeps those channels and says so in ``plan.notes``; heads are pruned whole, so the attention
-scale (from the head size) never changes, or, with ``heads="head_dim"``, every head loses the same number of dims
-and the modules keep the scale of the original head size (their ``scaling`` attribute; a call that derives the
-scale from q's size keeps its q/k dims). Hence every plan satisfies the oracle: the original model with the
-chosen channels zeroed where they enter their consumers (``plan.zero_consumers``) computes what the pruned model
-computes."""
+Where removing a channel is not the same as zeroing it at its consumers, the engine either keeps those channels
+and says so in ``plan.notes`` (a softmax or a fused norm over the channel dim, a constant that cannot be sliced,
+a slice at fixed positions, the model's outputs), or prunes them and says so: a LayerNorm / RMSNorm over the
+channel dim then computes its statistics over the kept channels, and the oracle's reference does the same
+(``plan.kept_norms``). GroupNorm loses whole groups only, which is exact. Heads are pruned whole, so the
+attention scale (from the head size) never changes, or, with ``heads="head_dim"``, every head loses the same
+number of dims and the modules keep the scale of the original head size (their ``scaling`` attribute; a call
+that derives the scale from q's size keeps its q/k dims). Hence every plan satisfies the oracle: the original
+model with the chosen channels zeroed where they enter their consumers (``plan.zero_consumers``), inside
+``plan.kept_norms``, computes what the pruned model computes."""
 from __future__ import annotations
 
 import fnmatch
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.graph.groups import Graph, Group, build_graph
+from secateur.graph.groups import Graph, Group, NormSite, build_graph
 from secateur.graph.modules import STRUCTURE_CLASSES, snapshot, update_attrs
 from secateur.importance import group_scores
 from secateur.metrics import count_macs, count_params
@@ -41,6 +43,7 @@ class Plan:
     choices: list[tuple[Group, torch.Tensor]]
     notes: list[str] = field(default_factory=list)
     heads: str = "heads"  # "head_dim": attention units are per-head dims (size attributes follow that)
+    norms: list[NormSite] = field(default_factory=list)
 
     @property
     def removed(self) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
@@ -71,6 +74,35 @@ class Plan:
 
     def apply(self, model: nn.Module) -> dict[str, Any]:
         return _apply(model, self)
+
+    def _norm_keeps(self) -> list[tuple[NormSite, torch.Tensor]]:
+        """(site, kept positions) for every normalisation that loses channels under this plan."""
+        picks = {id(g): chans for g, chans in self.choices}
+        out = []
+        for site in self.norms:
+            drop = torch.zeros(site.size, dtype=torch.bool)
+            for g, idx, chan in site.parts:
+                if id(g) in picks:
+                    pick = torch.zeros(g.size, dtype=torch.bool)
+                    pick[picks[id(g)]] = True
+                    drop[idx[pick[chan]]] = True
+            if drop.any():
+                out.append((site, (~drop).nonzero().flatten()))
+        return out
+
+    def norm_notes(self) -> list[str]:
+        """One note per normalisation whose statistics change (removal is not zeroing there)."""
+        seen = dict.fromkeys(f"{s.where}: {s.op} normalises over pruned channels; its statistics now cover the "
+                             f"kept channels only (removal is not zeroing there; reference: Plan.kept_norms)"
+                             for s, _ in self._norm_keeps())
+        return list(seen)
+
+    def kept_norms(self, model: nn.Module):
+        """Context manager for the oracle where removal is not zeroing: inside it, ``model`` (an unpruned copy,
+        usually after ``zero_consumers``) computes every normalisation this plan shrinks over the kept channels
+        only. ``with plan.kept_norms(ref): want = ref(x)`` then equals the pruned model's output."""
+        from secateur.graph.reference import kept_norms
+        return kept_norms(model, self._norm_keeps())
 
 
 @dataclass
@@ -234,17 +266,40 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
         raise fail("the graph was built for another heads= mode", where="plan_channels", value=heads,
                    hint="build it with build_graph(model, example_inputs, heads=...) using the same mode")
     graph = graph or build_graph(model, example_inputs, heads)
+    cands = _candidates(model, graph, ratio, threshold is not None, importance, ignore, ignore_inputs, reduce,
+                        normalize)
+    plan = _new_plan(graph, _choose(cands, threshold, scope, round_to, graph.links), list(graph.notes), heads)
+    plan = _verified(model, example_inputs, plan, graph) if verify and plan.choices else plan
+    plan.notes.extend(plan.norm_notes())
+    return plan
+
+
+def _new_plan(graph: Graph, choices: list, notes: list[str], heads: str) -> Plan:
+    plan = Plan(graph.groups, choices, notes, heads=heads, norms=graph.norms)
+    note = "heads='head_dim': attention scales stay 1/sqrt(original head size) (module `scaling`)"
+    if any(g.block is not None for g, _ in choices) and note not in plan.notes:
+        plan.notes.append(note)
+    return plan
+
+
+def _candidates(model: nn.Module, graph: Graph, ratio, every: bool, importance, ignore, ignore_inputs, reduce,
+                normalize) -> list[tuple[Group, torch.Tensor, float]]:
+    """(group, channel scores, ratio) for every group that may lose channels (``every``: ratio 0 too)."""
     ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
     cands: list[tuple[Group, torch.Tensor, float]] = []
     for g in graph.groups:
         if _is_ignored(g, ignored, ignored_in):
             continue
         r = _ratio_for(g, ratio)
-        if r <= 0 and threshold is None:
+        if r <= 0 and not every:
             continue
         s = group_scores(g, model, importance, reduce=reduce, normalize=normalize)
         if s is not None:
             cands.append((g, s, r))
+    return cands
+
+
+def _choose(cands, threshold, scope, round_to, links=()) -> list[tuple[Group, torch.Tensor]]:
     choices = []
     if threshold is not None:
         for g, s, _ in cands:
@@ -258,20 +313,19 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
                 choices.append((g, _pick(g, s, n)))
     else:
         choices = _global(cands, round_to)
-    if graph.links:
-        choices = _linked(choices, graph.links, {id(g): s for g, s, _ in cands})
-    plan = Plan(graph.groups, choices, list(graph.notes), heads)
-    if any(g.block is not None for g, _ in choices):
-        plan.notes.append("heads='head_dim': attention scales stay 1/sqrt(original head size) (module `scaling`)")
-    return _verified(model, example_inputs, plan) if verify and plan.choices else plan
+    if links:
+        choices = _linked(choices, links, {id(g): s for g, s, _ in cands})
+    return choices
 
 
-def _verified(model: nn.Module, example_inputs: Any, plan: Plan) -> Plan:
+def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None = None) -> Plan:
     """Dry-run the plan on a meta skeleton; drop the groups inside a module whose forward breaks (its code
     keeps a size the engine cannot update) and try again. Never returns a plan that breaks the forward."""
     from secateur.graph import verify
+    out = getattr(getattr(graph, "tracer", None), "output", None)
+    want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     for _ in range(32):
-        ok, where, err = verify.check(model, example_inputs, plan.apply)
+        ok, where, err = verify.check(model, example_inputs, plan.apply, want)
         if err and ok:
             plan.notes.append(err)
         if ok:
@@ -285,12 +339,26 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan) -> Plan:
             if len(keep) < len(plan.choices) or not scope:
                 break
             scope = scope.rpartition(".")[0]
+        if not scope and len(plan.choices) > 1:  # the model's own forward: find the culprit, keep the rest
+            bad = _culprit(model, example_inputs, plan, want)
+            keep = [c for i, c in enumerate(plan.choices) if i != bad]
         dropped = len(plan.choices) - len(keep)
         plan.notes.append(f"{where or '<model>'}: pruned forward failed ({err}); kept {dropped} group(s) there")
-        plan = Plan(plan.groups, keep, plan.notes, plan.heads)
+        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms)
         if not keep:
             return plan
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
+
+
+def _culprit(model: nn.Module, example_inputs: Any, plan: Plan, want) -> int:
+    """Index of the first choice whose addition breaks the forward (bisection on prefixes: log2(n) dry runs)."""
+    from secateur.graph import verify
+    lo, hi = 0, len(plan.choices)  # prefix lo runs, prefix hi fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok, _, _ = verify.check(model, example_inputs, Plan(plan.groups, plan.choices[:mid]).apply, want)
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return hi - 1
 
 
 def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
@@ -348,8 +416,109 @@ def _latency_plan(model: nn.Module, example_inputs: Any, target_latency: float, 
                               round_to=opts["round_to"], graph=graph,
                               skip=lambda g: _is_ignored(g, ignored, ignored_in),
                               score_options=dict(reduce=opts["reduce"], normalize=opts["normalize"]))
-    plan = Plan(graph.groups, choices, list(graph.notes))
-    return _verified(model, example_inputs, plan) if plan.choices else plan
+    plan = Plan(graph.groups, choices, list(graph.notes), norms=graph.norms)
+    plan = _verified(model, example_inputs, plan, graph) if plan.choices else plan
+    plan.notes.extend(plan.norm_notes())
+    return plan
+
+
+class _Counter:
+    """MACs or params of a plan *without applying it*, from the shapes the plan leaves.
+
+    Params: exact (every parameter's kept shape). MACs: every MAC of a leaf module with weight matrices (Conv,
+    Linear, ConvTranspose, recurrent layers) is (output positions) x (weight elements), so it scales with the
+    kept weight elements exactly; MACs elsewhere (attention matmuls, custom ops) are counted as if they stayed,
+    which can only over-estimate. When such MACs exist, ``exact`` counts a plan on a meta skeleton."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, groups: list[Group], what: str) -> None:
+        from secateur.metrics import macs_by_layer
+        self.model, self.inputs, self.groups, self.what = model, example_inputs, groups, what
+        self.shapes = {}
+        for name, mod in model.named_modules():
+            for pn, p in mod.named_parameters(recurse=False):
+                self.shapes[(name, pn)] = tuple(p.shape)
+        if what == "params":
+            self.total = count_params(model)
+            self.leaves: dict[str, tuple[int, int]] = {}
+            self.fixed = 0
+            return
+        by_layer = macs_by_layer(model, example_inputs)
+        self.total = by_layer.get("", 0)
+        self.leaves = {}
+        for name, mod in model.named_modules():
+            mats = sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= 2)
+            if mats and not any(True for _ in mod.children()) and by_layer.get(name, 0):
+                self.leaves[name] = (by_layer[name], mats)
+        self.fixed = self.total - sum(m for m, _ in self.leaves.values())
+
+    def estimate(self, choices) -> int:
+        """Exact for params, and for MACs when ``fixed`` is 0; an upper bound otherwise."""
+        removed = Plan(self.groups, choices).removed
+        lost: dict[str, int] = {}
+        for (mname, tname), dims in removed.items():
+            shape = self.shapes.get((mname, tname))
+            if shape is None or (self.what == "macs" and (mname not in self.leaves or len(shape) < 2)):
+                continue
+            new = math.prod(s - int(dims[d].numel()) if d in dims else s for d, s in enumerate(shape))
+            lost[mname] = lost.get(mname, 0) + math.prod(shape) - new
+        if self.what == "params":
+            return self.total - sum(lost.values())
+        return self.total - sum(self.leaves[n][0] * k // self.leaves[n][1] for n, k in lost.items())
+
+    def exact(self, choices) -> int:
+        if self.what == "params" or not self.fixed:
+            return self.estimate(choices)
+        from secateur.graph.verify import skeleton, to_meta
+        sk = skeleton(self.model)
+        if choices:
+            _apply(sk, Plan(self.groups, choices))
+        return count_macs(sk, to_meta(self.inputs))
+
+
+def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: str, opts: dict) -> Plan:
+    """One plan meeting a MACs / params target from one capture: the uniform ratio (or the global budget) is
+    found by bisection on the plan's count without applying it (`_Counter`), refined on exact counts where the
+    cheap count is only an upper bound, then verified. Groups the verification leaves out are excluded and the
+    search runs again, so the verified plan still meets the target (when any ratio < 1 can)."""
+    if opts["heads"] == "head_dim":
+        _refuse_rope(model)
+    graph = build_graph(model, example_inputs, opts["heads"])
+    counter = _Counter(model, example_inputs, graph.groups, what)
+    goal = fraction * counter.total
+    cands = _candidates(model, graph, 1.0, False, opts["importance"], opts["ignore"], opts["ignore_inputs"],
+                        opts["reduce"], opts["normalize"])
+    notes = list(graph.notes)
+
+    def search(choose, count, lo: float, hi: float, steps: int) -> float:
+        for _ in range(steps):
+            if hi - lo <= 1e-3:
+                break
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if count(choose(mid)) <= goal else (mid, hi)
+        return hi
+
+    for _ in range(4):
+        def choose(r: float, cands=cands):
+            return _choose([(g, s, r) for g, s, _ in cands], None, opts["scope"], opts["round_to"], graph.links)
+
+        hi = 0.99
+        if counter.exact(choose(hi)) > goal:
+            notes.append(f"target_{what}={fraction} is not reachable with a ratio below 1; pruned at {hi}")
+        else:
+            hi = search(choose, counter.estimate, 0.0, hi, 20)  # upper bound: hi meets the goal for sure
+            if counter.fixed and what == "macs":
+                hi = search(choose, counter.exact, 0.0, hi, 6)  # a lower ratio may meet it too
+        plan = _new_plan(graph, choose(hi), list(notes), opts["heads"])
+        if not plan.choices:
+            return plan
+        plan = _verified(model, example_inputs, plan, graph)
+        dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
+        if not dropped or counter.exact(plan.choices) <= goal:
+            break
+        cands = [c for c in cands if id(c[0]) not in dropped]
+        notes = plan.notes
+    plan.notes.extend(plan.norm_notes())
+    return plan
 
 
 # ---------------------------------------------------------------- applying
@@ -416,9 +585,9 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
         entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()})
         for pn, p in mod.named_parameters(recurse=False):
             entry["params"][pn] = list(p.shape)
-        for bn, b in mod.named_buffers(recurse=False):
-            if b is not None:
-                entry["buffers"][bn] = list(b.shape)
+        for bn, b in mod.named_buffers(recurse=False):  # a non-persistent buffer left whole is not recorded:
+            if b is not None and (bn not in mod._non_persistent_buffers_set or (name, bn) in removed):
+                entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
@@ -461,6 +630,10 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
     # head counts only where the config states the head size; where it derives it (hidden // heads: BERT, GPT-2,
     # ViT, BART) a new head count would build a different model, so the structure record carries it instead
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+    if head_dim:  # the hidden size (residual stream, pruned through its RMSNorms) is then free to change too
+        vals = sizes("embedding_dim", ("embed_tokens",), dim=1)
+        if hasattr(config, "hidden_size") and len(vals) == 1:
+            changed["hidden_size"] = vals.pop()
     if head_dim and heads == "head_dim":  # head counts stay; the stated head size follows the q projections
         key = "head_dim" if getattr(config, "head_dim", None) else "d_kv"
         n = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
@@ -518,7 +691,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                    ignore_inputs: Iterable = (), target_latency: float | None = None,
                    latency_table: Any = None) -> StructuredResult:
     """Physically remove channels from ``model`` in place (see module docstring). ``target_macs`` /
-    ``target_params`` (fractions of the current model) prune iteratively until reached; ``steps`` splits
+    ``target_params`` (fractions of the current model): one uniform ratio (or global budget with
+    ``scope="global"``) found by bisection on the plan's exact count, applied once; ``steps`` splits
     ``ratio`` into that many capture-score-prune rounds. ``ignore``: modules (or names / globs) whose output
     channels are kept; ``ignore_inputs``: modules whose input channels are kept. The model's outputs are always
     kept, whatever layer produces them. ``heads``: "heads" removes whole attention heads (whole key/value groups
@@ -545,24 +719,11 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
             plan.apply(model)
             plans.append(plan)
     elif target_macs is not None or target_params is not None:
-        measure = (lambda: count_macs(model, example_inputs)) if target_macs is not None else \
-            (lambda: count_params(model))
-        goal = (target_macs if target_macs is not None else target_params) * (macs0 if target_macs is not None
-                                                                               else params0)
-        current = macs0 if target_macs is not None else params0
-        for _ in range(50):
-            if current <= goal:
-                break
-            r = min(0.5, max(0.02, 1 - math.sqrt(goal / current)))
-            plan = plan_channels(model, example_inputs, ratio=r, threshold=None, **opts)
-            while not plan.choices and r < 0.9:  # small groups round a small step to nothing: step up
-                r = min(0.9, r * 2)
-                plan = plan_channels(model, example_inputs, ratio=r, threshold=None, **opts)
-            if not plan.choices:
-                break
+        what = "macs" if target_macs is not None else "params"
+        plan = _target_plan(model, example_inputs, target_macs if what == "macs" else target_params, what, opts)
+        if plan.choices:
             plan.apply(model)
             plans.append(plan)
-            current = measure()
     else:
         for i in range(steps):
             if isinstance(ratio, dict):

@@ -46,6 +46,8 @@ class Tracer:
         self.slots: dict[tuple[str, int], dict[str, Any]] = {}
         self.notes: list[str] = []
         self.constraints: list[tuple[torch.Tensor, list[int]]] = []  # view splits, see groups.py
+        self.norms: list[dict[str, Any]] = []  # normalisations over prunable channels, see norm_site
+        self.calls: dict[Any, int] = {}  # ATen calls per op (all, labelled or not) and norm-module calls
         self.depth = 0  # >0 while inside a leaf module handled as a whole
         self.stack: list[str] = [""]
         self.owner: dict[int, tuple[str, str, bool]] = {}  # id(tensor) -> (module name, attr, is_param)
@@ -90,6 +92,23 @@ class Tracer:
         self.labels[id(p)] = lab
         return lab
 
+    def param_label_along(self, p: torch.Tensor, dim: int) -> torch.Tensor | None:
+        """A free parameter with several non-1 dims (a position embedding [1, tokens, C]) that meets channels
+        along exactly one of them: atoms along that dim (sliced with those channels), constant along the
+        others. None if it is not a model parameter or already labelled another way."""
+        if id(p) not in self.owner or not self.owner[id(p)][2]:
+            return None
+        if id(p) in self.labels:
+            lab = self.labels[id(p)]
+            return lab if lab is not None and lab.size(dim) == p.size(dim) and lab.numel() == p.size(dim) else None
+        atoms = self.atoms.new(p.size(dim))
+        self.slot(p, dim, atoms, "param")
+        shape = [1] * p.dim()
+        shape[dim] = p.size(dim)
+        lab = atoms.reshape(shape)
+        self.labels[id(p)] = lab
+        return lab
+
     # ---- slots: (tensor name, dim) -> atom per index
     def name_of(self, p: torch.Tensor) -> tuple[str, str]:
         mname, attr, _ = self.owner[id(p)]
@@ -112,6 +131,14 @@ class Tracer:
             if kind == "out" or (kind == "in" and prev["kind"] == "param"):
                 prev["kind"] = kind
 
+    def norm_site(self, kind: str, key: Any, op: str, atoms: torch.Tensor) -> None:
+        """A normalisation whose statistics run over prunable channels (``atoms``: one per position along the
+        normalised dim). Removing a channel there is not zeroing it; the plan notes it, and ``Plan.kept_norms``
+        rebuilds the reference (statistics over the kept channels) from ``kind`` ("op": ATen op packet, or
+        "module": module name) and the call number ``key`` is at."""
+        self.norms.append({"kind": kind, "key": key, "call": self.calls.get(key, 0) - 1, "where": self.where(),
+                           "op": op, "atoms": atoms.clone()})
+
     def where(self) -> str:
         return self.stack[-1] or "<root>"
 
@@ -127,6 +154,8 @@ class _Mode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        calls = self.tracer.calls
+        calls[func.overloadpacket] = calls.get(func.overloadpacket, 0) + 1
         if self.tracer.depth == 0:
             from secateur.graph.rules import apply_rule
             apply_rule(self.tracer, func, args, kwargs, out)

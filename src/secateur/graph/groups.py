@@ -46,6 +46,7 @@ class Group:
     size: int
     members: list[Member] = field(default_factory=list)
     block: torch.Tensor | None = None  # heads="head_dim": head of each channel; every head loses the same count
+    norms: list[str] = field(default_factory=list)  # normalisations over these channels ("where: op")
 
     def modules(self) -> set[str]:
         return {m.module for m in self.members}
@@ -57,6 +58,21 @@ class Group:
 
 
 @dataclass
+class NormSite:
+    """One call of a normalisation over prunable channels (LayerNorm / RMSNorm over the last dim): removing a
+    channel changes its statistics, so the pruning reference recomputes it over the kept channels. ``kind``:
+    "module" (``key`` = module name) or "op" (``key`` = ATen op packet); ``call``: which call of that key, in
+    the order the model runs; ``parts``: (group, positions along the normalised dim, group channel of each)."""
+    kind: str
+    key: Any
+    call: int
+    where: str
+    op: str
+    size: int
+    parts: list[tuple[Group, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
 class Graph:
     groups: list[Group]
     notes: list[str]
@@ -64,6 +80,7 @@ class Graph:
     links: list[tuple[Group, Group]] = field(default_factory=list)  # must lose the same count per head
     root: Any = None  # root[atom]: its component
     where: Any = None  # where[root] = (group index, channel), -1 where not prunable
+    norms: list[NormSite] = field(default_factory=list)
 
 
 def _block_rows(tr: Tracer, root: torch.Tensor) -> set[frozenset]:
@@ -206,13 +223,24 @@ def _groups(tr: Tracer) -> Graph:
     for g in groups:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
         g.name = g.members[0].module
+    norms = []
+    for site in tr.norms:
+        c = root[site["atoms"]]
+        ns = NormSite(site["kind"], site["key"], site["call"], site["where"], site["op"], c.numel())
+        g = gid[c]
+        for G in torch.unique(g[g >= 0]).tolist():
+            idx = (g == G).nonzero().flatten()
+            ns.parts.append((groups[G], idx, local[c[idx]]))
+            groups[G].norms.append(f"{site['where']}: {site['op']}")
+        if ns.parts:
+            norms.append(ns)
     order = sorted(range(len(groups)), key=lambda i: groups[i].name)
     rank = torch.empty(len(groups), dtype=torch.long)
     rank[torch.tensor(order)] = torch.arange(len(groups))
     where = torch.full((n, 2), -1, dtype=torch.long)
     where[roots, 0] = rank[gid[roots]]
     where[roots, 1] = local[roots]
-    return Graph([groups[i] for i in order], tr.notes, tr, root=root, where=where)
+    return Graph([groups[i] for i in order], tr.notes, tr, root=root, where=where, norms=norms)
 
 
 def build_graph(model: nn.Module, example_inputs: Any, heads: str = "heads") -> Graph:

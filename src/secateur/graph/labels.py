@@ -7,7 +7,7 @@ together (residual adds, q/k contraction, a constant that cannot be sliced, ...)
 tensors and solved once at the end (vectorised union-find), so capture cost is one small tensor op per model op.
 
 Atom 0 is BLOCKED: anything unioned with it can never be pruned (model outputs, normalisations over the channel
-dim, recurrent layers...)."""
+dim reached by a fused kernel, an initial recurrent state from outside...)."""
 from __future__ import annotations
 
 import torch

@@ -158,10 +158,31 @@ def group_norm(tr: Tracer, mod, args, kwargs, out):
 
 @leaf(nn.LayerNorm, nn.RMSNorm, names=("transformers.models.llama.modeling_llama.LlamaRMSNorm",))
 def layer_norm(tr: Tracer, mod, args, kwargs, out):
-    """Normalising over channels: removal is not zeroing, so these channels are kept (noted in the plan)."""
+    """Normalising over the last dim. Channels along it are pruned with the affine weight, but removal is not
+    zeroing there (the statistics change): the site is recorded so the plan says so and the reference can
+    compute the statistics over the kept channels (``Plan.kept_norms``)."""
     x = _input(args, kwargs)
-    tr.atoms.block(tr.get(x))
-    tr.notes.append(f"{tr.where()}: {type(mod).__name__} normalises over channels; its channels are kept")
+    name = tr.where()
+    tr.calls[name] = tr.calls.get(name, 0) + 1
+    lab = _pad(tr.get(x), x.dim())
+    if lab is None:
+        return
+    shape = tuple(getattr(mod, "normalized_shape", (x.size(-1),)))
+    weight = getattr(mod, "weight", None)
+    if all(lab.size(-1 - d) == 1 for d in range(len(shape))):  # channels on other dims only: each is
+        tr.set(out, lab)  # normalised on its own, nothing mixes them
+        return
+    if len(shape) != 1 or not isinstance(weight, torch.Tensor):
+        tr.atoms.block(lab)  # several normalised dims, or no tensor that would carry the new size
+        tr.notes.append(f"{name}: {type(mod).__name__} normalises over channels "
+                        f"({'no affine weight' if len(shape) == 1 else f'shape {shape}'}); its channels are kept")
+        return
+    chan = _channels(tr, x, -1)
+    for t in (weight, getattr(mod, "bias", None)):
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == chan.numel():
+            tr.slot(t, 0, chan, "param")
+    tr.norm_site("module", name, type(mod).__name__, chan)
+    tr.set(out, _shape_for(out.dim(), -1, chan))
 
 
 @leaf(nn.PReLU)
@@ -188,11 +209,11 @@ def embedding(tr: Tracer, mod, args, kwargs, out):
     tr.set(out, _shape_for(out.dim(), -1, atoms))
 
 
-@leaf(nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
-      nn.EmbeddingBag, nn.Bilinear)
+@leaf(nn.EmbeddingBag, nn.Bilinear)
 def kept(tr: Tracer, mod, args, kwargs, out):
-    """Refused on purpose: recurrent layers tie hidden size to their state. Their channels (and their inputs'
-    channels) are kept. (nn.MultiheadAttention has its own rule in mha.py.)"""
+    """Refused on purpose: bags and bilinear forms tie their sizes together in ways the engine does not map.
+    Their channels (and their inputs' channels) are kept. (nn.MultiheadAttention: mha.py; recurrent layers:
+    recurrent.py.)"""
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
             tr.atoms.block(tr.get(a))
@@ -277,6 +298,14 @@ def _gn(mod, old):
     return {"num_groups": mod.num_groups, "num_channels": c}
 
 
+@updater(nn.LayerNorm, nn.RMSNorm)
+def _ln(mod, old):
+    if not isinstance(getattr(mod, "weight", None), torch.Tensor):
+        return {}
+    mod.normalized_shape = (int(mod.weight.shape[0]),)
+    return {"normalized_shape": mod.normalized_shape}
+
+
 @updater(nn.PReLU)
 def _prelu(mod, old):
     mod.num_parameters = int(mod.weight.shape[0])
@@ -341,3 +370,4 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 
 
 from secateur.graph import mha as _mha  # noqa: E402,F401 - registers nn.MultiheadAttention (needs the above)
+from secateur.graph import recurrent  # noqa: E402,F401  (registers the recurrent leaves and updaters)

@@ -153,10 +153,33 @@ def pointwise(tr, func, args, kwargs, out):
     for c in consts:  # a constant that varies along a channel dim cannot be sliced: all-or-nothing there
         csh = (1,) * (nd - c.dim()) + tuple(c.shape)
         dims = [d for d in range(nd) if csh[d] > 1 and res.size(d) > 1]
+        d = _param_dim(tr, c, res, dims)
+        if d is not None:  # a free parameter (position embedding [1, tokens, C]) is sliced with its channels
+            res = tr.atoms.collapse(res, [e for e in dims if e != d])  # the other dims: the same channels
+            res = _join(tr, res, _pad(tr.param_label_along(c, d - (nd - c.dim())), nd))
+            continue
         if dims:
             res = tr.atoms.collapse(res, dims)
     for t in outs:
         tr.set(t, res if t.dim() == nd else None)
+
+
+def _param_dim(tr, c, res, dims) -> int | None:
+    """For a model parameter meeting labelled channels along ``dims``: the one dim it can be sliced along (the
+    dim whose slices mix the fewest distinct atoms: channels, not tokens, in a cls-token + patches stream), or
+    None when it is not a free parameter, is already labelled, or cannot be sliced."""
+    if not dims or id(c) not in tr.owner or not tr.owner[id(c)][2] or id(c) in tr.labels:
+        return None
+    off = res.dim() - c.dim()
+    best, cost = None, None
+    for d in dims:
+        if res.size(d) != c.size(d - off):
+            continue
+        rows = res.movedim(d, 0).reshape(res.size(d), -1).sort(dim=1).values
+        k = int((rows[:, 1:] != rows[:, :-1]).sum()) if rows.size(1) > 1 else 0
+        if cost is None or k < cost:
+            best, cost = d, k
+    return best
 
 
 # ---------------------------------------------------------------- data movement: run the op on the labels
@@ -614,11 +637,69 @@ def batch_norm(tr, func, args, kwargs, out):
             tr.set(t, None)
 
 
-@rule(aten.native_layer_norm, aten.layer_norm, aten.native_group_norm, aten.group_norm, aten.rms_norm,
-      aten._fused_rms_norm)
+def _affine(tr, chan, p):
+    """A norm's per-channel weight/bias met at op level: sliced with the channels when it is a free parameter;
+    an unsliceable constant makes the channels all-or-nothing."""
+    if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() != chan.numel():
+        return chan
+    pl = tr.get(p)
+    if pl is None:
+        pl = tr.param_label(p)
+    if pl is None:
+        return tr.atoms.collapse(chan, [0]).expand(chan.numel()).clone()
+    tr.atoms.union(chan, pl.reshape(-1))
+    return chan
+
+
+@rule(aten.native_layer_norm, aten.layer_norm)
+def layer_norm(tr, func, args, kwargs, out):
+    """LayerNorm over the last dim reached at op level (ConvNeXt's LayerNorm2d permutes, then calls it): the
+    channels are pruned with the affine parameters and the site is recorded (removal is not zeroing there)."""
+    x, shape = args[0], list(args[1])
+    lab = _pad(tr.get(x), x.dim())
+    outs = _outs(out)
+    if lab is not None and all(lab.size(-1 - d) == 1 for d in range(len(shape))):
+        tr.set(outs[0], lab)  # channels on other dims only: each one is normalised on its own
+        for t in outs[1:]:
+            tr.set(t, None)
+        return
+    if lab is None or len(shape) != 1:
+        return norm_over_channels(tr, func, args, kwargs, out)
+    chan = tr.atoms.collapse(lab, range(x.dim() - 1)).reshape(-1)
+    for p in args[2:4]:
+        chan = _affine(tr, chan, p)
+    tr.norm_site("op", func.overloadpacket, func.overloadpacket._qualified_op_name, chan)
+    tr.set(outs[0], chan.reshape((1,) * (x.dim() - 1) + (-1,)))
+    for t in outs[1:]:
+        tr.set(t, None)  # per-row statistics
+
+
+@rule(aten.native_group_norm, aten.group_norm)
+def group_norm(tr, func, args, kwargs, out):
+    """GroupNorm at op level: whole groups only (then removal is exactly zeroing), and only inside an
+    nn.GroupNorm (subclass) with that group count, whose ``num_groups`` the engine updates: a count written in
+    the model's code would stay and silently regroup the channels."""
+    x = args[0]
+    groups = args[6] if func.overloadpacket is aten.native_group_norm else args[1]
+    lab = _pad(tr.get(x), x.dim())
+    outs = _outs(out)
+    owner = tr.model.get_submodule(tr.where()) if tr.where() != "<root>" else tr.model
+    if lab is None or x.dim() < 2 or not (isinstance(owner, torch.nn.GroupNorm) and owner.num_groups == groups):
+        return norm_over_channels(tr, func, args, kwargs, out)
+    chan = tr.atoms.collapse(lab, [0, *range(2, x.dim())]).reshape(-1).expand(x.size(1))
+    chan = tr.atoms.collapse(chan.reshape(groups, -1), [1]).expand(groups, x.size(1) // groups).reshape(-1)
+    weights = args[1:3] if func.overloadpacket is aten.native_group_norm else args[2:4]
+    for p in weights:
+        chan = _affine(tr, chan, p)
+    tr.set(outs[0], chan.reshape((1, -1) + (1,) * (x.dim() - 2)))
+    for t in outs[1:]:
+        tr.set(t, None)
+
+
+@rule(aten.rms_norm, aten._fused_rms_norm)
 def norm_over_channels(tr, func, args, kwargs, out):
-    """Normalising over the channel dim: removing a channel changes every output, unlike zeroing its consumer
-    weights, so these channels are never pruned (the plan says so)."""
+    """A normalisation the engine cannot slice (several normalised dims, a fused kernel): its channels are kept
+    (the plan says so)."""
     for t in [*_tensors(args)]:
         tr.atoms.block(tr.get(t))
         if id(t) in tr.owner:
