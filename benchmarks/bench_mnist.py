@@ -435,6 +435,7 @@ def plot(out_dir: Path) -> Path | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         log("matplotlib is not installed (pip install 'secateur[plot]'): no plot")
         return None
@@ -467,6 +468,10 @@ def plot(out_dir: Path) -> Path | None:
             ax.set_xlabel("MAC reduction (dense / pruned)")
         ax.axhline(dense_err, color="black", lw=1, label=f"dense {dense_err:.2f} %")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(  # label 2, 3, 5 of each decade only
+            lambda v, _: f"{v:g}×" if f"{v:.0e}"[0] in "235" else ""))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_ylabel("test error (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
