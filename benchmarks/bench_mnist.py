@@ -21,7 +21,7 @@ cosine learning rate, random shifts of up to ``shift`` pixels (the same seeded s
 
     python benchmarks/bench_mnist.py                                   # everything (see README for time)
     python benchmarks/bench_mnist.py --parts structured --out benchmarks/results/mnist_structured.json
-    python benchmarks/bench_mnist.py --quick                           # smoke test, ~1 min, temp dir
+    python benchmarks/bench_mnist.py --quick                           # smoke test, 1-2 min, temp dir
     python benchmarks/bench_mnist.py --plot-only                       # redraw results/mnist.png
 """
 from __future__ import annotations
