@@ -19,11 +19,19 @@ Methods (``--methods``):
   secateur-latency-target  (not run by default) the target is a *latency* reduction estimated by the
                     table ("2x faster"); MACs reduction is whatever that takes
 
-CPU: ``--batch`` sizes with ``--threads`` threads, float32. GPU (when CUDA is present and ``--gpu-batch``
-is given): bf16 channels-last, eager (and ``--compile``).
+Where (``--device``):
+  cpu   the latency table is measured on the CPU (``--threads``, float32, at ``--table-batch``, default 1)
+        and the models are timed on the CPU at each ``--batch`` size.
+  cuda  the latency table is measured on the GPU (bf16, channels-last, at ``--table-batch``, default the
+        first ``--gpu-batch``) and the models are timed on the GPU at each ``--gpu-batch`` size, eager, and
+        compiled with ``torch.compile`` at each ``--compile-batch`` size when ``--compile`` is given.
+        CPU timing runs only for the ``--batch`` sizes given (none by default with cuda).
+``--dtype`` and ``--channels-last`` override the device's defaults (on the CPU too, which is how the GPU
+code path is tested on machines without one). Pruning itself always runs on the CPU in float32.
 
-    .venv/bin/python benchmarks/bench_speedup.py                       # full run (about 10 minutes)
+    .venv/bin/python benchmarks/bench_speedup.py                       # full CPU run (about 10 minutes)
     .venv/bin/python benchmarks/bench_speedup.py --models resnet50 --targets 2 --batch 1 --repeats 5
+    python benchmarks/bench_speedup.py --device cuda --gpu-batch 64 256 --compile   # GPU, no CPU timing
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,20 +185,51 @@ def prune_secateur(dense: nn.Module, x: torch.Tensor, targets: list[float], args
 _TABLES: dict[int, Any] = {}  # one latency table per dense model and run, shared by the latency methods
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a model runs: device, dtype and memory format (the latency table and the timings agree)."""
+
+    device: str
+    dtype: torch.dtype
+    channels_last: bool
+
+    def model(self, m: nn.Module) -> nn.Module:
+        """``m`` moved in place (as ``nn.Module.to`` does) and returned."""
+        m = m.to(self.device, self.dtype)
+        return m.to(memory_format=torch.channels_last) if self.channels_last else m
+
+    def input(self, batch: int, size: int) -> torch.Tensor:
+        x = torch.randn(batch, 3, size, size, device=self.device, dtype=self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def describe(self) -> dict:
+        return {"device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
+                "channels_last": self.channels_last}
+
+
+CPU32 = Place("cpu", torch.float32, False)
+
+
 def _latency_setup(dense: nn.Module, x: torch.Tensor, args):
+    """Groups, scores and the latency table of ``dense``, measured where ``--device`` says (a copy of the
+    model in the device's dtype and memory format, at ``--table-batch``)."""
     from secateur.latency_model import LatencyTable
     graph, groups, scores = _scored_groups(dense, x)
-    xt = torch.randn(args.table_batch, *x.shape[1:])
     if id(dense) not in _TABLES:
         t0 = time.perf_counter()
         cache = {} if args.table_cache else {"cache": False}
+        place = args.place
+        on_device = place.model(copy.deepcopy(dense)).eval()
+        xt = place.input(args.table_batch, args.size)
         _TABLES[id(dense)] = LatencyTable.build(
-            dense, xt, threads=args.threads, repeats=args.table_repeats, max_points=args.table_points,
-            in_points=max(4, args.table_points // 2), progress=True, **cache)
-        say(f"  latency table: {len(_TABLES[id(dense)].specs)} layers in {time.perf_counter() - t0:.0f} s")
+            on_device, xt, threads=args.threads if place.device == "cpu" else None, repeats=args.table_repeats,
+            max_points=args.table_points, in_points=max(4, args.table_points // 2), progress=True, **cache)
+        say(f"  latency table on {_TABLES[id(dense)].device} ({place.describe()['dtype']}, batch "
+            f"{args.table_batch}): {len(_TABLES[id(dense)].specs)} layers in {time.perf_counter() - t0:.0f} s")
+        del on_device, xt
     table = _TABLES[id(dense)]
     latency = table.cost_fn(table.members_of(groups), "latency", sizes=[g.size for g in groups])
-    return graph, groups, scores, xt, table, latency
+    return graph, groups, scores, table, latency
 
 
 @method("secateur-latency")
@@ -197,11 +237,13 @@ def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[floa
                            ) -> dict[float, nn.Module]:
     """The MACs target, met with the channels whose removal saves the most estimated time per importance."""
     from secateur.allocate import channel_counts, round_candidates
-    graph, groups, scores, xt, table, latency = _latency_setup(dense, x, args)
+    from secateur.latency_model import LatencyTable
+    graph, groups, scores, table, latency = _latency_setup(dense, x, args)
     cands = [round_candidates(g.size, ROUND_TO) for g in groups]
+    shapes = LatencyTable.shapes_only(dense, x)  # MACs at the benchmark's own input, whatever the table's batch
     out = {}
     for t in targets:
-        macs, budget = _macs_budget(dense, xt, table, groups, t)
+        macs, budget = _macs_budget(dense, x, shapes, groups, t)
         try:
             counts = channel_counts(groups, scores, macs, budget=budget, candidates=cands, min_keep=ROUND_TO,
                                     rank_fn=latency)
@@ -219,7 +261,7 @@ def prune_secateur_latency_target(dense: nn.Module, x: torch.Tensor, targets: li
     """HALP's question, "make it t x faster": the target is the table's estimated latency (Conv/Linear
     time; the rest of the model is assumed to shrink in proportion), MACs are whatever that takes."""
     from secateur.allocate import channel_counts, round_candidates
-    graph, groups, scores, xt, table, latency = _latency_setup(dense, x, args)
+    graph, groups, scores, table, latency = _latency_setup(dense, x, args)
     cands = [round_candidates(g.size, ROUND_TO) for g in groups]
     out = {}
     for t in targets:
@@ -248,12 +290,26 @@ def measure(variants: dict[str, nn.Module], x: torch.Tensor, args, *, threads: i
     return out
 
 
+def timings(args) -> list[tuple[Place, int, bool]]:
+    """(place, batch, compiled) of every timing run, in order: CPU first (models start there)."""
+    cpu = args.place if args.place.device == "cpu" else CPU32
+    out = [(cpu, b, False) for b in args.batch]
+    if args.place.device == "cpu":
+        out += [(cpu, b, True) for b in args.compile_batch if args.compile]
+    else:
+        for b in args.gpu_batch:
+            out.append((args.place, b, False))
+            if args.compile and b in args.compile_batch:
+                out.append((args.place, b, True))
+    return out
+
+
 def run_model(name: str, args) -> list[dict]:
     import torchvision
     torch.manual_seed(0)
     _TABLES.clear()
     dense = getattr(torchvision.models, name)().eval()
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, args.size, args.size)
     base_macs, base_params = macs_of(dense, x), params_of(dense)
     variants: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {"method": "dense", "target": 1.0, "macs": base_macs, "params": base_params,
@@ -278,24 +334,24 @@ def run_model(name: str, args) -> list[dict]:
             variants[key] = m
             info[key] = {"method": meth, "target": t, "macs": macs_of(m, x), "params": params_of(m), "prune_s": secs,
                          "predicted_speedup": getattr(m, "predicted_speedup", None)}
+    table = _TABLES.get(id(dense))
+    where = {"table_device": table.device if table else None,
+             "table_batch": args.table_batch if table else None}
     rows = []
-    for b in args.batch:
-        say(f"{name}: timing {len(variants)} variants, CPU batch {b}, {args.threads} threads, {args.repeats} rounds")
-        xb = torch.randn(b, 3, 224, 224)
-        lat = measure(variants, xb, args, threads=args.threads)
-        rows += _rows(name, info, lat, base_macs, base_params, device="cpu", batch=b, dtype="float32",
-                      compiled=False, threads=args.threads)
-    if torch.cuda.is_available() and args.gpu_batch:
-        for k, m in variants.items():
-            variants[k] = m.to("cuda", torch.bfloat16).to(memory_format=torch.channels_last)
-        for b in args.gpu_batch:
-            xb = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.bfloat16).contiguous(
-                memory_format=torch.channels_last)
-            for comp in ([False, True] if args.compile else [False]):
-                say(f"{name}: timing on {torch.cuda.get_device_name()} batch {b}{' compiled' if comp else ''}")
-                lat = measure(variants, xb, args, threads=None, compile=comp)
-                rows += _rows(name, info, lat, base_macs, base_params, device="cuda", batch=b, dtype="bfloat16",
-                              compiled=comp, threads=None)
+    for place, b, comp in timings(args):
+        threads = args.threads if place.device == "cpu" else None
+        say(f"{name}: timing {len(variants)} variants on {place.device} ({place.describe()['dtype']}"
+            f"{', channels-last' if place.channels_last else ''}) batch {b}{' compiled' if comp else ''}, "
+            f"{args.repeats} rounds")
+        for m in variants.values():
+            place.model(m)
+        if comp:
+            torch._dynamo.reset()  # a fresh compile cache per batch: no recompilation limits hit across runs
+        lat = measure(variants, place.input(b, args.size), args, threads=threads, compile=comp)
+        rows += _rows(name, info, lat, base_macs, base_params, **place.describe(), batch=b, compiled=comp,
+                      threads=threads, **where)
+    for m in variants.values():  # back where pruning left them, so nothing of this model stays on the GPU
+        CPU32.model(m)
     return rows
 
 
@@ -313,15 +369,17 @@ def _rows(name, info, lat, base_macs, base_params, **where) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<14}{'device':<7}{'bs':>4} {'method':<17}{'target':>7}{'MACs red':>9}{'speedup':>9}"
-            f"{'[p10-p90]':>14}{'effic.':>8}{'dense ms':>10}{'ms':>9}")
+    head = (f"{'model':<14}{'device':<9}{'bs':>4} {'method':<17}{'target':>7}{'MACs red':>9}{'speedup':>9}"
+            f"{'[p10-p90]':>14}{'effic.':>8}{'predicted':>10}{'dense ms':>10}{'ms':>9}")
     print(head)
     print("-" * len(head))
-    for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["batch"], r["target"], r["method"])):
+    for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["batch"], r["compiled"], r["target"],
+                                         r["method"])):
         dev = r["device"] + ("+c" if r["compiled"] else "")
-        print(f"{r['model']:<14}{dev:<7}{r['batch']:>4} {r['method']:<17}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
+        pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else "-"
+        print(f"{r['model']:<14}{dev:<9}{r['batch']:>4} {r['method']:<17}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
               f"{r['speedup']:>8.2f}x  [{r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}]{r['efficiency']:>8.2f}"
-              f"{r['dense_latency_ms']:>10.1f}{r['latency_ms']:>9.1f}")
+              f"{pred:>10}{r['dense_latency_ms']:>10.2f}{r['latency_ms']:>9.2f}")
 
 
 def machine() -> dict:
@@ -346,28 +404,70 @@ def machine() -> dict:
     return d
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Arguments, with the device-dependent defaults resolved (and refused when they cannot work)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=MODELS, help="torchvision model names")
     ap.add_argument("--methods", nargs="+", default=["tp", "secateur", "secateur-latency"], choices=list(METHODS))
     ap.add_argument("--targets", nargs="+", type=float, default=[2.0, 4.0], help="MACs (or latency) reductions")
-    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="CPU batch sizes")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the latency table is measured and the --gpu-batch timings run (cuda)")
+    ap.add_argument("--batch", nargs="*", type=int, default=None,
+                    help="CPU batch sizes (default 1 8 with --device cpu, none with cuda; empty: no CPU timing)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for timing (pinned)")
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds per batch (interleaved)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    ap.add_argument("--gpu-batch", nargs="*", type=int, default=[64, 256], help="GPU batch sizes (bf16)")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models on the GPU")
+    ap.add_argument("--gpu-batch", nargs="*", type=int, default=[64, 256], help="GPU batch sizes (--device cuda)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--compile-batch", nargs="*", type=int, default=None,
+                    help="batch sizes timed compiled (default: the largest GPU batch, or CPU batch on cpu)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="dtype on --device (default float32 on cpu, bfloat16 on cuda)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="channels-last on --device (default: on for cuda, off for cpu)")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument("--size", type=int, default=224, help="input resolution")
     ap.add_argument("--tp-steps", type=int, default=30, help="Torch-Pruning iterative_steps")
     ap.add_argument("--tp-max-ratio", type=float, default=0.9, help="Torch-Pruning final pruning_ratio")
-    ap.add_argument("--table-batch", type=int, default=1, help="batch size the latency table is measured at")
+    ap.add_argument("--table-batch", type=int, default=None,
+                    help="batch the latency table is measured at (default 1 on cpu, the first --gpu-batch on cuda)")
     ap.add_argument("--table-points", type=int, default=12, help="output-channel grid points per layer")
     ap.add_argument("--table-repeats", type=int, default=3)
     ap.add_argument("--table-cache", action="store_true",
                     help="reuse latency tables cached by earlier runs (default: measure afresh, on this run's load)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch.cuda.is_available() is False on this machine")
+    if args.batch is None:
+        args.batch = [] if cuda else [1, 8]
+    if cuda and not args.gpu_batch:
+        ap.error("--device cuda needs at least one --gpu-batch size")
+    if not cuda and not args.batch:
+        ap.error("--device cpu with no --batch size would time nothing")
+    if args.table_batch is None:
+        args.table_batch = args.gpu_batch[0] if cuda else 1
+    if args.compile_batch is None:
+        args.compile_batch = [max(args.gpu_batch if cuda else args.batch)]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    cl = cuda if args.channels_last is None else args.channels_last
+    args.place = Place(args.device, dtype, cl)
+    for flag in ("batch", "gpu_batch", "compile_batch"):
+        if any(b < 1 for b in getattr(args, flag)):
+            ap.error(f"--{flag.replace('_', '-')} sizes must be positive: {getattr(args, flag)}")
+    if args.table_batch < 1 or args.size < 32:
+        ap.error(f"--table-batch must be positive and --size at least 32: {args.table_batch}, {args.size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    if args.batch:  # CPU timing: pin the threads for everything, as the CPU results always were
+        torch.set_num_threads(args.threads)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     t0 = time.perf_counter()
     rows = []
     for name in args.models:
@@ -375,12 +475,14 @@ def main(argv: list[str] | None = None) -> None:
         print_table([r for r in rows if r["model"] == name])
         print(flush=True)
     print_table(rows)
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "place"}
+    plain["place"] = args.place.describe()
     result = {"benchmark": "speedup", "command": " ".join(["benchmarks/bench_speedup.py", *(argv or sys.argv[1:])]),
-              "machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "seconds": time.perf_counter() - t0, "rows": rows}
+              "machine": machine(), "args": plain, "seconds": time.perf_counter() - t0, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     say(f"wrote {args.out} in {result['seconds']:.0f} s")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""benchmarks/bench_speedup.py: argument resolution per device, and the device code path (table measured on
+the chosen device, in its dtype and memory format) run end to end on the CPU with tiny settings."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_speedup.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_speedup", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_cpu_defaults_unchanged(bench):
+    a = bench.parse([])
+    assert a.batch == [1, 8] and a.table_batch == 1 and a.compile_batch == [8]
+    assert a.place == bench.Place("cpu", torch.float32, False)
+    assert [(p.device, b, c) for p, b, c in bench.timings(a)] == [("cpu", 1, False), ("cpu", 8, False)]
+
+
+def test_cuda_defaults(bench, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    a = bench.parse(["--device", "cuda", "--gpu-batch", "64", "256", "--compile"])
+    assert a.batch == [] and a.table_batch == 64 and a.compile_batch == [256]
+    assert a.place == bench.Place("cuda", torch.bfloat16, True)
+    # no CPU timing; eager at both batches, compiled at the largest only
+    assert [(p.device, b, c) for p, b, c in bench.timings(a)] == [
+        ("cuda", 64, False), ("cuda", 256, False), ("cuda", 256, True)]
+    a = bench.parse(["--device", "cuda", "--batch", "1", "--table-batch", "8", "--no-channels-last"])
+    assert a.table_batch == 8 and not a.place.channels_last
+    assert [(p.device, p.dtype, b) for p, b, _ in bench.timings(a)][0] == ("cpu", torch.float32, 1)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--device", "cpu", "--batch"],                      # nothing would be timed
+    ["--batch", "0"],
+    ["--table-batch", "0"],
+    ["--size", "8"],
+])
+def test_bad_arguments_refused(bench, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse(argv)
+    assert e.value.code == 2
+
+
+def test_cuda_refused_without_gpu(bench, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.parse(["--device", "cuda"])
+    assert "cuda.is_available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_device_path_end_to_end_on_cpu(bench, tmp_path):
+    """The GPU path's semantics on the CPU: the table is measured on a copy in the device's dtype and
+    memory format at --table-batch, the models are timed there, and the JSON says so."""
+    out = tmp_path / "speedup.json"
+    torch.manual_seed(0)
+    rows = bench.main(["--models", "resnet18", "--targets", "2", "--batch", "2", "--size", "32",
+                       "--methods", "secateur", "secateur-latency", "--repeats", "2", "--warmup", "1",
+                       "--table-points", "3", "--table-repeats", "1", "--table-batch", "2",
+                       "--channels-last", "--out", str(out)])
+    assert {r["method"] for r in rows} == {"secateur", "secateur-latency"}
+    for r in rows:
+        assert r["device"] == "cpu" and r["channels_last"] and r["dtype"] == "float32" and r["batch"] == 2
+        assert 1.9 <= r["macs_reduction"] <= 2.3            # both meet the 2x MACs target at the benchmark input
+        assert r["speedup"] > 0 and r["table_batch"] == 2
+    lat = next(r for r in rows if r["method"] == "secateur-latency")
+    assert lat["predicted_speedup"] > 1.0 and lat["table_device"].startswith("cpu-")
+    saved = json.loads(out.read_text())
+    assert saved["args"]["place"] == {"device": "cpu", "dtype": "float32", "channels_last": True}
+    assert len(saved["rows"]) == len(rows)
