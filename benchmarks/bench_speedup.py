@@ -19,7 +19,7 @@ Methods (``--methods``):
   secateur-latency-target  (not run by default) the target is a *latency* reduction estimated by the
                     table ("2x faster"); MACs reduction is whatever that takes
 
-Where (``--device``):
+Where (``--device``; by default cuda when a GPU is present, else cpu):
   cpu   the latency table is measured on the CPU (``--threads``, float32, at ``--table-batch``, default 1)
         and the models are timed on the CPU at each ``--batch`` size.
   cuda  the latency table is measured on the GPU (bf16, channels-last, at ``--table-batch``, default the
@@ -422,8 +422,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=MODELS, help="torchvision model names")
     ap.add_argument("--methods", nargs="+", default=["tp", "secateur", "secateur-latency"], choices=list(METHODS))
     ap.add_argument("--targets", nargs="+", type=float, default=[2.0, 4.0], help="MACs (or latency) reductions")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="where the latency table is measured and the --gpu-batch timings run (cuda)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the latency table is measured and the --gpu-batch timings run (cuda); "
+                         "auto: cuda when available")
     ap.add_argument("--batch", nargs="*", type=int, default=None,
                     help="CPU batch sizes (default 1 8 with --device cpu, none with cuda; empty: no CPU timing)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for timing (pinned)")
@@ -449,6 +450,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="reuse latency tables cached by earlier runs (default: measure afresh, on this run's load)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda, but torch.cuda.is_available() is False on this machine")

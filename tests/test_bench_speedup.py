@@ -23,7 +23,8 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-def test_cpu_defaults_unchanged(bench):
+def test_cpu_defaults_unchanged(bench, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     a = bench.parse([])
     assert a.batch == [1, 8] and a.table_batch == 1 and a.compile_batch == [8]
     assert a.place == bench.Place("cpu", torch.float32, False)
@@ -38,6 +39,9 @@ def test_cuda_defaults(bench, monkeypatch):
     # no CPU timing; eager at both batches, compiled at the largest only
     assert [(p.device, b, c) for p, b, c in bench.timings(a)] == [
         ("cuda", 64, False), ("cuda", 256, False), ("cuda", 256, True)]
+    # the lead's command line: `--batch` with no sizes before another option; auto picks cuda when present
+    a = bench.parse(["--batch", "--models", "resnet50", "--gpu-batch", "64", "256"])
+    assert a.place.device == "cuda" and a.batch == [] and a.models == ["resnet50"]
     a = bench.parse(["--device", "cuda", "--batch", "1", "--table-batch", "8", "--no-channels-last"])
     assert a.table_batch == 8 and not a.place.channels_last
     assert [(p.device, p.dtype, b) for p, b, _ in bench.timings(a)][0] == ("cpu", torch.float32, 1)
@@ -45,6 +49,7 @@ def test_cuda_defaults(bench, monkeypatch):
 
 @pytest.mark.parametrize("argv", [
     ["--device", "cpu", "--batch"],                      # nothing would be timed
+    ["--device", "cpu", "--table-batch", "-1"],
     ["--batch", "0"],
     ["--table-batch", "0"],
     ["--size", "8"],
