@@ -382,6 +382,23 @@ class LatencyTable:
         return sum(self.latency(n, out_counts.get(n, s.out_channels), in_counts.get(n))
                    for n, s in self.specs.items())
 
+    def estimate(self, model: nn.Module) -> float:
+        """Estimated seconds of the table's layers at ``model``'s current widths (a pruned copy of the model
+        the table was built for: layers are found by name)."""
+        outs, ins = {}, {}
+        for name, spec in self.specs.items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError as e:
+                raise fail("layer of the latency table not found in the model", where=name) from e
+            w = getattr(mod, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() < 2:
+                raise fail("layer of the latency table has no Conv/Linear weight here", where=name,
+                           value=type(mod).__name__)
+            outs[name] = int(w.shape[0])
+            ins[name] = int(w.shape[1]) * (1 if spec.depthwise else int(getattr(mod, "groups", 1)))
+        return self.total(outs, ins)
+
     def cost_fn(self, members: Sequence[Sequence[tuple]], metric: str = "latency", *,
                 sizes: Sequence[int] | None = None) -> Callable[[Sequence[int]], float]:
         """Model cost of per-group keep counts, for `secateur.allocate.channel_counts`.
