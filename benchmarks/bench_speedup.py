@@ -20,7 +20,8 @@ Methods (``--methods``):
                     table ("2x faster"); MACs reduction is whatever that takes
 
 Where (``--device``; by default cuda when a GPU is present, else cpu):
-  cpu   the latency table is measured on the CPU (``--threads``, float32, at ``--table-batch``, default 1)
+  cpu   the latency table is measured on the CPU (``--threads``, float32, at each ``--table-batch``, by
+        default every ``--batch``: a plan per batch, since the staircase differs between batch 1 and 8)
         and the models are timed on the CPU at each ``--batch`` size.
   cuda  the latency table is measured on the GPU (bf16, channels-last, at ``--table-batch``, default the
         first ``--gpu-batch``) and the models are timed on the GPU at each ``--gpu-batch`` size, eager, and
@@ -182,7 +183,7 @@ def prune_secateur(dense: nn.Module, x: torch.Tensor, targets: list[float], args
     return out
 
 
-_TABLES: dict[int, Any] = {}  # one latency table per dense model and run, shared by the latency methods
+_TABLES: dict[tuple[int, int], Any] = {}  # (dense model, table batch) -> latency table, shared by the latency methods
 
 
 @dataclass(frozen=True)
@@ -215,19 +216,20 @@ def _latency_setup(dense: nn.Module, x: torch.Tensor, args):
     model in the device's dtype and memory format, at ``--table-batch``)."""
     from secateur.latency_model import LatencyTable
     graph, groups, scores = _scored_groups(dense, x)
-    if id(dense) not in _TABLES:
+    key = (id(dense), args.table_batch)
+    if key not in _TABLES:
         t0 = time.perf_counter()
         cache = {} if args.table_cache else {"cache": False}
         place = args.place
         on_device = place.model(copy.deepcopy(dense)).eval()
         xt = place.input(args.table_batch, args.size)
-        _TABLES[id(dense)] = LatencyTable.build(
+        _TABLES[key] = LatencyTable.build(
             on_device, xt, threads=args.threads if place.device == "cpu" else None, repeats=args.table_repeats,
             max_points=args.table_points, in_points=max(4, args.table_points // 2), progress=True, **cache)
-        say(f"  latency table on {_TABLES[id(dense)].device} ({place.describe()['dtype']}, batch "
-            f"{args.table_batch}): {len(_TABLES[id(dense)].specs)} layers in {time.perf_counter() - t0:.0f} s")
+        say(f"  latency table on {_TABLES[key].device} ({place.describe()['dtype']}, batch "
+            f"{args.table_batch}): {len(_TABLES[key].specs)} layers in {time.perf_counter() - t0:.0f} s")
         del on_device, xt
-    table = _TABLES[id(dense)]
+    table = _TABLES[key]
     latency = table.cost_fn(table.members_of(groups), "latency", sizes=[g.size for g in groups])
     return graph, groups, scores, table, latency
 
@@ -326,15 +328,18 @@ def run_model(name: str, args) -> list[dict]:
     variants: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {"method": "dense", "target": 1.0, "macs": base_macs, "params": base_params,
                                        "prune_s": 0.0}}
-    for meth in args.methods:
+    for meth, tb in [(m, tb) for m in args.methods for tb in (args.table_batch if "latency" in m else [None])]:
         t0 = time.perf_counter()
-        say(f"{name}: pruning with {meth} to {args.targets}x")
+        say(f"{name}: pruning with {meth} to {args.targets}x" + (f" (latency table at batch {tb})" if tb else ""))
+        margs = copy.copy(args)
+        margs.table_batch = tb
         try:
-            pruned = METHODS[meth](dense, x, sorted(args.targets), args)
+            pruned = METHODS[meth](dense, x, sorted(args.targets), margs)
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
             say(f"  {meth} failed on {name}: {type(e).__name__}: {e}")
             pruned = {}
         secs = time.perf_counter() - t0
+        table = _TABLES.get((id(dense), tb))
         for t in sorted(args.targets):
             if t not in pruned:
                 say(f"  {meth} did not reach {t}x on {name}")
@@ -342,13 +347,11 @@ def run_model(name: str, args) -> list[dict]:
             m = pruned[t].eval()
             with torch.no_grad():
                 assert m(x).shape == dense(x).shape
-            key = f"{meth}@{t:g}x"
+            key = f"{meth}@{t:g}x" + (f"/t{tb}" if tb and len(args.table_batch) > 1 else "")
             variants[key] = m
             info[key] = {"method": meth, "target": t, "macs": macs_of(m, x), "params": params_of(m), "prune_s": secs,
-                         "predicted_speedup": getattr(m, "predicted_speedup", None)}
-    table = _TABLES.get(id(dense))
-    where = {"table_device": table.device if table else None,
-             "table_batch": args.table_batch if table else None}
+                         "predicted_speedup": getattr(m, "predicted_speedup", None),
+                         "table_device": table.device if table else None, "table_batch": tb}
     rows = []
     for place, b, comp in timings(args):
         threads = args.threads if place.device == "cpu" else None
@@ -361,7 +364,7 @@ def run_model(name: str, args) -> list[dict]:
             _fresh_dynamo(len(variants))
         lat = measure(variants, place.input(b, args.size), args, threads=threads, compile=comp)
         rows += _rows(name, info, lat, base_macs, base_params, **place.describe(), batch=b, compiled=comp,
-                      threads=threads, **where)
+                      threads=threads)
     for m in variants.values():  # back where pruning left them, so nothing of this model stays on the GPU
         CPU32.model(m)
     return rows
@@ -381,7 +384,7 @@ def _rows(name, info, lat, base_macs, base_params, **where) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<14}{'device':<9}{'bs':>4} {'method':<17}{'target':>7}{'MACs red':>9}{'speedup':>9}"
+    head = (f"{'model':<14}{'device':<9}{'bs':>4} {'method (/t table batch)':<21}{'target':>7}{'MACs red':>9}{'speedup':>9}"
             f"{'[p10-p90]':>14}{'effic.':>8}{'predicted':>10}{'dense ms':>10}{'ms':>9}")
     print(head)
     print("-" * len(head))
@@ -389,7 +392,8 @@ def print_table(rows: list[dict]) -> None:
                                          r["method"])):
         dev = r["device"] + ("+c" if r["compiled"] else "")
         pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else "-"
-        print(f"{r['model']:<14}{dev:<9}{r['batch']:>4} {r['method']:<17}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
+        meth = r["method"] + (f"/t{r['table_batch']}" if r.get("table_batch") is not None else "")
+        print(f"{r['model']:<14}{dev:<9}{r['batch']:>4} {meth:<21}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
               f"{r['speedup']:>8.2f}x  [{r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}]{r['efficiency']:>8.2f}"
               f"{pred:>10}{r['dense_latency_ms']:>10.2f}{r['latency_ms']:>9.2f}")
 
@@ -442,8 +446,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=224, help="input resolution")
     ap.add_argument("--tp-steps", type=int, default=30, help="Torch-Pruning iterative_steps")
     ap.add_argument("--tp-max-ratio", type=float, default=0.9, help="Torch-Pruning final pruning_ratio")
-    ap.add_argument("--table-batch", type=int, default=None,
-                    help="batch the latency table is measured at (default 1 on cpu, the first --gpu-batch on cuda)")
+    ap.add_argument("--table-batch", nargs="+", type=int, default=None,
+                    help="batch(es) the latency table is measured at; the latency methods run once per table "
+                         "(default: every --batch on cpu, so each batch has a plan from its own table; the first "
+                         "--gpu-batch on cuda)")
     ap.add_argument("--table-points", type=int, default=12, help="output-channel grid points per layer")
     ap.add_argument("--table-repeats", type=int, default=3)
     ap.add_argument("--table-cache", action="store_true",
@@ -462,7 +468,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if not cuda and not args.batch:
         ap.error("--device cpu with no --batch size would time nothing")
     if args.table_batch is None:
-        args.table_batch = args.gpu_batch[0] if cuda else 1
+        args.table_batch = [args.gpu_batch[0]] if cuda else list(args.batch)
     if args.compile_batch is None:
         args.compile_batch = [max(args.gpu_batch if cuda else args.batch)]
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
@@ -471,7 +477,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("batch", "gpu_batch", "compile_batch"):
         if any(b < 1 for b in getattr(args, flag)):
             ap.error(f"--{flag.replace('_', '-')} sizes must be positive: {getattr(args, flag)}")
-    if args.table_batch < 1 or args.size < 32:
+    if any(b < 1 for b in args.table_batch) or args.size < 32:
         ap.error(f"--table-batch must be positive and --size at least 32: {args.table_batch}, {args.size}")
     return args
 
