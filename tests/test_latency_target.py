@@ -158,3 +158,18 @@ def test_measure_mode_end_to_end_with_the_real_timer():
     assert all(isinstance(r, LatencyRound) and r.measured > 0 for r in res.latency_rounds)
     assert res.latency_measured in [r.measured for r in res.latency_rounds]
     assert m(x).shape == (2, 10)
+
+
+def test_a_table_of_another_model_is_refused_before_anything_changes():
+    from torch import nn
+
+    from secateur.latency_model import LatencyTable, layer_specs
+    m, x = _model()
+    specs = layer_specs(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)), x)
+    store = {s.key(): {"out": {c: 1e-3 * c for c in range(1, s.out_channels + 1)},
+                       "in": {c: 1e-3 for c in range(1, s.in_channels + 1)}} for s in specs.values()}
+    table = LatencyTable.from_measurements(specs, store)
+    before = _widths(m)
+    with pytest.raises(PruningError, match="not found in the model"):
+        prune_channels(m, x, target_latency=0.5, latency_table=table, verify="estimate")
+    assert _widths(m) == before

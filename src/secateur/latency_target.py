@@ -97,7 +97,7 @@ def resolve_verify(verify: Any, table_given: bool) -> LatencyCheck | None:
     return LatencyCheck() if verify == "measure" else None
 
 
-def plan_for_latency(model: nn.Module, example_inputs: Any, target: float, table: Any,
+def plan_for_latency(model: nn.Module, example_inputs: Any, target: float,
                      plan_fn: Callable[[float], Any], check: LatencyCheck | None,
                      estimate: Callable[[nn.Module], float]
                      ) -> tuple[Any, list[LatencyRound], float | None]:

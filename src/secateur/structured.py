@@ -297,12 +297,13 @@ def _latency_target(model: nn.Module, example_inputs: Any, target: float, table:
                    value=type(table).__name__, hint="build one with LatencyTable.build(model, example_inputs)")
     table = table if table is not None else LatencyTable.build(model, example_inputs)
     dense = table.total()
+    table.estimate(model)  # every table layer is found in this model, before anything changes
 
     def estimate(m: nn.Module) -> float:
         return table.estimate(m) / dense
 
     plan, rounds, measured = plan_for_latency(
-        model, example_inputs, target, table, lambda goal: _latency_plan(model, example_inputs, goal, table, opts),
+        model, example_inputs, target, lambda goal: _latency_plan(model, example_inputs, goal, table, opts),
         check, estimate)
     return plan, {"estimate": estimate, "latency_rounds": rounds, "latency_measured": measured}
 
