@@ -19,8 +19,9 @@ Methods (``--methods``):
   secateur-latency-target  (not run by default) the target is a *latency* reduction estimated by the
                     table ("2x faster"); MACs reduction is whatever that takes
 
-Where (``--device``):
-  cpu   the latency table is measured on the CPU (``--threads``, float32, at ``--table-batch``, default 1)
+Where (``--device``; by default cuda when a GPU is present, else cpu):
+  cpu   the latency table is measured on the CPU (``--threads``, float32, at each ``--table-batch``, by
+        default every ``--batch``: a plan per batch, since the staircase differs between batch 1 and 8)
         and the models are timed on the CPU at each ``--batch`` size.
   cuda  the latency table is measured on the GPU (bf16, channels-last, at ``--table-batch``, default the
         first ``--gpu-batch``) and the models are timed on the GPU at each ``--gpu-batch`` size, eager, and
@@ -182,7 +183,7 @@ def prune_secateur(dense: nn.Module, x: torch.Tensor, targets: list[float], args
     return out
 
 
-_TABLES: dict[int, Any] = {}  # one latency table per dense model and run, shared by the latency methods
+_TABLES: dict[tuple[int, int], Any] = {}  # (dense model, table batch) -> latency table, shared by the latency methods
 
 
 @dataclass(frozen=True)
@@ -215,19 +216,20 @@ def _latency_setup(dense: nn.Module, x: torch.Tensor, args):
     model in the device's dtype and memory format, at ``--table-batch``)."""
     from secateur.latency_model import LatencyTable
     graph, groups, scores = _scored_groups(dense, x)
-    if id(dense) not in _TABLES:
+    key = (id(dense), args.table_batch)
+    if key not in _TABLES:
         t0 = time.perf_counter()
         cache = {} if args.table_cache else {"cache": False}
         place = args.place
         on_device = place.model(copy.deepcopy(dense)).eval()
         xt = place.input(args.table_batch, args.size)
-        _TABLES[id(dense)] = LatencyTable.build(
+        _TABLES[key] = LatencyTable.build(
             on_device, xt, threads=args.threads if place.device == "cpu" else None, repeats=args.table_repeats,
             max_points=args.table_points, in_points=max(4, args.table_points // 2), progress=True, **cache)
-        say(f"  latency table on {_TABLES[id(dense)].device} ({place.describe()['dtype']}, batch "
-            f"{args.table_batch}): {len(_TABLES[id(dense)].specs)} layers in {time.perf_counter() - t0:.0f} s")
+        say(f"  latency table on {_TABLES[key].device} ({place.describe()['dtype']}, batch "
+            f"{args.table_batch}): {len(_TABLES[key].specs)} layers in {time.perf_counter() - t0:.0f} s")
         del on_device, xt
-    table = _TABLES[id(dense)]
+    table = _TABLES[key]
     latency = table.cost_fn(table.members_of(groups), "latency", sizes=[g.size for g in groups])
     return graph, groups, scores, table, latency
 
@@ -304,6 +306,18 @@ def timings(args) -> list[tuple[Place, int, bool]]:
     return out
 
 
+def _fresh_dynamo(models: int) -> None:
+    """Every variant is one more compiled entry of the same ``forward``: without room for all of them dynamo
+    would fall back to eager after its recompile limit (8) and the speedup would be eager's."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 8 * models))
+
+
 def run_model(name: str, args) -> list[dict]:
     import torchvision
     torch.manual_seed(0)
@@ -314,15 +328,18 @@ def run_model(name: str, args) -> list[dict]:
     variants: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {"method": "dense", "target": 1.0, "macs": base_macs, "params": base_params,
                                        "prune_s": 0.0}}
-    for meth in args.methods:
+    for meth, tb in [(m, tb) for m in args.methods for tb in (args.table_batch if "latency" in m else [None])]:
         t0 = time.perf_counter()
-        say(f"{name}: pruning with {meth} to {args.targets}x")
+        say(f"{name}: pruning with {meth} to {args.targets}x" + (f" (latency table at batch {tb})" if tb else ""))
+        margs = copy.copy(args)
+        margs.table_batch = tb
         try:
-            pruned = METHODS[meth](dense, x, sorted(args.targets), args)
+            pruned = METHODS[meth](dense, x, sorted(args.targets), margs)
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
             say(f"  {meth} failed on {name}: {type(e).__name__}: {e}")
             pruned = {}
         secs = time.perf_counter() - t0
+        table = _TABLES.get((id(dense), tb))
         for t in sorted(args.targets):
             if t not in pruned:
                 say(f"  {meth} did not reach {t}x on {name}")
@@ -330,13 +347,11 @@ def run_model(name: str, args) -> list[dict]:
             m = pruned[t].eval()
             with torch.no_grad():
                 assert m(x).shape == dense(x).shape
-            key = f"{meth}@{t:g}x"
+            key = f"{meth}@{t:g}x" + (f"/t{tb}" if tb and len(args.table_batch) > 1 else "")
             variants[key] = m
             info[key] = {"method": meth, "target": t, "macs": macs_of(m, x), "params": params_of(m), "prune_s": secs,
-                         "predicted_speedup": getattr(m, "predicted_speedup", None)}
-    table = _TABLES.get(id(dense))
-    where = {"table_device": table.device if table else None,
-             "table_batch": args.table_batch if table else None}
+                         "predicted_speedup": getattr(m, "predicted_speedup", None),
+                         "table_device": table.device if table else None, "table_batch": tb}
     rows = []
     for place, b, comp in timings(args):
         threads = args.threads if place.device == "cpu" else None
@@ -346,10 +361,10 @@ def run_model(name: str, args) -> list[dict]:
         for m in variants.values():
             place.model(m)
         if comp:
-            torch._dynamo.reset()  # a fresh compile cache per batch: no recompilation limits hit across runs
+            _fresh_dynamo(len(variants))
         lat = measure(variants, place.input(b, args.size), args, threads=threads, compile=comp)
         rows += _rows(name, info, lat, base_macs, base_params, **place.describe(), batch=b, compiled=comp,
-                      threads=threads, **where)
+                      threads=threads)
     for m in variants.values():  # back where pruning left them, so nothing of this model stays on the GPU
         CPU32.model(m)
     return rows
@@ -369,7 +384,7 @@ def _rows(name, info, lat, base_macs, base_params, **where) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<14}{'device':<9}{'bs':>4} {'method':<17}{'target':>7}{'MACs red':>9}{'speedup':>9}"
+    head = (f"{'model':<14}{'device':<9}{'bs':>4} {'method (/t table batch)':<21}{'target':>7}{'MACs red':>9}{'speedup':>9}"
             f"{'[p10-p90]':>14}{'effic.':>8}{'predicted':>10}{'dense ms':>10}{'ms':>9}")
     print(head)
     print("-" * len(head))
@@ -377,7 +392,8 @@ def print_table(rows: list[dict]) -> None:
                                          r["method"])):
         dev = r["device"] + ("+c" if r["compiled"] else "")
         pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else "-"
-        print(f"{r['model']:<14}{dev:<9}{r['batch']:>4} {r['method']:<17}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
+        meth = r["method"] + (f"/t{r['table_batch']}" if r.get("table_batch") is not None else "")
+        print(f"{r['model']:<14}{dev:<9}{r['batch']:>4} {meth:<21}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
               f"{r['speedup']:>8.2f}x  [{r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}]{r['efficiency']:>8.2f}"
               f"{pred:>10}{r['dense_latency_ms']:>10.2f}{r['latency_ms']:>9.2f}")
 
@@ -410,8 +426,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=MODELS, help="torchvision model names")
     ap.add_argument("--methods", nargs="+", default=["tp", "secateur", "secateur-latency"], choices=list(METHODS))
     ap.add_argument("--targets", nargs="+", type=float, default=[2.0, 4.0], help="MACs (or latency) reductions")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="where the latency table is measured and the --gpu-batch timings run (cuda)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the latency table is measured and the --gpu-batch timings run (cuda); "
+                         "auto: cuda when available")
     ap.add_argument("--batch", nargs="*", type=int, default=None,
                     help="CPU batch sizes (default 1 8 with --device cpu, none with cuda; empty: no CPU timing)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for timing (pinned)")
@@ -429,14 +446,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=224, help="input resolution")
     ap.add_argument("--tp-steps", type=int, default=30, help="Torch-Pruning iterative_steps")
     ap.add_argument("--tp-max-ratio", type=float, default=0.9, help="Torch-Pruning final pruning_ratio")
-    ap.add_argument("--table-batch", type=int, default=None,
-                    help="batch the latency table is measured at (default 1 on cpu, the first --gpu-batch on cuda)")
+    ap.add_argument("--table-batch", nargs="+", type=int, default=None,
+                    help="batch(es) the latency table is measured at; the latency methods run once per table "
+                         "(default: every --batch on cpu, so each batch has a plan from its own table; the first "
+                         "--gpu-batch on cuda)")
     ap.add_argument("--table-points", type=int, default=12, help="output-channel grid points per layer")
     ap.add_argument("--table-repeats", type=int, default=3)
     ap.add_argument("--table-cache", action="store_true",
                     help="reuse latency tables cached by earlier runs (default: measure afresh, on this run's load)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda, but torch.cuda.is_available() is False on this machine")
@@ -447,7 +468,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if not cuda and not args.batch:
         ap.error("--device cpu with no --batch size would time nothing")
     if args.table_batch is None:
-        args.table_batch = args.gpu_batch[0] if cuda else 1
+        args.table_batch = [args.gpu_batch[0]] if cuda else list(args.batch)
     if args.compile_batch is None:
         args.compile_batch = [max(args.gpu_batch if cuda else args.batch)]
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
@@ -456,7 +477,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("batch", "gpu_batch", "compile_batch"):
         if any(b < 1 for b in getattr(args, flag)):
             ap.error(f"--{flag.replace('_', '-')} sizes must be positive: {getattr(args, flag)}")
-    if args.table_batch < 1 or args.size < 32:
+    if any(b < 1 for b in args.table_batch) or args.size < 32:
         ap.error(f"--table-batch must be positive and --size at least 32: {args.table_batch}, {args.size}")
     return args
 

@@ -23,9 +23,10 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-def test_cpu_defaults_unchanged(bench):
+def test_cpu_defaults_unchanged(bench, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     a = bench.parse([])
-    assert a.batch == [1, 8] and a.table_batch == 1 and a.compile_batch == [8]
+    assert a.batch == [1, 8] and a.table_batch == [1, 8] and a.compile_batch == [8]
     assert a.place == bench.Place("cpu", torch.float32, False)
     assert [(p.device, b, c) for p, b, c in bench.timings(a)] == [("cpu", 1, False), ("cpu", 8, False)]
 
@@ -33,18 +34,23 @@ def test_cpu_defaults_unchanged(bench):
 def test_cuda_defaults(bench, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     a = bench.parse(["--device", "cuda", "--gpu-batch", "64", "256", "--compile"])
-    assert a.batch == [] and a.table_batch == 64 and a.compile_batch == [256]
+    assert a.batch == [] and a.table_batch == [64] and a.compile_batch == [256]
     assert a.place == bench.Place("cuda", torch.bfloat16, True)
     # no CPU timing; eager at both batches, compiled at the largest only
     assert [(p.device, b, c) for p, b, c in bench.timings(a)] == [
         ("cuda", 64, False), ("cuda", 256, False), ("cuda", 256, True)]
+    # the lead's command line: `--batch` with no sizes before another option; auto picks cuda when present
+    a = bench.parse(["--batch", "--models", "resnet50", "--gpu-batch", "64", "256"])
+    assert a.place.device == "cuda" and a.batch == [] and a.models == ["resnet50"]
     a = bench.parse(["--device", "cuda", "--batch", "1", "--table-batch", "8", "--no-channels-last"])
-    assert a.table_batch == 8 and not a.place.channels_last
+    assert a.table_batch == [8] and not a.place.channels_last
     assert [(p.device, p.dtype, b) for p, b, _ in bench.timings(a)][0] == ("cpu", torch.float32, 1)
 
 
 @pytest.mark.parametrize("argv", [
     ["--device", "cpu", "--batch"],                      # nothing would be timed
+    ["--device", "cpu", "--table-batch", "-1"],
+    ["--device", "cpu", "--table-batch", "1", "0"],
     ["--batch", "0"],
     ["--table-batch", "0"],
     ["--size", "8"],
@@ -70,14 +76,17 @@ def test_device_path_end_to_end_on_cpu(bench, tmp_path):
     torch.manual_seed(0)
     rows = bench.main(["--models", "resnet18", "--targets", "2", "--batch", "2", "--size", "32",
                        "--methods", "secateur", "secateur-latency", "--repeats", "2", "--warmup", "1",
-                       "--table-points", "3", "--table-repeats", "1", "--table-batch", "2",
+                       "--table-points", "3", "--table-repeats", "1", "--table-batch", "1", "2",
                        "--channels-last", "--out", str(out)])
     assert {r["method"] for r in rows} == {"secateur", "secateur-latency"}
     for r in rows:
         assert r["device"] == "cpu" and r["channels_last"] and r["dtype"] == "float32" and r["batch"] == 2
         assert 1.9 <= r["macs_reduction"] <= 2.3            # both meet the 2x MACs target at the benchmark input
-        assert r["speedup"] > 0 and r["table_batch"] == 2
-    lat = next(r for r in rows if r["method"] == "secateur-latency")
+        assert r["speedup"] > 0
+    # one latency-aware plan per table batch, each from its own table; the other methods have none
+    assert sorted((r["method"], r["table_batch"] or 0) for r in rows) == [
+        ("secateur", 0), ("secateur-latency", 1), ("secateur-latency", 2)]
+    lat = next(r for r in rows if r["table_batch"] == 2)
     assert lat["predicted_speedup"] > 1.0 and lat["table_device"].startswith("cpu-")
     saved = json.loads(out.read_text())
     assert saved["args"]["place"] == {"device": "cpu", "dtype": "float32", "channels_last": True}

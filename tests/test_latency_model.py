@@ -38,6 +38,8 @@ def test_channel_grid_properties(c, max_points, multiple):
     assert g == sorted(set(g)) and g[-1] == c and g[0] >= 1
     if c <= max_points:
         assert g == list(range(1, c + 1))
+    elif len(g) == 1:  # fewer channels than one step of the grid: only the full count
+        assert c < multiple * math.ceil(c / max_points / multiple)
     else:
         step = g[0]
         assert step % multiple == 0
@@ -207,3 +209,50 @@ def test_shapes_only_table_counts_but_does_not_time():
         t.latency("conv", 8)
     with pytest.raises(PruningError, match="not measured"):
         t.cost_fn(members, "latency")([16, 24])
+
+
+# ----------------------------------------------------------------------------------- robust sweeps
+def test_suspects_are_points_slower_than_a_larger_count():
+    assert lm._suspects([1.0, 2.0, 3.0, 4.0]) == []                    # a rising staircase is trusted
+    assert lm._suspects([1.0, 1.1, 1.0, 2.0]) == []                    # small wobbles (< 25 %) too
+    assert lm._suspects([1.0, 5.0, 2.0, 3.0]) == [1, 2, 3]             # 5.0 before 2.0 and 3.0
+    assert lm._suspects([]) == []
+
+
+class _FakeTimer:
+    """Seconds per call = channels * 1e-4, except that the listed counts are 'hit by load' for the first
+    ``bursts`` samples each: the sweep must not keep a fake step."""
+
+    def __init__(self, bursts: dict[int, int]):
+        self.bursts = dict(bursts)
+        self.calls: dict[int, int] = {}
+
+    def __call__(self, call, number):
+        c = call.__defaults__[0].out_channels  # the layer this call runs
+        self.calls[c] = self.calls.get(c, 0) + 1
+        t = c * 1e-4
+        if self.bursts.get(c, 0) > 0:
+            self.bursts[c] -= 1
+            t *= 20
+        return t
+
+
+def _sweep(timer, repeats=3):
+    spec = lm.layer_specs(nn.Sequential(nn.Conv2d(3, 32, 1)), torch.randn(1, 3, 4, 4))["0"]
+    return lm._measure_sweep(spec, "out", [8, 16, 24, 32], torch.device("cpu"), threads=None, repeats=repeats,
+                             warmup=0, min_sample_s=0.0, tick=lambda: None, timer=timer)
+
+
+def test_sweep_keeps_the_minimum_and_remeasures_fake_steps():
+    # 16 is disturbed for its first 3 samples (every sample of the first pass, as a median of 3 would see)
+    t = _FakeTimer({16: 3 + 1})  # +1: the calibration call
+    got = _sweep(t)
+    assert got == {str(c): pytest.approx(c * 1e-4) for c in (8, 16, 24, 32)}
+    assert t.calls[16] > t.calls[8]  # only the suspect (and the counts it was compared with) ran again
+
+
+def test_sweep_gives_up_after_retries_and_reports_what_it_saw():
+    t = _FakeTimer({16: 10 ** 6})  # a real step (or endless load): kept, after the bounded retries
+    got = _sweep(t, repeats=2)
+    assert got["16"] == pytest.approx(16 * 1e-4 * 20) and got["8"] == pytest.approx(8e-4)
+    assert t.calls[16] == 1 + 2 * (1 + lm._RETRIES)

@@ -118,7 +118,7 @@ def test_table_is_built_on_demand(monkeypatch):
         return synthetic
 
     monkeypatch.setattr(LatencyTable, "build", staticmethod(build))
-    prune_channels(m, x, target_latency=0.5)
+    prune_channels(m, x, target_latency=0.5, verify="estimate")  # measuring: tests/test_latency_target.py
     assert calls and calls[0] is m
     assert _estimate(synthetic, m) <= 0.5 * synthetic.total() * (1 + 1e-9)
 

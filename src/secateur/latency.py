@@ -150,7 +150,10 @@ def _validate(repeats: int, warmup: int, number: int | None) -> None:
 
 
 def _prepare(model: torch.nn.Module, example_inputs: Any, compile: bool) -> Callable[[], Any]:
-    fn = torch.compile(model) if compile else model
+    """``dynamic=False``: models of one class differ only in their weights' shapes, and dynamo would turn
+    the second one it sees into a dynamic-shape graph (slower kernels), so pruned copies compiled after the
+    dense model would be timed with worse code than it was."""
+    fn = torch.compile(model, dynamic=False) if compile else model
     return _caller(fn, example_inputs)
 
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -383,6 +382,23 @@ class LatencyTable:
         return sum(self.latency(n, out_counts.get(n, s.out_channels), in_counts.get(n))
                    for n, s in self.specs.items())
 
+    def estimate(self, model: nn.Module) -> float:
+        """Estimated seconds of the table's layers at ``model``'s current widths (a pruned copy of the model
+        the table was built for: layers are found by name)."""
+        outs, ins = {}, {}
+        for name, spec in self.specs.items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError as e:
+                raise fail("layer of the latency table not found in the model", where=name) from e
+            w = getattr(mod, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() < 2:
+                raise fail("layer of the latency table has no Conv/Linear weight here", where=name,
+                           value=type(mod).__name__)
+            outs[name] = int(w.shape[0])
+            ins[name] = int(w.shape[1]) * (1 if spec.depthwise else int(getattr(mod, "groups", 1)))
+        return self.total(outs, ins)
+
     def cost_fn(self, members: Sequence[Sequence[tuple]], metric: str = "latency", *,
                 sizes: Sequence[int] | None = None) -> Callable[[Sequence[int]], float]:
         """Model cost of per-group keep counts, for `secateur.allocate.channel_counts`.
@@ -488,12 +504,18 @@ def _sweeps_to_measure(specs: Mapping[str, LayerSpec], store: Mapping, max_point
 
 def _measure_sweep(spec: LayerSpec, which: str, counts: Sequence[int], device: torch.device, *,
                    threads: int | None, repeats: int, warmup: int, min_sample_s: float,
-                   tick: Callable[[], None]) -> dict[str, float]:
-    """Median seconds per count. The counts are timed in interleaved rounds (every count once per
-    round) so that a burst of load from other processes spreads over the sweep instead of bending
-    a few neighbouring counts, which would fake a step in the staircase."""
+                   tick: Callable[[], None], timer: Callable[[Callable[[], Any], int], float] | None = None,
+                   ) -> dict[str, float]:
+    """Seconds per count: the *minimum* over interleaved rounds, then counts that look like a step
+    against the trend re-measured (`_suspects`).
+
+    Why the minimum: another process can only add time to a sample, never remove it, so on a shared
+    machine the median of a few samples still carries load bursts. A burst that hits one count of the
+    sweep makes a fake step (72 channels "slower" than 96), and the allocator then builds its plan on
+    that step (seen on MobileNetV2: 128 channels measured 12x slower than 192). Rounds are interleaved
+    (every count once per round) so that a burst spreads over the sweep instead of one count."""
     kind = _BY_NAME[spec.kind]
-    timer = _Timer(device)
+    timer = timer or _Timer(device)
     calls, numbers = [], []
     with pinned_threads(threads), torch.inference_mode():
         for c in counts:
@@ -505,11 +527,31 @@ def _measure_sweep(spec: LayerSpec, which: str, counts: Sequence[int], device: t
             calls.append(call)
             numbers.append(_calibrate(timer, call, min_sample_s))
             tick()
-        samples: list[list[float]] = [[] for _ in counts]
-        for _ in range(repeats):
-            for i, call in enumerate(calls):
-                samples[i].append(timer(call, numbers[i]))
-    return {str(c): statistics.median(s) for c, s in zip(counts, samples)}
+        best = [math.inf] * len(counts)
+        todo = list(range(len(counts)))
+        for _ in range(1 + _RETRIES):
+            for _ in range(repeats):
+                for i in todo:
+                    best[i] = min(best[i], timer(calls[i], numbers[i]))
+            todo = _suspects(best)
+            if not todo:
+                break
+    return {str(c): s for c, s in zip(counts, best)}
+
+
+_RETRIES = 2          # extra rounds of measurement for suspect counts
+_INVERSION = 0.25     # a count this much slower than a larger count of the same sweep is suspect
+
+
+def _suspects(seconds: Sequence[float]) -> list[int]:
+    """Indices (into ascending counts) of points slower by more than `_INVERSION` than some larger count,
+    with that larger count: more channels are rarely much faster, so one of the two was disturbed."""
+    out: set[int] = set()
+    for i, s in enumerate(seconds):
+        for j in range(i + 1, len(seconds)):
+            if s > seconds[j] * (1 + _INVERSION):
+                out.update((i, j))
+    return sorted(out)
 
 
 def _load(path: Path) -> dict:

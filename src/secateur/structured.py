@@ -116,6 +116,11 @@ class StructuredResult:
     channels_pruned: int
     plans: list[Plan] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # target_latency only, as fractions of the dense model: the table's estimate of the applied plan, its
+    # measured latency (None unless verify measured it), and every allocation round (secateur.latency_target)
+    latency_estimate: float | None = None
+    latency_measured: float | None = None
+    latency_rounds: list[Any] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.description
@@ -521,6 +526,28 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
     return plan
 
 
+def _latency_target(model: nn.Module, example_inputs: Any, target: float, table: Any, opts: dict,
+                    check: Any) -> tuple[Plan, dict]:
+    """The plan for ``target_latency`` (checked by measurement when ``check`` is given) and the result's
+    latency fields; ``"estimate"`` is a function of the pruned model, read once the plan is applied."""
+    from secateur.latency_model import LatencyTable
+    from secateur.latency_target import plan_for_latency
+    if table is not None and not isinstance(table, LatencyTable):
+        raise fail("latency_table must be a secateur.latency_model.LatencyTable", where="latency_table",
+                   value=type(table).__name__, hint="build one with LatencyTable.build(model, example_inputs)")
+    table = table if table is not None else LatencyTable.build(model, example_inputs)
+    dense = table.total()
+    table.estimate(model)  # every table layer is found in this model, before anything changes
+
+    def estimate(m: nn.Module) -> float:
+        return table.estimate(m) / dense
+
+    plan, rounds, measured = plan_for_latency(
+        model, example_inputs, target, lambda goal: _latency_plan(model, example_inputs, goal, table, opts),
+        check, estimate)
+    return plan, {"estimate": estimate, "latency_rounds": rounds, "latency_measured": measured}
+
+
 # ---------------------------------------------------------------- applying
 def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
     t = getattr(mod, name)
@@ -689,7 +716,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                    target_macs: float | None = None, target_params: float | None = None, steps: int = 1,
                    reduce: str = "mean", normalize: str | None = None,
                    ignore_inputs: Iterable = (), target_latency: float | None = None,
-                   latency_table: Any = None) -> StructuredResult:
+                   latency_table: Any = None, verify: Any = None) -> StructuredResult:
     """Physically remove channels from ``model`` in place (see module docstring). ``target_macs`` /
     ``target_params`` (fractions of the current model): one uniform ratio (or global budget with
     ``scope="global"``) found by bisection on the plan's exact count, applied once; ``steps`` splits
@@ -704,20 +731,33 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     allocator (`secateur.allocate.latency_choices`) pick every group's channel count from ``latency_table``
     (measured here with `LatencyTable.build` when None) and removes them in one plan; a float ``ratio`` and
     ``scope`` are ignored, and it cannot be combined with ``threshold``, a ratio dict, ``steps`` > 1,
-    ``target_macs`` or ``target_params``. Groups the dry run drops (``plan.notes``) keep their channels."""
+    ``target_macs`` or ``target_params``. Groups the dry run drops (``plan.notes``) keep their channels.
+    ``verify`` says how the latency target is checked: ``"measure"`` times the dense model against each
+    candidate here (interleaved) and re-allocates with a tighter estimated target while the measured ratio
+    misses (`secateur.latency_target`; a `LatencyCheck` sets tolerance, rounds, repeats, or a timer);
+    ``"estimate"`` trusts the table. Default: measure when the table is built here, estimate when one is
+    given (it may describe another device). The result reports ``latency_estimate``, ``latency_measured``
+    and ``latency_rounds``."""
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads)
+    check = None
     if target_latency is not None:
         _validate_latency(ratio, threshold, steps, target_macs, target_params, heads)
+        from secateur.latency_target import resolve_verify
+        check = resolve_verify(verify, latency_table is not None)
+    elif verify is not None:
+        raise fail("verify checks a latency target: give target_latency too", where="prune_channels",
+                   value=verify)
     _refuse_masked(model)
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
                 reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs)
-    plans = []
+    plans, latency = [], {}
     if target_latency is not None:
-        plan = _latency_plan(model, example_inputs, target_latency, latency_table, opts)
+        plan, latency = _latency_target(model, example_inputs, target_latency, latency_table, opts, check)
         if plan.choices:
             plan.apply(model)
             plans.append(plan)
+        latency["latency_estimate"] = latency.pop("estimate")(model)
     elif target_macs is not None or target_params is not None:
         what = "macs" if target_macs is not None else "params"
         plan = _target_plan(model, example_inputs, target_macs if what == "macs" else target_params, what, opts)
@@ -741,4 +781,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     notes = sorted({n for p in plans for n in p.notes})
     desc = (f"pruned {chans} channels in {groups} groups: params {params0:,} -> {params1:,} "
             f"({params1 / max(params0, 1):.1%}), MACs {macs0:,} -> {macs1:,} ({macs1 / max(macs0, 1):.1%})")
-    return StructuredResult(desc, macs0, macs1, params0, params1, groups, chans, plans, notes)
+    if latency:
+        desc += f", latency {latency['latency_estimate']:.1%} of dense (estimated)"
+        if latency.get("latency_measured") is not None:
+            desc += f", {latency['latency_measured']:.1%} (measured)"
+    return StructuredResult(desc, macs0, macs1, params0, params1, groups, chans, plans, notes, **latency)
