@@ -238,8 +238,8 @@ _CHILD = textwrap.dedent('''
         model = empty_model(lambda: transformers.LlamaForCausalLM(cfg).eval())
         base = peak()
         sd = {}
-        for f in sorted(os.listdir(ckpt)):
-            sd.update(load_file(os.path.join(ckpt, f)))
+        for f in sorted(os.listdir(ckpt)):  # clones: anonymous memory, not file pages the kernel may drop
+            sd.update({k: v.clone() for k, v in load_file(os.path.join(ckpt, f)).items()})
         model.load_state_dict(sd, assign=True, strict=False)
         del sd
         prune_llm(model, cal, method="wanda", progress=False)
