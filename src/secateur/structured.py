@@ -326,7 +326,7 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     for _ in range(32):
-        expected = verify.expected(graph, plan.choices, model, example_inputs) if graph is not None else None
+        expected = verify.expected(graph, plan.choices) if graph is not None else None
         ok, where, err, bad = verify.check(model, example_inputs, plan.apply, want, expected)
         if err and ok:
             plan.notes.append(err)
@@ -389,7 +389,7 @@ def _culprit(model: nn.Module, example_inputs: Any, plan: Plan, want, graph: Gra
     while hi - lo > 1:
         mid = (lo + hi) // 2
         prefix = plan.choices[:mid]
-        expected = verify.expected(graph, prefix, model, example_inputs) if graph is not None else None
+        expected = verify.expected(graph, prefix) if graph is not None else None
         ok, _, _, _ = verify.check(model, example_inputs, Plan(plan.groups, prefix).apply, want, expected)
         lo, hi = (mid, hi) if ok else (lo, mid)
     return hi - 1

@@ -44,7 +44,8 @@ def _shapes(out: Any) -> list:
 
 class Mismatch(Exception):
     """A pruned op output whose shape is not the one the plan predicts, or an op sequence that differs from the
-    capture's. ``groups``: indices (in ``Graph.groups``) of the groups removed in that output (empty: unknown)."""
+    unpruned one's. ``groups``: indices (in ``Graph.groups``) of the groups removed in that output (empty when the
+    op sequence differs)."""
 
     def __init__(self, msg: str, groups: list[int]) -> None:
         super().__init__(msg)
@@ -55,11 +56,16 @@ class Expected:
     """The shapes a plan must leave at every step of the capture's ``trace``: a dim whose labels carry removed
     channels shrinks by the positions whose whole slice is removed (whole heads, channels of a flatten); what is
     left must be the same count on every line of one dim (head dims: each head loses as many); dims without labels
-    stay. Where the labels cannot say (several dims could have shrunk), the step is not compared."""
+    stay. Where the labels cannot say (several dims could have shrunk), the step is not compared.
+
+    The steps are the capture's own until an op differs; then (once per capture) the unpruned model's run on meta
+    becomes the reference, since the device can change the ops (see ``_meta_trace``)."""
 
     def __init__(self, graph: Any, choices: list) -> None:
         tr = graph.tracer
-        self.trace, self.leaves = tr.meta_trace, tr.leaf_names
+        self.tracer, self.leaves = tr, tr.leaf_names
+        self.trace = tr.meta_trace if getattr(tr, "meta_trace", None) else tr.trace
+        self.sequence = False  # the last run failed on the op sequence (not on a shape)
         index = {id(g): i for i, g in enumerate(graph.groups)}
         sizes = torch.tensor([0] + [g.size for g in graph.groups])
         offset = torch.cumsum(sizes, 0)[:-1]
@@ -105,6 +111,7 @@ class Expected:
         from secateur.graph.capture import _flat_tensors
         i, self.step_no = self.step_no, self.step_no + 1
         shapes = tuple(tuple(t.shape) for t in _flat_tensors(out))
+        self.sequence = True
         if i >= len(self.trace):
             raise Mismatch(f"the pruned model runs more ops than the unpruned one ({op} after {len(self.trace)}): "
                            "its control flow depends on a pruned size", [])
@@ -112,6 +119,7 @@ class Expected:
         if op != op0 or len(shapes) != len(shapes0):
             raise Mismatch(f"the pruned model runs {op} where the unpruned one ran {op0} (op #{i}): its control "
                            "flow depends on a pruned size", [])
+        self.sequence = False
         for lab, s0, s in zip(labs, shapes0, shapes):
             want = self.shape(lab, s0)
             if want is not None and want != s:
@@ -119,7 +127,8 @@ class Expected:
                                f"{list(s0)}): the code keeps a size of its own", self.groups(lab))
 
     def finish(self) -> None:
-        if self.step_no != len(self.trace):
+        self.sequence = self.step_no != len(self.trace)
+        if self.sequence:
             raise Mismatch(f"the pruned model runs {self.step_no} ops where the unpruned one ran {len(self.trace)}: "
                            "its control flow depends on a pruned size", [])
 
@@ -142,11 +151,11 @@ def _meta_trace(model: nn.Module, example_inputs: Any, tr: Any) -> list | None:
     """The capture's trace as the unpruned model runs it on meta, where the dry run compares. The device can change
     the ops (SDPA's CPU kernel vs its decomposition, scalar constants): steps are aligned by op name, and labels are
     kept only where op and shapes agree; the other meta steps are compared by op name only. Cached on the tracer;
-    None when the unpruned model does not run on meta."""
+    None when the unpruned model does not run on meta (``tr.meta_error`` says why)."""
     if not hasattr(tr, "meta_trace"):
         import difflib
         rec = _Record(tr.leaf_names)
-        got, _, _, _ = run(skeleton(model), example_inputs, rec)
+        got, _, tr.meta_error, _ = run(skeleton(model), example_inputs, rec)
         if got is None:
             tr.meta_trace = None
             return None
@@ -162,11 +171,11 @@ def _meta_trace(model: nn.Module, example_inputs: Any, tr: Any) -> list | None:
     return tr.meta_trace
 
 
-def expected(graph: Any, choices: list, model: nn.Module, example_inputs: Any) -> Expected | None:
+def expected(graph: Any, choices: list) -> Expected | None:
     """The shape check for ``choices`` (None without a capture trace, or where the unpruned model does not run on
     meta: then only the final output shapes are compared)."""
     tr = getattr(graph, "tracer", None)
-    if tr is None or not getattr(tr, "trace", None) or _meta_trace(model, example_inputs, tr) is None:
+    if tr is None or not getattr(tr, "trace", None) or getattr(tr, "meta_trace", ()) is None:
         return None
     return Expected(graph, choices)
 
@@ -255,6 +264,14 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
         want = [tuple(w) for w in want]
     apply(base)
     got, where, err, groups = run(base, example_inputs, expected)
+    if got is None and expected is not None and expected.sequence and expected.trace is expected.tracer.trace:
+        # the ops differ from the capture's: the plan, or the device? compare with the unpruned model on meta
+        tr = expected.tracer
+        if _meta_trace(model, example_inputs, tr) is None:
+            return True, None, f"not verified on meta ({tr.meta_error})", None
+        if [t[0] for t in tr.meta_trace] != [t[0] for t in tr.trace]:
+            expected.trace = tr.meta_trace
+            return check(model, example_inputs, apply, want, expected)
     if got is None:
         if known and groups is None:  # was it the plan, or does the model not run on meta at all?
             base_ok, _, err0, _ = run(skeleton(model), example_inputs)
