@@ -66,6 +66,7 @@ class Expected:
         self.tracer, self.leaves = tr, tr.leaf_names
         self.trace = tr.meta_trace if getattr(tr, "meta_trace", None) else tr.trace
         self.sequence = False  # the last run failed on the op sequence (not on a shape)
+        self.failed: Mismatch | None = None
         index = {id(g): i for i, g in enumerate(graph.groups)}
         sizes = torch.tensor([0] + [g.size for g in graph.groups])
         offset = torch.cumsum(sizes, 0)[:-1]
@@ -108,7 +109,16 @@ class Expected:
         return torch.unique(self.group[atoms]).tolist()
 
     def step(self, op: str, out: Any) -> None:
+        try:
+            self._step(op, out)
+        except Mismatch as e:
+            self.failed = self.failed or e  # sticky: model code that catches it still fails the check
+            raise
+
+    def _step(self, op: str, out: Any) -> None:
         from secateur.graph.capture import _flat_tensors
+        if self.failed is not None:
+            raise self.failed
         i, self.step_no = self.step_no, self.step_no + 1
         shapes = tuple(tuple(t.shape) for t in _flat_tensors(out))
         self.sequence = True
@@ -127,6 +137,8 @@ class Expected:
                                f"{list(s0)}): the code keeps a size of its own", self.groups(lab))
 
     def finish(self) -> None:
+        if self.failed is not None:
+            raise self.failed
         self.sequence = self.step_no != len(self.trace)
         if self.sequence:
             raise Mismatch(f"the pruned model runs {self.step_no} ops where the unpruned one ran {len(self.trace)}: "
@@ -201,7 +213,7 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None
     names = {m: n for n, m in model.named_modules()}
     leaves = expected.leaves if expected is not None else set()
     if expected is not None:
-        expected.step_no = 0
+        expected.step_no, expected.sequence, expected.failed = 0, False, None
     stack: list[str] = []
     depth = [0]
 
@@ -264,7 +276,7 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
         want = [tuple(w) for w in want]
     apply(base)
     got, where, err, groups = run(base, example_inputs, expected)
-    if got is None and expected is not None and expected.sequence and expected.trace is expected.tracer.trace:
+    if groups is not None and expected.sequence and expected.trace is expected.tracer.trace:
         # the ops differ from the capture's: the plan, or the device? compare with the unpruned model on meta
         tr = expected.tracer
         if _meta_trace(model, example_inputs, tr) is None:
