@@ -324,44 +324,78 @@ def _choose(cands, threshold, scope, round_to, links=()) -> list[tuple[Group, to
 
 
 def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None = None) -> Plan:
-    """Dry-run the plan on a meta skeleton; drop the groups inside a module whose forward breaks (its code
-    keeps a size the engine cannot update) and try again. Never returns a plan that breaks the forward."""
+    """Dry-run the plan on a meta skeleton; drop the groups whose removal breaks the model's own forward (its code
+    keeps a size the engine cannot update), or makes an op output a shape other than the plan predicts (the same
+    code, where a ``-1`` hides the stale size: a silently wrong model), and try again. Never returns such a plan."""
     from secateur.graph import verify
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     for _ in range(32):
-        ok, where, err = verify.check(model, example_inputs, plan.apply, want)
+        expected = verify.expected(graph, plan.choices) if graph is not None else None
+        ok, where, err, bad = verify.check(model, example_inputs, plan.apply, want, expected)
         if err and ok:
             plan.notes.append(err)
         if ok:
             return plan
-        scope = where or ""
-        while True:  # the failing module and every module of its class (same code, same problem)
-            cls = type(model.get_submodule(scope)) if scope else None
-            scopes = {n for n, mod in model.named_modules() if type(mod) is cls} | {scope} if scope else set()
-            keep = [(g, c) for g, c in plan.choices if not any(
-                _matches(m.module, scopes) for m in g.members)] if scope else []
-            if len(keep) < len(plan.choices) or not scope:
-                break
-            scope = scope.rpartition(".")[0]
-        if not scope and len(plan.choices) > 1:  # the model's own forward: find the culprit, keep the rest
-            bad = _culprit(model, example_inputs, plan, want)
-            keep = [c for i, c in enumerate(plan.choices) if i != bad]
+        if bad:  # a shape mismatch names the groups removed there: those, and the same role in its class
+            keep = _without_role(model, plan, {id(graph.groups[i]) for i in bad}, where or "")
+        else:
+            keep = _without_module(model, example_inputs, plan, where or "", want, graph)
         dropped = len(plan.choices) - len(keep)
-        plan.notes.append(f"{where or '<model>'}: pruned forward failed ({err}); kept {dropped} group(s) there")
+        what = "pruned forward failed" if bad is None else "pruned shapes differ from the plan's"
+        plan.notes.append(f"{where or '<model>'}: {what} ({err}); kept {dropped} group(s) there")
         plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms)
         if not keep:
             return plan
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
 
 
-def _culprit(model: nn.Module, example_inputs: Any, plan: Plan, want) -> int:
+def _without_module(model: nn.Module, example_inputs: Any, plan: Plan, scope: str, want, graph) -> list:
+    """The plan's choices without the groups inside the failing module and every module of its class (same code,
+    same problem); where that is the model's own forward, without the first group that breaks it."""
+    while True:
+        cls = type(model.get_submodule(scope)) if scope else None
+        scopes = {n for n, mod in model.named_modules() if type(mod) is cls} | {scope} if scope else set()
+        keep = [(g, c) for g, c in plan.choices if not any(
+            _matches(m.module, scopes) for m in g.members)] if scope else []
+        if len(keep) < len(plan.choices) or not scope:
+            break
+        scope = scope.rpartition(".")[0]
+    if not scope and len(plan.choices) > 1:  # the model's own forward: find the culprit, keep the rest
+        bad = _culprit(model, example_inputs, plan, want, graph)
+        keep = [c for i, c in enumerate(plan.choices) if i != bad]
+    return keep
+
+
+def _without_role(model: nn.Module, plan: Plan, bad: set[int], where: str) -> list:
+    """The plan's choices without the groups ``bad`` (ids) and, in every module of the class of ``where``, the
+    groups produced at the same place (same relative module path, tensor and dim) as a bad group's producers there:
+    the other layers run the same code. Groups elsewhere keep their channels pruned."""
+    def rel(name: str, base: str) -> str | None:
+        if not base:
+            return name
+        return name[len(base):] if name == base or name.startswith(base + ".") else None
+
+    cls = type(model.get_submodule(where))
+    peers = [n for n, mod in model.named_modules() if type(mod) is cls] if where else [""]
+    roles = {(rel(m.module, where), m.name, m.dim) for g, _ in plan.choices if id(g) in bad for m in g.members
+             if m.kind == "out" and rel(m.module, where) is not None}
+
+    def same_role(g: Group) -> bool:
+        return any(m.kind == "out" and (rel(m.module, p), m.name, m.dim) in roles for m in g.members for p in peers)
+
+    return [(g, c) for g, c in plan.choices if id(g) not in bad and not same_role(g)]
+
+
+def _culprit(model: nn.Module, example_inputs: Any, plan: Plan, want, graph: Graph | None = None) -> int:
     """Index of the first choice whose addition breaks the forward (bisection on prefixes: log2(n) dry runs)."""
     from secateur.graph import verify
     lo, hi = 0, len(plan.choices)  # prefix lo runs, prefix hi fails
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        ok, _, _ = verify.check(model, example_inputs, Plan(plan.groups, plan.choices[:mid]).apply, want)
+        prefix = plan.choices[:mid]
+        expected = verify.expected(graph, prefix) if graph is not None else None
+        ok, _, _, _ = verify.check(model, example_inputs, Plan(plan.groups, prefix).apply, want, expected)
         lo, hi = (mid, hi) if ok else (lo, mid)
     return hi - 1
 

@@ -50,6 +50,10 @@ class Tracer:
         self.calls: dict[Any, int] = {}  # ATen calls per op (all, labelled or not) and norm-module calls
         self.depth = 0  # >0 while inside a leaf module handled as a whole
         self.stack: list[str] = [""]
+        # every op output outside leaf modules and every leaf module output, in order: (op, shapes, labels); the
+        # dry run (verify.py) compares a pruned model's shapes with the ones these labels predict
+        self.trace: list[tuple[str, tuple, tuple]] = []
+        self.leaf_names: set[str] = set()  # modules handled as one op (the dry run skips inside them too)
         self.owner: dict[int, tuple[str, str, bool]] = {}  # id(tensor) -> (module name, attr, is_param)
         for mname, mod in model.named_modules():
             for attr, p in mod._parameters.items():
@@ -139,6 +143,11 @@ class Tracer:
         self.norms.append({"kind": kind, "key": key, "call": self.calls.get(key, 0) - 1, "where": self.where(),
                            "op": op, "atoms": atoms.clone()})
 
+    def record(self, op: str, out: Any) -> None:
+        """One step of ``trace``: shapes and labels (atoms per element, shared objects, nothing copied)."""
+        outs = _flat_tensors(out)
+        self.trace.append((op, tuple(tuple(t.shape) for t in outs), tuple(self.labels.get(id(t)) for t in outs)))
+
     def where(self) -> str:
         return self.stack[-1] or "<root>"
 
@@ -159,6 +168,7 @@ class _Mode(TorchDispatchMode):
         if self.tracer.depth == 0:
             from secateur.graph.rules import apply_rule
             apply_rule(self.tracer, func, args, kwargs, out)
+            self.tracer.record(func.overloadpacket.__name__, out)
         return out
 
 
@@ -199,9 +209,15 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads") -> Trac
         if rule is not None:
             tracer.depth -= 1
             if tracer.depth == 0:
-                rule(tracer, mod, args, kwargs, out)
+                tracer.depth += 1  # the rule's own tensor ops (labels) are not the model's
+                try:
+                    rule(tracer, mod, args, kwargs, out)
+                finally:
+                    tracer.depth -= 1
+                tracer.record(f"module {tracer.where()}", out)
         tracer.stack.pop()
 
+    tracer.leaf_names = {n for m, n in names.items() if leaf_rule(m) is not None}
     for mod in model.modules():
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))

@@ -325,6 +325,21 @@ def _hf_conv1d(mod, old):
 
 UPDATERS_BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d
 
+
+def _tv_vit(mod, old):
+    """torchvision ``VisionTransformer`` reshapes the patch grid with ``self.hidden_dim`` (``_process_input``). Its
+    class token ``[1, 1, hidden_dim]`` is sliced with the hidden channels (it is concatenated with the patch
+    tokens), so its size is the evidence for the new hidden size; a general rule (any int attribute equal to an old
+    channel count) could rewrite an unrelated count that happens to be equal."""
+    token = getattr(mod, "class_token", None)
+    if not isinstance(token, torch.Tensor) or not isinstance(old.get("hidden_dim"), int):
+        return heads_updater(mod, old)
+    mod.hidden_dim = int(token.shape[-1])
+    return {"hidden_dim": mod.hidden_dim}
+
+
+UPDATERS_BY_NAME["torchvision.models.vision_transformer.VisionTransformer"] = _tv_vit
+
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "all_head_size", "split_size",
               "attn_dim", "inner_dim")
 

@@ -1,7 +1,12 @@
-"""Dry run of a plan on a meta-device skeleton of the model: catches model code that re-splits a pruned dim
-with a size it keeps itself (e.g. ``reshape(B * self.num_heads, ...)`` where ``num_heads`` is an attribute the
-engine does not know), before anything is changed. The skeleton shares no memory with the model: every
-parameter and buffer is replaced by a meta tensor of the same shape."""
+"""Dry run of a plan on a meta-device skeleton of the model, before anything is changed. It catches model code
+that re-splits a pruned dim with a size it keeps itself: either the pruned forward fails (``reshape(B *
+self.num_heads, ...)`` where ``num_heads`` is an attribute the engine does not know), or, worse, it runs and computes
+something else (``view(b, t, 3, self.n_h, -1)``: the ``-1`` absorbs the smaller size, the output shape is right,
+the model is silently wrong). For the second kind the capture records the shape of every op output together with
+its channel labels (``Tracer.trace``); the labels say which positions of which dims the plan removes, so the
+shapes the pruned model must produce are known, and the dry run compares them op by op (shapes only, on meta: no
+values, no weight memory). The skeleton shares no memory with the model: every parameter and buffer is replaced
+by a meta tensor of the same shape."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def skeleton(model: nn.Module) -> nn.Module:
@@ -36,55 +42,254 @@ def _shapes(out: Any) -> list:
     return [tuple(t.shape) for t in _flat_tensors(out)]
 
 
-def run(model: nn.Module, example_inputs: Any) -> tuple[list | None, str | None, str | None]:
-    """Forward on meta: (output shapes, failing module name, error) — shapes None on failure."""
+class Mismatch(Exception):
+    """A pruned op output whose shape is not the one the plan predicts, or an op sequence that differs from the
+    unpruned one's. ``groups``: indices (in ``Graph.groups``) of the groups removed in that output (empty when the
+    op sequence differs)."""
+
+    def __init__(self, msg: str, groups: list[int]) -> None:
+        super().__init__(msg)
+        self.groups = groups
+
+
+class Expected:
+    """The shapes a plan must leave at every step of the capture's ``trace``: a dim whose labels carry removed
+    channels shrinks by the positions whose whole slice is removed (whole heads, channels of a flatten); what is
+    left must be the same count on every line of one dim (head dims: each head loses as many); dims without labels
+    stay. Where the labels cannot say (several dims could have shrunk), the step is not compared.
+
+    The steps are the capture's own until an op differs; then (once per capture) the unpruned model's run on meta
+    becomes the reference, since the device can change the ops (see ``_meta_trace``)."""
+
+    def __init__(self, graph: Any, choices: list) -> None:
+        tr = graph.tracer
+        self.tracer, self.leaves = tr, tr.leaf_names
+        self.trace = tr.meta_trace if getattr(tr, "meta_trace", None) else tr.trace
+        self.sequence = False  # the last run failed on the op sequence (not on a shape)
+        self.failed: Mismatch | None = None
+        index = {id(g): i for i, g in enumerate(graph.groups)}
+        sizes = torch.tensor([0] + [g.size for g in graph.groups])
+        offset = torch.cumsum(sizes, 0)[:-1]
+        pick = torch.zeros(int(sizes.sum()), dtype=torch.bool)
+        for g, chans in choices:
+            pick[offset[index[id(g)]] + chans] = True
+        self.group = graph.where[graph.root][:, 0]  # per atom: its group, -1 where not prunable
+        local = graph.where[graph.root][:, 1]
+        ok = self.group >= 0
+        self.removed = torch.zeros(self.group.numel(), dtype=torch.bool)
+        self.removed[ok] = pick[offset[self.group[ok]] + local[ok]]
+        self.step_no = 0
+
+    def shape(self, lab: torch.Tensor | None, shape: tuple) -> tuple | None:
+        if lab is None:
+            return None
+        rem = self.removed[lab.clamp_min(0)] & (lab >= 0)
+        if not bool(rem.any()):
+            return tuple(shape)
+        kept, new = ~rem, list(shape)
+        dims = [d for d in range(lab.dim()) if lab.size(d) > 1]
+        for d in dims:  # positions whose whole slice is removed
+            alive = kept.movedim(d, 0).reshape(kept.size(d), -1).any(dim=1).nonzero().flatten()
+            kept, new[d] = kept.index_select(d, alive), alive.numel()
+        if bool(kept.all()):
+            return tuple(new)
+        counts = []  # the same count removed from every line of one dim (head dims)
+        for d in dims:
+            per = kept.sum(d)
+            if kept.size(d) > 1 and bool((per == per.flatten()[0]).all()) and int(per.flatten()[0]) < kept.size(d):
+                counts.append((d, int(per.flatten()[0])))
+        if len(counts) != 1:
+            return None
+        new[counts[0][0]] = counts[0][1]
+        return tuple(new)
+
+    def groups(self, lab: torch.Tensor) -> list[int]:
+        atoms = lab[(lab >= 0)]
+        atoms = atoms[self.removed[atoms]]
+        return torch.unique(self.group[atoms]).tolist()
+
+    def step(self, op: str, out: Any) -> None:
+        try:
+            self._step(op, out)
+        except Mismatch as e:
+            self.failed = self.failed or e  # sticky: model code that catches it still fails the check
+            raise
+
+    def _step(self, op: str, out: Any) -> None:
+        from secateur.graph.capture import _flat_tensors
+        if self.failed is not None:
+            raise self.failed
+        i, self.step_no = self.step_no, self.step_no + 1
+        shapes = tuple(tuple(t.shape) for t in _flat_tensors(out))
+        self.sequence = True
+        if i >= len(self.trace):
+            raise Mismatch(f"the pruned model runs more ops than the unpruned one ({op} after {len(self.trace)}): "
+                           "its control flow depends on a pruned size", [])
+        op0, shapes0, labs = self.trace[i]
+        if op != op0 or len(shapes) != len(shapes0):
+            raise Mismatch(f"the pruned model runs {op} where the unpruned one ran {op0} (op #{i}): its control "
+                           "flow depends on a pruned size", [])
+        self.sequence = False
+        for lab, s0, s in zip(labs, shapes0, shapes):
+            want = self.shape(lab, s0)
+            if want is not None and want != s:
+                raise Mismatch(f"{op} (op #{i}) gives shape {list(s)} where the plan needs {list(want)} (unpruned "
+                               f"{list(s0)}): the code keeps a size of its own", self.groups(lab))
+
+    def finish(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+        self.sequence = self.step_no != len(self.trace)
+        if self.sequence:
+            raise Mismatch(f"the pruned model runs {self.step_no} ops where the unpruned one ran {len(self.trace)}: "
+                           "its control flow depends on a pruned size", [])
+
+
+class _Record:
+    """Stands in for :class:`Expected` in ``run``: records the steps instead of comparing them."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        self.leaves, self.steps, self.step_no = leaves, [], 0
+
+    def step(self, op: str, out: Any) -> None:
+        from secateur.graph.capture import _flat_tensors
+        self.steps.append((op, tuple(tuple(t.shape) for t in _flat_tensors(out))))
+
+    def finish(self) -> None:
+        pass
+
+
+def _meta_trace(model: nn.Module, example_inputs: Any, tr: Any) -> list | None:
+    """The capture's trace as the unpruned model runs it on meta, where the dry run compares. The device can change
+    the ops (SDPA's CPU kernel vs its decomposition, scalar constants): steps are aligned by op name, and labels are
+    kept only where op and shapes agree; the other meta steps are compared by op name only. Cached on the tracer;
+    None when the unpruned model does not run on meta (``tr.meta_error`` says why)."""
+    if not hasattr(tr, "meta_trace"):
+        import difflib
+        rec = _Record(tr.leaf_names)
+        got, _, tr.meta_error, _ = run(skeleton(model), example_inputs, rec)
+        if got is None:
+            tr.meta_trace = None
+            return None
+        ops0, ops1 = [t[0] for t in tr.trace], [t[0] for t in rec.steps]
+        labels: list[tuple] = [(None,) * len(shapes) for _, shapes in rec.steps]
+        pairs = zip(range(len(ops0)), range(len(ops1))) if ops0 == ops1 else (
+            (b.a + k, b.b + k) for b in difflib.SequenceMatcher(None, ops0, ops1, autojunk=False).get_matching_blocks()
+            for k in range(b.size))
+        for i, j in pairs:
+            if tr.trace[i][1] == rec.steps[j][1]:
+                labels[j] = tr.trace[i][2]
+        tr.meta_trace = [(op, shapes, lab) for (op, shapes), lab in zip(rec.steps, labels)]
+    return tr.meta_trace
+
+
+def expected(graph: Any, choices: list) -> Expected | None:
+    """The shape check for ``choices`` (None without a capture trace, or where the unpruned model does not run on
+    meta: then only the final output shapes are compared)."""
+    tr = getattr(graph, "tracer", None)
+    if tr is None or not getattr(tr, "trace", None) or getattr(tr, "meta_trace", ()) is None:
+        return None
+    return Expected(graph, choices)
+
+
+class _Steps(TorchDispatchMode):
+    def __init__(self, expected: Expected, depth: list[int]) -> None:
+        super().__init__()
+        self.expected, self.depth = expected, depth
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.depth[0] == 0:
+            self.expected.step(func.overloadpacket.__name__, out)
+        return out
+
+
+def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None
+        ) -> tuple[list | None, str | None, str | None, list[int] | None]:
+    """Forward on meta: (output shapes, failing module name, error, groups of a shape mismatch); shapes None on
+    failure, groups None unless the failure is a :class:`Mismatch`. With ``expected``, every op output outside leaf
+    modules, and every leaf module output, is compared with the capture's (shapes only)."""
     from secateur.graph.capture import call
     names = {m: n for n, m in model.named_modules()}
+    leaves = expected.leaves if expected is not None else set()
+    if expected is not None:
+        expected.step_no, expected.sequence, expected.failed = 0, False, None
     stack: list[str] = []
+    depth = [0]
 
     def pre(m, a):
         stack.append(names[m])
+        if stack[-1] in leaves:
+            depth[0] += 1
 
     def post(m, a, o):
+        if stack[-1] in leaves:
+            depth[0] -= 1
+            if depth[0] == 0:
+                depth[0] += 1  # the comparison's own tensor ops are not the model's
+                try:
+                    expected.step(f"module {stack[-1]}", o)
+                finally:
+                    depth[0] -= 1
         stack.pop()
 
     hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
     hooks += [m.register_forward_hook(post) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # as in the capture: the same ops
     try:
+        inputs = to_meta(example_inputs)
         with torch.no_grad():
-            out = call(model, to_meta(example_inputs))
-        return _shapes(out), None, None
+            if expected is None:
+                out = call(model, inputs)
+            else:
+                with _Steps(expected, depth):
+                    out = call(model, inputs)
+                expected.finish()
+        return _shapes(out), None, None, None
+    except Mismatch as e:
+        return None, (stack[-1] if stack else ""), str(e), e.groups
     except Exception as e:  # noqa: BLE001 - any failure of the pruned forward is reported, never hidden
-        return None, (stack[-1] if stack else ""), f"{type(e).__name__}: {e}"
+        return None, (stack[-1] if stack else ""), f"{type(e).__name__}: {e}", None
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()
 
 
-def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], Any], want: list | None = None
-          ) -> tuple[bool, str | None, str | None]:
-    """(ok, failing module, error) of applying ``apply`` to a skeleton and running it. ok is True also when the
-    unpruned model cannot run on meta (nothing to compare with; the caller notes it). ``want``: the unpruned
-    model's output shapes when already known (the capture saw them), which saves one meta forward."""
+def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], Any], want: list | None = None,
+          expected: Expected | None = None) -> tuple[bool, str | None, str | None, list[int] | None]:
+    """(ok, failing module, error, groups of a shape mismatch) of applying ``apply`` to a skeleton and running it.
+    ok is True also when the unpruned model cannot run on meta (nothing to compare with; the caller notes it).
+    ``want``: the unpruned model's output shapes when already known (the capture saw them), which saves one meta
+    forward. ``expected``: the shapes of every step (see :class:`Expected`)."""
     try:
         base = skeleton(model)
     except Exception as e:  # noqa: BLE001 - a model that cannot be deep-copied is not verified (noted)
-        return True, None, f"not verified on meta (skeleton: {type(e).__name__}: {e})"
+        return True, None, f"not verified on meta (skeleton: {type(e).__name__}: {e})", None
     if want is None:
-        want, _, err0 = run(base, example_inputs)
+        want, _, err0, _ = run(base, example_inputs)
         if want is None:
-            return True, None, f"not verified on meta ({err0})"
+            return True, None, f"not verified on meta ({err0})", None
     known = want is not None
     if known:
         want = [tuple(w) for w in want]
     apply(base)
-    got, where, err = run(base, example_inputs)
+    got, where, err, groups = run(base, example_inputs, expected)
+    if groups is not None and expected.sequence and expected.trace is expected.tracer.trace:
+        # the ops differ from the capture's: the plan, or the device? compare with the unpruned model on meta
+        tr = expected.tracer
+        if _meta_trace(model, example_inputs, tr) is None:
+            return True, None, f"not verified on meta ({tr.meta_error})", None
+        if [t[0] for t in tr.meta_trace] != [t[0] for t in tr.trace]:
+            expected.trace = tr.meta_trace
+            return check(model, example_inputs, apply, want, expected)
     if got is None:
-        if known:  # was it the plan, or does the model not run on meta at all?
-            base_ok, _, err0 = run(skeleton(model), example_inputs)
+        if known and groups is None:  # was it the plan, or does the model not run on meta at all?
+            base_ok, _, err0, _ = run(skeleton(model), example_inputs)
             if base_ok is None:
-                return True, None, f"not verified on meta ({err0})"
-        return False, where, err
+                return True, None, f"not verified on meta ({err0})", None
+        return False, where, err, groups
     if got != want:
-        return False, "", f"output shapes changed {want} -> {got}"
-    return True, None, None
+        return False, "", f"output shapes changed {want} -> {got}", None
+    return True, None, None, None
