@@ -36,6 +36,9 @@ NORMALIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+BUDGET_SLACK = 1e-9  # relative: costs within this of the budget count as within it
+
+
 def separable(per_group: Sequence[Callable[[int], float]]) -> CostFn:
     """A total cost that is a sum of independent per-group costs ``f_g(k_g)``."""
     fns = list(per_group)
@@ -142,6 +145,7 @@ def channel_counts(groups: Sequence[Any], importance: Sequence[torch.Tensor] | M
     counts = [st.channels for st in state]
     current = float(cost_fn(counts))
     limit = current / target if budget is None else float(budget)
+    limit *= 1 + BUDGET_SLACK  # a budget met to rounding is met (target 1 + 1 ulp must not demand a removal)
     return _greedy(state, counts, current, limit, _Costs(cost_fn, rank_fn), lookahead)
 
 
