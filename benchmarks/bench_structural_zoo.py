@@ -2,7 +2,7 @@
 
 Per model (each engine in its own subprocess, with a timeout, since the peer hangs on Swin/MaxViT): capture (graph)
 time, prune time, peak RSS, success (pruned model runs, output shape kept), oracle error (secateur: removal vs
-zeroing the chosen channels at their consumers), MACs and params after. Both: 50 %, magnitude importance,
+zeroing the chosen channels at their consumers, norms over pruned channels computed over the kept ones), MACs and params after. Both: 50 %, magnitude importance,
 default settings, the final classifier's outputs kept. Also plans a LLaMA-style 7B configuration on the meta
 device (no weights allocated).
 
@@ -56,7 +56,9 @@ def _secateur(name, size, q):
     t3 = time.perf_counter()
     plan.zero_consumers(ref)
     with torch.no_grad():
-        want, got = ref(x), model(x)
+        with plan.kept_norms(ref):  # norms over pruned channels: the reference normalises over the kept ones
+            want = ref(x)
+        got = model(x)
     err = ((got - want).abs().max() / want.abs().max()).item()
     q.put(dict(capture_s=t1 - t0, prune_s=(t2 - t1) + (t3 - t2), ok=got.shape == want.shape, oracle_err=err,
                macs=count_macs(model, x), params=count_params(model), groups=len(plan.choices)))
