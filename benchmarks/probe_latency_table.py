@@ -25,19 +25,10 @@ from secateur.latency import _Timer, pinned_threads
 
 def median_sweep(spec, which, counts, device, *, threads, repeats, warmup, min_sample_s, tick, timer=None):
     """The table's old rule: the median of ``repeats`` interleaved samples per count, nothing re-measured."""
-    kind = lm._BY_NAME[spec.kind]
     timer = timer or _Timer(device)
-    calls, numbers = [], []
     with pinned_threads(threads), torch.inference_mode():
-        for c in counts:
-            c_in, c_out = (spec.in_channels, c) if which == "out" else (c, spec.out_channels)
-            m, x = kind.build(spec, c_in, c_out, device)
-            call = (lambda m=m, x=x: m(x))
-            for _ in range(warmup):
-                call()
-            calls.append(call)
-            numbers.append(lm._calibrate(timer, call, min_sample_s))
-            tick()
+        calls, numbers = lm.sweep_calls(spec, which, counts, device, timer, warmup=warmup,
+                                        min_sample_s=min_sample_s, tick=tick)
         samples = [[] for _ in counts]
         for _ in range(repeats):
             for i, call in enumerate(calls):

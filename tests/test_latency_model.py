@@ -38,8 +38,8 @@ def test_channel_grid_properties(c, max_points, multiple):
     assert g == sorted(set(g)) and g[-1] == c and g[0] >= 1
     if c <= max_points:
         assert g == list(range(1, c + 1))
-    elif len(g) == 1:  # fewer channels than one step of the grid: only the full count
-        assert c < multiple * math.ceil(c / max_points / multiple)
+    elif len(g) == 1:  # no more channels than one step of the grid: only the full count
+        assert c <= multiple * max(1, math.ceil(c / max_points / multiple))
     else:
         step = g[0]
         assert step % multiple == 0

@@ -514,19 +514,10 @@ def _measure_sweep(spec: LayerSpec, which: str, counts: Sequence[int], device: t
     sweep makes a fake step (72 channels "slower" than 96), and the allocator then builds its plan on
     that step (seen on MobileNetV2: 128 channels measured 12x slower than 192). Rounds are interleaved
     (every count once per round) so that a burst spreads over the sweep instead of one count."""
-    kind = _BY_NAME[spec.kind]
     timer = timer or _Timer(device)
-    calls, numbers = [], []
     with pinned_threads(threads), torch.inference_mode():
-        for c in counts:
-            c_in, c_out = (spec.in_channels, c) if which == "out" else (c, spec.out_channels)
-            m, x = kind.build(spec, c_in, c_out, device)
-            call = (lambda m=m, x=x: m(x))
-            for _ in range(warmup):
-                call()
-            calls.append(call)
-            numbers.append(_calibrate(timer, call, min_sample_s))
-            tick()
+        calls, numbers = sweep_calls(spec, which, counts, device, timer, warmup=warmup, min_sample_s=min_sample_s,
+                                     tick=tick)
         best = [math.inf] * len(counts)
         todo = list(range(len(counts)))
         for _ in range(1 + _RETRIES):
@@ -537,6 +528,24 @@ def _measure_sweep(spec: LayerSpec, which: str, counts: Sequence[int], device: t
             if not todo:
                 break
     return {str(c): s for c, s in zip(counts, best)}
+
+
+def sweep_calls(spec: LayerSpec, which: str, counts: Sequence[int], device: torch.device, timer: Any, *,
+                warmup: int, min_sample_s: float, tick: Callable[[], None]) -> tuple[list, list]:
+    """One warmed-up call per channel count of a sweep (``which``: "out" or "in" channels) and the number of
+    calls per timing sample that makes a sample last ``min_sample_s``."""
+    kind = _BY_NAME[spec.kind]
+    calls, numbers = [], []
+    for c in counts:
+        c_in, c_out = (spec.in_channels, c) if which == "out" else (c, spec.out_channels)
+        m, x = kind.build(spec, c_in, c_out, device)
+        call = (lambda m=m, x=x: m(x))
+        for _ in range(warmup):
+            call()
+        calls.append(call)
+        numbers.append(_calibrate(timer, call, min_sample_s))
+        tick()
+    return calls, numbers
 
 
 _RETRIES = 2          # extra rounds of measurement for suspect counts

@@ -87,14 +87,7 @@ class Tracer:
         big = [d for d in range(p.dim()) if p.size(d) > 1]
         if (not is_param and not buffers) or len(big) != 1:
             return None
-        d = big[0]
-        atoms = self.atoms.new(p.size(d))
-        self.slot(p, d, atoms, "param")
-        shape = [1] * p.dim()
-        shape[d] = p.size(d)
-        lab = atoms.reshape(shape)
-        self.labels[id(p)] = lab
-        return lab
+        return self._new_param_label(p, big[0])
 
     def param_label_along(self, p: torch.Tensor, dim: int) -> torch.Tensor | None:
         """A free parameter with several non-1 dims (a position embedding [1, tokens, C]) that meets channels
@@ -105,6 +98,10 @@ class Tracer:
         if id(p) in self.labels:
             lab = self.labels[id(p)]
             return lab if lab is not None and lab.size(dim) == p.size(dim) and lab.numel() == p.size(dim) else None
+        return self._new_param_label(p, dim)
+
+    def _new_param_label(self, p: torch.Tensor, dim: int) -> torch.Tensor:
+        """Fresh atoms along ``dim`` of parameter ``p`` (sliced with those channels), constant along the rest."""
         atoms = self.atoms.new(p.size(dim))
         self.slot(p, dim, atoms, "param")
         shape = [1] * p.dim()
