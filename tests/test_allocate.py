@@ -27,12 +27,13 @@ def test_unit_costs_equal_global_lowest_selection(sizes, target, seed):
     scores = [torch.rand(n, generator=g) for n in sizes]
     cost = separable([float] * len(sizes))  # one unit per kept channel
     total = sum(sizes)
-    if total / target < len(sizes):  # the default floor keeps one channel per group
+    budget = total / target * (1 + BUDGET_SLACK)  # met to rounding counts as met
+    if budget < len(sizes):  # the default floor keeps one channel per group
         with pytest.raises(PruningError, match="cannot be reached"):
             channel_counts(sizes, scores, cost, target, normalize="none")
         return
     counts = channel_counts(sizes, scores, cost, target, normalize="none")
-    n_remove = total - math.floor(total / target)
+    n_remove = total - math.floor(budget)
     # oracle: the global lowest n_remove scores, but never the last channel of a group
     flat = torch.cat(scores)
     owner = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
@@ -44,7 +45,7 @@ def test_unit_costs_equal_global_lowest_selection(sizes, target, seed):
         if removed[owner[idx]] < sizes[owner[idx]] - 1:
             removed[owner[idx]] += 1
     assert counts == [n - r for n, r in zip(sizes, removed)]
-    assert cost(counts) <= total / target
+    assert cost(counts) <= budget
 
 
 @given(st.lists(st.integers(2, 48), min_size=1, max_size=5), st.floats(1.0, 3.0), st.integers(0, 10_000),
