@@ -70,3 +70,24 @@ def test_counts_on_meta_allocate_nothing():
     with torch.device("meta"):
         m = nn.Sequential(nn.Linear(4096, 11008), nn.Linear(11008, 4096))
     assert count_macs(m, torch.randn(3, 4096, device="meta")) == 3 * 2 * 4096 * 11008
+
+
+def test_multihead_attention_fast_path_is_counted():
+    """The fused inference kernel of nn.MultiheadAttention is invisible to FlopCounterMode: counting switches
+    it off, so eval/no-grad MACs equal the formula (projections + q k^T + attn v) and the flag is restored."""
+    from secateur.metrics import count_macs
+    e, h, t = 64, 4, 10
+    mha = nn.MultiheadAttention(e, h, batch_first=True).eval()
+
+    class Self(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    macs = count_macs(Self(), torch.randn(1, t, e))
+    assert macs == t * e * 3 * e + t * e * e + 2 * t * t * e
+    assert torch.backends.mha.get_fastpath_enabled() == before
