@@ -90,8 +90,9 @@ class SemiStructuredLinear(nn.Module):
     With cuSPARSELt (Hopper, and Ampere builds that have it) and bfloat16 it holds the compressed weight and calls the
     kernel directly, asking for the result already in ``[tokens, out]`` row-major order
     (``transpose_result``) with the algorithm cuSPARSELt's search picked for this shape: on an H100 that
-    is 1.2-1.5x faster than dense under CUDA graphs, where going through ``F.linear`` on the tensor
-    subclass plus the copy to a contiguous result was not faster at all. Otherwise (CUTLASS) it holds
+    was 1.1-1.4x faster than dense per layer under CUDA graphs, where going through ``F.linear`` on the tensor
+    subclass plus the copy to a contiguous result was not faster at all. Otherwise (float16, or a build with
+    only CUTLASS) it holds
     PyTorch's semi-structured tensor and returns ``F.linear(...).contiguous()`` (see the module docstring for
     why contiguous). There is no dense ``weight`` attribute in the cuSPARSELt form: the zeros are not stored."""
 
