@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import pruned_vs_reference
 from secateur.errors import PruningError
 from secateur.graph.mha import PrunedMultiheadAttention, _mha
 from secateur.graph.modules import snapshot
@@ -36,14 +37,7 @@ def oracle(model, x, rtol=1e-4, **kw):
     model.eval()
     plan = plan_channels(model, x, **kw)
     assert plan.choices, plan.notes
-    ref = copy.deepcopy(model)
-    plan.zero_consumers(ref)
-    with torch.no_grad():
-        base = _run(model, x)
-        with plan.kept_norms(ref):  # norms over pruned channels: statistics over the kept ones (a no-op elsewhere)
-            want = _run(ref, x)
-        plan.apply(model)
-        got = _run(model, x)
+    base, want, got = pruned_vs_reference(model, x, plan, _run)
     assert got.shape == want.shape == base.shape
     scale = want.abs().max()
     assert (base - want).abs().max() > 1e-3 * scale, "zeroing changed nothing: the check would be vacuous"

@@ -1,10 +1,10 @@
 """Dependency-graph rules: each coupling checked on a tiny model, plus the oracle (zeroing == removal)."""
-import copy
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import pruned_vs_reference
 from secateur.errors import PruningError
 from secateur.graph import build_groups
 from secateur.structured import plan_channels
@@ -16,13 +16,7 @@ def _oracle(model, x, **kw):
     """Prune with a plan, compare with the original whose pruned channels are zeroed at their consumers."""
     torch.manual_seed(0)
     plan = plan_channels(model, x, **kw)
-    ref = copy.deepcopy(model)
-    plan.zero_consumers(ref)
-    with torch.no_grad(), plan.kept_norms(ref):
-        want = ref(x)
-    with torch.no_grad():
-        plan.apply(model)
-        got = model(x)
+    _, want, got = pruned_vs_reference(model, x, plan)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     return plan

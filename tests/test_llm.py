@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import layer_inputs
 from secateur.errors import PruningError
 from secateur.llm import prune_llm
 from secateur.llm.sparsegpt import sparsegpt_prune
@@ -48,23 +49,12 @@ def _calib(vocab=50, n=3, b=4, t=12):
     return [torch.randint(0, vocab, (b, t)) for _ in range(n)]
 
 
-def _layer_inputs(model, module, batches):
-    """All inputs of ``module`` over a FULL-model forward of the batches, as [tokens, in]."""
-    xs = []
-    h = module.register_forward_hook(lambda m, a, o: xs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    h.remove()
-    return torch.cat(xs)
-
-
 def _reference(model, batches, prune_layer):
     """Sequential reference: block by block, statistics from a full-model forward of the model whose
     earlier blocks are already pruned; all layers of a block see the block's unpruned inputs."""
     for block in model.blocks:
         lins = [m for m in block.modules() if isinstance(m, nn.Linear)]
-        xs = [_layer_inputs(model, m, batches) for m in lins]
+        xs = [layer_inputs(model, m, batches) for m in lins]
         for m, x in zip(lins, xs):
             prune_layer(m, x)
 

@@ -10,6 +10,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import secateur  # noqa: E402
+from helpers import layer_inputs
 from secateur.errors import PruningError  # noqa: E402
 from secateur.llm import prune_llm  # noqa: E402
 from secateur.llm.sparsegpt import sparsegpt_prune  # noqa: E402
@@ -36,23 +37,12 @@ def _conv1ds(block):
     return [m for m in block.modules() if is_hf_conv1d(m)]
 
 
-def _inputs(model, module, batches):
-    """All inputs of ``module`` over FULL-model forwards, as ``[tokens, in]``."""
-    xs = []
-    h = module.register_forward_hook(lambda m, a, o: xs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    h.remove()
-    return torch.cat(xs)
-
-
 def _sequential_reference(model, batches, prune_layer):
     """Block by block: every layer's statistics from full forwards of the model whose earlier blocks are
     pruned (the layers of one block all see that block's unpruned inputs)."""
     for block in model.transformer.h:
         mods = _conv1ds(block)
-        xs = [_inputs(model, m, batches) for m in mods]
+        xs = [layer_inputs(model, m, batches) for m in mods]
         for m, x in zip(mods, xs):
             prune_layer(m, x)
 

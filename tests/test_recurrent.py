@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import pruned_vs_reference
 from secateur.graph import build_groups
 from secateur.structured import plan_channels, prune_channels
 
@@ -39,12 +40,7 @@ class Tagger(nn.Module):
 
 def _oracle(model, x, **kw):
     plan = plan_channels(model, x, **kw)
-    ref = copy.deepcopy(model)
-    plan.zero_consumers(ref)
-    with torch.no_grad():
-        want = ref(x)
-        plan.apply(model)
-        got = model(x)
+    _, want, got = pruned_vs_reference(model, x, plan)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     return plan

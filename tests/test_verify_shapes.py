@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import pruned_vs_reference
 from secateur.structured import apply_structure, plan_channels, prune_channels
 
 torch.set_num_threads(1)
@@ -29,14 +30,7 @@ def _run(model, x):
 def _oracle_error(model, x, plan):
     """Relative error of the pruned model against the reference; also checks the reference differs from the
     unpruned model (else the comparison says nothing). ``model`` is pruned in place."""
-    ref = copy.deepcopy(model)
-    plan.zero_consumers(ref)
-    with torch.no_grad():
-        base = _run(model, x)
-        with plan.kept_norms(ref):
-            want = _run(ref, x)
-        plan.apply(model)
-        got = _run(model, x)
+    base, want, got = pruned_vs_reference(model, x, plan, _run)
     assert got.shape == want.shape == base.shape
     scale = want.abs().max()
     assert (base - want).abs().max() > 1e-3 * scale, "the plan changes nothing: the check would be vacuous"

@@ -1,0 +1,30 @@
+"""Shared pieces of the tests' oracles (imported as ``from helpers import ...``: pytest puts this folder on the path)."""
+import copy
+
+import torch
+
+
+def pruned_vs_reference(model, x, plan, run=lambda m, x: m(x)):
+    """(unpruned, reference, pruned) outputs. The reference is the original model with the chosen channels
+    zeroed where they enter their consumers, its norms over pruned channels computed over the kept ones
+    (``plan.kept_norms``); ``model`` is pruned in place by ``plan``."""
+    ref = copy.deepcopy(model)
+    plan.zero_consumers(ref)
+    with torch.no_grad():
+        base = run(model, x)
+        with plan.kept_norms(ref):
+            want = run(ref, x)
+        plan.apply(model)
+        got = run(model, x)
+    return base, want, got
+
+
+def layer_inputs(model, module, batches):
+    """All inputs of ``module`` over FULL-model forwards of ``batches``, as ``[tokens, in]``."""
+    xs = []
+    h = module.register_forward_hook(lambda m, a, o: xs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    h.remove()
+    return torch.cat(xs)
