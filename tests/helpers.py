@@ -28,3 +28,13 @@ def layer_inputs(model, module, batches):
             model(b)
     h.remove()
     return torch.cat(xs)
+
+
+def assert_oracle(model, x, **kw):
+    """Plan with ``plan_channels(**kw)``, prune ``model`` in place, and check it computes the reference."""
+    from secateur.structured import plan_channels
+    plan = plan_channels(model, x, **kw)
+    _, want, got = pruned_vs_reference(model, x, plan)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return plan
