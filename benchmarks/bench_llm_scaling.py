@@ -26,6 +26,7 @@ import torch
 
 from secateur.llm import empty_model, prune_llm
 from secateur.masks import iter_masks, remove_mask
+from _results import write_results  # noqa: E402
 
 # name: (hidden, intermediate, layers, heads, kv heads) -- the largest is TinyLlama-1.1B's shape
 SIZES = {
@@ -179,10 +180,7 @@ def main() -> None:
                   device=args.device, gpu=gpu, dtype=args.dtype, offload=args.offload, disk=bool(args.disk),
                   calibration=f"{args.samples} x {args.seq_len} random tokens", results=ordered,
                   time_exponent_vs_block_params=growth)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import copy
 import importlib
 import importlib.util
 import inspect
-import json
 import os
 import platform
 import re
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 
 from secateur.llm import prune_llm  # noqa: E402
 from secateur.llm.text import calibration_text, token_batches  # noqa: E402
+from _results import write_results  # noqa: E402
 
 STDLIB = ["argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading", "unittest",
           "email", "http.client", "urllib.request", "datetime", "decimal", "fractions", "statistics",
@@ -121,10 +121,7 @@ def main() -> None:
                   evaluation=dict(source="Python stdlib docstrings", sentences=len(sentences),
                                   metric="cosine similarity to dense embedding (mean pooling, L2-normalised)"),
                   torch=torch.__version__, machine=platform.machine(), threads=args.threads, results=rows)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

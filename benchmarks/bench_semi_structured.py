@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 from typing import Callable
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from secateur import prune
 from secateur.masks import finalize
 from secateur.semi_structured import SemiStructuredLinear, device_support, graphed, time_cuda_ms, to_semi_structured
+from _results import write_results  # noqa: E402
 
 LAYERS = {"attn 4096x4096": (4096, 4096), "mlp up 11008x4096": (11008, 4096), "mlp down 4096x11008": (4096, 11008)}
 OUT = os.path.join(os.path.dirname(__file__), "results", "bench_semi_structured.json")
@@ -165,10 +165,7 @@ def main() -> None:
         result["layers"] = bench_layers(args.tokens, dtype)
         if not args.no_block:
             result["block"] = bench_block(args.block_tokens or args.tokens, dtype)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":
