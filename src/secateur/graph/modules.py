@@ -101,13 +101,14 @@ def grouped_mode(tr: Tracer, mod: nn.Module) -> str | None:
     """How a grouped conv loses channels (None: not grouped).
 
     "channels" (the default, ``Tracer.grouped``): local channel j of every conv group is one unit, for inputs and
-    outputs separately, so every group keeps the same width and the group count stays. Measured at ratio 0.5
-    (l1, 224 px; MACs after / before, whole groups -> channels): resnext50_32x4d 0.277 -> 0.259, regnet_x_400mf
-    0.395 -> 0.269, regnet_y_400mf 0.298 -> 0.265, regnet_x_3_2gf 0.415 -> 0.267 (Torch-Pruning: 0.268 on
-    regnet_x_3_2gf): a group's inputs and outputs no longer go together, and the few wide groups of a RegNet
-    were units too coarse to prune evenly. "groups": whole groups (inputs and outputs together), which keeps
-    the group width a design fixed (RegNet's group width). A per-group input width of 1 (depthwise,
-    depthwise multiplier) has nothing to remove inside a group: whole groups there, whatever the mode."""
+    outputs separately, so every group keeps the same width and the group count stays (Torch-Pruning's way too).
+    Measured at ratio 0.5 (l1, 224 px, benchmarks/bench_grouped_conv.py), MACs after / before, whole groups ->
+    channels: resnext50_32x4d 0.271 -> 0.257, regnet_x_400mf 0.320 -> 0.257, regnet_y_400mf 0.298 -> 0.257,
+    regnet_x_3_2gf 0.369 -> 0.251, each now equal to Torch-Pruning's count, with the oracle exact in both modes:
+    whole groups tie a group's inputs to its outputs, and a RegNet's few wide groups are units too coarse to
+    prune evenly. "groups": whole groups, which keeps a group width the design fixed (RegNet's), for kernels
+    tuned to it. A per-group input width of 1 (depthwise, depthwise multiplier) leaves nothing to remove inside
+    a group: whole groups there, whatever the mode."""
     if mod.groups == 1:
         return None
     return "groups" if mod.in_channels == mod.groups else tr.grouped
