@@ -255,3 +255,20 @@ def test_zoo_channels_mode_oracle_macs_and_reload(name, tmp_path):
             with torch.no_grad():
                 assert torch.equal(fresh(x), m(x)) and torch.equal(structure(x), m(x))
     assert macs["channels"] < macs["groups"], macs
+
+
+def test_latency_table_macs_follow_channel_units():
+    """The allocator's MACs model (LatencyTable.cost_fn) of a channel-mode plan equals the pruned model's count:
+    one local input of a grouped conv is one input channel of each of its groups."""
+    from secateur.latency_model import LatencyTable
+    from secateur.structured import Plan
+    m = _randomize(Block())
+    x = torch.randn(1, 3, 6, 6)
+    groups = build_groups(m, x)
+    table = LatencyTable.shapes_only(m, x)
+    cost = table.cost_fn(table.members_of(groups), "macs", sizes=[g.size for g in groups])
+    keep = [max(1, g.size // 2 - 1) for g in groups]
+    macs0 = count_macs(m, x)
+    Plan(groups, [(g, torch.arange(g.size - k)) for g, k in zip(groups, keep)]).apply(m)
+    assert m.b.groups == 4 and m.b.in_channels < 32
+    assert cost([g.size for g in groups]) - cost(keep) == macs0 - count_macs(m, x)

@@ -10,7 +10,9 @@ Where removing a channel is not the same as zeroing it at its consumers, the eng
 and says so in ``plan.notes`` (a softmax or a fused norm over the channel dim, a constant that cannot be sliced,
 a slice at fixed positions, the model's outputs), or prunes them and says so: a LayerNorm / RMSNorm over the
 channel dim then computes its statistics over the kept channels, and the oracle's reference does the same
-(``plan.kept_norms``). GroupNorm loses whole groups only, which is exact. Heads are pruned whole, so the
+(``plan.kept_norms``). GroupNorm loses whole groups only, which is exact. A grouped convolution loses the same
+local channels in every conv group (or whole groups, ``grouped="groups"``; depthwise ones always whole groups), so
+it keeps one width per group. Heads are pruned whole, so the
 attention scale (from the head size) never changes, or, with ``heads="head_dim"``, every head loses the same
 number of dims and the modules keep the scale of the original head size (their ``scaling`` attribute; a call
 that derives the scale from q's size keeps its q/k dims). Hence every plan satisfies the oracle: the original
@@ -62,7 +64,9 @@ class Plan:
         return sum(int(c.numel()) for _, c in self.choices)
 
     def zero_consumers(self, model: nn.Module) -> None:
-        """The pruning oracle's reference: zero the chosen channels where they enter their consumers."""
+        """The pruning oracle's reference: zero the chosen channels where they enter their consumers. A grouped
+        conv's input (a, j) is read only by group a's rows of weight[:, j]; a unit holds (a, j) for every group a,
+        so zeroing weight[:, j] (the member's dim-1 slice) zeroes exactly those inputs."""
         with torch.no_grad():
             for g, chans in self.choices:
                 pick = torch.zeros(g.size, dtype=torch.bool)
