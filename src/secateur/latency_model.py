@@ -453,8 +453,8 @@ class LatencyTable:
                     spec = self.specs[m.module]
                     # a grouped conv's weight dim 1 is a group's local input index: one position is one
                     # input channel of every group (grouped="channels")
-                    per = spec.groups if m.kind == "in" and m.dim == 1 and spec.groups > 1 and not spec.depthwise \
-                        else 1
+                    local = spec.groups > 1 and not spec.depthwise and m.kind == "in" and m.dim == 1
+                    per = spec.groups if local else 1
                     row.append((m.module, m.kind, m.index.numel() * per / g.size))
             out.append(row)
         return out
