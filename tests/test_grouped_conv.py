@@ -272,3 +272,17 @@ def test_latency_table_macs_follow_channel_units():
     Plan(groups, [(g, torch.arange(g.size - k)) for g, k in zip(groups, keep)]).apply(m)
     assert m.b.groups == 4 and m.b.in_channels < 32
     assert cost([g.size for g in groups]) - cost(keep) == macs0 - count_macs(m, x)
+
+
+def test_fpgm_compares_all_filters_of_a_unit():
+    """FPGM on channel units: the distance between units j and k is between all their filters (one per group),
+    side by side. Summing them instead would make two units whose filters cancel look identical."""
+    m = _randomize(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 3, groups=2), nn.Conv2d(6, 2, 1)))
+    x = torch.randn(1, 3, 5, 5)
+    g = next(g for g in build_groups(m, x) if g.name == "1")  # b's outputs: unit j = rows j and 3 + j
+    w = m[1].weight.detach()
+    units = torch.stack([torch.cat([w[j].flatten(), w[3 + j].flatten()]) for j in range(3)])
+    want_w = torch.cdist(units, units).sum(1)
+    got = group_scores(g, m, "fpgm", reduce="first")  # the first member is b.weight (dim 0, out)
+    assert g.members[0].qualname == "1.weight" and g.members[0].dim == 0
+    torch.testing.assert_close(got, want_w)
