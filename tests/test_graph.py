@@ -57,14 +57,18 @@ def test_residual_cat_flatten_groups_and_oracle():
     assert m.a.out_channels == m.b.out_channels == 4 and m.head.in_features == 8 * 16
 
 
-def test_depthwise_and_grouped_conv():
+@pytest.mark.parametrize("grouped", ["channels", "groups"])
+def test_depthwise_and_grouped_conv(grouped):
     m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
                       nn.Conv2d(8, 12, 1), nn.Conv2d(12, 12, 3, padding=1, groups=4), nn.Conv2d(12, 4, 1)).eval()
     _randomize_bn(m)
     x = torch.randn(1, 3, 6, 6)
-    _oracle(m, x, ratio=0.5)
-    assert m[3].groups == m[3].in_channels == m[3].out_channels == 4
-    assert m[5].groups == 2 and m[5].out_channels == 6  # whole groups of a grouped conv
+    _oracle(m, x, ratio=0.5, grouped=grouped)
+    assert m[3].groups == m[3].in_channels == m[3].out_channels == 4  # depthwise: whole groups in both modes
+    if grouped == "groups":
+        assert m[5].groups == 2 and m[5].in_channels == m[5].out_channels == 6  # whole groups of 3 in, 3 out
+    else:  # one of the 3 local channels of every group, inputs and outputs apart
+        assert m[5].groups == 4 and m[5].in_channels == m[5].out_channels == 8
 
 
 def test_groupnorm_prunes_whole_groups_layernorm_prunes_with_a_note():

@@ -232,7 +232,9 @@ def group_counts(model: Any, example_inputs: Any, target: float, *, metric: str 
     sizes = [g.size for g in groups]
     cost = table.cost_fn(members, metric, sizes=sizes)
     rank_fn = None if rank in (None, metric) else table.cost_fn(members, rank, sizes=sizes)
-    cands = [round_candidates(n, round_to) for n in sizes] if round_to else None
+    # round_to counts a layer's channels: a group channel can be several (`Group.unit`, grouped convs)
+    cands = [round_candidates(g.size, round_to // math.gcd(round_to, getattr(g, "unit", 1))) for g in groups] \
+        if round_to else None
     counts = channel_counts(groups, scores, cost, target, candidates=cands, min_keep=min_keep, rank_fn=rank_fn)
     return list(zip(groups, counts))
 

@@ -91,8 +91,13 @@ def fpgm(group: Group, model: nn.Module) -> list[torch.Tensor]:
         if m.kind != "out" or m.dim != 0 or m.name != "weight":
             continue
         rows = _rows(model, m)
-        per = torch.zeros(group.size, rows.size(1), device=rows.device).index_add_(0, m.channel.to(rows.device),
-                                                                                   rows)
+        counts = torch.bincount(m.channel, minlength=group.size)
+        if bool((counts == counts[0]).all()):  # a channel of several filters (channel j of every conv group, a
+            order = torch.argsort(m.channel, stable=True)  # head): all of them, side by side, not their sum
+            per = rows[order.to(rows.device)].reshape(group.size, -1)
+        else:
+            per = torch.zeros(group.size, rows.size(1), device=rows.device).index_add_(
+                0, m.channel.to(rows.device), rows)
         out.append(torch.cdist(per, per).sum(1))
     return out or _magnitude(2.0)(group, model)
 

@@ -450,7 +450,12 @@ class LatencyTable:
             row = []
             for m in g.members:
                 if m.name == "weight" and m.module in self.specs and m.kind in ("out", "in"):
-                    row.append((m.module, m.kind, m.index.numel() / g.size))
+                    spec = self.specs[m.module]
+                    # a grouped conv's weight dim 1 is a group's local input index: one position is one
+                    # input channel of every group (grouped="channels")
+                    local = spec.groups > 1 and not spec.depthwise and m.kind == "in" and m.dim == 1
+                    per = spec.groups if local else 1
+                    row.append((m.module, m.kind, m.index.numel() * per / g.size))
             out.append(row)
         return out
 

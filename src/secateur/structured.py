@@ -10,7 +10,9 @@ Where removing a channel is not the same as zeroing it at its consumers, the eng
 and says so in ``plan.notes`` (a softmax or a fused norm over the channel dim, a constant that cannot be sliced,
 a slice at fixed positions, the model's outputs), or prunes them and says so: a LayerNorm / RMSNorm over the
 channel dim then computes its statistics over the kept channels, and the oracle's reference does the same
-(``plan.kept_norms``). GroupNorm loses whole groups only, which is exact. Heads are pruned whole, so the
+(``plan.kept_norms``). GroupNorm loses whole groups only, which is exact. A grouped convolution loses the same
+local channels in every conv group (or whole groups, ``grouped="groups"``; depthwise ones always whole groups), so
+it keeps one width per group. Heads are pruned whole, so the
 attention scale (from the head size) never changes, or, with ``heads="head_dim"``, every head loses the same
 number of dims and the modules keep the scale of the original head size (their ``scaling`` attribute; a call
 that derives the scale from q's size keeps its q/k dims). Hence every plan satisfies the oracle: the original
@@ -62,7 +64,9 @@ class Plan:
         return sum(int(c.numel()) for _, c in self.choices)
 
     def zero_consumers(self, model: nn.Module) -> None:
-        """The pruning oracle's reference: zero the chosen channels where they enter their consumers."""
+        """The pruning oracle's reference: zero the chosen channels where they enter their consumers. A grouped
+        conv's input (a, j) is read only by group a's rows of weight[:, j]; a unit holds (a, j) for every group a,
+        so zeroing weight[:, j] (the member's dim-1 slice) zeroes exactly those inputs."""
         with torch.no_grad():
             for g, chans in self.choices:
                 pick = torch.zeros(g.size, dtype=torch.bool)
@@ -127,7 +131,7 @@ class StructuredResult:
 
 
 # ---------------------------------------------------------------- choosing
-def _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads):
+def _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads, grouped="channels"):
     if threshold is None and not isinstance(ratio, dict) and not (0.0 <= float(ratio) < 1.0):
         raise fail("ratio must be in [0, 1)", where="prune_channels", value=ratio)
     if isinstance(ratio, dict):
@@ -146,6 +150,9 @@ def _validate(ratio, threshold, scope, round_to, steps, target_macs, target_para
     if heads not in ("heads", "head_dim"):
         raise fail("heads must be 'heads' (whole heads) or 'head_dim' (the same number of dims in every head)",
                    where="prune_channels", value=heads)
+    if grouped not in ("channels", "groups"):
+        raise fail("grouped must be 'channels' (the same channels from every conv group) or 'groups' (whole conv "
+                   "groups)", where="prune_channels", value=grouped)
 
 
 def _refuse_rope(model: nn.Module) -> None:
@@ -195,11 +202,15 @@ def _ratio_for(group: Group, ratio) -> float:
     return 0.0
 
 
-def _round(size: int, n: int, round_to: int | None) -> int:
-    """Never prune a group to zero; keep a multiple of round_to channels."""
+def _round(size: int, n: int, round_to: int | None, unit: int = 1) -> int:
+    """Never prune a group to zero; keep a multiple of round_to channels. ``round_to`` counts the layers'
+    channels: where one group channel is ``unit`` of them (channel j of each of ``unit`` conv groups), a kept
+    count k only needs k * unit to be a multiple, so a grouped conv is not held to round_to channels *per
+    group* (a group width of 4 or 8 would then never be pruned at round_to=8)."""
     n = max(0, min(n, size - 1))
     if round_to:
-        keep = min(size, math.ceil((size - n) / round_to) * round_to)
+        step = round_to // math.gcd(round_to, unit)
+        keep = min(size, math.ceil((size - n) / step) * step)
         n = size - keep
     return n
 
@@ -208,7 +219,7 @@ def _count(group: Group, n: int, round_to: int | None) -> int:
     """How many channels to remove: a head-dim group removes the same count from every head (at least one dim
     stays in each), so ``n`` is split evenly and rounded per head."""
     if group.block is None:
-        return _round(group.size, n, round_to)
+        return _round(group.size, n, round_to, group.unit)
     heads = int(group.block.max()) + 1
     return _round(group.size // heads, n // heads, round_to) * heads
 
@@ -259,18 +270,21 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
                   importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                   ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
                   reduce: str = "mean", normalize: str | None = None, ignore_inputs: Iterable = (),
-                  graph: Graph | None = None, verify: bool = True) -> Plan:
+                  graph: Graph | None = None, verify: bool = True, grouped: str = "channels") -> Plan:
     """Choose the channels ``prune_channels`` would remove; nothing is changed (``plan.apply(model)`` does it).
     ``verify`` dry-runs the plan on a meta-device skeleton (no weight memory) and leaves out groups whose removal
     would break the model's own forward (noted in ``plan.notes``)."""
-    _validate(ratio, threshold, scope, round_to, 1, None, None, heads)
+    _validate(ratio, threshold, scope, round_to, 1, None, None, heads, grouped)
     _refuse_masked(model)
     if heads == "head_dim":
         _refuse_rope(model)
     if graph is not None and getattr(graph.tracer, "head_dim", heads == "head_dim") != (heads == "head_dim"):
         raise fail("the graph was built for another heads= mode", where="plan_channels", value=heads,
                    hint="build it with build_graph(model, example_inputs, heads=...) using the same mode")
-    graph = graph or build_graph(model, example_inputs, heads)
+    if graph is not None and getattr(graph.tracer, "grouped", grouped) != grouped:
+        raise fail("the graph was built for another grouped= mode", where="plan_channels", value=grouped,
+                   hint="build it with build_graph(model, example_inputs, grouped=...) using the same mode")
+    graph = graph or build_graph(model, example_inputs, heads, grouped)
     cands = _candidates(model, graph, ratio, threshold is not None, importance, ignore, ignore_inputs, reduce,
                         normalize)
     plan = _new_plan(graph, _choose(cands, threshold, scope, round_to, graph.links), list(graph.notes), heads)
@@ -449,7 +463,7 @@ def _latency_plan(model: nn.Module, example_inputs: Any, target_latency: float, 
     """One plan whose per-group counts meet the latency target (see `secateur.allocate.latency_choices`),
     verified like every other plan."""
     from secateur.allocate import latency_choices
-    graph = build_graph(model, example_inputs)
+    graph = build_graph(model, example_inputs, grouped=opts["grouped"])
     ignored, ignored_in = _ignored(model, opts["ignore"]), _ignored(model, opts["ignore_inputs"])
     choices = latency_choices(model, example_inputs, target_latency, table=table, importance=opts["importance"],
                               round_to=opts["round_to"], graph=graph,
@@ -521,7 +535,7 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
     search runs again, so the verified plan still meets the target (when any ratio < 1 can)."""
     if opts["heads"] == "head_dim":
         _refuse_rope(model)
-    graph = build_graph(model, example_inputs, opts["heads"])
+    graph = build_graph(model, example_inputs, opts["heads"], opts["grouped"])
     counter = _Counter(model, example_inputs, graph.groups, what)
     goal = fraction * counter.total
     cands = _candidates(model, graph, 1.0, False, opts["importance"], opts["ignore"], opts["ignore_inputs"],
@@ -626,7 +640,10 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
     dims_in = {m.module for g, _ in plan.choices if g.block is not None for m in g.members}
     mode = {mod: "head_dim" if any(d == names[mod] or d.rpartition(".")[0] == names[mod] for d in dims_in)
             else "heads" for mod in [*touched, *parents.values()]}
-    snaps = {m: {**snapshot(m), "_heads": mode[m]} for m in [*touched, *parents.values()]}
+    # grouped convs: the mode their capture used (whole groups or the same channels from every group)
+    grouped = {n: g_mode for g, _ in plan.choices for n, g_mode in g.grouped.items()}
+    snaps = {m: {**snapshot(m), "_heads": mode[m], "_grouped": grouped.get(names[m])}
+             for m in [*touched, *parents.values()]}
     done = set()
     with torch.no_grad():
         for mod, mname, tname, t, new in new_tensors:
@@ -750,7 +767,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                    target_macs: float | None = None, target_params: float | None = None, steps: int = 1,
                    reduce: str = "mean", normalize: str | None = None,
                    ignore_inputs: Iterable = (), target_latency: float | None = None,
-                   latency_table: Any = None, verify: Any = None) -> StructuredResult:
+                   latency_table: Any = None, verify: Any = None, grouped: str = "channels") -> StructuredResult:
     """Physically remove channels from ``model`` in place (see module docstring). ``target_macs`` /
     ``target_params`` (fractions of the current model): one uniform ratio (or global budget with
     ``scope="global"``) found by bisection on the plan's exact count, applied once; ``steps`` splits
@@ -760,6 +777,11 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     under GQA); "head_dim" removes the same number of dims from every head (q/k dims together, v dims with the
     output projection's columns), keeping each module's original softmax scale; RoPE models are refused, and
     attention whose scale cannot be kept falls back to whole heads or keeps its dims (noted).
+    ``grouped``: how a grouped convolution loses channels. "channels" (default): the same local channels leave
+    every conv group, its inputs and outputs separately, so ``groups`` stays and each group gets narrower;
+    "groups": whole conv groups (a group's inputs and outputs together), so the group width stays. Depthwise
+    convolutions (one input channel per group) lose whole groups either way. ``round_to`` counts a layer's
+    channels (a grouped conv's total, not its per-group width).
 
     ``target_latency`` (a fraction of today's estimated latency in (0, 1): 0.5 = twice as fast) lets the
     allocator (`secateur.allocate.latency_choices`) pick every group's channel count from ``latency_table``
@@ -772,7 +794,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     ``"estimate"`` trusts the table. Default: measure when the table is built here, estimate when one is
     given (it may describe another device). The result reports ``latency_estimate``, ``latency_measured``
     and ``latency_rounds``."""
-    _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads)
+    _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads, grouped)
     check = None
     if target_latency is not None:
         _validate_latency(ratio, threshold, steps, target_macs, target_params, heads)
@@ -784,7 +806,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     _refuse_masked(model)
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
-                reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs)
+                reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs, grouped=grouped)
     plans, latency = [], {}
     if target_latency is not None:
         plan, latency = _latency_target(model, example_inputs, target_latency, latency_table, opts, check)

@@ -31,8 +31,13 @@ from secateur.graph.labels import Atoms, compress
 class Tracer:
     """State of one capture: labels of live tensors, slots (param dims owned by atoms), notes."""
 
-    def __init__(self, model: nn.Module, heads: str = "heads") -> None:
+    def __init__(self, model: nn.Module, heads: str = "heads", grouped: str = "channels") -> None:
         self.model = model
+        # grouped convolutions (not depthwise): "channels" couples local channel j of every conv group (the same
+        # channels leave every group, the group count stays), "groups" removes whole conv groups; ``convs``
+        # records, per grouped conv module, the mode its rule used (the size updater reads it, never guesses)
+        self.grouped = grouped
+        self.convs: dict[str, str] = {}
         # heads="head_dim": attention rules make per-head dims the units (q/k dim d of a head together, v dim d
         # with what reads it) instead of whole heads; ``blocks`` rows are heads (same count removed from each),
         # ``contracted`` units are read only by q.k (zeroing their producers is the oracle's reference)
@@ -187,12 +192,12 @@ def call(model: nn.Module, example_inputs: Any):
     return model(example_inputs)
 
 
-def capture(model: nn.Module, example_inputs: Any, heads: str = "heads") -> Tracer:
+def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels") -> Tracer:
     """Run ``model(example_inputs)`` once, recording channel labels and slots. The model is not changed.
     PyTorch's fused MHA / TransformerEncoderLayer fast path is off meanwhile: its single op hides the layout."""
     from secateur.graph.modules import leaf_rule
 
-    tracer = Tracer(model, heads)
+    tracer = Tracer(model, heads, grouped)
     handles = []
     names = {m: n for n, m in model.named_modules()}
 

@@ -47,6 +47,12 @@ class Group:
     members: list[Member] = field(default_factory=list)
     block: torch.Tensor | None = None  # heads="head_dim": head of each channel; every head loses the same count
     norms: list[str] = field(default_factory=list)  # normalisations over these channels ("where: op")
+    # grouped convolutions among the members -> how they lose channels ("channels" or "groups", see
+    # modules.grouped_mode); the size updater reads it from here
+    grouped: dict[str, str] = field(default_factory=dict)
+    # channels of a layer per group channel: 1, or the group count of a "channels"-mode grouped conv whose
+    # channel j of every group is one unit here (``round_to`` counts a layer's channels, so it needs this)
+    unit: int = 1
 
     def modules(self) -> set[str]:
         return {m.module for m in self.members}
@@ -223,6 +229,9 @@ def _groups(tr: Tracer) -> Graph:
     for g in groups:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
         g.name = g.members[0].module
+        g.grouped = {m.module: tr.convs[m.module] for m in g.members if m.module in tr.convs}
+        if "channels" in g.grouped.values():  # positions per channel where a layer's channels are indexed whole
+            g.unit = max(int(torch.bincount(m.channel).max()) for m in g.members if m.kind in ("out", "param"))
     norms = []
     for site in tr.norms:
         c = root[site["atoms"]]
@@ -243,11 +252,14 @@ def _groups(tr: Tracer) -> Graph:
     return Graph([groups[i] for i in order], tr.notes, tr, root=root, where=where, norms=norms)
 
 
-def build_graph(model: nn.Module, example_inputs: Any, heads: str = "heads") -> Graph:
-    return groups_from(capture(model, example_inputs, heads))
+def build_graph(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels") -> Graph:
+    return groups_from(capture(model, example_inputs, heads, grouped))
 
 
-def build_groups(model: nn.Module, example_inputs: Any, heads: str = "heads") -> list[Group]:
+def build_groups(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels"
+                 ) -> list[Group]:
     """The dependency groups of ``model`` for ``example_inputs`` (the model is run once, not changed).
-    ``heads="head_dim"``: attention units are per-head dims instead of whole heads."""
-    return build_graph(model, example_inputs, heads).groups
+    ``heads="head_dim"``: attention units are per-head dims instead of whole heads. ``grouped``: grouped
+    convolutions lose the same local channels in every group ("channels") or whole groups ("groups"); depthwise
+    convolutions always lose whole groups (see ``modules.grouped_mode``)."""
+    return build_graph(model, example_inputs, heads, grouped).groups
