@@ -732,8 +732,11 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
             for k, v in entry.get("attrs", {}).items():
                 if k == "__class__":  # a module that became a pruned variant (nn.MultiheadAttention)
                     cls = structure_class(v)
-                    if cls is None or not isinstance(mod, cls.__mro__[1]):
+                    if cls is None:
                         raise fail("unknown module class in the structure", where=name, value=v)
+                    if not isinstance(mod, cls.__mro__[1]):  # a pruned variant only replaces its own base
+                        raise fail(f"the structure's {v} does not fit this module", where=name,
+                                   value=type(mod).__name__, hint="load into the architecture that was saved")
                     mod.__class__ = cls
                     continue
                 old = getattr(mod, k, None)
