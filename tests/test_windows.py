@@ -44,7 +44,7 @@ def test_pruned_swin_forward_equals_stock_forward(v2, window, shift, hw):
     stock = _swin_attn(v2, window, shift)
     mine = copy.deepcopy(stock)
     mine.__class__ = pruned_class("PrunedShiftedWindowAttentionV2" if v2 else "PrunedShiftedWindowAttention")
-    mine.head_dim = 8
+    mine.head_dim = mine.v_head_dim = 8
     x = torch.randn(2, *hw, 24)
     with torch.no_grad():
         want, got = stock(x), mine(x)
@@ -78,23 +78,41 @@ def _tiny_swin(v2):
 def test_tiny_swin_oracle_prunes_heads_stream_and_mlp(v2, heads):
     m = _tiny_swin(v2)
     x = torch.randn(2, 3, 40, 56)
-    plan = assert_oracle(m, x, ratio=0.5, heads=heads)
+    assert_oracle(m, x, ratio=0.5, heads=heads)
     attn = m.features[1][0].attn
     assert type(attn).__name__.startswith("Pruned")
-    assert attn.num_heads == 1 and attn.head_dim == 16  # 2 heads of 16 -> 1 head, head size kept
+    if heads == "heads":  # 2 heads of 16 -> 1 head of 16; stage 2: 4 heads -> 2
+        assert (attn.num_heads, attn.head_dim, attn.v_head_dim) == (1, 16, 16)
+        assert m.features[3][0].attn.num_heads == 2
+    else:  # every head keeps half its q/k and v dims
+        assert (attn.num_heads, attn.head_dim, attn.v_head_dim) == (2, 8, 8)
+        assert (m.features[3][0].attn.num_heads, m.features[3][0].attn.head_dim) == (4, 8)
     assert m.features[0][0].out_channels == 16  # the embed dim (residual stream) shrank
     assert m.features[1][0].mlp[0].out_features == 64  # MLP hidden 128 -> 64
-    assert m.features[2].dim == 16 and m.features[3][0].attn.num_heads == 2
-    assert (heads == "head_dim") == any("whole heads" in n for n in plan.notes)
+    assert m.features[2].dim == 16
 
 
-def test_tiny_swin_second_plan_on_pruned_model():
-    """A pruned attention is captured again (its class is a leaf too) and prunes further."""
-    m = _tiny_swin(False)
+@pytest.mark.parametrize("v2", [False, True])
+def test_tiny_swin_second_plan_on_pruned_model(v2):
+    """A pruned attention is captured again (its class is a leaf too) and prunes further, in both modes; the
+    softmax scale stays the original head size's."""
+    m = _tiny_swin(v2)
     x = torch.randn(1, 3, 32, 32)
+    assert_oracle(m, x, ratio=0.5, heads="head_dim")
     assert_oracle(m, x, ratio=0.5)
-    assert_oracle(m, x, ratio=0.5)
-    assert m.features[3][0].attn.num_heads == 1 and m.features[0][0].out_channels == 8
+    attn = m.features[3][0].attn
+    assert (attn.num_heads, attn.head_dim, attn.v_head_dim) == (2, 8, 8) and m.features[0][0].out_channels == 8
+    assert v2 or attn.scale == 16 ** -0.5
+
+
+def test_maxvit_head_dims_oracle():
+    """MaxViT with heads="head_dim" (the tiny config torchvision's class allows: 2 stages, 64 px)."""
+    m = tv_maxvit.MaxVit(input_size=(64, 64), stem_channels=16, partition_size=4, block_channels=[16, 32],
+                         block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert_oracle(_randomize(m), x, ratio=0.5, heads="head_dim")
+    attn = m.blocks[1].layers[0].layers.grid_attention.attn_layer[1]
+    assert (attn.n_heads, attn.head_dim, attn.v_head_dim) == (4, 4, 4)
 
 
 def _randomize(m):

@@ -15,8 +15,10 @@ inner size is ``num_heads * head_dim`` whatever the input size, and the head siz
 original. torchvision is never imported here: rules are registered by class name, and the pruned classes are
 built on first use (module ``__getattr__``, so ``pickle`` and ``secateur.load`` find them too).
 
-Heads are the unit in both ``heads=`` modes: Swin V2's cosine attention normalises over the head dims (a removed
-dim is not a zeroed one), so ``heads="head_dim"`` keeps whole heads there (noted in the plan)."""
+``heads="head_dim"``: every head loses the same number of q/k dims (q dim d and k dim d of a head together: zeroing
+both drops one term of q.k, and of Swin V2's cosine normalisation too) and of v dims (with the projection columns
+they feed); head counts and per-head tensors stay, the pruned variant keeps the original softmax scale (``scale``)
+and allows a value head size ``v_head_dim`` different from ``head_dim``."""
 from __future__ import annotations
 
 import math
@@ -70,7 +72,7 @@ def _swin_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Shifted-window attention whose inner size (``num_heads * head_dim``) need not equal the input's channels;
     otherwise the stock computation (pad, roll, windows, scaled or cosine attention + relative bias + shift mask,
     projection, back)."""
-    heads, hd = self.num_heads, self.head_dim
+    heads, dq, dv = self.num_heads, self.head_dim, getattr(self, "v_head_dim", self.head_dim)
     cosine = getattr(self, "logit_scale", None) is not None
     bias = self.get_relative_position_bias()
     b, h, w, _ = x.shape
@@ -83,23 +85,23 @@ def _swin_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
     tokens = _windows(x, wh, ww)
     qkv_bias = self.qkv.bias
+    n = heads * dq
     if cosine and qkv_bias is not None:  # V2 has no key bias (its slot is zeroed on every call)
-        n = qkv_bias.numel() // 3
         qkv_bias = torch.cat([qkv_bias[:n], torch.zeros_like(qkv_bias[n:2 * n]), qkv_bias[2 * n:]])
-    qkv = F.linear(tokens, self.qkv.weight, qkv_bias).unflatten(-1, (3, heads, hd)).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    qkv = F.linear(tokens, self.qkv.weight, qkv_bias).split([n, n, heads * dv], dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv)  # [windows, heads, N, d]
     if cosine:
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-    else:
-        attn = (q * hd ** -0.5) @ k.transpose(-2, -1)
+    else:  # the scale of the original head size (head dims may have been removed since)
+        attn = (q * getattr(self, "scale", dq ** -0.5)) @ k.transpose(-2, -1)
     attn = attn + bias
     n_tok = tokens.size(1)
     if sh or sw:
         mask = _shift_mask(x, hp, wp, wh, ww, sh, sw)
         attn = (attn.view(b, -1, heads, n_tok, n_tok) + mask.unsqueeze(1)).view(-1, heads, n_tok, n_tok)
     attn = F.dropout(attn.softmax(dim=-1), p=self.attention_dropout, training=self.training)
-    y = (attn @ v).transpose(1, 2).reshape(tokens.size(0), n_tok, heads * hd)
+    y = (attn @ v).transpose(1, 2).reshape(tokens.size(0), n_tok, heads * dv)
     y = F.dropout(F.linear(y, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training)
     y = _unwindows(y, b, hp, wp, wh, ww)
     if sh or sw:
@@ -108,14 +110,15 @@ def _swin_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _maxvit_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """MaxViT's relative-position attention over ``[B, G, P, D]`` with an inner size ``n_heads * head_dim`` that
+    """MaxViT's relative-position attention over ``[B, G, P, D]`` with an inner size ``n_heads * v_head_dim`` that
     need not equal ``D``; the stored ``scale_factor`` (of the original width) is kept."""
     b, g, p, _ = x.shape
-    heads, hd = self.n_heads, self.head_dim
-    q, k, v = self.to_qkv(x).unflatten(-1, (3, heads, hd)).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    heads, dq, dv = self.n_heads, self.head_dim, getattr(self, "v_head_dim", self.head_dim)
+    qkv = self.to_qkv(x).split([heads * dq, heads * dq, heads * dv], dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(-3, -2) for t in qkv)  # [B, G, heads, P, d]
     attn = q @ (k * self.scale_factor).transpose(-2, -1)
     attn = F.softmax(attn + self.get_relative_positional_bias(), dim=-1)
-    out = (attn @ v).permute(0, 1, 3, 2, 4).reshape(b, g, p, heads * hd)
+    out = (attn @ v).transpose(-3, -2).reshape(b, g, p, heads * dv)
     return self.merge(out)
 
 
@@ -149,27 +152,34 @@ for _name in BASES:
 # ---------------------------------------------------------------- capture
 def _heads(tr: Tracer, mod: nn.Module, args, kwargs, out, qkv: nn.Linear, proj: nn.Linear, heads: int,
            per_head: list[tuple[torch.Tensor, int]]) -> None:
-    """Input channels -> qkv columns; head h owns its q/k/v rows (layout [3, heads, head_dim]), the
-    ``per_head`` slices and its ``proj`` columns; proj's rows are new channels."""
+    """Input channels -> qkv columns. Whole heads: head h owns its q/k/v rows (layout [q | k | v], each
+    [heads, head size]), the ``per_head`` slices and its ``proj`` columns. Head dims: q/k dim d of head h is one
+    unit, v dim d of head h another (with its ``proj`` column); every head loses as many. proj's rows are new
+    channels."""
     x = _input(args, kwargs)
-    hd = qkv.weight.shape[0] // (3 * heads)
-    if qkv.weight.shape[0] != 3 * heads * hd or proj.weight.shape[1] != heads * hd:
+    dv = proj.weight.shape[1] // heads
+    dq = (qkv.weight.shape[0] - heads * dv) // (2 * heads)
+    if proj.weight.shape[1] != heads * dv or qkv.weight.shape[0] != heads * (2 * dq + dv):
         raise tr.error(f"{type(mod).__name__}: qkv rows {qkv.weight.shape[0]} and projection inputs "
                        f"{proj.weight.shape[1]} do not split into {heads} heads", x)
-    if tr.head_dim:
-        tr.notes.append(f"{tr.where()}: {type(mod).__name__} prunes whole heads (heads='head_dim' is not "
-                        "supported there)")
     chan = _channels(tr, x, -1)
     if chan is not None:
         tr.slot(qkv.weight, 1, chan, "in")
-    units = tr.atoms.new(heads)
-    rows = units.repeat_interleave(hd)
-    tr.slot(qkv.weight, 0, rows.repeat(3), "out")
+    if tr.head_dim:
+        qk, v = tr.atoms.new(heads * dq), tr.atoms.new(heads * dv)
+        tr.blocks += [qk.view(heads, dq), v.view(heads, dv)]
+        tr.contracted.append(qk)  # zeroing q and k rows is the oracle's reference there
+        rows, vrows = torch.cat([qk, qk, v]), v
+    else:
+        units = tr.atoms.new(heads)
+        vrows = units.repeat_interleave(dv)
+        rows = torch.cat([units.repeat_interleave(dq), units.repeat_interleave(dq), vrows])
+        for t, dim in per_head:
+            tr.slot(t, dim, units, "param")
+    tr.slot(qkv.weight, 0, rows, "out", consumer=tr.head_dim)
     if qkv.bias is not None:
-        tr.slot(qkv.bias, 0, rows.repeat(3), "out")
-    for t, dim in per_head:
-        tr.slot(t, dim, units, "param")
-    tr.slot(proj.weight, 1, rows, "in")
+        tr.slot(qkv.bias, 0, rows, "out", consumer=tr.head_dim)
+    tr.slot(proj.weight, 1, vrows, "in")
     atoms = tr.atoms.new(proj.weight.shape[0])
     tr.slot(proj.weight, 0, atoms, "out")
     if proj.bias is not None:
@@ -204,27 +214,41 @@ def _become(mod: nn.Module, name: str) -> dict[str, Any]:
     return {"__class__": f"{__name__}.{name}"}
 
 
+def _sizes(heads: int, qkv: nn.Linear, proj: nn.Linear) -> tuple[int, int]:
+    """(q/k head size, v head size) from the sliced projections."""
+    dv = int(proj.weight.shape[1]) // heads
+    return (int(qkv.weight.shape[0]) - heads * dv) // (2 * heads), dv
+
+
 def _swin_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
-    """Head count from the per-head tensors; the head size stays (whole heads), hence the softmax scale."""
+    """Head count from the per-head tensors, head sizes from the projections; V1's softmax scale stays the one of
+    the original head size (the stock forward derives it from the input's channels)."""
     v2 = getattr(mod, "logit_scale", None) is not None
     heads = int(mod.logit_scale.shape[0]) if v2 else int(mod.relative_position_bias_table.shape[1])
-    mod.num_heads, mod.head_dim = heads, int(mod.proj.weight.shape[1]) // heads
-    return {"num_heads": heads, "head_dim": mod.head_dim,
+    if not v2 and not isinstance(getattr(mod, "scale", None), float):
+        mod.scale = float(old["_children_out"]["qkv"] // 3 // old["num_heads"]) ** -0.5
+    mod.num_heads = heads
+    mod.head_dim, mod.v_head_dim = _sizes(heads, mod.qkv, mod.proj)
+    return {"num_heads": heads, "head_dim": mod.head_dim, "v_head_dim": mod.v_head_dim,
+            **({} if v2 else {"scale": mod.scale}),
             **_become(mod, "PrunedShiftedWindowAttentionV2" if v2 else "PrunedShiftedWindowAttention")}
 
 
 def _maxvit_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     mod.n_heads = int(mod.relative_position_bias_table.shape[1])
-    return {"n_heads": mod.n_heads, **_become(mod, "PrunedRelativePositionalMultiHeadAttention")}
+    mod.head_dim, mod.v_head_dim = _sizes(mod.n_heads, mod.to_qkv, mod.merge)
+    return {"n_heads": mod.n_heads, "head_dim": mod.head_dim, "v_head_dim": mod.v_head_dim,
+            **_become(mod, "PrunedRelativePositionalMultiHeadAttention")}
 
 
 def _partition_layer(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
-    """MaxViT's ``PartitionAttentionLayer.n_heads`` (informational): its attention's head count."""
+    """MaxViT's ``PartitionAttentionLayer.n_heads`` / ``head_dim`` (informational): its attention's."""
     attn = [m for m in mod.attn_layer if hasattr(m, "relative_position_bias_table")]
     if len(attn) != 1:
         return {}
     mod.n_heads = int(attn[0].relative_position_bias_table.shape[1])
-    return {"n_heads": mod.n_heads}
+    mod.head_dim = _sizes(mod.n_heads, attn[0].to_qkv, attn[0].merge)[0]
+    return {"n_heads": mod.n_heads, "head_dim": mod.head_dim}
 
 
 def _patch_merging(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
