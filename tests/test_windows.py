@@ -93,9 +93,9 @@ def test_tiny_swin_oracle_prunes_heads_stream_and_mlp(v2, heads):
 
 
 @pytest.mark.parametrize("v2", [False, True])
-def test_tiny_swin_second_plan_on_pruned_model(v2):
+def test_tiny_swin_second_plan_on_pruned_model(v2, tmp_path):
     """A pruned attention is captured again (its class is a leaf too) and prunes further, in both modes; the
-    softmax scale stays the original head size's."""
+    softmax scale stays the original head size's, also after save / load into a fresh model."""
     m = _tiny_swin(v2)
     x = torch.randn(1, 3, 32, 32)
     assert_oracle(m, x, ratio=0.5, heads="head_dim")
@@ -103,6 +103,10 @@ def test_tiny_swin_second_plan_on_pruned_model(v2):
     attn = m.features[3][0].attn
     assert (attn.num_heads, attn.head_dim, attn.v_head_dim) == (2, 8, 8) and m.features[0][0].out_channels == 8
     assert v2 or attn.scale == 16 ** -0.5
+    secateur.save(m, tmp_path / "m.safetensors")
+    fresh = secateur.load(_tiny_swin(v2), tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), m(x))
 
 
 def test_maxvit_head_dims_oracle():
