@@ -1,6 +1,6 @@
 """torchvision's window attentions (Swin V1/V2 ``ShiftedWindowAttention[V2]``, MaxViT
-``RelativePositionalMultiHeadAttention``): whole heads, the residual stream around them, and the modules a pruned
-one becomes.
+``RelativePositionalMultiHeadAttention``): whole heads or per-head dims, the residual stream around them, and the
+modules a pruned one becomes.
 
 Why leaf rules and pruned variants: both stock forwards read the inner attention size from the *input's* channel
 count (Swin calls ``shifted_window_attention(x, self.qkv.weight, ...)`` with ``C // num_heads`` as head size and
@@ -11,14 +11,13 @@ bias is a gathered constant (all heads one unit). Handled as one op instead: inp
 each head owns its q/k/v rows, its bias-table column (Swin V2: its ``cpb_mlp`` output row and ``logit_scale``) and
 its projection columns; the projection's rows are new channels (the residual stream joins them at the add). A
 pruned module becomes ``Pruned<Class>``: same parameters and names, ``isinstance`` still true, a forward whose
-inner size is ``num_heads * head_dim`` whatever the input size, and the head size (hence the softmax scale) of the
-original. torchvision is never imported here: rules are registered by class name, and the pruned classes are
+inner size is ``num_heads * v_head_dim`` whatever the input size, and the softmax scale of the original. torchvision is never imported here: rules are registered by class name, and the pruned classes are
 built on first use (module ``__getattr__``, so ``pickle`` and ``secateur.load`` find them too).
 
 ``heads="head_dim"``: every head loses the same number of q/k dims (q dim d and k dim d of a head together: zeroing
 both drops one term of q.k, and of Swin V2's cosine normalisation too) and of v dims (with the projection columns
-they feed); head counts and per-head tensors stay, the pruned variant keeps the original softmax scale (``scale``)
-and allows a value head size ``v_head_dim`` different from ``head_dim``."""
+they feed); head counts and per-head tensors stay, Swin V1 keeps the original softmax scale in ``scale`` (MaxViT
+stores its own), and the value head size ``v_head_dim`` may differ from ``head_dim``."""
 from __future__ import annotations
 
 import math
