@@ -30,7 +30,7 @@ from torch import nn
 
 from secateur.errors import fail
 from secateur.graph.groups import Graph, Group, NormSite, build_graph
-from secateur.graph.modules import STRUCTURE_CLASSES, snapshot, update_attrs
+from secateur.graph.modules import snapshot, structure_class, update_attrs
 from secateur.importance import group_scores
 from secateur.metrics import count_macs, count_params
 
@@ -748,9 +748,13 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
                 mod._buffers[bn] = b[tuple(slice(0, s) for s in shape)].contiguous()
             for k, v in entry.get("attrs", {}).items():
                 if k == "__class__":  # a module that became a pruned variant (nn.MultiheadAttention)
-                    if v not in STRUCTURE_CLASSES:
+                    cls = structure_class(v)
+                    if cls is None:
                         raise fail("unknown module class in the structure", where=name, value=v)
-                    mod.__class__ = STRUCTURE_CLASSES[v]
+                    if not isinstance(mod, cls.__mro__[1]):  # a pruned variant only replaces its own base
+                        raise fail(f"the structure's {v} does not fit this module", where=name,
+                                   value=type(mod).__name__, hint="load into the architecture that was saved")
+                    mod.__class__ = cls
                     continue
                 old = getattr(mod, k, None)
                 setattr(mod, k, tuple(v) if isinstance(old, tuple) else v)

@@ -271,6 +271,15 @@ UPDATERS: dict[type, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
 UPDATERS_BY_NAME: dict[str, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
 # classes a module may become when pruned (structure attr "__class__"); only these are rebuilt on load
 STRUCTURE_CLASSES: dict[str, type] = {}
+# the same, built on first use (subclasses of an optional library's class: torchvision is imported only then)
+LAZY_CLASSES: dict[str, Callable[[], type]] = {}
+
+
+def structure_class(name: str) -> type | None:
+    """The class a pruned module became, from its recorded name; None if it is not one of ours."""
+    if name in STRUCTURE_CLASSES:
+        return STRUCTURE_CLASSES[name]
+    return LAZY_CLASSES[name]() if name in LAZY_CLASSES else None
 
 
 def updater(*types):
@@ -437,3 +446,4 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 
 from secateur.graph import mha as _mha  # noqa: E402,F401 - registers nn.MultiheadAttention (needs the above)
 from secateur.graph import recurrent  # noqa: E402,F401  (registers the recurrent leaves and updaters)
+from secateur.graph import windows  # noqa: E402,F401  (torchvision Swin / MaxViT window attention, by name)
