@@ -27,6 +27,11 @@ FACTORY = textwrap.dedent("""
         return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
                              nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
 
+    def grouped():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4), nn.ReLU(),
+                             nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
     def broken():
         raise RuntimeError("factory exploded")
 
@@ -93,6 +98,25 @@ def test_prune_structural_to_target_macs(tmp_path, factory, capsys):
     dense = count_macs(cli_models.tiny(), x)
     loaded = sio.load(cli_models.tiny(), out)
     assert count_macs(loaded, x) <= 0.5 * dense and not secateur.is_pruned(loaded)
+
+
+@pytest.mark.parametrize("grouped, groups_after, width_after", [("channels", 4, 2), ("groups", 2, 4)])
+def test_prune_structural_options_reach_the_engine(tmp_path, factory, capsys, grouped, groups_after, width_after):
+    pytest.importorskip("secateur.structured")
+    out = tmp_path / "g.st"
+    code, _, err = run(["prune", factory.replace("tiny", "grouped"), *SHAPE, "--structural", "--ratio", "0.5",
+                        "--grouped", grouped, "--round-to", "8", "-o", str(out)], capsys)
+    assert code == 0, err
+    import cli_models
+    conv = sio.load(cli_models.grouped(), out)[2]
+    assert (conv.groups, conv.in_channels // conv.groups) == (groups_after, width_after)
+    assert conv.out_channels == 8  # 16 -> 8: a multiple of --round-to
+
+
+def test_prune_structural_flags_need_structural(tmp_path, factory, capsys):
+    out = tmp_path / "x.st"
+    code, _, err = run(["prune", factory, *SHAPE, "--round-to", "8", "--heads", "head_dim", "-o", str(out)], capsys)
+    assert code == 1 and "--round-to, --heads" in err and "--structural" in err and not out.exists()
 
 
 def test_prune_nm_pattern(tmp_path, factory, capsys):

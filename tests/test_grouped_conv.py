@@ -118,7 +118,7 @@ def test_residual_block_counts():
     assert groups["a"].size == 8 and groups["a"].unit == 4 and groups["a"].grouped == {"b": "channels"}
     assert groups["b"].size == 8 and groups["b"].unit == 4
     whole = {g.name: g for g in build_groups(m, x, grouped="groups")}
-    assert whole["a"].size == 4 and whole["a"].unit == 1 and "b" not in whole  # a group's ins and outs together
+    assert whole["a"].size == 4 and whole["a"].unit == 8 and "b" not in whole  # a group's ins and outs together
     assert_oracle(m, x, ratio=0.5)
     assert (m.b.groups, m.b.in_channels, m.b.out_channels) == (4, 16, 16)
     assert m.a.out_channels == m.bn_a.num_features == 16 and m.c.in_channels == 16

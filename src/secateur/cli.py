@@ -183,8 +183,18 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated module names or globs to leave unpruned, e.g. conv1,fc (repeatable)")
     p.add_argument("--structural", action="store_true",
                    help="remove channels physically with the structural engine instead of masking")
+    p.add_argument("--round-to", type=int, metavar="N",
+                   help="with --structural: keep channel counts multiples of N (e.g. 8, for fast kernels)")
+    p.add_argument("--heads", choices=["heads", "head_dim"],
+                   help="with --structural: remove whole attention heads (default) or the same dims of every head")
+    p.add_argument("--grouped", choices=["channels", "groups"],
+                   help="with --structural: grouped convs lose the same channels from every group (default) "
+                        "or whole groups")
     p.add_argument("--finalize", action="store_true", help="bake the masks in before saving")
     p.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
+
+
+_STRUCTURAL_ONLY = {"round_to": "--round-to", "heads": "--heads", "grouped": "--grouped"}
 
 
 def _prune_masks_to_macs(model, inputs, fraction: float, criterion: str, exclude=()) -> float:
@@ -256,6 +266,9 @@ def _prune(args: argparse.Namespace) -> int:
                                     or args.threshold is not None):
         raise fail("an N:M pattern fixes the sparsity itself; do not pass --ratio/--threshold/--target-macs",
                    value=args.pattern)
+    given = [flag for key, flag in _STRUCTURAL_ONLY.items() if getattr(args, key) is not None]
+    if given and not args.structural:
+        raise fail(f"{', '.join(given)} shape(s) the structural engine's plan; add --structural", value=given)
     if args.structural and args.threshold is not None:
         raise fail("--threshold applies to masks; with --structural use --ratio or --target-macs",
                    value=args.threshold)
@@ -268,6 +281,7 @@ def _prune(args: argparse.Namespace) -> int:
         options = {"importance": args.method, "ignore": exclude}
         if args.scope is not None:
             options["scope"] = args.scope
+        options.update({key: getattr(args, key) for key in _STRUCTURAL_ONLY if getattr(args, key) is not None})
         ratio = None if args.target_macs is not None else args.ratio if args.ratio is not None else 0.5
         if is_pruned(model):  # the structural engine works on plain weights; baking keeps the zeros
             say("finalizing the masks (zeros baked in) before removing channels")

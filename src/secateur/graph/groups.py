@@ -1,6 +1,8 @@
 """Groups: sets of channels that are removed the same way, with every tensor slice they own."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +52,9 @@ class Group:
     # grouped convolutions among the members -> how they lose channels ("channels" or "groups", see
     # modules.grouped_mode); the size updater reads it from here
     grouped: dict[str, str] = field(default_factory=dict)
-    # channels of a layer per group channel: 1, or the group count of a "channels"-mode grouped conv whose
-    # channel j of every group is one unit here (``round_to`` counts a layer's channels, so it needs this)
+    # channels of a layer per group channel: 1, the group count of a "channels"-mode grouped conv whose channel
+    # j of every group is one unit here, or in "groups" mode the gcd of the member layers' group widths
+    # (``round_to`` counts a layer's channels, so it needs this)
     unit: int = 1
 
     def modules(self) -> set[str]:
@@ -230,8 +233,8 @@ def _groups(tr: Tracer) -> Graph:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
         g.name = g.members[0].module
         g.grouped = {m.module: tr.convs[m.module] for m in g.members if m.module in tr.convs}
-        if "channels" in g.grouped.values():  # positions per channel where a layer's channels are indexed whole
-            g.unit = max(int(torch.bincount(m.channel).max()) for m in g.members if m.kind in ("out", "param"))
+        if g.grouped:  # channels per unit where a layer's channels are indexed whole (j of every group, a group)
+            g.unit = math.gcd(*(int(torch.bincount(m.channel).max()) for m in g.members if m.kind in ("out", "param")))
     norms = []
     for site in tr.norms:
         c = root[site["atoms"]]
