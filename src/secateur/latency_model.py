@@ -277,13 +277,14 @@ class LatencyTable:
               threads: int | None = None, repeats: int = 5, warmup: int = 1, max_points: int = 16,
               in_points: int = 8, multiple: int = 8, min_sample_s: float = 2e-3, cache: bool = True,
               cache_path: str | os.PathLike | None = None, tolerance: float = 0.02,
-              progress: bool = True, tail: bool = True) -> "LatencyTable":
+              progress: bool = True, tail: bool = True, tail_repeats: int | None = None) -> "LatencyTable":
         """Measure every Conv/Linear of ``model`` (or the named ``layers``) on the device of
         ``example_inputs``. Identical layer configurations are measured once; cached ones not at all.
         ``max_points`` / ``in_points`` bound the output / input channel grids (the input dependence is
         smoother, so it gets fewer points); each measured count costs about ``repeats + 2`` calls.
-        ``tail`` also times the ops outside those layers (`secateur.latency_tail`: ``repeats`` more
-        forward passes of ``model``, cached by the op sequence), so estimates are of the whole model."""
+        ``tail`` also times the ops outside those layers (`secateur.latency_tail`: ``tail_repeats``, by
+        default ``max(5, repeats)``, more forward passes of ``model``, each op the minimum over them; cached
+        by the op sequence), so estimates are of the whole model."""
         specs = layer_specs(model, example_inputs, layers)
         if not specs:
             raise fail("the model has no Conv/Linear layer that runs on the example inputs",
@@ -309,7 +310,7 @@ class LatencyTable:
         table._names = {id(m): n for n, m in model.named_modules() if n in specs}
         if tail:
             table.tail = _build_tail(model, example_inputs, specs, path if cache else None, device,
-                                     threads=threads, repeats=repeats, warmup=warmup)
+                                     threads=threads, repeats=tail_repeats or max(5, repeats), warmup=warmup)
         return table
 
     @classmethod
@@ -433,7 +434,8 @@ class LatencyTable:
         group's count. With ``sizes`` (each group's full channel count) a group may own only part of a
         layer (concatenations, splits): the layer loses ``width`` positions per removed group channel.
         ``metric`` is ``"latency"`` (seconds, from the table, with the measured tail: see `total`),
-        ``"macs"`` or ``"params"`` (exact counts), so one allocator serves all three targets."""
+        ``"layers"`` (the Conv/Linear layers' seconds alone), ``"macs"`` or ``"params"`` (exact counts),
+        so one allocator serves every target."""
         if metric not in _METRICS:
             raise fail("unknown cost metric", value=metric, hint=f"use one of {sorted(_METRICS)}")
         if sizes is not None and len(sizes) != len(members):
@@ -499,6 +501,7 @@ def _latency_metric(t: LatencyTable, n: str, s: LayerSpec, c_out, c_in) -> float
 
 _METRICS: dict[str, Callable[[LatencyTable, str, LayerSpec, Any, Any], float]] = {
     "latency": _latency_metric,
+    "layers": lambda t, n, s, c_out, c_in: t.latency(n, c_out if c_out is not None else s.out_channels, c_in),
     "macs": lambda t, n, s, c_out, c_in: s.macs(c_in, c_out),
     "params": lambda t, n, s, c_out, c_in: s.params(c_in, c_out),
 }
