@@ -4,7 +4,8 @@ For each torchvision model (random weights) and each reduction target, every met
 of the same dense model; then the dense model and all pruned copies are timed *interleaved* (one call
 each per round, order rotated) so that load from other processes hits all of them alike. Speedup is the
 median of the per-round ratios dense / pruned (p10-p90 in brackets); efficiency = speedup / MACs
-reduction (1.0 is the physical limit). MACs are counted the same way for every method
+reduction (1.0 is the physical limit). "min sp." / "eff min" use the minimum latency of each model over the
+rounds instead (another process only adds time, so on a shared machine the minima are the better estimate). MACs are counted the same way for every method
 (torch's FlopCounterMode: convolutions, matmuls, attention).
 
 Methods (``--methods``):
@@ -281,7 +282,8 @@ def measure(variants: dict[str, nn.Module], x: torch.Tensor, args, *, threads: i
     for k, st in res.items():
         med, lo, hi = paired_speedup(dense, st)
         out[k] = {"latency_ms": st.median * 1e3, "latency_p10_ms": st.p10 * 1e3, "latency_p90_ms": st.p90 * 1e3,
-                  "speedup": med, "speedup_p10": lo, "speedup_p90": hi}
+                  "latency_min_ms": st.min * 1e3, "speedup": med, "speedup_p10": lo, "speedup_p90": hi,
+                  "speedup_min": dense.min / st.min}  # minima: another process only adds time
     return out
 
 
@@ -330,11 +332,12 @@ def machine_load(seconds: float = 3.0) -> dict:
     return out
 
 
-def quiet_check(args, when: str) -> dict | None:
-    """With ``--quiet-check``: report (and with ``--wait-quiet`` wait up to that long for) a quiet machine."""
+def quiet_check(args, when: str, *, wait: bool = True) -> dict | None:
+    """With ``--quiet-check``: report (and with ``--wait-quiet``, unless ``wait`` is False, wait up to that
+    long for) a quiet machine."""
     if not args.quiet_check:
         return None
-    deadline = time.monotonic() + args.wait_quiet
+    deadline = time.monotonic() + (args.wait_quiet if wait else 0.0)
     while True:
         load = machine_load()
         quiet = load["busy"] is not None and load["busy"] <= args.max_busy
@@ -396,7 +399,7 @@ def run_model(name: str, args) -> list[dict]:
         if comp:
             _fresh_dynamo(len(variants))
         lat = measure(variants, place.input(b, args.size), args, threads=threads, compile=comp)
-        after = quiet_check(args, f"{name}, after timing batch {b}")
+        after = quiet_check(args, f"{name}, after timing batch {b}", wait=False)
         rows += _rows(name, info, lat, base_macs, base_params, **place.describe(), batch=b, compiled=comp,
                       threads=threads, load_before_tables=before_tables, load_before=load, load_after=after)
     for m in variants.values():  # back where pruning left them, so nothing of this model stays on the GPU
@@ -413,13 +416,14 @@ def _rows(name, info, lat, base_macs, base_params, **where) -> list[dict]:
         r = {"model": name, "variant": k, **i, "macs_reduction": mr, "params_reduction": base_params / i["params"],
              **where, **lat[k], "dense_latency_ms": lat["dense"]["latency_ms"]}
         r["efficiency"] = r["speedup"] / mr
+        r["efficiency_min"] = r["speedup_min"] / mr
         rows.append(r)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'model':<14}{'device':<9}{'bs':>4} {'method (/t table batch)':<21}{'target':>7}{'MACs red':>9}{'speedup':>9}"
-            f"{'[p10-p90]':>14}{'effic.':>8}{'predicted':>10}{'dense ms':>10}{'ms':>9}")
+            f"{'[p10-p90]':>14}{'effic.':>8}{'min sp.':>8}{'eff min':>8}{'predicted':>10}{'dense ms':>10}{'ms':>9}")
     print(head)
     print("-" * len(head))
     for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["batch"], r["compiled"], r["target"],
@@ -429,6 +433,7 @@ def print_table(rows: list[dict]) -> None:
         meth = r["method"] + (f"/t{r['table_batch']}" if r.get("table_batch") is not None else "")
         print(f"{r['model']:<14}{dev:<9}{r['batch']:>4} {meth:<21}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
               f"{r['speedup']:>8.2f}x  [{r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}]{r['efficiency']:>8.2f}"
+              f"{r['speedup_min']:>7.2f}x{r['efficiency_min']:>8.2f}"
               f"{pred:>10}{r['dense_latency_ms']:>10.2f}{r['latency_ms']:>9.2f}")
 
 
@@ -533,8 +538,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t0 = time.perf_counter()
     rows = []
     for name in args.models:
+        t1 = time.perf_counter()
         rows += run_model(name, args)
+        for r in rows:
+            r.setdefault("model_s", time.perf_counter() - t1)
         print_table([r for r in rows if r["model"] == name])
+        say(f"{name}: {time.perf_counter() - t1:.0f} s (run so far {time.perf_counter() - t0:.0f} s)")
         print(flush=True)
     print_table(rows)
     plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "place"}

@@ -169,6 +169,7 @@ def test_table_adds_the_tail_to_totals_and_costs():
     assert cost([4]) == pytest.approx(t.latency("a", 4) + 5e-3 + 2e-3 + 4e-3)
     assert cost([8]) == pytest.approx(t.total())
     assert t.cost_fn([[("a", "out")]], "macs")([4]) == a.macs(4, 4)   # MACs know nothing of the tail
+    assert t.cost_fn([[("a", "out")]], "layers")([4]) == pytest.approx(t.latency("a", 4))  # the layers alone
     with pytest.raises(PruningError, match="out of range"):
         t.tail_latency("a", 9)
 
