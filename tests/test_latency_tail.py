@@ -213,3 +213,38 @@ def test_elementwise_only_cost_grows_with_the_channels():
     tail = Tail.from_times(ops, secs, overhead, narrow)
     assert set(tail.fixed) == {"conv"} and tail.other == 0.0
     assert tail.of("conv", 64, 64) > 1.5 * tail.of("conv", 16, 64)
+
+
+def test_an_op_that_cannot_be_timed_counts_zero_with_a_warning():
+    m, x = Block().eval(), torch.randn(1, 3, 8, 8)
+    layers = _layers(m, x)
+    ops = record_tail(m, x, layers)
+
+    class Refuses(FakeTimer):
+        def __call__(self, call, number):
+            out = call()
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == 32:  # the flatten
+                raise RuntimeError("cannot run twice")
+            return super().__call__(lambda: out, number)
+    with pytest.warns(UserWarning, match="flatten"):
+        secs, _, _ = measure_tail(m, x, layers, ops, device=torch.device("cpu"), repeats=1, warmup=0,
+                                  timer=Refuses())
+    assert [s for o, s in zip(ops, secs) if o.op == "aten.flatten.using_ints"] == [0.0]
+    assert all(s > 0 for o, s in zip(ops, secs) if o.op != "aten.flatten.using_ints")
+
+
+@given(st.lists(st.floats(1e-6, 1e-3), min_size=8, max_size=8), st.floats(0, 1e-3), st.floats(0, 1e-3))
+@settings(max_examples=50, deadline=None)
+def test_whole_model_estimate_is_monotone_where_the_measurements_are(steps, fixed, scaled):
+    """Layer curves that never decrease with more channels plus a tail: the group cost never decreases either."""
+    a = LayerSpec("linear", 4, 8, (1, 4), (1, 8), (True,))
+    b = LayerSpec("linear", 8, 4, (1, 8), (1, 4), (True,))
+    rising = [sum(steps[:k]) for k in range(1, 9)]
+    store = {a.key(): {"out": {str(k): rising[k - 1] for k in range(1, 9)}, "in": {str(k): 1.0 for k in range(1, 5)}},
+             b.key(): {"out": {str(k): 1.0 for k in range(1, 5)}, "in": {str(k): rising[k - 1] for k in range(1, 9)}}}
+    t = LatencyTable.from_measurements({"a": a, "b": b}, store)
+    t.tail = Tail({"a": fixed}, {"a": scaled}, other=1e-4)
+    cost = t.cost_fn([[("a", "out"), ("b", "in")]], "latency")
+    values = [cost([k]) for k in range(1, 9)]
+    assert all(y >= x for x, y in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(t.total())
