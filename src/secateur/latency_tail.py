@@ -20,9 +20,10 @@ not halve with half the channels). An op that cannot be narrowed (a shape in an 
 cost of calling an op at all on this device as its fixed part. Unowned ops are a constant of the model.
 
 Measured (benchmarks/bench_latency_model.py, 1 thread, on a machine shared with other jobs: rough): the
-whole-model estimate of MobileNetV2 / ResNet-50 at batch 1 was 15-45 % under the measured latency with the
-Conv/Linear layers alone, 2-30 % under with the tail; at batch 8 better for MobileNetV2, worse for ResNet-50
-(whose layers alone already over-estimate). What is still missing is Python's own per-module cost."""
+whole-model estimate of MobileNetV2 / ResNet-50 at batch 1 (dense, 2x, 4x, latency-aware) was 18-45 % under
+the measured latency with the Conv/Linear layers alone, 3-30 % under with the tail. At batch 8 it is mixed:
+MobileNetV2 closer for 3 variants of 4, ResNet-50 further (its layers alone already over-estimate by
+10-44 %). What no ATen-level timing sees is Python's own per-module cost."""
 from __future__ import annotations
 
 import hashlib
