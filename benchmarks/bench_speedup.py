@@ -34,7 +34,10 @@ Where (``--device``; by default cuda when a GPU is present, else cpu):
 ``--dtype`` and ``--channels-last`` override the device's defaults (on the CPU too, which is how the GPU
 code path is tested on machines without one). Pruning itself always runs on the CPU in float32.
 
-    .venv/bin/python benchmarks/bench_speedup.py --quiet-check         # full CPU run, machine load reported
+    .venv/bin/python benchmarks/bench_speedup.py --quiet-check --wait-quiet 300   # full CPU matrix, load reported
+        (4 models x targets 2, 4 x batch 1, 8 x tp / secateur / secateur-latency; its 8 latency tables took
+        12 min in all with the machine's 2 cores shared by other jobs, results/latency_table_build_times_loaded.json;
+        timing ~3 min and pruning ~3 min on a quiet machine; each model prints its elapsed time)
     .venv/bin/python benchmarks/bench_speedup.py --models resnet50 --targets 2 --batch 1 --repeats 5
     python benchmarks/bench_speedup.py --device cuda --gpu-batch 64 256 --compile   # GPU, no CPU timing
 """
