@@ -4,7 +4,8 @@ For each torchvision model (random weights) and each reduction target, every met
 of the same dense model; then the dense model and all pruned copies are timed *interleaved* (one call
 each per round, order rotated) so that load from other processes hits all of them alike. Speedup is the
 median of the per-round ratios dense / pruned (p10-p90 in brackets); efficiency = speedup / MACs
-reduction (1.0 is the physical limit). MACs are counted the same way for every method
+reduction (1.0 is the physical limit). "min sp." / "eff min" use the minimum latency of each model over the
+rounds instead (another process only adds time, so on a shared machine the minima are the better estimate). MACs are counted the same way for every method
 (torch's FlopCounterMode: convolutions, matmuls, attention).
 
 Methods (``--methods``):
@@ -15,7 +16,10 @@ Methods (``--methods``):
   secateur-latency  HALP-style: a per-layer latency table of this machine (secateur.latency_model) and the
                     greedy allocator (secateur.allocate) choose per-group counts (multiples of 8) that meet
                     the same MACs target, removing first the channels with the least L1 importance per
-                    second of (estimated) latency saved
+                    second of (estimated) latency saved; the estimate includes the time outside the
+                    Conv/Linear layers (norms, activations, adds: secateur.latency_tail) on each group's channels
+  secateur-latency-layers  (not run by default) the same with the Conv/Linear layers' latencies alone (the
+                    table before the tail was measured), for comparison
   secateur-latency-target  (not run by default) the target is a *latency* reduction estimated by the
                     table ("2x faster"); MACs reduction is whatever that takes
 
@@ -30,7 +34,10 @@ Where (``--device``; by default cuda when a GPU is present, else cpu):
 ``--dtype`` and ``--channels-last`` override the device's defaults (on the CPU too, which is how the GPU
 code path is tested on machines without one). Pruning itself always runs on the CPU in float32.
 
-    .venv/bin/python benchmarks/bench_speedup.py                       # full CPU run (about 10 minutes)
+    .venv/bin/python benchmarks/bench_speedup.py --quiet-check --wait-quiet 300   # full CPU matrix, load reported
+        (4 models x targets 2, 4 x batch 1, 8 x tp / secateur / secateur-latency; its 8 latency tables took
+        12 min in all with the machine's 2 cores shared by other jobs, results/latency_table_build_times_loaded.json;
+        timing ~3 min and pruning ~3 min on a quiet machine; each model prints its elapsed time)
     .venv/bin/python benchmarks/bench_speedup.py --models resnet50 --targets 2 --batch 1 --repeats 5
     python benchmarks/bench_speedup.py --device cuda --gpu-batch 64 256 --compile   # GPU, no CPU timing
 """
@@ -39,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -190,7 +198,7 @@ class Place:
 CPU32 = Place("cpu", torch.float32, False)
 
 
-def _latency_setup(dense: nn.Module, x: torch.Tensor, args):
+def _latency_setup(dense: nn.Module, x: torch.Tensor, args, metric: str = "latency"):
     """Groups, scores and the latency table of ``dense``, measured where ``--device`` says (a copy of the
     model in the device's dtype and memory format, at ``--table-batch``)."""
     from secateur.latency_model import LatencyTable
@@ -205,21 +213,24 @@ def _latency_setup(dense: nn.Module, x: torch.Tensor, args):
         _TABLES[key] = LatencyTable.build(
             on_device, xt, threads=args.threads if place.device == "cpu" else None, repeats=args.table_repeats,
             max_points=args.table_points, in_points=max(4, args.table_points // 2), progress=True, **cache)
+        tail = _TABLES[key].tail
         say(f"  latency table on {_TABLES[key].device} ({place.describe()['dtype']}, batch "
-            f"{args.table_batch}): {len(_TABLES[key].specs)} layers in {time.perf_counter() - t0:.0f} s")
+            f"{args.table_batch}): {len(_TABLES[key].specs)} layers + {tail.ops if tail else 0} other ops in "
+            f"{time.perf_counter() - t0:.0f} s")
         del on_device, xt
     table = _TABLES[key]
-    latency = table.cost_fn(table.members_of(groups), "latency", sizes=[g.size for g in groups])
+    latency = table.cost_fn(table.members_of(groups), metric, sizes=[g.size for g in groups])
     return graph, groups, scores, table, latency
 
 
 @method("secateur-latency")
-def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[float], args
-                           ) -> dict[float, nn.Module]:
-    """The MACs target, met with the channels whose removal saves the most estimated time per importance."""
+def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[float], args, *,
+                           metric: str = "latency") -> dict[float, nn.Module]:
+    """The MACs target, met with the channels whose removal saves the most estimated time per importance
+    (``metric``: the table's whole-model estimate, or ``"layers"``: its Conv/Linear layers alone)."""
     from secateur.allocate import channel_counts, round_candidates
     from secateur.latency_model import LatencyTable
-    graph, groups, scores, table, latency = _latency_setup(dense, x, args)
+    graph, groups, scores, table, latency = _latency_setup(dense, x, args, metric)
     cands = [round_candidates(g.size, ROUND_TO) for g in groups]
     shapes = LatencyTable.shapes_only(dense, x)  # MACs at the benchmark's own input, whatever the table's batch
     out = {}
@@ -234,6 +245,13 @@ def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[floa
         out[t] = _apply_counts(dense, graph, groups, scores, counts)
         out[t].predicted_speedup = latency([g.size for g in groups]) / latency(counts)
     return out
+
+
+@method("secateur-latency-layers")
+def prune_secateur_latency_layers(dense: nn.Module, x: torch.Tensor, targets: list[float], args
+                                  ) -> dict[float, nn.Module]:
+    """secateur-latency ranking steps by the Conv/Linear layers' time only (no norms, activations, adds)."""
+    return prune_secateur_latency(dense, x, targets, args, metric="layers")
 
 
 @method("secateur-latency-target")
@@ -267,7 +285,8 @@ def measure(variants: dict[str, nn.Module], x: torch.Tensor, args, *, threads: i
     for k, st in res.items():
         med, lo, hi = paired_speedup(dense, st)
         out[k] = {"latency_ms": st.median * 1e3, "latency_p10_ms": st.p10 * 1e3, "latency_p90_ms": st.p90 * 1e3,
-                  "speedup": med, "speedup_p10": lo, "speedup_p90": hi}
+                  "latency_min_ms": st.min * 1e3, "speedup": med, "speedup_p10": lo, "speedup_p90": hi,
+                  "speedup_min": dense.min / st.min}  # minima: another process only adds time
     return out
 
 
@@ -297,12 +316,52 @@ def _fresh_dynamo(models: int) -> None:
             setattr(cfg, name, max(getattr(cfg, name), 8 * models))
 
 
+def machine_load(seconds: float = 3.0) -> dict:
+    """How busy the CPUs are with *other* processes: the busy share of all CPUs (from /proc/stat) while this
+    process sleeps ``seconds``, and the load averages. Timings taken while this is high are noise."""
+    def stat() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(n) for n in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v[:8]) - idle, sum(v[:8])
+    out: dict[str, Any] = {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
+    try:
+        b0, t0 = stat()
+        time.sleep(seconds)
+        b1, t1 = stat()
+        out["busy"] = (b1 - b0) / max(1, t1 - t0)
+    except OSError:  # no /proc (not Linux): the load average only
+        out["busy"] = None
+    return out
+
+
+def quiet_check(args, when: str, *, wait: bool = True) -> dict | None:
+    """With ``--quiet-check``: report (and with ``--wait-quiet``, unless ``wait`` is False, wait up to that
+    long for) a quiet machine."""
+    if not args.quiet_check:
+        return None
+    deadline = time.monotonic() + (args.wait_quiet if wait else 0.0)
+    while True:
+        load = machine_load()
+        quiet = load["busy"] is not None and load["busy"] <= args.max_busy
+        if quiet or time.monotonic() >= deadline:
+            break
+        say(f"  waiting for a quiet machine ({when}): {load['busy']:.0%} of the CPUs busy with other processes")
+        time.sleep(10)
+    busy = "unknown" if load["busy"] is None else f"{load['busy']:.0%}"
+    say(f"  machine load {when}: {busy} of {load['cpus']} CPUs busy with other processes, load average "
+        f"{', '.join(f'{v:.2f}' for v in load['load_average'])}" + ("" if quiet else "  ** NOT QUIET: timings are noise **"))
+    load["quiet"] = quiet
+    return load
+
+
 def run_model(name: str, args) -> list[dict]:
     import torchvision
     torch.manual_seed(0)
     _TABLES.clear()
     dense = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, args.size, args.size)
+    before_tables = quiet_check(args, f"{name}, before pruning and latency tables")
     base_macs, base_params = macs_of(dense, x), params_of(dense)
     variants: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {"method": "dense", "target": 1.0, "macs": base_macs, "params": base_params,
@@ -334,6 +393,7 @@ def run_model(name: str, args) -> list[dict]:
     rows = []
     for place, b, comp in timings(args):
         threads = args.threads if place.device == "cpu" else None
+        load = quiet_check(args, f"{name}, before timing batch {b}")
         say(f"{name}: timing {len(variants)} variants on {place.device} ({place.describe()['dtype']}"
             f"{', channels-last' if place.channels_last else ''}) batch {b}{' compiled' if comp else ''}, "
             f"{args.repeats} rounds")
@@ -342,8 +402,9 @@ def run_model(name: str, args) -> list[dict]:
         if comp:
             _fresh_dynamo(len(variants))
         lat = measure(variants, place.input(b, args.size), args, threads=threads, compile=comp)
+        after = quiet_check(args, f"{name}, after timing batch {b}", wait=False)
         rows += _rows(name, info, lat, base_macs, base_params, **place.describe(), batch=b, compiled=comp,
-                      threads=threads)
+                      threads=threads, load_before_tables=before_tables, load_before=load, load_after=after)
     for m in variants.values():  # back where pruning left them, so nothing of this model stays on the GPU
         CPU32.model(m)
     return rows
@@ -358,13 +419,14 @@ def _rows(name, info, lat, base_macs, base_params, **where) -> list[dict]:
         r = {"model": name, "variant": k, **i, "macs_reduction": mr, "params_reduction": base_params / i["params"],
              **where, **lat[k], "dense_latency_ms": lat["dense"]["latency_ms"]}
         r["efficiency"] = r["speedup"] / mr
+        r["efficiency_min"] = r["speedup_min"] / mr
         rows.append(r)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'model':<14}{'device':<9}{'bs':>4} {'method (/t table batch)':<21}{'target':>7}{'MACs red':>9}{'speedup':>9}"
-            f"{'[p10-p90]':>14}{'effic.':>8}{'predicted':>10}{'dense ms':>10}{'ms':>9}")
+            f"{'[p10-p90]':>14}{'effic.':>8}{'min sp.':>8}{'eff min':>8}{'predicted':>10}{'dense ms':>10}{'ms':>9}")
     print(head)
     print("-" * len(head))
     for r in sorted(rows, key=lambda r: (r["model"], r["device"], r["batch"], r["compiled"], r["target"],
@@ -374,6 +436,7 @@ def print_table(rows: list[dict]) -> None:
         meth = r["method"] + (f"/t{r['table_batch']}" if r.get("table_batch") is not None else "")
         print(f"{r['model']:<14}{dev:<9}{r['batch']:>4} {meth:<21}{r['target']:>6g}x{r['macs_reduction']:>8.2f}x"
               f"{r['speedup']:>8.2f}x  [{r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}]{r['efficiency']:>8.2f}"
+              f"{r['speedup_min']:>7.2f}x{r['efficiency_min']:>8.2f}"
               f"{pred:>10}{r['dense_latency_ms']:>10.2f}{r['latency_ms']:>9.2f}")
 
 
@@ -433,6 +496,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--table-repeats", type=int, default=3)
     ap.add_argument("--table-cache", action="store_true",
                     help="reuse latency tables cached by earlier runs (default: measure afresh, on this run's load)")
+    ap.add_argument("--quiet-check", action="store_true",
+                    help="measure how busy the CPUs are with other processes (3 s each) before the tables and "
+                         "before/after each timing, print it and store it in every row")
+    ap.add_argument("--max-busy", type=float, default=0.10,
+                    help="busy share of the CPUs above which --quiet-check calls the machine not quiet")
+    ap.add_argument("--wait-quiet", type=float, default=0.0,
+                    help="with --quiet-check: wait up to this many seconds for a quiet machine each time")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.device == "auto":
@@ -471,8 +541,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t0 = time.perf_counter()
     rows = []
     for name in args.models:
+        t1 = time.perf_counter()
         rows += run_model(name, args)
+        for r in rows:
+            r.setdefault("model_s", time.perf_counter() - t1)
         print_table([r for r in rows if r["model"] == name])
+        say(f"{name}: {time.perf_counter() - t1:.0f} s (run so far {time.perf_counter() - t0:.0f} s)")
         print(flush=True)
     print_table(rows)
     plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "place"}

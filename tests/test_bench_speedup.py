@@ -91,3 +91,24 @@ def test_device_path_end_to_end_on_cpu(bench, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["args"]["place"] == {"device": "cpu", "dtype": "float32", "channels_last": True}
     assert len(saved["rows"]) == len(rows)
+
+
+def test_machine_load_is_a_share_of_the_cpus(bench):
+    load = bench.machine_load(0.2)
+    assert load["busy"] is None or 0.0 <= load["busy"] <= 1.0
+    assert len(load["load_average"]) == 3 and load["cpus"] >= 1
+
+
+def test_quiet_check_reports_and_waits(bench, monkeypatch, capsys):
+    a = bench.parse(["--device", "cpu", "--quiet-check", "--max-busy", "0.2", "--wait-quiet", "100"])
+    seen = iter([0.9, 0.5, 0.1, 0.9])
+    monkeypatch.setattr(bench, "machine_load", lambda: {"busy": next(seen), "load_average": (1.0, 1.0, 1.0),
+                                                        "cpus": 2})
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    load = bench.quiet_check(a, "test")
+    assert load["quiet"] and load["busy"] == 0.1          # waited through two busy readings
+    assert capsys.readouterr().err.count("waiting for a quiet machine") == 2
+    a.wait_quiet = 0
+    load = bench.quiet_check(a, "test")
+    assert not load["quiet"] and "NOT QUIET" in capsys.readouterr().err
+    assert bench.quiet_check(bench.parse(["--device", "cpu"]), "off") is None

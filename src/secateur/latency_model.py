@@ -13,7 +13,12 @@ full input count) and over a grid of input-channel counts (at the full output co
 exact for the MACs and close for time). Depthwise convolutions have one sweep (in = out = groups).
 Measurements are cached as JSON per device (``$SECATEUR_CACHE`` or ``~/.cache/secateur``) and keyed
 by the full layer configuration, input shape, dtype, threads and torch version, so identical layers
-(ResNet has many) and later runs cost nothing."""
+(ResNet has many) and later runs cost nothing.
+
+The rest of the model (norms, activations, adds, pooling: `secateur.latency_tail`) is timed op by op in
+place and charged to the layer whose output channels it works on, linearly in that layer's kept channels,
+so that the table's estimate is of the whole model and a group's cost includes the elementwise work on
+its channels (``LatencyTable.build(tail=True)``, the default)."""
 from __future__ import annotations
 
 import json
@@ -30,6 +35,7 @@ from torch import nn
 
 from secateur.errors import fail
 from secateur.latency import _calibrate, _caller, _inputs_device, _Timer, pinned_threads
+from secateur.latency_tail import Tail, measure_tail, record_tail, tail_key
 
 __all__ = ["LayerSpec", "LatencyTable", "layer_specs", "channel_grid", "device_name", "cache_dir"]
 
@@ -262,6 +268,7 @@ class LatencyTable:
     in_curves: dict[str, _Curve]
     device: str
     tolerance: float = 0.02
+    tail: Tail | None = None           # time outside the Conv/Linear layers (None: not measured, counted 0)
     _names: dict[int, str] = field(default_factory=dict, repr=False)
 
     # building -----------------------------------------------------------------------------------
@@ -270,11 +277,14 @@ class LatencyTable:
               threads: int | None = None, repeats: int = 5, warmup: int = 1, max_points: int = 16,
               in_points: int = 8, multiple: int = 8, min_sample_s: float = 2e-3, cache: bool = True,
               cache_path: str | os.PathLike | None = None, tolerance: float = 0.02,
-              progress: bool = True) -> "LatencyTable":
+              progress: bool = True, tail: bool = True, tail_repeats: int | None = None) -> "LatencyTable":
         """Measure every Conv/Linear of ``model`` (or the named ``layers``) on the device of
         ``example_inputs``. Identical layer configurations are measured once; cached ones not at all.
         ``max_points`` / ``in_points`` bound the output / input channel grids (the input dependence is
-        smoother, so it gets fewer points); each measured count costs about ``repeats + 2`` calls."""
+        smoother, so it gets fewer points); each measured count costs about ``repeats + 2`` calls.
+        ``tail`` also times the ops outside those layers (`secateur.latency_tail`: ``tail_repeats``, by
+        default ``max(5, repeats)``, more forward passes of ``model``, each op the minimum over them; cached
+        by the op sequence), so estimates are of the whole model."""
         specs = layer_specs(model, example_inputs, layers)
         if not specs:
             raise fail("the model has no Conv/Linear layer that runs on the example inputs",
@@ -298,6 +308,9 @@ class LatencyTable:
                 _save(path, fresh)
         table = cls.from_measurements(specs, store, device=dev_name, tolerance=tolerance)
         table._names = {id(m): n for n, m in model.named_modules() if n in specs}
+        if tail:
+            table.tail = _build_tail(model, example_inputs, specs, path if cache else None, device,
+                                     threads=threads, repeats=tail_repeats or max(5, repeats), warmup=warmup)
         return table
 
     @classmethod
@@ -375,16 +388,29 @@ class LatencyTable:
                 best = min(best, s)
         return sorted(keep)
 
-    def total(self, out_counts: Mapping[str, int] | None = None,
-              in_counts: Mapping[str, int] | None = None) -> float:
-        """Sum of the estimated latencies of all layers in the table (full where no count is given)."""
-        out_counts, in_counts = out_counts or {}, in_counts or {}
-        return sum(self.latency(n, out_counts.get(n, s.out_channels), in_counts.get(n))
-                   for n, s in self.specs.items())
+    def tail_latency(self, layer: str | nn.Module, channels: int) -> float:
+        """Estimated seconds of the ops outside the table layers that work on ``layer``'s output channels
+        (norm, activation, add, ...), with ``channels`` of them kept; 0 without a measured tail."""
+        name = self.name_of(layer)
+        full = self.specs[name].out_channels
+        self._check(name, channels, full, "output")
+        return 0.0 if self.tail is None else self.tail.of(name, channels, full)
 
-    def estimate(self, model: nn.Module) -> float:
-        """Estimated seconds of the table's layers at ``model``'s current widths (a pruned copy of the model
-        the table was built for: layers are found by name)."""
+    def total(self, out_counts: Mapping[str, int] | None = None,
+              in_counts: Mapping[str, int] | None = None, *, tail: bool = True) -> float:
+        """Estimated seconds of the model (full where no count is given): the table's layers, plus with
+        ``tail`` the ops outside them (their owned part scaled by the owners' counts, the rest fixed)."""
+        out_counts, in_counts = out_counts or {}, in_counts or {}
+        total = sum(self.latency(n, out_counts.get(n, s.out_channels), in_counts.get(n))
+                    for n, s in self.specs.items())
+        if tail and self.tail is not None:
+            total += self.tail.other + sum(self.tail_latency(n, out_counts.get(n, s.out_channels))
+                                           for n, s in self.specs.items())
+        return total
+
+    def estimate(self, model: nn.Module, *, tail: bool = True) -> float:
+        """Estimated seconds of ``model`` at its current widths (a pruned copy of the model the table was
+        built for: layers are found by name); ``tail=False`` counts the table's layers only."""
         outs, ins = {}, {}
         for name, spec in self.specs.items():
             try:
@@ -397,7 +423,7 @@ class LatencyTable:
                            value=type(mod).__name__)
             outs[name] = int(w.shape[0])
             ins[name] = int(w.shape[1]) * (1 if spec.depthwise else int(getattr(mod, "groups", 1)))
-        return self.total(outs, ins)
+        return self.total(outs, ins, tail=tail)
 
     def cost_fn(self, members: Sequence[Sequence[tuple]], metric: str = "latency", *,
                 sizes: Sequence[int] | None = None) -> Callable[[Sequence[int]], float]:
@@ -407,8 +433,9 @@ class LatencyTable:
         sets that layer's output or input channel count. Without ``sizes`` the layer keeps exactly the
         group's count. With ``sizes`` (each group's full channel count) a group may own only part of a
         layer (concatenations, splits): the layer loses ``width`` positions per removed group channel.
-        ``metric`` is ``"latency"`` (seconds, from the table), ``"macs"`` or ``"params"`` (exact counts),
-        so one allocator serves all three targets."""
+        ``metric`` is ``"latency"`` (seconds, from the table, with the measured tail: see `total`),
+        ``"layers"`` (the Conv/Linear layers' seconds alone), ``"macs"`` or ``"params"`` (exact counts),
+        so one allocator serves every target."""
         if metric not in _METRICS:
             raise fail("unknown cost metric", value=metric, hint=f"use one of {sorted(_METRICS)}")
         if sizes is not None and len(sizes) != len(members):
@@ -424,6 +451,7 @@ class LatencyTable:
                 row.append((layer, role, float(width)))
             norm.append(row)
         specs, measure = self.specs, _METRICS[metric]
+        fixed = self.tail.other if metric == "latency" and self.tail is not None else 0.0
 
         def cost(counts: Sequence[int]) -> float:
             outs: dict[str, int] = {}
@@ -439,7 +467,7 @@ class LatencyTable:
             for dest in (outs, ins):
                 for layer, c in dest.items():
                     dest[layer] = max(1, c)
-            return sum(measure(self, n, s, outs.get(n), ins.get(n)) for n, s in specs.items())
+            return fixed + sum(measure(self, n, s, outs.get(n), ins.get(n)) for n, s in specs.items())
         return cost
 
     def members_of(self, groups: Sequence[Any]) -> list[list[tuple[str, str, float]]]:
@@ -472,11 +500,13 @@ class LatencyTable:
 
 
 def _latency_metric(t: LatencyTable, n: str, s: LayerSpec, c_out, c_in) -> float:
-    return t.latency(n, c_out if c_out is not None else s.out_channels, c_in)
+    c_out = c_out if c_out is not None else s.out_channels
+    return t.latency(n, c_out, c_in) + t.tail_latency(n, c_out)
 
 
 _METRICS: dict[str, Callable[[LatencyTable, str, LayerSpec, Any, Any], float]] = {
     "latency": _latency_metric,
+    "layers": lambda t, n, s, c_out, c_in: t.latency(n, c_out if c_out is not None else s.out_channels, c_in),
     "macs": lambda t, n, s, c_out, c_in: s.macs(c_in, c_out),
     "params": lambda t, n, s, c_out, c_in: s.params(c_in, c_out),
 }
@@ -485,6 +515,26 @@ _METRICS: dict[str, Callable[[LatencyTable, str, LayerSpec, Any, Any], float]] =
 # ----------------------------------------------------------------------------------------- helpers
 def _first_device(example_inputs: Any, model: nn.Module) -> torch.device:
     return _inputs_device(model, example_inputs)
+
+
+def _build_tail(model: nn.Module, example_inputs: Any, specs: Mapping[str, LayerSpec], path: Path | None,
+                device: torch.device, *, threads: int | None, repeats: int, warmup: int) -> Tail:
+    """The model's tail (`secateur.latency_tail`), from the cache when the same op sequence was timed before."""
+    layers = {n: s.out_channels for n, s in specs.items()}
+    ops = record_tail(model, example_inputs, layers)
+    key = tail_key(ops)
+    cached = (_load(path) if path is not None else {}).get(key, {})
+    times = cached.get("ops", {})
+    if len(times) == len(ops) and "1" in cached.get("overhead", {}):
+        seconds, overhead = [float(times[str(i)]) for i in range(len(ops))], float(cached["overhead"]["1"])
+        narrow = {int(i): float(s) for i, s in cached.get("narrow", {}).items()}
+    else:
+        seconds, narrow, overhead = measure_tail(model, example_inputs, layers, ops, device=device,
+                                                 threads=threads, repeats=repeats, warmup=warmup)
+        if path is not None:
+            _save(path, {key: {"ops": {str(i): s for i, s in enumerate(seconds)}, "overhead": {"1": overhead},
+                               "narrow": {str(i): s for i, s in narrow.items()}}})
+    return Tail.from_times(ops, seconds, overhead, narrow)
 
 
 def _sweeps_to_measure(specs: Mapping[str, LayerSpec], store: Mapping, max_points: int, in_points: int,

@@ -1,8 +1,8 @@
 """A latency target met on this machine, not only on the latency table's estimate.
 
-Why: the table times each Conv/Linear alone; the model also spends time in norms, activations, adds and
-Python, and a layer inside the model does not run exactly as it does alone. So "the table says 0.5x" can
-measure 0.6x. `plan_for_latency` therefore (with ``verify="measure"``) times the dense model against the
+Why: the table times each Conv/Linear alone and the ATen ops between them in place (`secateur.latency_tail`),
+but not Python's module calls, and a layer inside the model does not run exactly as it does alone. So "the
+table says 0.5x" can measure 0.6x. `plan_for_latency` therefore (with ``verify="measure"``) times the dense model against the
 pruned candidate (interleaved, same inputs), and when the measured ratio misses the target by more than a
 tolerance it asks the allocator again for a tighter *estimated* target (the target scaled by the measured
 / estimated gap), always planning from the untouched dense model. The result says what was estimated and
