@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from secateur.errors import PruningError, fail
@@ -207,8 +208,9 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads") -> Trac
             tracer.depth -= 1
             if tracer.depth == 0:
                 tracer.depth += 1  # the rule's own tensor ops (labels) are not the model's
-                try:
-                    rule(tracer, mod, args, kwargs, out)
+                try:  # nor do they go through the dispatch mode: thousands of label ops per model, each a
+                    with no_dispatch():  # Python call there (a third of a small model's capture)
+                        rule(tracer, mod, args, kwargs, out)
                 finally:
                     tracer.depth -= 1
                 tracer.record(f"module {tracer.where()}", out)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -79,10 +80,19 @@ class Expected:
         self.removed = torch.zeros(self.group.numel(), dtype=torch.bool)
         self.removed[ok] = pick[offset[self.group[ok]] + local[ok]]
         self.step_no = 0
+        self.memo: dict[tuple, tuple | None] = {}  # (label shape, label bytes, shape) -> shape()
 
     def shape(self, lab: torch.Tensor | None, shape: tuple) -> tuple | None:
+        """The shape the plan leaves for an output of unpruned ``shape`` labelled ``lab`` (None: not compared).
+        Memoised on the label's content: a chain of ops (conv, norm, activation) carries the same atoms."""
         if lab is None:
             return None
+        key = (tuple(lab.shape), lab.numpy().tobytes(), tuple(shape))
+        if key not in self.memo:
+            self.memo[key] = self._shape(lab, shape)
+        return self.memo[key]
+
+    def _shape(self, lab: torch.Tensor, shape: tuple) -> tuple | None:
         rem = self.removed[lab.clamp_min(0)] & (lab >= 0)
         if not bool(rem.any()):
             return tuple(shape)
@@ -226,9 +236,10 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None
         if stack[-1] in leaves:
             depth[0] -= 1
             if depth[0] == 0:
-                depth[0] += 1  # the comparison's own tensor ops are not the model's
+                depth[0] += 1  # the comparison's own tensor ops are not the model's (nor dispatched: see capture)
                 try:
-                    expected.step(f"module {stack[-1]}", o)
+                    with no_dispatch():
+                        expected.step(f"module {stack[-1]}", o)
                 finally:
                     depth[0] -= 1
         stack.pop()
