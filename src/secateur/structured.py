@@ -3,7 +3,7 @@
 ``prune_channels(model, example_inputs, ratio=0.5)`` captures the model's dependency groups (secateur.graph),
 scores every group's channels (secateur.importance), chooses what to remove, then slices parameters, buffers and
 size attributes in place. The result is an ordinary, smaller ``nn.Module``: no masks, no hooks. Everything is
-computed and checked first (including a dry run on a meta-device skeleton); a PruningError leaves the model
+computed and checked first (including a dry run on a copy: see graph/verify.py); a PruningError leaves the model
 untouched.
 
 Where removing a channel is not the same as zeroing it at its consumers, the engine either keeps those channels
@@ -261,8 +261,8 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
                   reduce: str = "mean", normalize: str | None = None, ignore_inputs: Iterable = (),
                   graph: Graph | None = None, verify: bool = True) -> Plan:
     """Choose the channels ``prune_channels`` would remove; nothing is changed (``plan.apply(model)`` does it).
-    ``verify`` dry-runs the plan on a meta-device skeleton (no weight memory) and leaves out groups whose removal
-    would break the model's own forward (noted in ``plan.notes``)."""
+    ``verify`` dry-runs the plan on a copy (sharing the weights on the CPU, or on meta: no weight memory) and leaves
+    out groups whose removal would break the model's own forward (noted in ``plan.notes``)."""
     _validate(ratio, threshold, scope, round_to, 1, None, None, heads)
     _refuse_masked(model)
     if heads == "head_dim":
@@ -324,8 +324,8 @@ def _choose(cands, threshold, scope, round_to, links=()) -> list[tuple[Group, to
 
 
 def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None = None) -> Plan:
-    """Dry-run the plan on a meta skeleton; drop the groups whose removal breaks the model's own forward (its code
-    keeps a size the engine cannot update), or makes an op output a shape other than the plan predicts (the same
+    """Dry-run the plan on a copy (graph/verify.py); drop the groups whose removal breaks the model's own forward (its
+    code keeps a size the engine cannot update), or makes an op output a shape other than the plan predicts (the same
     code, where a ``-1`` hides the stale size: a silently wrong model), and try again. Never returns such a plan."""
     from secateur.graph import verify
     out = getattr(getattr(graph, "tracer", None), "output", None)
