@@ -592,10 +592,16 @@ def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
 
 def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
     removed = plan.removed
+    mods = dict(model.named_modules())  # one walk; get_submodule per tensor was a tenth of a small model's apply
+
+    def module(name: str) -> nn.Module:
+        mod = mods.get(name)
+        return model.get_submodule(name) if mod is None else mod
+
     # compute everything first: a PruningError must leave the model as it was
     new_tensors = []
     for (mname, tname), dims in removed.items():
-        mod = model.get_submodule(mname)
+        mod = module(mname)
         t = _tensor(mod, tname)
         keep = []
         for d, pos in dims.items():
@@ -614,13 +620,13 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
         for t in (*mod._parameters.values(), *mod._buffers.values()):
             if t is not None and id(t) in sliced:
                 touched.add(mod)
-    names = {m: n for n, m in model.named_modules()}
+    names = {m: n for n, m in mods.items()}
     parents = {}
     for mod in list(touched):
         n = names[mod]
-        while n:
+        while n and n not in parents:
             n = n.rpartition(".")[0]
-            parents[n] = model.get_submodule(n)
+            parents[n] = module(n)
     # head-dim units sliced in a module or its children: its head sizes shrink; elsewhere head counts do (a
     # head_dim plan can still hold whole heads where dims could not be split, e.g. eager q @ k^T)
     dims_in = {m.module for g, _ in plan.choices if g.block is not None for m in g.members}
