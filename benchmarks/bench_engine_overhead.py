@@ -1,14 +1,16 @@
 """Where the structural engine's time goes on small and medium models, phase by phase, next to Torch-Pruning 1.6.
 
 For each model, ``prune_channels(model, x, ratio=0.5)`` (x = randn(1, 3, S, S), one thread) is timed end to end
-and split into the phases ``plan_channels`` runs, called in the same order here: the MACs/params count before,
-capture (ATen dispatch mode + hooks), groups (union-find -> groups), importance, choose, verify (meta dry run with
-the op-by-op shape check), apply, and the count after. Every figure is the minimum of ``--repeats`` runs on a
-freshly built model (the machine may be shared: the minimum is the least disturbed run). Torch-Pruning is called
-exactly as in ``bench_structural_zoo.py`` (its helpers, not a copy: a forked child per run, with a timeout), on
-the same models in the same run; its total is the minimum of capture + prune.
+(e2e) and split into the phases it runs, called in the same order here: count_before (params; the dense MACs too
+where the capture does not count them), capture (ATen dispatch mode + hooks), groups (union-find -> groups),
+importance, choose, verify (dry run with the op-by-op shape check), apply, and count_after (MACs and params of the
+pruned model). Every figure is the minimum of ``--repeats`` runs on a freshly built model, in wall and in CPU seconds
+(the machine may be shared: the minimum is the least disturbed run, CPU time the least disturbed clock).
+Torch-Pruning is called exactly as in ``bench_structural_zoo.py`` (its helpers, not a copy: a forked child per run,
+with a timeout), on the same models in the same run; its figure is the minimum wall time of capture + prune (it
+counts no MACs; compare it with secateur's capture..apply).
 
-    python benchmarks/bench_engine_overhead.py [--models resnet18 ...] [--repeats 3] [--size 224] [--timeout 60] [--no-peer]
+    python benchmarks/bench_engine_overhead.py [--models resnet18 ...] [--repeats 3] [--size 224] [--no-peer]
 """
 from __future__ import annotations
 
@@ -24,8 +26,12 @@ MODELS = ["resnet18", "mobilenet_v3_small", "regnet_x_400mf", "shufflenet_v2_x1_
 PHASES = ["count_before", "capture", "groups", "importance", "choose", "verify", "apply", "count_after"]
 
 
-def _phases(name: str, size: int) -> dict[str, float]:
-    """One prune, phase by phase (the steps of ``prune_channels`` with a float ratio and ``steps=1``)."""
+def _phases(name: str, size: int) -> dict[str, dict[str, float]]:
+    """One prune, phase by phase (the steps of ``prune_channels`` with a float ratio and ``steps=1``): wall and CPU
+    seconds (CPU time is less disturbed by other jobs on a shared machine). Where the capture counts the dense MACs
+    itself (``capture(..., macs=True)``), count_before is only the parameter count; older engines count apart."""
+    import inspect
+
     import torch
     import torchvision
     from secateur.graph.capture import capture
@@ -33,20 +39,21 @@ def _phases(name: str, size: int) -> dict[str, float]:
     from secateur.metrics import count_macs, count_params
     from secateur.structured import _candidates, _choose, _new_plan, _verified
 
+    folded = "macs" in inspect.signature(capture).parameters
     model = torchvision.models.get_model(name).eval()
     x = torch.randn(1, 3, size, size)
-    t = {}
-    clock = time.perf_counter()
+    wall, cpu = {}, {}
+    clock = time.perf_counter(), time.process_time()
 
     def lap(key):
         nonlocal clock
-        now = time.perf_counter()
-        t[key] = now - clock
+        now = time.perf_counter(), time.process_time()
+        wall[key], cpu[key] = now[0] - clock[0], now[1] - clock[1]
         clock = now
 
-    count_macs(model, x), count_params(model)
+    count_params(model) if folded else (count_macs(model, x), count_params(model))
     lap("count_before")
-    tr = capture(model, x)
+    tr = capture(model, x, macs=True) if folded else capture(model, x)
     lap("capture")
     graph = groups_from(tr)
     lap("groups")
@@ -61,19 +68,21 @@ def _phases(name: str, size: int) -> dict[str, float]:
     lap("apply")
     count_macs(model, x), count_params(model)
     lap("count_after")
-    t["sum"] = sum(t[k] for k in PHASES)
-    return t
+    for t in (wall, cpu):
+        t["sum"] = sum(t[k] for k in PHASES)
+        t["capture_to_apply"] = sum(t[k] for k in PHASES[1:-1])  # what Torch-Pruning's figure covers
+    return dict(wall=wall, cpu=cpu)
 
 
-def _end_to_end(name: str, size: int) -> float:
+def _end_to_end(name: str, size: int) -> dict[str, float]:
     import torch
     import torchvision
     from secateur.structured import prune_channels
     model = torchvision.models.get_model(name).eval()
     x = torch.randn(1, 3, size, size)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     prune_channels(model, x, ratio=0.5)
-    return time.perf_counter() - t0
+    return dict(wall=time.perf_counter() - t0, cpu=time.process_time() - c0)
 
 
 def _peer(name: str, size: int, repeats: int, timeout: float) -> dict:
@@ -106,20 +115,24 @@ def main(argv=None) -> None:
     rows = []
     for name in args.models:
         runs = [_phases(name, args.size) for _ in range(args.repeats)]
-        row = dict(model=name, secateur={k: min(r[k] for r in runs) for k in [*PHASES, "sum"]})
-        row["secateur"]["prune_channels"] = min(_end_to_end(name, args.size) for _ in range(args.repeats))
+        e2e = [_end_to_end(name, args.size) for _ in range(args.repeats)]
+        row = dict(model=name)
+        for clock in ("wall", "cpu"):
+            row[f"secateur_{clock}"] = {k: min(r[clock][k] for r in runs) for k in [*PHASES, "sum", "capture_to_apply"]}
+            row[f"secateur_{clock}"]["prune_channels"] = min(r[clock] for r in e2e)
         if not args.no_peer:
             row["torch_pruning"] = _peer(name, args.size, args.repeats, args.timeout)
         rows.append(row)
         print(f"{name}: done", file=sys.stderr, flush=True)
-    head = f"{'model':20}" + "".join(f"{k:>13}" for k in PHASES) + f"{'sum':>8}{'e2e':>8}{'TP':>8}"
-    print(f"min of {args.repeats} runs, seconds, x = randn(1, 3, {args.size}, {args.size}), 1 thread")
-    print(head)
-    for r in rows:
-        s, p = r["secateur"], r.get("torch_pruning", {})
-        print(f"{r['model']:20}" + "".join(f"{s[k]:13.3f}" for k in PHASES) + f"{s['sum']:8.3f}"
-              f"{s['prune_channels']:8.3f}" + (f"{p['total']:8.3f}" if "total" in p else f"{'-':>8}")
-              + (f"  TP: {p['error'][:50]}" if "error" in p else ""))
+    for clock in ("wall", "cpu"):
+        print(f"\n{clock} seconds, min of {args.repeats} runs, x = randn(1, 3, {args.size}, {args.size}), 1 thread; "
+              "cap..apply = capture to apply; e2e = prune_channels; TP = Torch-Pruning capture + prune (wall)")
+        print(f"{'model':20}" + "".join(f"{k:>13}" for k in PHASES) + f"{'sum':>8}{'e2e':>8}{'cap..apply':>11}{'TP':>8}")
+        for r in rows:
+            s, p = r[f"secateur_{clock}"], r.get("torch_pruning", {})
+            print(f"{r['model']:20}" + "".join(f"{s[k]:13.3f}" for k in PHASES) + f"{s['sum']:8.3f}"
+                  f"{s['prune_channels']:8.3f}{s['capture_to_apply']:11.3f}" + (f"{p['total']:8.3f}" if "total" in p else f"{'-':>8}")
+                  + (f"  TP: {p['error'][:50]}" if "error" in p else ""))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(dict(size=args.size, repeats=args.repeats, threads=1, torch=torch.__version__,

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.graph.groups import Graph, Group, NormSite, build_graph
+from secateur.graph.capture import capture
+from secateur.graph.groups import Graph, Group, NormSite, build_graph, groups_from
 from secateur.graph.modules import STRUCTURE_CLASSES, snapshot, update_attrs
 from secateur.importance import group_scores
 from secateur.metrics import count_macs, count_params
@@ -624,8 +625,10 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
     parents = {}
     for mod in list(touched):
         n = names[mod]
-        while n and n not in parents:
+        while n:
             n = n.rpartition(".")[0]
+            if n in parents:  # so are its ancestors
+                break
             parents[n] = module(n)
     # head-dim units sliced in a module or its children: its head sizes shrink; elsewhere head counts do (a
     # head_dim plan can still hold whole heads where dims could not be split, e.g. eager q @ k^T)
@@ -788,7 +791,12 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         raise fail("verify checks a latency target: give target_latency too", where="prune_channels",
                    value=verify)
     _refuse_masked(model)
-    macs0, params0 = count_macs(model, example_inputs), count_params(model)
+    if heads == "head_dim":
+        _refuse_rope(model)  # before any forward, as plan_channels does
+    # the ratio path counts the dense MACs during its first capture (one forward fewer); the others count here
+    by_ratio = target_latency is None and target_macs is None and target_params is None
+    macs0 = None if by_ratio else count_macs(model, example_inputs)
+    params0 = count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
                 reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs)
     plans, latency = [], {}
@@ -810,7 +818,11 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                 r = {k: 1 - (1 - v) ** (1 / steps) for k, v in ratio.items()}
             else:
                 r = 1 - (1 - float(ratio)) ** (1 / steps)
-            plan = plan_channels(model, example_inputs, ratio=r, threshold=threshold, **opts)
+            graph = None
+            if i == 0:
+                graph = groups_from(capture(model, example_inputs, heads, macs=True))
+                macs0 = graph.tracer.macs
+            plan = plan_channels(model, example_inputs, ratio=r, threshold=threshold, graph=graph, **opts)
             if not plan.choices:
                 break
             plan.apply(model)
