@@ -2,7 +2,9 @@
 re-splits a pruned dim with a size of its own, where a ``-1`` absorbs the smaller size, runs after pruning with the
 right output shape but computes something else. Those groups must be refused (with a note naming the op, the
 module and both shapes), never returned in a plan; models without such code prune the same groups as without the
-check. Every pruned model is compared with the oracle (consumers zeroed, norms over the kept channels)."""
+check. Every pruned model is compared with the oracle (consumers zeroed, norms over the kept channels). Every test
+runs twice: with the dry run on the CPU (a twin sharing the weights: the default for small CPU models) and on meta
+(the default for large or meta models); both must pass the same assertions."""
 import copy
 import warnings
 
@@ -11,10 +13,28 @@ import torch
 from torch import nn
 
 from helpers import pruned_vs_reference
+from secateur.graph import verify
 from secateur.structured import apply_structure, plan_channels, prune_channels
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True, params=["cpu", "meta"])
+def dry_run_device(request, monkeypatch):
+    """Where the dry run runs (``runs_here`` decides from the model's size): forced by the size budget."""
+    monkeypatch.setattr(verify, "HERE_BYTES", 2 ** 40 if request.param == "cpu" else 0)
+    real = verify.run
+    seen = set()
+
+    def run(*args, here=False, **kw):
+        seen.add("cpu" if here else "meta")
+        return real(*args, here=here, **kw)
+
+    monkeypatch.setattr(verify, "run", run)
+    yield request.param
+    if "both" not in request.node.name:
+        assert seen <= {request.param}, seen  # the dry run ran where the test says (meta trace unused on CPU)
 
 
 def _first(out):
@@ -255,3 +275,42 @@ def test_torchvision_vit_hidden_size_is_pruned_and_reloads(name):
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+# ---------------------------------------------------------------- where the dry run runs
+def test_dry_runs_on_both_devices_give_the_same_plans(dry_run_device, monkeypatch):
+    """The CPU twin is a faster path only: the same plans, choices and notes as on meta, on models the check
+    refuses (stale heads, shape-dependent control flow) and one it accepts."""
+    if dry_run_device == "meta":
+        pytest.skip("compares both devices itself")
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    cases = [_net(depth=2), (Branchy().eval(), torch.randn(3, 8)),
+             (tv.models.mobilenet_v3_small().eval(), torch.randn(1, 3, 64, 64))]
+    for model, x in cases:
+        plans = []
+        for budget in (2 ** 40, 0):
+            monkeypatch.setattr(verify, "HERE_BYTES", budget)
+            plan = plan_channels(model, x, ratio=0.5)
+            plans.append(([(g.name, c.tolist()) for g, c in plan.choices], plan.notes))
+        assert plans[0] == plans[1]
+
+
+def test_cpu_dry_run_leaves_the_model_and_the_rng_alone(dry_run_device):
+    """The twin shares the parameters' memory: a dry run in training mode (BatchNorm statistics updated in place,
+    dropout drawing random numbers) must change neither the model nor the random stream."""
+    if dry_run_device == "meta":
+        pytest.skip("the CPU twin only")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    plan = plan_channels(model.eval(), x, ratio=0.5, verify=False)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters()]
+    rng = torch.get_rng_state()
+    ok, _, err, _ = verify.check(model, x, plan.apply)
+    assert ok and err is None
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

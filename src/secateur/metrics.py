@@ -30,7 +30,7 @@ def _run(model: nn.Module, example_inputs: Any) -> FlopCounterMode:
     kernel FlopCounterMode does not see (ViT-B/16 read 11.3 G MACs instead of 16.8 G), so it is switched off
     while counting; the slow path computes the same thing with ops that are counted."""
     from secateur.graph.capture import call
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA)
+    counter = mac_counter()
     mha = getattr(torch.backends, "mha", None)
     fast = mha.get_fastpath_enabled() if mha is not None else None
     try:
@@ -42,6 +42,12 @@ def _run(model: nn.Module, example_inputs: Any) -> FlopCounterMode:
         if mha is not None:
             mha.set_fastpath_enabled(fast)
     return counter
+
+
+def mac_counter() -> FlopCounterMode:
+    """The counter ``count_macs`` runs a forward under (also entered by the capture, which counts while it runs:
+    ``capture(..., macs=True)``); MACs are ``get_total_flops() // 2``."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA)
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:

@@ -3,7 +3,7 @@
 ``prune_channels(model, example_inputs, ratio=0.5)`` captures the model's dependency groups (secateur.graph),
 scores every group's channels (secateur.importance), chooses what to remove, then slices parameters, buffers and
 size attributes in place. The result is an ordinary, smaller ``nn.Module``: no masks, no hooks. Everything is
-computed and checked first (including a dry run on a meta-device skeleton); a PruningError leaves the model
+computed and checked first (including a dry run on a copy: see graph/verify.py); a PruningError leaves the model
 untouched.
 
 Where removing a channel is not the same as zeroing it at its consumers, the engine either keeps those channels
@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.graph.groups import Graph, Group, NormSite, build_graph
+from secateur.graph.capture import capture
+from secateur.graph.groups import Graph, Group, NormSite, build_graph, groups_from
 from secateur.graph.modules import snapshot, structure_class, update_attrs
 from secateur.importance import group_scores
 from secateur.metrics import count_macs, count_params
@@ -272,8 +273,8 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
                   reduce: str = "mean", normalize: str | None = None, ignore_inputs: Iterable = (),
                   graph: Graph | None = None, verify: bool = True, grouped: str = "channels") -> Plan:
     """Choose the channels ``prune_channels`` would remove; nothing is changed (``plan.apply(model)`` does it).
-    ``verify`` dry-runs the plan on a meta-device skeleton (no weight memory) and leaves out groups whose removal
-    would break the model's own forward (noted in ``plan.notes``)."""
+    ``verify`` dry-runs the plan on a copy (sharing the weights on the CPU, or on meta: no weight memory) and leaves
+    out groups whose removal would break the model's own forward (noted in ``plan.notes``)."""
     _validate(ratio, threshold, scope, round_to, 1, None, None, heads, grouped)
     _refuse_masked(model)
     if heads == "head_dim":
@@ -338,8 +339,8 @@ def _choose(cands, threshold, scope, round_to, links=()) -> list[tuple[Group, to
 
 
 def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None = None) -> Plan:
-    """Dry-run the plan on a meta skeleton; drop the groups whose removal breaks the model's own forward (its code
-    keeps a size the engine cannot update), or makes an op output a shape other than the plan predicts (the same
+    """Dry-run the plan on a copy (graph/verify.py); drop the groups whose removal breaks the model's own forward (its
+    code keeps a size the engine cannot update), or makes an op output a shape other than the plan predicts (the same
     code, where a ``-1`` hides the stale size: a silently wrong model), and try again. Never returns such a plan."""
     from secateur.graph import verify
     out = getattr(getattr(graph, "tracer", None), "output", None)
@@ -606,10 +607,16 @@ def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
 
 def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
     removed = plan.removed
+    mods = dict(model.named_modules())  # one walk; get_submodule per tensor was a tenth of a small model's apply
+
+    def module(name: str) -> nn.Module:
+        mod = mods.get(name)
+        return model.get_submodule(name) if mod is None else mod
+
     # compute everything first: a PruningError must leave the model as it was
     new_tensors = []
     for (mname, tname), dims in removed.items():
-        mod = model.get_submodule(mname)
+        mod = module(mname)
         t = _tensor(mod, tname)
         keep = []
         for d, pos in dims.items():
@@ -628,13 +635,15 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
         for t in (*mod._parameters.values(), *mod._buffers.values()):
             if t is not None and id(t) in sliced:
                 touched.add(mod)
-    names = {m: n for n, m in model.named_modules()}
+    names = {m: n for n, m in mods.items()}
     parents = {}
     for mod in list(touched):
         n = names[mod]
         while n:
             n = n.rpartition(".")[0]
-            parents[n] = model.get_submodule(n)
+            if n in parents:  # so are its ancestors
+                break
+            parents[n] = module(n)
     # head-dim units sliced in a module or its children: its head sizes shrink; elsewhere head counts do (a
     # head_dim plan can still hold whole heads where dims could not be split, e.g. eager q @ k^T)
     dims_in = {m.module for g, _ in plan.choices if g.block is not None for m in g.members}
@@ -808,7 +817,12 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         raise fail("verify checks a latency target: give target_latency too", where="prune_channels",
                    value=verify)
     _refuse_masked(model)
-    macs0, params0 = count_macs(model, example_inputs), count_params(model)
+    if heads == "head_dim":
+        _refuse_rope(model)  # before any forward, as plan_channels does
+    # the ratio path counts the dense MACs during its first capture (one forward fewer); the others count here
+    by_ratio = target_latency is None and target_macs is None and target_params is None
+    macs0 = None if by_ratio else count_macs(model, example_inputs)
+    params0 = count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
                 reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs, grouped=grouped)
     plans, latency = [], {}
@@ -830,7 +844,11 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                 r = {k: 1 - (1 - v) ** (1 / steps) for k, v in ratio.items()}
             else:
                 r = 1 - (1 - float(ratio)) ** (1 / steps)
-            plan = plan_channels(model, example_inputs, ratio=r, threshold=threshold, **opts)
+            graph = None
+            if i == 0:
+                graph = groups_from(capture(model, example_inputs, heads, grouped, macs=True))
+                macs0 = graph.tracer.macs
+            plan = plan_channels(model, example_inputs, ratio=r, threshold=threshold, graph=graph, **opts)
             if not plan.choices:
                 break
             plan.apply(model)

@@ -17,11 +17,13 @@ An ATen op the registry does not know, reached by a labelled (channel-carrying) 
 op and the module, never a guess."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from secateur.errors import PruningError, fail
@@ -169,7 +171,8 @@ class _Mode(TorchDispatchMode):
         calls[func.overloadpacket] = calls.get(func.overloadpacket, 0) + 1
         if self.tracer.depth == 0:
             from secateur.graph.rules import apply_rule
-            apply_rule(self.tracer, func, args, kwargs, out)
+            with no_dispatch():  # label ops reach no mode below (a MAC counter sees the model's ops only)
+                apply_rule(self.tracer, func, args, kwargs, out)
             self.tracer.record(func.overloadpacket.__name__, out)
         return out
 
@@ -192,10 +195,14 @@ def call(model: nn.Module, example_inputs: Any):
     return model(example_inputs)
 
 
-def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels") -> Tracer:
+def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels", *,
+            macs: bool = False) -> Tracer:
     """Run ``model(example_inputs)`` once, recording channel labels and slots. The model is not changed.
-    PyTorch's fused MHA / TransformerEncoderLayer fast path is off meanwhile: its single op hides the layout."""
+    PyTorch's fused MHA / TransformerEncoderLayer fast path is off meanwhile: its single op hides the layout.
+    ``macs``: count the forward's MACs meanwhile (``tracer.macs``, what ``count_macs`` says, one forward saved):
+    the counter sits below the dispatch mode, which hands it exactly the model's ops, as ``count_macs`` sees them."""
     from secateur.graph.modules import leaf_rule
+    from secateur.metrics import mac_counter
 
     tracer = Tracer(model, heads, grouped)
     handles = []
@@ -212,8 +219,9 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
             tracer.depth -= 1
             if tracer.depth == 0:
                 tracer.depth += 1  # the rule's own tensor ops (labels) are not the model's
-                try:
-                    rule(tracer, mod, args, kwargs, out)
+                try:  # nor do they go through the dispatch mode: thousands of label ops per model, each a
+                    with no_dispatch():  # Python call there (a third of a small model's capture)
+                        rule(tracer, mod, args, kwargs, out)
                 finally:
                     tracer.depth -= 1
                 tracer.record(f"module {tracer.where()}", out)
@@ -225,8 +233,9 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    counter = mac_counter() if macs else contextlib.nullcontext()
     try:
-        with torch.no_grad(), _Mode(tracer):
+        with torch.no_grad(), counter, _Mode(tracer):
             out = call(model, example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -235,6 +244,7 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     for t in _flat_tensors(out):  # never change the model's output shape
         tracer.atoms.block(tracer.get(t))
     tracer.output = out
+    tracer.macs = counter.get_total_flops() // 2 if macs else None
     tracer.alive.clear()
     tracer.labels.clear()
     return tracer

@@ -206,7 +206,8 @@ def _groups(tr: Tracer) -> Graph:
     weights = torch.randint(-(2 ** 62), 2 ** 62, (len(slots),), generator=gen, dtype=torch.long)
     sig = torch.zeros(n, dtype=torch.long)
     for i, c in enumerate(comps):
-        sig.index_add_(0, torch.unique(c), weights[i].expand(torch.unique(c).numel()).contiguous())
+        u = torch.unique(c)
+        sig.index_add_(0, u, weights[i].expand(u.numel()).contiguous())
     roots = prunable.nonzero().flatten()
     if roots.numel() == 0:
         return Graph([], tr.notes, tr, root=root, where=torch.full((n, 2), -1, dtype=torch.long))

@@ -62,6 +62,12 @@ class Atoms:
         if not self.edges:
             return root
         e = torch.cat(self.edges, dim=1)
+        # the same edge arrives many times (a view split with spatial dims: 742k edges, 1.5k distinct on
+        # shufflenet_v2): keep each once, so every propagation round below scans only distinct edges
+        lo, hi = torch.minimum(e[0], e[1]), torch.maximum(e[0], e[1])
+        key = torch.unique(lo * self.count + hi)
+        e = torch.stack([key // self.count, key % self.count])
+        self.edges = [e]
         src = torch.cat([e[0], e[1]])
         dst = torch.cat([e[1], e[0]])
         while True:
