@@ -112,3 +112,40 @@ def test_timm_beit_prunes_the_stream_and_heads():
     assert count_macs(model, x) < 0.45 * dense  # was 0.79: F.linear's weight made the stream all-or-nothing
     assert model.blocks[0].attn.num_heads == 2
     assert model.blocks[0].attn.relative_position_bias_table.shape[1] == 2
+
+
+class HeadDimTable(nn.Module):
+    """SAM-style decomposed relative position: a table over head dims, shared by every head."""
+
+    def __init__(self, dim=32, heads=4, tokens=5):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel_pos = nn.Parameter(torch.randn(2 * tokens - 1, dim // heads))
+        pos = torch.arange(tokens)
+        self.register_buffer("index", pos[:, None] - pos[None, :] + tokens - 1, persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        rel = torch.einsum("bhqc,qkc->bhqk", q, self.rel_pos[self.index])
+        attn = ((q @ k.transpose(-2, -1)) * 0.25 + rel).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_table_over_head_dims_stays_constant_and_heads_still_prune():
+    """Labelling that table's columns would tie every head into one unit (samvit kept whole): heads must go."""
+    class Net2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.out = nn.Linear(16, 32), HeadDimTable(), nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.out(self.attn(self.inp(x)))
+
+    torch.manual_seed(0)
+    model = Net2().eval()
+    x = torch.randn(2, 5, 16)
+    assert_oracle(model, x, ratio=0.5)
+    assert model.attn.num_heads == 2 and model.attn.rel_pos.shape == (9, 8)
