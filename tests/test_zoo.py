@@ -11,6 +11,7 @@ import torch
 
 from secateur.metrics import count_macs, count_params
 from secateur.structured import plan_channels, prune_channels
+from zoo_models import HF_FAMILIES, TIMM_GIANTS, hf_inputs, hf_model, timm_input, timm_one_per_module
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -93,49 +94,16 @@ def test_seed_deeplabv3_mobilenet_v3_large_half():
 
 # ---------------------------------------------------------------- Hugging Face, random weights
 def _hf(name):
-    T = pytest.importorskip("transformers")
-    kw = dict(vocab_size=100, max_position_embeddings=32)
-    if name == "bert":
-        return T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=64, **kw)), "ids"
-    if name == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                              bos_token_id=0, eos_token_id=0)), "ids"
-    if name == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                num_attention_heads=4, num_key_value_heads=2, **kw)), "ids"
-    if name == "mistral":
-        return T.MistralForCausalLM(T.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=4, num_key_value_heads=2, **kw)), "ids"
-    if name == "vit":
-        return T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                       intermediate_size=64, image_size=32, patch_size=8)), "px"
-    if name == "bart":
-        return T.BartModel(T.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                        **kw)), "seq2seq"
-    if name == "t5":
-        return T.T5Model(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)), \
-            "seq2seq"
-    raise KeyError(name)
-
-
-def _hf_inputs(kind):
-    g = torch.Generator().manual_seed(0)
-    if kind == "px":
-        return {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
-    x = {"input_ids": torch.randint(0, 100, (1, 6), generator=g)}
-    if kind == "seq2seq":
-        x["decoder_input_ids"] = torch.randint(0, 100, (1, 5), generator=g)
-    return x
+    pytest.importorskip("transformers")
+    return hf_model(name)
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "mistral", "vit", "bart", "t5"])
+@pytest.mark.parametrize("name", HF_FAMILIES)
 def test_huggingface_prunes_heads_and_mlp_and_reloads_from_config(name):
     torch.manual_seed(0)
     model, kind = _hf(name)
-    x = _hf_inputs(kind)
+    x = hf_inputs(kind)
     plan = oracle(model, x)
     pruned_attn = [g for g, _ in plan.choices if re.search(r"(q_proj|query|c_attn|\.q$)", g.name)]
     assert pruned_attn, "attention heads were not pruned"
@@ -154,7 +122,7 @@ def test_huggingface_prunes_heads_and_mlp_and_reloads_from_config(name):
 def test_llama_gqa_heads_stay_grouped():
     torch.manual_seed(0)
     model, kind = _hf("llama")
-    x = _hf_inputs(kind)
+    x = hf_inputs(kind)
     prune_channels(model, x, ratio=0.5)
     att = model.model.layers[0].self_attn
     hd = model.config.head_dim
@@ -200,24 +168,11 @@ def test_torchvision_segmentation_zoo(name):
     oracle(m, torch.randn(1, 3, 64, 64))
 
 
-def _timm_one_per_module():
-    timm = pytest.importorskip("timm")
-    small = re.compile(r"(atto|femto|pico|nano|tiny|small|_xs|_xxs|_s\b|b0|mobile|18|_t\b|_xt|lite|_0_5|_050|_100)")
-    out = []
-    for mod in timm.list_modules():
-        names = timm.list_models(module=mod)
-        if names:
-            out.append(sorted([n for n in names if small.search(n)] or names, key=len)[0])
-    return out
-
-
 try:
-    TIMM_ZOO = _timm_one_per_module()
+    TIMM_ZOO = timm_one_per_module()
 except BaseException:  # noqa: BLE001 - timm missing
     TIMM_ZOO = []
 
-
-TIMM_GIANTS = {"deepseek_vit_412m": "412M params: over the per-test time limit on 2 cores"}
 
 
 @pytest.mark.slow
@@ -230,16 +185,7 @@ def test_timm_zoo(name):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False).eval()
-    size = m.pretrained_cfg.get("input_size", (3, 224, 224))
-    x = None
-    for hw in ((64, 64), tuple(size[1:])):
-        try:
-            with torch.no_grad():
-                m(torch.randn(1, size[0], *hw))
-            x = torch.randn(1, size[0], *hw)
-            break
-        except Exception:  # noqa: BLE001
-            continue
+    x = timm_input(m)
     if x is None:
         pytest.skip("model does not run on CPU with random inputs")
     from secateur.errors import PruningError

@@ -47,6 +47,7 @@ class Tracer:
         self.blocks: list[torch.Tensor] = []
         self.contracted: list[torch.Tensor] = []
         self.links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q/k unit, v unit): one head size for both
+        self.weight_views: dict[int, torch.Tensor] = {}  # id(W.t()) -> W, an nn.Linear weight used by F.linear
         self.atoms = Atoms()
         self.labels: dict[int, torch.Tensor | None] = {}
         self.alive: list[torch.Tensor] = []  # keep ids unique while capturing

@@ -447,3 +447,4 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 from secateur.graph import mha as _mha  # noqa: E402,F401 - registers nn.MultiheadAttention (needs the above)
 from secateur.graph import recurrent  # noqa: E402,F401  (registers the recurrent leaves and updaters)
 from secateur.graph import windows  # noqa: E402,F401  (torchvision Swin / MaxViT window attention, by name)
+from secateur.graph import timm_sizes  # noqa: E402,F401  (timm modules with stored split sizes, by name)

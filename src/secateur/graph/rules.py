@@ -48,6 +48,10 @@ def _pad(lab: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
 def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
     labelled = any(tr.get(t) is not None for a in (*args, *kwargs.values()) for t in _tensors(a))
     packet = func.overloadpacket
+    if not labelled and packet in _TRANSPOSES and _weight_view(tr, func, args, out):
+        return
+    if not labelled and packet is aten.index and _gathered_table(tr, args):
+        labelled = True
     if not labelled and RULES.get(packet) is move:  # a free parameter entering a view/cat (cls token, pos emb)
         for t in _tensors(args):
             if id(t) in tr.owner and tr.param_label(t) is not None:
@@ -271,8 +275,8 @@ def _compressed_move(tr, func, args, out) -> bool:
             return False
         nd = out.dim()
         d = (args[1] if len(args) > 1 else 0) % nd
-        labs = [_pad(tr.get(t) if tr.get(t) is not None or id(t) not in tr.owner else tr.param_label(t), nd)
-                for t in ts]
+        labs = [_pad(tr.get(t) if tr.get(t) is not None or id(t) not in tr.owner  # a zero k bias buffer too
+                     else tr.param_label(t, buffers=True), nd) for t in ts]
         keep = [j == d or any(lab is not None and lab.size(j) > 1 for lab in labs) for j in range(nd)]
         parts = []
         for t, lab in zip(ts, labs):
@@ -477,13 +481,80 @@ def _matmul(tr, a, c):
     return res
 
 
+_TRANSPOSES = {aten.t, aten.transpose, aten.permute, aten.numpy_T}
+
+
+def _gathered_table(tr, args) -> bool:
+    """A relative position bias table ``[distances, heads]`` read as ``table[index]`` (BEiT, timm Swin): its
+    columns pass through the gather, so it gets atoms along them and is sliced with the heads it meets; the rows
+    are positions, never channels. Only when the columns are its module's ``num_heads``: a table over head dims
+    (SAM's ``rel_pos_h [distances, head_dim]``, shared by all heads) would tie every head into one unit
+    (measured: samvit 0.50 -> 0.90 of dense MACs), so it stays a constant there."""
+    p, idx = args[0], args[1]
+    if not isinstance(p, torch.Tensor) or p.dim() != 2 or id(p) not in tr.owner or not tr.owner[id(p)][2]:
+        return False
+    if len(idx) != 1 or idx[0] is None or idx[0].dtype == torch.bool:
+        return False
+    mod = tr.model.get_submodule(tr.owner[id(p)][0])
+    if getattr(mod, "num_heads", None) != p.size(1):
+        return False
+    return tr.param_label_along(p, 1) is not None
+
+
+def _weight_view(tr, func, args, out) -> bool:
+    """``F.linear(x, self.qkv.weight, bias)`` outside the Linear's own forward (timm BEiT / EVA attention, with a
+    q/k/v bias built by concatenation): remember ``W.t()`` so the matmul reading it is handled like the Linear
+    (its rows are new channels, its columns consume the input's). Only an ``nn.Linear``'s 2-d weight: its
+    layout is known, and its size updater follows the sliced weight."""
+    w = args[0]
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or id(w) not in tr.owner or not tr.owner[id(w)][2]:
+        return False
+    mname, attr, _ = tr.owner[id(w)]
+    if attr != "weight" or not isinstance(tr.model.get_submodule(mname), torch.nn.Linear):
+        return False
+    if func.overloadpacket is aten.permute and [d % 2 for d in args[1]] != [1, 0]:
+        return False
+    if func.overloadpacket is aten.transpose and args[1] % 2 == args[2] % 2:
+        return False
+    tr.weight_views[id(out)] = w
+    tr.set(out, None)  # keeps ``out`` alive, so its id stays unique
+    return True
+
+
+def _linear_of(tr, x, wt):
+    """Label of ``x @ W.t()`` for a remembered Linear weight ``W`` [out, in] (see ``_weight_view``)."""
+    w = tr.weight_views[id(wt)]
+    lab = _pad(tr.get(x), x.dim())
+    if lab is not None and lab.size(-1) > 1:
+        chan = tr.atoms.collapse(lab, range(x.dim() - 1)).reshape(-1)
+        missing = chan < 0  # positions no producer labels: atoms of their own, never pruned
+        if bool(missing.any()):
+            chan = torch.where(missing, tr.atoms.new(chan.numel()), chan)
+        tr.slot(w, 1, chan, "in")
+    elif lab is not None:
+        tr.atoms.block(lab)  # channels on the token dims reaching a matmul: not a per-channel map
+    atoms = tr.atoms.new(w.size(0))
+    tr.slot(w, 0, atoms, "out")
+    return atoms.reshape((1,) * (x.dim() - 1) + (-1,))
+
+
 @rule(aten.mm, aten.bmm)
 def mm(tr, func, args, kwargs, out):
+    if id(args[1]) in tr.weight_views and func.overloadpacket is aten.mm:
+        return tr.set(out, _linear_of(tr, args[0], args[1]))
     tr.set(out, _matmul(tr, args[0], args[1]))
 
 
 @rule(aten.addmm, aten.baddbmm)
 def addmm(tr, func, args, kwargs, out):
+    if id(args[2]) in tr.weight_views and func.overloadpacket is aten.addmm:
+        res = _linear_of(tr, args[1], args[2])
+        bias = tr.get(args[0])
+        if bias is None and args[0].numel() > 1:  # an unsliceable bias: the outputs are all-or-nothing
+            res = tr.atoms.collapse(res, [res.dim() - 1])
+        elif bias is not None:
+            res = _join(tr, res, _pad(bias, out.dim()))
+        return tr.set(out, res)
     res = _matmul(tr, args[1], args[2])
     bias = tr.get(args[0])
     if bias is None and args[0].numel() > 1 and res is not None:

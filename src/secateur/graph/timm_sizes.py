@@ -1,0 +1,74 @@
+"""timm modules whose forward splits a channel dim by sizes stored at construction (issue #3).
+
+``torch.split(x, self.splits)`` with equal parts is pruned part-aligned (the same channels leave every part, see
+``rules._check_split``), but the stored sizes stay stale, so the dry run found the pruned forward broken and kept
+every group there: MixNet's ``MixedConv2d`` (0.92 of dense MACs at ratio 0.5), Res2Net's ``Bottle2neck`` (0.95),
+SK-ResNet's ``SelectiveKernel`` (1.0), CSPNet's ``CrossStage`` (0.94), InceptionNeXt's ``InceptionDWConv2d``. Each
+updater reads the new sizes from the module's own (already sliced) convolutions, never from a guess about which
+int attribute was a channel count. Registered by class name: timm is never imported here."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from secateur.graph.modules import UPDATERS_BY_NAME, heads_updater
+
+
+def _first_conv(mod: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in mod.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _set(mod: nn.Module, **attrs) -> dict[str, Any]:
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    return attrs
+
+
+def _mixed_conv(mod, old):
+    """``MixedConv2d`` (a ModuleDict of convs, one per kernel size): ``splits`` are their input widths."""
+    convs = list(mod.values())
+    splits = [int(c.in_channels) for c in convs]
+    return _set(mod, splits=splits, in_channels=sum(splits), out_channels=sum(int(c.out_channels) for c in convs))
+
+
+def _bottle2neck(mod, old):
+    """Res2Net ``Bottle2neck``: ``width`` is every scale's conv input width."""
+    return _set(mod, width=int(mod.convs[0].in_channels))
+
+
+def _selective_kernel(mod, old):
+    """``SelectiveKernel``: with ``split_input`` the input is split into ``num_paths`` equal parts."""
+    conv = _first_conv(mod.paths[0])
+    n = int(conv.in_channels) * (mod.num_paths if mod.split_input else 1)
+    return _set(mod, in_channels=n, out_channels=int(conv.out_channels))
+
+
+def _cross_stage(mod, old):
+    """CSPNet ``CrossStage`` / ``CrossStage3``: the expanded features are split in two halves of
+    ``expand_chs // 2``; the new width is ``conv_exp``'s output (part-aligned halves stay equal)."""
+    conv = _first_conv(mod.conv_exp) if mod.conv_exp is not None else None
+    if conv is None:
+        return heads_updater(mod, old)
+    return _set(mod, expand_chs=int(conv.out_channels))
+
+
+def _inception_dw(mod, old):
+    """InceptionNeXt ``InceptionDWConv2d``: (identity, hw, w, h) parts. Equal parts shrink alike (the identity part
+    too); unequal ones are kept whole by the engine, so the sizes then stay."""
+    gc = int(mod.dwconv_hw.in_channels)
+    before = tuple(old.get("split_indexes") or mod.split_indexes)
+    if gc == before[1]:
+        return {}
+    if len(set(before)) != 1:  # not reached: unequal parts are never pruned (rules._check_split)
+        return {}
+    return _set(mod, split_indexes=(gc, gc, gc, gc))
+
+
+for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
+                   "timm.models.res2net.Bottle2neck": _bottle2neck,
+                   "timm.layers.selective_kernel.SelectiveKernel": _selective_kernel,
+                   "timm.models.cspnet.CrossStage": _cross_stage,
+                   "timm.models.cspnet.CrossStage3": _cross_stage,
+                   "timm.models.inception_next.InceptionDWConv2d": _inception_dw}.items():
+    UPDATERS_BY_NAME[_name] = _fn

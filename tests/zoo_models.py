@@ -1,0 +1,78 @@
+"""The zoo selections the tests and benchmarks share (one place, so the benchmark measures what the tests check).
+
+Importable without pytest: ``benchmarks/bench_zoo_depth.py`` puts this folder on ``sys.path``."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+# a name that looks small: the cheapest representative of a timm module
+_SMALL = re.compile(r"(atto|femto|pico|nano|tiny|small|_xs|_xxs|_s\b|b0|mobile|18|_t\b|_xt|lite|_0_5|_050|_100)")
+
+TIMM_GIANTS = {"deepseek_vit_412m": "412M params: over the per-test time limit on 2 cores"}
+
+HF_FAMILIES = ["bert", "gpt2", "llama", "mistral", "vit", "bart", "t5"]
+
+
+def timm_one_per_module() -> list[str]:
+    """One model per timm module: the shortest small-looking name, else the shortest name."""
+    import timm
+    out = []
+    for mod in timm.list_modules():
+        names = timm.list_models(module=mod)
+        if names:
+            out.append(sorted([n for n in names if _SMALL.search(n)] or names, key=len)[0])
+    return out
+
+
+def timm_input(model: torch.nn.Module) -> torch.Tensor | None:
+    """The smallest input the model accepts: 64x64, else its pretrained size; None when neither runs."""
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    for hw in ((64, 64), tuple(size[1:])):
+        try:
+            with torch.no_grad():
+                model(torch.randn(1, size[0], *hw))
+            return torch.randn(1, size[0], *hw)
+        except Exception:  # noqa: BLE001 - some models need their own size
+            continue
+    return None
+
+
+def hf_model(name: str):
+    """A small Hugging Face model with random weights and the kind of input it takes."""
+    import transformers as T
+    kw = dict(vocab_size=100, max_position_embeddings=32)
+    if name == "bert":
+        return T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, **kw)), "ids"
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                              bos_token_id=0, eos_token_id=0)), "ids"
+    if name == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, **kw)), "ids"
+    if name == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, **kw)), "ids"
+    if name == "vit":
+        return T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=64, image_size=32, patch_size=8)), "px"
+    if name == "bart":
+        return T.BartModel(T.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                        **kw)), "seq2seq"
+    if name == "t5":
+        return T.T5Model(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)), \
+            "seq2seq"
+    raise KeyError(name)
+
+
+def hf_inputs(kind: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    if kind == "px":
+        return {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
+    x = {"input_ids": torch.randint(0, 100, (1, 6), generator=g)}
+    if kind == "seq2seq":
+        x["decoder_input_ids"] = torch.randint(0, 100, (1, 5), generator=g)
+    return x
