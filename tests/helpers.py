@@ -38,3 +38,13 @@ def assert_oracle(model, x, **kw):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     return plan
+
+
+def randomize_bn(*bns, low=0.0, high=1.0):
+    """BatchNorms that are not the identity at init: scales in [low, high), running statistics away from 0/1, so
+    channel choices by BN scale and the oracle's comparison mean something."""
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.uniform_(low, high)
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)

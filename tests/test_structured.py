@@ -8,6 +8,7 @@ from torch import nn
 from secateur.errors import PruningError
 from secateur.metrics import count_macs, count_params
 from secateur.structured import apply_structure, plan_channels, prune_channels
+from helpers import randomize_bn
 
 torch.set_num_threads(1)
 
@@ -30,10 +31,7 @@ class SeedCNN(nn.Module):
 def _seed(seed=0):
     torch.manual_seed(seed)
     m = SeedCNN().eval()
-    for bn in (m.bn1, m.bn2):
-        bn.weight.data.uniform_(0.0, 1.0)
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
+    randomize_bn(m.bn1, m.bn2)
     return m, torch.randn(2, 1, 28, 28)
 
 

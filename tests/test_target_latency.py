@@ -13,6 +13,7 @@ from torch import nn
 from secateur.errors import PruningError
 from secateur.latency_model import LatencyTable, layer_specs
 from secateur.structured import apply_structure, prune_channels
+from helpers import randomize_bn
 
 torch.set_num_threads(1)
 
@@ -37,10 +38,7 @@ class SmallCNN(nn.Module):
 def _model(seed=0):
     torch.manual_seed(seed)
     m = SmallCNN().eval()
-    for bn in (m.bn1, m.bn2):
-        bn.weight.data.uniform_(0.1, 1.0)
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
+    randomize_bn(m.bn1, m.bn2, low=0.1)
     return m, torch.randn(2, 3, 12, 12)
 
 
