@@ -112,3 +112,22 @@ def test_quiet_check_reports_and_waits(bench, monkeypatch, capsys):
     load = bench.quiet_check(a, "test")
     assert not load["quiet"] and "NOT QUIET" in capsys.readouterr().err
     assert bench.quiet_check(bench.parse(["--device", "cpu"]), "off") is None
+
+
+@pytest.mark.parametrize("first_budget", [30.0, -5.0, 80.0])
+def test_latency_budget_calibrated_on_the_measured_macs(bench, first_budget):
+    """The table's MACs budget can be off (a bare attention parameter it does not count): the allocation is
+    re-run until the pruned model's own MACs reduction meets the target, never short of it."""
+    from secateur.errors import PruningError
+
+    def allocate(b):  # true MACs = 20 fixed + 2 * table budget; budgets under 5 cannot be met
+        if b < 5:
+            raise PruningError("below the floors")
+        model = torch.nn.Identity()
+        model._macs_reduction = 220.0 / (20 + 2 * b)
+        return model
+    for target in (2.0, 4.0):
+        got = bench._calibrated(allocate, first_budget, full=100.0, target=target)._macs_reduction
+        assert target <= got <= target * 1.02
+    with pytest.raises(PruningError):
+        bench._calibrated(allocate, first_budget, full=100.0, target=50.0)  # needs a budget below the floors
