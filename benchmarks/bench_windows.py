@@ -1,5 +1,5 @@
 """Window attentions (torchvision Swin V1/V2, MaxViT) under ``prune_channels(ratio=0.5)``, 1x3x224x224, random
-weights, 1 thread: dense MACs, MACs after, plan time (``plan_channels``, includes the meta dry run), oracle error
+weights, 1 thread: dense MACs, MACs after, plan time (``plan_channels``, includes the dry run), oracle error
 (pruned vs original with the removed channels zeroed at their consumers, norms over the kept channels), and the
 plan's notes other than norm notes. Uses whatever ``secateur`` is first on the path (run it from two checkouts
 with PYTHONPATH to compare). Plan times are wall clock on a shared 2-core machine: indicative only.
