@@ -288,8 +288,11 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
     graph = graph or build_graph(model, example_inputs, heads, grouped)
     cands = _candidates(model, graph, ratio, threshold is not None, importance, ignore, ignore_inputs, reduce,
                         normalize)
-    plan = _new_plan(graph, _choose(cands, threshold, scope, round_to, graph.links), list(graph.notes), heads)
-    plan = _verified(model, example_inputs, plan, graph) if verify and plan.choices else plan
+    def choose(ties=None, fixed=frozenset()):
+        return _choose(cands, threshold, scope, round_to, graph.links, ties, fixed)
+
+    plan = _new_plan(graph, choose(graph.ties), list(graph.notes), heads)
+    plan = _verified(model, example_inputs, plan, graph, choose) if verify and plan.choices else plan
     plan.notes.extend(plan.norm_notes())
     return plan
 
@@ -319,7 +322,10 @@ def _candidates(model: nn.Module, graph: Graph, ratio, every: bool, importance, 
     return cands
 
 
-def _choose(cands, threshold, scope, round_to, links=()) -> list[tuple[Group, torch.Tensor]]:
+def _choose(cands, threshold, scope, round_to, links=(), ties=None, fixed=frozenset()
+            ) -> list[tuple[Group, torch.Tensor]]:
+    """The channels to remove in each candidate group; ``fixed``: ids of groups that keep every channel (the dry
+    run left them out); ``ties``: groups whose kept counts must agree (graph/ties.py)."""
     choices = []
     if threshold is not None:
         for g, s, _ in cands:
@@ -335,34 +341,120 @@ def _choose(cands, threshold, scope, round_to, links=()) -> list[tuple[Group, to
         choices = _global(cands, round_to)
     if links:
         choices = _linked(choices, links, {id(g): s for g, s, _ in cands})
+    choices = [(g, c) for g, c in choices if id(g) not in fixed]
+    if ties:
+        choices = _tied(choices, cands, ties, round_to, fixed)
     return choices
 
 
-def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None = None) -> Plan:
+def _reachable(g: Group, round_to: int | None) -> set[int]:
+    """Kept channel counts ``_count`` can leave in ``g`` (all of them included)."""
+    return {g.size - n for n in range(g.size) if _count(g, n, round_to) == n}
+
+
+def _tied(choices, cands, ties, round_to, fixed=frozenset()) -> list[tuple[Group, torch.Tensor]]:
+    """Meet the count ties: every tied class keeps one width (channels x positions per channel), the reachable
+    one nearest the mean of the widths the choice wanted (the larger on a draw: prune less), each group ranking its
+    own channels. A group that is not a candidate, or is ``fixed``, keeps all its channels, so its class does."""
+    from secateur.graph.ties import width
+    scores = {id(g): s for g, s, _ in cands}
+    removed = {id(g): int(c.numel()) for g, c in choices}
+    new = {id(g): c for g, c in choices}
+    for cls in ties.classes():
+        widths = [width(g) for g in cls]
+        common = None
+        for g, w in zip(cls, widths):
+            if w is None:
+                common = set()
+                break
+            ok = {g.size * w} if id(g) in fixed or id(g) not in scores else {k * w for k in _reachable(g, round_to)}
+            common = ok if common is None else common & ok
+        want = sum((g.size - removed.get(id(g), 0)) * (w or 1) for g, w in zip(cls, widths)) / len(cls)
+        keep = min(common, key=lambda k: (abs(k - want), -k)) if common else None
+        for g, w in zip(cls, widths):
+            n = 0 if keep is None else g.size - keep // w
+            if n == 0:
+                new.pop(id(g), None)
+            elif removed.get(id(g)) != n:
+                new[id(g)] = _pick(g, scores[id(g)], n)
+    order = {id(g): i for i, (g, _, _) in enumerate(cands)}
+    groups = {id(g): g for g, _, _ in cands}
+    return [(groups[i], new[i]) for i in sorted(new, key=lambda i: order.get(i, len(order)))]
+
+
+def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None = None,
+              rechoose: Callable | None = None) -> Plan:
     """Dry-run the plan on a copy (graph/verify.py); drop the groups whose removal breaks the model's own forward (its
     code keeps a size the engine cannot update), or makes an op output a shape other than the plan predicts (the same
-    code, where a ``-1`` hides the stale size: a silently wrong model), and try again. Never returns such a plan."""
+    code, where a ``-1`` hides the stale size: a silently wrong model), and try again. Never returns such a plan.
+
+    ``rechoose(ties, fixed)`` (the plan's own choice with count ties and left-out groups): before dropping groups
+    at a failing module, try tying the counts of the groups inside it to the stream that enters it (graph/ties.py);
+    the ties stay (on ``graph.ties``) when the dry run then passes that module's class."""
     from secateur.graph import verify
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
+    fixed: set[int] = set()
+    tried: set[type] = set()
+    pending = None  # (class tried, plan before the tie, its failure)
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         ok, where, err, bad = verify.check(model, example_inputs, plan.apply, want, expected)
+        if pending is not None:
+            cls, before, failure = pending
+            pending = None
+            if not ok and where and type(model.get_submodule(where)) is cls:  # the tie did not help: undo it
+                graph.ties, plan = before[1], before[0]
+                ok, where, err, bad = failure
+            elif graph.ties is not before[1]:
+                plan.notes.append(_tie_note(graph.ties, cls, plan))
         if err and ok:
             plan.notes.append(err)
         if ok:
             return plan
+        if rechoose is not None and where and graph is not None:
+            cls = type(model.get_submodule(where))
+            ties = _tie_class(model, graph, plan, cls) if cls not in tried else None
+            tried.add(cls)
+            if ties is not None:
+                pending = (cls, (plan, graph.ties), (ok, where, err, bad))
+                graph.ties = ties
+                plan = Plan(plan.groups, rechoose(ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms)
+                continue
         if bad:  # a shape mismatch names the groups removed there: those, and the same role in its class
             keep = _without_role(model, plan, {id(graph.groups[i]) for i in bad}, where or "")
         else:
             keep = _without_module(model, example_inputs, plan, where or "", want, graph)
+        fixed |= {id(g) for g, _ in plan.choices} - {id(g) for g, _ in keep}
         dropped = len(plan.choices) - len(keep)
         what = "pruned forward failed" if bad is None else "pruned shapes differ from the plan's"
         plan.notes.append(f"{where or '<model>'}: {what} ({err}); kept {dropped} group(s) there")
+        if graph is not None and graph.ties and rechoose is not None:  # tied groups follow the ones left out
+            keep = rechoose(graph.ties, fixed)
         plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms)
         if not keep:
             return plan
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
+
+
+def _tie_class(model: nn.Module, graph: Graph, plan: Plan, cls: type):
+    """``graph.ties`` plus the count ties of every module of class ``cls`` (graph/ties.py), or None if none new."""
+    from secateur.graph.ties import Ties, candidates
+    ties = graph.ties.copy() if graph.ties else Ties()
+    chosen = {id(g) for g, _ in plan.choices}
+    new = False
+    for name, mod in model.named_modules():
+        if type(mod) is cls and name:
+            for a, b in candidates(graph.groups, chosen, name):
+                if ties.find(id(a)) != ties.find(id(b)):
+                    ties.tie(a, b, name)
+                    new = True
+    return ties if new else None
+
+
+def _tie_note(ties, cls: type, plan: Plan) -> str:
+    return (f"{cls.__name__}: reads its inner width from its input's shape; its pruned groups keep as many "
+            f"channels as the stream that enters it (count ties, graph/ties.py)")
 
 
 def _without_module(model: nn.Module, example_inputs: Any, plan: Plan, scope: str, want, graph) -> list:

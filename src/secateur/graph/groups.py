@@ -90,6 +90,7 @@ class Graph:
     root: Any = None  # root[atom]: its component
     where: Any = None  # where[root] = (group index, channel), -1 where not prunable
     norms: list[NormSite] = field(default_factory=list)
+    ties: Any = None  # graph/ties.py Ties: groups whose kept counts must agree (found by the dry run)
 
 
 def _block_rows(tr: Tracer, root: torch.Tensor) -> set[frozenset]:
