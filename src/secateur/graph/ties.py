@@ -73,15 +73,20 @@ def _inside(name: str, scope: str) -> bool:
 
 
 def candidates(groups: list[Group], chosen: set[int], scope: str) -> list[tuple[Group, Group]]:
-    """(inner, stream) pairs to tie for one module ``scope``: inner groups are pruned in the plan (``chosen``
-    ids) and live wholly inside the module with a producer there; stream groups enter the module (a consumer
-    inside) and have members outside it. Empty where either is missing."""
-    inner, stream = [], []
+    """(inner, stream) pairs to tie for one module ``scope``. Stream groups enter the module (a consumer inside)
+    and have members outside it. Inner groups are pruned in the plan (``chosen`` ids), live wholly inside the
+    module, and are read by a layer there that writes a group leaving the module (the output projection: what
+    ``reshape(B, N, C)`` feeds); a group read only inside (a position-bias MLP's hidden units, a reduction conv
+    feeding k/v) is not what the input's shape sizes. Empty where either is missing."""
+    inner, stream, leaving = [], [], set()
     for g in groups:
         ins = [_inside(m.module, scope) for m in g.members]
         if all(ins):
             if id(g) in chosen and any(m.kind == "out" for m in g.members):
                 inner.append(g)
-        elif any(i and m.consumer for i, m in zip(ins, g.members)):
-            stream.append(g)
+        else:
+            if any(i and m.consumer for i, m in zip(ins, g.members)):
+                stream.append(g)
+            leaving |= {m.module for i, m in zip(ins, g.members) if i and m.kind == "out"}
+    inner = [g for g in inner if any(m.consumer and m.module in leaving for m in g.members)]
     return [(a, s) for a in inner for s in stream]
