@@ -356,12 +356,11 @@ def _tied(choices, cands, ties, round_to, fixed=frozenset()) -> list[tuple[Group
     """Meet the count ties: every tied class keeps one width (channels x positions per channel), the reachable
     one nearest the mean of the widths the choice wanted (the larger on a draw: prune less), each group ranking its
     own channels. A group that is not a candidate, or is ``fixed``, keeps all its channels, so its class does."""
-    from secateur.graph.ties import width
     scores = {id(g): s for g, s, _ in cands}
     removed = {id(g): int(c.numel()) for g, c in choices}
     new = {id(g): c for g, c in choices}
     for cls in ties.classes():
-        widths = [width(g) for g in cls]
+        widths = [ties.widths.get(id(g)) for g in cls]
         common = None
         for g, w in zip(cls, widths):
             if w is None:
@@ -395,29 +394,36 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     fixed: set[int] = set()
-    tried: set[type] = set()
-    pending = None  # (class tried, plan before the tie, its failure)
+    tried: dict[type, bool] = {}  # module class -> its broad tie was tried
+    pending = None  # (class tried, plan and ties before its ties, the failure they answer)
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         ok, where, err, bad = verify.check(model, example_inputs, plan.apply, want, expected)
         if pending is not None:
-            cls, before, failure = pending
-            pending = None
-            if not ok and where and type(model.get_submodule(where)) is cls:  # the tie did not help: undo it
-                graph.ties, plan = before[1], before[0]
+            cls, plan0, ties0, failure = pending
+            if not ok and where and type(model.get_submodule(where)) is cls:  # not enough: broader, or undo
+                ties = None if tried[cls] else _tie_class(model, graph, cls, True)
+                if ties is not None:
+                    tried[cls] = True
+                    graph.ties = ties
+                    plan = Plan(plan.groups, rechoose(ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms)
+                    continue
+                graph.ties, plan = ties0, plan0
                 ok, where, err, bad = failure
-            elif graph.ties is not before[1]:
-                plan.notes.append(_tie_note(graph.ties, cls, plan))
+            else:
+                plan.notes.append(_tie_note(cls))
+            pending = None
         if err and ok:
             plan.notes.append(err)
         if ok:
             return plan
-        if rechoose is not None and where and graph is not None:
-            cls = type(model.get_submodule(where))
-            ties = _tie_class(model, graph, plan, cls) if cls not in tried else None
-            tried.add(cls)
+        cls = type(model.get_submodule(where)) if rechoose is not None and where and graph is not None else None
+        if cls is not None and cls not in tried:
+            ties, tried[cls] = _tie_class(model, graph, cls, False), False
+            if ties is None:
+                ties, tried[cls] = _tie_class(model, graph, cls, True), True
             if ties is not None:
-                pending = (cls, (plan, graph.ties), (ok, where, err, bad))
+                pending = (cls, plan, graph.ties, (ok, where, err, bad))
                 graph.ties = ties
                 plan = Plan(plan.groups, rechoose(ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms)
                 continue
@@ -437,24 +443,22 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
 
 
-def _tie_class(model: nn.Module, graph: Graph, plan: Plan, cls: type):
-    """``graph.ties`` plus the count ties of every module of class ``cls`` (graph/ties.py), or None if none new."""
+def _tie_class(model: nn.Module, graph: Graph, cls: type, broad: bool):
+    """``graph.ties`` plus the count ties of every module of class ``cls`` (graph/ties.py ``candidates``: the
+    same code sizes them all), or None where that adds none."""
     from secateur.graph.ties import Ties, candidates
     ties = graph.ties.copy() if graph.ties else Ties()
-    chosen = {id(g) for g, _ in plan.choices}
     new = False
     for name, mod in model.named_modules():
         if type(mod) is cls and name:
-            for a, b in candidates(graph.groups, chosen, name):
-                if ties.find(id(a)) != ties.find(id(b)):
-                    ties.tie(a, b, name)
-                    new = True
+            for a, b in candidates(graph.groups, name, broad):
+                new = ties.tie(a, b, name) or new
     return ties if new else None
 
 
-def _tie_note(ties, cls: type, plan: Plan) -> str:
-    return (f"{cls.__name__}: reads its inner width from its input's shape; its pruned groups keep as many "
-            f"channels as the stream that enters it (count ties, graph/ties.py)")
+def _tie_note(cls: type) -> str:
+    return (f"{cls.__name__}: reads its inner width from its input's shape; its groups keep as many channels as "
+            f"the stream that enters it (count ties, graph/ties.py)")
 
 
 def _without_module(model: nn.Module, example_inputs: Any, plan: Plan, scope: str, want, graph) -> list:

@@ -23,24 +23,29 @@ from secateur.graph.groups import Group
 
 
 class Ties:
-    """Union-find over groups (by id): every class must keep the same width (kept channels x ``width``)."""
+    """Union-find over groups (by id): every class keeps one width, a group's width being its kept channels times
+    the positions one of its channels fills where the tie was seen (``width``)."""
 
     def __init__(self) -> None:
         self.parent: dict[int, int] = {}
         self.groups: dict[int, Group] = {}
-        self.where: dict[int, str] = {}  # root id -> the module class whose dry run showed the tie
+        self.widths: dict[int, int | None] = {}
 
     def find(self, g: int) -> int:
         while self.parent.get(g, g) != g:
             g = self.parent[g]
         return g
 
-    def tie(self, a: Group, b: Group, where: str) -> None:
-        self.groups[id(a)], self.groups[id(b)] = a, b
+    def tie(self, a: Group, b: Group, scope: str) -> bool:
+        """Tie ``a`` and ``b`` as seen in module ``scope``; False if they were tied already."""
+        for g in (a, b):
+            self.groups[id(g)] = g
+            self.widths.setdefault(id(g), width(g, scope))
         ra, rb = self.find(id(a)), self.find(id(b))
-        if ra != rb:
-            self.parent[rb] = ra
-            self.where[ra] = self.where.get(ra) or self.where.pop(rb, None) or where
+        if ra == rb:
+            return False
+        self.parent[rb] = ra
+        return True
 
     def classes(self) -> list[list[Group]]:
         out: dict[int, list[Group]] = {}
@@ -50,21 +55,24 @@ class Ties:
 
     def copy(self) -> "Ties":
         new = Ties()
-        new.parent, new.groups, new.where = dict(self.parent), dict(self.groups), dict(self.where)
+        new.parent, new.groups, new.widths = dict(self.parent), dict(self.groups), dict(self.widths)
         return new
 
     def __bool__(self) -> bool:
         return bool(self.parent)
 
 
-def width(g: Group) -> int | None:
-    """Positions per channel in the narrowest member (a whole head: head_dim columns of the output projection; a
-    stream or head-dim channel: 1); None where the members do not say one width (then the tie is not met)."""
+def width(g: Group, scope: str) -> int | None:
+    """Positions one channel of ``g`` fills where module ``scope`` reads it: a whole head is head_dim columns of
+    the output projection, a stream channel one input column (two where a fixed split paired channels). Taken
+    from the group's consumers inside ``scope`` (else its members there); None where they disagree."""
+    inside = [m for m in g.members if _inside(m.module, scope)]
     best = None
-    for m in g.members:
+    for m in [m for m in inside if m.consumer] or inside:
         per = torch.bincount(m.channel, minlength=g.size)
-        if bool((per == per[0]).all()) and int(per[0]) > 0:
-            best = int(per[0]) if best is None else min(best, int(per[0]))
+        if not bool((per == per[0]).all()) or int(per[0]) == 0:
+            return None
+        best = int(per[0]) if best is None else min(best, int(per[0]))
     return best
 
 
@@ -72,21 +80,23 @@ def _inside(name: str, scope: str) -> bool:
     return name == scope or name.startswith(scope + ".")
 
 
-def candidates(groups: list[Group], chosen: set[int], scope: str) -> list[tuple[Group, Group]]:
+def candidates(groups: list[Group], scope: str, broad: bool = False) -> list[tuple[Group, Group]]:
     """(inner, stream) pairs to tie for one module ``scope``. Stream groups enter the module (a consumer inside)
-    and have members outside it. Inner groups are pruned in the plan (``chosen`` ids), live wholly inside the
-    module, and are read by a layer there that writes a group leaving the module (the output projection: what
-    ``reshape(B, N, C)`` feeds); a group read only inside (a position-bias MLP's hidden units, a reduction conv
-    feeding k/v) is not what the input's shape sizes. Empty where either is missing."""
+    and have members outside it. Inner groups live wholly inside the module (pruned or not: a one-head attention's
+    head, never pruned, ties its stream whole) and are read by a layer there that writes a group leaving the
+    module (the output projection: what ``reshape(B, N, C)`` feeds). ``broad``: every inner group, for code that
+    sizes more from the input (pvt's ``sr(x).reshape(B, C, -1)``); tried second, since it also ties groups no
+    shape reads (a position-bias MLP's hidden units) and prunes them less."""
     inner, stream, leaving = [], [], set()
     for g in groups:
         ins = [_inside(m.module, scope) for m in g.members]
         if all(ins):
-            if id(g) in chosen and any(m.kind == "out" for m in g.members):
+            if any(m.kind == "out" for m in g.members):
                 inner.append(g)
         else:
             if any(i and m.consumer for i, m in zip(ins, g.members)):
                 stream.append(g)
             leaving |= {m.module for i, m in zip(ins, g.members) if i and m.kind == "out"}
-    inner = [g for g in inner if any(m.consumer and m.module in leaving for m in g.members)]
+    if not broad:
+        inner = [g for g in inner if any(m.consumer and m.module in leaving for m in g.members)]
     return [(a, s) for a in inner for s in stream]
