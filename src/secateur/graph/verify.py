@@ -175,6 +175,13 @@ class Expected:
             raise Mismatch(f"the pruned model runs more ops than the unpruned one ({op} after {len(self.trace)}): "
                            "its control flow depends on a pruned size", [])
         op0, shapes0, labs = self.trace[i]
+        if op != op0:
+            op0, i = _copy_step(self.trace, i, op)
+            if op0 is None:  # a reshape's copy the pruned run needs and the unpruned one did not: not a step
+                self.step_no = i
+                return
+            self.step_no = i + 1
+            _, shapes0, labs = self.trace[i]
         if op != op0 or len(shapes) != len(shapes0):
             raise Mismatch(f"the pruned model runs {op} where the unpruned one ran {op0} (op #{i}): its control "
                            "flow depends on a pruned size", [])
@@ -198,6 +205,24 @@ class Expected:
         if self.sequence:
             raise Mismatch(f"the pruned model runs {self.step_no} ops where the unpruned one ran {len(self.trace)}: "
                            "its control flow depends on a pruned size", [])
+
+
+_VIEWS = ("view", "_unsafe_view")
+
+
+def _copy_step(trace: list, i: int, op: str) -> tuple[str | None, int]:
+    """Align a reshape whose copy comes and goes with the sizes: ``reshape`` copies (``clone`` then
+    ``_unsafe_view``) only where strides forbid a view, and pruning a dim to 1 (a last head) can allow one, or the
+    reverse. Returns (the unpruned op to compare with, its step): the step after the unpruned clone where the
+    pruned run views straight away; (None, i) for a clone only the pruned run makes; else (trace op, i)."""
+    op0 = trace[i][0]
+    if op in _VIEWS and op0 == "clone" and i + 1 < len(trace) and trace[i + 1][0] in _VIEWS:
+        return trace[i + 1][0] if op == trace[i + 1][0] else op, i + 1
+    if op == "clone" and op0 in _VIEWS:
+        return None, i
+    if op in _VIEWS and op0 in _VIEWS:
+        return op, i
+    return op0, i
 
 
 class _Record:
