@@ -622,7 +622,10 @@ class _Counter:
         sk = skeleton(self.model)
         if choices:
             _apply(sk, Plan(self.groups, choices))
-        return count_macs(sk, to_meta(self.inputs))
+        try:
+            return count_macs(sk, to_meta(self.inputs))
+        except Exception:  # noqa: BLE001 - a plan the model cannot run (count ties not found yet): the dry run
+            return self.estimate(choices)  # will change it; its upper bound guides the search meanwhile
 
 
 def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: str, opts: dict) -> Plan:
@@ -648,8 +651,9 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
         return hi
 
     for _ in range(4):
-        def choose(r: float, cands=cands):
-            return _choose([(g, s, r) for g, s, _ in cands], None, opts["scope"], opts["round_to"], graph.links)
+        def choose(r: float, cands=cands, fixed=frozenset()):
+            return _choose([(g, s, r) for g, s, _ in cands], None, opts["scope"], opts["round_to"], graph.links,
+                           graph.ties, fixed)
 
         hi = 0.99
         if counter.exact(choose(hi)) > goal:
@@ -661,9 +665,11 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
         plan = _new_plan(graph, choose(hi), list(notes), opts["heads"])
         if not plan.choices:
             return plan
-        plan = _verified(model, example_inputs, plan, graph)
+        ties = graph.ties
+        plan = _verified(model, example_inputs, plan, graph,
+                         lambda t, fixed, hi=hi: choose(hi, fixed=fixed))  # choose reads graph.ties
         dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
-        if not dropped or counter.exact(plan.choices) <= goal:
+        if (not dropped and graph.ties is ties) or counter.exact(plan.choices) <= goal:
             break
         cands = [c for c in cands if id(c[0]) not in dropped]
         notes = plan.notes
