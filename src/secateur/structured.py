@@ -17,7 +17,12 @@ attention scale (from the head size) never changes, or, with ``heads="head_dim"`
 number of dims and the modules keep the scale of the original head size (their ``scaling`` attribute; a call
 that derives the scale from q's size keeps its q/k dims). Hence every plan satisfies the oracle: the original
 model with the chosen channels zeroed where they enter their consumers (``plan.zero_consumers``), inside
-``plan.kept_norms``, computes what the pruned model computes."""
+``plan.kept_norms``, computes what the pruned model computes.
+
+Attention that reads its inner width from its input's shape (timm's ``reshape(B, N, C)``) needs its heads to keep
+as many channels as the residual stream, not the same ones: the dry run finds such modules and ties the groups'
+counts (graph/ties.py, ``graph.ties``); every way of choosing (ratio, global ranking, ``round_to``, MACs / params
+targets) then meets the ties in ``_tied``."""
 from __future__ import annotations
 
 import fnmatch
