@@ -18,8 +18,7 @@ group inside is tied (pvt's ``sr(x).reshape(B, C, -1)`` sizes a reduction conv f
 that the ties are undone and the dry run's fallback keeps the groups whole, as before. Evidence, at ratio 0.5
 (benchmarks/bench_zoo_depth.py): davit_tiny 0.80 -> 0.28 of dense MACs, nest_tiny 0.76 -> 0.31, crossvit_18_240
 0.56 -> 0.33, pvt_v2_b0 0.66 -> 0.39, every plan passing the oracle. Where no common width below the full one
-exists (a one-head attention with whole heads), the tied groups keep every channel.
-
+exists (a one-head attention with whole heads), the tied groups keep every channel."""
 from __future__ import annotations
 
 import torch
