@@ -232,27 +232,32 @@ def expected(graph: Any, choices: list) -> Expected | None:
 
 
 class _Steps(TorchDispatchMode):
-    def __init__(self, expected: Expected, depth: list[int]) -> None:
+    def __init__(self, expected: Expected, depth: list[int], tally: Any = None) -> None:
         super().__init__()
-        self.expected, self.depth = expected, depth
+        self.expected, self.depth, self.tally = expected, depth, tally
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.tally is not None:  # every op, as count_macs sees them (the comparison's own ops are not dispatched)
+            self.tally.add(func, args, kwargs or {}, out)
         if self.depth[0] == 0:
             self.expected.step(func.overloadpacket.__name__, out)
         return out
 
 
-def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None, here: bool = False
-        ) -> tuple[list | None, str | None, str | None, list[int] | None]:
+def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None, here: bool = False,
+        tally: Any = None) -> tuple[list | None, str | None, str | None, list[int] | None]:
     """Forward on meta (``here``: on the inputs' own device, the CPU RNG state kept): (output shapes, failing module name, error, groups of a shape mismatch); shapes None on
     failure, groups None unless the failure is a :class:`Mismatch`. With ``expected``, every op output outside leaf
-    modules, and every leaf module output, is compared with the capture's (shapes only)."""
+    modules, and every leaf module output, is compared with the capture's (shapes only); ``tally``
+    (``metrics.MacTally``, with ``expected`` only) counts the forward's MACs meanwhile."""
     from secateur.graph.capture import call
     names = {m: n for n, m in model.named_modules()}
     leaves = expected.leaves if expected is not None else set()
     if expected is not None:
         expected.step_no, expected.sequence, expected.failed = 0, False, None
+    if tally is not None:
+        tally.flops = 0 if expected is not None else None
     stack: list[str] = []
     depth = [0]
 
@@ -283,7 +288,7 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
             if expected is None:
                 out = call(model, inputs)
             else:
-                with _Steps(expected, depth):
+                with _Steps(expected, depth, tally):
                     out = call(model, inputs)
                 expected.finish()
         return _shapes(out), None, None, None
@@ -298,13 +303,16 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
 
 
 def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], Any], want: list | None = None,
-          expected: Expected | None = None) -> tuple[bool, str | None, str | None, list[int] | None]:
+          expected: Expected | None = None, tally: Any = None) -> tuple[bool, str | None, str | None, list[int] | None]:
     """(ok, failing module, error, groups of a shape mismatch) of applying ``apply`` to a copy (``twin`` or meta
     ``skeleton``, see the module docstring) and running it. ok is True also when the unpruned model cannot run on
     meta (nothing to compare with; the caller notes it). ``want``: the unpruned model's output shapes when already
     known (the capture saw them), which saves one forward. ``expected``: the shapes of every step (see
-    :class:`Expected`)."""
+    :class:`Expected`). ``tally`` (``metrics.MacTally``): the MACs of the pruned copy's forward where it ran on the
+    model's own device (what ``count_macs`` of the pruned model says: one forward saved); left None otherwise."""
     here = runs_here(model, example_inputs)
+    if tally is not None:
+        tally.flops = None
     try:
         base = twin(model) if here else skeleton(model)
     except Exception as e:  # noqa: BLE001 - a model that cannot be deep-copied is not verified (noted)
@@ -317,7 +325,7 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
     if known:
         want = [tuple(w) for w in want]
     apply(base)
-    got, where, err, groups = run(base, example_inputs, expected, here=here)
+    got, where, err, groups = run(base, example_inputs, expected, here=here, tally=tally if here else None)
     if not here and groups is not None and expected.sequence and expected.trace is expected.tracer.trace:
         # the ops differ from the capture's: the plan, or the device? compare with the unpruned model on meta
         tr = expected.tracer
@@ -325,7 +333,7 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
             return True, None, f"not verified on meta ({tr.meta_error})", None
         if [t[0] for t in tr.meta_trace] != [t[0] for t in tr.trace]:
             expected.trace = tr.meta_trace
-            return check(model, example_inputs, apply, want, expected)
+            return check(model, example_inputs, apply, want, expected, tally)
     if got is None:
         if not here and known and groups is None:  # was it the plan, or does the model not run on meta at all?
             base_ok, _, err0, _ = run(skeleton(model), example_inputs)
