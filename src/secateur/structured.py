@@ -58,7 +58,9 @@ class Plan:
                 pos = m.index[pick[m.channel]]
                 if pos.numel():
                     out.setdefault((m.module, m.name), {}).setdefault(m.dim, []).append(pos)
-        return {k: {d: torch.unique(torch.cat(v)) for d, v in dims.items()} for k, dims in out.items()}
+        # one piece (the common case: one group per tensor dim) is sorted and unique already (Member.index is)
+        return {k: {d: v[0] if len(v) == 1 else torch.unique(torch.cat(v)) for d, v in dims.items()}
+                for k, dims in out.items()}
 
     @property
     def channels(self) -> int:
@@ -655,12 +657,12 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         new = reuse.tensors.get((mname, tname)) if reuse is not None else None
         if new is None or new.device != t.device or new.dtype != t.dtype:
             keep = []
-            for d, pos in dims.items():
-                mask = torch.ones(t.size(d), dtype=torch.bool)
-                mask[pos] = False
-                if not mask.any():
+            for d, pos in dims.items():  # pos: sorted, unique (Plan.removed)
+                if pos.numel() >= t.size(d):
                     raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape,
                                value=d)
+                mask = torch.ones(t.size(d), dtype=torch.bool)
+                mask[pos] = False
                 keep.append((d, mask.nonzero().flatten()))
             new = t.detach()
             for d, idx in keep:

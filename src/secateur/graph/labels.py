@@ -84,7 +84,16 @@ def compress(lab: torch.Tensor | None) -> torch.Tensor | None:
     """Shrink dims along which the label is constant to size 1; None if no atom at all."""
     if lab is None:
         return None
-    if lab.numel() == 0 or bool((lab < 0).all()):
+    if lab.numel() == 0:
+        return None
+    big = [d for d in range(lab.dim()) if lab.size(d) > 1]
+    if len(big) <= 1:  # the common case (channels along one dim): one reduction decides both questions
+        lo, hi = lab.aminmax()
+        lo, hi = int(lo), int(hi)
+        if hi < 0:
+            return None
+        return lab.narrow(big[0], 0, 1).contiguous() if big and lo == hi else lab.contiguous()
+    if bool((lab < 0).all()):
         return None
     for d in range(lab.dim()):
         if lab.size(d) > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):

@@ -166,17 +166,24 @@ class Expected:
         Memoised on the label's content: a chain of ops (conv, norm, activation) carries the same atoms."""
         if lab is None:
             return None
+        fast = (id(lab), tuple(shape))  # the trace's label objects live as long as this: ids are stable
+        if fast in self.memo:
+            return self.memo[fast]
         key = (tuple(lab.shape), lab.numpy().tobytes(), tuple(shape))
         if key not in self.memo:
             self.memo[key] = self._shape(lab, shape)
+        self.memo[fast] = self.memo[key]
         return self.memo[key]
 
     def _shape(self, lab: torch.Tensor, shape: tuple) -> tuple | None:
         rem = self.removed[lab.clamp_min(0)] & (lab >= 0)
+        dims = [d for d in range(lab.dim()) if lab.size(d) > 1]
+        if len(dims) == 1:  # channels along one dim (the common case): every removed position is a whole slice
+            n = int(rem.sum())
+            return tuple(shape) if not n else tuple(s - n if d == dims[0] else s for d, s in enumerate(shape))
         if not bool(rem.any()):
             return tuple(shape)
         kept, new = ~rem, list(shape)
-        dims = [d for d in range(lab.dim()) if lab.size(d) > 1]
         for d in dims:  # positions whose whole slice is removed
             alive = kept.movedim(d, 0).reshape(kept.size(d), -1).any(dim=1).nonzero().flatten()
             kept, new[d] = kept.index_select(d, alive), alive.numel()
