@@ -360,12 +360,12 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     from secateur.metrics import MacTally
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
-    here = done is not None and verify.runs_here(model, example_inputs)
+    here = done is not None and verify.runs_here(model, example_inputs, applied=True)
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         tally, slices = (MacTally(), _Slices()) if here else (None, None)
         apply = plan.apply if not here else (lambda base, p=plan, s=slices: _apply(base, p, record=s))
-        ok, where, err, bad = verify.check(model, example_inputs, apply, want, expected, tally)
+        ok, where, err, bad = verify.check(model, example_inputs, apply, want, expected, tally, applied=here)
         if err and ok:
             plan.notes.append(err)
         if ok:
