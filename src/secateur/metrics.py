@@ -62,6 +62,7 @@ class MacTally:
 
     _registry: dict | None = None
     _decomposes: dict = {}  # op -> None (no decomposition), 0 (its decomposition counts nothing), 1 (counts)
+    _ops: dict = {}  # id(op) -> (op, what to do): ops hash in Python, ids do not (ops are long-lived singletons)
 
     def __init__(self) -> None:
         if MacTally._registry is None:  # (formula, takes shapes): shape_wrapper's tree_map was half the tally's time
@@ -72,16 +73,20 @@ class MacTally:
     def add(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         if self.flops is None:
             return
-        dec = self._decomposes.get(func, -1)
-        if dec == -1:
-            dec = self._decomposes[func] = _decomposition_counts(func, args, kwargs)
-        if dec is not None:
-            if dec:
-                self.flops = None
-            return
-        entry = self._registry.get(func.overloadpacket)
-        if entry is not None:
-            fn, shapes = entry
+        known = self._ops.get(id(func))
+        if known is None:
+            dec = self._decomposes.get(func, -1)
+            if dec == -1:
+                dec = self._decomposes[func] = _decomposition_counts(func, args, kwargs)
+            # "give up" (decomposes into counted ops), "skip" (counts nothing), or (formula, takes shapes)
+            what = ("give up" if dec else "skip") if dec is not None else self._registry.get(func.overloadpacket,
+                                                                                             "skip")
+            known = self._ops[id(func)] = (func, what)
+        what = known[1]
+        if what == "give up":
+            self.flops = None
+        elif what != "skip":
+            fn, shapes = what
             if shapes:  # what torch.utils.flop_counter.shape_wrapper hands its formulas
                 self.flops += fn(*_shapes(args), out_shape=_shapes(out), **_shapes(kwargs))
             else:
@@ -96,6 +101,8 @@ class MacTally:
 def _shapes(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.shape
+    if type(x) in (list, tuple) and all(type(v) is int for v in x):  # strides, paddings: nothing to map
+        return x
     if isinstance(x, (list, tuple)):
         return type(x)(_shapes(v) for v in x) if not hasattr(x, "_fields") else type(x)(*(_shapes(v) for v in x))
     if isinstance(x, dict):

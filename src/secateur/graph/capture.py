@@ -210,14 +210,15 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     tracer = Tracer(model, heads, grouped)
     handles = []
     names = {m: n for n, m in model.named_modules()}
+    rules = {m: leaf_rule(m) for m in names}  # once per module, not twice per call
 
     def pre(mod, args, kwargs):
         tracer.stack.append(names.get(mod, "?"))
-        if leaf_rule(mod) is not None:
+        if rules.get(mod) is not None:
             tracer.depth += 1
 
     def post(mod, args, kwargs, out):
-        rule = leaf_rule(mod)
+        rule = rules.get(mod)
         if rule is not None:
             tracer.depth -= 1
             if tracer.depth == 0:
@@ -230,7 +231,7 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
                 tracer.record(f"module {tracer.where()}", out)
         tracer.stack.pop()
 
-    tracer.leaf_names = {n for m, n in names.items() if leaf_rule(m) is not None}
+    tracer.leaf_names = {n for m, n in names.items() if rules[m] is not None}
     for mod in model.modules():
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
