@@ -159,3 +159,37 @@ def test_mac_tally_gives_up_where_flop_counter_mode_would_decompose_and_count():
     assert tally.total == 2 * 3 * 4  # a decomposition that counts nothing counts nothing
     tally.add(aten.linear.default, (x, w), {}, x @ w.t())  # decomposes into a counted matmul: cannot tell
     assert tally.total is None
+
+
+def test_union_of_big_labels_keeps_the_same_edge_set():
+    """``Atoms.union`` folds the repeated pairs of a big label as they arrive: the set of edges (hence the
+    components) must be the plain one: every elementwise pair of atoms, -1 and self-pairs left out."""
+    from secateur.graph.labels import Atoms
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        atoms = Atoms()
+        atoms.count = 50
+        shape = [int(torch.randint(2, 40, (1,), generator=gen)) for _ in range(2 + trial % 2)]
+        a, b = torch.randint(-1, 50, shape, generator=gen), torch.randint(-1, 50, shape, generator=gen)
+        if trial % 3 == 0:  # a token stream: the same atoms along a dim
+            a = a[..., :1].expand_as(a).contiguous()
+        atoms.union(a, b)
+        got = {tuple(sorted(e)) for e in torch.cat(atoms.edges, 1).t().tolist()} if atoms.edges else set()
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        assert got == {tuple(sorted(e)) for e in torch.stack([a[keep], b[keep]]).t().tolist()}
+
+
+def test_compress_shrinks_exactly_the_constant_dims():
+    from secateur.graph.labels import compress
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(100):
+        shape = [1, 1, 1]
+        shape[trial % 3] = int(torch.randint(1, 6, (1,), generator=gen))
+        lab = torch.randint(-1, 3, shape, generator=gen)
+        got = compress(lab)
+        if bool((lab < 0).all()):
+            assert got is None
+            continue
+        assert torch.equal(got.expand(lab.shape), lab)  # the same label...
+        for d in range(lab.dim()):  # ...with every constant dim shrunk to 1, and no other
+            assert (got.size(d) == 1) == bool((lab == lab.narrow(d, 0, 1)).all())

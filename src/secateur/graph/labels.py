@@ -31,20 +31,22 @@ class Atoms:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union a[i] with b[i] elementwise (broadcast), ignoring -1."""
         a, b = torch.broadcast_tensors(a, b)
-        keep = (a >= 0) & (b >= 0) & (a != b)
-        if not keep.any():
-            return
         if a.dim() < 2 or a.numel() <= _RUNS:
-            self.edges.append(torch.stack([a[keep], b[keep]]))
+            keep = (a >= 0) & (b >= 0) & (a != b)
+            if keep.any():
+                self.edges.append(torch.stack([a[keep], b[keep]]))
             return
         # a big label repeats its pairs along some dim (a token stream: every token holds the same channels): keep
         # each run of one pair once, in whichever of two orders leaves fewer (no sort; the edge *set* is the same,
-        # and the components with it). beit_base: 31 M edges to sort in components() without this, 2.2 s
-        key = torch.where(keep, torch.minimum(a, b) * self.count + torch.maximum(a, b), -1)
+        # and the components with it). beit_base: 31 M edges to sort in components() without this, 2.2 s.
+        # A pair is kept when lo >= 0 (so both are atoms) and lo != hi, tested after the runs are folded
+        key = torch.minimum(a, b) * self.count + torch.maximum(a, b)
         runs = min((torch.unique_consecutive(k.reshape(-1)) for k in (key, key.permute(*range(key.dim() - 1, -1, -1)))),
                    key=lambda k: k.numel())
-        runs = runs[runs >= 0]
-        self.edges.append(torch.stack([runs // self.count, runs % self.count]))
+        lo, hi = runs.div(self.count, rounding_mode="floor"), runs.remainder(self.count)
+        keep = (lo >= 0) & (lo != hi)
+        if keep.any():
+            self.edges.append(torch.stack([lo[keep], hi[keep]]))
 
     def block(self, lab: torch.Tensor | None) -> None:
         if lab is not None:
