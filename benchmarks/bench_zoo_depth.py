@@ -100,8 +100,11 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", help="timm names or hf:<family> (default: the tests' selection)")
     ap.add_argument("--timeout", type=float, default=120.0, help="per model and engine, seconds")
     ap.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "zoo_depth.json"))
+    ap.add_argument("--out", default=None, help="JSON path (default results/zoo_depth.json, or "
+                    "results/zoo_depth_subset.json with --models, so a partial run never replaces the full one)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(ROOT, "results", "zoo_depth_subset.json" if args.models else "zoo_depth.json")
     import torch
     torch.set_num_threads(1)
     import zoo_models as Z

@@ -7,6 +7,7 @@ from torch import nn
 from helpers import assert_oracle
 from secateur.errors import PruningError
 from secateur.graph import build_groups
+from secateur.structured import plan_channels
 
 torch.set_num_threads(1)
 
@@ -88,19 +89,27 @@ def test_model_output_channels_never_pruned():
     assert m(x).shape == (1, 10, 1, 1) and m[2].in_channels < 8
 
 
-def test_unknown_op_is_an_error_naming_op_and_module():
+def test_unknown_op_keeps_its_channels_with_a_note_naming_op_and_module():
+    """An op without a rule (here fft) keeps every channel it reads (never a guess): the conv before it is not
+    pruned, the note names the op and the module, and the model still computes the same output."""
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
+            self.stem = nn.Conv2d(3, 8, 1)
+            self.conv = nn.Conv2d(8, 4, 1)
             self.post = nn.Identity()
 
         def forward(self, x):
-            return self.post(torch.fft.fft(self.conv(x)).real)
+            return self.post(torch.fft.fft(self.conv(torch.relu(self.stem(x)))).real)
 
-    with pytest.raises(PruningError, match=r"fft.*") as e:
-        build_groups(Odd(), torch.randn(1, 3, 4, 4))
-    assert "fft" in str(e.value) and "[" in str(e.value)
+    torch.manual_seed(0)
+    m, x = Odd(), torch.randn(1, 3, 4, 4)
+    plan = plan_channels(m, x, ratio=0.5)
+    assert any("fft" in n and "has no rule" in n for n in plan.notes)
+    ref = m(x)
+    plan.apply(m)
+    assert m.conv.out_channels == 4 and m.stem.out_channels == 4  # what fft reads stays, the rest prunes
+    assert m(x).shape == ref.shape
 
 
 def test_unequal_split_and_fixed_slices_are_kept():

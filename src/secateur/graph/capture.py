@@ -61,6 +61,9 @@ class Tracer:
         # dry run (verify.py) compares a pruned model's shapes with the ones these labels predict
         self.trace: list[tuple[str, tuple, tuple]] = []
         self.leaf_names: set[str] = set()  # modules handled as one op (the dry run skips inside them too)
+        # the first trace step whose output size depends on values (nonzero, masked_select, an op without a rule
+        # such as NMS): from there a pruned model's sizes may differ for other reasons than the plan (verify.py)
+        self.dynamic: int | None = None
         self.owner: dict[int, tuple[str, str, bool]] = {}  # id(tensor) -> (module name, attr, is_param)
         for mname, mod in model.named_modules():
             for attr, p in mod._parameters.items():
@@ -175,6 +178,8 @@ class _Mode(TorchDispatchMode):
             from secateur.graph.rules import apply_rule
             with no_dispatch():  # label ops reach no mode below (a MAC counter sees the model's ops only)
                 apply_rule(self.tracer, func, args, kwargs, out)
+            if self.tracer.dynamic is None and torch.Tag.dynamic_output_shape in func.tags:
+                self.tracer.dynamic = len(self.tracer.trace)
             self.tracer.record(func.overloadpacket.__name__, out)
         return out
 

@@ -448,3 +448,4 @@ from secateur.graph import mha as _mha  # noqa: E402,F401 - registers nn.Multihe
 from secateur.graph import recurrent  # noqa: E402,F401  (registers the recurrent leaves and updaters)
 from secateur.graph import windows  # noqa: E402,F401  (torchvision Swin / MaxViT window attention, by name)
 from secateur.graph import timm_sizes  # noqa: E402,F401  (timm modules with stored split sizes, by name)
+from secateur.graph import std_conv  # noqa: E402,F401  (timm's weight-standardised convs, by name)

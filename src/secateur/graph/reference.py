@@ -64,17 +64,36 @@ class _OpSites(TorchDispatchMode):
         return (y, *out[1:])
 
 
+def _wstd_hook(model: nn.Module, name: str, call: int, keep: torch.Tensor) -> Any:
+    """A weight-standardised conv (graph/std_conv.py) run on its kept inputs only, at call ``call``."""
+    from secateur.graph.std_conv import sliced_inputs
+    mod = model.get_submodule(name)
+    small = sliced_inputs(mod, keep)
+    width = mod.in_channels // mod.groups
+    idx = (torch.arange(mod.groups)[:, None] * width + keep[None, :]).flatten()
+    count = [0]
+
+    def hook(m, args, out):
+        n = count[0]
+        count[0] += 1
+        if n != call:
+            return None
+        return small(args[0].index_select(1, idx.to(args[0].device)))
+
+    return mod.register_forward_hook(hook)
+
+
 @contextlib.contextmanager
 def kept_norms(model: nn.Module, sites: list[tuple[Any, torch.Tensor]]) -> Iterator[None]:
     """Inside, ``model`` computes each site's normalisation over its kept positions (``sites``: (NormSite, kept
     positions along the normalised dim))."""
     ops = {(s.key, s.call): keep for s, keep in sites if s.kind == "op"}
     by_module: dict[str, dict[int, torch.Tensor]] = {}
+    handles = [_wstd_hook(model, s.key, s.call, keep) for s, keep in sites if s.kind == "wstd"]
     for s, keep in sites:
         if s.kind == "module":
             by_module.setdefault(s.key, {})[s.call] = keep
     mode = _OpSites(ops)
-    handles = []
     for name, calls in by_module.items():
         mod = model.get_submodule(name)
         size = next(s.size for s, _ in sites if s.kind == "module" and s.key == name)

@@ -67,9 +67,7 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
                        or packet in _POINTWISE_UNTAGGED):
         fn = pointwise
     if fn is None:
-        raise tr.error(f"operation {packet._qualified_op_name} on a channel-carrying tensor is not understood by "
-                       "the structural engine", hint="add a rule in secateur/graph/rules.py or list the "
-                       "module in ignore=")
+        fn = not_understood
     inplace_view = func._schema.is_mutable and isinstance(args[0], torch.Tensor) and args[0]._is_view()
     before = tr.get(args[0]) if inplace_view else None
     fn(tr, func, args, kwargs, out)
@@ -790,3 +788,25 @@ def opaque_weighted(tr, func, args, kwargs, out):
         tr.atoms.block(tr.get(t))
     for t in _outs(out):
         tr.set(t, None)
+
+
+def not_understood(tr: Tracer, func, args, kwargs, out) -> None:
+    """An op with no rule (``torchvision::nms``, ``aten::nonzero``, a custom kernel) that reads channels: every
+    channel it reads is kept (its atoms are blocked: all-or-nothing, never pruned) and its new outputs carry no
+    channels, like the model's inputs. Nothing the op sees changes under any plan, so the pruned model computes
+    there what the original computes; what it returns is data the engine does not prune through. Raising instead
+    (the first design) refused every detector for its post-processing (NMS, top-k, nonzero on class scores),
+    whose channels are the model's outputs and kept anyway. Noted once per op and module."""
+    ins = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
+    if tr.dynamic is None:  # what it returns may be any size (NMS keeps a data-dependent count)
+        tr.dynamic = len(tr.trace)
+    for t in ins:
+        tr.atoms.block(tr.get(t))
+    note = (f"{tr.where()}: {func.overloadpacket._qualified_op_name} has no rule in the structural engine; the "
+            "channels it reads are kept")
+    if note not in tr.notes:
+        tr.notes.append(note)
+    alias = {id(t) for t in ins}
+    for t in _outs(out):
+        if id(t) not in alias:
+            tr.set(t, None)
