@@ -5,7 +5,8 @@ Per model, in its own subprocess with a timeout: ``plan_channels(model, x, ratio
 (pruned vs the original with the chosen channels zeroed at their consumers, norms over kept channels): for video
 models on the output, for detectors on what their heads return (forward hooks on the RPN / box / mask / keypoint
 predictors or the SSD / RetinaNet / FCOS heads, whose channels are the model's and stay) and on the detections
-(random weights give few or none). Prints a table and writes benchmarks/results/detection_video.json.
+(random weights give few or none); images are resized to 320 px inside the model (``min_size`` / ``max_size``;
+the R-CNNs default to 800). Prints a table and writes benchmarks/results/detection_video.json.
 
     python benchmarks/bench_detection_video.py [--models ssd300_vgg16 r3d_18] [--timeout 300]
 """
@@ -62,7 +63,8 @@ def _secateur(name, _size, q):
         m = tv.models.get_model(name).eval()
         x, run_ = torch.randn(1, 3, frames, size, size), (lambda mod, x: mod(x))
     else:
-        m = tv.models.get_model(name, weights=None, weights_backbone=None).eval()
+        small = {} if name.startswith("ssd") else {"min_size": 320, "max_size": 320}  # R-CNNs resize to 800 px
+        m = tv.models.get_model(name, weights=None, weights_backbone=None, **small).eval()
         x, run_ = ([torch.rand(3, 160, 160)],), (lambda mod, x: mod(*x))
     hooks = [h for h in HEADS if not video and _has(m, h)]
     p0 = count_params(m)
