@@ -59,11 +59,13 @@ def test_number_divides_the_sample():
 
 
 def test_auto_number_reaches_min_sample_time():
-    s = benchmark_latency(nn.Identity(), torch.zeros(1), repeats=3, warmup=1, number=None, min_sample_s=1e-3)
     # a sample lasts about min_sample_s, not one microsecond: several calls per sample, unless a preempted
-    # calibration call alone took that long (a loaded machine)
-    assert s.number > 1 or s.median >= 1e-3
-    assert s.median * s.number >= 5e-4
+    # calibration call alone took that long. On a loaded machine one calibration can be preempted, so the
+    # property must hold in one of three tries (a wrong calibration fails all three)
+    def ok():
+        s = benchmark_latency(nn.Identity(), torch.zeros(1), repeats=3, warmup=1, number=None, min_sample_s=1e-3)
+        return (s.number > 1 or s.median >= 1e-3) and s.median * s.number >= 5e-4
+    assert any(ok() for _ in range(3))
 
 
 def test_threads_pinned_and_restored():

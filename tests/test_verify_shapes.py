@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore")
 def dry_run_device(request, monkeypatch):
     """Where the dry run runs (``runs_here`` decides from the model's size): forced by the size budget."""
     monkeypatch.setattr(verify, "HERE_BYTES", 2 ** 40 if request.param == "cpu" else 0)
+    monkeypatch.setattr(verify, "HERE_BYTES_APPLIED", 2 ** 40 if request.param == "cpu" else 0)
     real = verify.run
     seen = set()
 

@@ -63,7 +63,9 @@ class Plan:
                 pos = m.index[pick[m.channel]]
                 if pos.numel():
                     out.setdefault((m.module, m.name), {}).setdefault(m.dim, []).append(pos)
-        return {k: {d: torch.unique(torch.cat(v)) for d, v in dims.items()} for k, dims in out.items()}
+        # one piece (the common case: one group per tensor dim) is sorted and unique already (Member.index is)
+        return {k: {d: v[0] if len(v) == 1 else torch.unique(torch.cat(v)) for d, v in dims.items()}
+                for k, dims in out.items()}
 
     @property
     def channels(self) -> int:
@@ -291,13 +293,20 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
         raise fail("the graph was built for another grouped= mode", where="plan_channels", value=grouped,
                    hint="build it with build_graph(model, example_inputs, grouped=...) using the same mode")
     graph = graph or build_graph(model, example_inputs, heads, grouped)
+    return _plan(model, example_inputs, graph, ratio, importance, threshold, scope, ignore, round_to, heads, reduce,
+                 normalize, ignore_inputs, verify)
+
+
+def _plan(model: nn.Module, example_inputs: Any, graph: Graph, ratio, importance, threshold, scope, ignore, round_to,
+          heads, reduce, normalize, ignore_inputs, verify, done: dict | None = None) -> Plan:
+    """``plan_channels`` on a graph; ``done``: see ``_verified``."""
     cands = _candidates(model, graph, ratio, threshold is not None, importance, ignore, ignore_inputs, reduce,
                         normalize)
     def choose(ties=None, fixed=frozenset()):
         return _choose(cands, threshold, scope, round_to, graph.links, ties, fixed)
 
     plan = _new_plan(graph, choose(graph.ties), list(graph.notes), heads)
-    plan = _verified(model, example_inputs, plan, graph, choose) if verify and plan.choices else plan
+    plan = _verified(model, example_inputs, plan, graph, done, choose) if verify and plan.choices else plan
     plan.notes.extend(plan.norm_notes())
     return plan
 
@@ -387,23 +396,31 @@ def _tied(choices, cands, ties, round_to, fixed=frozenset()) -> list[tuple[Group
 
 
 def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None = None,
-              rechoose: Callable | None = None) -> Plan:
+              done: dict | None = None, rechoose: Callable | None = None) -> Plan:
     """Dry-run the plan on a copy (graph/verify.py); drop the groups whose removal breaks the model's own forward (its
     code keeps a size the engine cannot update), or makes an op output a shape other than the plan predicts (the same
     code, where a ``-1`` hides the stale size: a silently wrong model), and try again. Never returns such a plan.
+
+    ``done`` (for a caller that applies the returned plan to ``model`` right after, nothing changing in between):
+    filled with what the successful dry run computed, so that it is not computed again: ``"slices"`` (``_Slices``,
+    where the dry run ran on the model's own device) and ``"macs"`` (the pruned model's ``count_macs``, or None).
 
     ``rechoose(ties, fixed)`` (the plan's own choice with count ties and left-out groups): before dropping groups
     at a failing module, try tying the counts of the groups inside it to the stream that enters it (graph/ties.py);
     the ties stay (on ``graph.ties``) when the dry run then passes that module's class."""
     from secateur.graph import verify
+    from secateur.metrics import MacTally
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
+    here = done is not None and verify.runs_here(model, example_inputs, applied=True)
     fixed: set[int] = set()
     tried: dict[type, bool] = {}  # module class -> its broad tie was tried
     pending = None  # (class tried, plan and ties before its ties, the failure they answer)
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
-        ok, where, err, bad = verify.check(model, example_inputs, plan.apply, want, expected)
+        tally, slices = (MacTally(), _Slices()) if here else (None, None)
+        apply = plan.apply if not here else (lambda base, p=plan, s=slices: _apply(base, p, record=s))
+        ok, where, err, bad = verify.check(model, example_inputs, apply, want, expected, tally, applied=here)
         if pending is not None:
             cls, plan0, ties0, failure = pending
             if not ok and where and type(model.get_submodule(where)) is cls:  # not enough: broader, or undo
@@ -421,6 +438,8 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
         if err and ok:
             plan.notes.append(err)
         if ok:
+            if here:
+                done.update(slices=slices if slices.removed else None, macs=tally.total)
             return plan
         cls = type(model.get_submodule(where)) if rechoose is not None and where and graph is not None else None
         if cls is not None and cls not in tried:
@@ -672,7 +691,7 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
             return plan
         ties = graph.ties
         plan = _verified(model, example_inputs, plan, graph,
-                         lambda t, fixed, hi=hi: choose(hi, fixed=fixed))  # choose reads graph.ties
+                         rechoose=lambda t, fixed, hi=hi: choose(hi, fixed=fixed))  # choose reads graph.ties
         dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
         if (not dropped and graph.ties is ties) or counter.exact(plan.choices) <= goal:
             break
@@ -712,8 +731,24 @@ def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
     return t
 
 
-def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
-    removed = plan.removed
+@dataclass
+class _Slices:
+    """What applying a plan to the dry run's twin computed (``prune_channels`` applies the same plan to the model
+    right after, nothing changing in between): ``removed`` (``Plan.removed``) and the new tensors by (module,
+    tensor). The twin's parameters share the model's storage, so its sliced parameters are the model's; its
+    buffers were copies (as the model's were then), kept here as copies again, since the twin's forward may update
+    them (BatchNorm in training mode)."""
+    removed: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+
+
+def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _Slices | None = None
+           ) -> dict[str, Any]:
+    """Slice, then set sizes. ``reuse``: slices computed already (the dry run's, see ``_Slices``) for this plan on
+    this model; ``record``: fill with the slices made here."""
+    removed = reuse.removed if reuse is not None else plan.removed
+    if record is not None:
+        record.removed = removed
     mods = dict(model.named_modules())  # one walk; get_submodule per tensor was a tenth of a small model's apply
 
     def module(name: str) -> nn.Module:
@@ -725,17 +760,23 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
     for (mname, tname), dims in removed.items():
         mod = module(mname)
         t = _tensor(mod, tname)
-        keep = []
-        for d, pos in dims.items():
-            mask = torch.ones(t.size(d), dtype=torch.bool)
-            mask[pos] = False
-            if not mask.any():
-                raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape, value=d)
-            keep.append((d, mask.nonzero().flatten()))
-        new = t.detach()
-        for d, idx in keep:
-            new = new.index_select(d, idx.to(new.device))
-        new_tensors.append((mod, mname, tname, t, new.contiguous()))
+        new = reuse.tensors.get((mname, tname)) if reuse is not None else None
+        if new is None or new.device != t.device or new.dtype != t.dtype:
+            keep = []
+            for d, pos in dims.items():  # pos: sorted, unique (Plan.removed)
+                if pos.numel() >= t.size(d):
+                    raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape,
+                               value=d)
+                mask = torch.ones(t.size(d), dtype=torch.bool)
+                mask[pos] = False
+                keep.append((d, mask.nonzero().flatten()))
+            new = t.detach()
+            for d, idx in keep:
+                new = new.index_select(d, idx.to(new.device))
+            new = new.contiguous()
+        if record is not None:
+            record.tensors[(mname, tname)] = new if isinstance(t, nn.Parameter) else new.clone()
+        new_tensors.append((mod, mname, tname, t, new))
     sliced = {id(t) for *_, t, _ in new_tensors}
     touched = {m for m, *_ in new_tensors}
     for mod in model.modules():  # tied weights: every owner's size attributes change
@@ -932,7 +973,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     params0 = count_params(model)
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
                 reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs, grouped=grouped)
-    plans, latency = [], {}
+    plans, latency, macs1 = [], {}, None
     if target_latency is not None:
         plan, latency = _latency_target(model, example_inputs, target_latency, latency_table, opts, check)
         if plan.choices:
@@ -951,16 +992,22 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
                 r = {k: 1 - (1 - v) ** (1 / steps) for k, v in ratio.items()}
             else:
                 r = 1 - (1 - float(ratio)) ** (1 / steps)
-            graph = None
+            # one capture per step (counting the dense MACs on the first); the dry run's slices and MAC count
+            # are reused: the plan is sliced once and the pruned model not run again to count it
+            graph = groups_from(capture(model, example_inputs, heads, grouped, macs=i == 0))
             if i == 0:
-                graph = groups_from(capture(model, example_inputs, heads, grouped, macs=True))
-                macs0 = graph.tracer.macs
-            plan = plan_channels(model, example_inputs, ratio=r, threshold=threshold, graph=graph, **opts)
+                macs0 = graph.tracer.macs if graph.tracer.macs is not None else count_macs(model, example_inputs)
+            done = {}
+            plan = _plan(model, example_inputs, graph, r, importance, threshold, scope, ignore, round_to, heads,
+                         reduce, normalize, ignore_inputs, True, done)
             if not plan.choices:
                 break
-            plan.apply(model)
+            _apply(model, plan, reuse=done.get("slices"))
             plans.append(plan)
-    macs1, params1 = count_macs(model, example_inputs), count_params(model)
+            macs1 = done.get("macs")
+    if macs1 is None:
+        macs1 = macs0 if not plans else count_macs(model, example_inputs)
+    params1 = count_params(model)
     groups = sum(len(p.choices) for p in plans)
     chans = sum(p.channels for p in plans)
     notes = sorted({n for p in plans for n in p.notes})

@@ -17,7 +17,6 @@ An ATen op the registry does not know, reached by a labelled (channel-carrying) 
 op and the module, never a guess."""
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -164,15 +163,17 @@ class Tracer:
 
 
 class _Mode(TorchDispatchMode):
-    def __init__(self, tracer: Tracer) -> None:
+    def __init__(self, tracer: Tracer, tally: Any = None) -> None:
         super().__init__()
-        self.tracer = tracer
+        self.tracer, self.tally = tracer, tally
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         calls = self.tracer.calls
         calls[func.overloadpacket] = calls.get(func.overloadpacket, 0) + 1
+        if self.tally is not None:
+            self.tally.add(func, args, kwargs, out)
         if self.tracer.depth == 0:
             from secateur.graph.rules import apply_rule
             with no_dispatch():  # label ops reach no mode below (a MAC counter sees the model's ops only)
@@ -205,22 +206,24 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
             macs: bool = False) -> Tracer:
     """Run ``model(example_inputs)`` once, recording channel labels and slots. The model is not changed.
     PyTorch's fused MHA / TransformerEncoderLayer fast path is off meanwhile: its single op hides the layout.
-    ``macs``: count the forward's MACs meanwhile (``tracer.macs``, what ``count_macs`` says, one forward saved):
-    the counter sits below the dispatch mode, which hands it exactly the model's ops, as ``count_macs`` sees them."""
+    ``macs``: count the forward's MACs meanwhile (``tracer.macs``, what ``count_macs`` says, one forward saved; None
+    where the tally cannot be sure, see ``metrics.MacTally``): the dispatch mode sees exactly the model's ops, as
+    ``count_macs`` does (the label work runs under ``no_dispatch``)."""
     from secateur.graph.modules import leaf_rule
-    from secateur.metrics import mac_counter
+    from secateur.metrics import MacTally
 
     tracer = Tracer(model, heads, grouped)
     handles = []
     names = {m: n for n, m in model.named_modules()}
+    rules = {m: leaf_rule(m) for m in names}  # once per module, not twice per call
 
     def pre(mod, args, kwargs):
         tracer.stack.append(names.get(mod, "?"))
-        if leaf_rule(mod) is not None:
+        if rules.get(mod) is not None:
             tracer.depth += 1
 
     def post(mod, args, kwargs, out):
-        rule = leaf_rule(mod)
+        rule = rules.get(mod)
         if rule is not None:
             tracer.depth -= 1
             if tracer.depth == 0:
@@ -233,15 +236,15 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
                 tracer.record(f"module {tracer.where()}", out)
         tracer.stack.pop()
 
-    tracer.leaf_names = {n for m, n in names.items() if leaf_rule(m) is not None}
+    tracer.leaf_names = {n for m, n in names.items() if rules[m] is not None}
     for mod in model.modules():
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    counter = mac_counter() if macs else contextlib.nullcontext()
+    tally = MacTally() if macs else None
     try:
-        with torch.no_grad(), counter, _Mode(tracer):
+        with torch.no_grad(), _Mode(tracer, tally):
             out = call(model, example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -250,7 +253,7 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     for t in _flat_tensors(out):  # never change the model's output shape
         tracer.atoms.block(tracer.get(t))
     tracer.output = out
-    tracer.macs = counter.get_total_flops() // 2 if macs else None
+    tracer.macs = tally.total if macs else None
     tracer.alive.clear()
     tracer.labels.clear()
     return tracer

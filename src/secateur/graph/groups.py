@@ -205,10 +205,11 @@ def _groups(tr: Tracer) -> Graph:
     prunable &= root == torch.arange(n)  # index by root id only
     gen = torch.Generator().manual_seed(0)
     weights = torch.randint(-(2 ** 62), 2 ** 62, (len(slots),), generator=gen, dtype=torch.long)
-    sig = torch.zeros(n, dtype=torch.long)
-    for i, c in enumerate(comps):
-        u = torch.unique(c)
-        sig.index_add_(0, u, weights[i].expand(u.numel()).contiguous())
+    sig = torch.zeros(n, dtype=torch.long)  # sum of the weights of the slots a component appears in, each once
+    if comps:
+        sid = torch.repeat_interleave(torch.arange(len(comps)), torch.tensor([c.numel() for c in comps]))
+        pairs = torch.unique(sid * n + torch.cat(comps))  # (slot, component), once each: one op, not one per slot
+        sig.index_add_(0, pairs % n, weights[pairs // n])
     roots = prunable.nonzero().flatten()
     if roots.numel() == 0:
         return Graph([], tr.notes, tr, root=root, where=torch.full((n, 2), -1, dtype=torch.long))
@@ -225,12 +226,17 @@ def _groups(tr: Tracer) -> Graph:
         contracted[root[a]] = True
     groups = [Group(name="", size=int(c)) for c in counts]
     for s, c in zip(slots, comps):
+        if not c.numel():
+            continue
         g = gid[c]
-        for G in torch.unique(g[g >= 0]).tolist():
-            idx = (g == G).nonzero().flatten()
-            consumer = s["consumer"] or (s["kind"] == "out" and bool(contracted[c[idx]].any()))
-            groups[G].members.append(Member(s["module"], s["name"], s["dim"], s["kind"], idx, local[c[idx]],
-                                            consumer))
+        lo, hi = (int(v) for v in g.aminmax())
+        if hi < 0:
+            continue
+        parts = [(hi, torch.arange(c.numel()), c)] if lo == hi else [  # one group owns the whole dim (common)
+            (G, idx, c[idx]) for G in torch.unique(g[g >= 0]).tolist() for idx in [(g == G).nonzero().flatten()]]
+        for G, idx, ci in parts:
+            consumer = s["consumer"] or (s["kind"] == "out" and bool(contracted[ci].any()))
+            groups[G].members.append(Member(s["module"], s["name"], s["dim"], s["kind"], idx, local[ci], consumer))
     for g in groups:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
         g.name = g.members[0].module

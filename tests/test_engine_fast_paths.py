@@ -1,0 +1,195 @@
+"""The structural engine's fast paths (issue #3, speed) change no result. ``prune_channels`` applies each plan once
+(the slices the dry run made on its twin are moved into the model), takes the pruned MACs from the dry run, and
+counts the dense MACs in the capture's own dispatch mode (``metrics.MacTally``); the dry run's copy is made by
+``verify.deepcopy_module``. Each is compared with the plain path of the same code: ``plan_channels`` +
+``Plan.apply`` (slicing from scratch), ``count_macs`` (FlopCounterMode), ``copy.deepcopy``."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from secateur.graph.verify import deepcopy_module
+from secateur.metrics import MacTally, count_macs
+from secateur.structured import plan_channels, prune_channels
+
+torch.set_num_threads(1)
+tv = pytest.importorskip("torchvision")
+
+
+class _BNNet(nn.Module):
+    """Conv-BN blocks with a residual add, run in training mode: the dry run's forward updates its twin's
+    BatchNorm statistics, which must not reach the pruned model."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.b1(self.c1(x)).relu()
+        y = y + self.b2(self.c2(y)).relu()
+        return self.fc(y.mean((2, 3)))
+
+
+def _tv(name):
+    return lambda: (tv.models.get_model(name).eval(), torch.randn(1, 3, 64, 64))
+
+
+CASES = {
+    **{n: _tv(n) for n in ("resnet18", "mobilenet_v3_small", "regnet_x_400mf", "efficientnet_b0",
+                           "shufflenet_v2_x0_5", "squeezenet1_0", "mnasnet0_5", "googlenet", "resnext50_32x4d",
+                           "convnext_tiny", "swin_t")},
+    "transformer_encoder": lambda: (nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True),
+                                                          2).eval(), torch.randn(2, 5, 32)),
+    "bn_train_mode": lambda: (_BNNet().train(), torch.randn(4, 3, 16, 16)),
+}
+
+
+def _kept(plan):
+    return [(g.name, g.size, c.tolist()) for g, c in plan.choices]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prune_channels_equals_plan_then_plain_apply(name):
+    torch.manual_seed(0)
+    model, x = CASES[name]()
+    with torch.no_grad():  # non-trivial norm statistics, so a stale or updated buffer would show
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    slow, fast = copy.deepcopy(model), copy.deepcopy(model)
+    dense = count_macs(copy.deepcopy(model).eval() if name != "bn_train_mode" else copy.deepcopy(model), x)
+    plan = plan_channels(slow, x, ratio=0.5)
+    plan.apply(slow)
+    res = prune_channels(fast, x, ratio=0.5)
+    assert res.plans and _kept(res.plans[0]) == _kept(plan)  # the same kept indices, group by group
+    a, b = slow.state_dict(), fast.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:  # bit-identical tensors, BatchNorm statistics included
+        assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+    assert [type(m) for m in slow.modules()] == [type(m) for m in fast.modules()]
+    assert res.macs_before == dense
+    assert res.macs_after == count_macs(fast, x) == count_macs(slow, x) < dense
+    assert res.params_after == sum(p.numel() for p in slow.parameters())
+    slow.eval(), fast.eval()
+    with torch.no_grad():
+        assert torch.equal(slow(x), fast(x))
+
+
+def test_two_steps_count_like_count_macs():
+    torch.manual_seed(0)
+    model, x = _tv("mobilenet_v3_small")()
+    dense = count_macs(model, x)
+    res = prune_channels(model, x, ratio=0.6, steps=2)
+    assert len(res.plans) == 2 and res.macs_before == dense and res.macs_after == count_macs(model, x) < dense
+
+
+class _Shared(nn.Module):
+    """What deepcopy must keep: a submodule reached twice, a tied weight, a plain tensor attribute, a list of
+    ints, a forward hook, a child with its own ``__deepcopy__``."""
+
+    class Custom(nn.Linear):
+        def __deepcopy__(self, memo):
+            new = nn.Linear.__new__(type(self))
+            memo[id(self)] = new
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+            new.copied_by_hand = True
+            return new
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.c = nn.Linear(4, 4)
+        self.c.weight = self.a.weight
+        self.d = _Shared.Custom(4, 4)
+        self.table = torch.arange(3)
+        self.sizes = [1, 2, 3]
+        self.a.register_forward_hook(lambda m, i, o: o)
+
+
+def _same(a, b, seen):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, nn.Module):
+        if id(a) not in seen:
+            seen.add(id(a))
+            assert a.__dict__.keys() == b.__dict__.keys()
+            for k in a.__dict__:
+                _same(a.__dict__[k], b.__dict__[k], seen)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _same(a[k], b[k], seen)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same(x, y, seen)
+    elif isinstance(a, (int, float, str, bool, type(None))):
+        assert a == b
+
+
+@pytest.mark.parametrize("name", ["shared", "swin_t", "regnet_x_400mf", "transformer_encoder"])
+def test_deepcopy_module_is_deepcopy(name):
+    model = _Shared() if name == "shared" else CASES[name]()[0]
+    memo = {id(p): p for p in model.parameters()}  # as twin(): parameters handed in, the rest copied
+    want, got = copy.deepcopy(model, dict(memo)), deepcopy_module(model, dict(memo))
+    _same(want, got, set())
+    originals = {id(m) for m in model.modules()}
+    assert not any(id(m) in originals for m in got.modules())  # every module is new...
+    assert [id(p) for p in got.parameters()] == [id(p) for p in model.parameters()]  # ...parameters as handed in
+    if name == "shared":
+        assert got.a is got.b and got.c.weight is got.a.weight and got.d.copied_by_hand
+        assert got.table is not model.table and got.sizes is not model.sizes
+        assert got.a._forward_hooks.keys() == model.a._forward_hooks.keys()
+
+
+def test_mac_tally_gives_up_where_flop_counter_mode_would_decompose_and_count():
+    aten = torch.ops.aten
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    tally = MacTally()
+    tally.add(aten.mm.default, (x, w.t()), {}, x @ w.t())
+    assert tally.total == 2 * 3 * 4  # FlopCounterMode's formula: 2*m*k*n FLOPs, halved
+    norm = (torch.randn(1, 3, 2, 2), None, None, torch.zeros(3), torch.ones(3), False, 0.1, 1e-5)
+    tally.add(aten.native_batch_norm.default, norm, {}, aten.native_batch_norm.default(*norm))
+    assert tally.total == 2 * 3 * 4  # a decomposition that counts nothing counts nothing
+    tally.add(aten.linear.default, (x, w), {}, x @ w.t())  # decomposes into a counted matmul: cannot tell
+    assert tally.total is None
+
+
+def test_union_of_big_labels_keeps_the_same_edge_set():
+    """``Atoms.union`` folds the repeated pairs of a big label as they arrive: the set of edges (hence the
+    components) must be the plain one: every elementwise pair of atoms, -1 and self-pairs left out."""
+    from secateur.graph.labels import Atoms
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        atoms = Atoms()
+        atoms.count = 50
+        shape = [int(torch.randint(2, 40, (1,), generator=gen)) for _ in range(2 + trial % 2)]
+        a, b = torch.randint(-1, 50, shape, generator=gen), torch.randint(-1, 50, shape, generator=gen)
+        if trial % 3 == 0:  # a token stream: the same atoms along a dim
+            a = a[..., :1].expand_as(a).contiguous()
+        atoms.union(a, b)
+        got = {tuple(sorted(e)) for e in torch.cat(atoms.edges, 1).t().tolist()} if atoms.edges else set()
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        assert got == {tuple(sorted(e)) for e in torch.stack([a[keep], b[keep]]).t().tolist()}
+
+
+def test_compress_shrinks_exactly_the_constant_dims():
+    from secateur.graph.labels import compress
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(100):
+        shape = [1, 1, 1]
+        shape[trial % 3] = int(torch.randint(1, 6, (1,), generator=gen))
+        lab = torch.randint(-1, 3, shape, generator=gen)
+        got = compress(lab)
+        if bool((lab < 0).all()):
+            assert got is None
+            continue
+        assert torch.equal(got.expand(lab.shape), lab)  # the same label...
+        for d in range(lab.dim()):  # ...with every constant dim shrunk to 1, and no other
+            assert (got.size(d) == 1) == bool((lab == lab.narrow(d, 0, 1)).all())
