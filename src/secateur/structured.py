@@ -47,6 +47,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     heads: str = "heads"  # "head_dim": attention units are per-head dims (size attributes follow that)
     norms: list[NormSite] = field(default_factory=list)
+    # sizes the model keeps in its own attributes, set after slicing: {module: {attr: value}}; only values the
+    # dry run proved (graph/size_attrs.py), each one written in ``notes``
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def removed(self) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
@@ -348,10 +351,15 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         ok, where, err, bad = verify.check(model, example_inputs, plan.apply, want, expected)
+        if not ok and expected is not None:  # a size the model keeps itself? (graph/size_attrs.py)
+            attrs = _attr_search(model, example_inputs, plan, graph, want, expected, where or "")
+            if attrs != plan.attrs:
+                plan = Plan(plan.groups, plan.choices, plan.notes, heads=plan.heads, norms=plan.norms, attrs=attrs)
+                continue
         if err and ok:
             plan.notes.append(err)
         if ok:
-            return plan
+            return _noted(model, plan)
         if bad:  # a shape mismatch names the groups removed there: those, and the same role in its class
             keep = _without_role(model, plan, {id(graph.groups[i]) for i in bad}, where or "")
         else:
@@ -359,10 +367,35 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
         dropped = len(plan.choices) - len(keep)
         what = "pruned forward failed" if bad is None else "pruned shapes differ from the plan's"
         plan.notes.append(f"{where or '<model>'}: {what} ({err}); kept {dropped} group(s) there")
-        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms)
+        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms, attrs=plan.attrs)
         if not keep:
-            return plan
+            return _noted(model, plan)
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
+
+
+def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph, want, expected, where: str
+                 ) -> dict[str, dict[str, Any]]:
+    """``plan.attrs`` plus the attribute updates that get the failed dry run further (graph/size_attrs.py)."""
+    from secateur.graph import size_attrs, verify
+    pairs = size_attrs.size_pairs(expected)
+    if not pairs:
+        return plan.attrs
+
+    def dry(attrs):
+        trial = Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms, attrs=attrs)
+        exp = verify.expected(graph, trial.choices)
+        ok, w, _, _ = verify.check(model, example_inputs, trial.apply, want, exp)
+        return ok, w or "", exp.step_no
+
+    return size_attrs.Search(model, pairs, dry).run(plan.attrs, where, expected.step_no)
+
+
+def _noted(model: nn.Module, plan: Plan) -> Plan:
+    """The plan, its attribute updates written in its notes (a kept size is never changed silently)."""
+    if plan.attrs:
+        from secateur.graph.size_attrs import notes
+        plan.notes.extend(n for n in notes(model, plan.attrs) if n not in plan.notes)
+    return plan
 
 
 def _without_module(model: nn.Module, example_inputs: Any, plan: Plan, scope: str, want, graph) -> list:
@@ -519,13 +552,13 @@ class _Counter:
             return self.total - sum(lost.values())
         return self.total - sum(self.leaves[n][0] * k // self.leaves[n][1] for n, k in lost.items())
 
-    def exact(self, choices) -> int:
+    def exact(self, choices, attrs=None) -> int:
         if self.what == "params" or not self.fixed:
             return self.estimate(choices)
         from secateur.graph.verify import skeleton, to_meta
         sk = skeleton(self.model)
         if choices:
-            _apply(sk, Plan(self.groups, choices))
+            _apply(sk, Plan(self.groups, choices, attrs=attrs or {}))
         return count_macs(sk, to_meta(self.inputs))
 
 
@@ -567,7 +600,7 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
             return plan
         plan = _verified(model, example_inputs, plan, graph)
         dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
-        if not dropped or counter.exact(plan.choices) <= goal:
+        if not dropped or counter.exact(plan.choices, plan.attrs) <= goal:
             break
         cands = [c for c in cands if id(c[0]) not in dropped]
         notes = plan.notes
@@ -677,6 +710,12 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
                 entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
+    if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
+        from secateur.graph.size_attrs import set_attrs
+        set_attrs(model, plan.attrs)
+        for name, kv in plan.attrs.items():
+            entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
+            entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kv.items()})
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
