@@ -367,7 +367,8 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
         dropped = len(plan.choices) - len(keep)
         what = "pruned forward failed" if bad is None else "pruned shapes differ from the plan's"
         plan.notes.append(f"{where or '<model>'}: {what} ({err}); kept {dropped} group(s) there")
-        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms, attrs=plan.attrs)
+        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms,
+                    attrs=plan.attrs if keep else {})  # attrs found for other choices are revised on failure
         if not keep:
             return _noted(model, plan)
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])

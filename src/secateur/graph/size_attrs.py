@@ -93,9 +93,11 @@ class Search:
             if mod is None:
                 continue
             for k, v in vars(mod).items():
-                if k.startswith("_") or k in attrs.get(scope, {}):
+                if k.startswith("_"):
                     continue
                 opts = _options(v, self.pairs)
+                if k in attrs.get(scope, {}):  # set for other choices (groups dropped since): revise it
+                    opts = [o for o in [v, *opts] if o != attrs[scope][k]]
                 if opts:
                     out.append((scope, k, opts))
         return out
@@ -121,6 +123,9 @@ class Search:
             for scope, key, opts in self._candidates(where, attrs):
                 for opt in opts:
                     single = _merge(attrs, {scope: {key: opt}})
+                    if opt == vars(self.mods[scope])[key]:  # back to the model's own value: no update
+                        del single[scope][key]
+                        single = {n: kv for n, kv in single.items() if kv}
                     tries = [_merge(single, self._peers(scope, key)), single] if scope else [single]
                     for trial in tries:
                         if self.trials >= MAX_TRIALS:
