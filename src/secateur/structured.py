@@ -348,11 +348,12 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     from secateur.graph import verify
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
+    spent = [0]  # dry runs spent on attribute searches (size_attrs.MAX_TRIALS)
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         ok, where, err, bad = verify.check(model, example_inputs, plan.apply, want, expected)
         if not ok and expected is not None:  # a size the model keeps itself? (graph/size_attrs.py)
-            attrs = _attr_search(model, example_inputs, plan, graph, want, expected, where or "")
+            attrs = _attr_search(model, example_inputs, plan, graph, want, expected, where or "", spent)
             if attrs != plan.attrs:
                 plan = Plan(plan.groups, plan.choices, plan.notes, heads=plan.heads, norms=plan.norms, attrs=attrs)
                 continue
@@ -374,10 +375,12 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
 
 
-def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph, want, expected, where: str
-                 ) -> dict[str, dict[str, Any]]:
+def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph, want, expected, where: str,
+                 spent: list[int]) -> dict[str, dict[str, Any]]:
     """``plan.attrs`` plus the attribute updates that get the failed dry run further (graph/size_attrs.py)."""
     from secateur.graph import size_attrs, verify
+    if spent[0] >= size_attrs.MAX_TRIALS:
+        return plan.attrs
     pairs = size_attrs.size_pairs(expected)
     if not pairs:
         return plan.attrs
@@ -388,7 +391,7 @@ def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
         ok, w, _, _ = verify.check(model, example_inputs, trial.apply, want, exp)
         return ok, w or "", exp.step_no
 
-    return size_attrs.Search(model, pairs, dry).run(plan.attrs, where, expected.step_no)
+    return size_attrs.Search(model, pairs, dry, spent).run(plan.attrs, where, expected.step_no)
 
 
 def _noted(model: nn.Module, plan: Plan) -> Plan:
@@ -711,6 +714,8 @@ def _apply(model: nn.Module, plan: Plan) -> dict[str, Any]:
                 entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
+    from secateur.graph.size_attrs import clear_caches
+    clear_caches(model)  # cached tensors of the unpruned sizes (timm's attention_bias_cache) are recomputed
     if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
         from secateur.graph.size_attrs import set_attrs
         set_attrs(model, plan.attrs)

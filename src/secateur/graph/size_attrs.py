@@ -8,7 +8,7 @@ know; this is the general rule for the others, and it guesses nothing the dry ru
 * the plan says, for every op output of the capture, the shape the pruned model must produce
   (``verify.Expected``); every dim that shrinks gives a pair (old size -> new size);
 * when the pruned forward fails or an op's shape differs from the plan's inside module ``M``, the int (or
-  tuple / list of int) attributes of ``M`` and its ancestors whose value equals an old size are candidates, and
+  tuple / list of int) attributes of ``M``, its descendants and its ancestors whose value equals an old size are candidates, and
   each new size that old size maps to is an option;
 * a candidate is taken only when the dry run with it gets strictly further (more ops whose shapes all equal the
   plan's) than without it, and the plan keeps it only if the whole model then runs with every op shape equal to
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-MAX_TRIALS = 64  # dry runs one search may spend; a model that needs more keeps its groups whole (noted)
+MAX_TRIALS = 48  # dry runs one plan's searches may spend in all; past that, groups are kept whole (noted) as before
 
 
 def size_pairs(expected: Any) -> dict[int, list[int]]:
@@ -63,9 +63,10 @@ def _options(v: Any, pairs: dict[int, list[int]], limit: int = 4) -> list[Any]:
     return out
 
 
-def _scopes(name: str) -> list[str]:
-    """``name`` and its ancestors, innermost first (the root, "", last)."""
-    out = [name]
+def _scopes(name: str, names: list[str]) -> list[str]:
+    """``name``, its descendants (its code may call a child's method, not its forward: timm's
+    ``rel_pos.get_bias()``), then its ancestors, innermost first (the root, "", last)."""
+    out = [name] + ([n for n in names if n.startswith(name + ".")] if name else [])
     while name:
         name = name.rpartition(".")[0]
         out.append(name)
@@ -77,42 +78,70 @@ class Search:
     plan plus ``attrs`` ({module: {attr: value}}) and returns (ok, failing module, ops matched)."""
 
     def __init__(self, model: nn.Module, pairs: dict[int, list[int]],
-                 dry: Callable[[dict], tuple[bool, str, int]]) -> None:
+                 dry: Callable[[dict], tuple[bool, str, int]], spent: list[int] | None = None) -> None:
         self.model, self.pairs, self.dry = model, pairs, dry
         self.mods = dict(model.named_modules())
-        self.trials = 0
+        self.spent = spent if spent is not None else [0]  # shared by one plan's searches
+
+    @property
+    def trials(self) -> int:
+        return self.spent[0]
 
     def _run(self, attrs: dict) -> tuple[bool, str, int]:
-        self.trials += 1
+        self.spent[0] += 1
         return self.dry(attrs)
 
-    def _candidates(self, where: str, attrs: dict) -> list[tuple[str, str, list[Any]]]:
+    def _candidates(self, where: str, attrs: dict) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(module, options) where an option is {attr: new value}. Per module, first the attributes that hold the
+        same old size, together (``split([self.key_dim, self.key_dim, self.d])`` needs both at once), then each
+        attribute alone."""
         out = []
-        for scope in _scopes(where):
+        for scope in _scopes(where, list(self.mods)):
             mod = self.mods.get(scope)
             if mod is None:
                 continue
+            same: dict[int, list[str]] = {}
+            singles = []
             for k, v in vars(mod).items():
                 if k.startswith("_"):
                     continue
                 opts = _options(v, self.pairs)
                 if k in attrs.get(scope, {}):  # set for other choices (groups dropped since): revise it
                     opts = [o for o in [v, *opts] if o != attrs[scope][k]]
+                elif isinstance(v, int) and opts:
+                    same.setdefault(v, []).append(k)
                 if opts:
-                    out.append((scope, k, opts))
+                    singles.append((scope, [{k: o} for o in opts]))
+            for v, keys in same.items():
+                if len(keys) > 1:
+                    out.append((scope, [{k: o for k in keys} for o in self.pairs[v][:4]]))
+            out.extend(singles)
         return out
 
-    def _peers(self, name: str, key: str) -> dict[str, dict[str, Any]]:
-        """The same attribute in every module of ``name``'s class, mapped by its most frequent new size: the
+    def _peers(self, name: str, keys) -> dict[str, dict[str, Any]]:
+        """The same attributes in every module of ``name``'s class, mapped by their most frequent new size: the
         other layers run the same code (each is still proven by the dry run, which must get further)."""
         cls = type(self.mods[name])
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for n, m in self.mods.items():
-            if type(m) is cls and n != name and key in vars(m):
-                opts = _options(vars(m)[key], self.pairs)
-                if opts:
-                    out[n] = {key: opts[0]}
+            if type(m) is cls and n != name:
+                for key in keys:
+                    opts = _options(vars(m).get(key), self.pairs)
+                    if opts:
+                        out.setdefault(n, {})[key] = opts[0]
         return out
+
+    def _trials(self, attrs: dict, scope: str, opt: dict[str, Any]) -> list[dict]:
+        """``attrs`` with ``opt`` in ``scope``, first in every peer too; a value back to the model's own is no
+        update at all."""
+        own = vars(self.mods[scope])
+        single = _merge(attrs, {scope: opt})
+        for k, v in opt.items():
+            if own.get(k) == v:
+                del single[scope][k]
+        single = {n: kv for n, kv in single.items() if kv}
+        revert = any(own.get(k) == v for k, v in opt.items())
+        return [single] if revert or not scope else [_merge(single, self._peers(scope, opt)), single]
 
     def run(self, attrs: dict, where: str, reached: int) -> dict:
         """Attribute updates added to ``attrs`` while each one gets the dry run further (``reached``: ops matched
@@ -120,14 +149,9 @@ class Search:
         attrs = {k: dict(v) for k, v in attrs.items()}
         while self.trials < MAX_TRIALS:
             step = None
-            for scope, key, opts in self._candidates(where, attrs):
+            for scope, opts in self._candidates(where, attrs):
                 for opt in opts:
-                    single = _merge(attrs, {scope: {key: opt}})
-                    if opt == vars(self.mods[scope])[key]:  # back to the model's own value: no update
-                        del single[scope][key]
-                        single = {n: kv for n, kv in single.items() if kv}
-                    tries = [_merge(single, self._peers(scope, key)), single] if scope else [single]
-                    for trial in tries:
+                    for trial in self._trials(attrs, scope, opt):
                         if self.trials >= MAX_TRIALS:
                             break
                         ok, where2, got = self._run(trial)
@@ -182,3 +206,16 @@ def notes(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> list[str]:
             out.append(f"{name or '<model>'}.{k}: {getattr(mod, k)!r} -> {v!r} (a size the model keeps itself; "
                        "updated because the dry run matched every op shape of the plan only with it)")
     return out
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Empty the tensor caches modules keep in dict attributes (timm's LeViT / EfficientViT
+    ``attention_bias_cache``: ``attention_biases[:, idxs]`` kept per device in eval mode). A cache filled before
+    pruning holds tensors of the unpruned sizes, which the pruned model would silently reuse; and a forward that
+    hits it runs fewer ops than one that fills it, so the capture and every dry run start from empty caches to run
+    the same ops. Only dicts named ``*cache*`` whose values are all tensors: the model recomputes them on a miss."""
+    import torch
+    for mod in model.modules():
+        for k, v in vars(mod).items():
+            if "cache" in k and isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+                v.clear()
