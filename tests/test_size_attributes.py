@@ -147,8 +147,7 @@ TIMM = {
     "cpubone_nano": (64, "head_dim, o_proj_inpdim, num_heads (0.451)"),
     "efficientvim_m1": (64, "d_inner: split_with_sizes [128, 128] (0.735)"),
 }
-SLOW = {"vit_relpos_small_patch16_224": (224, "RelPosMlp.num_heads, bias_shape (0.697)"),
-        "lowformer_b0": (64, "head_dim, o_proj_inpdim (0.518)")}
+SLOW = {"vit_relpos_small_patch16_224": (224, "RelPosMlp.num_heads, bias_shape (0.697)")}
 
 
 def _timm_case(name, size):
