@@ -345,6 +345,22 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     """Dry-run the plan on a copy (graph/verify.py); drop the groups whose removal breaks the model's own forward (its
     code keeps a size the engine cannot update), or makes an op output a shape other than the plan predicts (the same
     code, where a ``-1`` hides the stale size: a silently wrong model), and try again. Never returns such a plan."""
+    base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False)
+    if len(base.choices) == len(plan.choices) or graph is None:
+        return base
+    # groups were dropped: would updating sizes the model keeps (graph/size_attrs.py) keep more of them? The
+    # search is greedy (an update that gets the dry run further may still lead to a refusal later), so its plan is
+    # taken only where it removes more channels than the plan without it
+    found = _verify_loop(model, example_inputs, _copy(plan), graph, search=True)
+    return found if found.attrs and found.channels > base.channels else base
+
+
+def _copy(plan: Plan) -> Plan:
+    return Plan(plan.groups, list(plan.choices), list(plan.notes), heads=plan.heads, norms=plan.norms,
+                attrs={k: dict(v) for k, v in plan.attrs.items()})
+
+
+def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None, search: bool) -> Plan:
     from secateur.graph import verify
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
@@ -352,7 +368,7 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         ok, where, err, bad = verify.check(model, example_inputs, plan.apply, want, expected)
-        if not ok and expected is not None:  # a size the model keeps itself? (graph/size_attrs.py)
+        if not ok and search and expected is not None:  # a size the model keeps itself? (graph/size_attrs.py)
             attrs = _attr_search(model, example_inputs, plan, graph, want, expected, where or "", spent)
             if attrs != plan.attrs:
                 plan = Plan(plan.groups, plan.choices, plan.notes, heads=plan.heads, norms=plan.norms, attrs=attrs)
@@ -391,7 +407,23 @@ def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
         ok, w, _, _ = verify.check(model, example_inputs, trial.apply, want, exp)
         return ok, w or "", exp.step_no
 
-    return size_attrs.Search(model, pairs, dry, spent).run(plan.attrs, where, expected.step_no)
+    done: set[tuple[str, str]] = set()  # attributes the updaters already set (Linear.out_features): not tried
+    try:
+        sk = verify.skeleton(model)
+        _apply(sk, Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms))
+        mods = dict(model.named_modules())
+        done = {(n, k) for n, m in sk.named_modules() if n in mods for k, v in vars(m).items()
+                if not k.startswith("_") and k in vars(mods[n]) and _differs(v, vars(mods[n])[k])}
+    except Exception:  # noqa: BLE001 - only a shortcut: without it every candidate is tried
+        pass
+    return size_attrs.Search(model, pairs, dry, spent, done).run(plan.attrs, where, expected.step_no)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 - tensors and other values without a plain comparison
+        return False
 
 
 def _noted(model: nn.Module, plan: Plan) -> Plan:

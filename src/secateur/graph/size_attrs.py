@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-MAX_TRIALS = 48  # dry runs one plan's searches may spend in all; past that, groups are kept whole (noted) as before
+MAX_TRIALS = 32  # dry runs one plan's searches may spend in all; past that, groups are kept whole (noted) as before
 
 
 def size_pairs(expected: Any) -> dict[int, list[int]]:
@@ -78,8 +78,9 @@ class Search:
     plan plus ``attrs`` ({module: {attr: value}}) and returns (ok, failing module, ops matched)."""
 
     def __init__(self, model: nn.Module, pairs: dict[int, list[int]],
-                 dry: Callable[[dict], tuple[bool, str, int]], spent: list[int] | None = None) -> None:
-        self.model, self.pairs, self.dry = model, pairs, dry
+                 dry: Callable[[dict], tuple[bool, str, int]], spent: list[int] | None = None,
+                 done: set[tuple[str, str]] = frozenset()) -> None:
+        self.model, self.pairs, self.dry, self.done = model, pairs, dry, done  # done: set by the updaters
         self.mods = dict(model.named_modules())
         self.spent = spent if spent is not None else [0]  # shared by one plan's searches
 
@@ -103,7 +104,7 @@ class Search:
             same: dict[int, list[str]] = {}
             singles = []
             for k, v in vars(mod).items():
-                if k.startswith("_"):
+                if k.startswith("_") or (scope, k) in self.done:
                     continue
                 opts = _options(v, self.pairs)
                 if k in attrs.get(scope, {}):  # set for other choices (groups dropped since): revise it
