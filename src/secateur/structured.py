@@ -47,6 +47,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     heads: str = "heads"  # "head_dim": attention units are per-head dims (size attributes follow that)
     norms: list[NormSite] = field(default_factory=list)
+    # sizes the model keeps in its own attributes, set after slicing: {module: {attr: value}}; only values the
+    # dry run proved (graph/size_attrs.py), each one written in ``notes``
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def removed(self) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
@@ -356,22 +359,51 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     ``done`` (for a caller that applies the returned plan to ``model`` right after, nothing changing in between):
     filled with what the successful dry run computed, so that it is not computed again: ``"slices"`` (``_Slices``,
     where the dry run ran on the model's own device) and ``"macs"`` (the pruned model's ``count_macs``, or None)."""
+    d0 = {} if done is not None else None
+    base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0)
+    picked, d = base, d0
+    if len(base.choices) != len(plan.choices) and graph is not None:
+        # groups were dropped: would updating sizes the model keeps (graph/size_attrs.py) keep more of them? The
+        # search is greedy (an update that gets the dry run further may still lead to a refusal later), so its plan
+        # is taken only where it removes more channels than the plan without it
+        d1 = {} if done is not None else None
+        found = _verify_loop(model, example_inputs, _copy(plan), graph, search=True, done=d1)
+        if found.attrs and found.channels > base.channels:
+            picked, d = found, d1
+    if done is not None:
+        done.update(d)
+    return picked
+
+
+def _copy(plan: Plan) -> Plan:
+    return Plan(plan.groups, list(plan.choices), list(plan.notes), heads=plan.heads, norms=plan.norms,
+                attrs={k: dict(v) for k, v in plan.attrs.items()})
+
+
+def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None, search: bool,
+                 done: dict | None = None) -> Plan:
     from secateur.graph import verify
     from secateur.metrics import MacTally
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     here = done is not None and verify.runs_here(model, example_inputs, applied=True)
+    spent = [0]  # dry runs spent on attribute searches (size_attrs.MAX_TRIALS)
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         tally, slices = (MacTally(), _Slices()) if here else (None, None)
         apply = plan.apply if not here else (lambda base, p=plan, s=slices: _apply(base, p, record=s))
         ok, where, err, bad = verify.check(model, example_inputs, apply, want, expected, tally, applied=here)
+        if not ok and search and expected is not None:  # a size the model keeps itself? (graph/size_attrs.py)
+            attrs = _attr_search(model, example_inputs, plan, graph, want, expected, where or "", spent)
+            if attrs != plan.attrs:
+                plan = Plan(plan.groups, plan.choices, plan.notes, heads=plan.heads, norms=plan.norms, attrs=attrs)
+                continue
         if err and ok:
             plan.notes.append(err)
         if ok:
             if here:
                 done.update(slices=slices if slices.removed else None, macs=tally.total)
-            return plan
+            return _noted(model, plan)
         if bad:  # a shape mismatch names the groups removed there: those, and the same role in its class
             keep = _without_role(model, plan, {id(graph.groups[i]) for i in bad}, where or "")
         else:
@@ -379,10 +411,54 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
         dropped = len(plan.choices) - len(keep)
         what = "pruned forward failed" if bad is None else "pruned shapes differ from the plan's"
         plan.notes.append(f"{where or '<model>'}: {what} ({err}); kept {dropped} group(s) there")
-        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms)
+        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms,
+                    attrs=plan.attrs if keep else {})  # attrs found for other choices are revised on failure
         if not keep:
-            return plan
+            return _noted(model, plan)
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
+
+
+def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph, want, expected, where: str,
+                 spent: list[int]) -> dict[str, dict[str, Any]]:
+    """``plan.attrs`` plus the attribute updates that get the failed dry run further (graph/size_attrs.py)."""
+    from secateur.graph import size_attrs, verify
+    if spent[0] >= size_attrs.MAX_TRIALS:
+        return plan.attrs
+    pairs = size_attrs.size_pairs(expected)
+    if not pairs:
+        return plan.attrs
+
+    def dry(attrs):
+        trial = Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms, attrs=attrs)
+        exp = verify.expected(graph, trial.choices)
+        ok, w, _, _ = verify.check(model, example_inputs, trial.apply, want, exp)
+        return ok, w or "", exp.step_no
+
+    done: set[tuple[str, str]] = set()  # attributes the updaters already set (Linear.out_features): not tried
+    try:
+        sk = verify.skeleton(model)
+        _apply(sk, Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms))
+        mods = dict(model.named_modules())
+        done = {(n, k) for n, m in sk.named_modules() if n in mods for k, v in vars(m).items()
+                if not k.startswith("_") and k in vars(mods[n]) and _differs(v, vars(mods[n])[k])}
+    except Exception:  # noqa: BLE001 - only a shortcut: without it every candidate is tried
+        pass
+    return size_attrs.Search(model, pairs, dry, spent, done).run(plan.attrs, where, expected.step_no)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 - tensors and other values without a plain comparison
+        return False
+
+
+def _noted(model: nn.Module, plan: Plan) -> Plan:
+    """The plan, its attribute updates written in its notes (a kept size is never changed silently)."""
+    if plan.attrs:
+        from secateur.graph.size_attrs import notes
+        plan.notes.extend(n for n in notes(model, plan.attrs) if n not in plan.notes)
+    return plan
 
 
 def _without_module(model: nn.Module, example_inputs: Any, plan: Plan, scope: str, want, graph) -> list:
@@ -539,13 +615,13 @@ class _Counter:
             return self.total - sum(lost.values())
         return self.total - sum(self.leaves[n][0] * k // self.leaves[n][1] for n, k in lost.items())
 
-    def exact(self, choices) -> int:
+    def exact(self, choices, attrs=None) -> int:
         if self.what == "params" or not self.fixed:
             return self.estimate(choices)
         from secateur.graph.verify import skeleton, to_meta
         sk = skeleton(self.model)
         if choices:
-            _apply(sk, Plan(self.groups, choices))
+            _apply(sk, Plan(self.groups, choices, attrs=attrs or {}))
         return count_macs(sk, to_meta(self.inputs))
 
 
@@ -587,7 +663,7 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
             return plan
         plan = _verified(model, example_inputs, plan, graph)
         dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
-        if not dropped or counter.exact(plan.choices) <= goal:
+        if not dropped or counter.exact(plan.choices, plan.attrs) <= goal:
             break
         cands = [c for c in cands if id(c[0]) not in dropped]
         notes = plan.notes
@@ -719,6 +795,14 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                 entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
+    from secateur.graph.size_attrs import clear_caches
+    clear_caches(model)  # cached tensors of the unpruned sizes (timm's attention_bias_cache) are recomputed
+    if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
+        from secateur.graph.size_attrs import set_attrs
+        set_attrs(model, plan.attrs)
+        for name, kv in plan.attrs.items():
+            entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
+            entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kv.items()})
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
