@@ -86,7 +86,10 @@ def fastest_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
         counter = _Counter(model, example_inputs, graph.groups, what)
         goal = fraction * counter.total
         for name in allocated:
-            plan = _calibrated(alloc[name], counter, graph, goal)
+            if name == "greedy":  # from the table's own count of the target
+                plan = _calibrated(alloc[name], counter, graph, goal, alloc[name][1] * fraction)
+            else:
+                plan = _latency_option(alloc[name], counter, graph, goal, alloc[name][1] * found[0][0].latency)
             if plan is not None:
                 found.append((PlanOption(name, counter.exact(plan.choices) / max(counter.total, 1),
                                          plan_latency(model, plan, table) / dense), plan))
@@ -126,31 +129,61 @@ def _allocator(model: nn.Module, example_inputs: Any, what: str, table: Any, opt
     return graph, {"greedy": (greedy, cost(sizes)), "latency": (halp, latency(sizes))}
 
 
-def _calibrated(alloc: tuple[Callable[[float], list], float], counter: Any, graph: Any, goal: float) -> Any:
-    """The plan of the largest budget (bisected on [0, dense]) whose exact count meets ``goal``; within
-    `TOLERANCE` of it when the steps allow. None when no budget meets it."""
+def _latency_option(alloc: tuple[Callable[[float], list], float], counter: Any, graph: Any, goal: float,
+                    uniform: float) -> Any:
+    """HALP's plan for the largest latency budget under the uniform plan's estimate ``uniform`` (seconds) that
+    meets ``goal``; None when the plan *at* that budget meets it already: a larger budget would give a plan
+    about as slow as uniform or slower (the greedy stops just under its budget), with more importance kept only
+    by spending time the uniform plan does not spend."""
+    fn, _ = alloc
+    try:
+        at_uniform = fn(uniform)
+    except PruningError:
+        at_uniform = None
+    if at_uniform is not None and counter.exact(at_uniform) <= goal:
+        return None
+    return _calibrated((fn, uniform), counter, graph, goal, uniform / 2, steps=STEPS // 2 + 2)
+
+
+def _calibrated(alloc: tuple[Callable[[float], list], float], counter: Any, graph: Any, goal: float,
+                start: float, steps: int = STEPS) -> Any:
+    """The plan of the largest budget (bisected on [0, dense], from ``start``) whose exact count meets ``goal``;
+    within `TOLERANCE` of it when the steps allow. None when no budget meets it.
+
+    Where the cheap count is only an upper bound (MACs outside Conv/Linear leaves), the bisection runs on it first
+    (what it accepts meets the goal for sure) and then a few steps on the exact count (a larger budget may meet
+    it too), as `structured._target_plan` does."""
     from secateur.structured import Plan
     fn, full = alloc
-    count = counter.estimate if not counter.fixed else counter.exact
-    lo, hi, best = 0.0, full, None
-    b = full * goal / max(counter.total, 1)
-    for _ in range(STEPS):
-        try:
-            choices = fn(b)
-        except PruningError:  # below every group's floor: a larger budget
-            lo = b
-        else:
-            n = count(choices)
-            if n <= goal:
-                if best is None or n > best[0]:
-                    best = (n, choices)
-                if n * (1 + TOLERANCE) >= goal:
-                    break
+    best: list = []   # [count, choices] of the largest accepted budget so far
+
+    def search(count: Callable[[list], int], lo: float, hi: float, b: float, steps: int, close: bool
+               ) -> tuple[float, float]:
+        for _ in range(steps):
+            try:
+                choices = fn(b)
+            except PruningError:  # below every group's floor: a larger budget
                 lo = b
             else:
-                hi = b
-        b = (lo + hi) / 2
-    if best is None:
+                n = count(choices)
+                if n <= goal:
+                    if not best or n > best[0]:
+                        best[:] = [n, choices]
+                    if close and n * (1 + TOLERANCE) >= goal:
+                        return b, b
+                    lo = b
+                else:
+                    hi = b
+            b = (lo + hi) / 2
+        return lo, hi
+
+    exact = not counter.fixed  # the cheap count is the exact one
+    lo, _ = search(counter.estimate, 0.0, full, min(max(start, 0.0), full), steps, exact)
+    if not exact:
+        if best:
+            best[0] = counter.exact(best[1])
+        search(counter.exact, lo, full, (lo + full) / 2, steps // 2, True)
+    if not best:
         return None
     return Plan(graph.groups, best[1], list(graph.notes), norms=graph.norms)
 
