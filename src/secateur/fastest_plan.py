@@ -79,7 +79,7 @@ def fastest_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
     own = _Counter(model, example_inputs, uniform.groups, what)
     found = [(PlanOption("uniform", own.exact(uniform.choices) / max(own.total, 1),
                          plan_latency(model, uniform, table) / dense), uniform)]
-    graph, counter = None, own
+    graph, counter, missing = None, own, []
     allocated = [o for o in options if o != "uniform"]
     if allocated:
         graph, alloc = _allocator(model, example_inputs, what, table, opts)
@@ -93,7 +93,13 @@ def fastest_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
             if plan is not None:
                 found.append((PlanOption(name, counter.exact(plan.choices) / max(counter.total, 1),
                                          plan_latency(model, plan, table) / dense), plan))
-    return _pick(model, example_inputs, found, fraction, counter, graph)
+            else:
+                missing.append(name)
+    plan, options = _pick(model, example_inputs, found, fraction, counter, graph,
+                          lambda p: plan_latency(model, p, table) / dense)
+    if missing:
+        plan.notes[-1] += f"; no plan faster than uniform that meets the target from: {', '.join(missing)}"
+    return plan, options
 
 
 def _allocator(model: nn.Module, example_inputs: Any, what: str, table: Any, opts: dict
@@ -188,10 +194,12 @@ def _calibrated(alloc: tuple[Callable[[float], list], float], counter: Any, grap
     return Plan(graph.groups, best[1], list(graph.notes), norms=graph.norms)
 
 
-def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, counter: Any, graph: Any
-          ) -> tuple[Any, list[PlanOption]]:
+def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, counter: Any, graph: Any,
+          rate: Callable[[Any], float]) -> tuple[Any, list[PlanOption]]:
     """The fastest option that meets the target once verified (the uniform plan is verified already); the
-    options' list with the kept one first."""
+    options' list with the kept one first. An allocator plan that the dry run changes (groups kept) is counted
+    and rated again (``rate``: estimated latency fraction), and passed over if it no longer meets the target or
+    is now slower than uniform."""
     from secateur.structured import _verified
     meets = [o.count <= fraction * (1 + 1e-12) for o, _ in found]
     order = sorted(range(len(found)), key=lambda i: (not meets[i], found[i][0].latency, i))  # ties: uniform
@@ -200,9 +208,12 @@ def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, c
         if opt.name != "uniform":
             if not meets[i]:
                 continue
+            n = len(plan.choices)
             plan = _verified(model, example_inputs, plan, graph)
-            if counter.exact(plan.choices) > fraction * counter.total:
-                continue  # the dry run kept groups: the target is no longer met
+            if len(plan.choices) != n:  # the dry run kept groups
+                opt = PlanOption(opt.name, counter.exact(plan.choices) / max(counter.total, 1), rate(plan))
+                if opt.count > fraction * (1 + 1e-12) or opt.latency > found[0][0].latency:
+                    continue
             plan.notes.extend(plan.norm_notes())
         others = [found[j][0] for j in range(len(found)) if j != i]
         plan.notes.append("latency table: kept the " + _describe(opt) + " plan over "
