@@ -116,15 +116,16 @@ def test_slower_greedy_plan_is_not_returned(fraction):
     assert not any(n.startswith("latency table: kept the greedy") for n in res.notes)
 
 
-@pytest.mark.parametrize("what,fraction,round_to", [("macs", 0.5, None), ("macs", 0.3, 4), ("params", 0.5, None)])
-def test_fastest_plan_meets_target_and_is_no_slower_than_uniform(what, fraction, round_to):
+@pytest.mark.parametrize("what,fraction,round_to,scope", [("macs", 0.5, None, "local"), ("macs", 0.3, 4, "local"),
+                                                          ("params", 0.5, None, "local"), ("macs", 0.4, 8, "global")])
+def test_fastest_plan_meets_target_and_is_no_slower_than_uniform(what, fraction, round_to, scope):
     m, x = _model()
     table = _staircase_table(m, x)
     ref = copy.deepcopy(m)
     count = count_macs if what == "macs" else (lambda model, _: count_params(model))
     before = count(m, x)
-    res = prune_channels(m, x, **{f"target_{what}": fraction}, latency_table=table, round_to=round_to)
-    uni = _uniform(ref, x, fraction, what, round_to=round_to)
+    res = prune_channels(m, x, **{f"target_{what}": fraction}, latency_table=table, round_to=round_to, scope=scope)
+    uni = _uniform(ref, x, fraction, what, round_to=round_to, scope=scope)
     assert count(m, x) <= fraction * before
     assert _estimate(table, m) <= _estimate(table, uni) * (1 + 1e-9)
     assert _estimate(table, m) < _estimate(table, ref)
