@@ -184,6 +184,10 @@ def test_mha_in_projection_counts():
     assert count_macs(m, x) <= 0.5 * before
     assert res.macs_after == count_macs(m, x)
     assert _estimate(table, m) <= _estimate(table, _uniform(ref, x, 0.5)) * (1 + 1e-9)
+    # every option meets the target without overshooting it by far (a budget on the table's Linear layers alone
+    # would remove far more: the input projection's MACs do not shrink in its count)
+    _, options = fastest_plan(ref, x, 0.5, "macs", table, OPTS)
+    assert all(0.5 / 1.15 <= o.count <= 0.5 for o in options), options
 
 
 def test_refusals():
