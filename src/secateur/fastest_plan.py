@@ -31,7 +31,9 @@ from secateur.errors import PruningError, fail
 __all__ = ["PlanOption", "fastest_plan", "plan_latency", "OPTIONS"]
 
 OPTIONS = ("uniform", "greedy", "latency")
-TOLERANCE = 0.02   # an allocator option may remove up to 2 % more MACs than asked (its counts are steps)
+TOLERANCE = 0.02   # an allocator's budget is bisected until its plan removes at most 2 % more than asked
+OVERSHOOT = 0.05   # ... and the plan is passed over if it removes more than 5 % more (or than uniform does):
+                   # a plan that is faster only because it removes more is not the answer to the target
 STEPS = 14         # bisection steps on an allocator's budget
 
 
@@ -60,8 +62,9 @@ def fastest_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
     model's MACs (``what="macs"``) or params (``"params"``), and every option considered (the kept one first).
 
     ``opts`` are `structured.prune_channels`'s planning options (importance, round_to, ignore, ...). The
-    uniform plan is always built (it is the fallback); an allocator option that cannot meet the target is
-    left out. Ties go to the uniform plan."""
+    uniform plan is always built (it is the fallback); an allocator option that cannot meet the target, or
+    that removes more than `OVERSHOOT` beyond it and more than the uniform plan does, is passed over. Ties go
+    to the uniform plan."""
     from secateur.latency_model import LatencyTable
     from secateur.structured import _Counter, _target_plan
 
@@ -201,7 +204,8 @@ def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, c
     and rated again (``rate``: estimated latency fraction), and passed over if it no longer meets the target or
     is now slower than uniform."""
     from secateur.structured import _verified
-    meets = [o.count <= fraction * (1 + 1e-12) for o, _ in found]
+    floor = min(found[0][0].count, fraction / (1 + OVERSHOOT))
+    meets = [o.count <= fraction * (1 + 1e-12) and (o.name == "uniform" or o.count >= floor) for o, _ in found]
     order = sorted(range(len(found)), key=lambda i: (not meets[i], found[i][0].latency, i))  # ties: uniform
     for i in order:
         opt, plan = found[i]
@@ -212,7 +216,7 @@ def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, c
             plan = _verified(model, example_inputs, plan, graph)
             if len(plan.choices) != n:  # the dry run kept groups
                 opt = PlanOption(opt.name, counter.exact(plan.choices) / max(counter.total, 1), rate(plan))
-                if opt.count > fraction * (1 + 1e-12) or opt.latency > found[0][0].latency:
+                if not floor <= opt.count <= fraction * (1 + 1e-12) or opt.latency > found[0][0].latency:
                     continue
             plan.notes.extend(plan.norm_notes())
         others = [found[j][0] for j in range(len(found)) if j != i]
