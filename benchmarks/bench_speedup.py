@@ -40,7 +40,9 @@ code path is tested on machines without one). Pruning itself always runs on the 
     .venv/bin/python benchmarks/bench_speedup.py --quiet-check --wait-quiet 300   # full CPU matrix, load reported
         (4 models x targets 2, 4 x batch 1, 8 x tp / secateur / secateur-latency; its 8 latency tables took
         12 min in all with the machine's 2 cores shared by other jobs, results/latency_table_build_times_loaded.json;
-        timing ~3 min and pruning ~3 min on a quiet machine; each model prints its elapsed time)
+        timing ~3 min and pruning ~3 min on a quiet machine before secateur-latency rated three plans per target;
+        it now takes ~3 min per target and table on ConvNeXt-T with the 2 cores shared by ~10 busy processes,
+        less when quiet; each model prints its elapsed time)
     .venv/bin/python benchmarks/bench_speedup.py --models resnet50 --targets 2 --batch 1 --repeats 5
     python benchmarks/bench_speedup.py --device cuda --gpu-batch 64 256 --compile   # GPU, no CPU timing
 """
