@@ -932,7 +932,13 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     misses (`secateur.latency_target`; a `LatencyCheck` sets tolerance, rounds, repeats, or a timer);
     ``"estimate"`` trusts the table. Default: measure when the table is built here, estimate when one is
     given (it may describe another device). The result reports ``latency_estimate``, ``latency_measured``
-    and ``latency_rounds``."""
+    and ``latency_rounds``.
+
+    ``target_macs`` / ``target_params`` with a ``latency_table``: among plans that meet the target (the uniform
+    one above, the allocator's greedy ranked by importance lost per second saved, and a latency budget bisected
+    until the target is met) the one the table estimates fastest is applied, never one it rates slower than the
+    uniform plan (`secateur.fastest_plan`; ``heads="heads"`` only); counts are the plan's exact MACs / params.
+    ``plan.notes`` name every option with its count and estimate; ``latency_estimate`` is the kept one's."""
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads, grouped)
     check = None
     if target_latency is not None:
@@ -942,6 +948,9 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     elif verify is not None:
         raise fail("verify checks a latency target: give target_latency too", where="prune_channels",
                    value=verify)
+    elif latency_table is not None and target_macs is None and target_params is None:
+        raise fail("latency_table is used by target_latency, target_macs or target_params: give one of them",
+                   where="prune_channels", value=type(latency_table).__name__)
     _refuse_masked(model)
     if heads == "head_dim":
         _refuse_rope(model)  # before any forward, as plan_channels does
@@ -960,10 +969,19 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         latency["latency_estimate"] = latency.pop("estimate")(model)
     elif target_macs is not None or target_params is not None:
         what = "macs" if target_macs is not None else "params"
-        plan = _target_plan(model, example_inputs, target_macs if what == "macs" else target_params, what, opts)
+        fraction = target_macs if what == "macs" else target_params
+        if latency_table is None:
+            plan = _target_plan(model, example_inputs, fraction, what, opts)
+        else:  # the fastest plan by the table that meets the target (secateur.fastest_plan)
+            from secateur.fastest_plan import fastest_plan
+            plan, _ = fastest_plan(model, example_inputs, fraction, what, latency_table, opts)
+            dense = latency_table.estimate(model)
+            latency["estimate"] = lambda m: latency_table.estimate(m) / dense
         if plan.choices:
             plan.apply(model)
             plans.append(plan)
+        if latency:
+            latency["latency_estimate"] = latency.pop("estimate")(model)
     else:
         for i in range(steps):
             if isinstance(ratio, dict):
