@@ -5,7 +5,9 @@ Per model, in its own subprocess with a timeout: ``plan_channels(model, x, ratio
 (pruned vs the original with the chosen channels zeroed at their consumers, norms over kept channels): for video
 models on the output, for detectors on what their heads return (forward hooks on the RPN / box / mask / keypoint
 predictors or the SSD / RetinaNet / FCOS heads, whose channels are the model's and stay) and on the detections
-(random weights give few or none); images are resized to 320 px inside the model (``min_size`` / ``max_size``;
+(random weights give few or none). An R-CNN's second stage is given the reference's proposals: with random
+weights many objectness scores are nearly equal, so a 1e-6 difference reorders top-k / NMS and the two models would
+crop different boxes (the RPN head's own outputs are compared as they are); images are resized to 320 px inside the model (``min_size`` / ``max_size``;
 the R-CNNs default to 800). Prints a table and writes benchmarks/results/detection_video.json.
 
     python benchmarks/bench_detection_video.py [--models ssd300_vgg16 r3d_18] [--timeout 300]
@@ -73,8 +75,10 @@ def _secateur(name, _size, q):
     t1 = time.perf_counter()
     ref = copy.deepcopy(m)
     plan.zero_consumers(ref)
-    seen_ref, seen_got = [], []
+    seen_ref, seen_got, proposals = [], [], []
     hr = [ref.get_submodule(h).register_forward_hook(lambda mod, a, o: seen_ref.append(o)) for h in hooks]
+    if _has(ref, "rpn"):  # R-CNNs: the second stage gets the reference's proposals (see _same_proposals)
+        hr.append(ref.get_submodule("rpn").register_forward_hook(lambda mod, a, o: proposals.append(o)))
     with torch.no_grad():
         with plan.kept_norms(ref):
             want = run_(ref, x)
@@ -82,6 +86,8 @@ def _secateur(name, _size, q):
         plan.apply(m)
         t3 = time.perf_counter()
         hg = [m.get_submodule(h).register_forward_hook(lambda mod, a, o: seen_got.append(o)) for h in hooks]
+        if proposals:
+            hg.append(m.get_submodule("rpn").register_forward_hook(lambda mod, a, o: proposals[0]))
         got = run_(m, x)
     for h in hr + hg:
         h.remove()

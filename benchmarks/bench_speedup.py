@@ -13,12 +13,15 @@ Methods (``--methods``):
                     uniform ratio raised in ``iterative_steps`` until the MACs target is met
   secateur          prune_channels(target_macs=1/target, round_to=8): one L1 ratio for every group, found by
                     bisection on the plan's exact MACs, applied once
-  secateur-latency  HALP-style: a per-layer latency table of this machine (secateur.latency_model) and the
-                    greedy allocator (secateur.allocate) choose per-group counts (multiples of 8) that meet
-                    the same MACs target, removing first the channels with the least L1 importance per
-                    second of (estimated) latency saved; the estimate includes the time outside the
-                    Conv/Linear layers (norms, activations, adds: secateur.latency_tail) on each group's channels
-  secateur-latency-layers  (not run by default) the same with the Conv/Linear layers' latencies alone (the
+  secateur-latency  prune_channels(target_macs=1/target, round_to=8, latency_table=table): a per-layer latency
+                    table of this machine (secateur.latency_model; with the time outside the Conv/Linear layers,
+                    secateur.latency_tail) rates the plans that meet the MACs target (exact count) and the fastest
+                    is kept (secateur.fastest_plan): the uniform plan, the greedy allocator's (secateur.allocate:
+                    multiples of 8, least L1 importance per second saved first), and a latency budget bisected
+                    until the MACs target is met
+  secateur-latency-greedy  (not run by default) the greedy allocator's plan alone, the previous
+                    secateur-latency (slower than uniform on ConvNeXt-T by its own table)
+  secateur-latency-layers  (not run by default) the greedy with the Conv/Linear layers' latencies alone (the
                     table before the tail was measured), for comparison
   secateur-latency-target  (not run by default) the target is a *latency* reduction estimated by the
                     table ("2x faster"); MACs reduction is whatever that takes
@@ -37,7 +40,9 @@ code path is tested on machines without one). Pruning itself always runs on the 
     .venv/bin/python benchmarks/bench_speedup.py --quiet-check --wait-quiet 300   # full CPU matrix, load reported
         (4 models x targets 2, 4 x batch 1, 8 x tp / secateur / secateur-latency; its 8 latency tables took
         12 min in all with the machine's 2 cores shared by other jobs, results/latency_table_build_times_loaded.json;
-        timing ~3 min and pruning ~3 min on a quiet machine; each model prints its elapsed time)
+        timing ~3 min and pruning ~3 min on a quiet machine before secateur-latency rated three plans per target;
+        it now takes ~3 min per target and table on ConvNeXt-T with the 2 cores shared by ~10 busy processes,
+        less when quiet; each model prints its elapsed time)
     .venv/bin/python benchmarks/bench_speedup.py --models resnet50 --targets 2 --batch 1 --repeats 5
     python benchmarks/bench_speedup.py --device cuda --gpu-batch 64 256 --compile   # GPU, no CPU timing
 """
@@ -226,10 +231,33 @@ def _latency_setup(dense: nn.Module, x: torch.Tensor, args, metric: str = "laten
 
 
 @method("secateur-latency")
+def prune_secateur_fastest(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
+    """What a user would call: ``prune_channels(target_macs=1/t, round_to=8, latency_table=table)``, the plan
+    the table rates fastest among those meeting the MACs target (uniform, greedy, bisected latency budget:
+    secateur.fastest_plan), counted by the engine's exact MACs."""
+    from secateur.structured import prune_channels
+    *_, table, _ = _latency_setup(dense, x, args)
+    out = {}
+    for t in targets:
+        model = copy.deepcopy(dense)
+        try:
+            res = prune_channels(model, x, target_macs=1 / t, round_to=ROUND_TO, latency_table=table)
+        except PruningError as e:  # reported, the other targets still run
+            say(f"  secateur-latency {t}x: {e}")
+            continue
+        model.predicted_speedup = 1 / res.latency_estimate
+        model.plan_options = [n for n in res.notes if n.startswith("latency table:")]
+        say(f"  secateur-latency {t}x: {model.plan_options[0] if model.plan_options else ''}")
+        out[t] = model
+    return out
+
+
+@method("secateur-latency-greedy")
 def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[float], args, *,
                            metric: str = "latency") -> dict[float, nn.Module]:
     """The MACs target, met with the channels whose removal saves the most estimated time per importance
-    (``metric``: the table's whole-model estimate, or ``"layers"``: its Conv/Linear layers alone)."""
+    (``metric``: the table's whole-model estimate, or ``"layers"``: its Conv/Linear layers alone); the
+    default latency method before it kept the fastest of several plans (ConvNeXt-T: slower than uniform)."""
     from secateur.allocate import channel_counts, round_candidates
     from secateur.latency_model import LatencyTable
     graph, groups, scores, table, latency = _latency_setup(dense, x, args, metric)
@@ -427,6 +455,7 @@ def run_model(name: str, args) -> list[dict]:
             variants[key] = m
             info[key] = {"method": meth, "target": t, "macs": macs_of(m, x), "params": params_of(m), "prune_s": secs,
                          "predicted_speedup": getattr(m, "predicted_speedup", None),
+                         "plan_options": getattr(m, "plan_options", None),
                          "table_device": table.device if table else None, "table_batch": tb}
     rows = []
     for place, b, comp in timings(args):

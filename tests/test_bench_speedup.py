@@ -88,6 +88,8 @@ def test_device_path_end_to_end_on_cpu(bench, tmp_path):
         ("secateur", 0), ("secateur-latency", 1), ("secateur-latency", 2)]
     lat = next(r for r in rows if r["table_batch"] == 2)
     assert lat["predicted_speedup"] > 1.0 and lat["table_device"].startswith("cpu-")
+    # the kept plan is the one its table rates fastest among those that meet the target (uniform included)
+    assert lat["plan_options"][0].startswith("latency table: kept the") and "uniform" in lat["plan_options"][0]
     saved = json.loads(out.read_text())
     assert saved["args"]["place"] == {"device": "cpu", "dtype": "float32", "channels_last": True}
     assert len(saved["rows"]) == len(rows)

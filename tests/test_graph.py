@@ -228,12 +228,12 @@ def test_a_size_kept_by_the_root_forward_drops_only_its_group():
     class Root(nn.Module):
         def __init__(self):
             super().__init__()
-            self.width = 8
+            self._width = 8  # private: never updated (a public one is, where proven: graph/size_attrs.py)
             self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 6)
             self.c, self.d = nn.Linear(6, 10), nn.Linear(10, 3)
 
         def forward(self, x):
-            y = self.a(x).reshape(x.size(0), self.width)  # the engine cannot update self.width
+            y = self.a(x).reshape(x.size(0), self._width)  # the engine cannot update self._width
             return self.d(torch.relu(self.c(self.b(y))))
 
     m, x = Root(), torch.randn(2, 4)

@@ -59,16 +59,17 @@ def _oracle_error(model, x, plan):
 
 
 class StaleHeads(nn.Module):
-    """Attention that keeps its head count under a name the engine does not know and lets ``-1`` take the rest."""
+    """Attention that keeps its head count under a private name (the engine never updates ``_`` attributes, see
+    graph/size_attrs.py; a public one it now updates where the dry run proves it) and lets ``-1`` take the rest."""
 
     def __init__(self, dim=32, heads=4):
         super().__init__()
-        self.n_h = heads
+        self._n_h = heads
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_h, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, t, 3, self._n_h, -1).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1)
         return self.proj((a @ v).transpose(1, 2).reshape(b, t, -1))
 
@@ -156,16 +157,17 @@ def test_target_macs_and_steps_never_return_a_mismatching_plan():
 
 class Branchy(nn.Module):
     """Control flow on a stored size: after pruning ``fc1`` the branch is no longer taken, yet every shape the
-    model outputs stays right. The op sequence differs: refused."""
+    model outputs stays right. The op sequence differs: refused. (The size is private: a public one the engine
+    updates, since the dry run then runs the unpruned op sequence; tests/test_size_attributes.py.)"""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
-        self.width = 16
+        self._width = 16
 
     def forward(self, x):
         h = torch.relu(self.fc1(x))
-        if h.shape[-1] == self.width:
+        if h.shape[-1] == self._width:
             h = h * 2.0 + 1.0
         return self.fc2(h)
 
@@ -184,7 +186,7 @@ def test_a_size_the_model_reads_back_correctly_is_fine():
     model, x = _net()
     for m in model.modules():
         if isinstance(m, StaleHeads):
-            m.num_heads = m.n_h
+            m.num_heads = m._n_h
             m.forward = _known_heads.__get__(m)
     plan = plan_channels(model, x, ratio=0.5)
     assert any(g.name == "blocks.0.attn.qkv" for g, _ in plan.choices), plan.notes

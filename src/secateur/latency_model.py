@@ -452,6 +452,13 @@ class LatencyTable:
             norm.append(row)
         specs, measure = self.specs, _METRICS[metric]
         fixed = self.tail.other if metric == "latency" and self.tail is not None else 0.0
+        memo: dict[tuple[str, Any, Any], float] = {}  # the allocator asks for the same layer widths again and again
+
+        def one(n: str, s: LayerSpec, c_out: Any, c_in: Any) -> float:
+            key = (n, c_out, c_in)
+            if key not in memo:
+                memo[key] = measure(self, n, s, c_out, c_in)
+            return memo[key]
 
         def cost(counts: Sequence[int]) -> float:
             outs: dict[str, int] = {}
@@ -467,7 +474,7 @@ class LatencyTable:
             for dest in (outs, ins):
                 for layer, c in dest.items():
                     dest[layer] = max(1, c)
-            return fixed + sum(measure(self, n, s, outs.get(n), ins.get(n)) for n, s in specs.items())
+            return fixed + sum(one(n, s, outs.get(n), ins.get(n)) for n, s in specs.items())
         return cost
 
     def members_of(self, groups: Sequence[Any]) -> list[list[tuple[str, str, float]]]:

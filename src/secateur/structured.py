@@ -52,6 +52,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     heads: str = "heads"  # "head_dim": attention units are per-head dims (size attributes follow that)
     norms: list[NormSite] = field(default_factory=list)
+    # sizes the model keeps in its own attributes, set after slicing: {module: {attr: value}}; only values the
+    # dry run proved (graph/size_attrs.py), each one written in ``notes``
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def removed(self) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
@@ -408,14 +411,41 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     ``rechoose(ties, fixed)`` (the plan's own choice with count ties and left-out groups): before dropping groups
     at a failing module, try tying the counts of the groups inside it to the stream that enters it (graph/ties.py);
     the ties stay (on ``graph.ties``) when the dry run then passes that module's class."""
+    d0 = {} if done is not None else None
+    base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0, rechoose=rechoose)
+    picked, d = base, d0
+    if len(base.choices) != len(plan.choices) and graph is not None:
+        # groups were dropped: would updating sizes the model keeps (graph/size_attrs.py) keep more of them? The
+        # search is greedy (an update that gets the dry run further may still lead to a refusal later), so its plan
+        # is taken only where it removes more channels than the plan without it
+        d1 = {} if done is not None else None
+        found = _verify_loop(model, example_inputs, _copy(plan), graph, search=True, done=d1, rechoose=rechoose)
+        if found.attrs and found.channels > base.channels:
+            picked, d = found, d1
+    if done is not None:
+        done.update(d)
+    return picked
+
+
+def _copy(plan: Plan) -> Plan:
+    return Plan(plan.groups, list(plan.choices), list(plan.notes), heads=plan.heads, norms=plan.norms,
+                attrs={k: dict(v) for k, v in plan.attrs.items()})
+
+
+def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None, search: bool,
+                 done: dict | None = None, rechoose: Callable | None = None) -> Plan:
     from secateur.graph import verify
     from secateur.metrics import MacTally
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     here = done is not None and verify.runs_here(model, example_inputs, applied=True)
+    spent = [0]  # dry runs spent on attribute searches (size_attrs.MAX_TRIALS)
     fixed: set[int] = set()
     tried: dict[type, bool] = {}  # module class -> its broad tie was tried
     pending = None  # (class tried, plan and ties before its ties, the failure they answer)
+    if rechoose is not None and graph is not None and graph.ties:  # ties found by an earlier loop hold here too
+        plan = Plan(plan.groups, rechoose(graph.ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms,
+                    attrs=plan.attrs)
     for _ in range(32):
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         tally, slices = (MacTally(), _Slices()) if here else (None, None)
@@ -428,19 +458,25 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
                 if ties is not None:
                     tried[cls] = True
                     graph.ties = ties
-                    plan = Plan(plan.groups, rechoose(ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms)
+                    plan = Plan(plan.groups, rechoose(ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms,
+                                attrs=plan.attrs)
                     continue
                 graph.ties, plan = ties0, plan0
                 ok, where, err, bad = failure
             else:
                 plan.notes.append(_tie_note(cls))
             pending = None
+        if not ok and search and expected is not None:  # a size the model keeps itself? (graph/size_attrs.py)
+            attrs = _attr_search(model, example_inputs, plan, graph, want, expected, where or "", spent)
+            if attrs != plan.attrs:
+                plan = Plan(plan.groups, plan.choices, plan.notes, heads=plan.heads, norms=plan.norms, attrs=attrs)
+                continue
         if err and ok:
             plan.notes.append(err)
         if ok:
             if here:
                 done.update(slices=slices if slices.removed else None, macs=tally.total)
-            return plan
+            return _noted(model, plan)
         cls = type(model.get_submodule(where)) if rechoose is not None and where and graph is not None else None
         if cls is not None and cls not in tried:
             ties, tried[cls] = _tie_class(model, graph, cls, False), False
@@ -449,7 +485,8 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
             if ties is not None:
                 pending = (cls, plan, graph.ties, (ok, where, err, bad))
                 graph.ties = ties
-                plan = Plan(plan.groups, rechoose(ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms)
+                plan = Plan(plan.groups, rechoose(ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms,
+                            attrs=plan.attrs)
                 continue
         if bad:  # a shape mismatch names the groups removed there: those, and the same role in its class
             keep = _without_role(model, plan, {id(graph.groups[i]) for i in bad}, where or "")
@@ -461,9 +498,10 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
         plan.notes.append(f"{where or '<model>'}: {what} ({err}); kept {dropped} group(s) there")
         if graph is not None and graph.ties and rechoose is not None:  # tied groups follow the ones left out
             keep = rechoose(graph.ties, fixed)
-        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms)
+        plan = Plan(plan.groups, keep, plan.notes, heads=plan.heads, norms=plan.norms,
+                    attrs=plan.attrs if keep else {})  # attrs found for other choices are revised on failure
         if not keep:
-            return plan
+            return _noted(model, plan)
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
 
 
@@ -483,6 +521,49 @@ def _tie_class(model: nn.Module, graph: Graph, cls: type, broad: bool):
 def _tie_note(cls: type) -> str:
     return (f"{cls.__name__}: reads its inner width from its input's shape; its groups keep as many channels as "
             f"the stream that enters it (count ties, graph/ties.py)")
+
+
+def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph, want, expected, where: str,
+                 spent: list[int]) -> dict[str, dict[str, Any]]:
+    """``plan.attrs`` plus the attribute updates that get the failed dry run further (graph/size_attrs.py)."""
+    from secateur.graph import size_attrs, verify
+    if spent[0] >= size_attrs.MAX_TRIALS:
+        return plan.attrs
+    pairs = size_attrs.size_pairs(expected)
+    if not pairs:
+        return plan.attrs
+
+    def dry(attrs):
+        trial = Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms, attrs=attrs)
+        exp = verify.expected(graph, trial.choices)
+        ok, w, _, _ = verify.check(model, example_inputs, trial.apply, want, exp)
+        return ok, w or "", exp.step_no
+
+    done: set[tuple[str, str]] = set()  # attributes the updaters already set (Linear.out_features): not tried
+    try:
+        sk = verify.skeleton(model)
+        _apply(sk, Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms))
+        mods = dict(model.named_modules())
+        done = {(n, k) for n, m in sk.named_modules() if n in mods for k, v in vars(m).items()
+                if not k.startswith("_") and k in vars(mods[n]) and _differs(v, vars(mods[n])[k])}
+    except Exception:  # noqa: BLE001 - only a shortcut: without it every candidate is tried
+        pass
+    return size_attrs.Search(model, pairs, dry, spent, done).run(plan.attrs, where, expected.step_no)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 - tensors and other values without a plain comparison
+        return False
+
+
+def _noted(model: nn.Module, plan: Plan) -> Plan:
+    """The plan, its attribute updates written in its notes (a kept size is never changed silently)."""
+    if plan.attrs:
+        from secateur.graph.size_attrs import notes
+        plan.notes.extend(n for n in notes(model, plan.attrs) if n not in plan.notes)
+    return plan
 
 
 def _without_module(model: nn.Module, example_inputs: Any, plan: Plan, scope: str, want, graph) -> list:
@@ -639,13 +720,13 @@ class _Counter:
             return self.total - sum(lost.values())
         return self.total - sum(self.leaves[n][0] * k // self.leaves[n][1] for n, k in lost.items())
 
-    def exact(self, choices) -> int:
+    def exact(self, choices, attrs=None) -> int:
         if self.what == "params" or not self.fixed:
             return self.estimate(choices)
         from secateur.graph.verify import skeleton, to_meta
         sk = skeleton(self.model)
         if choices:
-            _apply(sk, Plan(self.groups, choices))
+            _apply(sk, Plan(self.groups, choices, attrs=attrs or {}))
         try:
             return count_macs(sk, to_meta(self.inputs))
         except Exception:  # noqa: BLE001 - a plan the model cannot run (count ties not found yet): the dry run
@@ -693,7 +774,7 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
         plan = _verified(model, example_inputs, plan, graph,
                          rechoose=lambda t, fixed, hi=hi: choose(hi, fixed=fixed))  # choose reads graph.ties
         dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
-        if (not dropped and graph.ties is ties) or counter.exact(plan.choices) <= goal:
+        if (not dropped and graph.ties is ties) or counter.exact(plan.choices, plan.attrs) <= goal:
             break
         cands = [c for c in cands if id(c[0]) not in dropped]
         notes = plan.notes
@@ -825,6 +906,14 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                 entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
+    from secateur.graph.size_attrs import clear_caches
+    clear_caches(model)  # cached tensors of the unpruned sizes (timm's attention_bias_cache) are recomputed
+    if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
+        from secateur.graph.size_attrs import set_attrs
+        set_attrs(model, plan.attrs)
+        for name, kv in plan.attrs.items():
+            entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
+            entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kv.items()})
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
@@ -954,7 +1043,13 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     misses (`secateur.latency_target`; a `LatencyCheck` sets tolerance, rounds, repeats, or a timer);
     ``"estimate"`` trusts the table. Default: measure when the table is built here, estimate when one is
     given (it may describe another device). The result reports ``latency_estimate``, ``latency_measured``
-    and ``latency_rounds``."""
+    and ``latency_rounds``.
+
+    ``target_macs`` / ``target_params`` with a ``latency_table``: among plans that meet the target (the uniform
+    one above, the allocator's greedy ranked by importance lost per second saved, and a latency budget bisected
+    until the target is met) the one the table estimates fastest is applied, never one it rates slower than the
+    uniform plan (`secateur.fastest_plan`; ``heads="heads"`` only); counts are the plan's exact MACs / params.
+    ``plan.notes`` name every option with its count and estimate; ``latency_estimate`` is the kept one's."""
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads, grouped)
     check = None
     if target_latency is not None:
@@ -964,6 +1059,9 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     elif verify is not None:
         raise fail("verify checks a latency target: give target_latency too", where="prune_channels",
                    value=verify)
+    elif latency_table is not None and target_macs is None and target_params is None:
+        raise fail("latency_table is used by target_latency, target_macs or target_params: give one of them",
+                   where="prune_channels", value=type(latency_table).__name__)
     _refuse_masked(model)
     if heads == "head_dim":
         _refuse_rope(model)  # before any forward, as plan_channels does
@@ -982,10 +1080,19 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         latency["latency_estimate"] = latency.pop("estimate")(model)
     elif target_macs is not None or target_params is not None:
         what = "macs" if target_macs is not None else "params"
-        plan = _target_plan(model, example_inputs, target_macs if what == "macs" else target_params, what, opts)
+        fraction = target_macs if what == "macs" else target_params
+        if latency_table is None:
+            plan = _target_plan(model, example_inputs, fraction, what, opts)
+        else:  # the fastest plan by the table that meets the target (secateur.fastest_plan)
+            from secateur.fastest_plan import fastest_plan
+            plan, _ = fastest_plan(model, example_inputs, fraction, what, latency_table, opts)
+            dense = latency_table.estimate(model)
+            latency["estimate"] = lambda m: latency_table.estimate(m) / dense
         if plan.choices:
             plan.apply(model)
             plans.append(plan)
+        if latency:
+            latency["latency_estimate"] = latency.pop("estimate")(model)
     else:
         for i in range(steps):
             if isinstance(ratio, dict):

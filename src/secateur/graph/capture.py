@@ -212,6 +212,8 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     from secateur.graph.modules import leaf_rule
     from secateur.metrics import MacTally
 
+    from secateur.graph.size_attrs import clear_caches
+    clear_caches(model)  # the dry runs start from empty caches too (see clear_caches)
     tracer = Tracer(model, heads, grouped)
     handles = []
     names = {m: n for n, m in model.named_modules()}

@@ -75,8 +75,14 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         after = tr.get(args[0])
         if not (before is None and after is None) and (before is None or after is None or
                                                         not torch.equal(before, after)):
-            raise tr.error(f"in-place {packet._qualified_op_name} changes the channels of a view: cannot track "
-                           "its base", args[0])
+            # the base's labels are not rewritten through the view: keep every channel on either side of the
+            # write (before and after), so nothing there changes under any plan (noted)
+            tr.atoms.block(before)
+            tr.atoms.block(after)
+            note = (f"{tr.where()}: in-place {packet._qualified_op_name} writes channels into a view of another "
+                    "tensor; the channels on both sides of the write are kept")
+            if note not in tr.notes:
+                tr.notes.append(note)
 
 
 _POINTWISE_UNTAGGED = {aten.hardswish, aten.hardswish_, aten.mish, aten.mish_, aten.silu, aten.gelu_,
@@ -810,3 +816,44 @@ def not_understood(tr: Tracer, func, args, kwargs, out) -> None:
     for t in _outs(out):
         if id(t) not in alias:
             tr.set(t, None)
+
+
+# ---------------------------------------------------------------- detection: RoI pooling, writes into a fresh tensor
+def _vision_ops() -> list:
+    try:
+        import torchvision  # noqa: F401 - registers torch.ops.torchvision
+    except Exception:  # noqa: BLE001 - torchvision missing or broken: no such ops in any model then
+        return []
+    ops = torch.ops.torchvision
+    return [getattr(ops, n) for n in ("roi_align", "roi_pool") if hasattr(ops, n)]
+
+
+@rule(*_vision_ops())
+def roi_pool(tr, func, args, kwargs, out):
+    """``roi_align`` / ``roi_pool`` (features [N, C, H, W], boxes) -> [K, C, h, w]: each channel pooled on its own,
+    so the boxes' crops carry the features' channels (position-sensitive variants mix them: not here)."""
+    x = args[0]
+    for t in _tensors(args[1:]):
+        tr.atoms.block(tr.get(t))
+    lab = _pad(tr.get(x), x.dim())
+    lab = None if lab is None else tr.atoms.collapse(lab, [0, *range(2, x.dim())])
+    for t in _outs(out):
+        tr.set(t, lab if lab is not None and t.dim() == x.dim() else None)
+
+
+@rule(aten.index_put_, aten.index_put)
+def index_put(tr, func, args, kwargs, out):
+    """``result[idx] = values`` with indices on the leading dims only and channels in the trailing ones (torchvision's
+    multi-scale RoI pooling gathers each level's crops so): the result carries the values' channels. Anything else
+    keeps what it reads (``not_understood``)."""
+    self, indices, values = args[0], list(args[1]), args[2]
+    lv, ls = _pad(tr.get(values), values.dim()), _pad(tr.get(self), self.dim())
+    k = len(indices)
+    simple = (lv is not None and values.dim() == self.dim() and all(i is not None for i in indices)
+              and all(lv.size(d) == 1 for d in range(k)) and all(tr.get(i) is None for i in indices))
+    if not simple:
+        not_understood(tr, func, args, kwargs, out)
+        return
+    lab = _join(tr, ls, lv)
+    for t in _outs(out):
+        tr.set(t, lab)

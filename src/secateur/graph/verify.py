@@ -250,9 +250,8 @@ class Expected:
         self.sequence = False
         for lab, s0, s in zip(labs, shapes0, shapes):
             want = self.shape(lab, s0)
-            if want is not None and dyn and len(want) == len(s):  # channel dims only
-                off = len(s) - lab.dim()
-                want = tuple(w if d < off or lab.size(d - off) > 1 else g for d, (w, g) in enumerate(zip(want, s)))
+            if want is not None and dyn and len(want) == len(s):  # only the dims the plan shrinks: a gathered
+                want = tuple(w if w != w0 else g for w, w0, g in zip(want, s0, s))  # dim is labelled and follows values
             if want is not None and want != s:
                 raise Mismatch(f"{op} (op #{i}) gives shape {list(s)} where the plan needs {list(want)} (unpruned "
                                f"{list(s0)}): the code keeps a size of its own", self.groups(lab))

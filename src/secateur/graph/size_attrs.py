@@ -1,0 +1,224 @@
+"""Sizes a model keeps in its own int attributes, found and proven by the dry run (issue #3).
+
+Model code often re-uses a size it stored at construction: timm's ``Scale`` views its vector with
+``self.shape = (dim, 1, 1)``, MetaFormer attention reshapes with ``self.attention_dim``, EfficientViT splits q/k/v
+with ``[self.key_dim, self.key_dim, self.d]``. Per-class updaters (modules.py, timm_sizes.py) cover the classes we
+know; this is the general rule for the others, and it guesses nothing the dry run has not proven:
+
+* the plan says, for every op output of the capture, the shape the pruned model must produce
+  (``verify.Expected``); every dim that shrinks gives a pair (old size -> new size);
+* when the pruned forward fails or an op's shape differs from the plan's inside module ``M``, the int (or
+  tuple / list of int) attributes of ``M``, its descendants and its ancestors whose value equals an old size are candidates, and
+  each new size that old size maps to is an option;
+* a candidate is taken only when the dry run with it gets strictly further (more ops whose shapes all equal the
+  plan's) than without it, and the plan keeps it only if the whole model then runs with every op shape equal to
+  the plan's; finally every (class, attribute) taken is dropped again where the dry run passes without it.
+
+Why shapes are enough evidence: an attribute that is not the size of the pruned dim either breaks a shape
+(refused) or is not needed (dropped by the last step); one that is, but was left stale, is exactly what
+``verify`` exists to catch. Every update is written in ``plan.notes``, the structure record (so a reload sets
+it) and ``plan.attrs``. Attributes whose name starts with ``_`` and bools are never touched."""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Any, Callable
+
+from torch import nn
+
+MAX_TRIALS = 12  # dry runs one plan's searches may spend in all; past that, groups are kept whole (noted) as before
+# 12, not 32: the models it fixes (caformer, visformer, vit_relpos, efficientvim) need fewer; on the ones it cannot
+# fix the CPU time wasted fell (efficientvit_m0 4.4 -> 3.1 s, lowformer_b0 3.1 -> 1.6 s, same MACs everywhere)
+
+
+def size_pairs(expected: Any) -> dict[int, list[int]]:
+    """old size -> new sizes (most frequent first) over every compared op output of the capture."""
+    pairs: dict[int, Counter] = {}
+    for _, shapes0, labs in expected.trace:
+        for lab, s0 in zip(labs, shapes0):
+            want = expected.shape(lab, s0)
+            if want is None:
+                continue
+            for a, b in zip(s0, want):
+                if a != b:
+                    pairs.setdefault(int(a), Counter())[int(b)] += 1
+    return {a: [b for b, _ in c.most_common()] for a, c in pairs.items()}
+
+
+def _ints(v: Any) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) > 0
+            and all(isinstance(e, int) and not isinstance(e, bool) for e in v))
+
+
+def _options(v: Any, pairs: dict[int, list[int]], limit: int = 4) -> list[Any]:
+    """New values for attribute value ``v``: an int maps through ``pairs``; a tuple / list maps every element
+    that is an old size (one option per combination of the distinct old sizes' new sizes)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return list(pairs.get(v, []))[:limit]
+    if not _ints(v):
+        return []
+    olds = [e for e in dict.fromkeys(v) if e in pairs]
+    out = []
+    for combo in itertools.islice(itertools.product(*(pairs[e][:2] for e in olds)), limit):
+        m = dict(zip(olds, combo))
+        out.append(type(v)(m.get(e, e) for e in v))
+    return out
+
+
+def _scopes(name: str, names: list[str]) -> list[str]:
+    """``name``, its descendants (its code may call a child's method, not its forward: timm's
+    ``rel_pos.get_bias()``), then its ancestors, innermost first (the root, "", last)."""
+    out = [name] + ([n for n in names if n.startswith(name + ".")] if name else [])
+    while name:
+        name = name.rpartition(".")[0]
+        out.append(name)
+    return out
+
+
+class Search:
+    """Greedy search for attribute updates (see the module docstring). ``dry(attrs)`` runs the dry run with the
+    plan plus ``attrs`` ({module: {attr: value}}) and returns (ok, failing module, ops matched)."""
+
+    def __init__(self, model: nn.Module, pairs: dict[int, list[int]],
+                 dry: Callable[[dict], tuple[bool, str, int]], spent: list[int] | None = None,
+                 done: set[tuple[str, str]] = frozenset()) -> None:
+        self.model, self.pairs, self.dry, self.done = model, pairs, dry, done  # done: set by the updaters
+        self.mods = dict(model.named_modules())
+        self.spent = spent if spent is not None else [0]  # shared by one plan's searches
+
+    @property
+    def trials(self) -> int:
+        return self.spent[0]
+
+    def _run(self, attrs: dict) -> tuple[bool, str, int]:
+        self.spent[0] += 1
+        return self.dry(attrs)
+
+    def _candidates(self, where: str, attrs: dict) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(module, options) where an option is {attr: new value}. Per module, first the attributes that hold the
+        same old size, together (``split([self.key_dim, self.key_dim, self.d])`` needs both at once), then each
+        attribute alone."""
+        out = []
+        for scope in _scopes(where, list(self.mods)):
+            mod = self.mods.get(scope)
+            if mod is None:
+                continue
+            same: dict[int, list[str]] = {}
+            singles = []
+            for k, v in vars(mod).items():
+                if k.startswith("_") or (scope, k) in self.done:
+                    continue
+                opts = _options(v, self.pairs)
+                if k in attrs.get(scope, {}):  # set for other choices (groups dropped since): revise it
+                    opts = [o for o in [v, *opts] if o != attrs[scope][k]]
+                elif isinstance(v, int) and opts:
+                    same.setdefault(v, []).append(k)
+                if opts:
+                    singles.append((scope, [{k: o} for o in opts]))
+            for v, keys in same.items():
+                if len(keys) > 1:
+                    out.append((scope, [{k: o for k in keys} for o in self.pairs[v][:4]]))
+            out.extend(singles)
+        return out
+
+    def _peers(self, name: str, keys) -> dict[str, dict[str, Any]]:
+        """The same attributes in every module of ``name``'s class, mapped by their most frequent new size: the
+        other layers run the same code (each is still proven by the dry run, which must get further)."""
+        cls = type(self.mods[name])
+        out: dict[str, dict[str, Any]] = {}
+        for n, m in self.mods.items():
+            if type(m) is cls and n != name:
+                for key in keys:
+                    opts = _options(vars(m).get(key), self.pairs)
+                    if opts:
+                        out.setdefault(n, {})[key] = opts[0]
+        return out
+
+    def _trials(self, attrs: dict, scope: str, opt: dict[str, Any]) -> list[dict]:
+        """``attrs`` with ``opt`` in ``scope``, first in every peer too; a value back to the model's own is no
+        update at all."""
+        own = vars(self.mods[scope])
+        single = _merge(attrs, {scope: opt})
+        for k, v in opt.items():
+            if own.get(k) == v:
+                del single[scope][k]
+        single = {n: kv for n, kv in single.items() if kv}
+        revert = any(own.get(k) == v for k, v in opt.items())
+        return [single] if revert or not scope else [_merge(single, self._peers(scope, opt)), single]
+
+    def run(self, attrs: dict, where: str, reached: int) -> dict:
+        """Attribute updates added to ``attrs`` while each one gets the dry run further (``reached``: ops matched
+        by the failing run). Returns the new attrs (``attrs`` itself when nothing helped)."""
+        attrs = {k: dict(v) for k, v in attrs.items()}
+        while self.trials < MAX_TRIALS:
+            step = None
+            for scope, opts in self._candidates(where, attrs):
+                for opt in opts:
+                    for trial in self._trials(attrs, scope, opt):
+                        if self.trials >= MAX_TRIALS:
+                            break
+                        ok, where2, got = self._run(trial)
+                        if ok:
+                            return self._minimal(trial, attrs)
+                        if got > reached:
+                            step = (trial, where2, got)
+                            break
+                    if step:
+                        break
+                if step:
+                    break
+            if step is None:
+                return attrs
+            attrs, where, reached = step
+        return attrs
+
+    def _minimal(self, attrs: dict, base: dict) -> dict:
+        """Drop, per (class, attribute) added since ``base``, the updates the dry run passes without."""
+        added = {(type(self.mods[n]), k) for n, kv in attrs.items() for k in kv if k not in base.get(n, {})}
+        for cls, key in sorted(added, key=lambda ck: (ck[0].__name__, ck[1])):
+            if self.trials >= MAX_TRIALS:
+                break
+            trial = {n: {k: v for k, v in kv.items() if not (k == key and type(self.mods[n]) is cls
+                                                               and k not in base.get(n, {}))}
+                     for n, kv in attrs.items()}
+            trial = {n: kv for n, kv in trial.items() if kv}
+            if trial != attrs and self._run(trial)[0]:
+                attrs = trial
+        return attrs
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {k: dict(v) for k, v in a.items()}
+    for n, kv in b.items():
+        out.setdefault(n, {}).update(kv)
+    return out
+
+
+def set_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:
+    for name, kv in attrs.items():
+        mod = model.get_submodule(name)
+        for k, v in kv.items():
+            setattr(mod, k, v)
+
+
+def notes(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    for name, kv in attrs.items():
+        mod = model.get_submodule(name)
+        for k, v in kv.items():
+            out.append(f"{name or '<model>'}.{k}: {getattr(mod, k)!r} -> {v!r} (a size the model keeps itself; "
+                       "updated because the dry run matched every op shape of the plan only with it)")
+    return out
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Empty the tensor caches modules keep in dict attributes (timm's LeViT / EfficientViT
+    ``attention_bias_cache``: ``attention_biases[:, idxs]`` kept per device in eval mode). A cache filled before
+    pruning holds tensors of the unpruned sizes, which the pruned model would silently reuse; and a forward that
+    hits it runs fewer ops than one that fills it, so the capture and every dry run start from empty caches to run
+    the same ops. Only dicts named ``*cache*`` whose values are all tensors: the model recomputes them on a miss."""
+    import torch
+    for mod in model.modules():
+        for k, v in vars(mod).items():
+            if "cache" in k and isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+                v.clear()
