@@ -17,6 +17,7 @@ from secateur.graph.labels import full
 
 aten = torch.ops.aten
 RULES: dict[Any, Callable] = {}
+BY_NAME: dict[str, Callable] = {}  # ops of optional libraries ("torchvision::roi_align"), never imported here
 
 
 def rule(*ops):
@@ -62,7 +63,7 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
                 if id(t) in tr.labels and tr.labels[id(t)] is not None:
                     tr.set(t, None)
         return
-    fn = RULES.get(packet)
+    fn = RULES.get(packet) or BY_NAME.get(packet._qualified_op_name)
     if fn is None and (torch.Tag.pointwise in func.tags or _inplace_of_pointwise(packet)
                        or packet in _POINTWISE_UNTAGGED):
         fn = pointwise
@@ -819,16 +820,6 @@ def not_understood(tr: Tracer, func, args, kwargs, out) -> None:
 
 
 # ---------------------------------------------------------------- detection: RoI pooling, writes into a fresh tensor
-def _vision_ops() -> list:
-    try:
-        import torchvision  # noqa: F401 - registers torch.ops.torchvision
-    except Exception:  # noqa: BLE001 - torchvision missing or broken: no such ops in any model then
-        return []
-    ops = torch.ops.torchvision
-    return [getattr(ops, n) for n in ("roi_align", "roi_pool") if hasattr(ops, n)]
-
-
-@rule(*_vision_ops())
 def roi_pool(tr, func, args, kwargs, out):
     """``roi_align`` / ``roi_pool`` (features [N, C, H, W], boxes) -> [K, C, h, w]: each channel pooled on its own,
     so the boxes' crops carry the features' channels (position-sensitive variants mix them: not here)."""
@@ -839,6 +830,9 @@ def roi_pool(tr, func, args, kwargs, out):
     lab = None if lab is None else tr.atoms.collapse(lab, [0, *range(2, x.dim())])
     for t in _outs(out):
         tr.set(t, lab if lab is not None and t.dim() == x.dim() else None)
+
+
+BY_NAME.update({"torchvision::roi_align": roi_pool, "torchvision::roi_pool": roi_pool})
 
 
 @rule(aten.index_put_, aten.index_put)
