@@ -205,7 +205,7 @@ _INDEX_ARGS = {aten.index: (1,), aten.index_select: (2,), aten.gather: (2,), ate
       aten.split_with_sizes_copy, aten.alias_copy, aten.hstack, aten.vstack, aten.concat, aten.concatenate,
       aten.take_along_dim, aten.swapaxes, aten.swapdims, aten.tile, aten.reflection_pad1d,
       aten.reflection_pad2d, aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d,
-      aten.reflection_pad3d, aten.im2col)
+      aten.reflection_pad3d, aten.im2col, aten.col2im)
 def move(tr, func, args, kwargs, out):
     packet = func.overloadpacket
     index_pos = _INDEX_ARGS.get(packet, ())
@@ -242,8 +242,25 @@ def move(tr, func, args, kwargs, out):
     largs = [sub(a, i) for i, a in enumerate(args)]
     if packet is aten.constant_pad_nd:
         largs = largs[:2] + [-1]
-    if packet is aten.im2col:  # patches of one channel stay together: collapse spatial first
-        raise tr.error("im2col (nn.Unfold) on a channel-carrying tensor is not supported")
+    if packet is aten.col2im:  # [N, C * kh * kw, L] -> [N, C, H, W]: channel c sums its kh * kw cells
+        x, lab = args[0], _pad(tr.get(args[0]), args[0].dim())
+        cdim, k = x.dim() - 2, math.prod(args[2])
+        if any(lab.size(d) > 1 for d in range(lab.dim()) if d != cdim) or lab.size(cdim) % k:
+            not_understood(tr, func, args, kwargs, out)
+            return
+        chan = tr.atoms.collapse(lab.reshape(-1, k), [1]).reshape(-1)  # a channel's cells are one unit
+        tr.set(out, chan.reshape((1,) * cdim + (chan.numel(), 1, 1)))
+        return
+    if packet is aten.im2col:  # [N, C, H, W] -> [N, C * kh * kw, L], channel-major: c * kh * kw + kernel cell
+        x, lab = args[0], _pad(tr.get(args[0]), args[0].dim())
+        cdim = x.dim() - 3
+        if any(lab.size(d) > 1 for d in range(lab.dim()) if d != cdim):  # channels mixed with space: kept
+            not_understood(tr, func, args, kwargs, out)
+            return
+        k = math.prod(args[1])
+        new = lab.reshape(-1).repeat_interleave(k)
+        tr.set(out, new.reshape((1,) * cdim + (new.numel(), 1)))
+        return
     lout = func(*largs, **kwargs)
     outs, louts = _outs(out), _outs(lout)
     check = _CHECKS.get(packet)
