@@ -240,3 +240,26 @@ def test_a_size_kept_by_the_root_forward_drops_only_its_group():
     plan = _oracle(m, x, ratio=0.5)
     assert m.a.out_features == 8 and m.c.out_features == 5  # the culprit kept, the rest still pruned
     assert any("pruned forward failed" in n for n in plan.notes)
+
+
+def test_unfold_and_fold_carry_channels():
+    """nn.Unfold lays channel c's kh*kw cells at c*kh*kw + cell; nn.Fold sums them back: both map channels exactly
+    (VOLO's outlook attention), so the convs around them prune and the oracle holds."""
+    class U(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.unfold = nn.Unfold(3, padding=1)
+            self.mix = nn.Conv1d(8 * 9, 8 * 9, 1)
+            self.fold = nn.Fold((6, 6), 3, padding=1)
+            self.b = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            y = self.fold(self.mix(self.unfold(y)))
+            return self.b(y)
+
+    torch.manual_seed(0)
+    m, x = U(), torch.randn(2, 3, 6, 6)
+    assert_oracle(m, x, ratio=0.5)
+    assert m.a.out_channels == 4 and m.mix.in_channels == 36 and m.mix.out_channels == 36 and m.b.in_channels == 4

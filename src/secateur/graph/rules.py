@@ -17,6 +17,7 @@ from secateur.graph.labels import full
 
 aten = torch.ops.aten
 RULES: dict[Any, Callable] = {}
+BY_NAME: dict[str, Callable] = {}  # ops of optional libraries ("torchvision::roi_align"), never imported here
 
 
 def rule(*ops):
@@ -62,7 +63,7 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
                 if id(t) in tr.labels and tr.labels[id(t)] is not None:
                     tr.set(t, None)
         return
-    fn = RULES.get(packet)
+    fn = RULES.get(packet) or BY_NAME.get(packet._qualified_op_name)
     if fn is None and (torch.Tag.pointwise in func.tags or _inplace_of_pointwise(packet)
                        or packet in _POINTWISE_UNTAGGED):
         fn = pointwise
@@ -204,7 +205,7 @@ _INDEX_ARGS = {aten.index: (1,), aten.index_select: (2,), aten.gather: (2,), ate
       aten.split_with_sizes_copy, aten.alias_copy, aten.hstack, aten.vstack, aten.concat, aten.concatenate,
       aten.take_along_dim, aten.swapaxes, aten.swapdims, aten.tile, aten.reflection_pad1d,
       aten.reflection_pad2d, aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d,
-      aten.reflection_pad3d, aten.im2col)
+      aten.reflection_pad3d, aten.im2col, aten.col2im)
 def move(tr, func, args, kwargs, out):
     packet = func.overloadpacket
     index_pos = _INDEX_ARGS.get(packet, ())
@@ -241,8 +242,25 @@ def move(tr, func, args, kwargs, out):
     largs = [sub(a, i) for i, a in enumerate(args)]
     if packet is aten.constant_pad_nd:
         largs = largs[:2] + [-1]
-    if packet is aten.im2col:  # patches of one channel stay together: collapse spatial first
-        raise tr.error("im2col (nn.Unfold) on a channel-carrying tensor is not supported")
+    if packet is aten.col2im:  # [N, C * kh * kw, L] -> [N, C, H, W]: channel c sums its kh * kw cells
+        x, lab = args[0], _pad(tr.get(args[0]), args[0].dim())
+        cdim, k = x.dim() - 2, math.prod(args[2])
+        if any(lab.size(d) > 1 for d in range(lab.dim()) if d != cdim) or lab.size(cdim) % k:
+            not_understood(tr, func, args, kwargs, out)
+            return
+        chan = tr.atoms.collapse(lab.reshape(-1, k), [1]).reshape(-1)  # a channel's cells are one unit
+        tr.set(out, chan.reshape((1,) * cdim + (chan.numel(), 1, 1)))
+        return
+    if packet is aten.im2col:  # [N, C, H, W] -> [N, C * kh * kw, L], channel-major: c * kh * kw + kernel cell
+        x, lab = args[0], _pad(tr.get(args[0]), args[0].dim())
+        cdim = x.dim() - 3
+        if any(lab.size(d) > 1 for d in range(lab.dim()) if d != cdim):  # channels mixed with space: kept
+            not_understood(tr, func, args, kwargs, out)
+            return
+        k = math.prod(args[1])
+        new = lab.reshape(-1).repeat_interleave(k)
+        tr.set(out, new.reshape((1,) * cdim + (new.numel(), 1)))
+        return
     lout = func(*largs, **kwargs)
     outs, louts = _outs(out), _outs(lout)
     check = _CHECKS.get(packet)
@@ -819,16 +837,6 @@ def not_understood(tr: Tracer, func, args, kwargs, out) -> None:
 
 
 # ---------------------------------------------------------------- detection: RoI pooling, writes into a fresh tensor
-def _vision_ops() -> list:
-    try:
-        import torchvision  # noqa: F401 - registers torch.ops.torchvision
-    except Exception:  # noqa: BLE001 - torchvision missing or broken: no such ops in any model then
-        return []
-    ops = torch.ops.torchvision
-    return [getattr(ops, n) for n in ("roi_align", "roi_pool") if hasattr(ops, n)]
-
-
-@rule(*_vision_ops())
 def roi_pool(tr, func, args, kwargs, out):
     """``roi_align`` / ``roi_pool`` (features [N, C, H, W], boxes) -> [K, C, h, w]: each channel pooled on its own,
     so the boxes' crops carry the features' channels (position-sensitive variants mix them: not here)."""
@@ -839,6 +847,9 @@ def roi_pool(tr, func, args, kwargs, out):
     lab = None if lab is None else tr.atoms.collapse(lab, [0, *range(2, x.dim())])
     for t in _outs(out):
         tr.set(t, lab if lab is not None and t.dim() == x.dim() else None)
+
+
+BY_NAME.update({"torchvision::roi_align": roi_pool, "torchvision::roi_pool": roi_pool})
 
 
 @rule(aten.index_put_, aten.index_put)
