@@ -142,7 +142,6 @@ def test_an_attribute_update_the_dry_run_cannot_prove_is_not_made():
 # model -> (input size, what the model keeps, MACs after / dense at ratio 0.5 before graph/size_attrs.py)
 SLOW = {
     "visformer_tiny": (224, "Attention.num_heads on a conv qkv (0.535)"),
-    "cpubone_nano": (64, "head_dim, o_proj_inpdim, num_heads (0.451)"),
     "efficientvim_m1": (64, "d_inner: split_with_sizes [128, 128] (0.735)"),
     "vit_relpos_small_patch16_224": (224, "RelPosMlp.num_heads, bias_shape (0.697)"),
 }

@@ -25,6 +25,7 @@ counts (graph/ties.py, ``graph.ties``); every way of choosing (ratio, global ran
 targets) then meets the ties in ``_tied``."""
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -413,18 +414,61 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     the ties stay (on ``graph.ties``) when the dry run then passes that module's class."""
     d0 = {} if done is not None else None
     base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0, rechoose=rechoose)
+    if graph is not None and graph.ties and _exact(model, example_inputs, base) is False:
+        graph.ties = None  # count ties proven by shapes, refuted by values: the plan without them
+        d0 = {} if done is not None else None
+        base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0)
+        base.notes.append("count ties gave a pruned model that differs from the reference; not used")
     picked, d = base, d0
     if len(base.choices) != len(plan.choices) and graph is not None:
         # groups were dropped: would updating sizes the model keeps (graph/size_attrs.py) keep more of them? The
         # search is greedy (an update that gets the dry run further may still lead to a refusal later), so its plan
-        # is taken only where it removes more channels than the plan without it
-        d1 = {} if done is not None else None
-        found = _verify_loop(model, example_inputs, _copy(plan), graph, search=True, done=d1, rechoose=rechoose)
-        if found.attrs and found.channels > base.channels:
-            picked, d = found, d1
+        # is taken only where it removes more channels than the plan without it, and only where it computes the
+        # reference: shapes prove a stored size is the pruned dim's, not that it is not also used as a number
+        # (a 1-head attention's ``head_dim`` sized its reshape *and* its softmax scale)
+        # (with the count ties found above, and without them: a tie can hold a stream whole where an updated size
+        # would have let it shrink, efficientvim's HSMSSD)
+        ties, kept_ties = graph.ties, graph.ties
+        for tied in ([True, False] if ties else [True]):
+            graph.ties = ties if tied else None
+            d1 = {} if done is not None else None
+            found = _verify_loop(model, example_inputs, _copy(plan), graph, search=True, done=d1,
+                                 rechoose=rechoose if tied else None)
+            if found.attrs and found.channels > picked.channels and _exact(model, example_inputs, found):
+                picked, d, kept_ties = found, d1, graph.ties
+        graph.ties = kept_ties
     if done is not None:
         done.update(d)
     return picked
+
+
+def _exact(model: nn.Module, example_inputs: Any, plan: Plan) -> bool | None:
+    """Does ``plan`` applied to a copy compute the oracle's reference (the original with the chosen channels zeroed
+    at their consumers, norms over the kept ones) on the example inputs? None where it cannot be run here (not a
+    CPU model within ``verify.HERE_BYTES``): a numeric proof costs two forwards of copies."""
+    from secateur.graph import verify
+    from secateur.graph.capture import _flat_tensors, call
+    if not plan.choices or not verify.runs_here(model, example_inputs):
+        return None
+    ref, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    plan.zero_consumers(ref)
+    plan.apply(pruned)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        torch.manual_seed(0)
+        with plan.kept_norms(ref):
+            want = _flat_tensors(call(ref, example_inputs))
+        torch.manual_seed(0)
+        got = _flat_tensors(call(pruned, example_inputs))
+    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+        return False
+    for a, b in zip(want, got):
+        if a.is_floating_point() and a.numel():
+            scale = float(a.abs().max())
+            if float((a - b).abs().max()) > 1e-4 * max(scale, 1e-3):
+                return False
+        elif not torch.equal(a, b):
+            return False
+    return True
 
 
 def _copy(plan: Plan) -> Plan:
