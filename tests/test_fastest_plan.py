@@ -208,3 +208,29 @@ def test_refusals():
     with pytest.raises(PruningError):
         prune_channels(m, x, target_macs=0.5, latency_table=LatencyTable.shapes_only(m, x))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # untouched on refusal
+
+
+def test_measure_keeps_the_fastest_measured_plan(monkeypatch):
+    """``measure=True``: the options the table rates at least as fast as uniform are timed here, and the fastest
+    *measured* is kept, whatever the table said (it misordered ConvNeXt-T's plans at 2x on the CPU)."""
+    import secateur.fastest_plan as F
+    m, x = _model()
+    table = _table(m, x, lambda n, c: 1e-4 + {"conv1": 1e-5, "conv2": 1e-7, "conv3": 1e-5, "fc": 0.0}[n] * c,
+                   lambda n, c: 1.0 + {"conv1": 0.0, "conv2": 0.1, "conv3": 0.001, "fc": 1.0}[n] * c)
+    _, by_table = fastest_plan(m, x, 0.6, "macs", table, OPTS)
+    if by_table[0].name == "uniform":
+        pytest.skip("the table already prefers uniform here")
+    seen = []
+
+    def timer(model, inputs, plans, repeats=10):  # plans come in the table's order, uniform last (the fallback):
+        seen.append(len(plans))  # measured, uniform is the fastest here
+        return [0.9] * (len(plans) - 1) + [0.5]
+
+    monkeypatch.setattr(F, "measured_fractions", timer)
+    plan, options = fastest_plan(m, x, 0.6, "macs", table, OPTS, measure=True)
+    assert seen and seen[0] >= 2  # the table's pick and uniform at least
+    assert options[0].name == "uniform" and "measured here" in plan.notes[-1]
+    # with real timing (no patch) the call runs end to end and keeps a plan that meets the target
+    monkeypatch.undo()
+    plan, options = fastest_plan(m, x, 0.6, "macs", table, OPTS, measure=True, repeats=3)
+    assert options[0].count <= 0.6 + 1e-12

@@ -57,14 +57,17 @@ def plan_latency(model: nn.Module, plan: Any, table: Any) -> float:
 
 
 def fastest_plan(model: nn.Module, example_inputs: Any, fraction: float, what: str, table: Any, opts: dict,
-                 *, options: Sequence[str] = OPTIONS) -> tuple[Any, list[PlanOption]]:
+                 *, options: Sequence[str] = OPTIONS, measure: bool = False,
+                 repeats: int = 10) -> tuple[Any, list[PlanOption]]:
     """The plan with the least estimated latency among ``options`` that keep at most ``fraction`` of the
     model's MACs (``what="macs"``) or params (``"params"``), and every option considered (the kept one first).
 
     ``opts`` are `structured.prune_channels`'s planning options (importance, round_to, ignore, ...). The
     uniform plan is always built (it is the fallback); an allocator option that cannot meet the target, or
     that removes more than `OVERSHOOT` beyond it and more than the uniform plan does, is passed over. Ties go
-    to the uniform plan."""
+    to the uniform plan. ``measure``: every option that meets the target is applied to a copy and timed against
+    the model here (interleaved, ``repeats`` rounds, `secateur.latency.compare_latency`), and the fastest
+    *measured* is kept: the table ranks plans from layers timed apart, which can misorder close plans."""
     from secateur.latency_model import LatencyTable
     from secateur.structured import _Counter, _target_plan
 
@@ -98,8 +101,9 @@ def fastest_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
                                          plan_latency(model, plan, table) / dense), plan))
             else:
                 missing.append(name)
+    timer = (lambda plans: measured_fractions(model, example_inputs, plans, repeats)) if measure else None
     plan, options = _pick(model, example_inputs, found, fraction, counter, graph,
-                          lambda p: plan_latency(model, p, table) / dense)
+                          lambda p: plan_latency(model, p, table) / dense, timer)
     if missing:
         plan.notes[-1] += f"; no plan faster than uniform that meets the target from: {', '.join(missing)}"
     return plan, options
@@ -197,8 +201,30 @@ def _calibrated(alloc: tuple[Callable[[float], list], float], counter: Any, grap
     return Plan(graph.groups, best[1], list(graph.notes), norms=graph.norms)
 
 
+def measured_fractions(model: nn.Module, example_inputs: Any, plans: Sequence[Any], repeats: int = 10
+                       ) -> list[float]:
+    """Measured latency of ``model`` with each plan applied (a copy each), as fractions of the model's own:
+    medians of interleaved rounds, eval mode (the modes are restored)."""
+    import copy
+    from secateur.latency import compare_latency, paired_speedup
+    variants = {"dense": model}
+    for i, p in enumerate(plans):
+        m = copy.deepcopy(model)
+        if p.choices:
+            p.apply(m)
+        variants[f"plan{i}"] = m.eval()
+    was = model.training
+    model.eval()
+    try:
+        res = compare_latency(variants, example_inputs, repeats=repeats, warmup=3)
+    finally:
+        model.train(was)
+    return [1.0 / paired_speedup(res["dense"], res[f"plan{i}"])[0] for i in range(len(plans))]
+
+
 def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, counter: Any, graph: Any,
-          rate: Callable[[Any], float]) -> tuple[Any, list[PlanOption]]:
+          rate: Callable[[Any], float], timer: Callable[[list], list[float]] | None = None
+          ) -> tuple[Any, list[PlanOption]]:
     """The fastest option that meets the target once verified (the uniform plan is verified already); the
     options' list with the kept one first. An allocator plan that the dry run changes (groups kept) is counted
     and rated again (``rate``: estimated latency fraction), and passed over if it no longer meets the target or
@@ -207,6 +233,7 @@ def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, c
     floor = min(found[0][0].count, fraction / (1 + OVERSHOOT))
     meets = [o.count <= fraction * (1 + 1e-12) and (o.name == "uniform" or o.count >= floor) for o, _ in found]
     order = sorted(range(len(found)), key=lambda i: (not meets[i], found[i][0].latency, i))  # ties: uniform
+    ready = []  # (index, option, verified plan) in the table's order
     for i in order:
         opt, plan = found[i]
         if opt.name != "uniform":
@@ -219,12 +246,23 @@ def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, c
                 if not floor <= opt.count <= fraction * (1 + 1e-12) or opt.latency > found[0][0].latency:
                     continue
             plan.notes.extend(plan.norm_notes())
-        others = [found[j][0] for j in range(len(found)) if j != i]
-        plan.notes.append("latency table: kept the " + _describe(opt) + " plan over "
-                          + ", ".join(_describe(o) for o in others) if others else
-                          "latency table: kept the " + _describe(opt) + " plan")
-        return plan, [opt, *others]
-    raise AssertionError("the uniform plan is always an option")  # pragma: no cover
+        ready.append((i, opt, plan))
+        if timer is None or opt.name == "uniform":  # by the table, nothing slower than uniform is needed
+            break
+    if not ready:
+        raise AssertionError("the uniform plan is always an option")  # pragma: no cover
+    i, opt, plan = ready[0]
+    measured = ""
+    if timer is not None and len(ready) > 1:
+        fracs = timer([p for _, _, p in ready])
+        k = min(range(len(ready)), key=lambda j: (fracs[j], ready[j][1].name != "uniform"))
+        i, opt, plan = ready[k]
+        measured = "; measured here: " + ", ".join(f"{o.name} {1 / f:.2f}x" for (_, o, _), f in zip(ready, fracs))
+    others = [found[j][0] for j in range(len(found)) if j != i]
+    plan.notes.append(("latency table: kept the " + _describe(opt) + " plan over "
+                       + ", ".join(_describe(o) for o in others) if others else
+                       "latency table: kept the " + _describe(opt) + " plan") + measured)
+    return plan, [opt, *others]
 
 
 def _describe(o: PlanOption) -> str:
