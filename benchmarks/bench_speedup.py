@@ -237,12 +237,15 @@ def prune_secateur_fastest(dense: nn.Module, x: torch.Tensor, targets: list[floa
     secateur.fastest_plan), counted by the engine's exact MACs."""
     from secateur.structured import prune_channels
     *_, table, _ = _latency_setup(dense, x, args)
+    # verify="measure" times the options on the example input: at the table's batch, on the CPU (where the table
+    # was measured too); on a GPU place the table's estimate decides (the models are timed on the GPU later)
+    xm = x.expand(args.table_batch, *x.shape[1:]).contiguous() if args.place.device == "cpu" else x
     out = {}
     for t in targets:
         model = copy.deepcopy(dense)
         try:
-            res = prune_channels(model, x, target_macs=1 / t, round_to=ROUND_TO, latency_table=table,
-                                 verify="measure")
+            res = prune_channels(model, xm, target_macs=1 / t, round_to=ROUND_TO, latency_table=table,
+                                 verify="measure" if args.place.device == "cpu" else "estimate")
         except PruningError as e:  # reported, the other targets still run
             say(f"  secateur-latency {t}x: {e}")
             continue
