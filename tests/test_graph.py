@@ -263,3 +263,29 @@ def test_unfold_and_fold_carry_channels():
     m, x = U(), torch.randn(2, 3, 6, 6)
     assert_oracle(m, x, ratio=0.5)
     assert m.a.out_channels == 4 and m.mix.in_channels == 36 and m.mix.out_channels == 36 and m.b.in_channels == 4
+
+
+def test_count_macs_when_a_module_input_is_a_parameter():
+    """FlopCounterMode's module tracker hooks the grads of module inputs; a parameter passed as one (PiT's
+    cls tokens) has no grad accumulator to hook with grad mode off. count_macs still counts, and exactly."""
+    from secateur.metrics import count_macs
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, pair):
+            x, tok = pair
+            return self.fc(x) + tok
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Parameter(torch.zeros(4))
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner((x, self.tok))
+
+    assert count_macs(Outer(), torch.randn(3, 4)) == 3 * 4 * 4

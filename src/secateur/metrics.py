@@ -36,8 +36,15 @@ def _run(model: nn.Module, example_inputs: Any) -> FlopCounterMode:
     try:
         if mha is not None:
             mha.set_fastpath_enabled(False)
-        with torch.no_grad(), counter:
-            call(model, example_inputs)
+        try:
+            with torch.no_grad(), counter:
+                call(model, example_inputs)
+        except AssertionError as e:  # FlopCounterMode's module tracker hooks the grad of a module input that is a
+            if "gradient function" not in str(e):  # parameter (PiT, CaiT pass cls tokens so): with grad mode off
+                raise  # that leaf has no grad accumulator to hook. Count again with grad mode on
+            counter = mac_counter()
+            with torch.enable_grad(), counter:
+                call(model, example_inputs)
     finally:
         if mha is not None:
             mha.set_fastpath_enabled(fast)
