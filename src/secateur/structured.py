@@ -1104,7 +1104,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         from secateur.latency_target import resolve_verify
         check = resolve_verify(verify, latency_table is not None)
     elif verify is not None and (latency_table is None or verify not in ("measure", "estimate")):
-        raise fail("verify checks a latency target, or picks among the plans meeting a MACs / params target "
+        raise fail("verify checks a target_latency, or picks among the plans meeting a MACs / params target "
                    "with a latency_table ('measure' or 'estimate')", where="prune_channels", value=verify)
     elif latency_table is not None and target_macs is None and target_params is None:
         raise fail("latency_table is used by target_latency, target_macs or target_params: give one of them",
