@@ -32,19 +32,9 @@ HEADS = ("rpn.head", "roi_heads.box_predictor", "roi_heads.mask_predictor", "roi
 VIDEO_INPUT = {"mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224), "s3d": (16, 224)}  # (frames, size); default (8, 112)
 
 
-def _flat(o):
-    import torch
-    if isinstance(o, torch.Tensor):
-        return [o]
-    if isinstance(o, dict):
-        return [t for v in o.values() for t in _flat(v)]
-    if isinstance(o, (list, tuple)):
-        return [t for v in o for t in _flat(v)]
-    return []
-
-
 def _err(a, b) -> float:
-    fa, fb = _flat(a), _flat(b)
+    from secateur.graph.capture import _flat_tensors
+    fa, fb = _flat_tensors(a), _flat_tensors(b)
     if len(fa) != len(fb) or any(u.shape != v.shape for u, v in zip(fa, fb)):
         return float("inf")
     errs = [float((u.float() - v.float()).abs().max() / v.float().abs().max().clamp_min(1e-12)) for u, v in

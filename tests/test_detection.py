@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from secateur.graph.capture import _flat_tensors
 from secateur.structured import plan_channels
 
 tv = pytest.importorskip("torchvision")
@@ -64,18 +65,8 @@ def _oracle(model, x, run, hooks=()):
     return plan, want, got, seen_ref, seen_got
 
 
-def _flat(o):
-    if isinstance(o, torch.Tensor):
-        return [o]
-    if isinstance(o, dict):
-        return [t for v in o.values() for t in _flat(v)]
-    if isinstance(o, (list, tuple)):
-        return [t for v in o for t in _flat(v)]
-    return []
-
-
 def _close(a, b, tol=1e-4):
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = _flat_tensors(a), _flat_tensors(b)
     assert len(fa) == len(fb)
     for u, v in zip(fa, fb):
         assert u.shape == v.shape
