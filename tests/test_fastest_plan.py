@@ -16,24 +16,13 @@ from secateur.latency_model import LatencyTable, layer_specs
 from secateur.metrics import count_macs, count_params
 from secateur.structured import prune_channels
 from helpers import randomize_bn
+from test_target_latency import SmallCNN
 
 torch.set_num_threads(1)
 
 
-class Net(nn.Module):
+class Net(SmallCNN):
     """Three prunable groups: A = conv1's outputs, B = conv2's, C = conv3's (fc's outputs are the model's)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.conv3 = nn.Conv2d(32, 24, 3, padding=1)
-        self.fc = nn.Linear(24, 10)
-
-    def forward(self, x):
-        x = self.bn1(self.conv1(x)).relu()
-        x = nn.functional.max_pool2d(self.bn2(self.conv2(x)).relu(), 2)
-        return self.fc(self.conv3(x).relu().mean((2, 3)))
 
 
 def _model(seed=0, cheap_b=False):

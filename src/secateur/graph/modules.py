@@ -137,13 +137,20 @@ def conv(tr: Tracer, mod, args, kwargs, out):
     cdim = x.dim() - mod.weight.dim() + 1
     chan = _channels(tr, x, cdim)
     atoms = _produce(tr, mod, mod.out_channels, 0)
+    conv_inputs(tr, mod, chan, atoms)
+    tr.set(out, _shape_for(out.dim(), cdim, atoms))
+
+
+def conv_inputs(tr: Tracer, mod, chan: torch.Tensor | None, atoms: torch.Tensor) -> torch.Tensor | None:
+    """A conv's input channels ``chan`` as its weight's dim-1 slots (a group's local index for grouped convs);
+    returns those local atoms, None where the input carries no channels."""
     if mod.groups == 1:
         local = None if chan is None else _consumed(tr, chan)
     else:
         _, local = _grouped_units(tr, mod, chan, atoms)
     if local is not None:
         tr.slot(mod.weight, 1, local, "in")
-    tr.set(out, _shape_for(out.dim(), cdim, atoms))
+    return local
 
 
 @leaf(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

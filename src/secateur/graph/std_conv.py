@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from secateur.graph.capture import Tracer
-from secateur.graph.modules import _channels, _consumed, _grouped_units, _input, _produce, _shape_for, leaf
+from secateur.graph.modules import _channels, _input, _produce, _shape_for, conv_inputs, leaf
 
 _NAMES = tuple(f"timm.layers.std_conv.{c}" for c in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d",
                                                       "ScaledStdConv2dSame"))
@@ -35,12 +35,8 @@ def std_conv(tr: Tracer, mod, args, kwargs, out):
     gain = getattr(mod, "gain", None)
     if isinstance(gain, torch.Tensor) and gain.size(0) == mod.out_channels:
         tr.slot(gain, 0, atoms, "out")
-    if mod.groups == 1:
-        local = None if chan is None else _consumed(tr, chan)
-    else:
-        _, local = _grouped_units(tr, mod, chan, atoms)
+    local = conv_inputs(tr, mod, chan, atoms)
     if local is not None:
-        tr.slot(mod.weight, 1, local, "in")
         tr.norm_site("wstd", name, "weight standardisation", local)
     tr.set(out, _shape_for(out.dim(), 1, atoms))
 
