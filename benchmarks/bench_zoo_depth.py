@@ -9,6 +9,7 @@ their consumers, tests/helpers.py). Torch-Pruning's MACs fraction on the same ti
 Prints a table sorted by MACs fraction and writes benchmarks/results/zoo_depth.json.
 
     python benchmarks/bench_zoo_depth.py [--models resnet18 hf:bert] [--timeout 120] [--no-peer]
+    python benchmarks/bench_zoo_depth.py --hf-causal-lm   # every causal LM type in transformers' registry
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def _build(name):
     import torch
     import zoo_models as Z
     torch.manual_seed(0)
+    if name.startswith("hf-auto:"):
+        model, x = Z.hf_auto_model(name[len("hf-auto:"):])
+        return model, x
     if name.startswith("hf:"):
         model, kind = Z.hf_model(name[3:])
         return model.eval(), Z.hf_inputs(kind)
@@ -100,9 +104,15 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", help="timm names or hf:<family> (default: the tests' selection)")
     ap.add_argument("--timeout", type=float, default=120.0, help="per model and engine, seconds")
     ap.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument("--hf-causal-lm", action="store_true", help="every causal LM type in transformers' registry at a "
+                    "tiny random configuration (hf-auto:<type>; written to results/hf_causal_lm.json)")
     ap.add_argument("--out", default=None, help="JSON path (default results/zoo_depth.json, or "
                     "results/zoo_depth_subset.json with --models, so a partial run never replaces the full one)")
     args = ap.parse_args(argv)
+    if args.hf_causal_lm:
+        import zoo_models as Z
+        args.models, args.no_peer = [f"hf-auto:{t}" for t in Z.hf_causal_lm_types()], True
+        args.out = args.out or os.path.join(ROOT, "results", "hf_causal_lm.json")
     if args.out is None:
         args.out = os.path.join(ROOT, "results", "zoo_depth_subset.json" if args.models else "zoo_depth.json")
     import torch
@@ -121,13 +131,13 @@ def main(argv=None):
         t = time.perf_counter()
         row = dict(model=name, secateur=run(_secateur, name, None, args.timeout))
         row["secateur"]["wall_s"] = time.perf_counter() - t
-        if not args.no_peer and not name.startswith("hf:"):
+        if not args.no_peer and not name.startswith("hf"):
             row["torch_pruning"] = run(_peer, name, None, args.timeout)
         rows.append(row)
     _print(rows)
     fr = [r["secateur"]["macs_frac"] for r in rows if "macs_frac" in r.get("secateur", {})]
     timm_fr = [r["secateur"]["macs_frac"] for r in rows
-               if "macs_frac" in r.get("secateur", {}) and not r["model"].startswith("hf:")]
+               if "macs_frac" in r.get("secateur", {}) and not r["model"].startswith("hf")]
     summary = dict(models=len(rows), measured=len(fr), oracle_ok=sum(r.get("secateur", {}).get("ok", False) is True
                                                                      for r in rows),
                    timm_measured=len(timm_fr), timm_above_0_4=sum(f > DEEP for f in timm_fr))

@@ -68,6 +68,45 @@ def hf_model(name: str):
     raise KeyError(name)
 
 
+# A tiny configuration for any decoder in transformers' own registry: the fields are set only where the config has
+# them (or an alias of them), so one table serves Llama-, GPT-2-, MoE- and T5-style configs alike.
+HF_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=100, max_position_embeddings=64, head_dim=8, n_positions=64, ffn_dim=64, d_ff=64, d_kv=8,
+                moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
+                n_routed_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def hf_causal_lm_types() -> list[str]:
+    """Every model type transformers maps to a causal-LM class (its registry, not a list of ours)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def hf_auto_model(model_type: str):
+    """(model, inputs) for a registry causal LM at ``HF_SMALL`` size with random weights; inputs None when it does
+    not build or run on the CPU that way (a config that needs more than these fields, a CUDA-only kernel)."""
+    import transformers as T
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cfg = CONFIG_MAPPING[model_type]()
+    for k, v in HF_SMALL.items():
+        if hasattr(cfg, k) or k in getattr(cfg, "attribute_map", {}):
+            try:
+                setattr(cfg, k, v)
+            except (AttributeError, TypeError, ValueError):
+                pass
+    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) > 2:
+        cfg.layer_types = cfg.layer_types[:2]
+    x = {"input_ids": torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))}
+    try:
+        model = getattr(T, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(cfg).eval()
+        with torch.no_grad():
+            model(**x)
+    except Exception:  # noqa: BLE001 - the registry holds models this generic recipe cannot build
+        return None, None
+    return model, x
+
+
 def hf_inputs(kind: str) -> dict:
     g = torch.Generator().manual_seed(0)
     if kind == "px":
