@@ -119,6 +119,9 @@ def main(argv=None):
     torch.set_num_threads(1)
     import zoo_models as Z
     import secateur.structured  # noqa: F401 - imported before forking
+    if any(n.startswith("hf") for n in (args.models or ["hf"])):
+        import transformers  # noqa: F401 - once, not in every child (seconds each)
+        import transformers.models.auto.modeling_auto  # noqa: F401
     if not args.no_peer:
         import torch_pruning  # noqa: F401
     names = args.models or (Z.timm_one_per_module() + [f"hf:{f}" for f in Z.HF_FAMILIES])
