@@ -53,6 +53,13 @@ def _cross_stage(mod, old):
     return _set(mod, expand_chs=int(conv.out_channels))
 
 
+def _rel_pos_bias(mod, old):
+    """timm ``RelPosBias`` (MaxViT / CoAtNet ``*_rw`` models): ``get_bias`` views the gathered table as
+    ``bias_shape = (N, N, heads)``; the heads are the table's (sliced) columns."""
+    shape = tuple(old.get("bias_shape") or mod.bias_shape)
+    return _set(mod, bias_shape=shape[:-1] + (int(mod.relative_position_bias_table.shape[1]),))
+
+
 def _inception_dw(mod, old):
     """InceptionNeXt ``InceptionDWConv2d``: (identity, hw, w, h) parts. Equal parts shrink alike (the identity part
     too); unequal ones are kept whole by the engine, so the sizes then stay."""
@@ -70,5 +77,6 @@ for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.layers.selective_kernel.SelectiveKernel": _selective_kernel,
                    "timm.models.cspnet.CrossStage": _cross_stage,
                    "timm.models.cspnet.CrossStage3": _cross_stage,
-                   "timm.models.inception_next.InceptionDWConv2d": _inception_dw}.items():
+                   "timm.models.inception_next.InceptionDWConv2d": _inception_dw,
+                   "timm.layers.pos_embed_rel.RelPosBias": _rel_pos_bias}.items():
     UPDATERS_BY_NAME[_name] = _fn
