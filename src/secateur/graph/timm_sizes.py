@@ -5,7 +5,9 @@
 every group there: MixNet's ``MixedConv2d`` (0.92 of dense MACs at ratio 0.5), Res2Net's ``Bottle2neck`` (0.95),
 SK-ResNet's ``SelectiveKernel`` (1.0), CSPNet's ``CrossStage`` (0.94), InceptionNeXt's ``InceptionDWConv2d``. Each
 updater reads the new sizes from the module's own (already sliced) convolutions, never from a guess about which
-int attribute was a channel count. Registered by class name: timm is never imported here."""
+int attribute was a channel count. Also timm's ``RelPosBias`` (MaxViT / CoAtNet ``*_rw``, GCViT), whose
+``bias_shape`` stored at construction must follow its table's sliced head columns. Registered by class name: timm
+is never imported here."""
 from __future__ import annotations
 
 from typing import Any
