@@ -91,7 +91,8 @@ def test_maxvit_nano_rw_relpos_bias(tmp_path):
 @pytest.mark.slow
 @pytest.mark.zoo
 @pytest.mark.parametrize("name,kw", [("swinv2_tiny_window8_256", {"img_size": 64, "window_size": 4}),
-                                     ("gcvit_tiny", {"img_size": 64})])
+                                     ("gcvit_tiny", {"img_size": 64}),
+                                     ("maxvit_rmlp_nano_rw_256", {"img_size": 64})])  # RelPosMlp: 0.62 before
 def test_swinv2_and_gcvit(name, kw, tmp_path):
     _check(name, kw, 64, 0.36, tmp_path)
 

@@ -19,8 +19,8 @@ reference), also with V2's residual pooling (``x + q`` per head). ``heads="head_
 pruned to zero).
 
 Why an updater for it: its forward reshapes with ``self.num_heads`` / ``self.head_dim`` and ``self.output_dim``;
-they are read from the sliced tensors (the projection's input width over the unchanged head size).
-``scaler`` stays: a head's size does not change. torchvision is never imported here: both are registered by class name."""
+they are read from the sliced tensors (the projection's input width over the unchanged head size). ``scaler``
+stays: a head's size does not change. torchvision is never imported here: all is registered by class name."""
 from __future__ import annotations
 
 from typing import Any
