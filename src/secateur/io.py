@@ -258,6 +258,26 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return desc, tensors
 
 
+def _uniform_unsaved(model: nn.Module, mod: str, name: str, shape) -> bool:
+    """A pruned non-persistent buffer (not in the file: timm Swin V2's all-zero ``k_bias``, sliced with its heads)
+    is rebuilt by truncating the fresh one, which is exact only where it does not vary along a pruned dim; any
+    other such buffer is refused, never rebuilt wrong."""
+    try:
+        m = model.get_submodule(mod)
+    except AttributeError:
+        return False
+    b = m._buffers.get(name)
+    if b is None or name not in m._non_persistent_buffers_set:
+        return False
+    if b.dim() != len(shape) or any(s > h for s, h in zip(shape, b.shape)):
+        return False
+    for d, (s, h) in enumerate(zip(shape, b.shape)):
+        if s < h and not torch.equal(b, b.narrow(d, 0, 1).expand_as(b)):
+            raise fail("a pruned non-persistent buffer varies along its pruned dim; its kept values are not in the "
+                       "file", where=f"{mod}.{name}" if mod else name, shape=tuple(b.shape), value=list(shape))
+    return True
+
+
 def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.Tensor], path: str) -> None:
     """Everything that can be checked before touching the model: class, names and (new) shapes."""
     if desc.get("model_class") != _class_name(model):
@@ -275,6 +295,8 @@ def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.
             for pname, shape in (spec.get(kind) or {}).items():
                 name = f"{mod}.{pname}" if mod else pname
                 have = current.get(name)
+                if have is None and kind == "buffers" and _uniform_unsaved(model, mod, pname, shape):
+                    continue
                 if have is None or len(have) != len(shape) or any(s > h for s, h in zip(shape, have)):
                     raise fail("the structure does not fit this architecture (a pruned tensor must be a slice "
                                "of the fresh model's)", where=name, shape=have, value=shape)

@@ -459,3 +459,4 @@ from secateur.graph import recurrent  # noqa: E402,F401  (registers the recurren
 from secateur.graph import windows  # noqa: E402,F401  (torchvision Swin / MaxViT window attention, by name)
 from secateur.graph import timm_sizes  # noqa: E402,F401  (timm modules with stored split sizes, by name)
 from secateur.graph import std_conv  # noqa: E402,F401  (timm's weight-standardised convs, by name)
+from secateur.graph import video  # noqa: E402,F401  (torchvision MViT positional encoding and attention sizes)

@@ -55,7 +55,8 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         labelled = True
     if not labelled and packet in _OWN_WEIGHT:
         labelled = True  # a conv / embedding reached at op level produces channels even from the model's input
-    if not labelled and RULES.get(packet) is move:  # a free parameter entering a view/cat (cls token, pos emb)
+    if not labelled and (RULES.get(packet) is move or _free_pointwise(func, packet)):
+        # a free parameter entering a view/cat (cls token, pos emb), or a pointwise op of its own (see below)
         for t in _tensors(args):
             if id(t) in tr.owner and tr.param_label(t) is not None:
                 labelled = True
@@ -91,6 +92,17 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
 _POINTWISE_UNTAGGED = {aten.hardswish, aten.hardswish_, aten.mish, aten.mish_, aten.silu, aten.gelu_,
                        aten.elu, aten.elu_, aten.selu, aten.selu_, aten.celu, aten.celu_, aten.softplus,
                        aten.hardsigmoid, aten.threshold, aten.threshold_, aten.rrelu, aten.glu}
+
+
+def _free_pointwise(func, packet) -> bool:
+    """An out-of-place pointwise op, which may read a free parameter and nothing labelled: Swin V2's per-head
+    ``torch.clamp(self.logit_scale, max=...).exp()`` [heads, 1, 1]. The parameter gets its atoms there (as on
+    entering a view) and the result carries them, so it is sliced with the heads it then scales; left a constant,
+    it varied along the heads dim and made every head one unit (timm swinv2_tiny_window8_256: 0.69 of dense MACs).
+    Only a parameter with one non-1 dim is labelled (``Tracer.param_label``); other constants stay constants."""
+    if func._schema.is_mutable:
+        return False
+    return (RULES.get(packet) is pointwise or torch.Tag.pointwise in func.tags or packet in _POINTWISE_UNTAGGED)
 
 
 def _inplace_of_pointwise(packet) -> bool:
@@ -513,14 +525,20 @@ def _gathered_table(tr, args) -> bool:
     columns pass through the gather, so it gets atoms along them and is sliced with the heads it meets; the rows
     are positions, never channels. Only when the columns are its module's ``num_heads``: a table over head dims
     (SAM's ``rel_pos_h [distances, head_dim]``, shared by all heads) would tie every head into one unit
-    (measured: samvit 0.50 -> 0.90 of dense MACs), so it stays a constant there."""
+    (measured: samvit 0.50 -> 0.90 of dense MACs), so it stays a constant there. The head count is the owner's
+    ``num_heads``, or, for a bias module that keeps none (timm's ``RelPosBias``, only ``bias_shape``), the one of
+    the attention that holds it (its parent): else the table stayed a constant while the heads it is added to
+    shrank, and the dry run kept every head of the model (maxvit_nano_rw_256: 0.84 of dense MACs)."""
     p, idx = args[0], args[1]
     if not isinstance(p, torch.Tensor) or p.dim() != 2 or id(p) not in tr.owner or not tr.owner[id(p)][2]:
         return False
     if len(idx) != 1 or idx[0] is None or idx[0].dtype == torch.bool:
         return False
-    mod = tr.model.get_submodule(tr.owner[id(p)][0])
-    if getattr(mod, "num_heads", None) != p.size(1):
+    name = tr.owner[id(p)][0]
+    heads = getattr(tr.model.get_submodule(name), "num_heads", None)
+    if heads is None and name:
+        heads = getattr(tr.model.get_submodule(name.rpartition(".")[0]), "num_heads", None)
+    if heads != p.size(1):
         return False
     return tr.param_label_along(p, 1) is not None
 

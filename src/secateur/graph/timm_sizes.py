@@ -5,7 +5,9 @@
 every group there: MixNet's ``MixedConv2d`` (0.92 of dense MACs at ratio 0.5), Res2Net's ``Bottle2neck`` (0.95),
 SK-ResNet's ``SelectiveKernel`` (1.0), CSPNet's ``CrossStage`` (0.94), InceptionNeXt's ``InceptionDWConv2d``. Each
 updater reads the new sizes from the module's own (already sliced) convolutions, never from a guess about which
-int attribute was a channel count. Registered by class name: timm is never imported here."""
+int attribute was a channel count. Also timm's ``RelPosBias`` (MaxViT / CoAtNet ``*_rw``, GCViT) and
+``RelPosMlp``, whose ``bias_shape`` / ``num_heads`` stored at construction must follow their sliced heads.
+Registered by class name: timm is never imported here."""
 from __future__ import annotations
 
 from typing import Any
@@ -53,6 +55,24 @@ def _cross_stage(mod, old):
     return _set(mod, expand_chs=int(conv.out_channels))
 
 
+def _rel_pos_bias(mod, old):
+    """timm ``RelPosBias`` (MaxViT / CoAtNet ``*_rw`` models): ``get_bias`` views the gathered table as
+    ``bias_shape = (N, N, heads)``; the heads are the table's (sliced) columns."""
+    shape = tuple(old.get("bias_shape") or mod.bias_shape)
+    return _set(mod, bias_shape=shape[:-1] + (int(mod.relative_position_bias_table.shape[1]),))
+
+
+def _rel_pos_mlp(mod, old):
+    """timm ``RelPosMlp`` (``*_rmlp_*`` MaxViT / CoAtNet, Swin V2 CR style): the bias MLP's outputs are the heads;
+    ``get_bias`` views them with ``num_heads`` and ``bias_shape``."""
+    fc2 = getattr(mod.mlp, "fc2", None)
+    if not isinstance(fc2, nn.Linear):
+        return {}
+    heads = int(fc2.weight.shape[0])
+    shape = tuple(old.get("bias_shape") or mod.bias_shape)
+    return _set(mod, num_heads=heads, bias_shape=shape[:-1] + (heads,))
+
+
 def _inception_dw(mod, old):
     """InceptionNeXt ``InceptionDWConv2d``: (identity, hw, w, h) parts. Equal parts shrink alike (the identity part
     too); unequal ones are kept whole by the engine, so the sizes then stay."""
@@ -70,5 +90,7 @@ for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.layers.selective_kernel.SelectiveKernel": _selective_kernel,
                    "timm.models.cspnet.CrossStage": _cross_stage,
                    "timm.models.cspnet.CrossStage3": _cross_stage,
-                   "timm.models.inception_next.InceptionDWConv2d": _inception_dw}.items():
+                   "timm.models.inception_next.InceptionDWConv2d": _inception_dw,
+                   "timm.layers.pos_embed_rel.RelPosBias": _rel_pos_bias,
+                   "timm.layers.pos_embed_rel.RelPosMlp": _rel_pos_mlp}.items():
     UPDATERS_BY_NAME[_name] = _fn

@@ -1,6 +1,12 @@
-"""torchvision's window attentions (Swin V1/V2 ``ShiftedWindowAttention[V2]``, MaxViT
-``RelativePositionalMultiHeadAttention``): whole heads or per-head dims, the residual stream around them, and the
-modules a pruned one becomes.
+"""torchvision's window attentions (Swin V1/V2 ``ShiftedWindowAttention[V2]``, Video Swin
+``ShiftedWindowAttention3d``, MaxViT ``RelativePositionalMultiHeadAttention``): whole heads or per-head dims, the
+residual stream around them, and the modules a pruned one becomes.
+
+Video Swin is the same attention over 3D windows ([B, T, H, W, C], window and shift per dim, a 3D bias table
+``[distances, heads]``): its stock forward also reads the head size from the input's channels, so it had no rule
+and every swin3d stayed at 0.68-0.69 of dense parameters at ratio 0.5. It shares the rule, the updater and the
+pruned forward (the window helpers are N-d); only its window / shift adaptation differs (torchvision shrinks a
+window to an input that is not larger, drops that shift, and reads the bias of the shrunk window).
 
 Why leaf rules and pruned variants: both stock forwards read the inner attention size from the *input's* channel
 count (Swin calls ``shifted_window_attention(x, self.qkv.weight, ...)`` with ``C // num_heads`` as head size and
@@ -31,24 +37,29 @@ from secateur.graph.capture import Tracer
 from secateur.graph.modules import (LAZY_CLASSES, LEAVES_BY_NAME, UPDATERS_BY_NAME, _channels, _input, _shape_for)
 
 _SWIN = "torchvision.models.swin_transformer"
+_SWIN3D = "torchvision.models.video.swin_transformer"
 _MAXVIT = "torchvision.models.maxvit"
 BASES = {"PrunedShiftedWindowAttention": (_SWIN, "ShiftedWindowAttention"),
          "PrunedShiftedWindowAttentionV2": (_SWIN, "ShiftedWindowAttentionV2"),
+         "PrunedShiftedWindowAttention3d": (_SWIN3D, "ShiftedWindowAttention3d"),
          "PrunedRelativePositionalMultiHeadAttention": (_MAXVIT, "RelativePositionalMultiHeadAttention")}
 
 
 # ---------------------------------------------------------------- pruned forwards
-def _windows(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-    """[B, H, W, C] -> [B * windows, wh * ww, C], windows in row-major order per image."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, wh * ww, c)
+def _windows(x: torch.Tensor, win: tuple[int, ...]) -> torch.Tensor:
+    """[B, *sizes, C] -> [B * windows, prod(win), C], windows in row-major order per sample (2D or 3D)."""
+    n, b, c = len(win), x.size(0), x.size(-1)
+    x = x.view(b, *[v for s, w in zip(x.shape[1:-1], win) for v in (s // w, w)], c)
+    x = x.permute(0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1)
+    return x.reshape(-1, math.prod(win), c)
 
 
-def _unwindows(x: torch.Tensor, b: int, h: int, w: int, wh: int, ww: int) -> torch.Tensor:
+def _unwindows(x: torch.Tensor, b: int, sizes: tuple[int, ...], win: tuple[int, ...]) -> torch.Tensor:
     """Inverse of ``_windows``."""
-    x = x.view(b, h // wh, w // ww, wh, ww, x.size(-1)).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, -1)
+    n = len(win)
+    x = x.view(b, *[s // w for s, w in zip(sizes, win)], *win, x.size(-1))
+    x = x.permute(0, *[v for i in range(1, n + 1) for v in (i, i + n)], 2 * n + 1)
+    return x.reshape(b, *sizes, -1)
 
 
 def _bands(n: int, win: int, shift: int) -> list[slice]:
@@ -56,13 +67,14 @@ def _bands(n: int, win: int, shift: int) -> list[slice]:
     return [slice(0, n)] if shift == 0 else [slice(0, n - win), slice(n - win, n - shift), slice(n - shift, n)]
 
 
-def _shift_mask(like: torch.Tensor, h: int, w: int, wh: int, ww: int, sh: int, sw: int) -> torch.Tensor:
+def _shift_mask(like: torch.Tensor, sizes: tuple[int, ...], win: tuple[int, ...], shift: tuple[int, ...]
+                ) -> torch.Tensor:
     """[windows, N, N] additive mask: tokens of one window that were not neighbours before the roll (-100)."""
-    region = like.new_zeros(h, w)
-    for i, rows in enumerate(_bands(h, wh, sh)):
-        for j, cols in enumerate(_bands(w, ww, sw)):
-            region[rows, cols] = 3 * i + j
-    ids = _windows(region[None, :, :, None], wh, ww)[..., 0]
+    import itertools
+    region = like.new_zeros(sizes)
+    for i, cell in enumerate(itertools.product(*[_bands(n, w, s) for n, w, s in zip(sizes, win, shift)])):
+        region[cell] = i
+    ids = _windows(region[None, ..., None], win)[..., 0]
     apart = ids.unsqueeze(1) != ids.unsqueeze(2)
     return like.new_zeros(apart.shape).masked_fill_(apart, -100.0)
 
@@ -70,19 +82,35 @@ def _shift_mask(like: torch.Tensor, h: int, w: int, wh: int, ww: int, sh: int, s
 def _swin_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Shifted-window attention whose inner size (``num_heads * head_dim``) need not equal the input's channels;
     otherwise the stock computation (pad, roll, windows, scaled or cosine attention + relative bias + shift mask,
-    projection, back)."""
+    projection, back). 2D Swin keeps its window and drops a shift where the window covers the padded input; video
+    Swin (``ShiftedWindowAttention3d``, [B, T, H, W, C]) shrinks the window to the input where it is not larger,
+    drops that shift, and reads the bias for the shrunk window, as torchvision does."""
+    sizes = tuple(x.shape[1:-1])
+    if len(sizes) == 3:
+        win = tuple(min(s, w) for s, w in zip(sizes, self.window_size))
+        shift = tuple(0 if s <= w else sh for s, w, sh in zip(sizes, self.window_size, self.shift_size))
+        bias = self.get_relative_position_bias(list(win))
+    else:
+        win, bias = tuple(self.window_size), self.get_relative_position_bias()
+    pad = [(-s) % w for s, w in zip(sizes, win)]
+    x = F.pad(x, [0, 0] + [v for p in reversed(pad) for v in (0, p)])
+    padded = tuple(x.shape[1:-1])
+    if len(sizes) == 2:
+        shift = tuple(sh if w < p else 0 for sh, w, p in zip(self.shift_size, win, padded))
+    dims = tuple(range(1, len(sizes) + 1))
+    if any(shift):
+        x = torch.roll(x, shifts=tuple(-v for v in shift), dims=dims)
+    return _window_attention(self, x, bias, padded, win, shift, dims)[(slice(None),) + tuple(
+        slice(0, s) for s in sizes)].contiguous()
+
+
+def _window_attention(self, x: torch.Tensor, bias: torch.Tensor, padded: tuple[int, ...], win: tuple[int, ...],
+                      shift: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """The attention over the windows of the padded, rolled ``x``, rolled back (still padded)."""
     heads, dq, dv = self.num_heads, self.head_dim, getattr(self, "v_head_dim", self.head_dim)
     cosine = getattr(self, "logit_scale", None) is not None
-    bias = self.get_relative_position_bias()
-    b, h, w, _ = x.shape
-    wh, ww = self.window_size
-    x = F.pad(x, (0, 0, 0, (-w) % ww, 0, (-h) % wh))
-    hp, wp = x.shape[1], x.shape[2]
-    sh = self.shift_size[0] if wh < hp else 0
-    sw = self.shift_size[1] if ww < wp else 0
-    if sh or sw:
-        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-    tokens = _windows(x, wh, ww)
+    b = x.size(0)
+    tokens = _windows(x, win)
     qkv_bias = self.qkv.bias
     n = heads * dq
     if cosine and qkv_bias is not None:  # V2 has no key bias (its slot is zeroed on every call)
@@ -96,16 +124,14 @@ def _swin_forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = (q * getattr(self, "scale", dq ** -0.5)) @ k.transpose(-2, -1)
     attn = attn + bias
     n_tok = tokens.size(1)
-    if sh or sw:
-        mask = _shift_mask(x, hp, wp, wh, ww, sh, sw)
+    if any(shift):
+        mask = _shift_mask(x, padded, win, shift)
         attn = (attn.view(b, -1, heads, n_tok, n_tok) + mask.unsqueeze(1)).view(-1, heads, n_tok, n_tok)
     attn = F.dropout(attn.softmax(dim=-1), p=self.attention_dropout, training=self.training)
     y = (attn @ v).transpose(1, 2).reshape(tokens.size(0), n_tok, heads * dv)
     y = F.dropout(F.linear(y, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training)
-    y = _unwindows(y, b, hp, wp, wh, ww)
-    if sh or sw:
-        y = torch.roll(y, shifts=(sh, sw), dims=(1, 2))
-    return y[:, :h, :w, :].contiguous()
+    y = _unwindows(y, b, padded, win)
+    return torch.roll(y, shifts=shift, dims=dims) if any(shift) else y
 
 
 def _maxvit_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +148,7 @@ def _maxvit_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 _FORWARDS = {"PrunedShiftedWindowAttention": _swin_forward, "PrunedShiftedWindowAttentionV2": _swin_forward,
+             "PrunedShiftedWindowAttention3d": _swin_forward,
              "PrunedRelativePositionalMultiHeadAttention": _maxvit_forward}
 _BUILT: dict[str, type] = {}
 
@@ -203,6 +230,8 @@ def _maxvit(tr: Tracer, mod, args, kwargs, out) -> None:
 for _cls in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"):
     LEAVES_BY_NAME[f"{_SWIN}.{_cls}"] = _swin
     LEAVES_BY_NAME[f"{__name__}.Pruned{_cls}"] = _swin
+LEAVES_BY_NAME[f"{_SWIN3D}.ShiftedWindowAttention3d"] = _swin  # video Swin: the same heads, a 3D window
+LEAVES_BY_NAME[f"{__name__}.PrunedShiftedWindowAttention3d"] = _swin
 LEAVES_BY_NAME[f"{_MAXVIT}.RelativePositionalMultiHeadAttention"] = _maxvit
 LEAVES_BY_NAME[f"{__name__}.PrunedRelativePositionalMultiHeadAttention"] = _maxvit
 
@@ -230,7 +259,8 @@ def _swin_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     mod.head_dim, mod.v_head_dim = _sizes(heads, mod.qkv, mod.proj)
     return {"num_heads": heads, "head_dim": mod.head_dim, "v_head_dim": mod.v_head_dim,
             **({} if v2 else {"scale": mod.scale}),
-            **_become(mod, "PrunedShiftedWindowAttentionV2" if v2 else "PrunedShiftedWindowAttention")}
+            **_become(mod, "PrunedShiftedWindowAttentionV2" if v2 else "PrunedShiftedWindowAttention3d"
+                      if "3d" in type(mod).__name__ else "PrunedShiftedWindowAttention")}
 
 
 def _maxvit_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
@@ -259,6 +289,7 @@ def _patch_merging(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 _ATTRS: dict[str, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {
     f"{_SWIN}.ShiftedWindowAttention": _swin_attrs, f"{_SWIN}.ShiftedWindowAttentionV2": _swin_attrs,
     f"{__name__}.PrunedShiftedWindowAttention": _swin_attrs, f"{__name__}.PrunedShiftedWindowAttentionV2": _swin_attrs,
+    f"{_SWIN3D}.ShiftedWindowAttention3d": _swin_attrs, f"{__name__}.PrunedShiftedWindowAttention3d": _swin_attrs,
     f"{_MAXVIT}.RelativePositionalMultiHeadAttention": _maxvit_attrs,
     f"{__name__}.PrunedRelativePositionalMultiHeadAttention": _maxvit_attrs,
     f"{_MAXVIT}.PartitionAttentionLayer": _partition_layer,
