@@ -592,7 +592,9 @@ def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
                 if not k.startswith("_") and k in vars(mods[n]) and _differs(v, vars(mods[n])[k])}
     except Exception:  # noqa: BLE001 - only a shortcut: without it every candidate is tried
         pass
-    return size_attrs.Search(model, pairs, dry, spent, done).run(plan.attrs, where, expected.step_no)
+    from secateur.graph.splits import proposals
+    moves = proposals(model, graph.cuts, plan.choices) if graph.cuts else None
+    return size_attrs.Search(model, pairs, dry, spent, done, moves).run(plan.attrs, where, expected.step_no)
 
 
 def _differs(a: Any, b: Any) -> bool:
