@@ -490,7 +490,11 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
     if rechoose is not None and graph is not None and graph.ties:  # ties found by an earlier loop hold here too
         plan = Plan(plan.groups, rechoose(graph.ties, fixed), plan.notes, heads=plan.heads, norms=plan.norms,
                     attrs=plan.attrs)
+    prev = plan.choices
     for _ in range(32):
+        if plan.choices is not prev and plan.attrs:  # choices changed: sizes taken from cuts follow them
+            plan.attrs = _recut(model, graph, plan.attrs, prev, plan.choices)
+        prev = plan.choices
         expected = verify.expected(graph, plan.choices) if graph is not None else None
         tally, slices = (MacTally(), _Slices()) if here else (None, None)
         apply = plan.apply if not here else (lambda base, p=plan, s=slices: _apply(base, p, record=s))
@@ -547,6 +551,24 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
         if not keep:
             return _noted(model, plan)
     raise fail("could not find a plan whose pruned forward runs", where="prune_channels", value=plan.notes[-1])
+
+
+def _recut(model: nn.Module, graph: Graph | None, attrs: dict, old: list, new: list) -> dict:
+    """``attrs`` where the values that came from cut sizes under choices ``old`` (graph/splits.py ``proposals``)
+    are recomputed for ``new`` (dropped where ``new`` no longer moves them): a size found for other choices is
+    stale, and would fail the dry run of a plan that drops groups or adds count ties."""
+    if graph is None or not graph.cuts:
+        return attrs
+    from secateur.graph.splits import proposals
+    before, after = proposals(model, graph.cuts, old), proposals(model, graph.cuts, new)
+    out: dict[str, dict[str, Any]] = {}
+    for n, kv in attrs.items():
+        for k, v in kv.items():
+            if k not in before.get(n, {}) or before[n][k] != v:
+                out.setdefault(n, {})[k] = v
+            elif k in after.get(n, {}):
+                out.setdefault(n, {})[k] = after[n][k]
+    return out
 
 
 def _tie_class(model: nn.Module, graph: Graph, cls: type, broad: bool):

@@ -140,8 +140,6 @@ def proposals(model: nn.Module, cuts: list[Cut], choices: list) -> dict[str, dic
     seen: dict[tuple[str, str], list] = {}
     for cut in cuts:
         nb = new_bounds(cut, picks)
-        if tuple(nb) == cut.bounds:
-            continue
         if cut.slice:
             first = dict(zip(cut.bounds, nb))
             second = {cut.sizes[0]: nb[1] - nb[0]}
@@ -154,13 +152,13 @@ def proposals(model: nn.Module, cuts: list[Cut], choices: list) -> dict[str, dic
                 continue
             if isinstance(v, int):
                 new = first.get(v, second.get(v)) if v in first or v in second else None
-                if new is not None and new != v:
+                if new is not None:  # unchanged values count too: another cut may not move them
                     seen.setdefault((cut.where, k), []).append(new)
             elif not cut.slice and isinstance(v, (tuple, list)) and tuple(v) == cut.sizes:
                 seen.setdefault((cut.where, k), []).append(type(v)(nsizes))
     out: dict[str, dict[str, Any]] = {}
     for (where, k), news in seen.items():
-        if all(n == news[0] for n in news):
+        if all(n == news[0] for n in news) and news[0] != getattr(model.get_submodule(where) if where else model, k):
             out.setdefault(where, {})[k] = news[0]
     return out
 
