@@ -339,3 +339,44 @@ def test_an_attribute_two_cuts_disagree_on_is_proven_or_kept():
     plan = assert_oracle(model, x, ratio=0.5)
     # whatever was pruned, pdim is the size of both x1 and v, and the model ran with it: the oracle holds
     assert model.qkv.in_channels == model.pdim or model.pdim == 8
+
+
+# timm model -> the cut that kept it near dense (MACs after / dense at ratio 0.5 before graph/splits.py, the zoo's
+# input size: benchmarks/results/zoo_depth.json)
+TIMM = {
+    "efficientvit_m0": "CascadedGroupAttention split [key_dim, key_dim, val_dim] (0.771)",
+    "rexnet_100": "x[:, 0:self.in_channels] + shortcut (0.478)",
+    "shvit_s1": "SHSA split [pdim, dim - pdim] (0.440)",
+    "dpn68": "x[:, :self.num_1x1_c] dual path (0.481)",
+    "fasternet_s": "Partial_conv3 split [dim_conv3, dim_untouched] (0.511)",
+    "mambaout_tiny": "GatedConvBlock split(self.split_indices) (0.484)",
+}
+
+
+def _timm(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.zoo
+@pytest.mark.slow  # 12-48 s each on the shared 2-core machine
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_timm_cuts_at_attribute_positions(name):
+    from test_zoo import oracle
+    model, x = _timm(name)
+    dense = count_macs(model, x)
+    plan = oracle(model, x)
+    assert plan.attrs, "no cut size was updated"
+    assert count_macs(model, x) < 0.4 * dense, TIMM[name]
+
+
+@pytest.mark.zoo
+def test_timm_rexnet_reloads(tmp_path):
+    import timm
+    model, x = _timm("rexnet_100")
+    secateur.prune_channels(model, x, ratio=0.5)
+    secateur.save(model, tmp_path / "m.safetensors")
+    fresh = secateur.load(timm.create_model("rexnet_100", pretrained=False).eval(), tmp_path / "m.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
