@@ -222,16 +222,15 @@ class SharedSize(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pdim = 8
+        self.pdim, self.dim, self.qk = 8, 24, 16
         self.conv1 = nn.Conv2d(3, 24, 1)
-        self.qkv = nn.Conv2d(8, 16, 1)
+        self.qkv = nn.Conv2d(8, 24, 1)
         self.proj = nn.Conv2d(24, 4, 1)
 
     def forward(self, x):
-        y = self.conv1(x)
-        x1, x2 = torch.split(y, [self.pdim, 24 - self.pdim], dim=1)
-        k, v = torch.split(self.qkv(torch.relu(x1)), [16 - self.pdim, self.pdim], dim=1)
-        return self.proj(torch.cat([v * torch.sigmoid(k.sum(1, keepdim=True)), x2], 1))
+        x1, x2 = torch.split(self.conv1(x), [self.pdim, self.dim - self.pdim], dim=1)
+        q, v = torch.split(self.qkv(torch.relu(x1)), [self.qk, self.pdim], dim=1)
+        return self.proj(torch.cat([v * torch.sigmoid(q.mean(1, keepdim=True)), x2], 1))
 
 
 def _img():
@@ -336,9 +335,13 @@ def test_a_literal_slice_keeps_its_channels():
 def test_an_attribute_two_cuts_disagree_on_is_proven_or_kept():
     torch.manual_seed(0)
     model, x = SharedSize().eval(), _img()
-    plan = assert_oracle(model, x, ratio=0.5)
-    # whatever was pruned, pdim is the size of both x1 and v, and the model ran with it: the oracle holds
-    assert model.qkv.in_channels == model.pdim or model.pdim == 8
+    g = build_graph(model, x)
+    assert len(g.cuts) == 2
+    plan = assert_oracle(model, x, ratio={"conv1": 0.25, "qkv": 0.75})  # x1 and v lose different counts
+    # pdim is the width of both x1 and v (q, one unit through its mean, keeps its 16): never one without the other
+    assert model.qkv.in_channels == model.pdim == model.qkv.out_channels - 16
+    assert model.dim == model.conv1.out_channels
+    assert any("kept" in n for n in plan.notes)  # what could not be proven is said
 
 
 # timm model -> the cut that kept it near dense (MACs after / dense at ratio 0.5 before graph/splits.py, the zoo's
