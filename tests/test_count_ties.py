@@ -124,16 +124,18 @@ def test_target_macs_respects_ties():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_one_head_keeps_stream_and_head_whole():
-    """One head cannot lose a head: the tie holds the stream whole too (no wrong model), and says so. The size
-    search could set this attention's ``head_dim`` 48 -> 24 (shapes then match), but ``head_dim`` also sets its
-    softmax scale: that plan fails the numeric proof (``structured._exact``) and is not used."""
+def test_one_head_prunes_its_dims_with_the_stream():
+    """One head cannot lose a head, but its dims can go with the stream: the size search sets ``head_dim``
+    48 -> 24 (shapes then match) and the numeric proof (``structured._exact``) accepts it, since the softmax scale
+    is the stored ``self.scale`` (unchanged, as in the reference) and the reference zeroes the q/k dims at their
+    producers (contracted in ``q @ k^T``, graph/rules.py ``_matmul``). Before that zeroing the reference kept
+    their term, the proof failed and the stream and head stayed whole."""
     m, x = _model(heads=1)
     plan = assert_oracle(m, x, ratio=0.5)
-    assert m.embed.out_channels == 48
-    assert _widths(m) == [(48, 48, 48)] * 2
-    assert any("mlp" in g.name for g, _ in plan.choices)  # the rest is still pruned
-    assert any("blocks.0.attn" in n for n in plan.notes)
+    w = m.embed.out_channels
+    assert w < 48 and _widths(m) == [(w, w, w)] * 2
+    assert [b.attn.head_dim for b in m.blocks] == [w, w]
+    assert any("blocks.0.attn.head_dim: 48 ->" in n for n in plan.notes)  # never silent
 
 
 def test_last_head_views_where_two_heads_copied(monkeypatch):

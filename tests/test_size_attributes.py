@@ -121,14 +121,14 @@ def test_a_literal_size_keeps_its_groups_whole():
     assert model.conv1.out_channels == 16
 
 
-def test_partial_residual_keeps_the_fixed_positions():
-    """Not pruned yet: a slice at positions fixed by the code makes its whole dim one unit (graph/rules.py
-    ``_check_slice``), so both the stem and the expanded channels stay; the model stays exact."""
+def test_partial_residual_moves_the_fixed_positions():
+    """The slice's end is an attribute (``self.in_channels``): each side of it is pruned within and the end follows
+    the kept count (graph/splits.py); tests/test_splits.py holds the other cut patterns and a literal one."""
     torch.manual_seed(0)
     model, x = PartialResidual().eval(), _x()
     plan = assert_oracle(model, x, ratio=0.5)
-    assert not plan.attrs
-    assert model.stem.out_channels == 8 and model.expand.out_channels == 12
+    assert plan.attrs == {"": {"in_channels": model.stem.out_channels}}
+    assert model.stem.out_channels < 8 and model.expand.out_channels < 12
 
 
 def test_an_attribute_update_the_dry_run_cannot_prove_is_not_made():

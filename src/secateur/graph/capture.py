@@ -54,6 +54,7 @@ class Tracer:
         self.notes: list[str] = []
         self.constraints: list[tuple[torch.Tensor, list[int]]] = []  # view splits, see groups.py
         self.norms: list[dict[str, Any]] = []  # normalisations over prunable channels, see norm_site
+        self.cuts: list[Any] = []  # splits / slices at positions the model names (graph/splits.py)
         self.calls: dict[Any, int] = {}  # ATen calls per op (all, labelled or not) and norm-module calls
         self.depth = 0  # >0 while inside a leaf module handled as a whole
         self.stack: list[str] = [""]

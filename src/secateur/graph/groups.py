@@ -91,6 +91,7 @@ class Graph:
     where: Any = None  # where[root] = (group index, channel), -1 where not prunable
     norms: list[NormSite] = field(default_factory=list)
     ties: Any = None  # graph/ties.py Ties: groups whose kept counts must agree (found by the dry run)
+    cuts: list = field(default_factory=list)  # graph/splits.py Cut: splits / slices at positions the model names
 
 
 def _block_rows(tr: Tracer, root: torch.Tensor) -> set[frozenset]:
@@ -235,7 +236,8 @@ def _groups(tr: Tracer) -> Graph:
         parts = [(hi, torch.arange(c.numel()), c)] if lo == hi else [  # one group owns the whole dim (common)
             (G, idx, c[idx]) for G in torch.unique(g[g >= 0]).tolist() for idx in [(g == G).nonzero().flatten()]]
         for G, idx, ci in parts:
-            consumer = s["consumer"] or (s["kind"] == "out" and bool(contracted[ci].any()))
+            # a contracted channel (q.k) is zeroed at its producer, norm affine included: then it is exactly 0
+            consumer = s["consumer"] or (s["kind"] in ("out", "param") and bool(contracted[ci].any()))
             groups[G].members.append(Member(s["module"], s["name"], s["dim"], s["kind"], idx, local[ci], consumer))
     for g in groups:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
@@ -254,13 +256,15 @@ def _groups(tr: Tracer) -> Graph:
             groups[G].norms.append(f"{site['where']}: {site['op']}")
         if ns.parts:
             norms.append(ns)
+    from secateur.graph.splits import resolve
+    cuts = resolve(tr.cuts, root, gid, local, groups)
     order = sorted(range(len(groups)), key=lambda i: groups[i].name)
     rank = torch.empty(len(groups), dtype=torch.long)
     rank[torch.tensor(order)] = torch.arange(len(groups))
     where = torch.full((n, 2), -1, dtype=torch.long)
     where[roots, 0] = rank[gid[roots]]
     where[roots, 1] = local[roots]
-    return Graph([groups[i] for i in order], tr.notes, tr, root=root, where=where, norms=norms)
+    return Graph([groups[i] for i in order], tr.notes, tr, root=root, where=where, norms=norms, cuts=cuts)
 
 
 def build_graph(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels") -> Graph:

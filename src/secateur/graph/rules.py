@@ -7,6 +7,7 @@ per-channel spatial ops (pooling, upsampling), matmuls, attention, normalisation
 produce unlabelled tensors. Anything else reached by a labelled tensor is a PruningError."""
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ import torch
 
 from secateur.graph.capture import Tracer
 from secateur.graph.labels import full
+from secateur.graph.splits import open_cut
 
 aten = torch.ops.aten
 RULES: dict[Any, Callable] = {}
@@ -330,17 +332,22 @@ def _varying(tr, x, dim):
 
 
 def _check_split(tr, args, largs, louts):
-    """Equal parts (chunk, q/k/v split) must shrink alike: align position j of every part. Unequal parts come
-    from sizes the engine cannot update: keep those channels."""
+    """Equal parts (chunk, q/k/v split) must shrink alike: align position j of every part. Unequal parts whose
+    sizes the module names in its attributes are pruned within each part (graph/splits.py: the sizes follow, proven
+    by the dry run); other unequal parts come from sizes the engine cannot update: keep those channels. An explicit
+    size list (``split_with_sizes``) is recorded as a cut even when equal, so its size attributes follow too."""
     x = args[0]
     dim = (args[2] if len(args) > 2 else 0) % x.dim()
     if not _varying(tr, x, dim):
         return
-    sizes = {o.size(dim) for o in louts}
-    if len(sizes) == 1:
+    sizes = [o.size(dim) for o in louts]
+    bounds = [0, *itertools.accumulate(sizes)]
+    if len(set(sizes)) == 1:
         for o in louts[1:]:
             tr.atoms.union(louts[0], o)
-    else:
+        if isinstance(args[1], (list, tuple)):
+            open_cut(tr, "split_with_sizes", largs[0], dim, bounds, False)
+    elif not open_cut(tr, "split", largs[0], dim, bounds, False):
         tr.atoms.collapse(largs[0], [dim])
 
 
@@ -357,6 +364,32 @@ def _check_slice(tr, args, largs, louts):
     for d in dims:  # the dim must never shrink: its atoms go all together (whole heads survive a
         if _varying(tr, x, d):  # rotate_half over head_dim; conv channels sliced at [:, :8] are kept)
             tr.atoms.collapse(largs[0], [d])
+
+
+def _check_slice_cut(tr, args, largs, louts):
+    """``aten.slice(x, dim, start, end, 1)`` along a channel dim at positions the module names: the slice keeps its
+    own channels and graph/splits.py moves the positions with the pruning; any other slice: ``_check_slice``."""
+    if not _slice_cut(tr, args, largs):
+        _check_slice(tr, args, largs, louts)
+
+
+def _slice_cut(tr, args, largs) -> bool:
+    x = args[0]
+    if len(args) < 3:
+        return False
+    if x.dim() == 0 or not isinstance(args[1], int):
+        return False
+    d = args[1] % x.dim()
+    start, end = (args[2] if len(args) > 2 else None), (args[3] if len(args) > 3 else None)
+    step = args[4] if len(args) > 4 else 1
+    if step != 1 or not _varying(tr, x, d) or not isinstance(start or 0, int) or not isinstance(end or 0, int):
+        return False
+    size = x.size(d)
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else (end + size if end < 0 else end)
+    if not 0 <= start < min(end, size) or (start == 0 and end >= size):
+        return False  # empty, or the whole dim (a no-op, see ``_check_slice``)
+    return open_cut(tr, "slice", largs[0], d, [start, end], True)
 
 
 def _check_roll(tr, args, largs, louts):
@@ -401,8 +434,8 @@ def _check_view(tr, args, largs, louts):
 _CHECKS = {aten.split: _check_split, aten.split_with_sizes: _check_split, aten.unsafe_split: _check_split,
            aten.unsafe_split_with_sizes: _check_split, aten.split_copy: _check_split,
            aten.split_with_sizes_copy: _check_split, aten.tensor_split: _check_split,
-           aten.slice: _check_slice, aten.select: _check_slice, aten.narrow: _check_slice,
-           aten.index: _check_slice, aten.slice_copy: _check_slice, aten.select_copy: _check_slice,
+           aten.slice: _check_slice_cut, aten.select: _check_slice, aten.narrow: _check_slice,
+           aten.index: _check_slice, aten.slice_copy: _check_slice_cut, aten.select_copy: _check_slice,
            aten.roll: _check_roll, aten.view: _check_view, aten._unsafe_view: _check_view,
            aten.reshape: _check_view, aten.view_copy: _check_view, aten._reshape_alias: _check_view}
 
@@ -503,6 +536,7 @@ def _matmul(tr, a, c):
     vc = lc is not None and lc.size(kc) > 1
     if va and vc and not others_vary(la, ka) and not others_vary(lc, kc):
         tr.atoms.union(la.reshape(-1), lc.reshape(-1))  # contracted pair: removing k from both drops a term
+        tr.contracted.append(la.reshape(-1))  # read only here: the oracle zeroes them at their producers
         la = lc = None
     else:
         if va:

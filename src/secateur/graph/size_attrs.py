@@ -81,8 +81,11 @@ class Search:
 
     def __init__(self, model: nn.Module, pairs: dict[int, list[int]],
                  dry: Callable[[dict], tuple[bool, str, int]], spent: list[int] | None = None,
-                 done: set[tuple[str, str]] = frozenset()) -> None:
+                 done: set[tuple[str, str]] = frozenset(), proposals: dict | None = None) -> None:
         self.model, self.pairs, self.dry, self.done = model, pairs, dry, done  # done: set by the updaters
+        # {module: {attr: value}} derived, not guessed, from the plan (graph/splits.py: the sizes of cut sections):
+        # tried first, all together, then pruned to what the dry run needs like any other update (``_minimal``)
+        self.proposals = {n: {k: v for k, v in kv.items() if (n, k) not in done} for n, kv in (proposals or {}).items()}
         self.mods = dict(model.named_modules())
         self.spent = spent if spent is not None else [0]  # shared by one plan's searches
 
@@ -150,6 +153,13 @@ class Search:
         """Attribute updates added to ``attrs`` while each one gets the dry run further (``reached``: ops matched
         by the failing run). Returns the new attrs (``attrs`` itself when nothing helped)."""
         attrs = {k: dict(v) for k, v in attrs.items()}
+        trial = _merge(attrs, self.proposals)
+        if trial != attrs and self.trials < MAX_TRIALS:
+            ok, where2, got = self._run(trial)
+            if ok:
+                return self._minimal(trial, attrs)
+            if got > reached:
+                attrs, where, reached = trial, where2, got
         while self.trials < MAX_TRIALS:
             step = None
             for scope, opts in self._candidates(where, attrs):

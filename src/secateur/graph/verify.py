@@ -256,6 +256,29 @@ class Expected:
                 raise Mismatch(f"{op} (op #{i}) gives shape {list(s)} where the plan needs {list(want)} (unpruned "
                                f"{list(s0)}): the code keeps a size of its own", self.groups(lab))
 
+    def split_failed(self, func: Any, args: tuple, kwargs: dict) -> None:
+        """A ``split_with_sizes`` that failed (its sizes no longer sum to the dim): raise the Mismatch naming the
+        groups of the sections whose requested size is not the plan's (graph/splits.py: a stale size attribute
+        there), so that only those are kept whole, not every group of the module. Returns when it cannot say."""
+        if func.overloadpacket not in (torch.ops.aten.split_with_sizes, torch.ops.aten.split_with_sizes_copy):
+            return
+        i = self.step_no
+        if self.failed is not None or self.loose or i >= len(self.trace) or len(args) < 2:
+            return
+        op0, shapes0, labs = self.trace[i]
+        sizes = list(args[1])
+        if op0 != func.overloadpacket.__name__ or len(labs) != len(sizes):
+            return
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        wants = [self.shape(lab, s0) for lab, s0 in zip(labs, shapes0)]
+        bad = sorted({gi for lab, w, n in zip(labs, wants, sizes) if w is not None and w[dim] != n
+                      for gi in self.groups(lab)})
+        if bad:
+            self.failed = Mismatch(f"split_with_sizes (op #{i}) asks for sections {sizes} where the plan leaves "
+                                   f"{[None if w is None else w[dim] for w in wants]}: the code keeps a size of "
+                                   "its own", bad)
+            raise self.failed
+
     def finish(self) -> None:
         if self.failed is not None:
             raise self.failed
@@ -339,7 +362,12 @@ class _Steps(TorchDispatchMode):
         self.expected, self.depth, self.tally = expected, depth, tally
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except RuntimeError:
+            if self.depth[0] == 0:
+                self.expected.split_failed(func, args, kwargs or {})  # a Mismatch naming the stale sections
+            raise
         if self.tally is not None:  # every op, as count_macs sees them (the comparison's own ops are not dispatched)
             self.tally.add(func, args, kwargs or {}, out)
         if self.depth[0] == 0:
