@@ -405,7 +405,7 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
 
 
 def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], Any], want: list | None = None,
-          expected: Expected | None = None, tally: Any = None, applied: bool = False
+          expected: Expected | None = None, tally: Any = None, applied: bool = False, here: bool | None = None
           ) -> tuple[bool, str | None, str | None, list[int] | None]:
     """(ok, failing module, error, groups of a shape mismatch) of applying ``apply`` to a copy (``twin`` or meta
     ``skeleton``, see the module docstring) and running it. ok is True also when the unpruned model cannot run on
@@ -413,8 +413,9 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
     known (the capture saw them), which saves one forward. ``expected``: the shapes of every step (see
     :class:`Expected`). ``tally`` (``metrics.MacTally``): the MACs of the pruned copy's forward where it ran on the
     model's own device (what ``count_macs`` of the pruned model says: one forward saved); left None otherwise.
-    ``applied``: see ``runs_here``."""
-    here = runs_here(model, example_inputs, applied)
+    ``applied``: see ``runs_here``; ``here``: its answer, where the caller has it already (a walk over every
+    tensor of the model per dry run)."""
+    here = runs_here(model, example_inputs, applied) if here is None else here
     if tally is not None:
         tally.flops = None
     try:
@@ -437,7 +438,7 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
             return True, None, f"not verified on meta ({tr.meta_error})", None
         if [t[0] for t in tr.meta_trace] != [t[0] for t in tr.trace]:
             expected.trace = tr.meta_trace
-            return check(model, example_inputs, apply, want, expected, tally, applied)
+            return check(model, example_inputs, apply, want, expected, tally, applied, here)
     if got is None:
         if not here and known and groups is None:  # was it the plan, or does the model not run on meta at all?
             base_ok, _, err0, _ = run(skeleton(model), example_inputs)
