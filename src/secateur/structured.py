@@ -589,7 +589,7 @@ def _tie_note(cls: type) -> str:
 def _attr_search(model: nn.Module, plan: Plan, expected, where: str, spent: list[int], dry_runs: "_DryRuns"
                  ) -> dict[str, dict[str, Any]]:
     """``plan.attrs`` plus the attribute updates that get the failed dry run further (graph/size_attrs.py)."""
-    from secateur.graph import size_attrs
+    from secateur.graph import size_attrs, verify
     if spent[0] >= size_attrs.MAX_TRIALS:
         return plan.attrs
     pairs = size_attrs.size_pairs(expected)
