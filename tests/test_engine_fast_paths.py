@@ -317,3 +317,43 @@ def test_collapse_unions_as_on_the_materialised_label():
             labels._constant_dims_to_one = orig
         assert got.shape == want.shape and torch.equal(got, want)
         assert torch.equal(fast.components(), plain.components())
+
+
+def _graph_record(graph):
+    """Everything a plan is chosen from: the groups with their members' slices, blocks, links and notes."""
+    def member(m):
+        return (m.module, m.name, m.dim, m.kind, m.consumer, m.index.tolist(), m.channel.tolist())
+    groups = [(g.name, g.size, None if g.block is None else g.block.tolist(), sorted(member(m) for m in g.members))
+              for g in graph.groups]
+    return groups, [(a.name, b.name) for a, b in graph.links], graph.notes, graph.root.tolist()
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return (timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval(),
+            torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["tied_vit", "timm_vit", "swin_t", "transformer_encoder", "shufflenet_v2_x0_5"])
+@pytest.mark.parametrize("heads", ["heads", "head_dim"])
+def test_reshape_of_a_broadcast_label_builds_the_same_graph(name, heads, monkeypatch):
+    """``rules._compressed_reshape`` reshapes a token stream's label without materialising the tokens; with it
+    turned off every reshape runs on the full label. The groups (members, slices, heads), links, notes and the
+    atoms' components must be the same."""
+    from secateur.graph import rules
+    from secateur.graph.groups import build_graph
+    model, x = {"tied_vit": _search_cases()["tied_vit"], "timm_vit": _timm_vit}.get(name, CASES.get(name))()
+    real, used = rules._compressed_reshape, [0]
+
+    def counted(*a):
+        ok = real(*a)
+        used[0] += ok
+        return ok
+    monkeypatch.setattr(rules, "_compressed_reshape", counted)
+    got = _graph_record(build_graph(model, x, heads, "channels"))
+    monkeypatch.setattr(rules, "_compressed_reshape", lambda *a: False)
+    want = _graph_record(build_graph(model, x, heads, "channels"))
+    assert got == want
+    assert got[0]  # groups were found: not vacuous
+    assert used[0] or name not in ("tied_vit", "timm_vit")  # timm-style token streams take the fast path
