@@ -71,14 +71,14 @@ def _secateur(name, _size, q):
             if p.dim() > 1 and not p.any():
                 p.normal_(std=0.02)
     macs0, params0 = count_macs(model, x), count_params(model)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     plan = plan_channels(model, x, ratio=0.5)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     _, want, got = pruned_vs_reference(model, x, plan, run=_forward)
     err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item() if got.shape == want.shape \
         else float("inf")
-    q.put(dict(ok=got.shape == want.shape and err < 1e-4, oracle_err=err, plan_s=t1 - t0, macs0=macs0,
-               params0=params0, macs_frac=count_macs(model, x) / macs0, params_frac=count_params(model) / params0,
+    q.put(dict(ok=got.shape == want.shape and err < 1e-4, oracle_err=err, plan_s=t1 - t0, plan_cpu_s=c1 - c0,
+               macs0=macs0, params0=params0, macs_frac=count_macs(model, x) / macs0, params_frac=count_params(model) / params0,
                groups=len(plan.choices), notes=len(plan.notes), first_notes=[n[:300] for n in plan.notes[:6]]))
 
 

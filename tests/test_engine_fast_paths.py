@@ -193,3 +193,167 @@ def test_compress_shrinks_exactly_the_constant_dims():
         assert torch.equal(got.expand(lab.shape), lab)  # the same label...
         for d in range(lab.dim()):  # ...with every constant dim shrunk to 1, and no other
             assert (got.size(d) == 1) == bool((lab == lab.narrow(d, 0, 1)).all())
+
+
+# ---- one plan's dry runs are remembered by what they run (structured._DryRuns): the same plans, fewer runs
+def _search_cases():
+    """Small models that take each branch of ``_verified``: count ties (a timm-style attention reading its width
+    from its input), size-attribute searches (a stored view shape, split sizes, a number that is not a size),
+    a size written in the model's own forward (the culprit bisection), a stale head count
+    (shape mismatch, the same role in every layer)."""
+    import test_count_ties as ties
+    import test_size_attributes as sa
+    import test_verify_shapes as vs
+
+    def sa_case(cls):
+        def make():
+            torch.manual_seed(0)
+            return cls().eval(), sa._x()
+        return make
+    return {"tied_vit": lambda: ties._model(), "tied_vit_uneven": lambda: (*ties._model(), ties.UNEVEN),
+            "scale": sa_case(sa.ScaleNet), "split_gate": sa_case(sa.SplitGate), "literal": sa_case(sa.Literal),
+            "stale_heads": lambda: vs._net(depth=3)}
+
+
+def _dry_runs(monkeypatch):
+    from secateur.graph import verify
+    calls = [0]
+    real = verify.check
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(verify, "check", counted)
+    return calls
+
+
+def _plan_record(plan):
+    return _kept(plan), repr(plan.attrs), plan.notes
+
+
+@pytest.mark.parametrize("name", ["tied_vit", "tied_vit_uneven", "scale", "split_gate", "literal", "stale_heads"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_remembered_dry_runs_give_the_same_plans(name, device, monkeypatch):
+    """``_MEMO`` off is the plain path: every dry run runs, every apply slices from scratch. The plan (kept
+    indices, attribute updates, notes) and the pruned model must be the same, and the memo never runs more."""
+    from secateur import structured
+    from secateur.graph import verify
+    for k in ("HERE_BYTES", "HERE_BYTES_APPLIED"):  # where the dry runs run: a CPU twin, or a meta skeleton
+        monkeypatch.setattr(verify, k, 2 ** 40 if device == "cpu" else 0)
+    case = _search_cases()[name]()
+    model, x = case[:2]
+    ratio = case[2] if len(case) > 2 else 0.5
+    calls = _dry_runs(monkeypatch)
+    got, runs = {}, {}
+    for memo in (False, True):
+        monkeypatch.setattr(structured, "_MEMO", memo)
+        calls[0] = 0
+        m = copy.deepcopy(model)
+        plan = plan_channels(m, x, ratio=ratio)
+        runs[memo] = calls[0]
+        res = prune_channels(m, x, ratio=ratio)
+        got[memo] = (_plan_record(plan), _plan_record(res.plans[0]) if res.plans else None, res.macs_after,
+                     {k: v.clone() for k, v in m.state_dict().items()})
+    assert got[True][:3] == got[False][:3]
+    assert got[True][3].keys() == got[False][3].keys()
+    assert all(torch.equal(got[True][3][k], got[False][3][k]) for k in got[True][3])
+    assert runs[True] <= runs[False]
+    assert got[True][0][0] or got[True][0][2]  # something pruned, or kept with a note: not vacuous
+
+
+def test_the_memo_saves_repeated_dry_runs(monkeypatch):
+    """The size-attribute search starts from the plan the first loop refused (its first dry run is that loop's
+    failing one), and a trial that sets a value back to the model's own is the plan without it."""
+    from secateur import structured
+    calls = _dry_runs(monkeypatch)
+    for name in ("scale", "stale_heads"):
+        model, x = _search_cases()[name]()
+        runs = {}
+        for memo in (False, True):
+            monkeypatch.setattr(structured, "_MEMO", memo)
+            calls[0] = 0
+            plan_channels(copy.deepcopy(model), x, ratio=0.5)
+            runs[memo] = calls[0]
+        assert runs[True] < runs[False], name
+
+
+def test_exact_leaves_the_model_alone_and_answers_as_with_deep_copies(monkeypatch):
+    """``_exact`` builds the oracle's reference on a twin whose zeroed tensors are its own copies: the model's
+    weights are untouched, and the answer is the one deep copies give, for a plan that computes the reference
+    and one that does not."""
+    from secateur import structured
+    model, x = _search_cases()["tied_vit"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_channels(model, x, ratio=0.5)
+    assert structured._exact(model, x, plan) is True
+    wrong = structured.Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms)
+    wrong.zero_consumers = lambda ref: None  # a reference that zeroes nothing: the pruned model differs
+    got = structured._exact(model, x, wrong)
+    monkeypatch.setattr(structured, "_writable_twin", lambda m, p: copy.deepcopy(m))
+    assert structured._exact(model, x, wrong) is got is False
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_collapse_unions_as_on_the_materialised_label():
+    """``Atoms.collapse`` narrows the dims a label is constant along before its unions (a token stream): the
+    components and the returned label must be those of the plain union over every position."""
+    from secateur.graph import labels
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(40):
+        shape = [int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(3 + trial % 2)]
+        lab = torch.randint(-1, 30, shape, generator=gen)
+        if trial % 2 == 0:  # constant along a dim, as a broadcast label materialised
+            d = trial % len(shape)
+            lab = lab.narrow(d, 0, 1).expand(shape).contiguous()
+        dims = [trial % len(shape)] + ([len(shape) - 1] if trial % 3 == 0 else [])
+        fast, plain = labels.Atoms(), labels.Atoms()
+        fast.count = plain.count = 30
+        got = fast.collapse(lab, dims)
+        orig = labels._constant_dims_to_one
+        labels._constant_dims_to_one = lambda t, _: t
+        try:
+            want = plain.collapse(lab, dims)
+        finally:
+            labels._constant_dims_to_one = orig
+        assert got.shape == want.shape and torch.equal(got, want)
+        assert torch.equal(fast.components(), plain.components())
+
+
+def _graph_record(graph):
+    """Everything a plan is chosen from: the groups with their members' slices, blocks, links and notes."""
+    def member(m):
+        return (m.module, m.name, m.dim, m.kind, m.consumer, m.index.tolist(), m.channel.tolist())
+    groups = [(g.name, g.size, None if g.block is None else g.block.tolist(), sorted(member(m) for m in g.members))
+              for g in graph.groups]
+    return groups, [(a.name, b.name) for a, b in graph.links], graph.notes, graph.root.tolist()
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return (timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval(),
+            torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["tied_vit", "timm_vit", "swin_t", "transformer_encoder", "shufflenet_v2_x0_5"])
+@pytest.mark.parametrize("heads", ["heads", "head_dim"])
+def test_reshape_of_a_broadcast_label_builds_the_same_graph(name, heads, monkeypatch):
+    """``rules._compressed_reshape`` reshapes a token stream's label without materialising the tokens; with it
+    turned off every reshape runs on the full label. The groups (members, slices, heads), links, notes and the
+    atoms' components must be the same."""
+    from secateur.graph import rules
+    from secateur.graph.groups import build_graph
+    model, x = {"tied_vit": _search_cases()["tied_vit"], "timm_vit": _timm_vit}.get(name, CASES.get(name))()
+    real, used = rules._compressed_reshape, [0]
+
+    def counted(*a):
+        ok = real(*a)
+        used[0] += ok
+        return ok
+    monkeypatch.setattr(rules, "_compressed_reshape", counted)
+    got = _graph_record(build_graph(model, x, heads, "channels"))
+    monkeypatch.setattr(rules, "_compressed_reshape", lambda *a: False)
+    want = _graph_record(build_graph(model, x, heads, "channels"))
+    assert got == want
+    assert got[0]  # groups were found: not vacuous
+    assert used[0] or name not in ("tied_vit", "timm_vit")  # timm-style token streams take the fast path

@@ -412,23 +412,26 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
     ``rechoose(ties, fixed)`` (the plan's own choice with count ties and left-out groups): before dropping groups
     at a failing module, try tying the counts of the groups inside it to the stream that enters it (graph/ties.py);
     the ties stay (on ``graph.ties``) when the dry run then passes that module's class."""
+    memo: dict = {}  # one plan's dry runs by what they run (``_DryRuns``): the loops below repeat some
     if graph is not None and graph.cuts:
         # cuts at attribute positions (graph/splits.py) need their sizes updated wherever channels leave a section:
         # the search first, taken straight away where it keeps every group and computes the reference; otherwise the
         # plan without it is found below as before (that first, then the search, took dpn68 7.1 s, this 4.9 s)
         d1, ties = ({} if done is not None else None), graph.ties
-        first = _verify_loop(model, example_inputs, _copy(plan), graph, search=True, done=d1, rechoose=rechoose)
+        first = _verify_loop(model, example_inputs, _copy(plan), graph, search=True, done=d1, rechoose=rechoose,
+                             memo=memo)
         if len(first.choices) == len(plan.choices) and _exact(model, example_inputs, first):
             if done is not None:
                 done.update(d1)
             return first
         graph.ties = ties
     d0 = {} if done is not None else None
-    base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0, rechoose=rechoose)
+    base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0, rechoose=rechoose,
+                        memo=memo)
     if graph is not None and graph.ties and _exact(model, example_inputs, base) is False:
         graph.ties = None  # count ties proven by shapes, refuted by values: the plan without them
         d0 = {} if done is not None else None
-        base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0)
+        base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0, memo=memo)
         base.notes.append("count ties gave a pruned model that differs from the reference; not used")
     picked, d = base, d0
     if len(base.choices) != len(plan.choices) and graph is not None:
@@ -444,7 +447,7 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
             graph.ties = ties if tied else None
             d1 = {} if done is not None else None
             found = _verify_loop(model, example_inputs, _copy(plan), graph, search=True, done=d1,
-                                 rechoose=rechoose if tied else None)
+                                 rechoose=rechoose if tied else None, memo=memo)
             if found.attrs and found.channels > picked.channels and _exact(model, example_inputs, found):
                 picked, d, kept_ties = found, d1, graph.ties
         graph.ties = kept_ties
@@ -461,7 +464,7 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan) -> bool | None:
     from secateur.graph.capture import _flat_tensors, call
     if not plan.choices or not verify.runs_here(model, example_inputs):
         return None
-    ref, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    ref, pruned = _writable_twin(model, plan), verify.twin(model)
     plan.zero_consumers(ref)
     plan.apply(pruned)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
@@ -482,18 +485,38 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan) -> bool | None:
     return True
 
 
+def _writable_twin(model: nn.Module, plan: Plan) -> nn.Module:
+    """A ``verify.twin`` of ``model`` whose tensors ``plan.zero_consumers`` writes into are its own copies (the
+    others still share the model's memory): the oracle's reference without a deep copy of every weight. A
+    consumer tensor that is neither a parameter nor a buffer: a plain deep copy."""
+    from secateur.graph import verify
+    ref = verify.twin(model)
+    for g, _ in plan.choices:
+        for m in g.members:
+            if not m.consumer:
+                continue
+            mod = ref.get_submodule(m.module)
+            if m.name in mod._parameters and mod._parameters[m.name] is not None:
+                p = mod._parameters[m.name]
+                if p.data_ptr() == getattr(model.get_submodule(m.module), m.name).data_ptr():
+                    p.data = p.data.clone()  # once per tensor (a tied weight is one Parameter in the twin too)
+            elif m.name not in mod._buffers:  # buffers: the twin's are copies already
+                return copy.deepcopy(model)
+    return ref
+
+
 def _copy(plan: Plan) -> Plan:
     return Plan(plan.groups, list(plan.choices), list(plan.notes), heads=plan.heads, norms=plan.norms,
                 attrs={k: dict(v) for k, v in plan.attrs.items()})
 
 
 def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | None, search: bool,
-                 done: dict | None = None, rechoose: Callable | None = None) -> Plan:
+                 done: dict | None = None, rechoose: Callable | None = None, memo: dict | None = None) -> Plan:
     from secateur.graph import verify
-    from secateur.metrics import MacTally
     out = getattr(getattr(graph, "tracer", None), "output", None)
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     here = done is not None and verify.runs_here(model, example_inputs, applied=True)
+    dry = _DryRuns(model, example_inputs, graph, want, memo)
     spent = [0]  # dry runs spent on attribute searches (size_attrs.MAX_TRIALS)
     fixed: set[int] = set()
     tried: dict[type, bool] = {}  # module class -> its broad tie was tried
@@ -506,10 +529,7 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
         if plan.choices is not prev and plan.attrs:  # choices changed: sizes taken from cuts follow them
             plan.attrs = _recut(model, graph, plan.attrs, prev, plan.choices)
         prev = plan.choices
-        expected = verify.expected(graph, plan.choices) if graph is not None else None
-        tally, slices = (MacTally(), _Slices()) if here else (None, None)
-        apply = plan.apply if not here else (lambda base, p=plan, s=slices: _apply(base, p, record=s))
-        ok, where, err, bad = verify.check(model, example_inputs, apply, want, expected, tally, applied=here)
+        ok, where, err, bad, expected, slices, macs = dry.check(plan, here)
         if pending is not None:
             cls, plan0, ties0, failure = pending
             if not ok and where and type(model.get_submodule(where)) is cls:  # not enough: broader, or undo
@@ -526,7 +546,7 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
                 plan.notes.append(_tie_note(cls))
             pending = None
         if not ok and search and expected is not None:  # a size the model keeps itself? (graph/size_attrs.py)
-            attrs = _attr_search(model, example_inputs, plan, graph, want, expected, where or "", spent)
+            attrs = _attr_search(model, plan, expected, where or "", spent, dry)
             if attrs != plan.attrs:
                 plan = Plan(plan.groups, plan.choices, plan.notes, heads=plan.heads, norms=plan.norms, attrs=attrs)
                 continue
@@ -534,7 +554,7 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
             plan.notes.append(err)
         if ok:
             if here:
-                done.update(slices=slices if slices.removed else None, macs=tally.total)
+                done.update(slices=slices if slices.removed else None, macs=macs)
             return _noted(model, plan)
         cls = type(model.get_submodule(where)) if rechoose is not None and where and graph is not None else None
         if cls is not None and cls not in tried:
@@ -550,7 +570,7 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
         if bad:  # a shape mismatch names the groups removed there: those, and the same role in its class
             keep = _without_role(model, plan, {id(graph.groups[i]) for i in bad}, where or "")
         else:
-            keep = _without_module(model, example_inputs, plan, where or "", want, graph)
+            keep = _without_module(model, plan, where or "", dry)
         fixed |= {id(g) for g, _ in plan.choices} - {id(g) for g, _ in keep}
         dropped = len(plan.choices) - len(keep)
         what = "pruned forward failed" if bad is None else "pruned shapes differ from the plan's"
@@ -600,8 +620,8 @@ def _tie_note(cls: type) -> str:
             f"the stream that enters it (count ties, graph/ties.py)")
 
 
-def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph, want, expected, where: str,
-                 spent: list[int]) -> dict[str, dict[str, Any]]:
+def _attr_search(model: nn.Module, plan: Plan, expected, where: str, spent: list[int], dry_runs: "_DryRuns"
+                 ) -> dict[str, dict[str, Any]]:
     """``plan.attrs`` plus the attribute updates that get the failed dry run further (graph/size_attrs.py)."""
     from secateur.graph import size_attrs, verify
     if spent[0] >= size_attrs.MAX_TRIALS:
@@ -610,10 +630,9 @@ def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
     if not pairs:
         return plan.attrs
 
-    def dry(attrs):
+    def dry(attrs):  # a trial still counts against MAX_TRIALS when its dry run is a repeat (memo): same search
         trial = Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms, attrs=attrs)
-        exp = verify.expected(graph, trial.choices)
-        ok, w, _, _ = verify.check(model, example_inputs, trial.apply, want, exp)
+        ok, w, _, _, exp, _, _ = dry_runs.check(trial)
         return ok, w or "", exp.step_no
 
     done: set[tuple[str, str]] = set()  # attributes the updaters already set (Linear.out_features): not tried
@@ -626,7 +645,8 @@ def _attr_search(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
     except Exception:  # noqa: BLE001 - only a shortcut: without it every candidate is tried
         pass
     from secateur.graph.splits import proposals
-    moves = proposals(model, graph.cuts, plan.choices) if graph.cuts else None
+    graph = dry_runs.graph
+    moves = proposals(model, graph.cuts, plan.choices) if graph is not None and graph.cuts else None
     return size_attrs.Search(model, pairs, dry, spent, done, moves).run(plan.attrs, where, expected.step_no)
 
 
@@ -645,7 +665,7 @@ def _noted(model: nn.Module, plan: Plan) -> Plan:
     return plan
 
 
-def _without_module(model: nn.Module, example_inputs: Any, plan: Plan, scope: str, want, graph) -> list:
+def _without_module(model: nn.Module, plan: Plan, scope: str, dry: "_DryRuns") -> list:
     """The plan's choices without the groups inside the failing module and every module of its class (same code,
     same problem); where that is the model's own forward, without the first group that breaks it."""
     while True:
@@ -657,7 +677,7 @@ def _without_module(model: nn.Module, example_inputs: Any, plan: Plan, scope: st
             break
         scope = scope.rpartition(".")[0]
     if not scope and len(plan.choices) > 1:  # the model's own forward: find the culprit, keep the rest
-        bad = _culprit(model, example_inputs, plan, want, graph)
+        bad = _culprit(plan, dry)
         keep = [c for i, c in enumerate(plan.choices) if i != bad]
     return keep
 
@@ -682,17 +702,94 @@ def _without_role(model: nn.Module, plan: Plan, bad: set[int], where: str) -> li
     return [(g, c) for g, c in plan.choices if id(g) not in bad and not same_role(g)]
 
 
-def _culprit(model: nn.Module, example_inputs: Any, plan: Plan, want, graph: Graph | None = None) -> int:
+def _culprit(plan: Plan, dry: "_DryRuns") -> int:
     """Index of the first choice whose addition breaks the forward (bisection on prefixes: log2(n) dry runs)."""
-    from secateur.graph import verify
     lo, hi = 0, len(plan.choices)  # prefix lo runs, prefix hi fails
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        prefix = plan.choices[:mid]
-        expected = verify.expected(graph, prefix) if graph is not None else None
-        ok, _, _, _ = verify.check(model, example_inputs, Plan(plan.groups, prefix).apply, want, expected)
+        ok = dry.check(Plan(plan.groups, plan.choices[:mid]))[0]
         lo, hi = (mid, hi) if ok else (lo, mid)
     return hi - 1
+
+
+class _DryRuns:
+    """``verify.check`` of plans on one model, graph and input, remembered by what the dry run runs: the choices
+    (group and channels, in order), the size attributes and the device it runs on. A dry run's outcome depends on
+    nothing else, and one plan's verification repeats some (the search loop starts where the first loop ended; a
+    size-attribute trial whose value is the model's own is the plan without it): efficientformerv2_l ran 18 dry
+    runs, 9 of them repeats. Where ``here`` (the caller applies the slices), the twin's slices and MAC count are
+    kept too. ``memo``: shared by the loops of one ``_verified``."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, graph: Graph | None, want, memo: dict | None) -> None:
+        from secateur.graph import verify
+        self.model, self.inputs, self.graph, self.want = model, example_inputs, graph, want
+        self.memo = memo if memo is not None else {}
+        self.cpu = {a: verify.runs_here(model, example_inputs, applied=a) for a in (False, True)}  # see _key
+
+    def _key(self, plan: Plan, here: bool) -> tuple:
+        return ("applied" if here else self.cpu[False], plan.heads, repr(plan.attrs),
+                tuple((id(g), c.numpy().tobytes()) for g, c in plan.choices))
+
+    def _expected(self, plan: Plan):
+        """``verify.expected`` for the plan's choices: one per choices, reset for each dry run (its set-up walks
+        every atom of the capture: 65 ms a trial on efficientformerv2_l)."""
+        from secateur.graph import verify
+        if self.graph is None:
+            return None
+        if not _MEMO:
+            return verify.expected(self.graph, plan.choices)
+        key = ("expected", tuple((id(g), c.numpy().tobytes()) for g, c in plan.choices))
+        exp = self.memo.get(key)
+        if exp is None or getattr(exp.tracer, "meta_trace", ()) is None:  # (no meta trace: verify.expected's None)
+            exp = self.memo[key] = verify.expected(self.graph, plan.choices)
+            return exp
+        exp.reset()
+        return exp
+
+    def _apply(self, plan: Plan, here: bool, record: "_Slices | None") -> Callable[[nn.Module], Any]:
+        """The plan's apply for the dry run's copy. The slices depend on the choices only (the size attributes are
+        set after them), so the trials of one search, which differ in attributes, slice once: the later ones
+        take the first one's tensors (``_apply``'s ``reuse``: new tensors, never written in place)."""
+        if not _MEMO:
+            return plan.apply if record is None else (lambda base: _apply(base, plan, record=record))
+        device = "cpu" if self.cpu[here] else "meta"
+        key = ("slices", device, tuple((id(g), c.numpy().tobytes()) for g, c in plan.choices))
+        reuse = self.memo.get(key)
+        if reuse is not None:
+            return lambda base: _apply(base, plan, reuse=reuse, record=record)
+
+        def first(base: nn.Module) -> Any:
+            made = record if record is not None else _Slices()
+            out = _apply(base, plan, record=made)
+            self.memo[key] = made  # only complete slices: an apply that raised leaves none
+            return out
+        return first
+
+    def check(self, plan: Plan, here: bool = False) -> tuple:
+        """(ok, failing module, error, groups of a shape mismatch, ``verify.Expected`` or None, slices, MACs):
+        ``verify.check``'s answer, then what ``_verify_loop`` and the size-attribute search read from its run
+        (the slices and MACs only where ``here``)."""
+        from secateur.graph import verify
+        from secateur.metrics import MacTally
+        expected = self._expected(plan)
+        key = self._key(plan, here) if _MEMO else None
+        hit = self.memo.get(key) if key is not None else None
+        if hit is not None:
+            (ok, where, err, bad), step_no, trace, slices, macs = hit
+            if expected is not None:  # as the run left it: how far it got, on which trace
+                expected.step_no, expected.trace = step_no, trace
+            return ok, where, err, bad, expected, slices, macs
+        tally, slices = (MacTally(), _Slices()) if here else (None, None)
+        apply = self._apply(plan, here, slices)
+        res = verify.check(self.model, self.inputs, apply, self.want, expected, tally, applied=here,
+                           here=self.cpu[here])
+        macs = tally.total if here else None
+        if key is not None:
+            self.memo[key] = (res, getattr(expected, "step_no", None), getattr(expected, "trace", None), slices, macs)
+        return (*res, expected, slices, macs)
+
+
+_MEMO = True  # tests turn it off to compare with the plain path (tests/test_engine_fast_paths.py)
 
 
 def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
@@ -921,6 +1018,8 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         mod = module(mname)
         t = _tensor(mod, tname)
         new = reuse.tensors.get((mname, tname)) if reuse is not None else None
+        if new is not None and not isinstance(t, nn.Parameter):
+            new = new.clone()  # a buffer: the model's forward may update it in place (BatchNorm in training mode)
         if new is None or new.device != t.device or new.dtype != t.dtype:
             keep = []
             for d, pos in dims.items():  # pos: sorted, unique (Plan.removed)

@@ -322,7 +322,41 @@ def _compressed_move(tr, func, args, out) -> bool:
             parts.append(torch.full(shape, -1, dtype=torch.long) if lab is None else lab.expand(shape))
         tr.set(out, torch.cat(parts, d))
         return True
+    if packet in _RESHAPES and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+        return _compressed_reshape(tr, args, out)
     return False
+
+
+_RESHAPES = (aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.view_copy)
+
+
+def _compressed_reshape(tr, args, out) -> bool:
+    """A reshape of a broadcast label, block by block of the factorisation (``_blocks``): a block whose input
+    dims the label does not vary on stays size 1, the others are reshaped in full. A token stream [B, N, C]
+    split into heads [B, N, 3, H, d] then moves C labels, not N x C (cait_xs24_384: 577 tokens, every layer).
+    The label the plain path would store is this one with its constant dims expanded (``Tracer.set`` compresses
+    both to the same), and the view check gets it expanded (a view: the same label, no copy)."""
+    x, lab = args[0], tr.get(args[0])
+    if lab is None or x.dim() == 0 or out.dim() == 0 or x.numel() == 0:
+        return False
+    lab = _pad(lab, x.dim())
+    blocks = _blocks(list(x.shape), list(out.shape))
+    if ([d for ins, _ in blocks for d in ins] != list(range(x.dim()))
+            or [d for _, outs in blocks for d in outs] != list(range(out.dim()))):
+        return False  # dims left over (trailing size-1 dims): the plain path
+    full, new = [], []
+    for ins, outs in blocks:
+        if math.prod(x.size(d) for d in ins) != math.prod(out.size(d) for d in outs):
+            return False
+        varies = any(lab.size(d) > 1 for d in ins)
+        full += [x.size(d) if varies else 1 for d in ins]
+        new += [out.size(d) if varies else 1 for d in outs]
+    if full == list(x.shape):
+        return False  # nothing broadcast: the plain path
+    lout = lab.expand(full).reshape(new)
+    tr.set(out, lout)
+    _check_view(tr, args, None, [lout.expand(out.shape)])  # it reads the output's shape from the label
+    return True
 
 
 # ---- after pruning, the model's own code re-splits / re-slices a shrunken dim: keep that valid

@@ -82,7 +82,7 @@ def deepcopy_module(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[k] = {n: memo[id(p)] if id(p) in memo else copy.deepcopy(p, memo) for n, p in v.items()}
         elif t in (dict, OrderedDict, set, list) and not v:
             state[k] = t()
-        elif (t is tuple or t is set) and all(type(e) in _ATOMIC for e in v):
+        elif (t is tuple or t is set) and _ATOMIC.issuperset(map(type, v)):  # in C: long tuples of ints
             state[k] = v if t is tuple else set(v)
         else:
             state[k] = copy.deepcopy(v, memo)
@@ -149,13 +149,7 @@ class Expected:
     def __init__(self, graph: Any, choices: list) -> None:
         tr = graph.tracer
         self.tracer, self.leaves = tr, tr.leaf_names
-        self.trace = tr.meta_trace if getattr(tr, "meta_trace", None) else tr.trace
-        self.sequence = False  # the last run failed on the op sequence (not on a shape)
-        # from this step on, sizes may follow values (tracer.dynamic): only channel dims are compared, and where
-        # the ops part from the capture's (another number of detections) the rest is not compared (``loose``)
-        self.dynamic = tr.dynamic if getattr(tr, "dynamic", None) is not None else len(self.trace) + 1
-        self.loose = False
-        self.failed: Mismatch | None = None
+        self.reset()
         index = {id(g): i for i, g in enumerate(graph.groups)}
         sizes = torch.tensor([0] + [g.size for g in graph.groups])
         offset = torch.cumsum(sizes, 0)[:-1]
@@ -167,8 +161,20 @@ class Expected:
         ok = self.group >= 0
         self.removed = torch.zeros(self.group.numel(), dtype=torch.bool)
         self.removed[ok] = pick[offset[self.group[ok]] + local[ok]]
-        self.step_no = 0
         self.memo: dict[tuple, tuple | None] = {}  # (label shape, label bytes, shape) -> shape()
+
+    def reset(self) -> None:
+        """As new, for another dry run of the same choices (what ``__init__`` computes from them is kept: the
+        removed atoms, and the shapes memoised from them)."""
+        tr = self.tracer
+        self.trace = tr.meta_trace if getattr(tr, "meta_trace", None) else tr.trace
+        self.sequence = False  # the last run failed on the op sequence (not on a shape)
+        # from this step on, sizes may follow values (tracer.dynamic): only channel dims are compared, and where
+        # the ops part from the capture's (another number of detections) the rest is not compared (``loose``)
+        self.dynamic = tr.dynamic if getattr(tr, "dynamic", None) is not None else len(self.trace) + 1
+        self.loose = False
+        self.failed: Mismatch | None = None
+        self.step_no = 0
 
     def shape(self, lab: torch.Tensor | None, shape: tuple) -> tuple | None:
         """The shape the plan leaves for an output of unpruned ``shape`` labelled ``lab`` (None: not compared).
@@ -433,7 +439,7 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
 
 
 def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], Any], want: list | None = None,
-          expected: Expected | None = None, tally: Any = None, applied: bool = False
+          expected: Expected | None = None, tally: Any = None, applied: bool = False, here: bool | None = None
           ) -> tuple[bool, str | None, str | None, list[int] | None]:
     """(ok, failing module, error, groups of a shape mismatch) of applying ``apply`` to a copy (``twin`` or meta
     ``skeleton``, see the module docstring) and running it. ok is True also when the unpruned model cannot run on
@@ -441,8 +447,9 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
     known (the capture saw them), which saves one forward. ``expected``: the shapes of every step (see
     :class:`Expected`). ``tally`` (``metrics.MacTally``): the MACs of the pruned copy's forward where it ran on the
     model's own device (what ``count_macs`` of the pruned model says: one forward saved); left None otherwise.
-    ``applied``: see ``runs_here``."""
-    here = runs_here(model, example_inputs, applied)
+    ``applied``: see ``runs_here``; ``here``: its answer, where the caller has it already (a walk over every
+    tensor of the model per dry run)."""
+    here = runs_here(model, example_inputs, applied) if here is None else here
     if tally is not None:
         tally.flops = None
     try:
@@ -465,7 +472,7 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
             return True, None, f"not verified on meta ({tr.meta_error})", None
         if [t[0] for t in tr.meta_trace] != [t[0] for t in tr.trace]:
             expected.trace = tr.meta_trace
-            return check(model, example_inputs, apply, want, expected, tally, applied)
+            return check(model, example_inputs, apply, want, expected, tally, applied, here)
     if got is None:
         if not here and known and groups is None:  # was it the plan, or does the model not run on meta at all?
             base_ok, _, err0, _ = run(skeleton(model), example_inputs)
