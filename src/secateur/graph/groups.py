@@ -79,6 +79,7 @@ class NormSite:
     op: str
     size: int
     parts: list[tuple[Group, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    dim: int = -1  # the normalised dim of the op's input (a "reduce" site: the dim its statistic runs over)
 
 
 @dataclass
@@ -246,7 +247,8 @@ def _groups(tr: Tracer) -> Graph:
     norms = []
     for site in tr.norms:
         c = root[site["atoms"]]
-        ns = NormSite(site["kind"], site["key"], site["call"], site["where"], site["op"], c.numel())
+        ns = NormSite(site["kind"], site["key"], site["call"], site["where"], site["op"], c.numel(),
+                      dim=site.get("dim", -1))
         g = gid[c]
         for G in torch.unique(g[g >= 0]).tolist():
             idx = (g == G).nonzero().flatten()

@@ -416,6 +416,31 @@ _RED = {  # op -> (position of dim arg, position of keepdim arg or None, keeps s
 }
 
 
+# statistics whose value over the kept channels is what a pruned model computes (a mean, a variance, an L2 norm),
+# and whose result holds no channel position: see _statistic_site
+_STATS = {aten.mean, aten.var, aten.std, aten.var_mean, aten.std_mean, aten.linalg_vector_norm, aten.norm}
+
+
+def _statistic_site(tr, func, lab, dims, out) -> bool:
+    """A statistic over the channel dim (timm's RmsNorm2d: ``x.pow(2).mean(1)``; GlobalResponseNorm: the mean over
+    channels of a spatial L2 norm; a hand-written LayerNorm2d: mean and variance over dim 1). Collapsing the
+    channels (the generic reduction) keeps them all-or-nothing, which kept whole models dense (mobilenetv5 1.0,
+    csatv2 0.85 of their MACs at ratio 0.5). Removing a channel there is not zeroing it (the count and the values
+    in the statistic change), exactly as in a LayerNorm, so it is recorded the same way: a norm site ("reduce")
+    whose reference (graph/reference.py) reruns the op on the kept channels only, which is what the pruned model
+    computes. Only when the channels vary along one dim, that dim is reduced, and every position is an atom:
+    the result then carries no channel position (its shape does not depend on how many are kept)."""
+    if func.overloadpacket not in _STATS or lab is None:
+        return False
+    big = [d for d in range(lab.dim()) if lab.size(d) > 1]
+    if len(big) != 1 or big[0] not in dims or bool((lab < 0).any()):
+        return False
+    tr.norm_site("reduce", func.overloadpacket, func.overloadpacket._qualified_op_name, lab.reshape(-1), dim=big[0])
+    for t in _outs(out):
+        tr.set(t, None)
+    return True
+
+
 @rule(*_RED)
 def reduction(tr, func, args, kwargs, out):
     x = args[0]
@@ -427,6 +452,8 @@ def reduction(tr, func, args, kwargs, out):
         dim = None
     keepdim = bool(args[kpos]) if kpos is not None and len(args) > kpos else bool(kwargs.get("keepdim", False))
     dims = _dims(dim, x.dim()) if x.dim() else []
+    if _statistic_site(tr, func, lab, dims, out):
+        return
     red = tr.atoms.collapse(lab, dims)
     for t in _outs(out):
         if t.dim() == x.dim():
