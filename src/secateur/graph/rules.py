@@ -160,7 +160,9 @@ def pointwise(tr, func, args, kwargs, out):
         tr.atoms.block(torch.where(a >= 0, a, b)[(a >= 0) != (b >= 0)])  # meets an unsliceable element
         res = torch.where(a >= 0, a, b)
     for c in consts:  # a constant that varies along a channel dim cannot be sliced: all-or-nothing there
-        csh = (1,) * (nd - c.dim()) + tuple(c.shape)
+        # (a dim with stride 0 is an ``expand``: one value all along it, which does not vary; F.normalize divides
+        # by its norm over channels expanded back to the input's shape)
+        csh = (1,) * (nd - c.dim()) + tuple(1 if c.stride(i) == 0 else c.size(i) for i in range(c.dim()))
         dims = [d for d in range(nd) if csh[d] > 1 and res.size(d) > 1]
         d = _param_dim(tr, c, res, dims)
         if d is not None:  # a free parameter (position embedding [1, tokens, C]) is sliced with its channels

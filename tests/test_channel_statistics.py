@@ -1,0 +1,198 @@
+"""Statistics over the channel dim reached op by op (graph/rules.py ``_statistic_site``): timm's RmsNorm2d
+(``x.pow(2).mean(1)``), GlobalResponseNorm (the mean over channels of a spatial L2 norm), a hand-written
+LayerNorm2d (mean and variance over dim 1), ``F.normalize`` over channels. Removal is not zeroing there (the pruned
+model's statistic runs over the kept channels), so each is a noted norm site whose reference reruns the op on the
+kept channels (``Plan.kept_norms``). Before, the channels were collapsed all-or-nothing: mobilenetv5_300m kept all
+of its MACs at ratio 0.5, csatv2 0.85. Every test checks the pruned model against that reference *and* that plain
+zeroing differs, so the reference is needed and the comparison can fail."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import secateur
+from secateur.metrics import count_macs
+from secateur.structured import plan_channels
+
+timm = pytest.importorskip("timm")
+from timm.layers import RmsNorm2d  # noqa: E402
+from timm.layers.grn import GlobalResponseNorm  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+class LayerNorm2dByHand(nn.Module):
+    """ConvNeXt's original channels-first LayerNorm: mean and (biased) variance over dim 1."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = x.var(1, keepdim=True, unbiased=False)
+        return self.weight[:, None, None] * (x - u) / torch.sqrt(s + 1e-6) + self.bias[:, None, None]
+
+
+class L2Channels(nn.Module):
+    def forward(self, x):
+        return nn.functional.normalize(x, dim=1)
+
+
+class ConvBlock(nn.Module):
+    """conv -> norm over channels -> conv, twice, then a head: the norm's channels are the convs' channels."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 16, 3, padding=1), norm(16)
+        self.c2, self.n2 = nn.Conv2d(16, 24, 3, padding=1), norm(24)
+        self.c3 = nn.Conv2d(24, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.n1(self.c1(x)))
+        x = nn.functional.gelu(self.n2(self.c2(x)))
+        return self.head(self.c3(x).mean((2, 3)))
+
+
+class ConvNeXtV2Block(nn.Module):
+    """ConvNeXt-V2's MLP in channels-last: Linear -> GELU -> GRN (channels_last) -> Linear, on a residual stream."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, 2)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.fc1, self.grn, self.fc2 = nn.Linear(dim, 4 * dim), GlobalResponseNorm(4 * dim), nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(self.grn(nn.functional.gelu(self.fc1(y))))
+        x = x + y.permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+NORMS = {
+    "rmsnorm2d": RmsNorm2d,
+    "rmsnorm2d_no_affine": lambda c: RmsNorm2d(c, affine=False),
+    "grn_channels_first": lambda c: GlobalResponseNorm(c, channels_last=False),
+    "layernorm2d_by_hand": LayerNorm2dByHand,
+    "l2_normalize": lambda c: L2Channels(),
+}
+
+
+def _randomize(model):
+    """Random norm weights (GRN's init is zero, which would make it an identity and the check vacuous)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _check(model, x, **kw):
+    """Pruned == kept-channel reference, and != plain zeroing. Returns the plan."""
+    plan = plan_channels(model, x, **kw)
+    ref = copy.deepcopy(model)
+    plan.zero_consumers(ref)
+    with torch.no_grad():
+        zeroed = ref(x)
+        with plan.kept_norms(ref):
+            want = ref(x)
+        plan.apply(model)
+        got = model(x)
+    scale = want.abs().max()
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * scale, f"{((got - want).abs().max() / scale).item():.2e}"
+    assert (got - zeroed).abs().max() > 1e-3 * scale  # removal is not zeroing here: the reference matters
+    return plan
+
+
+@pytest.mark.parametrize("kind", list(NORMS))
+def test_statistic_over_channels_prunes_against_the_kept_channel_reference(kind):
+    torch.manual_seed(0)
+    m = _randomize(ConvBlock(NORMS[kind]))
+    plan = _check(m, torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert m.c1.out_channels == 8 and m.c2.out_channels == 12 and m.c3.in_channels == 12
+    if hasattr(m.n1, "weight") and m.n1.weight is not None:
+        assert m.n1.weight.shape == (8,) and m.n2.weight.shape == (12,)
+    assert any(n.startswith("n1: aten::") and "statistics now cover the kept channels" in n for n in plan.notes)
+
+
+def test_grn_channels_last_in_a_convnextv2_mlp():
+    torch.manual_seed(0)
+    m = _randomize(ConvNeXtV2Block())
+    plan = _check(m, torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert m.fc1.out_features == 32 and m.grn.weight.shape == (32,) and m.fc2.in_features == 32
+    assert any(n.startswith("grn: aten::mean") for n in plan.notes)
+
+
+def test_reload_is_exact(tmp_path):
+    torch.manual_seed(0)
+    m, x = _randomize(ConvBlock(RmsNorm2d)), torch.randn(2, 3, 8, 8)
+    secateur.prune_channels(m, x, ratio=0.5)
+    secateur.save(m, tmp_path / "m.safetensors")
+    fresh = secateur.load(ConvBlock(RmsNorm2d).eval(), tmp_path / "m.safetensors")
+    assert fresh.n1.weight.shape == (8,) and fresh.n1.normalized_shape == m.n1.normalized_shape
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), m(x), atol=0, rtol=0)
+
+
+class MaxOverChannels(nn.Module):
+    """CBAM-style: the max over channels is not a statistic whose kept-channel value is the pruned model's for
+    sure (its argmax picks a channel), so it stays all-or-nothing."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x.amax(1, keepdim=True))
+
+
+def test_a_max_over_channels_still_keeps_them():
+    m = ConvBlock(lambda c: MaxOverChannels()).eval()
+    plan = plan_channels(m, torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert not any(g.name in ("c1", "c2") for g, _ in plan.choices)
+
+
+def test_a_statistic_over_two_channel_dims_is_not_a_site():
+    """Channels spread over two reduced dims (a reshape into groups): the kept positions are no single index
+    along one dim, so the statistic keeps the generic all-or-nothing rule."""
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            y = self.c1(x)
+            s = y.reshape(y.size(0), 4, 4, *y.shape[2:]).mean((1, 2))
+            return self.c2(y * s[:, None])
+
+    plan = plan_channels(Grouped().eval(), torch.randn(2, 3, 5, 5), ratio=0.5)
+    assert not any(g.name == "c1" for g, _ in plan.choices)
+    assert not any(s.kind == "reduce" for s in plan.norms)
+
+
+def _timm_case(name, x):
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # zero-initialised GRN gains / heads would make the check vacuous
+            if not p.any():
+                p.normal_(std=0.02 if p.dim() > 1 else 0.5)
+    dense = copy.deepcopy(m)
+    plan = _check(m, x, ratio=0.5)
+    return count_macs(m, x) / count_macs(dense, x), plan
+
+
+def test_csatv2_grn_prunes():
+    frac, plan = _timm_case("csatv2", torch.randn(1, 3, 64, 64))
+    assert frac < 0.6  # 0.85 while GRN's mean kept its channels
+    assert any(".grn: aten::mean" in n for n in plan.notes)
+
+
+@pytest.mark.slow
+def test_mobilenetv5_rmsnorm2d_prunes():
+    frac, plan = _timm_case("mobilenetv5_300m", torch.randn(1, 3, 64, 64))
+    assert frac < 0.4  # 1.0 while RmsNorm2d's mean kept every channel
+    assert any("aten::mean" in n and "statistics" in n for n in plan.notes)
