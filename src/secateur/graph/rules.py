@@ -144,9 +144,10 @@ def pointwise(tr, func, args, kwargs, out):
     tens = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
     labs = []
     consts = []
+    shared = _shared_params(tr, tens, nd)
     for t in tens:
         lab = tr.get(t)
-        if lab is None and id(t) in tr.owner:
+        if lab is None and id(t) in tr.owner and id(t) not in shared:
             lab = tr.param_label(t)
         if lab is None:
             if t.dim() > 0 and t.numel() > 1:
@@ -164,7 +165,7 @@ def pointwise(tr, func, args, kwargs, out):
         # by its norm over channels expanded back to the input's shape)
         csh = (1,) * (nd - c.dim()) + tuple(1 if c.stride(i) == 0 else c.size(i) for i in range(c.dim()))
         dims = [d for d in range(nd) if csh[d] > 1 and res.size(d) > 1]
-        d = _param_dim(tr, c, res, dims)
+        d = None if id(c) in shared else _param_dim(tr, c, res, dims)
         if d is not None:  # a free parameter (position embedding [1, tokens, C]) is sliced with its channels
             res = tr.atoms.collapse(res, [e for e in dims if e != d])  # the other dims: the same channels
             res = _join(tr, res, _pad(tr.param_label_along(c, d - (nd - c.dim())), nd))
@@ -173,6 +174,29 @@ def pointwise(tr, func, args, kwargs, out):
             res = tr.atoms.collapse(res, dims)
     for t in outs:
         tr.set(t, res if t.dim() == nd else None)
+
+
+def _shared_params(tr, tens, nd) -> set[int]:
+    """Free 1-d parameters (one non-1 dim) that meet channels varying along another dim as well, where the parameter
+    broadcasts: a qk-norm weight [head_dim] on q viewed [B, N, heads, head_dim] (gemma4_vit's RmsNorm, reached op by
+    op). Slicing it with the channels would union dim d of every head with the weight's d, linking every head into
+    one group, which the per-head statistic then made all-or-nothing (gemma4_vit_167m kept all its heads). In heads
+    mode such a parameter is a constant instead: the channels are collapsed along its dim (a head is whole there,
+    so the weight is never cut) and the heads stay separate. With ``heads="head_dim"`` the old union stays (it is
+    what lets the same dim go from every head)."""
+    if tr.head_dim:
+        return set()
+    labs = [_pad(tr.get(t), nd) for t in tens if tr.get(t) is not None]
+    out = set()
+    for t in tens:
+        if tr.get(t) is not None or id(t) not in tr.owner or not tr.owner[id(t)][2] or id(t) in tr.labels:
+            continue
+        big = [nd - t.dim() + d for d in range(t.dim()) if t.size(d) > 1]
+        if len(big) != 1:
+            continue
+        if any(lab.size(big[0]) > 1 and any(lab.size(e) > 1 for e in range(nd) if e != big[0]) for lab in labs):
+            out.add(id(t))
+    return out
 
 
 def _param_dim(tr, c, res, dims) -> int | None:
