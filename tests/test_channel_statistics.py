@@ -196,3 +196,48 @@ def test_mobilenetv5_rmsnorm2d_prunes():
     frac, plan = _timm_case("mobilenetv5_300m", torch.randn(1, 3, 64, 64))
     assert frac < 0.4  # 1.0 while RmsNorm2d's mean kept every channel
     assert any("aten::mean" in n and "statistics" in n for n in plan.notes)
+
+
+class QKNormAttention(nn.Module):
+    """gemma4_vit's pattern, op by op: q and k RMS-normalised over each head's dims with a weight [head_dim] shared
+    by every head, then scaled dot-product attention. Whole heads are removed; the shared weights stay whole."""
+
+    def __init__(self, dim=32, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.stem = nn.Linear(6, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.qn, self.kn = nn.Parameter(torch.randn(self.head_dim)), nn.Parameter(torch.randn(self.head_dim))
+        self.head = nn.Linear(dim, 3)
+
+    @staticmethod
+    def _rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, n, _ = x.shape
+        q = self._rms(self.q(x).view(b, n, self.num_heads, self.head_dim), self.qn).transpose(1, 2)
+        k = self._rms(self.k(x).view(b, n, self.num_heads, self.head_dim), self.kn).transpose(1, 2)
+        v = self.v(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(x + self.o(y))
+
+
+def test_a_weight_shared_by_every_head_leaves_the_heads_separate():
+    """Before, slicing the shared qk-norm weight with the channels linked dim d of every head, and the per-head
+    statistic then made all heads one all-or-nothing group (gemma4_vit_167m kept every head)."""
+    torch.manual_seed(0)
+    m, x = QKNormAttention().eval(), torch.randn(2, 5, 6)
+    plan = plan_channels(m, x, ratio=0.5)
+    heads = [g for g, _ in plan.choices if g.name == "q"]
+    assert heads and heads[0].size == 4  # one unit per head
+    ref = copy.deepcopy(m)
+    plan.zero_consumers(ref)
+    with torch.no_grad():
+        with plan.kept_norms(ref):
+            want = ref(x)
+        plan.apply(m)
+        got = m(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert m.num_heads == 2 and m.q.out_features == 16 and m.qn.shape == (8,)

@@ -53,6 +53,8 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         return
     if not labelled and packet is aten.index and _gathered_table(tr, args):
         labelled = True
+    if not labelled and packet in _SPATIAL and _resampled_param(tr, args[0]):
+        labelled = True
     if not labelled and RULES.get(packet) is move:  # a free parameter entering a view/cat (cls token, pos emb)
         for t in _tensors(args):
             if id(t) in tr.owner and tr.param_label(t) is not None:
@@ -503,6 +505,32 @@ _SPATIAL = {
     aten.upsample_linear1d: 1, aten.upsample_nearest3d: 3, aten.upsample_trilinear3d: 3,
     aten._upsample_nearest_exact1d: 1, aten._upsample_bicubic2d_aa: 2, aten.max_pool3d: 3,
 }
+
+
+def _resampled_param(tr, x) -> bool:
+    """A position embedding resampled to the input's grid (timm's ``resample_abs_pos_embed_nhwc``: a [1, H, W, C]
+    parameter viewed [1, C, H, W], then ``F.interpolate``): the parameter has several non-1 dims, so it got no label
+    on the way, and the interpolated constant, varying along the channels it is then added to, made the whole
+    stream all-or-nothing (samvit_base_patch16 at 64x64 kept the stream; built for that input size it prunes to
+    0.27 of its MACs). Interpolation and pooling treat dim 1 as channels, each computed on its own, so a view of a
+    free parameter entering one is labelled along the parameter dim that is the view's dim 1 (same storage, size
+    and stride): that dim is then sliced with whatever channels the result meets, exactly. Not on meta tensors
+    (no storage to match)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.size(1) < 2 or x.device.type == "meta":
+        return False
+    ptr = x.untyped_storage().data_ptr()
+    for p in tr.model.parameters():
+        if p.untyped_storage().data_ptr() != ptr or p.numel() != x.numel() or id(p) in tr.labels:
+            continue
+        dims = [k for k in range(p.dim()) if p.size(k) == x.size(1) and p.stride(k) == x.stride(1)]
+        lab = tr.param_label_along(p, dims[0]) if len(dims) == 1 else None
+        if lab is None:
+            return False
+        shape = [1] * x.dim()
+        shape[1] = x.size(1)
+        tr.set(x, lab.reshape(-1).reshape(shape))
+        return True
+    return False
 
 
 @rule(*_SPATIAL)
