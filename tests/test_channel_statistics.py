@@ -74,7 +74,15 @@ class ConvNeXtV2Block(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class MaxMeanGate(nn.Module):
+    """A spatial gate from the max and the mean over channels (CBAM's statistics, without its conv)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x.amax(1, keepdim=True) - x.mean(1, keepdim=True))
+
+
 NORMS = {
+    "max_mean_gate": lambda c: MaxMeanGate(),
     "rmsnorm2d": RmsNorm2d,
     "rmsnorm2d_no_affine": lambda c: RmsNorm2d(c, affine=False),
     "grn_channels_first": lambda c: GlobalResponseNorm(c, channels_last=False),
@@ -140,16 +148,16 @@ def test_reload_is_exact(tmp_path):
         torch.testing.assert_close(fresh(x), m(x), atol=0, rtol=0)
 
 
-class MaxOverChannels(nn.Module):
-    """CBAM-style: the max over channels is not a statistic whose kept-channel value is the pruned model's for
-    sure (its argmax picks a channel), so it stays all-or-nothing."""
+class MaxWithIndices(nn.Module):
+    """``torch.max(x, 1)`` also returns the argmax, a channel position that removal renumbers: not a statistic
+    site, so the channels stay all-or-nothing (``amax`` returns values only, and is one)."""
 
     def forward(self, x):
-        return x * torch.sigmoid(x.amax(1, keepdim=True))
+        return x * torch.sigmoid(torch.max(x, 1, keepdim=True).values)
 
 
-def test_a_max_over_channels_still_keeps_them():
-    m = ConvBlock(lambda c: MaxOverChannels()).eval()
+def test_a_max_with_indices_over_channels_still_keeps_them():
+    m = ConvBlock(lambda c: MaxWithIndices()).eval()
     plan = plan_channels(m, torch.randn(2, 3, 8, 8), ratio=0.5)
     assert not any(g.name in ("c1", "c2") for g, _ in plan.choices)
 

@@ -444,14 +444,17 @@ _RED = {  # op -> (position of dim arg, position of keepdim arg or None, keeps s
 }
 
 
-# statistics whose value over the kept channels is what a pruned model computes (a mean, a variance, an L2 norm),
-# and whose result holds no channel position: see _statistic_site
-_STATS = {aten.mean, aten.var, aten.std, aten.var_mean, aten.std_mean, aten.linalg_vector_norm, aten.norm}
+# statistics whose value over the kept channels is what a pruned model computes (a mean, a variance, an L2 norm,
+# a max), and whose result holds no channel position: see _statistic_site. Not aten.max / min / argmax / sort:
+# they return channel positions (indices), which removal renumbers
+_STATS = {aten.mean, aten.var, aten.std, aten.var_mean, aten.std_mean, aten.linalg_vector_norm, aten.norm,
+          aten.amax, aten.amin}
 
 
 def _statistic_site(tr, func, lab, dims, out) -> bool:
     """A statistic over the channel dim (timm's RmsNorm2d: ``x.pow(2).mean(1)``; GlobalResponseNorm: the mean over
-    channels of a spatial L2 norm; a hand-written LayerNorm2d: mean and variance over dim 1). Collapsing the
+    channels of a spatial L2 norm; a hand-written LayerNorm2d: mean and variance over dim 1; CBAM-style spatial
+    attention: mean and amax over channels, csatv2). Collapsing the
     channels (the generic reduction) keeps them all-or-nothing, which kept whole models dense (mobilenetv5 1.0,
     csatv2 0.85 of their MACs at ratio 0.5). Removing a channel there is not zeroing it (the count and the values
     in the statistic change), exactly as in a LayerNorm, so it is recorded the same way: a norm site ("reduce")
