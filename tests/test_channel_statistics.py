@@ -81,8 +81,22 @@ class MaxMeanGate(nn.Module):
         return x * torch.sigmoid(x.amax(1, keepdim=True) - x.mean(1, keepdim=True))
 
 
+class CBAMSpatial(nn.Module):
+    """CBAM's spatial attention (csatv2): mean and max over channels, a conv to one channel, broadcast as a gate
+    over every channel (graph/rules.py ``_broadcast_gate``: the gate's channel is kept, the others stay separate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x):
+        s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return x * torch.sigmoid(self.conv(s))
+
+
 NORMS = {
     "max_mean_gate": lambda c: MaxMeanGate(),
+    "cbam_spatial": lambda c: CBAMSpatial(),
     "rmsnorm2d": RmsNorm2d,
     "rmsnorm2d_no_affine": lambda c: RmsNorm2d(c, affine=False),
     "grn_channels_first": lambda c: GlobalResponseNorm(c, channels_last=False),

@@ -147,6 +147,7 @@ def pointwise(tr, func, args, kwargs, out):
     labs = []
     consts = []
     shared = _shared_params(tr, tens, nd)
+    held = []
     for t in tens:
         lab = tr.get(t)
         if lab is None and id(t) in tr.owner and id(t) not in shared:
@@ -155,7 +156,17 @@ def pointwise(tr, func, args, kwargs, out):
             if t.dim() > 0 and t.numel() > 1:
                 consts.append(t)
         else:
-            labs.append(_pad(lab, nd))
+            held.append((t, _pad(lab, nd)))
+    for t, lab in held:
+        if len(held) > 1 and _broadcast_gate(t, lab, [o for u, o in held if u is not t], shape):
+            tr.atoms.block(lab)
+            consts.append(t)
+        else:
+            labs.append(lab)
+    if not labs:
+        for t in outs:
+            tr.set(t, None)
+        return
     res = labs[0]
     for lab in labs[1:]:
         tr.atoms.union(res, lab)
@@ -176,6 +187,25 @@ def pointwise(tr, func, args, kwargs, out):
             res = tr.atoms.collapse(res, dims)
     for t in outs:
         tr.set(t, res if t.dim() == nd else None)
+
+
+def _broadcast_gate(t, lab, others, shape) -> bool:
+    """``t`` holds one channel broadcast across another operand's channels (CBAM's spatial gate, a conv with one
+    output channel, multiplies every channel: csatv2). Unioning would tie every channel to that one channel, making
+    them all-or-nothing; but each output channel reads its own input channel and the same gate value, so the gate's
+    channel is kept (blocked) and the channels stay separate: exact for any plan. Not when the gate's atoms are among
+    the other's along that dim (a statistic collapsed from the same channels, a per-head value broadcast over the
+    head's dims): then they are one unit already, and the union stays."""
+    nd = len(shape)
+    tsh = (1,) * (nd - t.dim()) + tuple(t.shape)
+    for d in range(nd):
+        if tsh[d] != 1 or shape[d] == 1:
+            continue
+        for o in others:
+            if o.size(d) > 1:
+                mine, theirs = lab[lab >= 0].unique(), o[o >= 0].unique()
+                return mine.numel() > 0 and not bool(torch.isin(mine, theirs).any())
+    return False
 
 
 def _shared_params(tr, tens, nd) -> set[int]:
