@@ -70,7 +70,9 @@ class Group:
 class NormSite:
     """One call of a normalisation over prunable channels (LayerNorm / RMSNorm over the last dim): removing a
     channel changes its statistics, so the pruning reference recomputes it over the kept channels. ``kind``:
-    "module" (``key`` = module name) or "op" (``key`` = ATen op packet); ``call``: which call of that key, in
+    "module" (``key`` = module name), "op" (``key`` = ATen op packet), "reduce" (a statistic such as a mean
+    over the channel dim, ``key`` = its ATen op packet, ``dim`` = the reduced dim), "wstd" (a weight-standardised
+    conv); ``call``: which call of that key, in
     the order the model runs; ``parts``: (group, positions along the normalised dim, group channel of each)."""
     kind: str
     key: Any
