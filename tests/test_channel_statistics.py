@@ -264,3 +264,31 @@ def test_a_weight_shared_by_every_head_leaves_the_heads_separate():
         got = m(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert m.num_heads == 2 and m.q.out_features == 16 and m.qn.shape == (8,)
+
+
+def test_a_token_conditioning_with_channels_of_its_own_still_pairs_with_the_stream():
+    """[B, 1, C] added to tokens whose labels vary along the token dim (a cls token): not a one-channel gate, so
+    its channels pair with the stream's (union), and the stream still prunes."""
+
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.cond = nn.Linear(6, 16), nn.Linear(4, 16)
+            self.cls = nn.Parameter(torch.randn(1, 1, 16))
+            self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, x, c):
+            t = torch.cat([self.cls.expand(x.size(0), -1, -1), self.embed(x)], 1) + self.cond(c)[:, None]
+            t = t + self.fc2(torch.relu(self.fc1(t)))
+            return self.head(t[:, 0])
+
+    torch.manual_seed(0)
+    m, x, c = Cond().eval(), torch.randn(2, 5, 6), torch.randn(2, 4)
+    plan = plan_channels(m, (x, c), ratio=0.5)
+    ref = copy.deepcopy(m)
+    plan.zero_consumers(ref)
+    with torch.no_grad():
+        want = ref(x, c)
+        plan.apply(m)
+        torch.testing.assert_close(m(x, c), want, atol=1e-5, rtol=1e-4)
+    assert m.embed.out_features == 8 and m.cond.out_features == 8 and m.cls.shape == (1, 1, 8)

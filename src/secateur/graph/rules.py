@@ -190,12 +190,12 @@ def pointwise(tr, func, args, kwargs, out):
 
 
 def _broadcast_gate(t, lab, others, shape) -> bool:
-    """``t`` holds one channel broadcast across another operand's channels (CBAM's spatial gate, a conv with one
-    output channel, multiplies every channel: csatv2). Unioning would tie every channel to that one channel, making
-    them all-or-nothing; but each output channel reads its own input channel and the same gate value, so the gate's
-    channel is kept (blocked) and the channels stay separate: exact for any plan. Not when the gate's atoms are among
-    the other's along that dim (a statistic collapsed from the same channels, a per-head value broadcast over the
-    head's dims): then they are one unit already, and the union stays."""
+    """``t`` holds one channel (one atom in all) broadcast across another operand's channels (CBAM's spatial gate,
+    a conv with one output channel, multiplies every channel: csatv2). Unioning would tie every channel to that one
+    channel, making them all-or-nothing; but each output channel reads its own input channel and the same gate
+    value, so the gate's channel is kept (blocked) and the channels stay separate: exact for any plan. Not when the
+    gate's atom is among the other's along that dim (a statistic collapsed from the same channels): then they are
+    one unit already, and the union stays; nor when ``t`` has several channels of its own."""
     nd = len(shape)
     tsh = (1,) * (nd - t.dim()) + tuple(t.shape)
     for d in range(nd):
@@ -203,8 +203,10 @@ def _broadcast_gate(t, lab, others, shape) -> bool:
             continue
         for o in others:
             if o.size(d) > 1:
-                mine, theirs = lab[lab >= 0].unique(), o[o >= 0].unique()
-                return mine.numel() > 0 and not bool(torch.isin(mine, theirs).any())
+                mine = lab[lab >= 0].unique()
+                if mine.numel() != 1:  # several channels of its own (a [B, 1, C] conditioning added to tokens):
+                    return False  # they pair with the other's channels, the union stays
+                return not bool(torch.isin(mine, o[o >= 0].unique()).any())
     return False
 
 
