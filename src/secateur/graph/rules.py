@@ -230,9 +230,19 @@ def _shared_params(tr, tens, nd) -> set[int]:
         big = [nd - t.dim() + d for d in range(t.dim()) if t.size(d) > 1]
         if big != [nd - 1]:  # a weight over the last dim (a norm's affine weight); not a per-head scale
             continue  # [heads, 1, 1] (edgenext's XCA temperature), whose union with its head is right
-        if any(lab.size(big[0]) > 1 and any(lab.size(e) > 1 for e in range(nd) if e != big[0]) for lab in labs):
+        if any(lab.size(big[0]) > 1 and any(_distinct_along(lab, e) for e in range(nd) if e != big[0])
+               for lab in labs):
             out.add(id(t))
     return out
+
+
+def _distinct_along(lab, e) -> bool:
+    """Every position along ``e`` holds other atoms (heads), not a few repeated ones (tokens: a cls token's atoms
+    and the patches' atoms, which a layer-scale weight [C] must union, xcit)."""
+    if lab.size(e) < 2:
+        return False
+    row = lab.movedim(e, 0).reshape(lab.size(e), -1)[:, 0]
+    return int(row.unique().numel()) == lab.size(e)
 
 
 def _param_dim(tr, c, res, dims) -> int | None:
