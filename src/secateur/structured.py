@@ -9,7 +9,8 @@ untouched.
 Where removing a channel is not the same as zeroing it at its consumers, the engine either keeps those channels
 and says so in ``plan.notes`` (a softmax or a fused norm over the channel dim, a constant that cannot be sliced,
 a slice at fixed positions, the model's outputs), or prunes them and says so: a LayerNorm / RMSNorm over the
-channel dim then computes its statistics over the kept channels, and the oracle's reference does the same
+channel dim, or a statistic over it reached op by op (a mean, variance, L2 norm or max: RmsNorm2d, GRN, CBAM),
+then computes its statistics over the kept channels, and the oracle's reference does the same
 (``plan.kept_norms``). GroupNorm loses whole groups only, which is exact. A grouped convolution loses the same
 local channels in every conv group (or whole groups, ``grouped="groups"``; depthwise ones always whole groups), so
 it keeps one width per group. Heads are pruned whole, so the

@@ -143,13 +143,14 @@ class Tracer:
             if kind == "out" or (kind == "in" and prev["kind"] == "param"):
                 prev["kind"] = kind
 
-    def norm_site(self, kind: str, key: Any, op: str, atoms: torch.Tensor) -> None:
+    def norm_site(self, kind: str, key: Any, op: str, atoms: torch.Tensor, dim: int = -1) -> None:
         """A normalisation whose statistics run over prunable channels (``atoms``: one per position along the
         normalised dim). Removing a channel there is not zeroing it; the plan notes it, and ``Plan.kept_norms``
         rebuilds the reference (statistics over the kept channels) from ``kind`` ("op": ATen op packet, or
-        "module": module name) and the call number ``key`` is at."""
+        "module": module name; "reduce": a statistic op reduced over ``dim``, rules._statistic_site) and the call
+        number ``key`` is at."""
         self.norms.append({"kind": kind, "key": key, "call": self.calls.get(key, 0) - 1, "where": self.where(),
-                           "op": op, "atoms": atoms.clone()})
+                           "op": op, "atoms": atoms.clone(), "dim": dim})
 
     def record(self, op: str, out: Any) -> None:
         """One step of ``trace``: shapes and labels (atoms per element, shared objects, nothing copied)."""

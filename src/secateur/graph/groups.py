@@ -70,7 +70,9 @@ class Group:
 class NormSite:
     """One call of a normalisation over prunable channels (LayerNorm / RMSNorm over the last dim): removing a
     channel changes its statistics, so the pruning reference recomputes it over the kept channels. ``kind``:
-    "module" (``key`` = module name) or "op" (``key`` = ATen op packet); ``call``: which call of that key, in
+    "module" (``key`` = module name), "op" (``key`` = ATen op packet), "reduce" (a statistic such as a mean
+    over the channel dim, ``key`` = its ATen op packet, ``dim`` = the reduced dim), "wstd" (a weight-standardised
+    conv); ``call``: which call of that key, in
     the order the model runs; ``parts``: (group, positions along the normalised dim, group channel of each)."""
     kind: str
     key: Any
@@ -79,6 +81,7 @@ class NormSite:
     op: str
     size: int
     parts: list[tuple[Group, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    dim: int = -1  # the normalised dim of the op's input (a "reduce" site: the dim its statistic runs over)
 
 
 @dataclass
@@ -248,7 +251,8 @@ def _groups(tr: Tracer) -> Graph:
     norms = []
     for site in tr.norms:
         c = root[site["atoms"]]
-        ns = NormSite(site["kind"], site["key"], site["call"], site["where"], site["op"], c.numel())
+        ns = NormSite(site["kind"], site["key"], site["call"], site["where"], site["op"], c.numel(),
+                      dim=site.get("dim", -1))
         g = gid[c]
         for G in torch.unique(g[g >= 0]).tolist():
             idx = (g == G).nonzero().flatten()

@@ -323,6 +323,9 @@ def _out_size(m: nn.Module) -> int | None:
         return int(w.shape[0])
     if type(m).__name__ == "Conv1D" and w is not None:
         return int(w.shape[1])
+    kids = list(m.children())
+    if w is None and len(kids) == 1 and isinstance(kids[0], nn.Linear):  # a wrapper (gemma4_vit's q_proj.linear)
+        return _out_size(kids[0])
     return None
 
 
@@ -410,8 +413,8 @@ def _tv_vit(mod, old):
 
 UPDATERS_BY_NAME["torchvision.models.vision_transformer.VisionTransformer"] = _tv_vit
 
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "all_head_size", "split_size",
-              "attn_dim", "inner_dim")
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_kv_heads",
+              "all_head_size", "split_size", "attn_dim", "inner_dim")
 
 
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size", "all_head_size", "inner_dim", "attn_dim",

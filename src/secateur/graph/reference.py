@@ -4,7 +4,9 @@ Zeroing a channel at its consumers leaves it in a LayerNorm's mean and variance;
 reference runs the *original* model (consumers zeroed, ``Plan.zero_consumers``) with every such normalisation
 computing its statistics over the kept channels only: a module site runs a sliced copy of the module on the kept
 channels, an ATen site (``native_layer_norm`` reached at op level, e.g. ConvNeXt's LayerNorm2d) runs the same op
-on them. The pruned channels' outputs keep their old values (their consumers are zeroed). Sites are matched to
+on them; a statistic over the channel dim ("reduce": a mean or variance inside RmsNorm2d, GlobalResponseNorm, a
+hand-written LayerNorm2d) is recomputed over the kept channels. The pruned channels' outputs keep their old values
+(their consumers are zeroed). Sites are matched to
 calls by the order the model runs them, which a zeroed copy of the same model repeats exactly."""
 from __future__ import annotations
 
@@ -39,10 +41,15 @@ def _sliced(mod: nn.Module, keep: torch.Tensor, size: int) -> nn.Module:
 
 
 class _OpSites(TorchDispatchMode):
-    def __init__(self, sites: dict[tuple[Any, int], torch.Tensor]) -> None:
+    """ATen sites: ``sites`` (LayerNorm ops: the kept channels normalised on their own, the rest keep their old
+    values) and ``reduce`` (statistics, rules._statistic_site: the op rerun on the kept positions along its dim;
+    its result has no channel position, so it replaces the whole output)."""
+
+    def __init__(self, sites: dict[tuple[Any, int], torch.Tensor],
+                 reduce: dict[tuple[Any, int], tuple[torch.Tensor, int]] | None = None) -> None:
         super().__init__()
-        self.sites, self.calls, self.paused = sites, {}, False
-        self.packets = {k for k, _ in sites}
+        self.sites, self.reduce, self.calls, self.paused = sites, reduce or {}, {}, False
+        self.packets = {k for k, _ in sites} | {k for k, _ in self.reduce}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -51,6 +58,10 @@ class _OpSites(TorchDispatchMode):
             return func(*args, **kwargs)
         n = self.calls.get(packet, 0)
         self.calls[packet] = n + 1
+        if (packet, n) in self.reduce:
+            keep, dim = self.reduce[(packet, n)]
+            x = args[0]
+            return func(x.index_select(dim, keep.to(x.device)), *args[1:], **kwargs)
         keep = self.sites.get((packet, n))
         out = func(*args, **kwargs)
         if keep is None:
@@ -64,7 +75,7 @@ class _OpSites(TorchDispatchMode):
         return (y, *out[1:])
 
 
-def _wstd_hook(model: nn.Module, name: str, call: int, keep: torch.Tensor) -> Any:
+def _wstd_hook(model: nn.Module, name: str, call: int, keep: torch.Tensor, mode: _OpSites) -> Any:
     """A weight-standardised conv (graph/std_conv.py) run on its kept inputs only, at call ``call``."""
     from secateur.graph.std_conv import sliced_inputs
     mod = model.get_submodule(name)
@@ -78,7 +89,11 @@ def _wstd_hook(model: nn.Module, name: str, call: int, keep: torch.Tensor) -> An
         count[0] += 1
         if n != call:
             return None
-        return small(args[0].index_select(1, idx.to(args[0].device)))
+        mode.paused = True  # the copy's ops are not the model's calls (ATen sites count those)
+        try:
+            return small(args[0].index_select(1, idx.to(args[0].device)))
+        finally:
+            mode.paused = False
 
     return mod.register_forward_hook(hook)
 
@@ -88,12 +103,13 @@ def kept_norms(model: nn.Module, sites: list[tuple[Any, torch.Tensor]]) -> Itera
     """Inside, ``model`` computes each site's normalisation over its kept positions (``sites``: (NormSite, kept
     positions along the normalised dim))."""
     ops = {(s.key, s.call): keep for s, keep in sites if s.kind == "op"}
+    reduce = {(s.key, s.call): (keep, s.dim) for s, keep in sites if s.kind == "reduce"}
     by_module: dict[str, dict[int, torch.Tensor]] = {}
-    handles = [_wstd_hook(model, s.key, s.call, keep) for s, keep in sites if s.kind == "wstd"]
     for s, keep in sites:
         if s.kind == "module":
             by_module.setdefault(s.key, {})[s.call] = keep
-    mode = _OpSites(ops)
+    mode = _OpSites(ops, reduce)
+    handles = [_wstd_hook(model, s.key, s.call, keep, mode) for s, keep in sites if s.kind == "wstd"]
     for name, calls in by_module.items():
         mod = model.get_submodule(name)
         size = next(s.size for s, _ in sites if s.kind == "module" and s.key == name)

@@ -57,6 +57,8 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         labelled = True
     if not labelled and packet in _OWN_WEIGHT:
         labelled = True  # a conv / embedding reached at op level produces channels even from the model's input
+    if not labelled and packet in _SPATIAL and _resampled_param(tr, args[0]):
+        labelled = True
     if not labelled and (RULES.get(packet) is move or _free_pointwise(func, packet)):
         # a free parameter entering a view/cat (cls token, pos emb), or a pointwise op of its own (see below)
         for t in _tensors(args):
@@ -160,15 +162,27 @@ def pointwise(tr, func, args, kwargs, out):
     tens = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
     labs = []
     consts = []
+    shared = _shared_params(tr, tens, nd)
+    held = []
     for t in tens:
         lab = tr.get(t)
-        if lab is None and id(t) in tr.owner:
+        if lab is None and id(t) in tr.owner and id(t) not in shared:
             lab = tr.param_label(t)
         if lab is None:
             if t.dim() > 0 and t.numel() > 1:
                 consts.append(t)
         else:
-            labs.append(_pad(lab, nd))
+            held.append((t, _pad(lab, nd)))
+    for t, lab in held:
+        if len(held) > 1 and _broadcast_gate(t, lab, [o for u, o in held if u is not t], shape):
+            tr.atoms.block(lab)
+            consts.append(t)
+        else:
+            labs.append(lab)
+    if not labs:
+        for t in outs:
+            tr.set(t, None)
+        return
     res = labs[0]
     for lab in labs[1:]:
         tr.atoms.union(res, lab)
@@ -176,9 +190,11 @@ def pointwise(tr, func, args, kwargs, out):
         tr.atoms.block(torch.where(a >= 0, a, b)[(a >= 0) != (b >= 0)])  # meets an unsliceable element
         res = torch.where(a >= 0, a, b)
     for c in consts:  # a constant that varies along a channel dim cannot be sliced: all-or-nothing there
-        csh = (1,) * (nd - c.dim()) + tuple(c.shape)
+        # (a dim with stride 0 is an ``expand``: one value all along it, which does not vary; F.normalize divides
+        # by its norm over channels expanded back to the input's shape)
+        csh = (1,) * (nd - c.dim()) + tuple(1 if c.stride(i) == 0 else c.size(i) for i in range(c.dim()))
         dims = [d for d in range(nd) if csh[d] > 1 and res.size(d) > 1]
-        d = _param_dim(tr, c, res, dims)
+        d = None if id(c) in shared else _param_dim(tr, c, res, dims)
         if d is not None:  # a free parameter (position embedding [1, tokens, C]) is sliced with its channels
             res = tr.atoms.collapse(res, [e for e in dims if e != d])  # the other dims: the same channels
             res = _join(tr, res, _pad(tr.param_label_along(c, d - (nd - c.dim())), nd))
@@ -187,6 +203,62 @@ def pointwise(tr, func, args, kwargs, out):
             res = tr.atoms.collapse(res, dims)
     for t in outs:
         tr.set(t, res if t.dim() == nd else None)
+
+
+def _broadcast_gate(t, lab, others, shape) -> bool:
+    """``t`` holds one channel (one atom in all) broadcast across another operand's channels (CBAM's spatial gate,
+    a conv with one output channel, multiplies every channel: csatv2). Unioning would tie every channel to that one
+    channel, making them all-or-nothing; but each output channel reads its own input channel and the same gate
+    value, so the gate's channel is kept (blocked) and the channels stay separate: exact for any plan. Not when the
+    gate's atom is among the other's along that dim (a statistic collapsed from the same channels): then they are
+    one unit already, and the union stays; nor when ``t`` has several channels of its own."""
+    nd = len(shape)
+    tsh = (1,) * (nd - t.dim()) + tuple(t.shape)
+    for d in range(nd):
+        if tsh[d] != 1 or shape[d] == 1:
+            continue
+        for o in others:
+            if o.size(d) > 1:
+                mine = lab[lab >= 0].unique()
+                if mine.numel() != 1:  # several channels of its own (a [B, 1, C] conditioning added to tokens):
+                    return False  # they pair with the other's channels, the union stays
+                return not bool(torch.isin(mine, o[o >= 0].unique()).any())
+    return False
+
+
+def _shared_params(tr, tens, nd) -> set[int]:
+    """Free 1-d parameters (one non-1 dim) that meet channels varying along another dim as well, where the parameter
+    broadcasts: a qk-norm weight [head_dim] on q viewed [B, N, heads, head_dim] (gemma4_vit's RmsNorm, reached op by
+    op). Slicing it with the channels would union dim d of every head with the weight's d, linking every head into
+    one group, which the per-head statistic then made all-or-nothing (gemma4_vit_167m kept all its heads). In heads
+    mode such a parameter is a constant instead: the channels are collapsed along its dim (a head is whole there,
+    so the weight is never cut) and the heads stay separate. With ``heads="head_dim"`` the old union stays (it is
+    what lets the same dim go from every head). Only for a weight over the last dim: a per-head scale broadcast over
+    its head's dims (XCA's temperature [heads, 1, 1]) joins one head only, and keeps the union (edgenext_small
+    went 0.38 -> 0.52 when it did not)."""
+    if tr.head_dim:
+        return set()
+    labs = [_pad(tr.get(t), nd) for t in tens if tr.get(t) is not None]
+    out = set()
+    for t in tens:
+        if tr.get(t) is not None or id(t) not in tr.owner or not tr.owner[id(t)][2] or id(t) in tr.labels:
+            continue
+        big = [nd - t.dim() + d for d in range(t.dim()) if t.size(d) > 1]
+        if big != [nd - 1]:  # a weight over the last dim (a norm's affine weight); not a per-head scale
+            continue  # [heads, 1, 1] (edgenext's XCA temperature), whose union with its head is right
+        if any(lab.size(big[0]) > 1 and any(_distinct_along(lab, e) for e in range(nd) if e != big[0])
+               for lab in labs):
+            out.add(id(t))
+    return out
+
+
+def _distinct_along(lab, e) -> bool:
+    """Every position along ``e`` holds other atoms (heads), not a few repeated ones (tokens: a cls token's atoms
+    and the patches' atoms, which a layer-scale weight [C] must union, xcit)."""
+    if lab.size(e) < 2:
+        return False
+    row = lab.movedim(e, 0).reshape(lab.size(e), -1)[:, 0]
+    return int(row.unique().numel()) == lab.size(e)
 
 
 def _param_dim(tr, c, res, dims) -> int | None:
@@ -497,6 +569,34 @@ _RED = {  # op -> (position of dim arg, position of keepdim arg or None, keeps s
 }
 
 
+# statistics whose value over the kept channels is what a pruned model computes (a mean, a variance, an L2 norm,
+# a max), and whose result holds no channel position: see _statistic_site. Not aten.max / min / argmax / sort:
+# they return channel positions (indices), which removal renumbers
+_STATS = {aten.mean, aten.var, aten.std, aten.var_mean, aten.std_mean, aten.linalg_vector_norm, aten.norm,
+          aten.amax, aten.amin}
+
+
+def _statistic_site(tr, func, lab, dims, out) -> bool:
+    """A statistic over the channel dim (timm's RmsNorm2d: ``x.pow(2).mean(1)``; GlobalResponseNorm: the mean over
+    channels of a spatial L2 norm; a hand-written LayerNorm2d: mean and variance over dim 1; CBAM-style spatial
+    attention: mean and amax over channels, csatv2). Collapsing the
+    channels (the generic reduction) keeps them all-or-nothing, which kept whole models dense (mobilenetv5 1.0,
+    csatv2 0.85 of their MACs at ratio 0.5). Removing a channel there is not zeroing it (the count and the values
+    in the statistic change), exactly as in a LayerNorm, so it is recorded the same way: a norm site ("reduce")
+    whose reference (graph/reference.py) reruns the op on the kept channels only, which is what the pruned model
+    computes. Only when the channels vary along one dim, that dim is reduced, and every position is an atom:
+    the result then carries no channel position (its shape does not depend on how many are kept)."""
+    if func.overloadpacket not in _STATS or lab is None:
+        return False
+    big = [d for d in range(lab.dim()) if lab.size(d) > 1]
+    if len(big) != 1 or big[0] not in dims or bool((lab < 0).any()):
+        return False
+    tr.norm_site("reduce", func.overloadpacket, func.overloadpacket._qualified_op_name, lab.reshape(-1), dim=big[0])
+    for t in _outs(out):
+        tr.set(t, None)
+    return True
+
+
 @rule(*_RED)
 def reduction(tr, func, args, kwargs, out):
     x = args[0]
@@ -508,6 +608,8 @@ def reduction(tr, func, args, kwargs, out):
         dim = None
     keepdim = bool(args[kpos]) if kpos is not None and len(args) > kpos else bool(kwargs.get("keepdim", False))
     dims = _dims(dim, x.dim()) if x.dim() else []
+    if _statistic_site(tr, func, lab, dims, out):
+        return
     red = tr.atoms.collapse(lab, dims)
     for t in _outs(out):
         if t.dim() == x.dim():
@@ -531,6 +633,32 @@ _SPATIAL = {
     aten.upsample_linear1d: 1, aten.upsample_nearest3d: 3, aten.upsample_trilinear3d: 3,
     aten._upsample_nearest_exact1d: 1, aten._upsample_bicubic2d_aa: 2, aten.max_pool3d: 3,
 }
+
+
+def _resampled_param(tr, x) -> bool:
+    """A position embedding resampled to the input's grid (timm's ``resample_abs_pos_embed_nhwc``: a [1, H, W, C]
+    parameter viewed [1, C, H, W], then ``F.interpolate``): the parameter has several non-1 dims, so it got no label
+    on the way, and the interpolated constant, varying along the channels it is then added to, made the whole
+    stream all-or-nothing (samvit_base_patch16 at 64x64 kept the stream; built for that input size it prunes to
+    0.27 of its MACs). Interpolation and pooling treat dim 1 as channels, each computed on its own, so a view of a
+    free parameter entering one is labelled along the parameter dim that is the view's dim 1 (same storage, size
+    and stride): that dim is then sliced with whatever channels the result meets, exactly. Not on meta tensors
+    (no storage to match)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.size(1) < 2 or x.device.type == "meta":
+        return False
+    ptr = x.untyped_storage().data_ptr()
+    for p in tr.model.parameters():
+        if p.untyped_storage().data_ptr() != ptr or p.numel() != x.numel() or id(p) in tr.labels:
+            continue
+        dims = [k for k in range(p.dim()) if p.size(k) == x.size(1) and p.stride(k) == x.stride(1)]
+        lab = tr.param_label_along(p, dims[0]) if len(dims) == 1 else None
+        if lab is None:
+            return False
+        shape = [1] * x.dim()
+        shape[1] = x.size(1)
+        tr.set(x, lab.reshape(-1).reshape(shape))
+        return True
+    return False
 
 
 @rule(*_SPATIAL)
