@@ -35,9 +35,6 @@ def leaf_rule(mod: nn.Module) -> Callable | None:
     for base in cls.__mro__[1:]:
         if base in LEAVES:
             return LEAVES[base] if cls.forward is base.forward else None
-    from secateur.graph.norm_probe import is_candidate, probe_channel_norm
-    if is_candidate(mod) and probe_channel_norm(mod):  # RMSNorms in plain ops, by what they compute
-        return layer_norm
     return None
 
 
