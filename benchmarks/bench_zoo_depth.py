@@ -64,7 +64,7 @@ def _secateur(name, _size, q):
     from secateur.structured import plan_channels
     model, x = _build(name)
     if x is None:
-        q.put(dict(ok=False, error="does not run on CPU with random inputs"))
+        q.put(dict(ok=False, error="does not run on CPU with random inputs (or not at the tiny size)"))
         return
     with torch.no_grad():  # zero-initialised heads would make the oracle vacuous (as in tests/test_zoo.py)
         for p in model.parameters():
@@ -143,7 +143,9 @@ def main(argv=None):
                if "macs_frac" in r.get("secateur", {}) and not r["model"].startswith("hf")]
     summary = dict(models=len(rows), measured=len(fr), oracle_ok=sum(r.get("secateur", {}).get("ok", False) is True
                                                                      for r in rows),
-                   timm_measured=len(timm_fr), timm_above_0_4=sum(f > DEEP for f in timm_fr))
+                   timm_measured=len(timm_fr), timm_above_0_4=sum(f > DEEP for f in timm_fr),
+                   not_run=sum(str(r.get("secateur", {}).get("error", "")).startswith("does not run") for r in rows),
+                   above_0_4=sum(f > DEEP for f in fr))
     print("\nsummary:", json.dumps(summary))
     write_results(args.out, dict(ratio=0.5, timeout=args.timeout, command=" ".join(["python"] + sys.argv),
                                  summary=summary, rows=rows))

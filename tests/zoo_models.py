@@ -82,24 +82,30 @@ def hf_causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def hf_auto_model(model_type: str):
+def hf_auto_model(model_type: str, max_params: int = 20_000_000):
     """(model, inputs) for a registry causal LM at ``HF_SMALL`` size with random weights; inputs None when it does
-    not build or run on the CPU that way (a config that needs more than these fields, a CUDA-only kernel)."""
+    not build or run on the CPU that way (a config that needs more than these fields, a CUDA-only kernel), or when
+    it stays over ``max_params`` (a multimodal model whose vision tower these fields do not shrink; counted on the
+    meta device first, so it is never allocated)."""
     import transformers as T
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    cfg = CONFIG_MAPPING[model_type]()
-    for k, v in HF_SMALL.items():
-        if hasattr(cfg, k) or k in getattr(cfg, "attribute_map", {}):
-            try:
-                setattr(cfg, k, v)
-            except (AttributeError, TypeError, ValueError):
-                pass
-    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) > 2:
-        cfg.layer_types = cfg.layer_types[:2]
     x = {"input_ids": torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))}
     try:
-        model = getattr(T, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])(cfg).eval()
+        cfg = CONFIG_MAPPING[model_type]()
+        for k, v in HF_SMALL.items():
+            if hasattr(cfg, k) or k in getattr(cfg, "attribute_map", {}):
+                try:
+                    setattr(cfg, k, v)
+                except (AttributeError, TypeError, ValueError):
+                    pass
+        if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) > 2:
+            cfg.layer_types = cfg.layer_types[:2]
+        cls = getattr(T, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        with torch.device("meta"):
+            if sum(p.numel() for p in cls(cfg).parameters()) > max_params:
+                return None, None
+        model = cls(cfg).eval()
         with torch.no_grad():
             model(**x)
     except Exception:  # noqa: BLE001 - the registry holds models this generic recipe cannot build
