@@ -4,19 +4,40 @@ import copy
 import torch
 
 
-def pruned_vs_reference(model, x, plan, run=lambda m, x: m(x)):
-    """(unpruned, reference, pruned) outputs. The reference is the original model with the chosen channels
-    zeroed where they enter their consumers, its norms over pruned channels computed over the kept ones
-    (``plan.kept_norms``); ``model`` is pruned in place by ``plan``."""
+def _outputs(model, x, plan, run, zeroed):
     ref = copy.deepcopy(model)
     plan.zero_consumers(ref)
     with torch.no_grad():
-        base = run(model, x)
+        first = run(ref if zeroed else model, x)
         with plan.kept_norms(ref):
             want = run(ref, x)
         plan.apply(model)
         got = run(model, x)
-    return base, want, got
+    return first, want, got
+
+
+def pruned_vs_reference(model, x, plan, run=lambda m, x: m(x)):
+    """(unpruned, reference, pruned) outputs. The reference is the original model with the chosen channels
+    zeroed where they enter their consumers, its norms over pruned channels computed over the kept ones
+    (``plan.kept_norms``); ``model`` is pruned in place by ``plan``."""
+    return _outputs(model, x, plan, run, zeroed=False)
+
+
+def zeroed_reference_pruned(model, x, plan, run=lambda m, x: m(x)):
+    """(zeroed, reference, pruned) outputs: as ``pruned_vs_reference``, with the original whose chosen channels are
+    only zeroed (no kept-channel norms) in place of the unpruned output. Where removal is not zeroing (a norm over
+    the pruned channels), a test asserts that ``zeroed`` differs from ``pruned``: the reference is then needed and
+    the comparison can fail."""
+    return _outputs(model, x, plan, run, zeroed=True)
+
+
+def assert_reloads(make, model, x, tmp_path):
+    """``secateur.save`` then ``secateur.load`` onto a fresh ``make()``: the outputs are bit-identical."""
+    import secateur
+    secateur.save(model, tmp_path / "m.safetensors")
+    fresh = secateur.load(make().eval(), tmp_path / "m.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
 def layer_inputs(model, module, batches):

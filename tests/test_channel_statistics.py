@@ -14,6 +14,7 @@ from torch import nn
 import secateur
 from secateur.metrics import count_macs
 from secateur.structured import plan_channels
+from helpers import pruned_vs_reference, zeroed_reference_pruned
 
 timm = pytest.importorskip("timm")
 from timm.layers import RmsNorm2d  # noqa: E402
@@ -117,14 +118,7 @@ def _randomize(model):
 def _check(model, x, **kw):
     """Pruned == kept-channel reference, and != plain zeroing. Returns the plan."""
     plan = plan_channels(model, x, **kw)
-    ref = copy.deepcopy(model)
-    plan.zero_consumers(ref)
-    with torch.no_grad():
-        zeroed = ref(x)
-        with plan.kept_norms(ref):
-            want = ref(x)
-        plan.apply(model)
-        got = model(x)
+    zeroed, want, got = zeroed_reference_pruned(model, x, plan)
     scale = want.abs().max()
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5 * scale, f"{((got - want).abs().max() / scale).item():.2e}"
@@ -255,13 +249,7 @@ def test_a_weight_shared_by_every_head_leaves_the_heads_separate():
     plan = plan_channels(m, x, ratio=0.5)
     heads = [g for g, _ in plan.choices if g.name == "q"]
     assert heads and heads[0].size == 4  # one unit per head
-    ref = copy.deepcopy(m)
-    plan.zero_consumers(ref)
-    with torch.no_grad():
-        with plan.kept_norms(ref):
-            want = ref(x)
-        plan.apply(m)
-        got = m(x)
+    _, want, got = pruned_vs_reference(m, x, plan)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert m.num_heads == 2 and m.q.out_features == 16 and m.qn.shape == (8,)
 

@@ -2,13 +2,13 @@
 original model (consumers zeroed) whose norms compute their statistics over the kept channels only
 (``Plan.kept_norms``). Each test also checks that plain zeroing would *not* match, so the reference is needed
 and the comparison can fail."""
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 from secateur.structured import plan_channels, prune_channels
+from helpers import zeroed_reference_pruned
 
 torch.set_num_threads(1)
 
@@ -28,15 +28,7 @@ def _check(model, x, *, naive_differs=True, **kw):
     """Pruned model == reference; and (when asked) != plain zeroing. Returns the plan."""
     model.eval()
     plan = plan_channels(model, x, **kw)
-    ref = copy.deepcopy(model)
-    plan.zero_consumers(ref)
-    naive = copy.deepcopy(ref)
-    with torch.no_grad():
-        with plan.kept_norms(ref):
-            want = ref(x)
-        zeroed = naive(x)
-        plan.apply(model)
-        got = model(x)
+    zeroed, want, got = zeroed_reference_pruned(model, x, plan)
     assert got.shape == want.shape
     scale = want.abs().max()
     assert (got - want).abs().max() <= 1e-4 * scale, f"{(got - want).abs().max() / scale:.2e}"

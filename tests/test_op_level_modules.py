@@ -3,7 +3,6 @@ Face's many RMSNorm copies: their mean over the channels is a statistic site, gr
 and convs / embeddings with a custom forward that still use their own weight (timm's Conv2dSame, Gemma's scaled
 embedding; graph/rules.py ``weighted_op``). Before, each made the channels it touched all-or-nothing: a Mistral's
 whole residual stream stayed while a Llama's, whose norm was registered by name, was pruned."""
-import copy
 import importlib
 import inspect
 import pkgutil
@@ -15,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import secateur
-from helpers import pruned_vs_reference
+from helpers import pruned_vs_reference, zeroed_reference_pruned
 from secateur.structured import plan_channels
 
 torch.set_num_threads(1)
@@ -93,12 +92,9 @@ def test_hand_written_rmsnorm_stream_is_pruned_against_the_kept_channel_referenc
     plan = plan_channels(model, x, ratio=0.5)
     assert _stream_group(plan).size == 16  # the stream is channels, not one unit
     assert sum("normalises over pruned channels" in n for n in plan.notes) == 3  # each norm site in the plan
-    zeroed = copy.deepcopy(model)
-    plan.zero_consumers(zeroed)
-    _, want, got = pruned_vs_reference(model, x, plan)
+    zeroed, want, got = zeroed_reference_pruned(model, x, plan)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():
-        assert (zeroed(x) - got).abs().max() > 1e-3  # plain zeroing is not removal here: the reference matters
+    assert (zeroed - got).abs().max() > 1e-3  # plain zeroing is not removal here: the reference matters
     assert model.final.weight.shape == (8,) and model.embed.out_features == 8
     secateur.save(model, tmp_path / "m.safetensors")
     fresh = secateur.load(_randomize(Stream(norm)).eval(), tmp_path / "m.safetensors")

@@ -12,6 +12,7 @@ from torch import nn
 import secateur
 from secateur.metrics import count_macs
 from secateur.structured import plan_channels
+from helpers import pruned_vs_reference, zeroed_reference_pruned
 
 torch.set_num_threads(1)
 
@@ -40,14 +41,7 @@ def test_resampled_position_embedding_is_sliced_with_the_stream(mode):
     torch.manual_seed(0)
     m, x = ResampledPos(mode=mode).eval(), torch.randn(2, 3, 8, 8)  # a 2x2 grid: the 4x4 embedding is resampled
     plan = plan_channels(m, x, ratio=0.5)
-    ref = copy.deepcopy(m)
-    plan.zero_consumers(ref)
-    with torch.no_grad():
-        zeroed = ref(x)
-        with plan.kept_norms(ref):
-            want = ref(x)
-        plan.apply(m)
-        got = m(x)
+    zeroed, want, got = zeroed_reference_pruned(m, x, plan)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert (got - zeroed).abs().max() > 1e-3 * want.abs().max()  # the LayerNorm: removal is not zeroing
     assert m.patch.out_channels == 8 and m.pos.shape == (1, 4, 4, 8) and m.norm.normalized_shape == (8,)
@@ -97,13 +91,7 @@ def test_samvit_prunes_its_stream_at_a_small_input():
     m, x = timm.create_model("samvit_base_patch16", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
     dense = copy.deepcopy(m)
     plan = plan_channels(m, x, ratio=0.5)
-    ref = copy.deepcopy(dense)
-    plan.zero_consumers(ref)
-    with torch.no_grad():
-        with plan.kept_norms(ref):
-            want = ref(x)
-        plan.apply(m)
-        got = m(x)
+    _, want, got = pruned_vs_reference(m, x, plan)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
     assert m.pos_embed.shape[-1] < dense.pos_embed.shape[-1]
     assert count_macs(m, x) < 0.35 * count_macs(dense, x)  # 0.50 while the resampled embedding kept the stream

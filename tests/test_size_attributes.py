@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import secateur
-from helpers import assert_oracle
+from helpers import assert_oracle, assert_reloads
 from secateur.metrics import count_macs
 from secateur.structured import plan_channels
 
@@ -64,33 +63,13 @@ class Literal(nn.Module):
         return self.fc(y.reshape(y.shape[0], 16, -1).mean(-1))
 
 
-class PartialResidual(nn.Module):
-    """ReXNet's ``x[:, 0:self.in_channels] += shortcut``: a residual over the first channels only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 1)
-        self.expand = nn.Conv2d(8, 12, 1)
-        self.in_channels = 8
-        self.head = nn.Conv2d(12, 4, 1)
-
-    def forward(self, x):
-        s = self.stem(x)
-        y = self.expand(torch.relu(s))
-        y[:, 0:self.in_channels] += s
-        return self.head(y)
-
-
 def _x():
     torch.manual_seed(0)
     return torch.randn(2, 3, 8, 8)
 
 
 def _reloads(make, model, x, tmp_path):
-    secateur.save(model, tmp_path / "m.safetensors")
-    fresh = secateur.load(make().eval(), tmp_path / "m.safetensors")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert_reloads(make, model, x, tmp_path)
 
 
 def test_stored_view_shape_is_updated_and_reloads(tmp_path):
@@ -119,16 +98,6 @@ def test_a_literal_size_keeps_its_groups_whole():
     assert not plan.choices and not plan.attrs
     assert any("pruned shapes differ" in n for n in plan.notes)
     assert model.conv1.out_channels == 16
-
-
-def test_partial_residual_moves_the_fixed_positions():
-    """The slice's end is an attribute (``self.in_channels``): each side of it is pruned within and the end follows
-    the kept count (graph/splits.py); tests/test_splits.py holds the other cut patterns and a literal one."""
-    torch.manual_seed(0)
-    model, x = PartialResidual().eval(), _x()
-    plan = assert_oracle(model, x, ratio=0.5)
-    assert plan.attrs == {"": {"in_channels": model.stem.out_channels}}
-    assert model.stem.out_channels < 8 and model.expand.out_channels < 12
 
 
 def test_an_attribute_update_the_dry_run_cannot_prove_is_not_made():

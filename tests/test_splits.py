@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import secateur
-from helpers import assert_oracle
+from helpers import assert_oracle, assert_reloads
 from secateur.graph import build_graph
 from secateur.metrics import count_macs
 
@@ -239,10 +239,7 @@ def _img():
 
 
 def _reloads(make, model, x, tmp_path):
-    secateur.save(model, tmp_path / "m.safetensors")
-    fresh = secateur.load(make().eval(), tmp_path / "m.safetensors")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert_reloads(make, model, x, tmp_path)
 
 
 def _pruned(make, x, tmp_path):
