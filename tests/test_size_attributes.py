@@ -109,14 +109,16 @@ def test_an_attribute_update_the_dry_run_cannot_prove_is_not_made():
 
 
 # model -> (input size, what the model keeps, MACs after / dense at ratio 0.5 before graph/size_attrs.py)
+# (input size, what it keeps (MACs after / dense before), found by the attribute search: False where a per-class
+# updater now sets it: timm's RelPosMlp, graph/timm_sizes.py)
 SLOW = {
-    "visformer_tiny": (224, "Attention.num_heads on a conv qkv (0.535)"),
-    "efficientvim_m1": (64, "d_inner: split_with_sizes [128, 128] (0.735)"),
-    "vit_relpos_small_patch16_224": (224, "RelPosMlp.num_heads, bias_shape (0.697)"),
+    "visformer_tiny": (224, "Attention.num_heads on a conv qkv (0.535)", True),
+    "efficientvim_m1": (64, "d_inner: split_with_sizes [128, 128] (0.735)", True),
+    "vit_relpos_small_patch16_224": (224, "RelPosMlp.num_heads, bias_shape (0.697)", False),
 }
 
 
-def _timm_case(name, size):
+def _timm_case(name, size, searched=True):
     from test_zoo import oracle
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -124,7 +126,8 @@ def _timm_case(name, size):
     x = torch.randn(1, 3, size, size)
     dense = count_macs(model, x)
     plan = oracle(model, x)
-    assert plan.attrs, "no attribute was updated"
+    if searched:
+        assert plan.attrs, "no attribute was updated"
     return model, x, count_macs(model, x) / dense
 
 
@@ -141,8 +144,9 @@ def test_caformer_scale_shapes_and_attention_dim_then_reload(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SLOW))
 def test_timm_sizes_kept_in_attributes(name):
-    _, _, frac = _timm_case(name, SLOW[name][0])
-    assert frac < 0.55, SLOW[name][1]
+    size, what, searched = SLOW[name]
+    _, _, frac = _timm_case(name, size, searched)
+    assert frac < 0.55, what
 
 
 def test_a_public_head_count_behind_view_minus_one_is_updated():
