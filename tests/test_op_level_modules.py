@@ -272,3 +272,25 @@ def test_timm_same_padding_convs_prune(name):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert count_macs(model, x) / macs0 < 0.32
     assert not any("not a parameter used as it is" in n for n in plan.notes)
+
+
+def test_masked_fill_with_a_tensor_value_is_elementwise():
+    """``masked_fill(x, mask, torch.tensor(v))`` (cpmant's attention) has no pointwise tag in torch; it is
+    elementwise, so the channels it passes stay prunable and the oracle holds."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(torch.relu(h.masked_fill(h < -0.5, torch.tensor(0.25))))
+
+    torch.manual_seed(0)
+    model, x = Masked().eval(), torch.randn(4, 6)
+    plan = plan_channels(model, x, ratio=0.5)
+    assert _stream_group(plan, "fc1").size == 16
+    assert not any("masked_fill" in n for n in plan.notes)
+    _, want, got = pruned_vs_reference(model, x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert model.fc1.out_features == 8
