@@ -1,4 +1,4 @@
-"""Statistics over the channel dim reached op by op (graph/rules.py ``_statistic_site``): timm's RmsNorm2d
+"""Statistics over the channel dim reached op by op (graph/rules/reductions.py ``_statistic_site``): timm's RmsNorm2d
 (``x.pow(2).mean(1)``), GlobalResponseNorm (the mean over channels of a spatial L2 norm), a hand-written
 LayerNorm2d (mean and variance over dim 1), ``F.normalize`` over channels. Removal is not zeroing there (the pruned
 model's statistic runs over the kept channels), so each is a noted norm site whose reference reruns the op on the
@@ -84,7 +84,8 @@ class MaxMeanGate(nn.Module):
 
 class CBAMSpatial(nn.Module):
     """CBAM's spatial attention (csatv2): mean and max over channels, a conv to one channel, broadcast as a gate
-    over every channel (graph/rules.py ``_broadcast_gate``: the gate's channel is kept, the others stay separate)."""
+    over every channel (graph/rules/elementwise.py ``_broadcast_gate``: the gate's channel is kept, the others stay
+    separate)."""
 
     def __init__(self):
         super().__init__()

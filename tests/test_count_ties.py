@@ -128,7 +128,7 @@ def test_one_head_prunes_its_dims_with_the_stream():
     """One head cannot lose a head, but its dims can go with the stream: the size search sets ``head_dim``
     48 -> 24 (shapes then match) and the numeric proof (``structured._exact``) accepts it, since the softmax scale
     is the stored ``self.scale`` (unchanged, as in the reference) and the reference zeroes the q/k dims at their
-    producers (contracted in ``q @ k^T``, graph/rules.py ``_matmul``). Before that zeroing the reference kept
+    producers (contracted in ``q @ k^T``, graph/rules/matmul.py ``_matmul``). Before that zeroing the reference kept
     their term, the proof failed and the stream and head stayed whole."""
     m, x = _model(heads=1)
     plan = assert_oracle(m, x, ratio=0.5)

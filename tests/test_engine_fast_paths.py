@@ -341,7 +341,7 @@ def test_reshape_of_a_broadcast_label_builds_the_same_graph(name, heads, monkeyp
     """``rules._compressed_reshape`` reshapes a token stream's label without materialising the tokens; with it
     turned off every reshape runs on the full label. The groups (members, slices, heads), links, notes and the
     atoms' components must be the same."""
-    from secateur.graph import rules
+    from secateur.graph.rules import movement as rules
     from secateur.graph.groups import build_graph
     model, x = {"tied_vit": _search_cases()["tied_vit"], "timm_vit": _timm_vit}.get(name, CASES.get(name))()
     real, used = rules._compressed_reshape, [0]

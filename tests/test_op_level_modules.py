@@ -1,7 +1,9 @@
 """Modules the engine meets as plain tensor ops rather than by class: normalisations written by hand (Hugging
-Face's many RMSNorm copies: their mean over the channels is a statistic site, graph/rules.py ``_statistic_site``)
+Face's many RMSNorm copies: their mean over the channels is a statistic site, graph/rules/reductions.py
+``_statistic_site``)
 and convs / embeddings with a custom forward that still use their own weight (timm's Conv2dSame, Gemma's scaled
-embedding; graph/rules.py ``weighted_op``). Before, each made the channels it touched all-or-nothing: a Mistral's
+embedding; graph/rules/weighted.py ``weighted_op``). Before, each made the channels it touched all-or-nothing: a
+Mistral's
 whole residual stream stayed while a Llama's, whose norm was registered by name, was pruned."""
 import importlib
 import inspect

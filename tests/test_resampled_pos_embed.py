@@ -2,7 +2,7 @@
 parameter permuted to [1, C, H, W], interpolated, permuted back, added to the stream). The interpolated constant
 varies along the stream's channels; before, that made the whole stream all-or-nothing (samvit_base_patch16 at
 64x64 kept its stream: 0.50 of its MACs at ratio 0.5). Interpolation treats dim 1 as channels, each on its own, so
-the parameter is sliced along its channel dim with the stream (graph/rules.py ``_resampled_param``)."""
+the parameter is sliced along its channel dim with the stream (graph/rules/reductions.py ``_resampled_param``)."""
 import copy
 
 import pytest

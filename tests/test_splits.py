@@ -263,7 +263,7 @@ def test_partial_conv_split_sizes_follow(tmp_path):
 
 
 def test_qkv_split_with_heads_sizes_follow(tmp_path):
-    """Eager ``q @ k`` over heads: whole heads are the units (rules.py ``_matmul``), so the q/k/v sizes stay and
+    """Eager ``q @ k`` over heads: whole heads are the units (rules/matmul.py ``_matmul``), so the q/k/v sizes stay and
     the head count and ``val_attn_dim`` follow; the cut is opened all the same (it no longer forces whole heads)."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6)

@@ -12,7 +12,7 @@ Why a dispatch mode (and not autograd-graph walking or ``torch.export``), with t
   an int64 label tensor: exact, and bounded by the activation size;
 - it needs no gradients (``no_grad``) and works on ``meta`` tensors, so a 7B-parameter plan allocates no weights;
 - module boundaries come from forward hooks: known leaf modules (a registry keyed by type, ``modules.py``) are
-  handled as one op with their parameters; everything between them is handled per ATen op (``rules.py``).
+  handled as one op with their parameters; everything between them is handled per ATen op (``rules/``).
 An ATen op the registry does not know, reached by a labelled (channel-carrying) tensor, is a PruningError naming the
 op and the module, never a guess."""
 from __future__ import annotations
@@ -147,7 +147,8 @@ class Tracer:
         """A normalisation whose statistics run over prunable channels (``atoms``: one per position along the
         normalised dim). Removing a channel there is not zeroing it; the plan notes it, and ``Plan.kept_norms``
         rebuilds the reference (statistics over the kept channels) from ``kind`` ("op": ATen op packet, or
-        "module": module name; "reduce": a statistic op reduced over ``dim``, rules._statistic_site) and the call
+        "module": module name; "reduce": a statistic op reduced over ``dim``, rules/reductions.py _statistic_site)
+        and the call
         number ``key`` is at."""
         self.norms.append({"kind": kind, "key": key, "call": self.calls.get(key, 0) - 1, "where": self.where(),
                            "op": op, "atoms": atoms.clone(), "dim": dim})

@@ -42,7 +42,8 @@ def _sliced(mod: nn.Module, keep: torch.Tensor, size: int) -> nn.Module:
 
 class _OpSites(TorchDispatchMode):
     """ATen sites: ``sites`` (LayerNorm ops: the kept channels normalised on their own, the rest keep their old
-    values) and ``reduce`` (statistics, rules._statistic_site: the op rerun on the kept positions along its dim;
+    values) and ``reduce`` (statistics, rules/reductions.py _statistic_site: the op rerun on the kept positions
+    along its dim;
     its result has no channel position, so it replaces the whole output)."""
 
     def __init__(self, sites: dict[tuple[Any, int], torch.Tensor],

@@ -29,7 +29,8 @@ Measured (benchmarks/bench_zoo_depth.py, ratio 0.5, MACs after / dense): fastern
 shvit_s1 0.440 -> 0.300, every plan passing the oracle.
 
 Sections that must keep equal sizes need no rule of their own: q and k meet in ``q @ k^T``, which unions their
-channels one to one (rules.py ``_matmul``), and equal sections of a split stay position-aligned (``_check_split``)."""
+channels one to one (rules/matmul.py ``_matmul``), and equal sections of a split stay position-aligned
+(``_check_split``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace

@@ -1,7 +1,8 @@
 """timm modules whose forward splits a channel dim by sizes stored at construction (issue #3).
 
 ``torch.split(x, self.splits)`` with equal parts is pruned part-aligned (the same channels leave every part, see
-``rules._check_split``), but the stored sizes stay stale, so the dry run found the pruned forward broken and kept
+rules/movement.py ``_check_split``), but the stored sizes stay stale, so the dry run found the pruned forward
+broken and kept
 every group there: MixNet's ``MixedConv2d`` (0.92 of dense MACs at ratio 0.5), Res2Net's ``Bottle2neck`` (0.95),
 SK-ResNet's ``SelectiveKernel`` (1.0), CSPNet's ``CrossStage`` (0.94), InceptionNeXt's ``InceptionDWConv2d``. Each
 updater reads the new sizes from the module's own (already sliced) convolutions, never from a guess about which
@@ -80,7 +81,7 @@ def _inception_dw(mod, old):
     before = tuple(old.get("split_indexes") or mod.split_indexes)
     if gc == before[1]:
         return {}
-    if len(set(before)) != 1:  # not reached: unequal parts are never pruned (rules._check_split)
+    if len(set(before)) != 1:  # not reached: unequal parts are never pruned (rules/movement.py _check_split)
         return {}
     return _set(mod, split_indexes=(gc, gc, gc, gc))
 

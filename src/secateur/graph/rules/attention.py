@@ -1,0 +1,115 @@
+"""Fused scaled-dot-product attention: heads or head dims, keeping q/k/v consistent, and the softmax scale."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from secateur.graph.rules.matmul import _join
+from secateur.graph.rules.registry import _outs, _pad, aten, rule
+
+
+# ---------------------------------------------------------------- attention
+@rule(aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+      aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+      aten.scaled_dot_product_attention, aten._scaled_dot_product_fused_attention_overrideable)
+def sdpa(tr, func, args, kwargs, out):
+    """Whole heads: q, k, v of one head (and of one key/value group under GQA) go together."""
+    q, k, v = args[:3]
+    mask = kwargs.get("attn_mask")
+    if mask is None and len(args) > 3 and isinstance(args[3], torch.Tensor):
+        mask = args[3]
+    if tr.head_dim:
+        return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
+    heads = []
+    for t in (q, k, v, mask):  # a per-head mask (T5's relative position bias) goes with its head
+        if t is None or (t is mask and t.dim() < 3):
+            heads.append(None)
+            continue
+        lab = _pad(tr.get(t), t.dim())
+        if lab is None:
+            heads.append(None)
+            continue
+        lab = tr.atoms.collapse(lab, [t.dim() - 2, t.dim() - 1])
+        if lab.size(-3) > 1 and lab.size(-3) != q.size(-3):  # GQA: one kv head serves H/Hkv query heads
+            lab = lab.repeat_interleave(q.size(-3) // lab.size(-3), dim=-3)
+        heads.append(lab)
+    res = None
+    for lab in heads:
+        if lab is not None:
+            res = _join(tr, res, lab)
+    for t in _outs(out):
+        if t.dim() == q.dim():
+            tr.set(t, res)
+        elif t.dim() == q.dim() - 1 and res is not None:
+            tr.set(t, res[..., 0])
+        else:
+            tr.set(t, None)
+
+
+def _head_rows(tr, t, heads):
+    """Label of q/k/v [..., H, L, D] as [H, D] (sequence and batch collapsed; kv heads repeated under GQA)."""
+    lab = _pad(tr.get(t), t.dim())
+    if lab is None:
+        return None
+    lab = tr.atoms.collapse(lab, [d for d in range(t.dim()) if d not in (t.dim() - 3, t.dim() - 1)])
+    lab = lab.reshape(lab.size(-3), lab.size(-1)).expand(t.size(-3), t.size(-1))
+    if t.size(-3) != heads:
+        lab = lab.repeat_interleave(heads // t.size(-3), dim=0)
+    return lab.contiguous()
+
+
+def _kept_scale(tr, scale, head_size) -> bool:
+    """Will the pruned model still use this scale? Not when derived from q's size (``scale=None``), nor when it
+    equals 1/sqrt(head size) and no module on the call stack stores it (it may be recomputed from an updated
+    head size); a stored attribute (HF ``scaling``) is left as it is by the engine."""
+    if scale is None:
+        return False
+    if not math.isclose(scale, head_size ** -0.5, rel_tol=1e-9):
+        return True
+    for name in tr.stack[1:]:
+        try:
+            mod = tr.model.get_submodule(name)
+        except AttributeError:
+            continue
+        if any(isinstance(v, float) and math.isclose(v, scale, rel_tol=1e-9) for v in vars(mod).values()):
+            return True
+    return False
+
+
+def _sdpa_dims(tr, q, k, v, mask, scale, out):
+    """heads="head_dim": q dim d and k dim d of a head are one unit (removing both drops one term of q.k), v dim d
+    of a head goes to the output's dim d. The scale must not follow the new head size: a call without an
+    explicit ``scale`` (derived from q's size) keeps its q/k dims (noted)."""
+    heads = q.size(-3)
+    lq, lk, lv = _head_rows(tr, q, heads), _head_rows(tr, k, heads), _head_rows(tr, v, heads)
+    if mask is not None and mask.dim() >= 3:
+        tr.atoms.block(tr.get(mask))  # a per-head bias is untouched by head dims: its heads stay
+    for lab in (lq, lk, lv):  # partly unlabelled heads (a constant head): nothing there can be split
+        if lab is not None and bool((lab < 0).any()):
+            tr.atoms.block(lq)
+            tr.atoms.block(lk)
+            tr.atoms.block(lv)
+            lq = lk = lv = None
+            break
+    if lq is not None or lk is not None:
+        if lq is None or lk is None or not _kept_scale(tr, scale, q.size(-1)):
+            tr.atoms.block(lq)
+            tr.atoms.block(lk)
+            if lq is not None and lk is not None:
+                tr.notes.append(f"{tr.where()}: attention scale follows q's head size; q/k head dims are kept")
+        else:
+            tr.atoms.union(lq, lk)
+            tr.blocks.append(lq)
+            tr.contracted.append(lq.reshape(-1))
+    if lv is not None:
+        tr.blocks.append(lv)
+        if lq is not None and lk is not None and scale is not None:
+            tr.links.append((lq[0, 0], lv[0, 0]))
+    for i, t in enumerate(_outs(out)):
+        if i == 0 and lv is not None and t.dim() >= 3:
+            shape = [1] * t.dim()
+            shape[-3], shape[-1] = heads, t.size(-1)
+            tr.set(t, lv.reshape(shape))
+        else:
+            tr.set(t, None)

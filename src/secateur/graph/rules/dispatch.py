@@ -1,0 +1,85 @@
+"""Which rule runs for an op: the registry first, then the op tags torch provides (pointwise), then the fallback
+that keeps what it cannot follow; and the special cases where an unlabelled input still makes channels."""
+from __future__ import annotations
+
+import torch
+
+from secateur.graph.capture import Tracer
+from secateur.graph.rules.elementwise import pointwise
+from secateur.graph.rules.matmul import _TRANSPOSES, _gathered_table, _weight_view
+from secateur.graph.rules.movement import move
+from secateur.graph.rules.reductions import _SPATIAL, _resampled_param
+from secateur.graph.rules.registry import BY_NAME, RULES, _outs, _tensors, aten, not_understood
+from secateur.graph.rules.weighted import _OWN_WEIGHT
+
+
+def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
+    labelled = any(tr.get(t) is not None for a in (*args, *kwargs.values()) for t in _tensors(a))
+    packet = func.overloadpacket
+    if not labelled and packet in _TRANSPOSES and _weight_view(tr, func, args, out):
+        return
+    if not labelled and packet is aten.index and _gathered_table(tr, args):
+        labelled = True
+    if not labelled and packet in _OWN_WEIGHT:
+        labelled = True  # a conv / embedding reached at op level produces channels even from the model's input
+    if not labelled and packet in _SPATIAL and _resampled_param(tr, args[0]):
+        labelled = True
+    if not labelled and (RULES.get(packet) is move or _free_pointwise(func, packet)):
+        # a free parameter entering a view/cat (cls token, pos emb), or a pointwise op of its own (see below)
+        for t in _tensors(args):
+            if id(t) in tr.owner and tr.param_label(t) is not None:
+                labelled = True
+    if not labelled:
+        if func._schema.is_mutable and out is not None:
+            for t in _outs(out):
+                if id(t) in tr.labels and tr.labels[id(t)] is not None:
+                    tr.set(t, None)
+        return
+    fn = RULES.get(packet) or BY_NAME.get(packet._qualified_op_name)
+    if fn is None and (torch.Tag.pointwise in func.tags or _inplace_of_pointwise(packet)
+                       or packet in _POINTWISE_UNTAGGED):
+        fn = pointwise
+    if fn is None:
+        fn = not_understood
+    inplace_view = func._schema.is_mutable and isinstance(args[0], torch.Tensor) and args[0]._is_view()
+    before = tr.get(args[0]) if inplace_view else None
+    fn(tr, func, args, kwargs, out)
+    if inplace_view:
+        after = tr.get(args[0])
+        if not (before is None and after is None) and (before is None or after is None or
+                                                        not torch.equal(before, after)):
+            # the base's labels are not rewritten through the view: keep every channel on either side of the
+            # write (before and after), so nothing there changes under any plan (noted)
+            tr.atoms.block(before)
+            tr.atoms.block(after)
+            note = (f"{tr.where()}: in-place {packet._qualified_op_name} writes channels into a view of another "
+                    "tensor; the channels on both sides of the write are kept")
+            if note not in tr.notes:
+                tr.notes.append(note)
+
+
+_POINTWISE_UNTAGGED = {aten.hardswish, aten.hardswish_, aten.mish, aten.mish_, aten.silu, aten.gelu_,
+                       aten.elu, aten.elu_, aten.selu, aten.selu_, aten.celu, aten.celu_, aten.softplus,
+                       aten.hardsigmoid, aten.threshold, aten.threshold_, aten.rrelu, aten.glu,
+                       # elementwise, untagged in torch: masked_fill with a 0-d tensor value (cpmant's attention:
+                       # 0.548 -> 0.259 of its MACs at ratio 0.5), integer floor division (MoE routing indices)
+                       aten.masked_fill, aten.masked_fill_, aten.floor_divide, aten.floor_divide_}
+
+
+def _free_pointwise(func, packet) -> bool:
+    """An out-of-place pointwise op, which may read a free parameter and nothing labelled: Swin V2's per-head
+    ``torch.clamp(self.logit_scale, max=...).exp()`` [heads, 1, 1]. The parameter gets its atoms there (as on
+    entering a view) and the result carries them, so it is sliced with the heads it then scales; left a constant,
+    it varied along the heads dim and made every head one unit (timm swinv2_tiny_window8_256: 0.69 of dense MACs).
+    Only a parameter with one non-1 dim is labelled (``Tracer.param_label``); other constants stay constants."""
+    if func._schema.is_mutable:
+        return False
+    return (RULES.get(packet) is pointwise or torch.Tag.pointwise in func.tags or packet in _POINTWISE_UNTAGGED)
+
+
+def _inplace_of_pointwise(packet) -> bool:
+    name = packet.__name__
+    if not name.endswith("_"):
+        return False
+    base = getattr(aten, name[:-1], None)
+    return base is not None and any(torch.Tag.pointwise in getattr(base, o).tags for o in base.overloads())

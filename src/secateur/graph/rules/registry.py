@@ -1,0 +1,62 @@
+"""The rule registry: ATen op (overload packet) -> rule, small helpers every rule uses, and the fallback
+for an op with no rule (``not_understood``: keep what it reads)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from secateur.graph.capture import Tracer
+
+
+aten = torch.ops.aten
+RULES: dict[Any, Callable] = {}
+BY_NAME: dict[str, Callable] = {}  # ops of optional libraries ("torchvision::roi_align"), never imported here
+
+
+def rule(*ops):
+    def deco(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _tensors(y)
+
+
+def _outs(out):
+    return list(_tensors(out))
+
+
+def _pad(lab: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    if lab is None:
+        return None
+    return lab.reshape((1,) * (ndim - lab.dim()) + tuple(lab.shape))
+
+
+def not_understood(tr: Tracer, func, args, kwargs, out) -> None:
+    """An op with no rule (``torchvision::nms``, ``aten::nonzero``, a custom kernel) that reads channels: every
+    channel it reads is kept (its atoms are blocked: all-or-nothing, never pruned) and its new outputs carry no
+    channels, like the model's inputs. Nothing the op sees changes under any plan, so the pruned model computes
+    there what the original computes; what it returns is data the engine does not prune through. Raising instead
+    (the first design) refused every detector for its post-processing (NMS, top-k, nonzero on class scores),
+    whose channels are the model's outputs and kept anyway. Noted once per op and module."""
+    ins = [t for a in (*args, *kwargs.values()) for t in _tensors(a)]
+    if tr.dynamic is None:  # what it returns may be any size (NMS keeps a data-dependent count)
+        tr.dynamic = len(tr.trace)
+    for t in ins:
+        tr.atoms.block(tr.get(t))
+    note = (f"{tr.where()}: {func.overloadpacket._qualified_op_name} has no rule in the structural engine; the "
+            "channels it reads are kept")
+    if note not in tr.notes:
+        tr.notes.append(note)
+    alias = {id(t) for t in ins}
+    for t in _outs(out):
+        if id(t) not in alias:
+            tr.set(t, None)
