@@ -66,6 +66,13 @@ class Tracer:
         # such as NMS): from there a pruned model's sizes may differ for other reasons than the plan (verify.py)
         self.dynamic: int | None = None
         self.owner: dict[int, tuple[str, str, bool]] = {}  # id(tensor) -> (module name, attr, is_param)
+        self._layouts: dict[tuple, torch.Tensor] | None = None  # see param_view
+        # tensors made by a filling factory (torch.zeros / ones / full ...) and not written since: one value
+        # everywhere, so meeting channels they do not vary along them (graph/rules/dispatch.py ``track_uniform``)
+        self.uniform: dict[int, torch.Tensor] = {}  # storage address -> a tensor holding it
+        # unlabelled tensors computed elementwise from one parameter (Mamba's ``A = -exp(A_log)[None, :, None, :]``):
+        # id -> (tensor, parameter, {tensor dim: parameter dim}); sliced like the parameter where they meet channels
+        self.derived: dict[int, tuple[torch.Tensor, torch.Tensor, dict[int, int]]] = {}
         for mname, mod in model.named_modules():
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) not in self.owner:
@@ -120,6 +127,23 @@ class Tracer:
         lab = atoms.reshape(shape)
         self.labels[id(p)] = lab
         return lab
+
+    def param_view(self, t: Any) -> torch.Tensor | None:
+        """The model parameter ``t`` is, or is an exact view of (same storage, offset, shape and strides: the
+        same values, e.g. Mamba's ``conv1d.weight.squeeze(1)`` later ``.unsqueeze(1)``-ed back into
+        ``F.conv1d``); None for anything else (a slice, a transpose, a computed tensor). Lets op-level rules give
+        such a weight its module's rule: slicing the parameter slices every exact view of it."""
+        if not isinstance(t, torch.Tensor) or id(t) in self.labels:
+            return None
+        if id(t) in self.owner:
+            return t if self.owner[id(t)][2] else None
+        if self._layouts is None:
+            self._layouts = {self._layout(p): p for _, p in self.model.named_parameters(remove_duplicate=False)}
+        return self._layouts.get(self._layout(t))
+
+    @staticmethod
+    def _layout(t: torch.Tensor) -> tuple:
+        return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
     # ---- slots: (tensor name, dim) -> atom per index
     def name_of(self, p: torch.Tensor) -> tuple[str, str]:

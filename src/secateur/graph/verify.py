@@ -298,14 +298,19 @@ class Expected:
 
 
 _VIEWS = ("view", "_unsafe_view")
+_NO_OPS = ("detach", "alias")
 
 
 def _copy_step(trace: list, i: int, op: str) -> tuple[str | None, int]:
     """Align a reshape whose copy comes and goes with the sizes: ``reshape`` copies (``clone`` then
     ``_unsafe_view``) only where strides forbid a view, and pruning a dim to 1 (a last head) can allow one, or the
     reverse. Returns (the unpruned op to compare with, its step): the step after the unpruned clone where the
-    pruned run views straight away; (None, i) for a clone only the pruned run makes; else (trace op, i)."""
+    pruned run views straight away; (None, i) for a clone only the pruned run makes; else (trace op, i).
+    Also a ``detach`` the capture saw and the dry run does not: ``torch.zeros_like`` dispatches one under the
+    capture's mode only (transformers' Mamba cache init); it changes no shape, so the next step is compared."""
     op0 = trace[i][0]
+    if op0 in _NO_OPS and op != op0 and i + 1 < len(trace) and trace[i + 1][0] == op:
+        return op, i + 1
     if op in _VIEWS and op0 == "clone" and i + 1 < len(trace) and trace[i + 1][0] in _VIEWS:
         return trace[i + 1][0] if op == trace[i + 1][0] else op, i + 1
     if op == "clone" and op0 in _VIEWS:

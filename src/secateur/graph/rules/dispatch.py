@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 
 from secateur.graph.capture import Tracer
+from secateur.graph.rules.constants import track_derived, track_uniform
 from secateur.graph.rules.elementwise import pointwise
 from secateur.graph.rules.matmul import _TRANSPOSES, _gathered_table, _weight_view
 from secateur.graph.rules.movement import move
 from secateur.graph.rules.reductions import _SPATIAL, _resampled_param
-from secateur.graph.rules.registry import BY_NAME, RULES, _outs, _tensors, aten, not_understood
+from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, BY_NAME, RULES, _outs, _tensors, aten, not_understood
 from secateur.graph.rules.weighted import _OWN_WEIGHT
 
 
 def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
+    track_uniform(tr, func, args, out)
     labelled = any(tr.get(t) is not None for a in (*args, *kwargs.values()) for t in _tensors(a))
     packet = func.overloadpacket
     if not labelled and packet in _TRANSPOSES and _weight_view(tr, func, args, out):
@@ -30,6 +32,7 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
             if id(t) in tr.owner and tr.param_label(t) is not None:
                 labelled = True
     if not labelled:
+        track_derived(tr, func, args, kwargs, out)
         if func._schema.is_mutable and out is not None:
             for t in _outs(out):
                 if id(t) in tr.labels and tr.labels[id(t)] is not None:
@@ -56,14 +59,6 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
                     "tensor; the channels on both sides of the write are kept")
             if note not in tr.notes:
                 tr.notes.append(note)
-
-
-_POINTWISE_UNTAGGED = {aten.hardswish, aten.hardswish_, aten.mish, aten.mish_, aten.silu, aten.gelu_,
-                       aten.elu, aten.elu_, aten.selu, aten.selu_, aten.celu, aten.celu_, aten.softplus,
-                       aten.hardsigmoid, aten.threshold, aten.threshold_, aten.rrelu, aten.glu,
-                       # elementwise, untagged in torch: masked_fill with a 0-d tensor value (cpmant's attention:
-                       # 0.548 -> 0.259 of its MACs at ratio 0.5), integer floor division (MoE routing indices)
-                       aten.masked_fill, aten.masked_fill_, aten.floor_divide, aten.floor_divide_}
 
 
 def _free_pointwise(func, packet) -> bool:

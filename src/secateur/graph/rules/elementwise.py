@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from secateur.graph.rules.constants import const_label, is_uniform
 from secateur.graph.rules.matmul import _join
 from secateur.graph.rules.registry import _outs, _pad, _tensors, aten, rule
 
@@ -60,12 +61,13 @@ def pointwise(tr, func, args, kwargs, out):
         if lab is None and id(t) in tr.owner and id(t) not in shared:
             lab = tr.param_label(t)
         if lab is None:
-            if t.dim() > 0 and t.numel() > 1:
+            if t.dim() > 0 and t.numel() > 1 and not is_uniform(tr, t):  # a uniform fill varies along nothing
                 consts.append(t)
         else:
             held.append((t, _pad(lab, nd)))
-    for t, lab in held:
-        if len(held) > 1 and _broadcast_gate(t, lab, [o for u, o in held if u is not t], shape):
+    for k, (t, lab) in enumerate(held):
+        others = [o for u, o in held if u is not t]
+        if len(held) > 1 and (_broadcast_gate(t, lab, others, shape) or _outer_side(k, lab, [o for _, o in held])):
             tr.atoms.block(lab)
             consts.append(t)
         else:
@@ -86,9 +88,10 @@ def pointwise(tr, func, args, kwargs, out):
         csh = (1,) * (nd - c.dim()) + tuple(1 if c.stride(i) == 0 else c.size(i) for i in range(c.dim()))
         dims = [d for d in range(nd) if csh[d] > 1 and res.size(d) > 1]
         d = None if id(c) in shared else _param_dim(tr, c, res, dims)
-        if d is not None:  # a free parameter (position embedding [1, tokens, C]) is sliced with its channels
+        lab = None if d is None else const_label(tr, c, d - (nd - c.dim()))
+        if lab is not None:  # a free parameter (position embedding [1, tokens, C]) is sliced with its channels
             res = tr.atoms.collapse(res, [e for e in dims if e != d])  # the other dims: the same channels
-            res = _join(tr, res, _pad(tr.param_label_along(c, d - (nd - c.dim())), nd))
+            res = _join(tr, res, _pad(lab, nd))
             continue
         if dims:
             res = tr.atoms.collapse(res, dims)
@@ -115,6 +118,24 @@ def _broadcast_gate(t, lab, others, shape) -> bool:
                     return False  # they pair with the other's channels, the union stays
                 return not bool(torch.isin(mine, o[o >= 0].unique()).any())
     return False
+
+
+def _outer_side(k: int, lab: torch.Tensor, labs: list[torch.Tensor]) -> bool:
+    """Whether operand ``k`` of an outer product is the side to keep whole. Two operands whose channels vary along
+    disjoint dims (Mamba's ``dt[:, :, :, None] * B[:, None, :, :]``: intermediate channels x state channels) make
+    each result element belong to two channels; unioning them tied every channel of both into one all-or-nothing
+    unit. Keeping one side whole (its channels blocked, a constant here) and labelling the result by the other is
+    exact for any plan: a removed channel removes its whole slice of the result. The side kept is the one with
+    fewer channels (ties: the later operand); only for two operands."""
+    if len(labs) != 2:
+        return False
+    other = labs[1 - k]
+    mine_dims = {d for d in range(lab.dim()) if lab.size(d) > 1}
+    their_dims = {d for d in range(other.dim()) if other.size(d) > 1}
+    if not mine_dims or not their_dims or mine_dims & their_dims:
+        return False
+    mine, theirs = lab[lab >= 0].unique().numel(), other[other >= 0].unique().numel()
+    return mine < theirs or (mine == theirs and k == 1)
 
 
 def _shared_params(tr, tens, nd) -> set[int]:
@@ -156,7 +177,11 @@ def _param_dim(tr, c, res, dims) -> int | None:
     """For a model parameter meeting labelled channels along ``dims``: the one dim it can be sliced along (the
     dim whose slices mix the fewest distinct atoms: channels, not tokens, in a cls-token + patches stream), or
     None when it is not a free parameter, is already labelled, or cannot be sliced."""
-    if not dims or id(c) not in tr.owner or not tr.owner[id(c)][2] or id(c) in tr.labels:
+    if not dims or id(c) in tr.labels:
+        return None
+    if id(c) in tr.derived:  # computed from a parameter (track_derived): only along the parameter's own dims
+        dims = [d for d in dims if d - (res.dim() - c.dim()) in tr.derived[id(c)][2]]
+    elif id(c) not in tr.owner or not tr.owner[id(c)][2]:
         return None
     off = res.dim() - c.dim()
     best, cost = None, None

@@ -37,6 +37,17 @@ def _matmul(tr, a, c):
         tr.atoms.union(la.reshape(-1), lc.reshape(-1))  # contracted pair: removing k from both drops a term
         tr.contracted.append(la.reshape(-1))  # read only here: the oracle zeroes them at their producers
         la = lc = None
+    elif va and lc is not None and not vc and not others_vary(la, ka):
+        tr.atoms.block(la)  # see below, the other way round
+        la = None
+    elif vc and la is not None and not va and not others_vary(lc, kc):
+        # c's channels are only along k, and a's labels do not vary along k (its elements belong to its rows:
+        # Mamba's scan state [.., intermediate, state] @ C [.., state, 1]). Removing a row of a removes that output
+        # row, whatever k is; removing channel k of c would need a's column k gone, which is no channel of a's.
+        # So c's channels are kept and a's rows stay free; collapsing c into one unit joined to every row of a
+        # made all of a's channels all-or-nothing
+        tr.atoms.block(lc)
+        lc = None
     else:
         if va:
             la = tr.atoms.collapse(la, [ka])

@@ -40,8 +40,10 @@ class _Weights:
         self.out_channels, self.in_channels = weight.size(0), weight.size(1) * self.groups
 
 
-def _own_param(tr: Tracer, t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and id(t) in tr.owner and tr.owner[id(t)][2] and id(t) not in tr.labels
+def _own_param(tr: Tracer, t: Any) -> torch.Tensor | None:
+    """The model parameter ``t`` is (or exactly views, ``Tracer.param_view``), unlabelled; else None."""
+    p = tr.param_view(t)
+    return p if p is not None and id(p) not in tr.labels else None
 
 
 def weighted_op(tr: Tracer, func, args, kwargs, out) -> bool:
@@ -51,8 +53,8 @@ def weighted_op(tr: Tracer, func, args, kwargs, out) -> bool:
     from secateur.graph.modules import _channels, _produce, _shape_for, conv_inputs
     names = [a.name for a in func._schema.arguments]
     val = {**dict(zip(names, args)), **kwargs}
-    weight, res = val.get("weight"), _outs(out)
-    if not _own_param(tr, weight) or len(res) != 1:
+    weight, res = _own_param(tr, val.get("weight")), _outs(out)
+    if weight is None or len(res) != 1:
         return False
     if func.overloadpacket is aten.embedding:
         if weight.dim() != 2 or tr.get(val.get("indices")) is not None:
@@ -62,7 +64,11 @@ def weighted_op(tr: Tracer, func, args, kwargs, out) -> bool:
         tr.set(res[0], _shape_for(res[0].dim(), -1, atoms))
         return True
     bias, x = val.get("bias"), val.get("input")
-    if val.get("transposed", False) or not isinstance(x, torch.Tensor) or (bias is not None and not _own_param(tr, bias)):
+    if bias is not None:
+        bias = _own_param(tr, bias)
+        if bias is None:
+            return False
+    if val.get("transposed", False) or not isinstance(x, torch.Tensor):
         return False
     stub = _Weights(weight, bias, val.get("groups", 1))
     cdim = x.dim() - weight.dim() + 1
@@ -70,5 +76,7 @@ def weighted_op(tr: Tracer, func, args, kwargs, out) -> bool:
         return False
     atoms = _produce(tr, stub, stub.out_channels, 0)
     conv_inputs(tr, stub, _channels(tr, x, cdim), atoms)
+    if stub.groups > 1 and tr.where() in tr.convs:  # the grouped mode belongs to the weight's module (its updater
+        tr.convs[tr.owner[id(weight)][0]] = tr.convs.pop(tr.where())  # reads it), not to the one running the op
     tr.set(res[0], _shape_for(res[0].dim(), cdim, atoms))
     return True

@@ -1,0 +1,101 @@
+"""What the engine knows about unlabelled tensors that meet channels: memory a filling factory wrote (one value
+everywhere) and tensors computed elementwise from one parameter. Either would otherwise be a constant that varies
+along the channels and make them all-or-nothing (elementwise.py ``pointwise``)."""
+from __future__ import annotations
+
+import torch
+
+from secateur.graph.capture import Tracer
+from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, _tensors, aten
+
+
+_FILLS = {aten.zeros, aten.ones, aten.full, aten.zeros_like, aten.ones_like, aten.full_like, aten.new_zeros,
+          aten.new_ones, aten.new_full, aten.scalar_tensor}
+
+
+def track_uniform(tr: Tracer, func, args, out) -> None:
+    """Remember the memory a filling factory wrote (one value everywhere: Mamba's scan state
+    ``torch.zeros(batch, intermediate_size, state)``, sized from the input's shape), and forget it as soon as an
+    op may write into it (any mutating op on a tensor sharing its storage, a view's write included). A constant
+    that varies along a channel dim makes those channels all-or-nothing (elementwise.py ``pointwise``); a uniform one
+    does not vary, and where the pruned code makes it at a fixed size the dry run fails on the shape. Keyed by
+    storage, not tensor id: the tensor a factory hands the model can be another Python object than the one the
+    dispatch mode saw (and every view of uniform memory is uniform)."""
+    packet = func.overloadpacket
+    if tr.uniform and func._schema.is_mutable:
+        for a in args:
+            for t in _tensors(a):
+                tr.uniform.pop(_storage(t), None)
+    if packet in _FILLS and isinstance(out, torch.Tensor) and not func._schema.is_mutable:
+        key = _storage(out)
+        if key != -1:
+            tr.uniform[key] = out  # held: a storage's address is only its own while it lives
+
+
+def is_uniform(tr: Tracer, t: torch.Tensor) -> bool:
+    return bool(tr.uniform) and _storage(t) in tr.uniform
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass): never uniform
+        return -1
+
+
+_SAME_ORDER = {aten.unsqueeze, aten.squeeze, aten.select, aten.view, aten._unsafe_view, aten.reshape, aten.slice, aten.alias,
+               aten.clone, aten._to_copy, aten.detach, aten.contiguous, aten.lift_fresh_copy}
+
+
+def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
+    """Remember an unlabelled tensor computed from one model parameter by elementwise ops and by views that only
+    add or drop size-1 dims (``-torch.exp(self.A_log)[None, :, None, :]``), or take a part along one dim (select,
+    slice): each of its mapped dims is one of the parameter's, whole. Where it meets channels along such a dim (elementwise.py ``pointwise``) the parameter is
+    sliced along its own dim instead of the channels being made all-or-nothing: slicing commutes with
+    elementwise ops and with such views. Any other operand must be a scalar; a permute, a reduction or a second
+    tensor ends the chain."""
+    packet = func.overloadpacket
+    if func._schema.is_mutable or not isinstance(out, torch.Tensor):
+        return
+    if packet not in _SAME_ORDER and not (torch.Tag.pointwise in func.tags or packet in _POINTWISE_UNTAGGED):
+        return
+    big = [t for a in (*args, *kwargs.values()) for t in _tensors(a) if t.numel() > 1]
+    if len(big) != 1:
+        return
+    src = big[0]
+    if id(src) in tr.derived:
+        _, root, dims = tr.derived[id(src)]
+    elif id(src) in tr.owner and tr.owner[id(src)][2]:
+        root, dims = src, {d: d for d in range(src.dim()) if src.size(d) > 1}
+    else:
+        return
+    if packet in (aten.select, aten.slice) and args[0] is src:  # a part along one dim: the others stay whole
+        e = (args[1] if len(args) > 1 else 0) % src.dim()
+        same = [d for d in range(src.dim()) if d != e]
+        kept = {d: dims[d] for d in same if d in dims}
+        if packet is aten.slice:
+            out_map = {d: p for d, p in kept.items() if out.size(d) == src.size(d)}
+        else:
+            out_map = {same.index(d): p for d, p in kept.items()}
+        if out_map:
+            tr.derived[id(out)] = (out, root, out_map)
+        return
+    s_nd = [d for d in range(src.dim()) if src.size(d) > 1]
+    o_nd = [d for d in range(out.dim()) if out.size(d) > 1]
+    if [src.size(d) for d in s_nd] != [out.size(d) for d in o_nd] or any(d not in dims for d in s_nd):
+        return
+    tr.derived[id(out)] = (out, root, {o: dims[s] for o, s in zip(o_nd, s_nd)})
+
+
+def const_label(tr, c, d: int) -> torch.Tensor | None:
+    """Labels of parameter ``c`` (or of a tensor derived from one, ``track_derived``) along its dim ``d``,
+    shaped like ``c``: the parameter's atoms along that dim, constant along the others."""
+    if id(c) not in tr.derived:
+        return tr.param_label_along(c, d)
+    _, root, dims = tr.derived[id(c)]
+    lab = tr.param_label_along(root, dims[d])
+    if lab is None:
+        return None
+    shape = [1] * c.dim()
+    shape[d] = c.size(d)
+    return lab.reshape(shape)
