@@ -295,8 +295,9 @@ def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.
             for pname, shape in (spec.get(kind) or {}).items():
                 name = f"{mod}.{pname}" if mod else pname
                 have = current.get(name)
-                if have is None and kind == "buffers" and _uniform_unsaved(model, mod, pname, shape):
-                    continue
+                if have is None and kind == "buffers" and (pname in (spec.get("kept") or {})
+                                                           or _uniform_unsaved(model, mod, pname, shape)):
+                    continue  # rebuilt from the fresh model (structured.apply_structure)
                 if have is None or len(have) != len(shape) or any(s > h for s, h in zip(shape, have)):
                     raise fail("the structure does not fit this architecture (a pruned tensor must be a slice "
                                "of the fresh model's)", where=name, shape=have, value=shape)

@@ -1083,6 +1083,8 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         for bn, b in mod.named_buffers(recurse=False):  # a non-persistent buffer left whole is not recorded:
             if b is not None and (bn not in mod._non_persistent_buffers_set or (name, bn) in removed):
                 entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
+            if b is not None and bn in mod._non_persistent_buffers_set and (name, bn) in removed:
+                _record_unsaved(entry, bn, removed[(name, bn)], b)
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
     from secateur.graph.size_attrs import clear_caches
@@ -1156,6 +1158,44 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
         structure.setdefault("", {"params": {}, "buffers": {}, "attrs": {}}).setdefault("config", {}).update(changed)
 
 
+def _record_unsaved(entry: dict, name: str, removed: dict, new: torch.Tensor) -> None:
+    """A non-persistent buffer (not in the state_dict: a sinusoidal position table the model rebuilds from its
+    config, CTRL's ``pos_encoding``, XGLM's ``weights``) sliced along channels: record which positions of the fresh
+    one are kept (composed with an earlier pruning's) and a checksum of the result, so that ``load`` takes the
+    same positions from a fresh model and can prove it got the same values (``apply_structure``)."""
+    kept = entry.setdefault("kept", {}).setdefault(name, {})
+    for d, pos in removed.items():  # positions in the buffer as it was before this slicing
+        mask = torch.ones(new.size(d) + int(pos.numel()), dtype=torch.bool)
+        mask[pos] = False
+        idx = mask.nonzero().flatten().tolist()
+        kept[str(d)] = [kept[str(d)][i] for i in idx] if str(d) in kept else idx
+    entry.setdefault("checks", {})[name] = _checksum(new)
+
+
+def _checksum(t: torch.Tensor) -> list[float]:
+    t = t.detach().double().cpu()
+    return [float(t.sum()), float(t.abs().sum()), float((t * torch.arange(1, t.numel() + 1, dtype=torch.float64
+                                                                          ).reshape(t.shape)).sum())]
+
+
+def _rebuild_unsaved(mod: nn.Module, where: str, name: str, kept: dict, check: list | None) -> None:
+    b = mod._buffers.get(name)
+    if b is None:
+        raise fail("a pruned non-persistent buffer is missing from the fresh model", where=f"{where}.{name}")
+    for d, idx in kept.items():
+        d = int(d)
+        if d >= b.dim() or (idx and max(idx) >= b.size(d)):
+            raise fail("the structure's kept positions do not fit this buffer", where=f"{where}.{name}",
+                       shape=tuple(b.shape), value=d)
+        b = b.index_select(d, torch.tensor(idx, dtype=torch.long, device=b.device))
+    if check is not None and not all(math.isclose(a, c, rel_tol=1e-6, abs_tol=1e-6) for a, c in
+                                     zip(_checksum(b), check)):
+        raise fail("a pruned non-persistent buffer rebuilt by this model differs from the saved one (its values are "
+                   "not in the file: the model must build it as it did when saved)", where=f"{where}.{name}",
+                   shape=tuple(b.shape))
+    mod._buffers[name] = b.contiguous()
+
+
 def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
     """Resize a freshly built, unpruned ``model`` to a recorded structure (values are truncated: load the pruned
     state_dict afterwards). Returns the model."""
@@ -1168,7 +1208,11 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
             for pn, shape in entry.get("params", {}).items():
                 p = getattr(mod, pn)
                 p.data = p.data[tuple(slice(0, s) for s in shape)].contiguous()
+            kept = entry.get("kept", {})
             for bn, shape in entry.get("buffers", {}).items():
+                if bn in kept:
+                    _rebuild_unsaved(mod, name, bn, kept[bn], entry.get("checks", {}).get(bn))
+                    continue
                 b = mod._buffers[bn]
                 mod._buffers[bn] = b[tuple(slice(0, s) for s in shape)].contiguous()
             for k, v in entry.get("attrs", {}).items():

@@ -70,8 +70,9 @@ class Tracer:
         # tensors made by a filling factory (torch.zeros / ones / full ...) and not written since: one value
         # everywhere, so meeting channels they do not vary along them (graph/rules/dispatch.py ``track_uniform``)
         self.uniform: dict[int, torch.Tensor] = {}  # storage address -> a tensor holding it
-        # unlabelled tensors computed elementwise from one parameter (Mamba's ``A = -exp(A_log)[None, :, None, :]``):
-        # id -> (tensor, parameter, {tensor dim: parameter dim}); sliced like the parameter where they meet channels
+        # unlabelled tensors computed elementwise from one parameter or buffer (Mamba's ``A = -exp(A_log)[None, :,
+        # None, :]``, a sinusoidal position table's rows): id -> (tensor, root, {tensor dim: root dim}); sliced like
+        # the root where they meet channels (graph/rules/constants.py)
         self.derived: dict[int, tuple[torch.Tensor, torch.Tensor, dict[int, int]]] = {}
         for mname, mod in model.named_modules():
             for attr, p in mod._parameters.items():
@@ -107,11 +108,11 @@ class Tracer:
             return None
         return self._new_param_label(p, big[0])
 
-    def param_label_along(self, p: torch.Tensor, dim: int) -> torch.Tensor | None:
+    def param_label_along(self, p: torch.Tensor, dim: int, *, buffers: bool = False) -> torch.Tensor | None:
         """A free parameter with several non-1 dims (a position embedding [1, tokens, C]) that meets channels
         along exactly one of them: atoms along that dim (sliced with those channels), constant along the
         others. None if it is not a model parameter or already labelled another way."""
-        if id(p) not in self.owner or not self.owner[id(p)][2]:
+        if id(p) not in self.owner or not (self.owner[id(p)][2] or buffers):
             return None
         if id(p) in self.labels:
             lab = self.labels[id(p)]

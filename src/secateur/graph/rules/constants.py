@@ -1,7 +1,10 @@
 """What the engine knows about unlabelled tensors that meet channels: memory a filling factory wrote (one value
-everywhere) and tensors computed elementwise from one parameter. Either would otherwise be a constant that varies
+everywhere) and tensors computed elementwise from one parameter or buffer (or rows gathered from one). Either would otherwise be a constant that varies
 along the channels and make them all-or-nothing (elementwise.py ``pointwise``)."""
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 
@@ -47,6 +50,42 @@ _SAME_ORDER = {aten.unsqueeze, aten.squeeze, aten.select, aten.view, aten._unsaf
                aten.clone, aten._to_copy, aten.detach, aten.contiguous, aten.lift_fresh_copy}
 
 
+_GATHERS = {aten.index_select, aten.index}
+_RESHAPES = {aten.view, aten._unsafe_view, aten.reshape}
+
+
+def _root(tr: Tracer, src: Any) -> tuple[torch.Tensor, dict[int, int]] | None:
+    if not isinstance(src, torch.Tensor):
+        return None
+    if id(src) in tr.derived:
+        return tr.derived[id(src)][1:]
+    if id(src) in tr.owner:
+        return src, {d: d for d in range(src.dim()) if src.size(d) > 1}
+    return None
+
+
+def _track_gather(tr: Tracer, packet, args, out) -> None:
+    """Rows gathered from a parameter or buffer by unlabelled indices (``table.index_select(0, positions)``,
+    ``table[positions, :]``): the dims not indexed are the table's, whole."""
+    if packet is aten.index_select:
+        src, lead, gone = args[0], None, args[1] % args[0].dim()
+    else:  # aten.index: one index tensor, on the first dim
+        idx = args[1]
+        if len(idx) != 1 or idx[0] is None or idx[0].dtype == torch.bool:
+            return
+        src, lead, gone = args[0], idx[0].dim(), 0
+    root = _root(tr, src)
+    if root is None or tr.get(src) is not None:
+        return
+    table, dims = root
+    if lead is None:  # index_select keeps the other dims where they are
+        out_map = {d: dims[d] for d in dims if d != gone}
+    else:  # the index's dims first, then the table's others
+        out_map = {lead + d - 1: dims[d] for d in dims if d > gone}
+    if out_map:
+        tr.derived[id(out)] = (out, table, out_map)
+
+
 def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
     """Remember an unlabelled tensor computed from one model parameter by elementwise ops and by views that only
     add or drop size-1 dims (``-torch.exp(self.A_log)[None, :, None, :]``), or take a part along one dim (select,
@@ -57,18 +96,19 @@ def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
     packet = func.overloadpacket
     if func._schema.is_mutable or not isinstance(out, torch.Tensor):
         return
+    if packet in _GATHERS:
+        _track_gather(tr, packet, args, out)
+        return
     if packet not in _SAME_ORDER and not (torch.Tag.pointwise in func.tags or packet in _POINTWISE_UNTAGGED):
         return
     big = [t for a in (*args, *kwargs.values()) for t in _tensors(a) if t.numel() > 1]
     if len(big) != 1:
         return
     src = big[0]
-    if id(src) in tr.derived:
-        _, root, dims = tr.derived[id(src)]
-    elif id(src) in tr.owner and tr.owner[id(src)][2]:
-        root, dims = src, {d: d for d in range(src.dim()) if src.size(d) > 1}
-    else:
+    found = _root(tr, src)
+    if found is None:
         return
+    root, dims = found
     if packet in (aten.select, aten.slice) and args[0] is src:  # a part along one dim: the others stay whole
         e = (args[1] if len(args) > 1 else 0) % src.dim()
         same = [d for d in range(src.dim()) if d != e]
@@ -80,11 +120,23 @@ def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
         if out_map:
             tr.derived[id(out)] = (out, root, out_map)
         return
+    if packet in _RESHAPES:  # a dim survives a row-major reshape where its size and everything before it match
+        out_map = {}
+        for s, r in dims.items():
+            before = math.prod(src.shape[:s])
+            hit = [o for o in range(out.dim()) if out.size(o) == src.size(s) and math.prod(out.shape[:o]) == before]
+            if hit:
+                out_map[hit[0]] = r
+        if out_map:
+            tr.derived[id(out)] = (out, root, out_map)
+        return
     s_nd = [d for d in range(src.dim()) if src.size(d) > 1]
     o_nd = [d for d in range(out.dim()) if out.size(d) > 1]
-    if [src.size(d) for d in s_nd] != [out.size(d) for d in o_nd] or any(d not in dims for d in s_nd):
+    if [src.size(d) for d in s_nd] != [out.size(d) for d in o_nd]:
         return
-    tr.derived[id(out)] = (out, root, {o: dims[s] for o, s in zip(o_nd, s_nd)})
+    out_map = {o: dims[s] for o, s in zip(o_nd, s_nd) if s in dims}  # dims of its own (gathered rows) map nowhere
+    if out_map:
+        tr.derived[id(out)] = (out, root, out_map)
 
 
 def const_label(tr, c, d: int) -> torch.Tensor | None:
@@ -93,7 +145,7 @@ def const_label(tr, c, d: int) -> torch.Tensor | None:
     if id(c) not in tr.derived:
         return tr.param_label_along(c, d)
     _, root, dims = tr.derived[id(c)]
-    lab = tr.param_label_along(root, dims[d])
+    lab = tr.param_label_along(root, dims[d], buffers=True)
     if lab is None:
         return None
     shape = [1] * c.dim()

@@ -179,8 +179,12 @@ def _param_dim(tr, c, res, dims) -> int | None:
     None when it is not a free parameter, is already labelled, or cannot be sliced."""
     if not dims or id(c) in tr.labels:
         return None
-    if id(c) in tr.derived:  # computed from a parameter (track_derived): only along the parameter's own dims
-        dims = [d for d in dims if d - (res.dim() - c.dim()) in tr.derived[id(c)][2]]
+    if id(c) in tr.derived:  # computed from a parameter (track_derived): only along the parameter's own dims,
+        off = res.dim() - c.dim()  # and not where it is shared: channels that vary along a dim it broadcasts over
+        csh = (1,) * off + tuple(c.shape)  # (a RoPE table over head dims, the same for every head) would be tied
+        if any(res.size(e) > 1 and csh[e] == 1 for e in range(res.dim())):  # across it; a collapse keeps them apart
+            return None
+        dims = [d for d in dims if d - off in tr.derived[id(c)][2]]
     elif id(c) not in tr.owner or not tr.owner[id(c)][2]:
         return None
     off = res.dim() - c.dim()
