@@ -285,8 +285,8 @@ def _meta_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
 
 # ---------------------------------------------------------------- routers
 def is_router(model: nn.Module, name: str) -> bool:
-    """``name`` is a router: a module whose tensors are one 2-d ``weight`` ``[experts, hidden]`` (plus 1-d score
-    biases), next to a recognised experts module with as many experts. Its ``F.linear(x, self.weight)`` is read as
+    """``name`` is a router: a module whose tensors are one 2-d ``weight`` ``[experts, hidden]`` (plus per-expert
+    score biases), next to a recognised experts module with as many experts. Its ``F.linear(x, self.weight)`` is read as
     a Linear's (graph/rules/matmul.py ``_weight_view``): the hidden columns go with the residual stream, the expert
     rows are never pruned (the experts rule blocks the routing it feeds)."""
     if not name:
@@ -294,8 +294,9 @@ def is_router(model: nn.Module, name: str) -> bool:
     mod = model.get_submodule(name)
     w = getattr(mod, "weight", None)
     tensors = [t for _, t in mod.named_parameters()] + [t for _, t in mod.named_buffers()]
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or any(t.dim() > 1 for t in tensors if t is not w):
-        return False
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or any(set(t.shape) - {1, w.size(0)}
+                                                              for t in tensors if t is not w):
+        return False  # other tensors: per-expert statistics only (score biases, ernie's moe_statics [1, E])
     parent = model.get_submodule(name.rpartition(".")[0])
     for sibling in parent.children():
         if sibling is not mod and _is_candidate(sibling):
