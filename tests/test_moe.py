@@ -18,19 +18,22 @@ from secateur.structured import plan_channels  # noqa: E402
 E, H, I = 4, 24, 16
 
 
-def _experts_class(concatenated=True, transposed=False, bias=False, gate=None, extra=False):
+def _experts_class(concatenated=True, transposed=False, bias=False, gate=None, extra=False, gated=True):
     """A hand-written fused-experts module (Mixtral's layout by default, gpt_oss's with ``concatenated=False,
-    transposed=True, bias=True``) behind transformers' dispatcher; its own forward is an eager loop."""
+    transposed=True, bias=True``, nemotron_h's ``up_proj`` without a gate with ``gated=False``) behind
+    transformers' dispatcher; its own forward is an eager loop."""
+    up_name = "gate_up_proj" if gated else "up_proj"
+    rows = 2 * I if gated else I
 
     class Experts(nn.Module):
         def __init__(self, config):
             super().__init__()
             self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
-            up, down = (E, H, 2 * I), (E, I, H)
-            self.gate_up_proj = nn.Parameter(torch.randn(*(up if transposed else (E, 2 * I, H))) * 0.3)
+            up, down = (E, H, rows), (E, I, H)
+            setattr(self, up_name, nn.Parameter(torch.randn(*(up if transposed else (E, rows, H))) * 0.3))
             self.down_proj = nn.Parameter(torch.randn(*(down if transposed else (E, H, I))) * 0.3)
             if bias:
-                self.gate_up_proj_bias = nn.Parameter(torch.randn(E, 2 * I) * 0.1)
+                setattr(self, f"{up_name}_bias", nn.Parameter(torch.randn(E, rows) * 0.1))
                 self.down_proj_bias = nn.Parameter(torch.randn(E, H) * 0.1)
             if extra:  # a tensor the layout does not account for
                 self.expert_scale = nn.Parameter(torch.ones(E))
@@ -42,9 +45,10 @@ def _experts_class(concatenated=True, transposed=False, bias=False, gate=None, e
                 tok, pos = torch.where(top_k_index == e)
                 if tok.numel() == 0:
                     continue
-                w_up = self.gate_up_proj[e].t() if transposed else self.gate_up_proj[e]
-                h = nn.functional.linear(x[tok], w_up, self.gate_up_proj_bias[e] if bias else None)
-                h = self._apply_gate(h)
+                w_up = getattr(self, up_name)[e]
+                h = nn.functional.linear(x[tok], w_up.t() if transposed else w_up,
+                                         getattr(self, f"{up_name}_bias")[e] if bias else None)
+                h = self._apply_gate(h) if gated else self.act_fn(h)
                 w_down = self.down_proj[e].t() if transposed else self.down_proj[e]
                 h = nn.functional.linear(h, w_down, self.down_proj_bias[e] if bias else None)
                 out.index_add_(0, tok, h * top_k_weights[tok, pos, None])
@@ -57,7 +61,7 @@ def _experts_class(concatenated=True, transposed=False, bias=False, gate=None, e
             return self.act_fn(h[..., ::2]) * h[..., 1::2]
         Experts._apply_gate = interleaved
     return use_experts_implementation(Experts, is_concatenated=concatenated, is_transposed=transposed,
-                                      has_bias=bias)
+                                      has_bias=bias, has_gate=gated)
 
 
 class ToyMoE(nn.Module):
@@ -83,7 +87,7 @@ class ToyMoE(nn.Module):
 
 
 LAYOUTS = {"mixtral": {}, "gpt_oss": dict(concatenated=False, transposed=True, bias=True),
-           "transposed": dict(transposed=True), "bias": dict(bias=True)}
+           "transposed": dict(transposed=True), "bias": dict(bias=True), "no_gate": dict(gated=False, bias=True)}
 
 
 @pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
@@ -100,7 +104,8 @@ def test_hand_written_experts_oracle(layout, impl):
     t = LAYOUTS[layout].get("transposed", False)
     inter, hidden = ex.down_proj.shape[1 if t else 2], ex.down_proj.shape[2 if t else 1]
     assert inter == I // 2 and hidden == H // 2, ex.down_proj.shape
-    assert ex.gate_up_proj.shape == ((E, hidden, 2 * inter) if t else (E, 2 * inter, hidden))
+    up, rows = (ex.gate_up_proj, 2 * inter) if hasattr(ex, "gate_up_proj") else (ex.up_proj, inter)
+    assert up.shape == ((E, hidden, rows) if t else (E, rows, hidden))
     assert (ex.intermediate_dim, ex.hidden_dim) == (inter, hidden)
     assert m.router.weight.shape == (E, hidden)  # the experts stay, the router reads the pruned stream
     assert count_macs(m, x) < 0.4 * count_macs(dense, x)
