@@ -26,7 +26,14 @@ one atom per index, sliced by ``index_select`` along that dim; per-expert sets w
 (expert and row) in the slicer, its dry run and the reload path, and would leave the fused tensors rectangular only
 by an equal-count constraint. Shared, the channel's importance sums over the experts and the pruned module is the
 same class with a smaller ``I``, which every implementation (eager, batched_mm, grouped_mm) runs unchanged.
-The expert count ``E`` is never pruned (routing inputs are blocked: the router's outputs stay)."""
+The expert count ``E`` is never pruned (routing inputs are blocked: the router's outputs stay).
+
+Routers (``MixtralTopKRouter`` and kin: ``F.linear(x, self.weight)`` on a module of their own) are read as Linears
+(``is_router``), so the residual stream they read is pruned with the rest; a router left a constant made every
+channel of ``H`` one unit with the experts it feeds. Measured at ratio 0.5 over the registry's MoE causal LMs
+(``benchmarks/bench_zoo_depth.py --hf-causal-lm --moe``, MACs after / dense, ``_grouped_mm`` counted in both):
+mixtral, olmoe, gpt_oss, phimoe, granitemoe* 0.901 -> 0.280, qwen2_moe 0.774 -> 0.287, qwen3_moe 0.847 -> 0.297,
+ernie4_5_moe 0.665 -> 0.286, minimax 0.954 -> 0.328; 25 of 35 runnable types now under 0.4 (3 before)."""
 from __future__ import annotations
 
 import copy
