@@ -10,6 +10,7 @@ Prints a table sorted by MACs fraction and writes benchmarks/results/zoo_depth.j
 
     python benchmarks/bench_zoo_depth.py [--models resnet18 hf:bert] [--timeout 120] [--no-peer]
     python benchmarks/bench_zoo_depth.py --hf-causal-lm   # every causal LM type in transformers' registry
+    python benchmarks/bench_zoo_depth.py --hf-causal-lm --moe   # only its mixture-of-experts types
 """
 from __future__ import annotations
 
@@ -106,13 +107,17 @@ def main(argv=None):
     ap.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--hf-causal-lm", action="store_true", help="every causal LM type in transformers' registry at a "
                     "tiny random configuration (hf-auto:<type>; written to results/hf_causal_lm.json)")
+    ap.add_argument("--moe", action="store_true", help="with --hf-causal-lm: only the mixture-of-experts types (their "
+                    "config names an expert count; written to results/hf_causal_lm_moe.json)")
     ap.add_argument("--out", default=None, help="JSON path (default results/zoo_depth.json, or "
                     "results/zoo_depth_subset.json with --models, so a partial run never replaces the full one)")
     args = ap.parse_args(argv)
     if args.hf_causal_lm:
         import zoo_models as Z
-        args.models, args.no_peer = [f"hf-auto:{t}" for t in Z.hf_causal_lm_types()], True
-        args.out = args.out or os.path.join(ROOT, "results", "hf_causal_lm.json")
+        types = [t for t in Z.hf_causal_lm_types() if not args.moe or _is_moe(t)]
+        args.models, args.no_peer = [f"hf-auto:{t}" for t in types], True
+        args.out = args.out or os.path.join(ROOT, "results", "hf_causal_lm_moe.json" if args.moe else
+                                            "hf_causal_lm.json")
     if args.out is None:
         args.out = os.path.join(ROOT, "results", "zoo_depth_subset.json" if args.models else "zoo_depth.json")
     import torch
@@ -149,6 +154,20 @@ def main(argv=None):
     print("\nsummary:", json.dumps(summary))
     write_results(args.out, dict(ratio=0.5, timeout=args.timeout, command=" ".join(["python"] + sys.argv),
                                  summary=summary, rows=rows))
+
+
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _is_moe(model_type: str) -> bool:
+    """A registry type whose default config names a positive expert count (its own, or its text config's)."""
+    from transformers import CONFIG_MAPPING
+    try:
+        cfg = CONFIG_MAPPING[model_type]()
+    except Exception:  # noqa: BLE001 - a config that does not build with defaults is not run either
+        return False
+    cfgs = [cfg] + [getattr(cfg, k) for k in ("text_config",) if getattr(cfg, k, None) is not None]
+    return any(isinstance(getattr(c, k, None), int) and getattr(c, k) > 0 for c in cfgs for k in _EXPERT_COUNTS)
 
 
 def _print(rows):

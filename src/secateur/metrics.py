@@ -16,8 +16,22 @@ def _sdpa_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
 
-# attention kernels FlopCounterMode does not know (the CPU flash path): q k^T and attn v, like its GPU formulas
-_EXTRA = {op: _sdpa_flops for op in (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,)}
+def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
+    """``_grouped_mm`` (mixture-of-experts kernels, transformers' ``grouped_mm`` experts): a 2-d operand is split
+    into groups by ``offs`` and each of its rows (or, 2-d by 2-d, each of its columns) meets one group only, so it
+    costs what one matmul of the whole operand would: output elements times the contracted size."""
+    if len(a) == 2 and len(b) == 2:  # contracted dim split: out [groups, M, N]
+        return 2 * a[0] * a[1] * b[1]
+    n = 1
+    for s in out_shape:
+        n *= s
+    return 2 * n * a[-1]
+
+
+# kernels FlopCounterMode does not know: attention on the CPU flash path (q k^T and attn v, like its GPU formulas),
+# grouped matmuls
+_EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+          **({torch.ops.aten._grouped_mm: _grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {})}
 
 
 def count_params(model: nn.Module) -> int:

@@ -1151,6 +1151,8 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
             vals = {v for s in suffixes for v in sizes("out_features", (s,))}
             if hasattr(config, key) and len(vals) == 1 and getattr(config, key) is not None:
                 changed[key] = vals.pop() // head_dim
+    from secateur.graph.moe import config_sizes
+    changed.update(config_sizes(model, changed))  # experts' widths, each proven by a rebuild on meta
     changed = {k: v for k, v in changed.items() if getattr(config, k) != v}
     for k, v in changed.items():
         setattr(config, k, v)

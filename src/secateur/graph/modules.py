@@ -15,6 +15,9 @@ from secateur.graph.labels import along
 
 LEAVES: dict[type, Callable] = {}
 LEAVES_BY_NAME: dict[str, Callable] = {}  # "module.path.ClassName" for optional libraries (transformers)
+# module -> rule or None, asked when no class matches: families recognised by what an instance carries rather than
+# by class (transformers' experts modules, one class per model: graph/moe.py)
+LEAF_PROBES: list[Callable[[nn.Module], Callable | None]] = []
 
 
 def leaf(*types, names=()):
@@ -35,6 +38,10 @@ def leaf_rule(mod: nn.Module) -> Callable | None:
     for base in cls.__mro__[1:]:
         if base in LEAVES:
             return LEAVES[base] if cls.forward is base.forward else None
+    for probe in LEAF_PROBES:
+        fn = probe(mod)
+        if fn is not None:
+            return fn
     return None
 
 
@@ -278,6 +285,7 @@ UPDATERS: dict[type, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
 UPDATERS_BY_NAME: dict[str, Callable[[nn.Module, dict[str, Any]], dict[str, Any]]] = {}
 # classes a module may become when pruned (structure attr "__class__"); only these are rebuilt on load
 STRUCTURE_CLASSES: dict[str, type] = {}
+UPDATER_PROBES: list[Callable[[nn.Module], Callable | None]] = []  # as LEAF_PROBES, for size updaters
 # the same, built on first use (subclasses of an optional library's class: torchvision is imported only then)
 LAZY_CLASSES: dict[str, Callable[[], type]] = {}
 
@@ -303,6 +311,10 @@ def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
         if base in UPDATERS:
             return UPDATERS[base](mod, old)
         fn = UPDATERS_BY_NAME.get(f"{base.__module__}.{base.__name__}")
+        if fn is not None:
+            return fn(mod, old)
+    for probe in UPDATER_PROBES:
+        fn = probe(mod)
         if fn is not None:
             return fn(mod, old)
     return heads_updater(mod, old)
@@ -460,3 +472,4 @@ from secateur.graph import windows  # noqa: E402,F401  (torchvision Swin / MaxVi
 from secateur.graph import timm_sizes  # noqa: E402,F401  (timm modules with stored split sizes, by name)
 from secateur.graph import std_conv  # noqa: E402,F401  (timm's weight-standardised convs, by name)
 from secateur.graph import video  # noqa: E402,F401  (torchvision MViT positional encoding and attention sizes)
+from secateur.graph import moe  # noqa: E402,F401  (transformers' fused mixture-of-experts modules, by instance)

@@ -91,13 +91,18 @@ def _weight_view(tr, func, args, out) -> bool:
     """``F.linear(x, self.qkv.weight, bias)`` outside the Linear's own forward (timm BEiT / EVA attention, with a
     q/k/v bias built by concatenation): remember ``W.t()`` so the matmul reading it is handled like the Linear
     (its rows are new channels, its columns consume the input's). Only an ``nn.Linear``'s 2-d weight: its
-    layout is known, and its size updater follows the sliced weight."""
+    layout is known, and its size updater follows the sliced weight; or a mixture-of-experts router's (graph/moe.py
+    ``is_router``: the same product, its rows are the experts, which the experts rule never lets go)."""
     w = args[0]
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or id(w) not in tr.owner or not tr.owner[id(w)][2]:
         return False
     mname, attr, _ = tr.owner[id(w)]
-    if attr != "weight" or not isinstance(tr.model.get_submodule(mname), torch.nn.Linear):
+    if attr != "weight":
         return False
+    if not isinstance(tr.model.get_submodule(mname), torch.nn.Linear):
+        from secateur.graph.moe import is_router
+        if not is_router(tr.model, mname):  # a mixture-of-experts router: a Linear's layout, its own class
+            return False
     if func.overloadpacket is aten.permute and [d % 2 for d in args[1]] != [1, 0]:
         return False
     if func.overloadpacket is aten.transpose and args[1] % 2 == args[2] % 2:

@@ -1,0 +1,228 @@
+"""Mixture-of-experts modules (transformers 5 fused experts, graph/moe.py): the residual stream and the experts'
+intermediate width are pruned, the oracle holds in every layout and implementation, unknown layouts are kept."""
+import copy
+import types
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers.integrations.moe import use_experts_implementation  # noqa: E402
+
+import secateur  # noqa: E402
+from helpers import pruned_vs_reference  # noqa: E402
+from secateur.metrics import count_macs  # noqa: E402
+from secateur.structured import plan_channels  # noqa: E402
+
+E, H, I = 4, 24, 16
+
+
+def _experts_class(concatenated=True, transposed=False, bias=False, gate=None, extra=False, gated=True):
+    """A hand-written fused-experts module (Mixtral's layout by default, gpt_oss's with ``concatenated=False,
+    transposed=True, bias=True``, nemotron_h's ``up_proj`` without a gate with ``gated=False``) behind
+    transformers' dispatcher; its own forward is an eager loop."""
+    up_name = "gate_up_proj" if gated else "up_proj"
+    rows = 2 * I if gated else I
+
+    class Experts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
+            up, down = (E, H, rows), (E, I, H)
+            setattr(self, up_name, nn.Parameter(torch.randn(*(up if transposed else (E, rows, H))) * 0.3))
+            self.down_proj = nn.Parameter(torch.randn(*(down if transposed else (E, H, I))) * 0.3)
+            if bias:
+                setattr(self, f"{up_name}_bias", nn.Parameter(torch.randn(E, rows) * 0.1))
+                self.down_proj_bias = nn.Parameter(torch.randn(E, H) * 0.1)
+            if extra:  # a tensor the layout does not account for
+                self.expert_scale = nn.Parameter(torch.ones(E))
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x, top_k_index, top_k_weights):
+            out = torch.zeros_like(x)
+            for e in range(self.num_experts):
+                tok, pos = torch.where(top_k_index == e)
+                if tok.numel() == 0:
+                    continue
+                w_up = getattr(self, up_name)[e]
+                h = nn.functional.linear(x[tok], w_up.t() if transposed else w_up,
+                                         getattr(self, f"{up_name}_bias")[e] if bias else None)
+                h = self._apply_gate(h) if gated else self.act_fn(h)
+                w_down = self.down_proj[e].t() if transposed else self.down_proj[e]
+                h = nn.functional.linear(h, w_down, self.down_proj_bias[e] if bias else None)
+                out.index_add_(0, tok, h * top_k_weights[tok, pos, None])
+            return out
+
+    if gate is not None:
+        Experts._apply_gate = gate
+    elif not concatenated:
+        def interleaved(self, h):
+            return self.act_fn(h[..., ::2]) * h[..., 1::2]
+        Experts._apply_gate = interleaved
+    return use_experts_implementation(Experts, is_concatenated=concatenated, is_transposed=transposed,
+                                      has_bias=bias, has_gate=gated)
+
+
+class ToyMoE(nn.Module):
+    """Embedding-like input projection, RMSNorm, router (a Linear reading H), top-2 routing, experts, residual add,
+    output head."""
+
+    def __init__(self, impl="grouped_mm", **layout):
+        super().__init__()
+        cfg = types.SimpleNamespace(_experts_implementation=impl)
+        self.inp = nn.Linear(8, H)
+        self.norm = nn.RMSNorm(H)
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = _experts_class(**layout)(cfg)
+        self.head = nn.Linear(H, 5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        flat = self.norm(h).flatten(0, 1)
+        probs = self.router(flat).softmax(-1)
+        w, idx = probs.topk(2, dim=-1)
+        y = h + self.experts(flat, idx, w / w.sum(-1, keepdim=True)).reshape(h.shape)
+        return self.head(y)
+
+
+LAYOUTS = {"mixtral": {}, "gpt_oss": dict(concatenated=False, transposed=True, bias=True),
+           "transposed": dict(transposed=True), "bias": dict(bias=True), "no_gate": dict(gated=False, bias=True)}
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_hand_written_experts_oracle(layout, impl):
+    torch.manual_seed(0)
+    m, x = ToyMoE(impl, **LAYOUTS[layout]).eval(), torch.randn(2, 5, 8)
+    dense = copy.deepcopy(m)
+    plan = plan_channels(m, x, ratio=0.5)
+    base, want, got = pruned_vs_reference(m, x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (base - got).abs().max() > 1e-3  # something was removed: the comparison can fail
+    ex = m.experts
+    t = LAYOUTS[layout].get("transposed", False)
+    inter, hidden = ex.down_proj.shape[1 if t else 2], ex.down_proj.shape[2 if t else 1]
+    assert inter == I // 2 and hidden == H // 2, ex.down_proj.shape
+    up, rows = (ex.gate_up_proj, 2 * inter) if hasattr(ex, "gate_up_proj") else (ex.up_proj, inter)
+    assert up.shape == ((E, hidden, rows) if t else (E, rows, hidden))
+    assert (ex.intermediate_dim, ex.hidden_dim) == (inter, hidden)
+    assert m.router.weight.shape == (E, hidden)  # the experts stay, the router reads the pruned stream
+    assert count_macs(m, x) < 0.4 * count_macs(dense, x)
+
+
+def test_kept_intermediate_channels_are_the_important_ones():
+    """One set of intermediate channels for all experts, ranked over all of them: the channels whose down columns
+    are largest in every expert survive."""
+    torch.manual_seed(0)
+    m, x = ToyMoE().eval(), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        m.experts.down_proj[:, :, :8] *= 100
+        m.experts.gate_up_proj[:, :8] *= 100
+        m.experts.gate_up_proj[:, I:I + 8] *= 100
+    plan = plan_channels(m, x, ratio=0.5)
+    removed = plan.removed[("experts", "down_proj")][2]
+    assert removed.tolist() == list(range(8, 16))
+    assert plan.removed[("experts", "gate_up_proj")][1].tolist() == [*range(8, 16), *range(I + 8, I + 16)]
+
+
+def _mixing_gate(self, h):
+    gate, up = h.chunk(2, dim=-1)
+    return self.act_fn(gate) * up / (up.norm(dim=-1, keepdim=True) + 1)  # a statistic over the channels
+
+
+@pytest.mark.parametrize("kw, reason", [(dict(gate=_mixing_gate), "mixes intermediate channels"),
+                                        (dict(extra=True), "expert_scale")])
+def test_unknown_layout_keeps_channels_with_a_note(kw, reason):
+    torch.manual_seed(0)
+    m, x = ToyMoE(**kw).eval(), torch.randn(2, 5, 8)
+    shapes = {n: p.shape for n, p in m.experts.named_parameters()}
+    plan = plan_channels(m, x, ratio=0.5)
+    _, want, got = pruned_vs_reference(m, x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert {n: p.shape for n, p in m.experts.named_parameters()} == shapes
+    assert m.router.weight.shape[1] == H  # the stream the experts read is kept too
+    notes = [n for n in plan.notes if n.startswith("experts:")]
+    assert len(notes) == 1 and "kept whole" in notes[0] and reason in notes[0], plan.notes
+
+
+def test_grouped_mm_macs_are_counted():
+    a, w = torch.randn(10, 8), torch.randn(3, 8, 12)  # the CPU kernel wants 16-byte strides
+    offs = torch.tensor([4, 7, 10], dtype=torch.int32)
+    from torch.utils.flop_counter import FlopCounterMode
+    from secateur.metrics import mac_counter
+    with mac_counter() as fc:
+        torch._grouped_mm(a, w, offs=offs)
+    assert fc.get_total_flops() // 2 == 10 * 8 * 12
+    with FlopCounterMode(display=False) as plain:  # why the formula: torch's counter does not know the op
+        torch._grouped_mm(a, w, offs=offs)
+    assert plain.get_total_flops() == 0
+
+
+# ---------------------------------------------------------------- Hugging Face tiny causal LMs
+def _hf(model_type):
+    import zoo_models as Z
+    torch.manual_seed(0)
+    m, x = Z.hf_auto_model(model_type)
+    if m is None:
+        pytest.skip(f"{model_type} does not build at the tiny size")
+    return m, x
+
+
+def _logits(m, x):
+    return m(**x).logits
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe", "gpt_oss"])
+def test_hf_moe_prunes_reloads_and_trains(model_type, tmp_path):
+    m, x = _hf(model_type)
+    cfg0 = copy.deepcopy(m.config)
+    dense = copy.deepcopy(m)
+    experts0 = {n: tuple(p.shape) for n, p in m.named_parameters() if ".experts." in n}
+    plan = plan_channels(m, x, ratio=0.5)
+    base, want, got = pruned_vs_reference(m, x, plan, run=_logits)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not any("experts" in n and "kept" in n for n in plan.notes), plan.notes
+    assert all(tuple(p.shape) != experts0[n] for n, p in m.named_parameters() if ".experts." in n)
+    assert count_macs(m, x) < 0.4 * count_macs(dense, x)  # 0.55-0.67 while the experts were kept whole
+    # the config states the experts' width now (proven by a rebuild on meta)
+    ex = next(mod for n, mod in m.named_modules() if n.endswith("mlp.experts"))
+    width = getattr(ex, "intermediate_dim", getattr(ex, "intermediate_size", None))
+    field = "moe_intermediate_size" if hasattr(cfg0, "moe_intermediate_size") and model_type == "qwen2_moe" \
+        else "intermediate_size"
+    assert getattr(m.config, field) == width < getattr(cfg0, field)
+    # other experts implementations run the pruned experts too
+    with torch.no_grad():
+        for impl in ("eager", "batched_mm"):
+            m.config._experts_implementation = impl
+            torch.testing.assert_close(_logits(m, x), got, rtol=1e-4, atol=1e-5)
+    m.config._experts_implementation = "grouped_mm"
+    # reload onto a fresh dense model: exact
+
+    def make():
+        return type(m)(copy.deepcopy(cfg0))
+    secateur.save(m, tmp_path / "m.safetensors")
+    fresh = secateur.load(make().eval(), tmp_path / "m.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(fresh, x), _logits(m, x), rtol=0, atol=0)
+    # still trains
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = m(**x, labels=x["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+
+
+def test_hf_config_alone_rebuilds_the_pruned_mixtral():
+    """Mixtral states its head size, so hidden and expert widths are both config fields: the pruned config builds
+    a model of exactly the pruned shapes (save_pretrained / from_pretrained work)."""
+    m, x = _hf("mixtral")
+    secateur.prune_channels(m, x, ratio=0.5)
+    with torch.device("meta"):
+        rebuilt = type(m)(m.config)
+    assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in m.named_parameters()}
