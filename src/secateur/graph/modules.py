@@ -228,6 +228,13 @@ def layer_norm(tr: Tracer, mod, args, kwargs, out):
     if all(lab.size(-1 - d) == 1 for d in range(len(shape))):  # channels on other dims only: each is
         tr.set(out, lab)  # normalised on its own, nothing mixes them
         return
+    if len(shape) == 1 and not tr.head_dim and _per_head(lab):
+        # channels vary along another dim too: a norm over each head's dims ([.., heads, head_dim], Persimmon's
+        # q/k LayerNorm, one weight for all heads). Collapsing across the other dims tied every head's dim j into
+        # one unit, so all heads were all-or-nothing. A head is whole here instead (its dims one unit), the norm
+        # works inside it and its shared weight is never cut: removing a head removes whole rows, exactly
+        tr.set(out, tr.atoms.collapse(lab, [lab.dim() - 1]).expand(out.shape))
+        return
     if len(shape) != 1 or not isinstance(weight, torch.Tensor):
         tr.atoms.block(lab)  # several normalised dims, or no tensor that would carry the new size
         tr.notes.append(f"{name}: {type(mod).__name__} normalises over channels "
@@ -239,6 +246,19 @@ def layer_norm(tr: Tracer, mod, args, kwargs, out):
             tr.slot(t, 0, chan, "param")
     tr.norm_site("module", name, type(mod).__name__, chan)
     tr.set(out, _shape_for(out.dim(), -1, chan))
+
+
+def _per_head(lab: torch.Tensor) -> bool:
+    """Channels on the last dim that differ at every position of some other dim (heads: [.., heads, head_dim]),
+    not a stream whose few special rows (a class token) carry other atoms for the same channels."""
+    others = [d for d in range(lab.dim() - 1) if lab.size(d) > 1]
+    if not others or lab.size(-1) == 1:
+        return False
+    for d in others:
+        rows = lab.movedim(d, 0).reshape(lab.size(d), -1)
+        if torch.unique(rows, dim=0).size(0) != lab.size(d):
+            return False
+    return True
 
 
 @leaf(nn.PReLU)
