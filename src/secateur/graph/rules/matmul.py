@@ -129,10 +129,36 @@ def _linear_of(tr, x, wt):
     return atoms.reshape((1,) * (x.dim() - 1) + (-1,))
 
 
+def _batched_weight(tr, x, w) -> torch.Tensor | None:
+    """``torch.bmm(x [E, T, K], W [E, K, M])`` with ``W`` a model parameter used as it is (Llama 4's experts:
+    one weight matrix per expert, ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``): a batch of Linears
+    sharing their channels, so ``x``'s channels are W's dim 1 and the result's are new channels on W's dim 2, the
+    same for every batch entry. Before, W was a constant the channels met: all-or-nothing (llama4_text kept its
+    stream and its expert width). None where it does not apply."""
+    p = tr.param_view(w)
+    lab = _pad(tr.get(x), x.dim())
+    if p is None or p.dim() != 3 or x.dim() != 3 or x.size(0) != p.size(0) or lab is None:
+        return None
+    if any(lab.size(d) > 1 for d in (0, 1)) and lab.size(2) == 1:
+        return None  # channels on the batch or token dims: not a per-channel map
+    chan = tr.atoms.collapse(lab, [0, 1]).reshape(-1)
+    missing = chan < 0
+    if bool(missing.any()):
+        chan = torch.where(missing, tr.atoms.new(chan.numel()), chan)
+    tr.slot(p, 1, chan, "in")
+    atoms = tr.atoms.new(p.size(2))
+    tr.slot(p, 2, atoms, "out")
+    return atoms.reshape(1, 1, -1)
+
+
 @rule(aten.mm, aten.bmm)
 def mm(tr, func, args, kwargs, out):
     if id(args[1]) in tr.weight_views and func.overloadpacket is aten.mm:
         return tr.set(out, _linear_of(tr, args[0], args[1]))
+    if func.overloadpacket is aten.bmm:
+        res = _batched_weight(tr, args[0], args[1])
+        if res is not None:
+            return tr.set(out, res)
     tr.set(out, _matmul(tr, args[0], args[1]))
 
 
