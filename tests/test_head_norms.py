@@ -75,32 +75,3 @@ def test_transformers_persimmon_prunes_heads():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert model.model.layers[0].self_attn.query_key_value.out_features == 48
     assert count_macs(model, x) < 0.35 * macs0
-
-
-class TableRotated(nn.Module):
-    """q and k multiplied by a table of their own ``[tokens, head_dim]`` from an embedding (RoFormer's sinusoidal
-    rotary positions), shared by every head."""
-
-    def __init__(self, d=32, heads=4, tokens=6):
-        super().__init__()
-        self.heads, self.hd = heads, d // heads
-        self.embed, self.q, self.k, self.v, self.o = (nn.Linear(5, d), nn.Linear(d, d), nn.Linear(d, d),
-                                                      nn.Linear(d, d), nn.Linear(d, d))
-        self.positions, self.head = nn.Embedding(tokens, self.hd), nn.Linear(d, 3)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        h = self.embed(x)
-        table = self.positions(torch.arange(n))  # [n, hd]
-        q, k, v = (f(h).view(b, n, self.heads, self.hd).transpose(1, 2) for f in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q * table, k * table, v)
-        return self.head(h + self.o(y.transpose(1, 2).reshape(b, n, -1)))
-
-
-def test_a_table_shared_by_heads_does_not_tie_them():
-    torch.manual_seed(0)
-    model, x = TableRotated().eval(), torch.randn(2, 6, 5)
-    plan = plan_channels(model, x, ratio=0.5)
-    _, want, got = pruned_vs_reference(model, x, plan)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert model.q.out_features == 16 and model.positions.weight.shape == (6, 8)  # 2 of 4 heads; table whole

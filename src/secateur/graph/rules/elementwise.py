@@ -67,8 +67,7 @@ def pointwise(tr, func, args, kwargs, out):
             held.append((t, _pad(lab, nd)))
     for k, (t, lab) in enumerate(held):
         others = [o for u, o in held if u is not t]
-        if len(held) > 1 and (_broadcast_gate(t, lab, others, shape) or _outer_side(k, lab, [o for _, o in held])
-                              or (not tr.head_dim and _shared_by_heads(lab, others))):
+        if len(held) > 1 and (_broadcast_gate(t, lab, others, shape) or _outer_side(k, lab, [o for _, o in held])):
             tr.atoms.block(lab)
             consts.append(t)
         else:
@@ -118,31 +117,6 @@ def _broadcast_gate(t, lab, others, shape) -> bool:
                 if mine.numel() != 1:  # several channels of its own (a [B, 1, C] conditioning added to tokens):
                     return False  # they pair with the other's channels, the union stays
                 return not bool(torch.isin(mine, o[o >= 0].unique()).any())
-    return False
-
-
-def _shared_by_heads(lab: torch.Tensor, others: list[torch.Tensor]) -> bool:
-    """Channels of a table shared by every head (RoFormer's sinusoidal positions ``[tokens, head_dim]``, from an
-    embedding of their own) meeting per-head channels (q ``[b, heads, tokens, head_dim]``): unioning them tied
-    dim j of every head to the table's dim j, so every head was all-or-nothing. In heads mode the table is kept
-    whole (a constant here) and each head's dims collapse into one unit, which is exact: removing a head removes
-    whole rows of the product. Only where the other operand differs at every position of the dim the table
-    broadcasts over (heads), not a stream with a class-token row, and the table's atoms are not the other's."""
-    mine = {d for d in range(lab.dim()) if lab.size(d) > 1}
-    if not mine:
-        return False
-    for o in others:
-        if o.dim() != lab.dim():
-            continue
-        theirs = {d for d in range(o.dim()) if o.size(d) > 1}
-        spread = [e for e in theirs - mine if lab.size(e) == 1]
-        if not mine <= theirs or not spread:
-            continue
-        if any(torch.unique(o.movedim(e, 0).reshape(o.size(e), -1), dim=0).size(0) != o.size(e) for e in spread):
-            continue
-        if bool(torch.isin(lab[lab >= 0].unique(), o[o >= 0].unique()).any()):
-            continue
-        return True
     return False
 
 
