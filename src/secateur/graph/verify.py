@@ -382,11 +382,13 @@ class _Steps(TorchDispatchMode):
 
 
 def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None, here: bool = False,
-        tally: Any = None) -> tuple[list | None, str | None, str | None, list[int] | None]:
-    """Forward on meta (``here``: on the inputs' own device, the CPU RNG state kept): (output shapes, failing module name, error, groups of a shape mismatch); shapes None on
-    failure, groups None unless the failure is a :class:`Mismatch`. With ``expected``, every op output outside leaf
-    modules, and every leaf module output, is compared with the capture's (shapes only); ``tally``
-    (``metrics.MacTally``, with ``expected`` only) counts the forward's MACs meanwhile."""
+        tally: Any = None, outputs: list | None = None) -> tuple[list | None, str | None, str | None, list[int] | None]:
+    """Forward on meta (``here``: on the inputs' own device, seeded with 0 as ``structured._exact`` runs, the
+    caller's CPU RNG state kept): (output shapes, failing module name, error, groups of a shape mismatch); shapes
+    None on failure, groups None unless the failure is a :class:`Mismatch`. With ``expected``, every op output
+    outside leaf modules, and every leaf module output, is compared with the capture's (shapes only); ``tally``
+    (``metrics.MacTally``, with ``expected`` only) counts the forward's MACs meanwhile; ``outputs`` (a list) gets
+    the output tensors of a run that succeeded (the numeric proof reuses a CPU dry run's: one forward fewer)."""
     from secateur.graph.capture import call
     names = {m: n for n, m in model.named_modules()}
     leaves = expected.leaves if expected is not None else set()
@@ -421,12 +423,17 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
     try:
         inputs = example_inputs if here else to_meta(example_inputs)
         with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=here):
+            if here:
+                torch.manual_seed(0)
             if expected is None:
                 out = call(model, inputs)
             else:
                 with _Steps(expected, depth, tally):
                     out = call(model, inputs)
                 expected.finish()
+        if outputs is not None:
+            from secateur.graph.capture import _flat_tensors
+            outputs.extend(_flat_tensors(out))
         return _shapes(out), None, None, None
     except Mismatch as e:
         return None, (stack[-1] if stack else ""), str(e), e.groups
@@ -439,8 +446,8 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
 
 
 def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], Any], want: list | None = None,
-          expected: Expected | None = None, tally: Any = None, applied: bool = False, here: bool | None = None
-          ) -> tuple[bool, str | None, str | None, list[int] | None]:
+          expected: Expected | None = None, tally: Any = None, applied: bool = False, here: bool | None = None,
+          outputs: list | None = None) -> tuple[bool, str | None, str | None, list[int] | None]:
     """(ok, failing module, error, groups of a shape mismatch) of applying ``apply`` to a copy (``twin`` or meta
     ``skeleton``, see the module docstring) and running it. ok is True also when the unpruned model cannot run on
     meta (nothing to compare with; the caller notes it). ``want``: the unpruned model's output shapes when already
@@ -448,7 +455,7 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
     :class:`Expected`). ``tally`` (``metrics.MacTally``): the MACs of the pruned copy's forward where it ran on the
     model's own device (what ``count_macs`` of the pruned model says: one forward saved); left None otherwise.
     ``applied``: see ``runs_here``; ``here``: its answer, where the caller has it already (a walk over every
-    tensor of the model per dry run)."""
+    tensor of the model per dry run). ``outputs``: see ``run`` (filled only where the pruned copy ran here)."""
     here = runs_here(model, example_inputs, applied) if here is None else here
     if tally is not None:
         tally.flops = None
@@ -464,7 +471,8 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
     if known:
         want = [tuple(w) for w in want]
     apply(base)
-    got, where, err, groups = run(base, example_inputs, expected, here=here, tally=tally if here else None)
+    got, where, err, groups = run(base, example_inputs, expected, here=here, tally=tally if here else None,
+                                  outputs=outputs if here else None)
     if not here and groups is not None and expected.sequence and expected.trace is expected.tracer.trace:
         # the ops differ from the capture's: the plan, or the device? compare with the unpruned model on meta
         tr = expected.tracer
@@ -472,7 +480,7 @@ def check(model: nn.Module, example_inputs: Any, apply: Callable[[nn.Module], An
             return True, None, f"not verified on meta ({tr.meta_error})", None
         if [t[0] for t in tr.meta_trace] != [t[0] for t in tr.trace]:
             expected.trace = tr.meta_trace
-            return check(model, example_inputs, apply, want, expected, tally, applied, here)
+            return check(model, example_inputs, apply, want, expected, tally, applied, here, outputs)
     if got is None:
         if not here and known and groups is None:  # was it the plan, or does the model not run on meta at all?
             base_ok, _, err0, _ = run(skeleton(model), example_inputs)
