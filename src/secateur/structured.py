@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
+import gc
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -43,6 +45,25 @@ from secateur.importance import group_scores
 from secateur.metrics import count_macs, count_params
 
 STRUCTURE_ATTR = "_secateur_structure"
+
+
+def _old_objects_spared(fn: Callable) -> Callable:
+    """Run ``fn`` with the objects that exist at the call frozen out of the cyclic garbage collector
+    (``gc.freeze``), and put them back after (``gc.unfreeze``). A plan allocates tens of thousands of objects that
+    live a while (labels, the dry runs' copies of every module), which sets off full collections, and each one walks
+    every object the process holds (timm and torch imported: about 400,000): efficientformerv2_l spent 0.59 s of
+    its 4.3 s plan in two of them, 0.2 s with this. Garbage the plan makes is still collected as usual. Left alone
+    where the collector is off, or where someone froze objects already (an outer call, or the caller's own)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not gc.isenabled() or gc.get_freeze_count():
+            return fn(*args, **kwargs)
+        gc.freeze()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+    return wrapper
 
 
 @dataclass
@@ -279,6 +300,7 @@ def _refuse_masked(model: nn.Module) -> None:
                    hint="call secateur.finalize(model) first to bake the masks in")
 
 
+@_old_objects_spared
 def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
                   importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                   ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
@@ -1214,6 +1236,7 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
 
 
 # ---------------------------------------------------------------- the verb
+@_old_objects_spared
 def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
                    importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                    ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",

@@ -156,8 +156,11 @@ class Expected:
         pick = torch.zeros(int(sizes.sum()), dtype=torch.bool)
         for g, chans in choices:
             pick[offset[index[id(g)]] + chans] = True
-        self.group = graph.where[graph.root][:, 0]  # per atom: its group, -1 where not prunable
-        local = graph.where[graph.root][:, 1]
+        per_atom = graph.__dict__.get("_per_atom")  # the same for every plan of the graph: once (an index per atom)
+        if per_atom is None or per_atom[0] is not graph.root:
+            per_atom = graph.__dict__["_per_atom"] = (graph.root, graph.where[graph.root])
+        self.group = per_atom[1][:, 0]  # per atom: its group, -1 where not prunable
+        local = per_atom[1][:, 1]
         ok = self.group >= 0
         self.removed = torch.zeros(self.group.numel(), dtype=torch.bool)
         self.removed[ok] = pick[offset[self.group[ok]] + local[ok]]
