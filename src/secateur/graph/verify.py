@@ -468,7 +468,8 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
             if expected is None:
                 out = call(model, inputs)
             else:
-                like_cpu = _CpuAttention(expected, depth) if not here else contextlib.nullcontext()
+                like_cpu = (_CpuAttention(expected, depth) if not here and isinstance(expected, Expected)
+                            else contextlib.nullcontext())  # (not while recording the meta trace: _Record)
                 with _Steps(expected, depth, tally), like_cpu:
                     out = call(model, inputs)
                 expected.finish()
