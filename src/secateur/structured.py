@@ -485,7 +485,7 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None 
     CPU model within ``verify.HERE_BYTES``): a numeric proof costs two forwards of copies, or one where ``memo``
     (``_DryRuns``') holds the outputs of this plan's dry run on a CPU twin: the same copy (the model's weights,
     the plan's slices and sizes) run on the same inputs with the same seed, so its outputs are the ones a fresh
-    pruned copy gives (tnt_b_patch16_224: 1.25 s of its 4.3 s plan went to this proof)."""
+    pruned copy gives (tnt_b_patch16_224's proof: 1.25 s, 0.92 s this way)."""
     from secateur.graph import verify
     from secateur.graph.capture import _flat_tensors, call
     if not plan.choices or not _runs_here(model, example_inputs, False, memo):
