@@ -357,3 +357,123 @@ def test_reshape_of_a_broadcast_label_builds_the_same_graph(name, heads, monkeyp
     assert got == want
     assert got[0]  # groups were found: not vacuous
     assert used[0] or name not in ("tied_vit", "timm_vit")  # timm-style token streams take the fast path
+
+
+# ---- issue #3 speed, second round: the numeric proof reuses the dry run's outputs, meta dry runs take the CPU's
+# attention kernel, old objects are frozen out of the garbage collector, label tests stop at the first difference
+def test_exact_reuses_the_dry_runs_outputs(monkeypatch):
+    """``_exact`` with the memo of the plan's dry runs takes the pruned outputs from the CPU dry run (seeded as
+    ``_exact`` seeds its own forward): the outputs are bit-identical to a fresh pruned copy's, the answer is the
+    same for a plan that computes the reference and one that does not, and one copy fewer is made."""
+    from secateur import structured
+    from secateur.graph import verify
+    from secateur.graph.capture import _flat_tensors
+    from secateur.graph.groups import build_graph
+    model, x = _search_cases()["tied_vit"]()
+    graph = build_graph(model, x)
+    plan = plan_channels(model, x, ratio=0.5, graph=graph)
+    memo: dict = {}
+    dry = structured._DryRuns(model, x, graph, verify._shapes(graph.tracer.output), memo)
+    assert dry.check(plan)[0]
+    kept = memo[("outputs", *structured._DryRuns.plan_key(plan))]
+    fresh = verify.twin(model)
+    plan.apply(fresh)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        want = _flat_tensors(fresh(x))
+    assert len(kept) == len(want) and all(torch.equal(a, b) for a, b in zip(kept, want))
+    twins = [0]
+    real = verify.twin
+
+    def counted(m):
+        twins[0] += 1
+        return real(m)
+    monkeypatch.setattr(verify, "twin", counted)
+    answers = {}
+    for use in (None, memo):
+        twins[0] = 0
+        wrong = structured.Plan(plan.groups, plan.choices, heads=plan.heads, norms=plan.norms)
+        wrong.zero_consumers = lambda ref: None  # zeroes nothing: the pruned model differs from it
+        answers[use is None] = (structured._exact(model, x, plan, use), structured._exact(model, x, wrong, use),
+                                twins[0])
+    assert answers[True][:2] == answers[False][:2] == (True, False)
+    assert answers[False][2] == answers[True][2] - 2  # one pruned copy fewer per proof
+
+
+def _sdpa_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    assert any(getattr(m, "fused_attn", False) for m in model.modules())  # F.scaled_dot_product_attention
+    return model, torch.randn(1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("heads", ["heads", "head_dim"])
+def test_meta_dry_run_takes_the_cpu_attention_kernel(heads, monkeypatch):
+    """A dry run on meta (a model over ``HERE_BYTES``) runs SDPA as the CPU capture did (its flash kernel) instead of
+    the decomposition: no meta reference trace is made, and the plan (kept indices, sizes, notes) and the pruned
+    model are the ones of the CPU dry run, and of the meta run without the shortcut."""
+    from secateur.graph import verify
+    model, x = _sdpa_vit()
+    traces = [0]
+    real = verify._meta_trace
+
+    def counted(*a):
+        traces[0] += 1
+        return real(*a)
+    monkeypatch.setattr(verify, "_meta_trace", counted)
+    got = {}
+    for case in ("cpu", "meta", "meta_plain"):
+        for k in ("HERE_BYTES", "HERE_BYTES_APPLIED"):
+            monkeypatch.setattr(verify, k, 2 ** 40 if case == "cpu" else 0)
+        if case == "meta_plain":
+            monkeypatch.setattr(verify._CpuAttention, "_flash_next", lambda self, a, k: False)
+        traces[0] = 0
+        m = copy.deepcopy(model)
+        plan = plan_channels(m, x, ratio=0.5, heads=heads)
+        plan.apply(m)
+        got[case] = (_plan_record(plan), traces[0], {k: v.clone() for k, v in m.state_dict().items()})
+    assert got["cpu"][0] == got["meta"][0] == got["meta_plain"][0]
+    assert got["cpu"][0][0]  # something pruned: not vacuous
+    assert got["meta"][1] == 0 and got["meta_plain"][1] == 1  # the shortcut is what spares the meta trace
+    for case in ("meta", "meta_plain"):
+        assert all(torch.equal(got["cpu"][2][k], v) for k, v in got[case][2].items())
+
+
+def test_plans_freeze_old_objects_and_give_them_back():
+    """During ``plan_channels`` / ``prune_channels`` the objects that existed before are frozen out of the garbage
+    collector; after, they are back (also after an error), and a caller's own freeze is left as it was."""
+    import gc
+    model, x = _tv("resnet18")()
+    seen = []
+
+    def score(group):
+        seen.append(gc.get_freeze_count())
+        return torch.arange(group.size, dtype=torch.float)
+    assert gc.get_freeze_count() == 0
+    plan_channels(model, x, ratio=0.5, importance=score)
+    assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+    with pytest.raises(Exception):
+        prune_channels(model, x, ratio=2.0)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        seen.clear()
+        prune_channels(copy.deepcopy(model), x, ratio=0.5, importance=score)
+        # nothing more frozen, nothing given back (frozen objects freed meanwhile only lower the count)
+        assert 0 < gc.get_freeze_count() <= frozen and max(seen) <= frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_constant_along_is_the_plain_test():
+    from secateur.graph.labels import constant_along
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        shape = [int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(1 + trial % 4)]
+        lab = torch.randint(-1, 3 if trial % 2 else 30, shape, generator=gen)
+        d = trial % len(shape)
+        if trial % 3 == 0:
+            lab = lab.narrow(d, 0, 1).expand(shape).contiguous()
+        assert constant_along(lab, d) == bool((lab == lab.narrow(d, 0, 1)).all())

@@ -96,12 +96,19 @@ class Atoms:
             root = new
 
 
+def constant_along(lab: torch.Tensor, dim: int) -> bool:
+    """Is ``lab`` the same all along ``dim``? ``torch.equal`` with the first slice expanded: no boolean tensor, and
+    it stops at the first difference (cait_xs24_384's capture made 1,578 such tests on labels of up to 500,000
+    elements: 0.27 s as ``(lab == first).all()``)."""
+    return torch.equal(lab, lab.narrow(dim, 0, 1).expand_as(lab))
+
+
 def _constant_dims_to_one(lab: torch.Tensor, dims) -> torch.Tensor:
     """``lab`` narrowed to size 1 along each of ``dims`` where it is the same all along (a token stream's label
     materialised for a slice: every token holds the same channels). A union over such a label repeats each pair
     once per position: cait_xs24_384's q/k/v selects gave 36 M edges, 2/3 of its plan time in their sort."""
     for d in dims:
-        if lab.size(d) > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):
+        if lab.size(d) > 1 and constant_along(lab, d):
             lab = lab.narrow(d, 0, 1)
     return lab
 
@@ -122,7 +129,7 @@ def compress(lab: torch.Tensor | None) -> torch.Tensor | None:
     if bool((lab < 0).all()):
         return None
     for d in range(lab.dim()):
-        if lab.size(d) > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):
+        if lab.size(d) > 1 and constant_along(lab, d):
             lab = lab.narrow(d, 0, 1)
     return lab.contiguous()
 

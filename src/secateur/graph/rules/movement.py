@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from secateur.graph.labels import full
+from secateur.graph.labels import constant_along, full
 from secateur.graph.rules.registry import _outs, _pad, _tensors, aten, not_understood, rule
 from secateur.graph.splits import open_cut
 
@@ -265,7 +265,7 @@ def _check_view(tr, args, largs, louts):
         return
     for ins, outs in _blocks(list(x.shape), list(lab.shape)):
         if len(ins) == 1 and len(outs) >= 2 and _varying(tr, x, ins[0]):
-            varying = [d for d in outs if lab.size(d) > 1 and not bool((lab == lab.narrow(d, 0, 1)).all())]
+            varying = [d for d in outs if lab.size(d) > 1 and not constant_along(lab, d)]
             if len(varying) >= 2:
                 tr.constraints.append((lab.clone(), outs))
 
