@@ -40,7 +40,9 @@ def _phase_times(name: str, size: int) -> dict[str, dict[str, float]]:
     from secateur.graph.capture import capture
     from secateur.graph.groups import groups_from
     from secateur.metrics import count_macs, count_params
-    from secateur.structured import _apply, _candidates, _choose, _new_plan, _verified
+    from secateur.structured.apply import _apply
+    from secateur.structured.choose import _candidates, _choose, _new_plan
+    from secateur.structured.proof import _verified
 
     model = torchvision.models.get_model(name).eval()
     x = torch.randn(1, 3, size, size)

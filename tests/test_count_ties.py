@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from helpers import assert_oracle, pruned_vs_reference
-from secateur import structured
+from secateur.structured import proof as structured
 from secateur.metrics import count_macs
 from secateur.structured import plan_channels, prune_channels
 
@@ -126,7 +126,7 @@ def test_target_macs_respects_ties():
 
 def test_one_head_prunes_its_dims_with_the_stream():
     """One head cannot lose a head, but its dims can go with the stream: the size search sets ``head_dim``
-    48 -> 24 (shapes then match) and the numeric proof (``structured._exact``) accepts it, since the softmax scale
+    48 -> 24 (shapes then match) and the numeric proof (``structured/proof.py _exact``) accepts it, since the softmax scale
     is the stored ``self.scale`` (unchanged, as in the reference) and the reference zeroes the q/k dims at their
     producers (contracted in ``q @ k^T``, graph/rules/matmul.py ``_matmul``). Before that zeroing the reference kept
     their term, the proof failed and the stream and head stayed whole."""

@@ -195,7 +195,7 @@ def test_compress_shrinks_exactly_the_constant_dims():
             assert (got.size(d) == 1) == bool((lab == lab.narrow(d, 0, 1)).all())
 
 
-# ---- one plan's dry runs are remembered by what they run (structured._DryRuns): the same plans, fewer runs
+# ---- one plan's dry runs are remembered by what they run (structured/proof.py _DryRuns): the same plans, fewer runs
 def _search_cases():
     """Small models that take each branch of ``_verified``: count ties (a timm-style attention reading its width
     from its input), size-attribute searches (a stored view shape, split sizes, a number that is not a size),
@@ -236,7 +236,7 @@ def _plan_record(plan):
 def test_remembered_dry_runs_give_the_same_plans(name, device, monkeypatch):
     """``_MEMO`` off is the plain path: every dry run runs, every apply slices from scratch. The plan (kept
     indices, attribute updates, notes) and the pruned model must be the same, and the memo never runs more."""
-    from secateur import structured
+    from secateur.structured import proof as structured
     from secateur.graph import verify
     for k in ("HERE_BYTES", "HERE_BYTES_APPLIED"):  # where the dry runs run: a CPU twin, or a meta skeleton
         monkeypatch.setattr(verify, k, 2 ** 40 if device == "cpu" else 0)
@@ -264,7 +264,7 @@ def test_remembered_dry_runs_give_the_same_plans(name, device, monkeypatch):
 def test_the_memo_saves_repeated_dry_runs(monkeypatch):
     """The size-attribute search starts from the plan the first loop refused (its first dry run is that loop's
     failing one), and a trial that sets a value back to the model's own is the plan without it."""
-    from secateur import structured
+    from secateur.structured import proof as structured
     calls = _dry_runs(monkeypatch)
     for name in ("scale", "stale_heads"):
         model, x = _search_cases()[name]()
@@ -281,7 +281,7 @@ def test_exact_leaves_the_model_alone_and_answers_as_with_deep_copies(monkeypatc
     """``_exact`` builds the oracle's reference on a twin whose zeroed tensors are its own copies: the model's
     weights are untouched, and the answer is the one deep copies give, for a plan that computes the reference
     and one that does not."""
-    from secateur import structured
+    from secateur.structured import proof as structured
     model, x = _search_cases()["tied_vit"]()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = plan_channels(model, x, ratio=0.5)
@@ -365,7 +365,7 @@ def test_exact_reuses_the_dry_runs_outputs(monkeypatch):
     """``_exact`` with the memo of the plan's dry runs takes the pruned outputs from the CPU dry run (seeded as
     ``_exact`` seeds its own forward): the outputs are bit-identical to a fresh pruned copy's, the answer is the
     same for a plan that computes the reference and one that does not, and one copy fewer is made."""
-    from secateur import structured
+    from secateur.structured import proof as structured
     from secateur.graph import verify
     from secateur.graph.capture import _flat_tensors
     from secateur.graph.groups import build_graph

@@ -4,7 +4,7 @@ keeps as a (often non-persistent) buffer, gathered by position (CTRL's ``pos_enc
 residual stream was all-or-nothing (ctrl 0.50, xglm 0.58 of their MACs at ratio 0.5). Now the gathered rows are
 traced back to the table (graph/rules/constants.py ``_track_gather``) and the table is sliced with the stream; a
 non-persistent table is not in the saved file, so the structure records which positions of a fresh one to keep and
-a checksum that ``load`` verifies (structured.py ``_record_unsaved`` / ``_rebuild_unsaved``)."""
+a checksum that ``load`` verifies (structured/apply.py ``_record_unsaved`` / ``_rebuild_unsaved``)."""
 import math
 
 import pytest

@@ -186,7 +186,7 @@ def test_packed_sequences_classified_from_the_last_state():
 def test_plan_macs_count_without_applying_is_exact_for_recurrent_layers(kind):
     from secateur.graph import build_graph
     from secateur.metrics import count_macs
-    from secateur.structured import _Counter
+    from secateur.structured.targets import _Counter
     torch.manual_seed(0)
     m, x = Tagger(kind, 2, True, True, proj=6 if kind == "LSTM" else 0), torch.randn(2, 7, 5)
     graph = build_graph(m, x)

@@ -224,7 +224,7 @@ def test_target_is_one_plan_within_and_near_the_target(what):
 
 def test_plan_counter_is_exact_for_weighted_layers_and_an_upper_bound_elsewhere():
     from secateur.graph import build_graph
-    from secateur.structured import _Counter
+    from secateur.structured.targets import _Counter
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     m, x = tv.models.mobilenet_v3_small(), torch.randn(1, 3, 64, 64)

@@ -7,13 +7,13 @@ ConvNeXt-T it cuts the residual streams to 16-32 channels, keeps every MLP hidde
 that plan is slower than the uniform one (2.54x vs 3.17x at 4x). So several plans that meet the target are
 built and the one with the least *estimated* latency is kept:
 
-- ``"uniform"``: the engine's own ratio plan (``structured._target_plan``: one ratio, or the global budget with
+- ``"uniform"``: the engine's own ratio plan (``structured/targets.py _target_plan``: one ratio, or the global budget with
   ``scope="global"``), the baseline the result can never be slower than (by the table);
 - ``"greedy"``: the MACs budget met removing the least importance per second saved (the HALP ranking);
 - ``"latency"``: HALP proper, a latency budget met with the least importance lost, the budget bisected until
   the plan meets the MACs target (the fastest plan the allocator finds at the given importance trade-off).
 
-Every count is the engine's exact count of the plan (`structured._Counter`: every parameter's kept shape, and
+Every count is the engine's exact count of the plan (`structured/targets.py _Counter`: every parameter's kept shape, and
 for MACs the model's whole count, on a meta skeleton where MACs lie outside Conv/Linear leaves such as
 ``nn.MultiheadAttention``'s input projection), never the table's modules. Every estimate is the table's whole-model
 estimate (`LatencyTable.estimate`) of the plan applied to a meta skeleton, so all options are rated alike."""
@@ -69,7 +69,7 @@ def fastest_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
     the model here (interleaved, ``repeats`` rounds, `secateur.latency.compare_latency`), and the fastest
     *measured* is kept: the table ranks plans from layers timed apart, which can misorder close plans."""
     from secateur.latency_model import LatencyTable
-    from secateur.structured import _Counter, _target_plan
+    from secateur.structured.targets import _Counter, _target_plan
 
     if not isinstance(table, LatencyTable):
         raise fail("latency_table must be a secateur.latency_model.LatencyTable", where="latency_table",
@@ -114,7 +114,7 @@ def _allocator(model: nn.Module, example_inputs: Any, what: str, table: Any, opt
     """The graph and, per allocator option, (choices for a budget, the dense value of that budget's cost)."""
     from secateur.allocate import _scored_groups, channel_counts, round_candidates
     from secateur.graph.groups import build_graph
-    from secateur.structured import _ignored, _is_ignored
+    from secateur.structured.choose import _ignored, _is_ignored
 
     graph = build_graph(model, example_inputs, grouped=opts["grouped"])
     ignored, ignored_in = _ignored(model, opts["ignore"]), _ignored(model, opts["ignore_inputs"])
@@ -165,7 +165,7 @@ def _calibrated(alloc: tuple[Callable[[float], list], float], counter: Any, grap
 
     Where the cheap count is only an upper bound (MACs outside Conv/Linear leaves), the bisection runs on it first
     (what it accepts meets the goal for sure) and then a few steps on the exact count (a larger budget may meet
-    it too), as `structured._target_plan` does."""
+    it too), as `structured/targets.py _target_plan` does."""
     from secateur.structured import Plan
     fn, full = alloc
     best: list = []   # [count, choices] of the largest accepted budget so far
@@ -229,7 +229,7 @@ def _pick(model: nn.Module, example_inputs: Any, found: list, fraction: float, c
     options' list with the kept one first. An allocator plan that the dry run changes (groups kept) is counted
     and rated again (``rate``: estimated latency fraction), and passed over if it no longer meets the target or
     is now slower than uniform."""
-    from secateur.structured import _verified
+    from secateur.structured.proof import _verified
     floor = min(found[0][0].count, fraction / (1 + OVERSHOOT))
     meets = [o.count <= fraction * (1 + 1e-12) and (o.name == "uniform" or o.count >= floor) for o, _ in found]
     order = sorted(range(len(found)), key=lambda i: (not meets[i], found[i][0].latency, i))  # ties: uniform

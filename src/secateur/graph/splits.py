@@ -18,7 +18,7 @@ kept before it. That is an attribute update, and the engine makes it only with p
   would move to different values is left out), and the attribute search (size_attrs.py) tries them first, keeps
   only those the dry run needs (an attribute equal to a size but used as a number is never changed) and the plan
   is taken only where every op shape equals the plan's and the pruned model computes the oracle's reference
-  (structured.py ``_verified``, which runs the search first where the graph has cuts);
+  (structured/proof.py ``_verified``, which runs the search first where the graph has cuts);
 * a cut whose update is not proven leaves the dry run failing there (a failing ``split_with_sizes`` names the
   groups of its stale sections, verify.py ``split_failed``), and the verify loop keeps those groups whole (noted):
   never a silently wrong model. Shapes are enough evidence for the cut itself: a section whose shape is the

@@ -428,7 +428,7 @@ class _Steps(TorchDispatchMode):
 
 def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None, here: bool = False,
         tally: Any = None, outputs: list | None = None) -> tuple[list | None, str | None, str | None, list[int] | None]:
-    """Forward on meta (``here``: on the inputs' own device, seeded with 0 as ``structured._exact`` runs, the
+    """Forward on meta (``here``: on the inputs' own device, seeded with 0 as ``structured/proof.py _exact`` runs, the
     caller's CPU RNG state kept): (output shapes, failing module name, error, groups of a shape mismatch); shapes
     None on failure, groups None unless the failure is a :class:`Mismatch`. With ``expected``, every op output
     outside leaf modules, and every leaf module output, is compared with the capture's (shapes only); ``tally``

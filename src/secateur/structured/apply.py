@@ -1,0 +1,271 @@
+"""Applying a plan: slice parameters and buffers, update size attributes and Hugging Face config fields, and keep the
+structure record that ``apply_structure`` (and ``secateur.load``) replays on a fresh model."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+from secateur.graph.modules import snapshot, structure_class, update_attrs
+from secateur.structured.plan import Plan, STRUCTURE_ATTR
+
+
+def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
+    t = getattr(mod, name)
+    if not isinstance(t, torch.Tensor):
+        raise fail("not a tensor", where=name, value=type(t))
+    return t
+
+
+@dataclass
+class _Slices:
+    """What applying a plan to the dry run's twin computed (``prune_channels`` applies the same plan to the model
+    right after, nothing changing in between): ``removed`` (``Plan.removed``) and the new tensors by (module,
+    tensor). The twin's parameters share the model's storage, so its sliced parameters are the model's; its
+    buffers were copies (as the model's were then), kept here as copies again, since the twin's forward may update
+    them (BatchNorm in training mode)."""
+    removed: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+
+
+def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _Slices | None = None
+           ) -> dict[str, Any]:
+    """Slice, then set sizes. ``reuse``: slices computed already (the dry run's, see ``_Slices``) for this plan on
+    this model; ``record``: fill with the slices made here."""
+    removed = reuse.removed if reuse is not None else plan.removed
+    if record is not None:
+        record.removed = removed
+    mods = dict(model.named_modules())  # one walk; get_submodule per tensor was a tenth of a small model's apply
+
+    def module(name: str) -> nn.Module:
+        mod = mods.get(name)
+        return model.get_submodule(name) if mod is None else mod
+
+    # compute everything first: a PruningError must leave the model as it was
+    new_tensors = []
+    for (mname, tname), dims in removed.items():
+        mod = module(mname)
+        t = _tensor(mod, tname)
+        new = reuse.tensors.get((mname, tname)) if reuse is not None else None
+        if new is not None and not isinstance(t, nn.Parameter):
+            new = new.clone()  # a buffer: the model's forward may update it in place (BatchNorm in training mode)
+        if new is None or new.device != t.device or new.dtype != t.dtype:
+            keep = []
+            for d, pos in dims.items():  # pos: sorted, unique (Plan.removed)
+                if pos.numel() >= t.size(d):
+                    raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape,
+                               value=d)
+                mask = torch.ones(t.size(d), dtype=torch.bool)
+                mask[pos] = False
+                keep.append((d, mask.nonzero().flatten()))
+            new = t.detach()
+            for d, idx in keep:
+                new = new.index_select(d, idx.to(new.device))
+            new = new.contiguous()
+        if record is not None:
+            record.tensors[(mname, tname)] = new if isinstance(t, nn.Parameter) else new.clone()
+        new_tensors.append((mod, mname, tname, t, new))
+    sliced = {id(t) for *_, t, _ in new_tensors}
+    touched = {m for m, *_ in new_tensors}
+    for mod in model.modules():  # tied weights: every owner's size attributes change
+        for t in (*mod._parameters.values(), *mod._buffers.values()):
+            if t is not None and id(t) in sliced:
+                touched.add(mod)
+    names = {m: n for n, m in mods.items()}
+    parents = {}
+    for mod in list(touched):
+        n = names[mod]
+        while n:
+            n = n.rpartition(".")[0]
+            if n in parents:  # so are its ancestors
+                break
+            parents[n] = module(n)
+    # head-dim units sliced in a module or its children: its head sizes shrink; elsewhere head counts do (a
+    # head_dim plan can still hold whole heads where dims could not be split, e.g. eager q @ k^T)
+    dims_in = {m.module for g, _ in plan.choices if g.block is not None for m in g.members}
+    mode = {mod: "head_dim" if any(d == names[mod] or d.rpartition(".")[0] == names[mod] for d in dims_in)
+            else "heads" for mod in [*touched, *parents.values()]}
+    # grouped convs: the mode their capture used (whole groups or the same channels from every group)
+    grouped = {n: g_mode for g, _ in plan.choices for n, g_mode in g.grouped.items()}
+    snaps = {m: {**snapshot(m), "_heads": mode[m], "_grouped": grouped.get(names[m])}
+             for m in [*touched, *parents.values()]}
+    done = set()
+    with torch.no_grad():
+        for mod, mname, tname, t, new in new_tensors:
+            if id(t) in done:
+                continue
+            done.add(id(t))
+            if isinstance(t, nn.Parameter):
+                t.data = new
+                t.grad = None
+            else:
+                mod._buffers[tname] = new
+    structure = getattr(model, STRUCTURE_ATTR, None) or {}
+    for mod, snap in snaps.items():
+        attrs = update_attrs(mod, snap)
+        name = names[mod]
+        entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
+        entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()})
+        for pn, p in mod.named_parameters(recurse=False):
+            entry["params"][pn] = list(p.shape)
+        for bn, b in mod.named_buffers(recurse=False):  # a non-persistent buffer left whole is not recorded:
+            if b is not None and (bn not in mod._non_persistent_buffers_set or (name, bn) in removed):
+                entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
+            if b is not None and bn in mod._non_persistent_buffers_set and (name, bn) in removed:
+                _record_unsaved(entry, bn, removed[(name, bn)], b)
+        if not attrs and not entry["params"] and not entry["buffers"]:
+            structure.pop(name)
+    from secateur.graph.size_attrs import clear_caches
+    clear_caches(model)  # cached tensors of the unpruned sizes (timm's attention_bias_cache) are recomputed
+    if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
+        from secateur.graph.size_attrs import set_attrs
+        set_attrs(model, plan.attrs)
+        for name, kv in plan.attrs.items():
+            entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
+            entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kv.items()})
+    _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
+    setattr(model, STRUCTURE_ATTR, structure)
+    return structure
+
+
+_HF_SIZES = {  # config field -> (module attribute, module-name suffixes): set when every layer agrees
+    "intermediate_size": ("out_features", ("mlp.up_proj", "mlp.gate_proj", "intermediate.dense", "mlp.fc1")),
+    "n_inner": ("nf", ("mlp.c_fc",)),
+    "encoder_ffn_dim": ("out_features", ("encoder.layers.*.fc1",)),
+    "decoder_ffn_dim": ("out_features", ("decoder.layers.*.fc1",)),
+    "d_ff": ("out_features", ("DenseReluDense.wi",)),
+}
+_HF_HEADS = {"num_attention_heads": ("q_proj", "attention.self.query", "attention.attention.query", "attn.c_attn"),
+             "num_key_value_heads": ("k_proj",), "n_head": ("attn.c_attn",), "num_heads": ("SelfAttention.q",)}
+
+
+def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -> None:
+    """Hugging Face: keep ``config`` in step where every layer has the same new size; where layers differ the
+    config cannot say it and the structure record is what reloads the model."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    changed = {}
+
+    def sizes(attr, suffixes, dim=0):
+        vals = set()
+        for n, mod in model.named_modules():
+            if any(fnmatch.fnmatch(n, "*" + s) for s in suffixes):
+                w = getattr(mod, "weight", None)
+                if w is not None:
+                    vals.add(int(getattr(mod, attr, w.shape[dim])))
+        return vals
+
+    for key, (attr, suffixes) in _HF_SIZES.items():
+        vals = sizes(attr, suffixes)
+        if hasattr(config, key) and len(vals) == 1:
+            changed[key] = vals.pop()
+    # head counts only where the config states the head size; where it derives it (hidden // heads: BERT, GPT-2,
+    # ViT, BART) a new head count would build a different model, so the structure record carries it instead
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+    if head_dim:  # the hidden size (residual stream, pruned through its RMSNorms) is then free to change too
+        vals = sizes("embedding_dim", ("embed_tokens",), dim=1)
+        if hasattr(config, "hidden_size") and len(vals) == 1:
+            changed["hidden_size"] = vals.pop()
+    if head_dim and heads == "head_dim":  # head counts stay; the stated head size follows the q projections
+        key = "head_dim" if getattr(config, "head_dim", None) else "d_kv"
+        n = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
+        vals = {v for s in _HF_HEADS["num_attention_heads"] + _HF_HEADS["num_heads"] for v in
+                sizes("out_features", (s,))}
+        if n and len(vals) == 1:
+            changed[key] = vals.pop() // n
+    elif head_dim:
+        for key, suffixes in _HF_HEADS.items():
+            vals = {v for s in suffixes for v in sizes("out_features", (s,))}
+            if hasattr(config, key) and len(vals) == 1 and getattr(config, key) is not None:
+                changed[key] = vals.pop() // head_dim
+    from secateur.graph.moe import config_sizes
+    changed.update(config_sizes(model, changed))  # experts' widths, each proven by a rebuild on meta
+    changed = {k: v for k, v in changed.items() if getattr(config, k) != v}
+    for k, v in changed.items():
+        setattr(config, k, v)
+    if changed:
+        structure.setdefault("", {"params": {}, "buffers": {}, "attrs": {}}).setdefault("config", {}).update(changed)
+
+
+def _record_unsaved(entry: dict, name: str, removed: dict, new: torch.Tensor) -> None:
+    """A non-persistent buffer (not in the state_dict: a sinusoidal position table the model rebuilds from its
+    config, CTRL's ``pos_encoding``, XGLM's ``weights``) sliced along channels: record which positions of the fresh
+    one are kept (composed with an earlier pruning's) and a checksum of the result, so that ``load`` takes the
+    same positions from a fresh model and can prove it got the same values (``apply_structure``)."""
+    kept = entry.setdefault("kept", {}).setdefault(name, {})
+    for d, pos in removed.items():  # positions in the buffer as it was before this slicing
+        mask = torch.ones(new.size(d) + int(pos.numel()), dtype=torch.bool)
+        mask[pos] = False
+        idx = mask.nonzero().flatten().tolist()
+        kept[str(d)] = [kept[str(d)][i] for i in idx] if str(d) in kept else idx
+    entry.setdefault("checks", {})[name] = _checksum(new)
+
+
+def _checksum(t: torch.Tensor) -> list[float]:
+    t = t.detach().double().cpu()
+    return [float(t.sum()), float(t.abs().sum()), float((t * torch.arange(1, t.numel() + 1, dtype=torch.float64
+                                                                          ).reshape(t.shape)).sum())]
+
+
+def _rebuild_unsaved(mod: nn.Module, where: str, name: str, kept: dict, check: list | None) -> None:
+    b = mod._buffers.get(name)
+    if b is None:
+        raise fail("a pruned non-persistent buffer is missing from the fresh model", where=f"{where}.{name}")
+    for d, idx in kept.items():
+        d = int(d)
+        if d >= b.dim() or (idx and max(idx) >= b.size(d)):
+            raise fail("the structure's kept positions do not fit this buffer", where=f"{where}.{name}",
+                       shape=tuple(b.shape), value=d)
+        b = b.index_select(d, torch.tensor(idx, dtype=torch.long, device=b.device))
+    if check is not None and not all(math.isclose(a, c, rel_tol=1e-6, abs_tol=1e-6) for a, c in
+                                     zip(_checksum(b), check)):
+        raise fail("a pruned non-persistent buffer rebuilt by this model differs from the saved one (its values are "
+                   "not in the file: the model must build it as it did when saved)", where=f"{where}.{name}",
+                   shape=tuple(b.shape))
+    mod._buffers[name] = b.contiguous()
+
+
+def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
+    """Resize a freshly built, unpruned ``model`` to a recorded structure (values are truncated: load the pruned
+    state_dict afterwards). Returns the model."""
+    with torch.no_grad():
+        for name, entry in structure.items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError as e:
+                raise fail("module of the structure not found in the model", where=name) from e
+            for pn, shape in entry.get("params", {}).items():
+                p = getattr(mod, pn)
+                p.data = p.data[tuple(slice(0, s) for s in shape)].contiguous()
+            kept = entry.get("kept", {})
+            for bn, shape in entry.get("buffers", {}).items():
+                if bn in kept:
+                    _rebuild_unsaved(mod, name, bn, kept[bn], entry.get("checks", {}).get(bn))
+                    continue
+                b = mod._buffers[bn]
+                mod._buffers[bn] = b[tuple(slice(0, s) for s in shape)].contiguous()
+            for k, v in entry.get("attrs", {}).items():
+                if k == "__class__":  # a module that became a pruned variant (nn.MultiheadAttention)
+                    cls = structure_class(v)
+                    if cls is None:
+                        raise fail("unknown module class in the structure", where=name, value=v)
+                    if not isinstance(mod, cls.__mro__[1]):  # a pruned variant only replaces its own base
+                        raise fail(f"the structure's {v} does not fit this module", where=name,
+                                   value=type(mod).__name__, hint="load into the architecture that was saved")
+                    mod.__class__ = cls
+                    continue
+                old = getattr(mod, k, None)
+                setattr(mod, k, tuple(v) if isinstance(old, tuple) else v)
+            for k, v in entry.get("config", {}).items():
+                setattr(model.config, k, v)
+    setattr(model, STRUCTURE_ATTR, {k: v for k, v in structure.items()})
+    return model
+
+
+# ---------------------------------------------------------------- the verb

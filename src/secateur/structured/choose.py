@@ -1,0 +1,265 @@
+"""Which channels go: arguments validated up front, groups scored (secateur.importance) and chosen by ratio, threshold,
+global ranking or ``round_to``, with count ties and linked groups honoured."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from secateur.errors import fail
+from secateur.graph.groups import Graph, Group
+from secateur.importance import group_scores
+from secateur.structured.plan import Plan
+
+
+def _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads, grouped="channels"):
+    if threshold is None and not isinstance(ratio, dict) and not (0.0 <= float(ratio) < 1.0):
+        raise fail("ratio must be in [0, 1)", where="prune_channels", value=ratio)
+    if isinstance(ratio, dict):
+        for k, v in ratio.items():
+            if not 0.0 <= float(v) < 1.0:
+                raise fail("ratio must be in [0, 1)", where=f"prune_channels ratio[{k!r}]", value=v)
+    if scope not in ("local", "global"):
+        raise fail("scope must be 'local' or 'global'", where="prune_channels", value=scope)
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise fail("round_to must be a positive int", where="prune_channels", value=round_to)
+    if not isinstance(steps, int) or steps < 1:
+        raise fail("steps must be a positive int", where="prune_channels", value=steps)
+    for name, t in (("target_macs", target_macs), ("target_params", target_params)):
+        if t is not None and not 0.0 < float(t) <= 1.0:
+            raise fail(f"{name} is a fraction of the current model in (0, 1]", where="prune_channels", value=t)
+    if heads not in ("heads", "head_dim"):
+        raise fail("heads must be 'heads' (whole heads) or 'head_dim' (the same number of dims in every head)",
+                   where="prune_channels", value=heads)
+    if grouped not in ("channels", "groups"):
+        raise fail("grouped must be 'channels' (the same channels from every conv group) or 'groups' (whole conv "
+                   "groups)", where="prune_channels", value=grouped)
+
+
+def _refuse_rope(model: nn.Module) -> None:
+    """RoPE rotates q/k dims i and i + head_dim/2 together with frequencies computed from the head size:
+    removing dims would change the rotation of the dims that stay (and a rebuilt model recomputes them)."""
+    config = getattr(model, "config", None)
+    for name, mod in model.named_modules():
+        if "inv_freq" in mod._buffers or "rotary" in type(mod).__name__.lower():
+            raise fail("heads='head_dim' is not supported with rotary position embeddings (RoPE)",
+                       where=name or type(mod).__name__, value=type(mod).__name__,
+                       hint="use heads='heads' to remove whole heads")
+    rope = [k for k in ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim") if getattr(config, k, None)]
+    if rope:
+        raise fail("heads='head_dim' is not supported with rotary position embeddings (RoPE)",
+                   where=type(model).__name__, value=rope[0], hint="use heads='heads' to remove whole heads")
+
+
+def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
+    names = {m: n for n, m in model.named_modules()}
+    out = set()
+    for x in ignore:
+        if isinstance(x, nn.Module):
+            if x not in names:
+                raise fail("ignored module is not part of the model", where="prune_channels", value=type(x))
+            out.add(names[x])
+        else:
+            out.add(str(x))
+    return out
+
+
+def _matches(name: str, pats: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatch(name, p) for p in pats)
+
+
+def _is_ignored(group: Group, outputs: set[str], inputs: set[str]) -> bool:
+    """``ignore``: the module's output channels stay; ``ignore_inputs``: its input channels stay."""
+    return any((m.kind in ("out", "param") and _matches(m.module, outputs)) or
+               (m.consumer and _matches(m.module, inputs)) for m in group.members)
+
+
+def _ratio_for(group: Group, ratio) -> float:
+    if not isinstance(ratio, dict):
+        return float(ratio)
+    for pat, r in ratio.items():
+        if any(fnmatch.fnmatch(m.module, pat) for m in group.members if m.kind == "out"):
+            return float(r)
+    return 0.0
+
+
+def _round(size: int, n: int, round_to: int | None, unit: int = 1) -> int:
+    """Never prune a group to zero; keep a multiple of round_to channels. ``round_to`` counts the layers'
+    channels: where one group channel is ``unit`` of them (channel j of each of ``unit`` conv groups), a kept
+    count k only needs k * unit to be a multiple, so a grouped conv is not held to round_to channels *per
+    group* (a group width of 4 or 8 would then never be pruned at round_to=8)."""
+    n = max(0, min(n, size - 1))
+    if round_to:
+        step = round_to // math.gcd(round_to, unit)
+        keep = min(size, math.ceil((size - n) / step) * step)
+        n = size - keep
+    return n
+
+
+def _count(group: Group, n: int, round_to: int | None) -> int:
+    """How many channels to remove: a head-dim group removes the same count from every head (at least one dim
+    stays in each), so ``n`` is split evenly and rounded per head."""
+    if group.block is None:
+        return _round(group.size, n, round_to, group.unit)
+    heads = int(group.block.max()) + 1
+    return _round(group.size // heads, n // heads, round_to) * heads
+
+
+def _pick(group: Group, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` lowest-scoring channels (per head for a head-dim group: n / heads in each)."""
+    if group.block is None:
+        return torch.argsort(scores, stable=True)[:n]
+    heads = int(group.block.max()) + 1
+    out = []
+    for b in range(heads):
+        idx = (group.block == b).nonzero().flatten()
+        out.append(idx[torch.argsort(scores[idx], stable=True)[:n // heads]])
+    return torch.cat(out)
+
+
+def _linked(choices, links, scores) -> list[tuple[Group, torch.Tensor]]:
+    """q/k units and v units of one attention read by one head size (HF ``view(..., head_dim)``): both lose the
+    same count per head, the smaller of the two (zero where one of them is not pruned)."""
+    per = {id(g): c.numel() // (int(g.block.max()) + 1) for g, c in choices if g.block is not None}
+    changed = True
+    while changed:
+        changed = False
+        for a, b in links:
+            m = min(per.get(id(a), 0), per.get(id(b), 0))
+            for g in (a, b):
+                if per.get(id(g), 0) != m:
+                    per[id(g)], changed = m, True
+    out = []
+    for g, c in choices:
+        if g.block is None:
+            out.append((g, c))
+        elif per[id(g)]:
+            heads = int(g.block.max()) + 1
+            out.append((g, c if per[id(g)] * heads == c.numel() else _pick(g, scores[id(g)], per[id(g)] * heads)))
+    return out
+
+
+def _refuse_masked(model: nn.Module) -> None:
+    """Channel removal slices the stored tensors; a mask on top would be sliced out of step with them."""
+    from secateur.masks import iter_masks
+    for name, module, param, mask in iter_masks(model):
+        raise fail("structural pruning needs a model without masks", where=f"{name}.{param}", shape=mask.shape,
+                   hint="call secateur.finalize(model) first to bake the masks in")
+
+
+
+def _new_plan(graph: Graph, choices: list, notes: list[str], heads: str) -> Plan:
+    plan = Plan(graph.groups, choices, notes, heads=heads, norms=graph.norms)
+    note = "heads='head_dim': attention scales stay 1/sqrt(original head size) (module `scaling`)"
+    if any(g.block is not None for g, _ in choices) and note not in plan.notes:
+        plan.notes.append(note)
+    return plan
+
+
+def _candidates(model: nn.Module, graph: Graph, ratio, every: bool, importance, ignore, ignore_inputs, reduce,
+                normalize) -> list[tuple[Group, torch.Tensor, float]]:
+    """(group, channel scores, ratio) for every group that may lose channels (``every``: ratio 0 too)."""
+    ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
+    cands: list[tuple[Group, torch.Tensor, float]] = []
+    for g in graph.groups:
+        if _is_ignored(g, ignored, ignored_in):
+            continue
+        r = _ratio_for(g, ratio)
+        if r <= 0 and not every:
+            continue
+        s = group_scores(g, model, importance, reduce=reduce, normalize=normalize)
+        if s is not None:
+            cands.append((g, s, r))
+    return cands
+
+
+def _choose(cands, threshold, scope, round_to, links=(), ties=None, fixed=frozenset()
+            ) -> list[tuple[Group, torch.Tensor]]:
+    """The channels to remove in each candidate group; ``fixed``: ids of groups that keep every channel (the dry
+    run left them out); ``ties``: groups whose kept counts must agree (graph/ties.py)."""
+    choices = []
+    if threshold is not None:
+        for g, s, _ in cands:
+            n = _count(g, int((s < threshold).sum()), round_to)
+            if n:
+                choices.append((g, _pick(g, s, n)))
+    elif scope == "local":
+        for g, s, r in cands:
+            n = _count(g, int(g.size * r), round_to)
+            if n:
+                choices.append((g, _pick(g, s, n)))
+    else:
+        choices = _global(cands, round_to)
+    if links:
+        choices = _linked(choices, links, {id(g): s for g, s, _ in cands})
+    choices = [(g, c) for g, c in choices if id(g) not in fixed]
+    if ties:
+        choices = _tied(choices, cands, ties, round_to, fixed)
+    return choices
+
+
+def _reachable(g: Group, round_to: int | None) -> set[int]:
+    """Kept channel counts ``_count`` can leave in ``g`` (all of them included)."""
+    return {g.size - n for n in range(g.size) if _count(g, n, round_to) == n}
+
+
+def _tied(choices, cands, ties, round_to, fixed=frozenset()) -> list[tuple[Group, torch.Tensor]]:
+    """Meet the count ties: every tied class keeps one width (channels x positions per channel), the reachable
+    one nearest the mean of the widths the choice wanted (the larger on a draw: prune less), each group ranking its
+    own channels. A group that is not a candidate, or is ``fixed``, keeps all its channels, so its class does."""
+    scores = {id(g): s for g, s, _ in cands}
+    removed = {id(g): int(c.numel()) for g, c in choices}
+    new = {id(g): c for g, c in choices}
+    for cls in ties.classes():
+        widths = [ties.widths.get(id(g)) for g in cls]
+        common = None
+        for g, w in zip(cls, widths):
+            if w is None:
+                common = set()
+                break
+            ok = {g.size * w} if id(g) in fixed or id(g) not in scores else {k * w for k in _reachable(g, round_to)}
+            common = ok if common is None else common & ok
+        want = sum((g.size - removed.get(id(g), 0)) * (w or 1) for g, w in zip(cls, widths)) / len(cls)
+        keep = min(common, key=lambda k: (abs(k - want), -k)) if common else None
+        for g, w in zip(cls, widths):
+            n = 0 if keep is None else g.size - keep // w
+            if n == 0:
+                new.pop(id(g), None)
+            elif removed.get(id(g)) != n:
+                new[id(g)] = _pick(g, scores[id(g)], n)
+    order = {id(g): i for i, (g, _, _) in enumerate(cands)}
+    groups = {id(g): g for g, _, _ in cands}
+    return [(groups[i], new[i]) for i in sorted(new, key=lambda i: order.get(i, len(order)))]
+
+
+
+def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
+    """One ranking across groups; each group keeps at least one channel (or a round_to multiple)."""
+    if not cands:
+        return []
+    total = sum(g.size for g, _, _ in cands)
+    k = int(sum(g.size * r for g, _, r in cands))
+    scores, owner, rank = [], [], []
+    for i, (g, s, _) in enumerate(cands):
+        order = torch.argsort(s, stable=True)
+        rk = torch.empty_like(order)
+        rk[order] = torch.arange(g.size)
+        scores.append(s)
+        owner.append(torch.full((g.size,), i))
+        rank.append(rk)
+    scores, owner, rank = torch.cat(scores), torch.cat(owner), torch.cat(rank)
+    caps = torch.tensor([g.size - 1 for g, _, _ in cands])
+    eligible = rank < caps[owner]
+    k = min(k, int(eligible.sum()))
+    del total
+    sel = torch.argsort(torch.where(eligible, scores, torch.inf), stable=True)[:k]
+    counts = torch.bincount(owner[sel], minlength=len(cands))
+    out = []
+    for i, (g, s, _) in enumerate(cands):
+        n = _count(g, int(counts[i]), round_to)
+        if n:
+            out.append((g, _pick(g, s, n)))
+    return out

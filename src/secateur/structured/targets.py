@@ -1,0 +1,178 @@
+"""Plans that meet a target instead of a ratio: a fraction of the MACs or parameters (bisection on one ratio or
+global budget, counted exactly without applying the plan: ``_Counter``) or of the measured latency."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from secateur.errors import fail
+from secateur.graph.groups import Group, build_graph
+from secateur.metrics import count_macs, count_params
+from secateur.structured.apply import _apply
+from secateur.structured.choose import _candidates, _choose, _ignored, _is_ignored, _new_plan, _refuse_rope
+from secateur.structured.plan import Plan
+from secateur.structured.proof import _verified
+
+
+def _validate_latency(ratio, threshold, steps, target_macs, target_params, heads="heads") -> None:
+    """A latency target chooses every group's count itself: other ways to say how much to prune conflict."""
+    clash = {k: v for k, v in (("threshold", threshold), ("target_macs", target_macs),
+                               ("target_params", target_params)) if v is not None}
+    if isinstance(ratio, dict):
+        clash["ratio"] = ratio
+    if steps != 1:
+        clash["steps"] = steps
+    if heads != "heads":
+        clash["heads"] = heads
+    if clash:
+        raise fail("target_latency chooses the channel counts itself; it cannot be combined with these",
+                   where="prune_channels", value=clash, hint="give only target_latency (ratio is ignored)")
+
+
+def _latency_plan(model: nn.Module, example_inputs: Any, target_latency: float, table: Any,
+                  opts: dict) -> Plan:
+    """One plan whose per-group counts meet the latency target (see `secateur.allocate.latency_choices`),
+    verified like every other plan."""
+    from secateur.allocate import latency_choices
+    graph = build_graph(model, example_inputs, grouped=opts["grouped"])
+    ignored, ignored_in = _ignored(model, opts["ignore"]), _ignored(model, opts["ignore_inputs"])
+    choices = latency_choices(model, example_inputs, target_latency, table=table, importance=opts["importance"],
+                              round_to=opts["round_to"], graph=graph,
+                              skip=lambda g: _is_ignored(g, ignored, ignored_in),
+                              score_options=dict(reduce=opts["reduce"], normalize=opts["normalize"]))
+    plan = Plan(graph.groups, choices, list(graph.notes), norms=graph.norms)
+    plan = _verified(model, example_inputs, plan, graph) if plan.choices else plan
+    plan.notes.extend(plan.norm_notes())
+    return plan
+
+
+class _Counter:
+    """MACs or params of a plan *without applying it*, from the shapes the plan leaves.
+
+    Params: exact (every parameter's kept shape). MACs: every MAC of a leaf module with weight matrices (Conv,
+    Linear, ConvTranspose, recurrent layers) is (output positions) x (weight elements), so it scales with the
+    kept weight elements exactly; MACs elsewhere (attention matmuls, custom ops) are counted as if they stayed,
+    which can only over-estimate. When such MACs exist, ``exact`` counts a plan on a meta skeleton."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, groups: list[Group], what: str) -> None:
+        from secateur.metrics import macs_by_layer
+        self.model, self.inputs, self.groups, self.what = model, example_inputs, groups, what
+        self.shapes = {}
+        for name, mod in model.named_modules():
+            for pn, p in mod.named_parameters(recurse=False):
+                self.shapes[(name, pn)] = tuple(p.shape)
+        if what == "params":
+            self.total = count_params(model)
+            self.leaves: dict[str, tuple[int, int]] = {}
+            self.fixed = 0
+            return
+        by_layer = macs_by_layer(model, example_inputs)
+        self.total = by_layer.get("", 0)
+        self.leaves = {}
+        for name, mod in model.named_modules():
+            mats = sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= 2)
+            if mats and not any(True for _ in mod.children()) and by_layer.get(name, 0):
+                self.leaves[name] = (by_layer[name], mats)
+        self.fixed = self.total - sum(m for m, _ in self.leaves.values())
+
+    def estimate(self, choices) -> int:
+        """Exact for params, and for MACs when ``fixed`` is 0; an upper bound otherwise."""
+        removed = Plan(self.groups, choices).removed
+        lost: dict[str, int] = {}
+        for (mname, tname), dims in removed.items():
+            shape = self.shapes.get((mname, tname))
+            if shape is None or (self.what == "macs" and (mname not in self.leaves or len(shape) < 2)):
+                continue
+            new = math.prod(s - int(dims[d].numel()) if d in dims else s for d, s in enumerate(shape))
+            lost[mname] = lost.get(mname, 0) + math.prod(shape) - new
+        if self.what == "params":
+            return self.total - sum(lost.values())
+        return self.total - sum(self.leaves[n][0] * k // self.leaves[n][1] for n, k in lost.items())
+
+    def exact(self, choices, attrs=None) -> int:
+        if self.what == "params" or not self.fixed:
+            return self.estimate(choices)
+        from secateur.graph.verify import skeleton, to_meta
+        sk = skeleton(self.model)
+        if choices:
+            _apply(sk, Plan(self.groups, choices, attrs=attrs or {}))
+        try:
+            return count_macs(sk, to_meta(self.inputs))
+        except Exception:  # noqa: BLE001 - a plan the model cannot run (count ties not found yet): the dry run
+            return self.estimate(choices)  # will change it; its upper bound guides the search meanwhile
+
+
+def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: str, opts: dict) -> Plan:
+    """One plan meeting a MACs / params target from one capture: the uniform ratio (or the global budget) is
+    found by bisection on the plan's count without applying it (`_Counter`), refined on exact counts where the
+    cheap count is only an upper bound, then verified. Groups the verification leaves out are excluded and the
+    search runs again, so the verified plan still meets the target (when any ratio < 1 can)."""
+    if opts["heads"] == "head_dim":
+        _refuse_rope(model)
+    graph = build_graph(model, example_inputs, opts["heads"], opts["grouped"])
+    counter = _Counter(model, example_inputs, graph.groups, what)
+    goal = fraction * counter.total
+    cands = _candidates(model, graph, 1.0, False, opts["importance"], opts["ignore"], opts["ignore_inputs"],
+                        opts["reduce"], opts["normalize"])
+    notes = list(graph.notes)
+
+    def search(choose, count, lo: float, hi: float, steps: int) -> float:
+        for _ in range(steps):
+            if hi - lo <= 1e-3:
+                break
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if count(choose(mid)) <= goal else (mid, hi)
+        return hi
+
+    for _ in range(4):
+        def choose(r: float, cands=cands, fixed=frozenset()):
+            return _choose([(g, s, r) for g, s, _ in cands], None, opts["scope"], opts["round_to"], graph.links,
+                           graph.ties, fixed)
+
+        hi = 0.99
+        if counter.exact(choose(hi)) > goal:
+            notes.append(f"target_{what}={fraction} is not reachable with a ratio below 1; pruned at {hi}")
+        else:
+            hi = search(choose, counter.estimate, 0.0, hi, 20)  # upper bound: hi meets the goal for sure
+            if counter.fixed and what == "macs":
+                hi = search(choose, counter.exact, 0.0, hi, 6)  # a lower ratio may meet it too
+        plan = _new_plan(graph, choose(hi), list(notes), opts["heads"])
+        if not plan.choices:
+            return plan
+        ties = graph.ties
+        plan = _verified(model, example_inputs, plan, graph,
+                         rechoose=lambda t, fixed, hi=hi: choose(hi, fixed=fixed))  # choose reads graph.ties
+        dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
+        if (not dropped and graph.ties is ties) or counter.exact(plan.choices, plan.attrs) <= goal:
+            break
+        cands = [c for c in cands if id(c[0]) not in dropped]
+        notes = plan.notes
+    plan.notes.extend(plan.norm_notes())
+    return plan
+
+
+def _latency_target(model: nn.Module, example_inputs: Any, target: float, table: Any, opts: dict,
+                    check: Any) -> tuple[Plan, dict]:
+    """The plan for ``target_latency`` (checked by measurement when ``check`` is given) and the result's
+    latency fields; ``"estimate"`` is a function of the pruned model, read once the plan is applied."""
+    from secateur.latency_model import LatencyTable
+    from secateur.latency_target import plan_for_latency
+    if table is not None and not isinstance(table, LatencyTable):
+        raise fail("latency_table must be a secateur.latency_model.LatencyTable", where="latency_table",
+                   value=type(table).__name__, hint="build one with LatencyTable.build(model, example_inputs)")
+    table = table if table is not None else LatencyTable.build(model, example_inputs)
+    dense = table.total()
+    table.estimate(model)  # every table layer is found in this model, before anything changes
+
+    def estimate(m: nn.Module) -> float:
+        return table.estimate(m) / dense
+
+    plan, rounds, measured = plan_for_latency(
+        model, example_inputs, target, lambda goal: _latency_plan(model, example_inputs, goal, table, opts),
+        check, estimate)
+    return plan, {"estimate": estimate, "latency_rounds": rounds, "latency_measured": measured}
+
+
+# ---------------------------------------------------------------- applying
