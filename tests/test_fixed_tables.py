@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import secateur
-from helpers import pruned_vs_reference
+from helpers import assert_reloads, pruned_vs_reference
 from secateur.errors import PruningError
 from secateur.metrics import count_macs
 from secateur.structured import plan_channels, prune_channels
@@ -62,11 +62,7 @@ def test_gathered_table_is_sliced_with_the_stream_and_reloads(persistent, gather
     _, want, got = pruned_vs_reference(model, x, plan)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert model.embed.weight.shape == (50, 16) and model.table.shape == (16, 16)
-    secateur.save(model, tmp_path / "m.safetensors")
-    torch.manual_seed(0)
-    fresh = secateur.load(make().eval(), tmp_path / "m.safetensors")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert_reloads(make, model, x, tmp_path)
 
 
 def test_twice_pruned_table_reloads_from_composed_positions(tmp_path):
@@ -75,11 +71,7 @@ def test_twice_pruned_table_reloads_from_composed_positions(tmp_path):
     prune_channels(model, x, ratio=0.5)
     prune_channels(model, x, ratio=0.5)
     assert model.table.shape == (16, 8)
-    secateur.save(model, tmp_path / "m.safetensors")
-    torch.manual_seed(0)
-    fresh = secateur.load(Stream().eval(), tmp_path / "m.safetensors")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert_reloads(Stream, model, x, tmp_path)
 
 
 def test_a_fresh_model_that_builds_another_table_is_refused(tmp_path):
@@ -108,8 +100,4 @@ def test_transformers_sinusoidal_streams_prune(family, tmp_path):
     _, want, got = pruned_vs_reference(model, x, plan, run)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert count_macs(model, x) < 0.35 * macs0
-    secateur.save(model, tmp_path / "m.safetensors")
-    torch.manual_seed(0)
-    fresh = secateur.load(make().eval(), tmp_path / "m.safetensors")
-    with torch.no_grad():
-        torch.testing.assert_close(run(fresh, x), run(model, x), rtol=0, atol=0)
+    assert_reloads(make, model, x, tmp_path, run)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import secateur
-from helpers import pruned_vs_reference, zeroed_reference_pruned
+from helpers import assert_reloads, pruned_vs_reference, zeroed_reference_pruned
 from secateur.structured import plan_channels
 
 torch.set_num_threads(1)
@@ -173,11 +173,7 @@ def test_hf_causal_lms_prune_their_residual_stream(family, tmp_path):
     assert model.model.embed_tokens.weight.shape == (100, 16) and model.lm_head.in_features == 16
     if getattr(model.config, "head_dim", None):  # where the config states the head size, hidden_size can follow
         assert model.config.hidden_size == 16  # (else it derives head_dim from it: the structure record reloads)
-    secateur.save(model, tmp_path / "m.safetensors")
-    torch.manual_seed(0)
-    fresh = secateur.load(make().eval(), tmp_path / "m.safetensors")
-    with torch.no_grad():
-        torch.testing.assert_close(run(fresh, x), run(model, x), rtol=0, atol=0)
+    assert_reloads(make, model, x, tmp_path, run)
 
 
 class PadSameConv(nn.Conv2d):
