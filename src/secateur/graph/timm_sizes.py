@@ -86,6 +86,16 @@ def _inception_dw(mod, old):
     return _set(mod, split_indexes=(gc, gc, gc, gc))
 
 
+def _levit_attn(mod, old):
+    """LeViT ``Attention`` / ``AttentionDownsample``: q, k, v are read per head with ``view(B, N, num_heads, -1)``
+    and ``split([key_dim, key_dim, val_dim])``, the result reshaped to ``val_attn_dim``; the heads are the rows of
+    the (sliced) ``attention_biases`` table [heads, offsets], which is gathered and added to every head's scores."""
+    heads = int(mod.attention_biases.shape[0])
+    if heads == old.get("num_heads"):
+        return {}
+    return _set(mod, num_heads=heads, key_attn_dim=mod.key_dim * heads, val_attn_dim=mod.val_dim * heads)
+
+
 for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.res2net.Bottle2neck": _bottle2neck,
                    "timm.layers.selective_kernel.SelectiveKernel": _selective_kernel,
@@ -93,5 +103,7 @@ for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.cspnet.CrossStage3": _cross_stage,
                    "timm.models.inception_next.InceptionDWConv2d": _inception_dw,
                    "timm.layers.pos_embed_rel.RelPosBias": _rel_pos_bias,
-                   "timm.layers.pos_embed_rel.RelPosMlp": _rel_pos_mlp}.items():
+                   "timm.layers.pos_embed_rel.RelPosMlp": _rel_pos_mlp,
+                   "timm.models.levit.Attention": _levit_attn,
+                   "timm.models.levit.AttentionDownsample": _levit_attn}.items():
     UPDATERS_BY_NAME[_name] = _fn
