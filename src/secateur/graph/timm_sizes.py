@@ -96,6 +96,15 @@ def _levit_attn(mod, old):
     return _set(mod, num_heads=heads, key_attn_dim=mod.key_dim * heads, val_attn_dim=mod.val_dim * heads)
 
 
+def _tiny_vit_attn(mod, old):
+    """TinyViT ``Attention``: as LeViT's (``view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])``), the
+    result reshaped to ``out_dim`` = heads x ``val_dim``; the heads are the rows of ``attention_biases``."""
+    heads = int(mod.attention_biases.shape[0])
+    if heads == old.get("num_heads"):
+        return {}
+    return _set(mod, num_heads=heads, out_dim=mod.val_dim * heads)
+
+
 for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.res2net.Bottle2neck": _bottle2neck,
                    "timm.layers.selective_kernel.SelectiveKernel": _selective_kernel,
@@ -105,5 +114,6 @@ for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.layers.pos_embed_rel.RelPosBias": _rel_pos_bias,
                    "timm.layers.pos_embed_rel.RelPosMlp": _rel_pos_mlp,
                    "timm.models.levit.Attention": _levit_attn,
-                   "timm.models.levit.AttentionDownsample": _levit_attn}.items():
+                   "timm.models.levit.AttentionDownsample": _levit_attn,
+                   "timm.models.tiny_vit.Attention": _tiny_vit_attn}.items():
     UPDATERS_BY_NAME[_name] = _fn
