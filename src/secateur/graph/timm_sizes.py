@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from secateur.graph.modules import UPDATERS_BY_NAME, heads_updater
+from secateur.graph.ties import COUNTED_BY
 
 
 def _first_conv(mod: nn.Module) -> nn.Conv2d | None:
@@ -105,6 +106,16 @@ def _tiny_vit_attn(mod, old):
     return _set(mod, num_heads=heads, out_dim=mod.val_dim * heads)
 
 
+def _efficientformer_v2_attn(mod, old):
+    """EfficientFormerV2 ``Attention2d`` / ``Attention2dDownsample``: q, k and v are reshaped with ``num_heads``
+    (their counts tied, graph/ties.py ``COUNTED_BY``), the result with ``dh`` = heads x ``d``; the q/k heads are
+    the rows of ``attention_biases``, the v heads the outputs of ``v``."""
+    heads = int(mod.attention_biases.shape[0])
+    if heads == old.get("num_heads"):
+        return {}
+    return _set(mod, num_heads=heads, dh=int(mod.v.conv.weight.shape[0]))  # not out_channels: set later
+
+
 for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.res2net.Bottle2neck": _bottle2neck,
                    "timm.layers.selective_kernel.SelectiveKernel": _selective_kernel,
@@ -115,5 +126,9 @@ for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.layers.pos_embed_rel.RelPosMlp": _rel_pos_mlp,
                    "timm.models.levit.Attention": _levit_attn,
                    "timm.models.levit.AttentionDownsample": _levit_attn,
-                   "timm.models.tiny_vit.Attention": _tiny_vit_attn}.items():
+                   "timm.models.tiny_vit.Attention": _tiny_vit_attn,
+                   "timm.models.efficientformer_v2.Attention2d": _efficientformer_v2_attn,
+                   "timm.models.efficientformer_v2.Attention2dDownsample": _efficientformer_v2_attn}.items():
     UPDATERS_BY_NAME[_name] = _fn
+COUNTED_BY["timm.models.efficientformer_v2.Attention2d"] = "num_heads"
+COUNTED_BY["timm.models.efficientformer_v2.Attention2dDownsample"] = "num_heads"
