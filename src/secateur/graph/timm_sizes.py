@@ -116,6 +116,22 @@ def _efficientformer_v2_attn(mod, old):
     return _set(mod, num_heads=heads, dh=int(mod.v.conv.weight.shape[0]))  # not out_channels: set later
 
 
+def _conv_rel_pos_enc(mod, old):
+    """CoaT ``ConvRelPosEnc`` (shared by a stage's attentions): ``torch.split(v, channel_splits)`` feeds one
+    depthwise conv per window size, each over a section of whole heads; the sections are the convs' (sliced)
+    widths, ``head_splits`` and the ``window`` dict (window -> heads) their head counts."""
+    splits = [int(c.weight.shape[0]) for c in mod.conv_list]
+    before = list(old.get("channel_splits") or mod.channel_splits)
+    if splits == before:
+        return {}
+    heads = list(mod.head_splits)
+    per = {b // h for b, h in zip(before, heads)}
+    if len(per) != 1 or any(s % next(iter(per)) for s in splits):  # not whole heads: the dry run decides
+        return _set(mod, channel_splits=splits)
+    heads = [s // next(iter(per)) for s in splits]
+    return _set(mod, channel_splits=splits, head_splits=heads, window=dict(zip(mod.window, heads)))
+
+
 for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.res2net.Bottle2neck": _bottle2neck,
                    "timm.layers.selective_kernel.SelectiveKernel": _selective_kernel,
@@ -128,7 +144,8 @@ for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.levit.AttentionDownsample": _levit_attn,
                    "timm.models.tiny_vit.Attention": _tiny_vit_attn,
                    "timm.models.efficientformer_v2.Attention2d": _efficientformer_v2_attn,
-                   "timm.models.efficientformer_v2.Attention2dDownsample": _efficientformer_v2_attn}.items():
+                   "timm.models.efficientformer_v2.Attention2dDownsample": _efficientformer_v2_attn,
+                   "timm.models.coat.ConvRelPosEnc": _conv_rel_pos_enc}.items():
     UPDATERS_BY_NAME[_name] = _fn
 COUNTED_BY["timm.models.efficientformer_v2.Attention2d"] = "num_heads"
 COUNTED_BY["timm.models.efficientformer_v2.Attention2dDownsample"] = "num_heads"
