@@ -109,7 +109,8 @@ def _tiny_vit_attn(mod, old):
 def _efficientformer_v2_attn(mod, old):
     """EfficientFormerV2 ``Attention2d`` / ``Attention2dDownsample``: q, k and v are reshaped with ``num_heads``
     (their counts tied, graph/ties.py ``COUNTED_BY``), the result with ``dh`` = heads x ``d``; the q/k heads are
-    the rows of ``attention_biases``, the v heads the outputs of ``v``."""
+    the rows of ``attention_biases``, the v heads the outputs of ``v``. The talking heads' convs (their own width,
+    not reshaped) are set by the conv updater."""
     heads = int(mod.attention_biases.shape[0])
     if heads == old.get("num_heads"):
         return {}
@@ -147,5 +148,5 @@ for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.efficientformer_v2.Attention2dDownsample": _efficientformer_v2_attn,
                    "timm.models.coat.ConvRelPosEnc": _conv_rel_pos_enc}.items():
     UPDATERS_BY_NAME[_name] = _fn
-COUNTED_BY["timm.models.efficientformer_v2.Attention2d"] = "num_heads"
-COUNTED_BY["timm.models.efficientformer_v2.Attention2dDownsample"] = "num_heads"
+COUNTED_BY["timm.models.efficientformer_v2.Attention2d"] = ("num_heads", ("q", "k", "v"))
+COUNTED_BY["timm.models.efficientformer_v2.Attention2dDownsample"] = ("num_heads", ("q", "k", "v"))
