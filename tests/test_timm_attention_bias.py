@@ -255,3 +255,36 @@ def test_efficientformer_v2_count_tie(tied, monkeypatch):
     assert a.num_heads == a.attention_biases.shape[0] == a.v.conv.out_channels // a.d
     assert (a.num_heads < 8) == tied
     assert tied or any("Attention2d" in n for n in plan.notes)
+
+
+class _CascadedHeads(nn.Module):
+    """EfficientViT-MSRA style: every head its own qkv module, each adding its own row ``bias[i]`` of one gathered
+    table [heads, N, N] to its scores."""
+
+    def __init__(self, dim=8, heads=2, n=5):
+        super().__init__()
+        self.num_heads = heads
+        self.qkvs = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(heads))
+        self.proj = nn.Linear(heads * dim, dim)
+        self.attention_biases = nn.Parameter(torch.randn(heads, n))
+        idx = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
+        self.register_buffer("attention_bias_idxs", idx, persistent=False)
+
+    def forward(self, x):
+        bias = self.attention_biases[:, self.attention_bias_idxs]
+        outs = []
+        for i, qkv in enumerate(self.qkvs):
+            q, k, v = qkv(x).chunk(3, dim=-1)
+            outs.append((q @ k.transpose(-2, -1) + bias[i]).softmax(-1) @ v)
+        return self.proj(torch.cat(outs, -1))
+
+
+def test_cascaded_head_row_is_a_constant():
+    """A row picked by a constant index is one head's constant (cascaded heads are not units): it must not join the
+    head's v channels into one unit (efficientvit_m0 went 0.29 -> 0.65 of dense MACs when it did)."""
+    m = _CascadedHeads().eval()
+    x = torch.randn(2, 5, 8)
+    sizes = {g.name: g.size for g in build_graph(m, x).groups}
+    assert sizes["qkvs.0"] > 1 and sizes["qkvs.1"] > 1, sizes
+    assert_oracle(m, x, ratio=0.5)
+    assert m.attention_biases.shape == (2, 5)

@@ -48,6 +48,7 @@ class Tracer:
         self.links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q/k unit, v unit): one head size for both
         self.weight_views: dict[int, torch.Tensor] = {}  # id(W.t()) -> W, an nn.Linear weight used by F.linear
         self.same_width: dict[int, torch.Tensor] = {}  # id(child) -> its parent's input channels (inner_width.py)
+        self.gathered_tables: set[int] = set()  # ids of ``table[:, idx]`` results, heads first (rules/matmul.py)
         self.atoms = Atoms()
         self.labels: dict[int, torch.Tensor | None] = {}
         self.alive: list[torch.Tensor] = []  # keep ids unique while capturing

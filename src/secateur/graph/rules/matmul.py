@@ -93,6 +93,20 @@ def _gathered_table(tr, args) -> bool:
     return tr.param_label_along(p, hdim) is not None
 
 
+def gathered_row(tr, args, out) -> bool:
+    """``bias[i]`` with a constant ``i`` on a gathered table [heads, N, N] (timm EfficientViT-MSRA's cascaded heads,
+    each a module of its own, read ``attn_bias[head_idx]``): one head's row is a constant of that head, which is
+    never removed by its own (whole cascaded heads are not units). Left labelled, its atom would be added to the
+    head's scores and joined to every v channel there (``v @ attn``), making them one unit (efficientvit_m0: 0.29
+    -> 0.65 of dense MACs). So the row is a constant: the table's atoms are blocked, the result carries none."""
+    x = args[0]
+    if id(x) not in tr.gathered_tables or args[1] % x.dim() != 0:
+        return False
+    tr.atoms.block(tr.get(x))
+    tr.set(out, None)
+    return True
+
+
 def _weight_view(tr, func, args, out) -> bool:
     """``F.linear(x, self.qkv.weight, bias)`` outside the Linear's own forward (timm BEiT / EVA attention, with a
     q/k/v bias built by concatenation): remember ``W.t()`` so the matmul reading it is handled like the Linear
