@@ -284,10 +284,13 @@ def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.
         raise fail("the file holds a different model class", where=path, value=desc.get("model_class"),
                    hint=f"load it into a fresh {desc.get('model_class')}, not {_class_name(model)}")
     current = {}
-    for key, t in model.state_dict().items():
+    shared: dict[int, list[str]] = {}  # one tensor under several names (a module shared by several parents)
+    for key, t in model.state_dict(keep_vars=True).items():
         name = plain_name(key)
         if name is not None:
             current[name] = tuple(t.shape)
+            shared.setdefault(id(t), []).append(name)
+    same = {n: names for names in shared.values() if len(names) > 1 for n in names}
     for mod, spec in (desc.get("structure") or {}).items():
         if not isinstance(spec, dict):
             raise fail("malformed structure entry", where=mod, value=spec)
@@ -301,7 +304,8 @@ def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.
                 if have is None or len(have) != len(shape) or any(s > h for s, h in zip(shape, have)):
                     raise fail("the structure does not fit this architecture (a pruned tensor must be a slice "
                                "of the fresh model's)", where=name, shape=have, value=shape)
-                current[name] = tuple(shape)
+                for n in same.get(name, [name]):  # every name of a shared module's tensor (CoaT's crpe)
+                    current[n] = tuple(shape)
     stored = {k: tuple(t.shape) for k, t in tensors.items() if not k.startswith(MASK_PREFIX)}
     stored.update({a: stored.get(k) for a, k in desc.get("aliases", {}).items()})
     missing = sorted(set(current) - set(stored))

@@ -47,6 +47,8 @@ class Tracer:
         self.contracted: list[torch.Tensor] = []
         self.links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q/k unit, v unit): one head size for both
         self.weight_views: dict[int, torch.Tensor] = {}  # id(W.t()) -> W, an nn.Linear weight used by F.linear
+        self.same_width: dict[int, torch.Tensor] = {}  # id(child) -> its parent's input channels (inner_width.py)
+        self.gathered_tables: set[int] = set()  # ids of ``table[:, idx]`` results, heads first (rules/matmul.py)
         self.atoms = Atoms()
         self.labels: dict[int, torch.Tensor | None] = {}
         self.alive: list[torch.Tensor] = []  # keep ids unique while capturing
@@ -246,9 +248,14 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     handles = []
     names = {m: n for n, m in model.named_modules()}
     rules = {m: leaf_rule(m) for m in names}  # once per module, not twice per call
+    from secateur.graph import inner_width
+    widths = {type(m) for m in names if f"{type(m).__module__}.{type(m).__name__}" in inner_width.SAME_WIDTH}
 
     def pre(mod, args, kwargs):
         tracer.stack.append(names.get(mod, "?"))
+        if tracer.depth == 0 and (id(mod) in tracer.same_width or type(mod) in widths):
+            with no_dispatch():  # label ops, not the model's
+                inner_width.enter(tracer, mod, args, kwargs)
         if rules.get(mod) is not None:
             tracer.depth += 1
 

@@ -272,7 +272,10 @@ def _groups(tr: Tracer) -> Graph:
 
 
 def build_graph(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels") -> Graph:
-    return groups_from(capture(model, example_inputs, heads, grouped))
+    graph = groups_from(capture(model, example_inputs, heads, grouped))
+    from secateur.graph.ties import declared
+    graph.ties = declared(model, graph.groups)  # counts the model's classes tie (graph/ties.py ``COUNTED_BY``)
+    return graph
 
 
 def build_groups(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels"

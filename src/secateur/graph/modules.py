@@ -142,10 +142,24 @@ def conv(tr: Tracer, mod, args, kwargs, out):
     """Weight [out, in / groups, *k]: dim 0 holds the output channels, dim 1 a group's local input index."""
     x = _input(args, kwargs)
     cdim = x.dim() - mod.weight.dim() + 1
+    lab = _pad(tr.get(x), x.dim())
+    if lab is not None and any(lab.size(d) > 1 for d in range(cdim + 1, x.dim())) and _pointwise_conv(mod):
+        # channels on the "length" dims of a 1x1 conv: each position is mixed across the conv's channels only, so
+        # they pass through (the channels at one position one unit; the conv's own channels are kept), as a
+        # Linear's do on its token dims. timm CoaT's ``aggregate`` Conv1d(3, 1, 1) mixes its three scales' class
+        # tokens [B, 3, C]; collapsing C instead kept the stream of three stages whole (coat_tiny)
+        tr.set(out, tr.atoms.collapse(lab, [cdim]))
+        return
     chan = _channels(tr, x, cdim)
     atoms = _produce(tr, mod, mod.out_channels, 0)
     conv_inputs(tr, mod, chan, atoms)
     tr.set(out, _shape_for(out.dim(), cdim, atoms))
+
+
+def _pointwise_conv(mod: nn.Module) -> bool:
+    """A conv that maps every spatial position to itself: 1-wide kernel, stride 1, no padding, one group."""
+    return (all(k == 1 for k in mod.kernel_size) and all(s == 1 for s in mod.stride) and mod.groups == 1
+            and not isinstance(mod.padding, str) and all(p == 0 for p in mod.padding))
 
 
 def conv_inputs(tr: Tracer, mod, chan: torch.Tensor | None, atoms: torch.Tensor) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ exists (a one-head attention with whole heads), the tied groups keep every chann
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from secateur.graph.groups import Group
 
@@ -40,11 +41,12 @@ class Ties:
             g = self.parent[g]
         return g
 
-    def tie(self, a: Group, b: Group, scope: str) -> bool:
-        """Tie ``a`` and ``b`` as seen in module ``scope``; False if they were tied already."""
+    def tie(self, a: Group, b: Group, scope: str, per: int | None = None) -> bool:
+        """Tie ``a`` and ``b`` as seen in module ``scope``; False if they were tied already. ``per``: the positions
+        one channel counts for, where known (1 for a count of heads); else read from the members (``width``)."""
         for g in (a, b):
             self.groups[id(g)] = g
-            self.widths.setdefault(id(g), width(g, scope))
+            self.widths.setdefault(id(g), per if per is not None else width(g, scope))
         ra, rb = self.find(id(a)), self.find(id(b))
         if ra == rb:
             return False
@@ -104,3 +106,31 @@ def candidates(groups: list[Group], scope: str, broad: bool = False) -> list[tup
     if not broad:
         inner = [g for g in inner if any(m.consumer and m.module in leaving for m in g.members)]
     return [(a, s) for a in inner for s in stream]
+
+
+# Module classes whose code sizes several of its groups by one attribute it keeps: "module.Class" -> (attribute,
+# the children whose outputs it sizes). timm's EfficientFormerV2 ``Attention2d`` reshapes the outputs of ``q``, ``k``
+# and ``v`` with ``self.num_heads``, yet its q/k heads and its v heads are two groups (the talking heads, 1x1 convs
+# across heads, sit between them and pick any heads): only their counts must agree. The talking heads themselves are
+# not reshaped by ``num_heads`` and stay free. Registered by class name: timm is never imported here.
+COUNTED_BY: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+
+def declared(model: nn.Module, groups: list[Group]) -> Ties | None:
+    """Count ties the model's classes state (``COUNTED_BY``): in each module of such a class, the groups living
+    wholly inside it, produced by one of the named children, whose size is the attribute's value (whole heads:
+    one count each) keep one count. Still proven like every tie: the dry run must match every op shape of the
+    plan and the plan must compute the reference."""
+    ties = Ties()
+    for name, mod in model.named_modules():
+        attr, children = COUNTED_BY.get(f"{type(mod).__module__}.{type(mod).__name__}", (None, ()))
+        n = getattr(mod, attr, None) if attr and name else None
+        if not isinstance(n, int) or n < 2:
+            continue
+        made = tuple(f"{name}.{c}" for c in children)
+        inner = [g for g in groups if g.size == n and g.block is None
+                 and all(_inside(m.module, name) for m in g.members)
+                 and any(m.kind == "out" and any(_inside(m.module, c) for c in made) for m in g.members)]
+        for g in inner[1:]:
+            ties.tie(inner[0], g, name, per=1)
+    return ties or None

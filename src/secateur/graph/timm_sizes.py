@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from secateur.graph.modules import UPDATERS_BY_NAME, heads_updater
+from secateur.graph.ties import COUNTED_BY
 
 
 def _first_conv(mod: nn.Module) -> nn.Conv2d | None:
@@ -86,6 +87,52 @@ def _inception_dw(mod, old):
     return _set(mod, split_indexes=(gc, gc, gc, gc))
 
 
+def _levit_attn(mod, old):
+    """LeViT ``Attention`` / ``AttentionDownsample``: q, k, v are read per head with ``view(B, N, num_heads, -1)``
+    and ``split([key_dim, key_dim, val_dim])``, the result reshaped to ``val_attn_dim``; the heads are the rows of
+    the (sliced) ``attention_biases`` table [heads, offsets], which is gathered and added to every head's scores."""
+    heads = int(mod.attention_biases.shape[0])
+    if heads == old.get("num_heads"):
+        return {}
+    return _set(mod, num_heads=heads, key_attn_dim=mod.key_dim * heads, val_attn_dim=mod.val_dim * heads)
+
+
+def _tiny_vit_attn(mod, old):
+    """TinyViT ``Attention``: as LeViT's (``view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])``), the
+    result reshaped to ``out_dim`` = heads x ``val_dim``; the heads are the rows of ``attention_biases``."""
+    heads = int(mod.attention_biases.shape[0])
+    if heads == old.get("num_heads"):
+        return {}
+    return _set(mod, num_heads=heads, out_dim=mod.val_dim * heads)
+
+
+def _efficientformer_v2_attn(mod, old):
+    """EfficientFormerV2 ``Attention2d`` / ``Attention2dDownsample``: q, k and v are reshaped with ``num_heads``
+    (their counts tied, graph/ties.py ``COUNTED_BY``), the result with ``dh`` = heads x ``d``; the q/k heads are
+    the rows of ``attention_biases``, the v heads the outputs of ``v``. The talking heads' convs (their own width,
+    not reshaped) are set by the conv updater."""
+    heads = int(mod.attention_biases.shape[0])
+    if heads == old.get("num_heads"):
+        return {}
+    return _set(mod, num_heads=heads, dh=int(mod.v.conv.weight.shape[0]))  # not out_channels: set later
+
+
+def _conv_rel_pos_enc(mod, old):
+    """CoaT ``ConvRelPosEnc`` (shared by a stage's attentions): ``torch.split(v, channel_splits)`` feeds one
+    depthwise conv per window size, each over a section of whole heads; the sections are the convs' (sliced)
+    widths, ``head_splits`` and the ``window`` dict (window -> heads) their head counts."""
+    splits = [int(c.weight.shape[0]) for c in mod.conv_list]
+    before = list(old.get("channel_splits") or mod.channel_splits)
+    if splits == before:
+        return {}
+    heads = list(mod.head_splits)
+    per = {b // h for b, h in zip(before, heads)}
+    if len(per) != 1 or any(s % next(iter(per)) for s in splits):  # not whole heads: the dry run decides
+        return _set(mod, channel_splits=splits)
+    heads = [s // next(iter(per)) for s in splits]
+    return _set(mod, channel_splits=splits, head_splits=heads, window=dict(zip(mod.window, heads)))
+
+
 for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.res2net.Bottle2neck": _bottle2neck,
                    "timm.layers.selective_kernel.SelectiveKernel": _selective_kernel,
@@ -93,5 +140,13 @@ for _name, _fn in {"timm.layers.mixed_conv2d.MixedConv2d": _mixed_conv,
                    "timm.models.cspnet.CrossStage3": _cross_stage,
                    "timm.models.inception_next.InceptionDWConv2d": _inception_dw,
                    "timm.layers.pos_embed_rel.RelPosBias": _rel_pos_bias,
-                   "timm.layers.pos_embed_rel.RelPosMlp": _rel_pos_mlp}.items():
+                   "timm.layers.pos_embed_rel.RelPosMlp": _rel_pos_mlp,
+                   "timm.models.levit.Attention": _levit_attn,
+                   "timm.models.levit.AttentionDownsample": _levit_attn,
+                   "timm.models.tiny_vit.Attention": _tiny_vit_attn,
+                   "timm.models.efficientformer_v2.Attention2d": _efficientformer_v2_attn,
+                   "timm.models.efficientformer_v2.Attention2dDownsample": _efficientformer_v2_attn,
+                   "timm.models.coat.ConvRelPosEnc": _conv_rel_pos_enc}.items():
     UPDATERS_BY_NAME[_name] = _fn
+COUNTED_BY["timm.models.efficientformer_v2.Attention2d"] = ("num_heads", ("q", "k", "v"))
+COUNTED_BY["timm.models.efficientformer_v2.Attention2dDownsample"] = ("num_heads", ("q", "k", "v"))

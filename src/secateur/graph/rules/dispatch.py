@@ -7,7 +7,7 @@ import torch
 from secateur.graph.capture import Tracer
 from secateur.graph.rules.constants import track_derived, track_uniform
 from secateur.graph.rules.elementwise import pointwise
-from secateur.graph.rules.matmul import _TRANSPOSES, _gathered_table, _weight_view
+from secateur.graph.rules.matmul import _TRANSPOSES, _gathered_table, _weight_view, gathered_row
 from secateur.graph.rules.movement import move
 from secateur.graph.rules.reductions import _SPATIAL, _resampled_param
 from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, BY_NAME, RULES, _outs, _tensors, aten, not_understood
@@ -22,6 +22,10 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         return
     if not labelled and packet is aten.index and _gathered_table(tr, args):
         labelled = True
+        if args[1][0] is None:  # table[:, idx]: the heads lead the result (a constant row of it: ``gathered_row``)
+            tr.gathered_tables.add(id(out))
+    if packet is aten.select and tr.gathered_tables and gathered_row(tr, args, out):
+        return
     if not labelled and packet in _OWN_WEIGHT:
         labelled = True  # a conv / embedding reached at op level produces channels even from the model's input
     if not labelled and packet in _SPATIAL and _resampled_param(tr, args[0]):

@@ -76,15 +76,35 @@ def _gathered_table(tr, args) -> bool:
     p, idx = args[0], args[1]
     if not isinstance(p, torch.Tensor) or p.dim() != 2 or id(p) not in tr.owner or not tr.owner[id(p)][2]:
         return False
-    if len(idx) != 1 or idx[0] is None or idx[0].dtype == torch.bool:
+    if len(idx) == 1 and idx[0] is not None:
+        gathered, hdim = idx[0], 1  # table[idx]: rows are positions, columns heads
+    elif len(idx) == 2 and idx[0] is None and idx[1] is not None:
+        gathered, hdim = idx[1], 0  # table[:, idx] (timm LeViT / TinyViT / EfficientFormerV2: [heads, offsets])
+    else:
+        return False
+    if gathered.dtype == torch.bool:
         return False
     name = tr.owner[id(p)][0]
     heads = getattr(tr.model.get_submodule(name), "num_heads", None)
     if heads is None and name:
         heads = getattr(tr.model.get_submodule(name.rpartition(".")[0]), "num_heads", None)
-    if heads != p.size(1):
+    if heads != p.size(hdim):
         return False
-    return tr.param_label_along(p, 1) is not None
+    return tr.param_label_along(p, hdim) is not None
+
+
+def gathered_row(tr, args, out) -> bool:
+    """``bias[i]`` with a constant ``i`` on a gathered table [heads, N, N] (timm EfficientViT-MSRA's cascaded heads,
+    each a module of its own, read ``attn_bias[head_idx]``): one head's row is a constant of that head, which is
+    never removed by its own (whole cascaded heads are not units). Left labelled, its atom would be added to the
+    head's scores and joined to every v channel there (``v @ attn``), making them one unit (efficientvit_m0: 0.29
+    -> 0.65 of dense MACs). So the row is a constant: the table's atoms are blocked, the result carries none."""
+    x = args[0]
+    if id(x) not in tr.gathered_tables or args[1] % x.dim() != 0:
+        return False
+    tr.atoms.block(tr.get(x))
+    tr.set(out, None)
+    return True
 
 
 def _weight_view(tr, func, args, out) -> bool:
