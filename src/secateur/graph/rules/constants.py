@@ -46,7 +46,7 @@ def _storage(t: torch.Tensor) -> int:
         return -1
 
 
-_SAME_ORDER = {aten.unsqueeze, aten.squeeze, aten.select, aten.view, aten._unsafe_view, aten.reshape, aten.slice, aten.alias,
+_SAME_ORDER = {aten.unsqueeze, aten.squeeze, aten.select, aten.expand, aten.view, aten._unsafe_view, aten.reshape, aten.slice, aten.alias,
                aten.clone, aten._to_copy, aten.detach, aten.contiguous, aten.lift_fresh_copy}
 
 
@@ -109,6 +109,10 @@ def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
     if found is None:
         return
     root, dims = found
+    if packet is aten.expand and args[0] is src:  # size-1 dims broadcast (a register token per batch entry)
+        lead = out.dim() - src.dim()
+        tr.derived[id(out)] = (out, root, {lead + d: r for d, r in dims.items()})
+        return
     if packet in (aten.select, aten.slice) and args[0] is src:  # a part along one dim: the others stay whole
         e = (args[1] if len(args) > 1 else 0) % src.dim()
         same = [d for d in range(src.dim()) if d != e]
@@ -151,3 +155,38 @@ def const_label(tr, c, d: int) -> torch.Tensor | None:
     shape = [1] * c.dim()
     shape[d] = c.size(d)
     return lab.reshape(shape)
+
+
+def label_free_inputs(tr: Tracer, tensors: list, dim: int) -> None:
+    """Before a concatenation along ``dim``: an unlabelled input that is a parameter (or derived from one) with
+    several non-1 dims, such as timm's register tokens ``reg_token [1, 4, C]`` expanded to the batch, gets the
+    root's atoms along the one dim the other inputs carry channels on, so it is sliced with them. Left
+    unlabelled it was an unsliceable block in the stream, and the whole residual stream was kept (naflexvit and
+    every ``*_reg4`` ViT)."""
+    labs = [_pad_to(tr.get(t), t.dim()) for t in tensors if isinstance(t, torch.Tensor) and tr.get(t) is not None]
+    if not labs:
+        return
+    nd = tensors[0].dim()
+    dim %= nd
+    chan = {e for lab in labs for e in range(nd) if e != dim and lab.size(e) > 1}
+    if len(chan) != 1:
+        return
+    e = chan.pop()
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or tr.get(t) is not None or t.dim() != nd:
+            continue
+        found = _root(tr, t)
+        if found is None or sum(s > 1 for s in t.shape) < 2:  # one non-1 dim: Tracer.param_label does it
+            continue
+        root, dims = found
+        if e not in dims:
+            continue
+        lab = tr.param_label_along(root, dims[e], buffers=True)
+        if lab is not None:
+            shape = [1] * nd
+            shape[e] = t.size(e)
+            tr.set(t, lab.reshape(shape))
+
+
+def _pad_to(lab: torch.Tensor, nd: int) -> torch.Tensor:
+    return lab.reshape((1,) * (nd - lab.dim()) + tuple(lab.shape))

@@ -8,6 +8,7 @@ import math
 import torch
 
 from secateur.graph.labels import constant_along, full
+from secateur.graph.rules.constants import label_free_inputs
 from secateur.graph.rules.registry import _outs, _pad, _tensors, aten, not_understood, rule
 from secateur.graph.splits import open_cut
 
@@ -58,6 +59,8 @@ def move(tr, func, args, kwargs, out):
         if packet is not aten.constant_pad_nd:
             raise tr.error(f"{packet._qualified_op_name} along a channel dim is not supported", x)
 
+    if packet in (aten.cat, aten.concat, aten.concatenate) and isinstance(args[0], (list, tuple)):
+        label_free_inputs(tr, list(args[0]), args[1] if len(args) > 1 else kwargs.get("dim", 0))
     if _compressed_move(tr, func, args, out):
         return
     largs = [sub(a, i) for i, a in enumerate(args)]
