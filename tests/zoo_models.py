@@ -98,7 +98,11 @@ HF_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
                 mamba_d_head=16, mamba_head_dim=16, mamba_headdim=16, mamba_dt_rank=4, time_step_rank=4, n_groups=1,
                 # hybrid attention blocks (Zamba, RecurrentGemma, RWKV)
                 attention_hidden_size=64, attention_head_dim=16, lru_width=32, kv_channels=8, num_query_groups=2,
-                adapter_rank=8,
+                adapter_rank=8, ffn_hidden_size=64,
+                # hybrids that place attention (and MoE) layers by period and offset (Jamba): layer 1 of 2
+                attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                # byte latent transformer (BLT): its global transformer's width and the hashed byte n-gram table
+                hidden_size_global=32, encoder_hash_byte_group_vocab=100,
                 # per-layer inputs and AltUp (Gemma-3n)
                 hidden_size_per_layer_input=8, vocab_size_per_layer_input=100, laurel_rank=4, num_kv_shared_layers=0,
                 use_cache=False)  # a single forward: no cache (hybrid caches index layers of types we shrink away)
@@ -113,8 +117,16 @@ HF_OVERRIDES = {
                       indexer_compress_ratio=2),  # indexer's sizes default to None, which its attention cannot build
     "reformer": dict(is_decoder=True, axial_pos_shape=[2, 3], axial_pos_embds_dim=[16, 16],  # an LM head needs a
                      local_attn_chunk_length=3, lsh_attn_chunk_length=3),  # decoder; axial positions span 6 tokens
+    # its default states no RoPE parameters for its (full attention) layers; its rotary embedding needs them
+    "cohere_compass_text": dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0)}),
+    # its shared transformer block is tied across hybrid layers: two of them, or its tie pattern matches nothing
+    "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"]),
 }
 HF_OVERRIDES["qwen4_exp_text"] = HF_OVERRIDES["qwen4_exp"]
+# Dots3's sliding-window layers take their attention sizes from swa_* arguments (a per-layer config), not the table's
+HF_OVERRIDES["dots3_note"] = HF_OVERRIDES["dots3_note_text"] = dict(
+    swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=16,
+    swa_qk_nope_head_dim=8, swa_v_head_dim=8)
 
 
 def _causal_lm_class(model_type: str):
@@ -148,8 +160,12 @@ def _build(cfg_cls, kw: dict):
 
 def _small(cfg, extra: dict):
     """A copy of ``cfg`` (an instance with its defaults) with ``HF_SMALL`` and ``extra`` set, sub-configs alike."""
-    have = set(cfg.to_dict()) | set(getattr(cfg, "attribute_map", {}))
-    kw = {k: v for k, v in HF_SMALL.items() if k in have}
+    alias, fields = getattr(cfg, "attribute_map", {}), set(cfg.to_dict())
+    have = fields | set(alias)
+    kw = {}
+    for k, v in HF_SMALL.items():  # by the field's own name: some configs derive fields from it as they are built
+        if k in have:
+            kw[alias[k] if k in alias and alias[k] in fields else k] = v
     if "kv_lora_rank" in have:  # multi-head latent attention: every head has its own keys (no grouped KV heads)
         kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
     if "num_codebooks" in have:  # MusicGen reads input_ids as (batch x codebooks, tokens): one codebook
@@ -157,13 +173,15 @@ def _small(cfg, extra: dict):
     if "n_shared_experts" in have and not getattr(cfg, "n_shared_experts", 1):  # None in Dots1's default
         kw["n_shared_experts"] = 1
     types = getattr(cfg, "layer_types", None)
-    if isinstance(types, list) and types:
-        kw["layer_types"] = _one_of_each(types)
+    derived = isinstance(getattr(type(cfg), "layer_types", None), property)  # Jamba: from attn_layer_period
+    if isinstance(types, list) and types and not derived:
+        kw[alias.get("layer_types", "layer_types")] = types = _one_of_each(types)
         for k in ("num_hidden_layers", "n_layer", "num_layers"):
             if k in kw:
-                kw[k] = len(kw["layer_types"])
-    kw.update({k: v for k, v in extra.items() if not isinstance(v, dict)})
-    for name in getattr(cfg, "sub_configs", {}) or {}:
+                kw[k] = len(types)
+    subs = getattr(cfg, "sub_configs", {}) or {}
+    kw.update({k: v for k, v in extra.items() if k not in subs})
+    for name in subs:
         sub = getattr(cfg, name, None)
         if hasattr(sub, "to_dict"):
             kw[name] = _small(sub, extra.get(name, {}))
