@@ -95,7 +95,8 @@ HF_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
                 linear_head_dim=8, linear_num_heads=4,
                 mamba_d_state=8, state_size=8, ssm_state_size=8, mamba_n_heads=4, mamba_num_heads=4, n_mamba_heads=4,
-                mamba_d_head=16, mamba_head_dim=16, mamba_headdim=16, mamba_dt_rank=4, time_step_rank=4, n_groups=1,
+                mamba_d_ssm=64, mamba_d_head=16, mamba_head_dim=16, mamba_headdim=16, mamba_dt_rank=4, time_step_rank=4,
+                n_groups=1,
                 # hybrid attention blocks (Zamba, RecurrentGemma, RWKV)
                 attention_hidden_size=64, attention_head_dim=16, lru_width=32, kv_channels=8, num_query_groups=2,
                 adapter_rank=8, ffn_hidden_size=64,

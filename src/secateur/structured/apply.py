@@ -187,8 +187,13 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
     from secateur.graph.moe import config_sizes
     changed.update(config_sizes(model, changed))  # experts' widths, each proven by a rebuild on meta
     changed = {k: v for k, v in changed.items() if _field(config, k) != v}
-    for k, v in changed.items():
+    derived = _derived(config)
+    for k, v in list(changed.items()):
+        old = _field(config, k)
         setattr(config, k, v)
+        if _derived(config) != derived:  # a value the forward computes from it (MiniCPM3's logits_scaling =
+            setattr(config, k, old)      # hidden_size / dim_model_base) would change: the record reloads it
+            del changed[k]
     if changed:
         structure.setdefault("", {"params": {}, "buffers": {}, "attrs": {}}).setdefault("config", {}).update(changed)
 
@@ -200,6 +205,17 @@ def _field(config, key: str):
         return getattr(config, key, None)
     except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError (not an AttributeError)
         return None
+
+
+def _derived(config) -> dict:
+    """The number-valued properties a config computes from its fields: a model may read them in its forward."""
+    out = {}
+    for name in dir(type(config)):
+        if not name.startswith("_") and isinstance(getattr(type(config), name, None), property):
+            v = _field(config, name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[name] = v
+    return out
 
 
 def _has(config, key: str) -> bool:
