@@ -152,6 +152,25 @@ def test_hf_registry_recipe_fast(model_type):
     assert oracle(model, x).choices
 
 
+@pytest.mark.zoo
+def test_hf_config_keeps_a_size_its_forward_reads_as_a_value():
+    """MiniCPM3 divides its logits by ``config.logits_scaling`` = hidden_size / dim_model_base, read at every forward:
+    the pruned model keeps the config's hidden size (the structure record carries the new one), else its logits are
+    off by the pruning ratio (relative error 1.0)."""
+    model, x = _hf_auto("minicpm3")
+    scaling = model.config.logits_scaling
+    oracle(model, x)
+    assert model.model.embed_tokens.embedding_dim < 32 and model.config.logits_scaling == scaling
+
+
+@pytest.mark.zoo
+def test_hf_per_layer_config_prunes():
+    """Gemma 4's config refuses to state a global head_dim (transformers' per-layer configs raise on reading it):
+    the config update treats it as not stated, instead of failing after the plan."""
+    model, x = _hf_auto("gemma4_text")
+    assert oracle(model, x).choices
+
+
 def _registry_types():
     try:
         return hf_causal_lm_types()
