@@ -11,8 +11,8 @@ import torch
 
 from secateur.metrics import count_macs, count_params
 from secateur.structured import plan_channels, prune_channels
-from zoo_models import (HF_FAMILIES, TIMM_GIANTS, hf_auto_model, hf_causal_lm_types, hf_inputs, hf_model, timm_input,
-                        timm_one_per_module)
+from zoo_models import (HF_FAMILIES, HF_UNBUILT, TIMM_GIANTS, hf_auto_model, hf_causal_lm_types, hf_inputs, hf_model,
+                        timm_input, timm_one_per_module)
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -141,7 +141,8 @@ def _hf_auto(model_type):
     torch.manual_seed(0)
     model, x = hf_auto_model(model_type)
     if x is None:
-        pytest.skip(f"{model_type}: does not build or run on CPU at the tiny size (tests/zoo_models.py)")
+        pytest.skip(f"{model_type}: does not build or run on CPU at the tiny size: "
+                    f"{HF_UNBUILT.get(model_type, 'not known why (tests/zoo_models.py)')}")
     return model, x
 
 
