@@ -91,7 +91,7 @@ HF_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
                 n_group=1, topk_group=1, first_k_dense_replace=1, moe_num_experts=4, num_experts_per_token=2,
                 shared_experts_intermediate_size=32, shared_intermediate_size=32,
                 moe_shared_expert_intermediate_size=32, dense_intermediate_size=64, expert_ffn_hidden_size=32,
-                # linear attention (Qwen3-Next gated delta net, Kimi) and SSMs (Mamba-2, Bamba, Jamba, Nemotron-H, Zamba)
+                # linear attention (Qwen3-Next gated delta net, Kimi), SSMs (Mamba-2, Bamba, Jamba, Nemotron-H, Zamba)
                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
                 linear_head_dim=8, linear_num_heads=4,
                 mamba_d_state=8, state_size=8, ssm_state_size=8, mamba_n_heads=4, mamba_num_heads=4, n_mamba_heads=4,
