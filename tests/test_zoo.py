@@ -11,7 +11,8 @@ import torch
 
 from secateur.metrics import count_macs, count_params
 from secateur.structured import plan_channels, prune_channels
-from zoo_models import HF_FAMILIES, TIMM_GIANTS, hf_inputs, hf_model, timm_input, timm_one_per_module
+from zoo_models import (HF_FAMILIES, HF_UNBUILT, TIMM_GIANTS, hf_auto_model, hf_causal_lm_types, hf_inputs, hf_model,
+                        timm_input, timm_one_per_module)
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -128,6 +129,68 @@ def test_llama_gqa_heads_stay_grouped():
     hd = model.config.head_dim
     q, k = att.q_proj.out_features // hd, att.k_proj.out_features // hd
     assert (q, k) == (2, 1) and model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
+
+
+# the generic registry recipe (tests/zoo_models.py hf_auto_model): a decoder-only part of an encoder-decoder (BART),
+# partial rotary (GPT-J's rotary_dim), a multimodal wrapper whose text tower is the LM (Gemma 3)
+HF_AUTO_FAST = ["bart", "gptj", "gemma3"]
+
+
+def _hf_auto(model_type):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, x = hf_auto_model(model_type)
+    if x is None:
+        pytest.skip(f"{model_type}: does not build or run on CPU at the tiny size: "
+                    f"{HF_UNBUILT.get(model_type, 'not known why (tests/zoo_models.py)')}")
+    return model, x
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("model_type", HF_AUTO_FAST)
+def test_hf_registry_recipe_fast(model_type):
+    model, x = _hf_auto(model_type)
+    assert oracle(model, x).choices
+
+
+@pytest.mark.zoo
+def test_hf_config_keeps_a_size_its_forward_reads_as_a_value():
+    """MiniCPM3 divides its logits by ``config.logits_scaling`` = hidden_size / dim_model_base, read at every forward:
+    the pruned model keeps the config's hidden size (the structure record carries the new one), else its logits are
+    off by the pruning ratio (relative error 1.0)."""
+    model, x = _hf_auto("minicpm3")
+    scaling = model.config.logits_scaling
+    oracle(model, x)
+    assert model.model.embed_tokens.embedding_dim < 32 and model.config.logits_scaling == scaling
+
+
+@pytest.mark.zoo
+def test_hf_per_layer_config_prunes():
+    """Gemma 4's config refuses to state a global head_dim (transformers' per-layer configs raise on reading it):
+    the config update treats it as not stated, instead of failing after the plan."""
+    model, x = _hf_auto("gemma4_text")
+    assert oracle(model, x).choices
+
+
+def _registry_types():
+    try:
+        return hf_causal_lm_types()
+    except ImportError:  # transformers missing
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.parametrize("model_type", _registry_types())
+def test_hf_causal_lm_registry(model_type):
+    """Every causal LM type in transformers' registry at a tiny random size prunes and passes the oracle, or is
+    refused with a PruningError."""
+    model, x = _hf_auto(model_type)
+    from secateur.errors import PruningError
+    try:
+        oracle(model, x)
+    except PruningError as e:
+        pytest.xfail(f"refused: {e}")
 
 
 # ---------------------------------------------------------------- timm

@@ -163,18 +163,18 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
 
     for key, (attr, suffixes) in _HF_SIZES.items():
         vals = sizes(attr, suffixes)
-        if hasattr(config, key) and len(vals) == 1:
+        if _has(config, key) and len(vals) == 1:
             changed[key] = vals.pop()
     # head counts only where the config states the head size; where it derives it (hidden // heads: BERT, GPT-2,
     # ViT, BART) a new head count would build a different model, so the structure record carries it instead
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+    head_dim = _field(config, "head_dim") or _field(config, "d_kv")
     if head_dim:  # the hidden size (residual stream, pruned through its RMSNorms) is then free to change too
         vals = sizes("embedding_dim", ("embed_tokens",), dim=1)
-        if hasattr(config, "hidden_size") and len(vals) == 1:
+        if _has(config, "hidden_size") and len(vals) == 1:
             changed["hidden_size"] = vals.pop()
     if head_dim and heads == "head_dim":  # head counts stay; the stated head size follows the q projections
-        key = "head_dim" if getattr(config, "head_dim", None) else "d_kv"
-        n = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
+        key = "head_dim" if _field(config, "head_dim") else "d_kv"
+        n = _field(config, "num_attention_heads") or _field(config, "num_heads")
         vals = {v for s in _HF_HEADS["num_attention_heads"] + _HF_HEADS["num_heads"] for v in
                 sizes("out_features", (s,))}
         if n and len(vals) == 1:
@@ -182,15 +182,47 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
     elif head_dim:
         for key, suffixes in _HF_HEADS.items():
             vals = {v for s in suffixes for v in sizes("out_features", (s,))}
-            if hasattr(config, key) and len(vals) == 1 and getattr(config, key) is not None:
+            if len(vals) == 1 and _field(config, key) is not None:
                 changed[key] = vals.pop() // head_dim
     from secateur.graph.moe import config_sizes
     changed.update(config_sizes(model, changed))  # experts' widths, each proven by a rebuild on meta
-    changed = {k: v for k, v in changed.items() if getattr(config, k) != v}
-    for k, v in changed.items():
+    changed = {k: v for k, v in changed.items() if _field(config, k) != v}
+    derived = _derived(config)
+    for k, v in list(changed.items()):
+        old = _field(config, k)
         setattr(config, k, v)
+        if _derived(config) != derived:  # a value the forward computes from it (MiniCPM3's logits_scaling =
+            setattr(config, k, old)      # hidden_size / dim_model_base) would change: the record reloads it
+            del changed[k]
     if changed:
         structure.setdefault("", {"params": {}, "buffers": {}, "attrs": {}}).setdefault("config", {}).update(changed)
+
+
+def _field(config, key: str):
+    """``config.<key>``, None where absent or where the config states no single value: transformers' per-layer
+    configs (Gemma 4, Dots3) raise on reading a field that may differ between layers; the record reloads those."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError (not an AttributeError)
+        return None
+
+
+def _derived(config) -> dict:
+    """The number-valued properties a config computes from its fields: a model may read them in its forward."""
+    out = {}
+    for name in dir(type(config)):
+        if not name.startswith("_") and isinstance(getattr(type(config), name, None), property):
+            v = _field(config, name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[name] = v
+    return out
+
+
+def _has(config, key: str) -> bool:
+    try:
+        return hasattr(config, key)
+    except Exception:  # noqa: BLE001 - as in _field
+        return False
 
 
 def _record_unsaved(entry: dict, name: str, removed: dict, new: torch.Tensor) -> None:
