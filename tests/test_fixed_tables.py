@@ -101,3 +101,17 @@ def test_transformers_sinusoidal_streams_prune(family, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert count_macs(model, x) < 0.35 * macs0
     assert_reloads(make, model, x, tmp_path, run)
+
+
+def test_a_table_pruned_on_the_meta_device_records_positions_without_values():
+    """Plans of models larger than memory apply on a meta skeleton: the table's kept positions are recorded, its
+    checksum is not (there are no values), and nothing fails."""
+    torch.manual_seed(0)
+    model, x = Stream().eval(), _ids()
+    plan = plan_channels(model, x, ratio=0.5)
+    from secateur.graph.verify import skeleton
+    sk = skeleton(model)
+    plan.apply(sk)
+    entry = sk._secateur_structure[""]
+    assert sk.table.device.type == "meta" and len(entry["kept"]["table"]["1"]) == 16
+    assert entry["checks"]["table"] is None
