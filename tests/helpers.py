@@ -70,3 +70,22 @@ def randomize_bn(*bns, low=0.0, high=1.0):
             bn.weight.uniform_(low, high)
             bn.running_mean.normal_()
             bn.running_var.uniform_(0.5, 2)
+
+
+def prune_causal_lm(make, tmp_path=None, below=0.35, low=0):
+    """A Hugging Face causal LM from ``make()`` planned at ratio 0.5 and pruned in place: the pruned logits equal
+    the oracle's reference, MACs end under ``below`` of dense, and (with ``tmp_path``) save/load onto a fresh
+    ``make()`` is bit-exact. Returns (model, plan) for the caller's own checks."""
+    from secateur.metrics import count_macs
+    from secateur.structured import plan_channels
+    torch.manual_seed(0)
+    model, x = make().eval(), {"input_ids": torch.randint(low, 100, (1, 6))}
+    run = lambda m, x: m(**x).logits  # noqa: E731
+    macs0 = count_macs(model, x)
+    plan = plan_channels(model, x, ratio=0.5)
+    _, want, got = pruned_vs_reference(model, x, plan, run)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert count_macs(model, x) < below * macs0
+    if tmp_path is not None:
+        assert_reloads(make, model, x, tmp_path, run)
+    return model, plan
