@@ -1,6 +1,7 @@
 """What the engine knows about unlabelled tensors that meet channels: memory a filling factory wrote (one value
-everywhere) and tensors computed elementwise from one parameter or buffer (or rows gathered from one). Either would otherwise be a constant that varies
-along the channels and make them all-or-nothing (elementwise.py ``pointwise``)."""
+everywhere), and tensors computed from one parameter or buffer by elementwise ops, views and gathers that keep
+some of its dims whole. Either would otherwise be a constant that varies along the channels and make them
+all-or-nothing (elementwise.py ``pointwise``)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from secateur.graph.capture import Tracer
-from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, _tensors, aten
+from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, _pad, _tensors, aten
 
 
 _FILLS = {aten.zeros, aten.ones, aten.full, aten.zeros_like, aten.ones_like, aten.full_like, aten.new_zeros,
@@ -46,8 +47,8 @@ def _storage(t: torch.Tensor) -> int:
         return -1
 
 
-_SAME_ORDER = {aten.unsqueeze, aten.squeeze, aten.select, aten.expand, aten.view, aten._unsafe_view, aten.reshape, aten.slice, aten.alias,
-               aten.clone, aten._to_copy, aten.detach, aten.contiguous, aten.lift_fresh_copy}
+_SAME_ORDER = {aten.unsqueeze, aten.squeeze, aten.select, aten.expand, aten.view, aten._unsafe_view, aten.reshape,
+               aten.slice, aten.alias, aten.clone, aten._to_copy, aten.detach, aten.contiguous, aten.lift_fresh_copy}
 
 
 _GATHERS = {aten.index_select, aten.index}
@@ -87,12 +88,13 @@ def _track_gather(tr: Tracer, packet, args, out) -> None:
 
 
 def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
-    """Remember an unlabelled tensor computed from one model parameter by elementwise ops and by views that only
-    add or drop size-1 dims (``-torch.exp(self.A_log)[None, :, None, :]``), or take a part along one dim (select,
-    slice): each of its mapped dims is one of the parameter's, whole. Where it meets channels along such a dim (elementwise.py ``pointwise``) the parameter is
-    sliced along its own dim instead of the channels being made all-or-nothing: slicing commutes with
-    elementwise ops and with such views. Any other operand must be a scalar; a permute, a reduction or a second
-    tensor ends the chain."""
+    """Remember an unlabelled tensor computed from one model parameter or buffer by elementwise ops and by ops that
+    keep some of its dims whole: views adding or dropping size-1 dims (``-torch.exp(self.A_log)[None, :, None,
+    :]``), ``expand``, a part along one dim (select, slice), a reshape that leaves a dim intact, rows gathered by
+    index. Each mapped dim is one of the root's, whole. Where the tensor meets channels along such a dim
+    (elementwise.py ``pointwise``) the root is sliced along its own dim instead of the channels being made
+    all-or-nothing: slicing commutes with all of these. Any other operand must be a scalar; a permute, a
+    reduction or a second tensor ends the chain."""
     packet = func.overloadpacket
     if func._schema.is_mutable or not isinstance(out, torch.Tensor):
         return
@@ -148,12 +150,17 @@ def const_label(tr, c, d: int) -> torch.Tensor | None:
     shaped like ``c``: the parameter's atoms along that dim, constant along the others."""
     if id(c) not in tr.derived:
         return tr.param_label_along(c, d)
-    _, root, dims = tr.derived[id(c)]
+    root, dims = tr.derived[id(c)][1:]
+    return _root_label(tr, c, root, dims, d)
+
+
+def _root_label(tr, t: torch.Tensor, root: torch.Tensor, dims: dict[int, int], d: int) -> torch.Tensor | None:
+    """The root's atoms along the root dim that ``t``'s dim ``d`` is, shaped like ``t`` (1 elsewhere)."""
     lab = tr.param_label_along(root, dims[d], buffers=True)
     if lab is None:
         return None
-    shape = [1] * c.dim()
-    shape[d] = c.size(d)
+    shape = [1] * t.dim()
+    shape[d] = t.size(d)
     return lab.reshape(shape)
 
 
@@ -163,7 +170,7 @@ def label_free_inputs(tr: Tracer, tensors: list, dim: int) -> None:
     root's atoms along the one dim the other inputs carry channels on, so it is sliced with them. Left
     unlabelled it was an unsliceable block in the stream, and the whole residual stream was kept (naflexvit and
     every ``*_reg4`` ViT)."""
-    labs = [_pad_to(tr.get(t), t.dim()) for t in tensors if isinstance(t, torch.Tensor) and tr.get(t) is not None]
+    labs = [_pad(tr.get(t), t.dim()) for t in tensors if isinstance(t, torch.Tensor) and tr.get(t) is not None]
     if not labs:
         return
     nd = tensors[0].dim()
@@ -179,14 +186,6 @@ def label_free_inputs(tr: Tracer, tensors: list, dim: int) -> None:
         if found is None or sum(s > 1 for s in t.shape) < 2:  # one non-1 dim: Tracer.param_label does it
             continue
         root, dims = found
-        if e not in dims:
-            continue
-        lab = tr.param_label_along(root, dims[e], buffers=True)
+        lab = _root_label(tr, t, root, dims, e) if e in dims else None
         if lab is not None:
-            shape = [1] * nd
-            shape[e] = t.size(e)
-            tr.set(t, lab.reshape(shape))
-
-
-def _pad_to(lab: torch.Tensor, nd: int) -> torch.Tensor:
-    return lab.reshape((1,) * (nd - lab.dim()) + tuple(lab.shape))
+            tr.set(t, lab)
