@@ -7,6 +7,7 @@ import torch
 from secateur.graph.capture import Tracer
 from secateur.graph.rules.constants import track_derived, track_uniform
 from secateur.graph.rules.elementwise import pointwise
+from secateur.graph.rules.inplace import refresh_views, register_view, write_through
 from secateur.graph.rules.matmul import _TRANSPOSES, _gathered_table, _weight_view, gathered_row
 from secateur.graph.rules.movement import move
 from secateur.graph.rules.reductions import _SPATIAL, _resampled_param
@@ -48,22 +49,28 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         fn = pointwise
     if fn is None:
         fn = not_understood
-    inplace_view = func._schema.is_mutable and isinstance(args[0], torch.Tensor) and args[0]._is_view()
-    before = tr.get(args[0]) if inplace_view else None
+    mutated = args[0] if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor) else None
+    inplace_view = mutated is not None and mutated._is_view()
+    before = tr.get(mutated) if mutated is not None else None
     fn(tr, func, args, kwargs, out)
-    if inplace_view:
-        after = tr.get(args[0])
-        if not (before is None and after is None) and (before is None or after is None or
-                                                        not torch.equal(before, after)):
-            # the base's labels are not rewritten through the view: keep every channel on either side of the
-            # write (before and after), so nothing there changes under any plan (noted)
+    if mutated is not None:
+        after = tr.get(mutated)
+        changed = not (before is None and after is None) and (before is None or after is None or
+                                                                not torch.equal(before, after))
+        if changed and not inplace_view:
+            refresh_views(tr, mutated)  # views made earlier read the new labels
+        elif changed and not write_through(tr, mutated):
+            # the base's labels cannot be rewritten exactly through the view (rules/inplace.py): keep every
+            # channel on either side of the write (before and after), so nothing there changes under any plan
             tr.atoms.block(before)
             tr.atoms.block(after)
             note = (f"{tr.where()}: in-place {packet._qualified_op_name} writes channels into a view of another "
                     "tensor; the channels on both sides of the write are kept")
             if note not in tr.notes:
                 tr.notes.append(note)
-
+    for t in _outs(out):
+        if t is not mutated and id(t) in tr.labels and t._is_view():
+            register_view(tr, t)
 
 def _free_pointwise(func, packet) -> bool:
     """An out-of-place pointwise op, which may read a free parameter and nothing labelled: Swin V2's per-head

@@ -161,6 +161,12 @@ def _shared_params(tr, tens, nd) -> set[int]:
         if any(lab.size(big[0]) > 1 and any(_distinct_along(lab, e) for e in range(nd) if e != big[0])
                for lab in labs):
             out.add(id(t))
+        elif labs and all(lab.size(big[0]) == 1 for lab in labs):
+            # the channels do not vary along the weight's dim at all (a gated RMSNorm's weight [head_v_dim] on the
+            # gated delta net's output [tokens * heads, head_v_dim], whole heads one unit each: Qwen3-Next): the
+            # weight is sliced by no channel, a constant; labelled, it was the outer side of a product with the
+            # heads and kept them all
+            out.add(id(t))
     return out
 
 

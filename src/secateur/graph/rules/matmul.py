@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from secateur.graph.rules.registry import _pad, aten, rule
+from secateur.graph.rules.registry import _pad, aten, not_understood, rule
 
 
 # ---------------------------------------------------------------- matmul
@@ -201,4 +201,35 @@ def addmm(tr, func, args, kwargs, out):
         res = tr.atoms.collapse(res, dims)
     elif bias is not None:
         res = _join(tr, res, _pad(bias, out.dim()))
+    tr.set(out, res)
+
+
+# ---------------------------------------------------------------- triangular solves (gated delta net's UT transform)
+@rule(aten.linalg_solve_triangular)
+def solve_triangular(tr, func, args, kwargs, out):
+    """``X = A^-1 B`` (``left=True``; ``X = B A^-1`` when False) with ``A [..., n, n]`` a system over positions (the
+    gated delta net's chunk of time steps, Qwen3-Next / Qwen3.5 / OLMo-hybrid): each column of B is solved on its
+    own, so B's channels along its free dim (the last; the rows when ``left=False``) are X's, exactly (zeroing a
+    column of B zeroes that column of X). Along the solved dim X mixes B's positions: channels there are one unit.
+    A must carry no channels along its two system dims (then the solve mixes channels: kept, ``not_understood``);
+    along the batch dims (heads) A and B meet as in a matmul (unioned). A constant A that varies along a batch dim
+    where B carries channels cannot be sliced with them: those channels go all together."""
+    a, b = args[0], args[1]
+    left = kwargs.get("left", True)  # keyword-only in the schema
+    nd = out.dim()
+    la, lb = _pad(tr.get(a), a.dim()), _pad(tr.get(b), b.dim())
+    if la is not None and (la.size(-1) > 1 or la.size(-2) > 1):
+        return not_understood(tr, func, args, kwargs, out)
+    solved = nd - 2 if left else nd - 1
+    res = None
+    if lb is not None:
+        res = _pad(lb, nd)
+        if res.size(solved) > 1:
+            res = tr.atoms.collapse(res, [solved])
+        if la is None:
+            ash = (1,) * (nd - a.dim()) + tuple(a.shape)
+            dims = [d for d in range(nd - 2) if ash[d] > 1 and res.size(d) > 1]
+            res = tr.atoms.collapse(res, dims)
+    if la is not None:
+        res = _join(tr, res, _pad(la, nd))
     tr.set(out, res)
