@@ -76,8 +76,10 @@ class Tracer:
         # None, :]``, a sinusoidal position table's rows): id -> (tensor, root, {tensor dim: root dim}); sliced like
         # the root where they meet channels (graph/rules/constants.py)
         self.derived: dict[int, tuple[torch.Tensor, torch.Tensor, dict[int, int]]] = {}
-        # id(base) -> its labelled views, read again from the base's labels after an in-place write (rules/inplace.py)
-        self.views: dict[int, list[torch.Tensor]] = {}
+        # in-place writes through views (rules/inplace.py): id(base) -> how many times its labels were rewritten, and
+        # id(view) -> the count its labels reflect (a view made before a write is read again from its base)
+        self.writes: dict[int, int] = {}
+        self.read_at: dict[int, int] = {}
         for mname, mod in model.named_modules():
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) not in self.owner:
@@ -295,5 +297,6 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     tracer.macs = tally.total if macs else None
     tracer.alive.clear()
     tracer.labels.clear()
-    tracer.views.clear()
+    tracer.writes.clear()
+    tracer.read_at.clear()
     return tracer

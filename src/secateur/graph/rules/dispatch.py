@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from secateur.graph.capture import Tracer
-from secateur.graph.rules.constants import track_derived, track_uniform
+from secateur.graph.rules.constants import is_uniform, track_derived, track_uniform
 from secateur.graph.rules.elementwise import pointwise
-from secateur.graph.rules.inplace import refresh_views, register_view, write_through
+from secateur.graph.rules.inplace import refresh_inputs, write_through, written_to
 from secateur.graph.rules.matmul import _TRANSPOSES, _gathered_table, _weight_view, gathered_row
 from secateur.graph.rules.movement import move
 from secateur.graph.rules.reductions import _SPATIAL, _resampled_param
@@ -16,6 +16,12 @@ from secateur.graph.rules.weighted import _OWN_WEIGHT
 
 
 def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
+    # memory a filling factory wrote and nothing since (zeros_like): a write into a view of it labels the lines it
+    # writes whole (rules/inplace.py); asked before ``track_uniform`` forgets it for this very write
+    fresh = (func._schema.is_mutable and bool(args) and isinstance(args[0], torch.Tensor) and args[0]._is_view()
+             and is_uniform(tr, args[0]))
+    if tr.writes:  # some base was written through a view: views of it made before read its new labels
+        refresh_inputs(tr, [t for a in (*args, *kwargs.values()) for t in _tensors(a)])
     track_uniform(tr, func, args, out)
     labelled = any(tr.get(t) is not None for a in (*args, *kwargs.values()) for t in _tensors(a))
     packet = func.overloadpacket
@@ -58,8 +64,8 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         changed = not (before is None and after is None) and (before is None or after is None or
                                                                 not torch.equal(before, after))
         if changed and not inplace_view:
-            refresh_views(tr, mutated)  # views made earlier read the new labels
-        elif changed and not write_through(tr, mutated):
+            written_to(tr, mutated)  # views made earlier read the new labels
+        elif changed and not write_through(tr, mutated, fresh):
             # the base's labels cannot be rewritten exactly through the view (rules/inplace.py): keep every
             # channel on either side of the write (before and after), so nothing there changes under any plan
             tr.atoms.block(before)
@@ -68,9 +74,6 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
                     "tensor; the channels on both sides of the write are kept")
             if note not in tr.notes:
                 tr.notes.append(note)
-    for t in _outs(out):
-        if t is not mutated and id(t) in tr.labels and t._is_view():
-            register_view(tr, t)
 
 def _free_pointwise(func, packet) -> bool:
     """An out-of-place pointwise op, which may read a free parameter and nothing labelled: Swin V2's per-head

@@ -5,8 +5,8 @@ or readers of the base see channels that are no longer there (and miss those tha
 so the write is mapped through memory: every element of the base and of the view has a storage position (offset and
 strides), which gives each view element its position in the base exactly, whatever chain of views made it
 (select, slice, transpose, a base that is itself not contiguous: recurrent_gemma's scan output). The view's labels
-after the op are written at those positions of the base's labels, and every other live view of the base is read
-again from them.
+after the op are written at those positions of the base's labels, and a view of the base made earlier is read again
+from them when it is next used.
 
 Exact only when the pruned model writes the same region: along a dim the write does not cover whole (time in a
 per-step loop), the written labels must be one atom per line (no channel is cut by the region's fixed bounds);
@@ -22,17 +22,11 @@ from secateur.graph.labels import full
 from secateur.graph.rules.registry import _pad
 
 
-def register_view(tr: Tracer, t: torch.Tensor) -> None:
-    """Remember a labelled view of a base, so a later write into the base (through another view or directly)
-    updates its labels too (``refresh_views``). Only labelled tensors: those the tracer already holds alive."""
-    base = t._base
-    if base is not None:
-        tr.views.setdefault(id(base), []).append(t)
-
-
-def write_through(tr: Tracer, view: torch.Tensor) -> bool:
+def write_through(tr: Tracer, view: torch.Tensor, fresh: bool = False) -> bool:
     """The view ``view`` of a base has just been written in place and holds its new labels: write them into the
-    base's labels at the view's positions. False (nothing changed) when the write cannot be mapped exactly."""
+    base's labels at the view's positions. False (nothing changed) when the write cannot be mapped exactly.
+    ``fresh``: the base held one value everywhere until now (``torch.zeros_like``): along the dims the write does
+    not cover, the rest of each line it writes takes the written label (``_fill``)."""
     base = view._base
     if base is None or id(base) in tr.owner or base.dtype != view.dtype or base.numel() == 0:
         return False
@@ -45,27 +39,43 @@ def write_through(tr: Tracer, view: torch.Tensor) -> bool:
     lab = lab.reshape(base.shape)
     region = torch.zeros(base.numel(), dtype=torch.bool)
     region[pos.reshape(-1)] = True
-    if not _exact(lab, region.reshape(base.shape)):
+    region = region.reshape(base.shape)
+    if not _exact(lab, region):
         return False
+    if fresh and tr.get(base) is None:
+        lab = _fill(lab, region)
     tr.set(base, lab)
-    refresh_views(tr, base, skip=view)
+    written_to(tr, base)
+    tr.read_at[id(view)] = tr.writes[id(base)]
     return True
 
 
-def refresh_views(tr: Tracer, base: torch.Tensor, skip: torch.Tensor | None = None) -> None:
-    """Read every registered view of ``base`` again from the base's labels (a write made them stale)."""
-    views = tr.views.get(id(base))
-    if not views:
-        return
-    lab = full(_pad(tr.get(base), base.dim()), base.shape).reshape(-1)
-    for v in views:
-        if v is skip or id(v) not in tr.labels:
+def written_to(tr: Tracer, base: torch.Tensor) -> None:
+    """``base``'s labels changed in place: views of it made earlier are read again when next used."""
+    if id(base) not in tr.owner:
+        tr.writes[id(base)] = tr.writes.get(id(base), 0) + 1
+        tr.alive.append(base)  # its id stays its own while the capture runs
+
+
+def refresh_inputs(tr: Tracer, tensors) -> None:
+    """Views among an op's inputs whose base was written after their labels were set (a view made before a
+    per-step loop filled its base, read after it): their labels are read again from the base's, at their
+    positions. Only runs once some base was written (``Tracer.writes``)."""
+    for t in tensors:
+        base = t._base
+        if base is None:
             continue
-        pos = _positions(base, v)
-        if pos is None:  # not mappable: nothing the view holds may change under any plan
-            tr.atoms.block(tr.get(v))
+        version = tr.writes.get(id(base))
+        if version is None or tr.read_at.get(id(t)) == version:
             continue
-        tr.set(v, lab[pos])
+        pos = _positions(base, t)
+        if pos is None:  # not mappable: whatever it holds stays as it is under any plan
+            tr.atoms.block(tr.get(t))
+            tr.atoms.block(tr.get(base))
+        else:
+            tr.set(t, full(_pad(tr.get(base), base.dim()), base.shape).reshape(-1)[pos])
+        tr.read_at[id(t)] = version
+        tr.alive.append(t)
 
 
 def _positions(base: torch.Tensor, view: torch.Tensor) -> torch.Tensor | None:
@@ -103,3 +113,18 @@ def _exact(lab: torch.Tensor, region: torch.Tensor) -> bool:
         if not bool(((lo == hi) | ~region.any(dim=d)).all()):
             return False
     return True
+
+
+def _fill(lab: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Label the unwritten cells of each line the write touches with the line's written label (one per line,
+    ``_exact``). The memory was one value everywhere (a fill factory's): its cells hold no channel, so they may be
+    sliced with any; labelled, the buffer of a per-step loop holds its channels at every step from the first write
+    on, and the next step's ``buf[:, t]`` selects along a dim the labels do not vary on. Left ``-1``, that select
+    cut through channels and kept them all (rules/movement.py ``_check_slice``)."""
+    for d in range(lab.dim()):
+        if lab.size(d) == 1 or bool(region.all(dim=d).eq(region.any(dim=d)).all()):
+            continue
+        line = torch.where(region, lab, -1).amax(dim=d, keepdim=True).expand_as(lab)
+        lab = torch.where(region, lab, line)
+        region = region.any(dim=d, keepdim=True).expand_as(region)
+    return lab
