@@ -161,6 +161,32 @@ def test_write_cutting_a_channel_dim_keeps_its_channels():
     assert model.a.out_features == 8 and model.b.out_features == 8 and model.out.in_features == 16
 
 
+class NamedSliceWrite(nn.Module):
+    """A concatenation written in two parts at a position the module names (Hunyuan-V4's key states:
+    ``key_states[..., :self.qk_nope_head_dim].copy_(k_nope)``), into memory sized from its attributes: a cut
+    (graph/splits.py) whose bounds and size follow the pruning, proven by the dry run."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(5, 8), nn.Linear(5, 6), nn.Linear(14, 3)
+        self.a_dim, self.width = 8, 14
+
+    def forward(self, x):
+        buf = x.new_empty(x.shape[0], x.shape[1], self.width)
+        buf[..., :self.a_dim].copy_(self.a(x))
+        buf[..., self.a_dim:].copy_(torch.relu(self.b(x)))
+        return self.out(buf)
+
+
+def test_write_at_named_channel_positions_prunes_within_each_part():
+    torch.manual_seed(0)
+    model, x = NamedSliceWrite().eval(), torch.randn(2, 7, 5)
+    plan = assert_oracle(model, x, ratio=0.5)
+    assert not any(_NOTE in n for n in plan.notes)
+    assert (model.a.out_features, model.b.out_features, model.out.in_features) == (4, 3, 7)
+    assert (model.a_dim, model.width) == (4, 7)
+
+
 def _hf(model_type):
     pytest.importorskip("transformers")
     from zoo_models import _causal_lm_class, hf_small_config

@@ -80,6 +80,7 @@ class Tracer:
         # id(view) -> the count its labels reflect (a view made before a write is read again from its base)
         self.writes: dict[int, int] = {}
         self.read_at: dict[int, int] = {}
+        self.made: dict[int, tuple[int, Any]] = {}  # id(buffer a factory made) -> (its trace step, weak reference)
         for mname, mod in model.named_modules():
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) not in self.owner:
@@ -299,4 +300,5 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     tracer.labels.clear()
     tracer.writes.clear()
     tracer.read_at.clear()
+    tracer.made.clear()
     return tracer

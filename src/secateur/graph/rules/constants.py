@@ -30,10 +30,22 @@ def track_uniform(tr: Tracer, func, args, out) -> None:
         for a in args:
             for t in _tensors(a):
                 tr.uniform.pop(_storage(t), None)
-    if packet in _FILLS and isinstance(out, torch.Tensor) and not func._schema.is_mutable:
+    if isinstance(out, torch.Tensor) and not func._schema.is_mutable and (
+            packet in _FILLS or (tr.uniform and _uniform_pointwise(tr, func, args))):
         key = _storage(out)
         if key != -1:
             tr.uniform[key] = out  # held: a storage's address is only its own while it lives
+
+
+def _uniform_pointwise(tr: Tracer, func, args) -> bool:
+    """A pointwise op of uniform memory and numbers is uniform too: RWKV's ``torch.zeros_like(k) - 1e38`` (its
+    running maximum's start). Not tracked, it was a constant varying along the channels it meets in
+    ``torch.maximum``, and every attention channel of RWKV was one all-or-nothing unit."""
+    if torch.Tag.pointwise not in func.tags and func.overloadpacket not in _POINTWISE_UNTAGGED:
+        return False
+    ts = [t for a in args for t in _tensors(a)]
+    return bool(ts) and all(tr.get(t) is None and id(t) not in tr.owner and (t.dim() == 0 or is_uniform(tr, t))
+                            for t in ts)
 
 
 def is_uniform(tr: Tracer, t: torch.Tensor) -> bool:

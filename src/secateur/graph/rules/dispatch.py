@@ -7,7 +7,7 @@ import torch
 from secateur.graph.capture import Tracer
 from secateur.graph.rules.constants import is_uniform, track_derived, track_uniform
 from secateur.graph.rules.elementwise import pointwise
-from secateur.graph.rules.inplace import refresh_inputs, write_through, written_to
+from secateur.graph.rules.inplace import FACTORIES, made, refresh_inputs, write_through, written_to
 from secateur.graph.rules.matmul import _TRANSPOSES, _gathered_table, _weight_view, gathered_row
 from secateur.graph.rules.movement import move
 from secateur.graph.rules.reductions import _SPATIAL, _resampled_param
@@ -20,6 +20,8 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
     # writes whole (rules/inplace.py); asked before ``track_uniform`` forgets it for this very write
     fresh = (func._schema.is_mutable and bool(args) and isinstance(args[0], torch.Tensor) and args[0]._is_view()
              and is_uniform(tr, args[0]))
+    if func.overloadpacket in FACTORIES and isinstance(out, torch.Tensor):
+        made(tr, out)
     if tr.writes:  # some base was written through a view: views of it made before read its new labels
         refresh_inputs(tr, [t for a in (*args, *kwargs.values()) for t in _tensors(a)])
     track_uniform(tr, func, args, out)

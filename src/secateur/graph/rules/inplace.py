@@ -15,11 +15,26 @@ shrink): the caller keeps the channels on both sides (noted). A write into a mod
 another dtype, or a base whose elements overlap in memory is not mapped either."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from secateur.graph.capture import Tracer
 from secateur.graph.labels import full
 from secateur.graph.rules.registry import _pad
+from secateur.graph.splits import open_cut
+
+aten = torch.ops.aten
+# ops that make new memory from sizes alone (the model's code or its input's shape): a buffer a loop then fills
+FACTORIES = {aten.zeros, aten.ones, aten.full, aten.empty, aten.empty_strided, aten.zeros_like, aten.ones_like,
+             aten.full_like, aten.empty_like, aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty,
+             aten.new_empty_strided}
+
+
+def made(tr: Tracer, out: torch.Tensor) -> None:
+    """Remember which trace step made ``out``: once writes label it, that step's expected shape follows (the
+    pruned code must allocate the pruned size; ``_relabel_origin``)."""
+    tr.made[id(out)] = (len(tr.trace), weakref.ref(out))
 
 
 def write_through(tr: Tracer, view: torch.Tensor, fresh: bool = False) -> bool:
@@ -40,14 +55,26 @@ def write_through(tr: Tracer, view: torch.Tensor, fresh: bool = False) -> bool:
     region = torch.zeros(base.numel(), dtype=torch.bool)
     region[pos.reshape(-1)] = True
     region = region.reshape(base.shape)
-    if not _exact(lab, region):
+    cut = _exact(lab, region)
+    if cut is False or (cut is not True and not _named_slice(tr, lab, region, cut)):
         return False
     if fresh and tr.get(base) is None:
         lab = _fill(lab, region)
     tr.set(base, lab)
+    _relabel_origin(tr, base)
     written_to(tr, base)
     tr.read_at[id(view)] = tr.writes[id(base)]
     return True
+
+
+def _relabel_origin(tr: Tracer, base: torch.Tensor) -> None:
+    """The trace step that allocated ``base`` now expects its labels' shape: a buffer sized by an attribute
+    (``new_empty(..., self.width)``) must shrink with what is written into it, and the dry run must see that
+    (verify.py compares every step's shape; the attribute search takes its old -> new sizes from there)."""
+    step = tr.made.get(id(base))
+    if step is not None and step[1]() is base:
+        op, shapes, _ = tr.trace[step[0]]
+        tr.trace[step[0]] = (op, shapes, (tr.labels.get(id(base)),))
 
 
 def written_to(tr: Tracer, base: torch.Tensor) -> None:
@@ -100,10 +127,12 @@ def _extent(t: torch.Tensor) -> int:
     return t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
 
 
-def _exact(lab: torch.Tensor, region: torch.Tensor) -> bool:
+def _exact(lab: torch.Tensor, region: torch.Tensor) -> bool | int:
     """Along every dim the written ``region`` does not cover whole, each line of it holds one label: the region's
     fixed bounds cut no channel dim (a per-step write at time ``t`` covers whole channel rows; ``x[..., :n]`` with
-    channels along the last dim does not)."""
+    channels along the last dim does not). Returns True, False, or the one dim whose lines hold several labels
+    (a slice along a channel dim: exact only at positions the module names, ``_named_slice``)."""
+    cut = True
     for d in range(lab.dim()):
         if lab.size(d) == 1 or bool(region.all(dim=d).eq(region.any(dim=d)).all()):
             continue  # the region covers every line along d that it touches
@@ -111,8 +140,25 @@ def _exact(lab: torch.Tensor, region: torch.Tensor) -> bool:
         lo = torch.where(region, lab, big).amin(dim=d)
         hi = torch.where(region, lab, -big).amax(dim=d)
         if not bool(((lo == hi) | ~region.any(dim=d)).all()):
-            return False
-    return True
+            if cut is not True:
+                return False
+            cut = d
+    return cut
+
+
+def _named_slice(tr: Tracer, lab: torch.Tensor, region: torch.Tensor, d: int) -> bool:
+    """A write into one contiguous range of channels along ``d`` (``key_states[..., :self.qk_nope_head_dim] =
+    k_nope``, a concatenation written in two parts: Hunyuan-V4's attention): exact when the module names the
+    range's bounds, as for a slice read there (graph/splits.py: the bounds move with the pruning, proven by the dry
+    run). Opens that cut; False when the range is not contiguous or not named."""
+    along = region.movedim(d, -1).reshape(-1, region.size(d)).any(dim=0)
+    idx = along.nonzero().flatten()
+    start, end = int(idx[0]), int(idx[-1]) + 1
+    shape = [1] * region.dim()
+    shape[d] = region.size(d)
+    if idx.numel() != end - start or not torch.equal(region, along.reshape(shape) & region.any(dim=d, keepdim=True)):
+        return False
+    return open_cut(tr, "slice", lab, d, [start, end], True)
 
 
 def _fill(lab: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
