@@ -59,7 +59,7 @@ def write_through(tr: Tracer, view: torch.Tensor, fresh: bool = False) -> bool:
     if cut is False or (cut is not True and not _named_slice(tr, lab, region, cut)):
         return False
     if fresh and tr.get(base) is None:
-        lab = _fill(lab, region)
+        lab = _fill(lab, region, None if cut is True else cut)
     tr.set(base, lab)
     _relabel_origin(tr, base)
     written_to(tr, base)
@@ -161,14 +161,15 @@ def _named_slice(tr: Tracer, lab: torch.Tensor, region: torch.Tensor, d: int) ->
     return open_cut(tr, "slice", lab, d, [start, end], True)
 
 
-def _fill(lab: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+def _fill(lab: torch.Tensor, region: torch.Tensor, cut: int | None) -> torch.Tensor:
     """Label the unwritten cells of each line the write touches with the line's written label (one per line,
     ``_exact``). The memory was one value everywhere (a fill factory's): its cells hold no channel, so they may be
     sliced with any; labelled, the buffer of a per-step loop holds its channels at every step from the first write
     on, and the next step's ``buf[:, t]`` selects along a dim the labels do not vary on. Left ``-1``, that select
-    cut through channels and kept them all (rules/movement.py ``_check_slice``)."""
+    cut through channels and kept them all (rules/movement.py ``_check_slice``). Not along ``cut``, the channel
+    dim a named slice writes part of (the rest is other channels' place)."""
     for d in range(lab.dim()):
-        if lab.size(d) == 1 or bool(region.all(dim=d).eq(region.any(dim=d)).all()):
+        if d == cut or lab.size(d) == 1 or bool(region.all(dim=d).eq(region.any(dim=d)).all()):
             continue
         line = torch.where(region, lab, -1).amax(dim=d, keepdim=True).expand_as(lab)
         lab = torch.where(region, lab, line)
