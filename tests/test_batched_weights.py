@@ -57,3 +57,39 @@ def test_transformers_llama4_text_prunes_experts_and_stream(tmp_path):
                                  num_local_experts=4, max_position_embeddings=32)
         return T.Llama4ForCausalLM(cfg).eval()
     prune_causal_lm(make, tmp_path)
+
+
+class BlockGate(nn.Module):
+    """RecurrentGemma's RG-LRU gate: a block-diagonal Linear per head, ``baddbmm(b[:, None, :], x, W)`` with
+    ``W [heads, block_width, block_width]`` and ``b [heads, block_width]``; lane j of every head is one unit."""
+
+    def __init__(self, heads=3, bw=4):
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, heads * bw), nn.Linear(heads * bw, 3)
+        self.w = nn.Parameter(torch.randn(heads, bw, bw) / bw ** 0.5)
+        self.b = nn.Parameter(torch.randn(heads, bw))
+        self.heads, self.block_width = heads, bw
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, t, c = h.shape
+        a = h.reshape(b * t, self.heads, self.block_width).permute(1, 0, 2)
+        g = torch.baddbmm(self.b[:, None, :], a, self.w)
+        return self.out(h * torch.sigmoid(g.transpose(0, 1).reshape(b, t, c)))
+
+
+def test_baddbmm_with_a_bias_row_per_block_prunes_lanes():
+    torch.manual_seed(0)
+    model, x = BlockGate().eval(), torch.randn(2, 7, 5)
+    assert_oracle(model, x, ratio=0.5)
+    assert model.w.shape == (3, 2, 2) and model.b.shape == (3, 2) and model.inp.out_features == 6
+    assert model.block_width == 2  # proven by the dry run (size_attrs)
+
+
+def test_transformers_recurrent_gemma_prunes_its_lru(tmp_path):
+    """0.451 of its MACs at ratio 0.5 before the block-diagonal gates and the per-step scan writes were followed."""
+    T = pytest.importorskip("transformers")
+    from zoo_models import _causal_lm_class, hf_small_config
+    model, _ = prune_causal_lm(lambda: _causal_lm_class("recurrent_gemma")(hf_small_config("recurrent_gemma")),
+                               tmp_path, below=0.4)
+    assert model.model.layers[0].temporal_block.rg_lru.recurrent_param.numel() < 32

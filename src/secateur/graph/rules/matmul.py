@@ -171,6 +171,21 @@ def _batched_weight(tr, x, w) -> torch.Tensor | None:
     return atoms.reshape(1, 1, -1)
 
 
+def _batched_bias(tr, bias):
+    """The parameter under the bias of ``torch.baddbmm(b, x, W)`` on a batched weight (``_batched_weight``):
+    ``[E, M]`` read as ``b[:, None, :]``, or ``[E, 1, M]``: one bias row per batch entry, sliced with the result's
+    channels along M (RecurrentGemma's block-diagonal RG-LRU gates, ``baddbmm(self.input_gate_bias[:, None, :], x,
+    self.input_gate_weight)``: before, every LRU channel was kept). None where the bias is not that."""
+    p = bias if id(bias) in tr.owner else bias._base
+    if (p is None or id(p) not in tr.owner or not tr.owner[id(p)][2] or tr.get(bias) is not None
+            or p.numel() != bias.numel() or bias.dim() != 3 or p.size(0) != bias.size(0)
+            or p.size(-1) != bias.size(2) or bias.size(1) != 1 or p.dim() not in (2, 3)
+            or (bias.stride(0), bias.stride(2), bias.storage_offset()) != (p.stride(0), p.stride(-1),
+                                                                          p.storage_offset())):
+        return None
+    return p
+
+
 @rule(aten.mm, aten.bmm)
 def mm(tr, func, args, kwargs, out):
     if id(args[1]) in tr.weight_views and func.overloadpacket is aten.mm:
@@ -191,6 +206,11 @@ def addmm(tr, func, args, kwargs, out):
             res = tr.atoms.collapse(res, [res.dim() - 1])
         elif bias is not None:
             res = _join(tr, res, _pad(bias, out.dim()))
+        return tr.set(out, res)
+    p = _batched_bias(tr, args[0]) if func.overloadpacket is aten.baddbmm else None
+    res = None if p is None else _batched_weight(tr, args[1], args[2])
+    if res is not None:
+        tr.slot(p, p.dim() - 1, res.reshape(-1), "param")  # one bias row per batch entry, sliced with M
         return tr.set(out, res)
     res = _matmul(tr, args[1], args[2])
     bias = tr.get(args[0])
