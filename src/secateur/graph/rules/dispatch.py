@@ -77,6 +77,7 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
             if note not in tr.notes:
                 tr.notes.append(note)
 
+
 def _free_pointwise(func, packet) -> bool:
     """An out-of-place pointwise op, which may read a free parameter and nothing labelled: Swin V2's per-head
     ``torch.clamp(self.logit_scale, max=...).exp()`` [heads, 1, 1]. The parameter gets its atoms there (as on
