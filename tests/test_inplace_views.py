@@ -84,6 +84,22 @@ class StateCopy(nn.Module):
         return self.out(h + cache[1].unsqueeze(1) * cache[0].unsqueeze(1))
 
 
+class RootCopyReadThroughView(nn.Module):
+    """``state.copy_(y)`` into a whole tensor (not a view) that the model reads through a view it made before the
+    write: the view's labels are read again from the state's."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        state = torch.zeros(h.shape[0], h.shape[2])
+        seen = state.unsqueeze(1)
+        state.copy_(h.amax(1))
+        return self.out(h * seen)
+
+
 class TriangularSolve(nn.Module):
     """The gated delta net's UT transform: ``X = A^-1 V`` with ``A [B, T, T]`` unit lower triangular over time,
     built from the keys, and V's channels along its last dim (they ride along in the columns)."""
@@ -98,7 +114,7 @@ class TriangularSolve(nn.Module):
         return self.out(torch.linalg.solve_triangular(a, v, upper=False, unitriangular=True))
 
 
-@pytest.mark.parametrize("cls", [StepWrite, TransposedStepWrite, SliceWrite, StateCopy])
+@pytest.mark.parametrize("cls", [StepWrite, TransposedStepWrite, SliceWrite, StateCopy, RootCopyReadThroughView])
 def test_writes_through_views_prune_exactly(cls):
     torch.manual_seed(0)
     model, x = cls().eval(), torch.randn(2, 7, 5)
