@@ -164,6 +164,26 @@ def _root_label(tr, t: torch.Tensor, root: torch.Tensor, dims: dict[int, int], d
     return lab.reshape(shape)
 
 
+def uniform_inputs(tr: Tracer, tensors: list, dim: int) -> None:
+    """Before a concatenation along ``dim``: an unlabelled uniform fill (``track_uniform``; Mamba-2's scan starts
+    its chunk states with ``torch.zeros_like(states[:, :1])`` concatenated before ``states``) takes the labels of the
+    labelled inputs when they all carry the same channels, constant along ``dim``. One value everywhere, any slice of
+    it is the same, and its size follows the pruned input it was made from (the dry run checks); left unlabelled
+    it made the concatenation mix channels with an unsliceable block, and the scan's contraction over chunks then
+    kept every head of the mixer."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    labs = [_pad(tr.get(t), t.dim()) for t in ts if tr.get(t) is not None]
+    if not labs or len(labs) == len(ts) or any(t.dim() != ts[0].dim() for t in ts):
+        return
+    dim %= ts[0].dim()
+    first = labs[0]
+    if first.size(dim) != 1 or any(lab.shape != first.shape or not torch.equal(lab, first) for lab in labs[1:]):
+        return
+    for t in ts:
+        if tr.get(t) is None and is_uniform(tr, t):
+            tr.set(t, first)
+
+
 def label_free_inputs(tr: Tracer, tensors: list, dim: int) -> None:
     """Before a concatenation along ``dim``: an unlabelled input that is a parameter (or derived from one) with
     several non-1 dims, such as timm's register tokens ``reg_token [1, 4, C]`` expanded to the batch, gets the

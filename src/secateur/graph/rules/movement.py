@@ -8,7 +8,7 @@ import math
 import torch
 
 from secateur.graph.labels import constant_along, full
-from secateur.graph.rules.constants import label_free_inputs
+from secateur.graph.rules.constants import label_free_inputs, uniform_inputs
 from secateur.graph.rules.registry import _outs, _pad, _tensors, aten, not_understood, rule
 from secateur.graph.splits import open_cut
 
@@ -61,6 +61,7 @@ def move(tr, func, args, kwargs, out):
 
     if packet in (aten.cat, aten.concat, aten.concatenate) and isinstance(args[0], (list, tuple)):
         label_free_inputs(tr, list(args[0]), args[1] if len(args) > 1 else kwargs.get("dim", 0))
+        uniform_inputs(tr, list(args[0]), args[1] if len(args) > 1 else kwargs.get("dim", 0))
     if _compressed_move(tr, func, args, out):
         return
     largs = [sub(a, i) for i, a in enumerate(args)]
@@ -106,6 +107,8 @@ def _compressed_move(tr, func, args, out) -> bool:
         tr.set(out, func(_pad(lab, x.dim()), *args[1:]))
         return True
     if packet is aten.expand and isinstance(x, torch.Tensor) and tr.get(x) is not None:
+        if _repeat_to_heads(tr, x, out):
+            return True
         tr.set(out, _pad(tr.get(x), out.dim()))  # broadcasting is what a label of size 1 already means
         return True
     if packet in (aten.slice, aten.select) and isinstance(x, torch.Tensor) and tr.get(x) is not None:
@@ -133,6 +136,35 @@ def _compressed_move(tr, func, args, out) -> bool:
     if packet in _RESHAPES and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
         return _compressed_reshape(tr, args, out)
     return False
+
+
+def _repeat_to_heads(tr, x, out) -> bool:
+    """``x[:, :, :, None].expand(..., 1, k, ...)`` with ``k`` the running module's ``num_heads``: one source (a Mamba-2
+    mixer's B / C state with one group, multi-query attention's single key / value head) copied to every head,
+    then merged into a heads dim (``repeat_interleave(num_heads // n_groups, output_size=num_heads)``,
+    ``repeat_kv``). Each copy belongs to its head: where it meets a head's channels (``B * decay`` per head,
+    ``G * L``, ``C @ states``) they are joined position by position. Left with the source's labels, the copies
+    carried the source channels along the heads dim: an outer product of state x heads (the heads kept whole,
+    fewer atoms) or, past the B.C contraction, a computed constant varying along the heads (every head collapsed
+    into one unit: transformers' Mamba-2 family kept its inner width). So the source's channels are kept whole
+    (blocked) and the copies get fresh atoms, one per head position: exact for any plan, since every copy holds
+    the same values and the pruned forward makes ``num_heads`` of them (the dry run checks that size). Only with
+    one source (size 1 before the copies): with several groups a kept head must stay in its group, which needs the
+    same count removed from each (not done: the source's labels stay, as before)."""
+    lab = _pad(tr.get(x), out.dim())
+    grown = [d for d in range(out.dim()) if lab.size(d) == 1 and x.dim() == out.dim() and x.size(d) == 1
+             and out.size(d) > 1]
+    if len(grown) != 1 or grown[0] == 0 or out.size(grown[0] - 1) != 1 or tr.where() == "<root>":
+        return False
+    d = grown[0]
+    heads = getattr(tr.model.get_submodule(tr.where()), "num_heads", None)
+    if not isinstance(heads, int) or heads != out.size(d) or heads < 2:
+        return False
+    tr.atoms.block(lab)
+    shape = [1] * out.dim()
+    shape[d] = heads
+    tr.set(out, tr.atoms.new(heads).reshape(shape))
+    return True
 
 
 _RESHAPES = (aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.view_copy)
