@@ -154,11 +154,19 @@ def _repeat_to_heads(tr, x, out) -> bool:
     lab = _pad(tr.get(x), out.dim())
     grown = [d for d in range(out.dim()) if lab.size(d) == 1 and x.dim() == out.dim() and x.size(d) == 1
              and out.size(d) > 1]
-    if len(grown) != 1 or grown[0] == 0 or out.size(grown[0] - 1) != 1 or tr.where() == "<root>":
+    if len(grown) != 1 or grown[0] < 2 or tr.where() == "<root>":  # dim 0 before the copies: the batch
         return False
     d = grown[0]
-    heads = getattr(tr.model.get_submodule(tr.where()), "num_heads", None)
-    if not isinstance(heads, int) or heads != out.size(d) or heads < 2:
+    mod = tr.model.get_submodule(tr.where())
+    heads = getattr(mod, "num_heads", None)
+    if not isinstance(heads, int) or heads != out.size(d - 1) * out.size(d) or heads < 2:
+        return False
+    if out.size(d - 1) != 1 and getattr(mod, "n_groups", None) == out.size(d - 1):  # (grouped-query attention's
+        note = (f"{tr.where()}: {out.size(d - 1)} groups copied to {heads} heads; a head stays in its group only if "
+                "every group loses as many (not done): the source's labels stay")
+        if note not in tr.notes:
+            tr.notes.append(note)
+    if out.size(d - 1) != 1:  # key / value heads too: the repeat there is the attention rules' business)
         return False
     tr.atoms.block(lab)
     shape = [1] * out.dim()
