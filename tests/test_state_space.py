@@ -194,3 +194,152 @@ def test_transformers_mamba_prunes_inner_width_and_stream(kind, tmp_path):
     mixer = model.backbone.layers[0].mixer
     assert mixer.conv1d.weight.shape[0] == 32 and mixer.A_log.shape == (32, 8)  # inner 64 -> 32
     assert model.backbone.embeddings.weight.shape == (100, 16)  # the residual stream halves too
+
+
+# ---------------------------------------------------------------- Mamba-2: whole heads
+class GatedGroupNorm(nn.Module):
+    """transformers' ``MambaRMSNormGated``: an RMSNorm over groups of ``group_size`` channels, after the z gate."""
+
+    def __init__(self, width, group_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(width))
+        self.group_size, self.variance_epsilon = group_size, eps
+
+    def forward(self, h, gate):
+        h = h * F.silu(gate)
+        *pre, last = h.shape
+        g = h.view(*pre, last // self.group_size, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * g.view(*pre, last)
+
+
+class TinyMixer2(nn.Module):
+    """A Mamba-2 mixer in plain torch, laid out as transformers' (in_proj rows [z | x | B | C | dt], B / C per group
+    copied to the heads with ``repeat_interleave``, a sequential scan, the gated grouped norm). ``head_scale``: a
+    per-head factor made from the head's *position* (``torch.arange(num_heads)``), which a pruned forward would
+    recompute for the heads it has left: a real join, the heads are kept."""
+
+    def __init__(self, d=16, heads=4, head_dim=4, state=6, groups=1, k=3, head_scale=False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size = heads, head_dim, groups, state
+        self.intermediate_size = heads * head_dim
+        self.conv_dim = self.intermediate_size + 2 * groups * state
+        self.head_scale = head_scale
+        self.in_proj = nn.Linear(d, self.intermediate_size + self.conv_dim + heads)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, k, groups=self.conv_dim, padding=k - 1)
+        self.dt_bias = nn.Parameter(torch.randn(heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, heads + 1).float()))
+        self.D = nn.Parameter(torch.randn(heads))
+        self.norm = GatedGroupNorm(self.intermediate_size, self.intermediate_size // groups)
+        self.out_proj = nn.Linear(self.intermediate_size, d)
+
+    def forward(self, h):
+        b, seq, _ = h.shape
+        z, xbc, dt = self.in_proj(h).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :seq]).transpose(1, 2)
+        x, B, C = torch.split(xbc, [self.intermediate_size, self.n_groups * self.ssm_state_size,
+                                    self.n_groups * self.ssm_state_size], dim=-1)
+        x = x.view(b, seq, self.num_heads, self.head_dim)
+        rep = self.num_heads // self.n_groups
+        B = B.view(b, seq, self.n_groups, -1).repeat_interleave(rep, dim=2, output_size=self.num_heads)
+        C = C.view(b, seq, self.n_groups, -1).repeat_interleave(rep, dim=2, output_size=self.num_heads)
+        dt = F.softplus(dt + self.dt_bias)  # [b, seq, heads]
+        if self.head_scale:
+            dt = dt * (1 + torch.arange(self.num_heads, dtype=dt.dtype))
+        dA = torch.exp(dt * -torch.exp(self.A_log))
+        state = torch.zeros(b, self.num_heads, self.head_dim, self.ssm_state_size)
+        ys = []
+        for t in range(seq):
+            state = dA[:, t, :, None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+            ys.append((state @ C[:, t, :, :, None])[..., 0])
+        y = torch.stack(ys, dim=1) + x * self.D[:, None]
+        return self.out_proj(self.norm(y.reshape(b, seq, -1), z))
+
+
+class TinyMamba2(nn.Module):
+    def __init__(self, d=16, **kw):
+        super().__init__()
+        self.embed = nn.Linear(5, d)
+        self.mixers = nn.ModuleList([TinyMixer2(d, **kw), TinyMixer2(d, **kw)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for m in self.mixers:
+            h = h + m(h)
+        return self.head(h)
+
+
+def _make2(**kw):
+    torch.manual_seed(0)
+    return TinyMamba2(**kw).eval()
+
+
+def test_hand_written_mamba2_mixer_prunes_whole_heads(tmp_path):
+    model, x = _make2(), torch.randn(2, 7, 5)
+    macs0 = count_macs(model, x)
+    plan = assert_oracle(model, x, ratio=0.5)
+    assert any("mixers.0.norm" in n and "normalises over pruned channels" in n for n in plan.notes), plan.notes
+    mixer = model.mixers[0]
+    assert mixer.num_heads == 2 and mixer.A_log.shape == (2,) and mixer.D.shape == (2,) and mixer.dt_bias.shape == (2,)
+    assert mixer.intermediate_size == 8 and mixer.norm.group_size == 8 and mixer.norm.weight.shape == (8,)
+    # B and C (one group, 6 states each) are kept whole: conv = x (2 heads x 4) + 12
+    assert mixer.conv_dim == 20 and mixer.conv1d.weight.shape == (20, 1, 3) and mixer.ssm_state_size == 6
+    assert mixer.in_proj.weight.shape[0] == 8 + 20 + 2 and mixer.out_proj.weight.shape[1] == 8
+    assert count_macs(model, x) < 0.45 * macs0
+    assert_reloads(_make2, model, x, tmp_path)
+
+
+def test_mamba2_heads_removal_is_not_zeroing_in_the_grouped_norm():
+    """The gated norm's statistic runs over the pruned heads' channels: zeroing them is not removing them, so the
+    oracle's reference recomputes it over the kept ones (Plan.kept_norms); without that the outputs differ."""
+    from helpers import zeroed_reference_pruned
+    from secateur.structured import plan_channels
+    model, x = _make2(), torch.randn(2, 7, 5)
+    plan = plan_channels(model, x, ratio=0.5)
+    zeroed, want, got = zeroed_reference_pruned(model, x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (zeroed - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(groups=2), dict(head_scale=True)], ids=["two_groups", "head_position_scale"])
+def test_mamba2_heads_stay_where_they_cannot_leave_exactly(kw):
+    """Two groups: each head reads its group's B / C copy, so a kept head must stay in its group (the same count
+    from each group; not done): the heads are kept, with a note. A per-head factor from ``arange(num_heads)`` is a
+    real join: a pruned forward would give the kept heads the first positions' factors."""
+    model, x = _make2(**kw), torch.randn(2, 7, 5)
+    plan = assert_oracle(model, x, ratio=0.5)
+    mixer = model.mixers[0]
+    assert mixer.num_heads == 4 and mixer.A_log.shape == (4,) and mixer.out_proj.weight.shape[1] == 16
+    if "groups" in kw:
+        assert any("2 groups copied to 4 heads" in n for n in plan.notes), plan.notes
+
+
+def _hf_mamba2(kind, groups=1):
+    """A fresh config per build: pruning updates the model's config in place, and a reload starts unpruned."""
+    T = pytest.importorskip("transformers")
+    if kind == "mamba2":
+        return lambda: T.Mamba2ForCausalLM(T.Mamba2Config(
+            vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, num_heads=8, head_dim=8,
+            n_groups=groups, chunk_size=4, conv_kernel=4))
+    return lambda: T.BambaForCausalLM(T.BambaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=groups,
+        mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4, use_cache=False))
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "bamba"])
+def test_transformers_mamba2_family_prunes_whole_heads(kind, tmp_path):
+    model, plan = prune_causal_lm(_hf_mamba2(kind), tmp_path, below=0.6)
+    mixer = model.backbone.layers[0].mixer if kind == "mamba2" else model.model.layers[0].mamba
+    assert mixer.num_heads == 4 and mixer.A_log.shape == (4,) and mixer.intermediate_size == 32
+    assert mixer.conv1d.weight.shape[0] == 32 + 16 and mixer.norm.group_size == 32  # B / C (1 group x 8) kept
+    if kind == "bamba":  # its MLP (``feed_forward``) width is not a config field apply.py states: the record's
+        assert (model.config.mamba_n_heads, model.config.mamba_expand, model.config.hidden_size) == (4, 2, 16)
+        return
+    # the config rebuilds the pruned model: same tensors, same logits
+    fresh = type(model)(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    x = {"input_ids": torch.randint(0, 100, (1, 6))}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**x).logits, model(**x).logits, rtol=0, atol=0)

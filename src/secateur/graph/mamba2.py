@@ -128,12 +128,17 @@ def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
         after = _meta_shapes(model, config, {**changed, **out})
     except Exception:  # noqa: BLE001 - a model its class cannot rebuild from its config: the record reloads it
         return {}
-    # every tensor these fields size (those whose shape differs between the two builds) has its pruned shape, and
-    # every mixer tensor does: a field that also sizes something else (an attention's ``num_heads``) is refused
-    sized = [n for n, s in after.items() if before.get(n) != s]
+    # every dim these fields size (those that differ between the two builds) has its pruned size, and every mixer
+    # tensor its pruned shape: a field that also sizes something else (an attention's ``num_heads``) is refused;
+    # dims other fields size (an MLP width apply.py did not state) are theirs
     mixer = [n for n in actual if any(n.startswith(name + ".") for name, _ in mixers)]
-    if not sized or any(after.get(n) != actual.get(n) for n in {*sized, *mixer}):
+    if any(after.get(n) != actual[n] for n in mixer):
         return {}
+    for n, s in after.items():
+        s0 = before.get(n)
+        if s0 != s and (n not in actual or s0 is None or len(s0) != len(s) or len(actual[n]) != len(s)
+                        or any(a != b and actual[n][d] != b for d, (a, b) in enumerate(zip(s0, s)))):
+            return {}
     return out
 
 
