@@ -145,11 +145,19 @@ def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
         tr.derived[id(out)] = (out, root, out_map)
 
 
+def channel_buffer(t: torch.Tensor) -> bool:
+    """A floating buffer with one non-1 dim, a vector over channels (Falcon-H1's ``mup_vector [1, 1, C]``, a scale
+    per ``in_proj`` output its mixer multiplies by): sliced with the channels it meets, like a parameter (a
+    non-persistent one is rebuilt on load and checked, apply.py ``_record_unsaved``). Left a constant, it made
+    every channel it meets all-or-nothing (Falcon-H1's mixers kept their whole width)."""
+    return t.is_floating_point() and sum(s > 1 for s in t.shape) == 1
+
+
 def const_label(tr, c, d: int) -> torch.Tensor | None:
     """Labels of parameter ``c`` (or of a tensor derived from one, ``track_derived``) along its dim ``d``,
     shaped like ``c``: the parameter's atoms along that dim, constant along the others."""
     if id(c) not in tr.derived:
-        return tr.param_label_along(c, d)
+        return tr.param_label_along(c, d, buffers=channel_buffer(c))
     root, dims = tr.derived[id(c)][1:]
     return _root_label(tr, c, root, dims, d)
 
