@@ -343,3 +343,46 @@ def test_transformers_mamba2_family_prunes_whole_heads(kind, tmp_path):
     x = {"input_ids": torch.randint(0, 100, (1, 6))}
     with torch.no_grad():
         torch.testing.assert_close(fresh(**x).logits, model(**x).logits, rtol=0, atol=0)
+
+
+class BufferScale(nn.Module):
+    """``h * self.scale`` with ``scale`` a buffer: one per channel [1, C] (Falcon-H1's ``mup_vector``: sliced with
+    the channels), or a table [C, C] read along its diagonal's rows (not a per-channel vector: the channels it
+    meets stay together)."""
+
+    def __init__(self, table: bool, persistent: bool = True):
+        super().__init__()
+        self.up, self.down, self.table = nn.Linear(4, 10), nn.Linear(10, 2), table
+        self.register_buffer("scale", torch.randn(10, 10) if table else torch.randn(1, 10), persistent=persistent)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h @ self.scale if self.table else h * self.scale)
+
+
+@pytest.mark.parametrize("table,persistent", [(False, True), (False, False), (True, True)])
+def test_per_channel_buffer_is_sliced_with_its_channels(table, persistent, tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return BufferScale(table, persistent).eval()
+    model, x = make(), torch.randn(3, 4)
+    assert_oracle(model, x, ratio=0.5)
+    assert model.scale.shape == ((10, 10) if table else (1, 5))
+    assert_reloads(make, model, x, tmp_path)  # a non-persistent one is rebuilt by the fresh model and checked
+
+
+def test_transformers_falcon_h1_prunes_heads_through_its_multipliers(tmp_path):
+    """Falcon-H1 scales ``in_proj``'s outputs by a non-persistent ``mup_vector`` (one multiplier per section, here all
+    different, so a wrong slice changes the logits)."""
+    T = pytest.importorskip("transformers")
+
+    def make():
+        return T.FalconH1ForCausalLM(T.FalconH1Config(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=8, mamba_d_ssm=64, mamba_n_groups=1,
+            mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4, ssm_multipliers=[0.5, 2.0, 3.0, 4.0, 0.7],
+            use_cache=False))
+    model, _ = prune_causal_lm(make, tmp_path, below=0.6)
+    mixer = model.model.layers[0].mamba
+    assert mixer.num_heads == 4 and mixer.mup_vector.shape == (1, 1, 32 + 48 + 4)
+    assert (model.config.mamba_n_heads, model.config.mamba_d_ssm) == (4, 32)
