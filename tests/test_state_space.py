@@ -11,6 +11,20 @@ mixer kept its whole inner width (transformers' MambaForCausalLM ended at 1.0 of
   contracted with C: one side is kept whole, the other prunes (elementwise.py ``_outer_side``, matmul.py);
 * ``split(x_proj(h), [self.time_step_rank, state, state])``: a cut at a named size (graph/splits.py);
 * transformers' cache init dispatches a ``detach`` inside ``zeros_like`` under the capture only (verify.py).
+Mamba-2 (transformers' Mamba2, Bamba, Zamba2, Falcon-H1, Nemotron-H, GraniteMoeHybrid) kept every head of its
+mixers (0.95-0.996 of dense MACs): its scan copies B / C to the heads (``repeat_interleave``), contracts them
+(``G = C.B``) and multiplies by per-head decays, so the copies tied every head into one unit. Now:
+
+* a copy to ``num_heads`` gets one atom per head position, the source (B / C state) kept whole
+  (rules/movement.py ``_repeat_to_heads``); with ``n_groups > 1`` head ``j`` of every group is one unit;
+* the chunk states start as ``torch.zeros_like(states[:, :1])`` concatenated before the states: a uniform fill
+  takes their labels (rules/constants.py ``uniform_inputs``);
+* the split of ``xBC`` at ``n_groups * ssm_state_size`` (no attribute holds it) is a cut as long as B / C keep every
+  channel (graph/splits.py ``settle_unnamed``);
+* the gated norm's statistic per group: position ``s`` of every group is one unit (rules/reductions.py
+  ``_grouped_norm``), its reference recomputed over the kept channels;
+* Falcon-H1's ``mup_vector`` buffer is sliced with the channels it scales (rules/constants.py ``channel_buffer``);
+* the mixers' sizes and the config fields follow (graph/mamba2.py).
 Each test compares the pruned model with the oracle's reference, so a wrong slice fails it."""
 import pytest
 import torch
@@ -302,17 +316,29 @@ def test_mamba2_heads_removal_is_not_zeroing_in_the_grouped_norm():
     assert (zeroed - got).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kw", [dict(groups=2), dict(head_scale=True)], ids=["two_groups", "head_position_scale"])
-def test_mamba2_heads_stay_where_they_cannot_leave_exactly(kw):
-    """Two groups: each head reads its group's B / C copy, so a kept head must stay in its group (the same count
-    from each group; not done): the heads are kept, with a note. A per-head factor from ``arange(num_heads)`` is a
-    real join: a pruned forward would give the kept heads the first positions' factors."""
-    model, x = _make2(**kw), torch.randn(2, 7, 5)
-    plan = assert_oracle(model, x, ratio=0.5)
+def test_mamba2_mixer_with_groups_loses_as_many_heads_from_each_group(tmp_path):
+    """Two groups of B / C, each copied to its two heads: head j of every group is one unit, so each group keeps
+    as many heads, in the same places (the pruned ``repeat_interleave(num_heads // n_groups)`` hands group g's
+    copy to the heads it has left); the grouped norm's groups shrink alike."""
+    make = lambda: _make2(groups=2)  # noqa: E731
+    model, x = make(), torch.randn(2, 7, 5)
+    assert_oracle(model, x, ratio=0.5)
+    mixer = model.mixers[0]
+    assert mixer.num_heads == 2 and mixer.n_groups == 2 and mixer.norm.group_size == 4
+    assert mixer.conv1d.weight.shape[0] == 8 + 2 * 2 * 6  # B and C of both groups kept
+    kept = (torch.exp(mixer.A_log.detach()).round() - 1).long().tolist()  # A_log was log(1 + head index)
+    assert kept[1] - kept[0] == 2, kept  # one head of each group (heads 0, 1 | 2, 3), at the same place
+    assert_reloads(make, model, x, tmp_path)
+
+
+def test_mamba2_heads_stay_where_the_join_is_real():
+    """A per-head factor made from the head's position (``torch.arange(num_heads)``) is a constant that varies
+    along the heads and is not a parameter: a pruned forward would give the kept heads the first positions'
+    factors. The heads are one unit there (kept), and the plan still computes the reference."""
+    model, x = _make2(head_scale=True), torch.randn(2, 7, 5)
+    assert_oracle(model, x, ratio=0.5)
     mixer = model.mixers[0]
     assert mixer.num_heads == 4 and mixer.A_log.shape == (4,) and mixer.out_proj.weight.shape[1] == 16
-    if "groups" in kw:
-        assert any("2 groups copied to 4 heads" in n for n in plan.notes), plan.notes
 
 
 def _hf_mamba2(kind, groups=1):
@@ -328,12 +354,13 @@ def _hf_mamba2(kind, groups=1):
         mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4, use_cache=False))
 
 
-@pytest.mark.parametrize("kind", ["mamba2", "bamba"])
-def test_transformers_mamba2_family_prunes_whole_heads(kind, tmp_path):
-    model, plan = prune_causal_lm(_hf_mamba2(kind), tmp_path, below=0.6)
+@pytest.mark.parametrize("kind,groups", [("mamba2", 1), ("mamba2", 2), ("bamba", 1)])
+def test_transformers_mamba2_family_prunes_whole_heads(kind, groups, tmp_path):
+    model, plan = prune_causal_lm(_hf_mamba2(kind, groups), tmp_path, below=0.6)
     mixer = model.backbone.layers[0].mixer if kind == "mamba2" else model.model.layers[0].mamba
     assert mixer.num_heads == 4 and mixer.A_log.shape == (4,) and mixer.intermediate_size == 32
-    assert mixer.conv1d.weight.shape[0] == 32 + 16 and mixer.norm.group_size == 32  # B / C (1 group x 8) kept
+    # B / C (groups x 8 states each) kept whole; the gated norm's groups shrink with the heads
+    assert mixer.conv1d.weight.shape[0] == 32 + 16 * groups and mixer.norm.group_size == 32 // groups
     if kind == "bamba":  # its MLP (``feed_forward``) width is not a config field apply.py states: the record's
         assert (model.config.mamba_n_heads, model.config.mamba_expand, model.config.hidden_size) == (4, 2, 16)
         return

@@ -139,18 +139,18 @@ def _compressed_move(tr, func, args, out) -> bool:
 
 
 def _repeat_to_heads(tr, x, out) -> bool:
-    """``x[:, :, :, None].expand(..., 1, k, ...)`` with ``k`` the running module's ``num_heads``: one source (a Mamba-2
-    mixer's B / C state with one group, multi-query attention's single key / value head) copied to every head,
-    then merged into a heads dim (``repeat_interleave(num_heads // n_groups, output_size=num_heads)``,
-    ``repeat_kv``). Each copy belongs to its head: where it meets a head's channels (``B * decay`` per head,
-    ``G * L``, ``C @ states``) they are joined position by position. Left with the source's labels, the copies
-    carried the source channels along the heads dim: an outer product of state x heads (the heads kept whole,
-    fewer atoms) or, past the B.C contraction, a computed constant varying along the heads (every head collapsed
-    into one unit: transformers' Mamba-2 family kept its inner width). So the source's channels are kept whole
-    (blocked) and the copies get fresh atoms, one per head position: exact for any plan, since every copy holds
-    the same values and the pruned forward makes ``num_heads`` of them (the dry run checks that size). Only with
-    one source (size 1 before the copies): with several groups a kept head must stay in its group, which needs the
-    same count removed from each (not done: the source's labels stay, as before)."""
+    """``x[:, :, :, None].expand(..., G, k, ...)`` with ``G * k`` the running module's ``num_heads``: a source copied
+    to every head, then merged into a heads dim (``repeat_interleave(num_heads // n_groups, output_size=num_heads)``
+    in a Mamba-2 mixer's scan, ``repeat_kv`` of multi-query attention). Each copy belongs to its head: where it meets
+    a head's channels (``B * decay`` per head, ``G * L``, ``C @ states``) they are joined position by position. Left
+    with the source's labels, the copies carried the source channels along the heads dim: an outer product of
+    state x heads (the heads kept whole, fewer atoms) or, past the B.C contraction, a computed constant varying
+    along the heads (every head collapsed into one unit: transformers' Mamba-2 family kept its inner width). So the
+    source's channels are kept whole (blocked) and copy ``j`` gets a fresh atom, the same in every group: exact for
+    any plan, since the copies of one group hold the same values, the pruned forward makes ``num_heads // G`` of
+    them per group, and head ``j`` of every group goes together, so each group keeps its heads in their places (the
+    dry run checks the sizes). With several sources (``G > 1``) only where the module names them its ``n_groups``
+    (a Mamba-2 mixer's B / C groups); grouped-query attention's key / value heads stay the attention rules'."""
     lab = _pad(tr.get(x), out.dim())
     grown = [d for d in range(out.dim()) if lab.size(d) == 1 and x.dim() == out.dim() and x.size(d) == 1
              and out.size(d) > 1]
@@ -161,17 +161,12 @@ def _repeat_to_heads(tr, x, out) -> bool:
     heads = getattr(mod, "num_heads", None)
     if not isinstance(heads, int) or heads != out.size(d - 1) * out.size(d) or heads < 2:
         return False
-    if out.size(d - 1) != 1 and getattr(mod, "n_groups", None) == out.size(d - 1):  # (grouped-query attention's
-        note = (f"{tr.where()}: {out.size(d - 1)} groups copied to {heads} heads; a head stays in its group only if "
-                "every group loses as many (not done): the source's labels stay")
-        if note not in tr.notes:
-            tr.notes.append(note)
-    if out.size(d - 1) != 1:  # key / value heads too: the repeat there is the attention rules' business)
-        return False
+    if out.size(d - 1) != 1 and getattr(mod, "n_groups", None) != out.size(d - 1):
+        return False  # several key / value heads (grouped-query attention): the attention rules' business
     tr.atoms.block(lab)
     shape = [1] * out.dim()
-    shape[d] = heads
-    tr.set(out, tr.atoms.new(heads).reshape(shape))
+    shape[d] = out.size(d)  # the same atoms in every group: head j of each group is one unit
+    tr.set(out, tr.atoms.new(out.size(d)).reshape(shape))
     return True
 
 
