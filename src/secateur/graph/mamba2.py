@@ -4,8 +4,8 @@ keep after whole heads are removed.
 The channels themselves are found op by op like any other model's (the capture runs the mixer's own torch path):
 ``in_proj``'s rows split at ``[intermediate_size, conv_dim, num_heads]``, the depthwise conv, ``A_log`` / ``D`` /
 ``dt_bias`` per head, the gated grouped RMSNorm, ``out_proj``'s columns. What this module adds is the bookkeeping
-the forward reads back: ``num_heads``, ``intermediate_size``, ``conv_dim`` and the norm's ``group_size``, each read
-from the mixer's own sliced tensors (never guessed from which int attribute held an old size: with 8 heads of 8
+the forward reads back: ``num_heads``, ``intermediate_size``, ``conv_dim`` (and the gated norm's ``group_size``, by
+its own updater, since the norm is a module of its own in the structure record), each read from the sliced tensors (never guessed from which int attribute held an old size: with 8 heads of 8
 channels and an 8-wide state, the general search in size_attrs.py could not tell them apart), and the Hugging Face
 config fields that rebuild those sizes, each proven by building the model from the changed config on the meta
 device. Recognised by what a mixer holds, not by class name: the six classes are copies of one another."""
@@ -72,6 +72,7 @@ def _norm_sizes(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_gated_norm(mod: nn.Module) -> bool:
+    """``MambaRMSNormGated`` and its copies: a 1-d weight, an RMS epsilon and an int ``group_size``."""
     w = getattr(mod, "weight", None)
     return (isinstance(getattr(mod, "group_size", None), int) and isinstance(w, torch.Tensor) and w.dim() == 1
             and hasattr(mod, "variance_epsilon"))
