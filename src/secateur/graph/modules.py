@@ -377,6 +377,7 @@ def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 def snapshot(mod: nn.Module) -> dict[str, Any]:
     out = {k: v for k, v in vars(mod).items() if isinstance(v, (int, tuple)) and not k.startswith("_")}
     out["_children_out"] = {n: _out_size(c) for n, c in mod.named_children() if _out_size(c) is not None}
+    out["_shapes"] = {n: tuple(p.shape) for n, p in mod.named_parameters(recurse=False)}  # before slicing
     return out
 
 
@@ -527,3 +528,4 @@ from secateur.graph import timm_sizes  # noqa: E402,F401  (timm modules with sto
 from secateur.graph import std_conv  # noqa: E402,F401  (timm's weight-standardised convs, by name)
 from secateur.graph import video  # noqa: E402,F401  (torchvision MViT positional encoding and attention sizes)
 from secateur.graph import moe  # noqa: E402,F401  (transformers' fused mixture-of-experts modules, by instance)
+from secateur.graph import mamba2  # noqa: E402,F401  (Mamba-2 mixers' sizes, by what they hold)

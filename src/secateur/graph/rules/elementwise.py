@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from secateur.graph.rules.constants import const_label, is_uniform
+from secateur.graph.rules.constants import channel_buffer, const_label, is_uniform
 from secateur.graph.rules.matmul import _join, _outer_side
 from secateur.graph.rules.registry import _outs, _pad, _tensors, aten, rule
 
@@ -167,7 +167,7 @@ def _param_dim(tr, c, res, dims) -> int | None:
         if any(res.size(e) > 1 and csh[e] == 1 for e in range(res.dim())):  # across it; a collapse keeps them apart
             return None
         dims = [d for d in dims if d - off in tr.derived[id(c)][2]]
-    elif id(c) not in tr.owner or not tr.owner[id(c)][2]:
+    elif id(c) not in tr.owner or not (tr.owner[id(c)][2] or channel_buffer(c)):
         return None
     off = res.dim() - c.dim()
     best, cost = None, None
