@@ -226,3 +226,71 @@ def test_hf_config_alone_rebuilds_the_pruned_mixtral():
     with torch.device("meta"):
         rebuilt = type(m)(m.config)
     assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in m.named_parameters()}
+
+
+# ---------------------------------------------------------------- experts modules of single models (moe_models.py)
+def _make(model_type):
+    import zoo_models as Z
+
+    def make():
+        return Z._causal_lm_class(model_type)(Z.hf_small_config(model_type)).eval()
+    return make
+
+
+def _shapes(m, part):
+    return {n: tuple(p.shape) for n, p in m.named_parameters() if part in n}
+
+
+@pytest.mark.parametrize("model_type, part, below", [("dbrx", ".experts.", 0.4), ("jetmoe", ".mlp.", 0.4),
+                                                     ("longcat_flash", ".experts.", 0.45)])
+def test_model_specific_experts_prune_stream_and_width(model_type, part, below, tmp_path):
+    """DBRX (``[E*I, H]`` weights), JetMoE (ParallelExperts, index_add merge), LongCat-Flash (zero-compute identity
+    experts): the oracle holds, MACs fall (they stayed at 1.0, 1.0, 0.71 with these modules traced op by op), every
+    expert tensor loses width, the pruned model runs its own forward and reloads exactly."""
+    from helpers import prune_causal_lm
+    make = _make(model_type)
+    before = _shapes(make(), part)
+    m, plan = prune_causal_lm(make, tmp_path, below=below, low=3)
+    after = _shapes(m, part)
+    assert before.keys() == after.keys() and all(
+        all(a < b for a, b in zip(after[n], before[n]) if a != b) and after[n] != before[n] for n in before), after
+    assert not any("kept whole" in n or "index_add" in n or "scatter" in n for n in plan.notes), plan.notes
+
+
+def test_dbrx_experts_keep_each_expert_block():
+    """Shared channel set: row ``e*I + i`` of each ``[E*I, H]`` weight goes with channel ``i`` of every expert, so
+    each expert keeps the same local rows of its own block; the stored ``ffn_hidden_size`` (the forward views the
+    weights with it) follows."""
+    m = _make("dbrx")()
+    ex = m.transformer.blocks[0].ffn.experts
+    e, i, h = ex.num_experts, ex.ffn_hidden_size, ex.hidden_size
+    w1 = ex.mlp.w1.detach().clone()
+    x = {"input_ids": torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))}
+    plan = plan_channels(m, x, ratio=0.5)
+    rows, cols = (plan.removed[("transformer.blocks.0.ffn.experts.mlp", "w1")][d] for d in (0, 1))
+    local = rows.view(e, -1) - torch.arange(e)[:, None] * i  # the removed rows, per expert block
+    assert (local == local[0]).all() and (local >= 0).all() and (local < i).all()
+    pruned_vs_reference(m, x, plan, run=_logits)  # applies the plan
+    keep_i = [c for c in range(i) if c not in local[0].tolist()]
+    keep_h = [c for c in range(h) if c not in cols.tolist()]
+    assert ex.ffn_hidden_size == ex.mlp.ffn_hidden_size == len(keep_i) < i
+    assert ex.hidden_size == ex.mlp.hidden_size == len(keep_h) < h
+    torch.testing.assert_close(ex.mlp.w1.view(e, len(keep_i), -1), w1.view(e, i, h)[:, keep_i][:, :, keep_h])
+
+
+def test_model_specific_experts_with_unproven_activation_are_kept():
+    """A DBRX experts module whose activation mixes channels is kept whole with a note; the oracle still holds."""
+    class Mixing(nn.Module):
+        def forward(self, h):
+            return h / (h.norm(dim=-1, keepdim=True) + 1)  # a statistic over the channels
+    m = _make("dbrx")()
+    for blk in m.transformer.blocks:
+        blk.ffn.experts.mlp.activation_fn = Mixing()
+    x = {"input_ids": torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))}
+    shapes = _shapes(m, ".experts.")
+    plan = plan_channels(m, x, ratio=0.5)
+    _, want, got = pruned_vs_reference(m, x, plan, run=_logits)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert _shapes(m, ".experts.") == shapes
+    notes = [n for n in plan.notes if "DbrxExperts experts kept whole" in n]
+    assert len(notes) == len(m.transformer.blocks) and "mixes channels" in notes[0], plan.notes

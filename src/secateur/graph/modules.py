@@ -507,3 +507,4 @@ from secateur.graph import timm_sizes  # noqa: E402,F401  (timm modules with sto
 from secateur.graph import std_conv  # noqa: E402,F401  (timm's weight-standardised convs, by name)
 from secateur.graph import video  # noqa: E402,F401  (torchvision MViT positional encoding and attention sizes)
 from secateur.graph import moe  # noqa: E402,F401  (transformers' fused mixture-of-experts modules, by instance)
+from secateur.graph import moe_models  # noqa: E402,F401  (DBRX, JetMoE, LongCat-Flash experts, by class name)
