@@ -286,6 +286,15 @@ def model_experts_rule(mod: nn.Module):
     return lambda tr, m, args, kwargs, out: rule(tr, m, args, kwargs, out, lay)
 
 
+def proven(mod: nn.Module) -> bool:
+    """``mod`` is one of the classes above with its layout proven."""
+    entry = _RULES.get(_path(mod))
+    try:
+        return entry is not None and isinstance(entry[0](mod), _Sizes)
+    except AttributeError:
+        return False
+
+
 LEAF_PROBES.append(model_experts_rule)
 for _cls in ("DbrxExperts", "DbrxExpertGLU"):
     UPDATERS_BY_NAME[_DBRX + _cls] = _dbrx_sizes
