@@ -36,6 +36,7 @@ mixtral, olmoe, gpt_oss, phimoe, granitemoe* 0.901 -> 0.280, qwen2_moe 0.774 -> 
 ernie4_5_moe 0.665 -> 0.286, minimax 0.954 -> 0.328; 25 of 35 runnable types now under 0.4 (3 before)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -201,10 +202,84 @@ def experts_rule(mod: nn.Module):
     lay = layout(mod)  # once per module and capture (the gate probe runs here)
     if not isinstance(lay, Layout):
         return _kept(lay)
-    return lambda tr, m, args, kwargs, out: _experts(tr, m, args, kwargs, out, lay)
+    return with_meta(lambda tr, m, args, kwargs, out: _experts(tr, m, args, kwargs, out, lay),
+                     lambda m, args, kwargs: _experts_meta(m, args, kwargs, lay))
+
+
+def _experts_meta(mod: nn.Module, args, kwargs, lay: Layout) -> torch.Tensor:
+    """The dispatcher's output on meta: the hidden states' shape, ``H`` from ``down_proj``."""
+    x = args[0] if args else kwargs["hidden_states"]
+    up, down = getattr(mod, lay.up), mod.down_proj
+    need(x.size(-1) == up.size(lay.up_hidden) and up.size(lay.up_rows) == lay.pairs * down.size(lay.down_inter),
+         mod, f"input {tuple(x.shape)}, {lay.up} {tuple(up.shape)}, down_proj {tuple(down.shape)}")
+    return x.new_empty((*x.shape[:-1], down.size(lay.down_hidden)))
 
 
 LEAF_PROBES.append(experts_rule)
+
+
+# ---------------------------------------------------------------- meta device
+def with_meta(rule, meta_forward):
+    """``rule`` (a leaf rule) with the stand-in forward ``meta_stand_ins`` runs on meta."""
+    rule.meta_forward = meta_forward
+    return rule
+
+
+def need(ok: bool, mod: nn.Module, what: str) -> None:
+    """A stand-in's shape check: the error the module's own forward would raise (the dry run reports it)."""
+    if not ok:
+        raise RuntimeError(f"{type(mod).__name__}: shapes do not agree: {what}")
+
+
+@contextlib.contextmanager
+def meta_stand_ins(rules: dict, tally: Any = None):
+    """While the model runs on meta, every proven experts module (``rules``: module -> leaf rule; those with a
+    ``meta_forward``) whose tensors are on meta returns an empty tensor of its output shape instead of running.
+
+    Why: no experts code of transformers runs on meta. ``grouped_mm``'s meta kernel takes only bf16 / fp16 (the CPU
+    kernel takes fp32), the eager loop asks which experts the tokens hit (``nonzero``, ``.item()``), DBRX and JetMoE
+    route with ``.tolist()``, LongCat's router gathers with top-k indices. A meta forward of an MoE model failed
+    inside them (planning a large MoE model on meta did not work at all). The stand-in is exact where it is used:
+    these modules are leaves, whose labels follow from their tensors and their output's shape only, and the output
+    shape follows from the input's and the proven layout (routing picks which expert reads a token, never a size).
+    It checks what the module's forward would check (input width against the expert weights, the sizes the module
+    reshapes with), so a meta dry run of a plan still fails where the pruned forward would. The MACs of a meta
+    forward are then unknown (``tally`` gives up); ``count_macs`` on the real model counts them."""
+    patched = []
+    try:
+        for mod, rule in rules.items():
+            fn = getattr(rule, "meta_forward", None)
+            t = next(mod.parameters(), None)
+            if fn is None or t is None or t.device.type != "meta" or "forward" in vars(mod):
+                continue
+            mod.forward = _stand_in(mod, fn, tally)
+            patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+def _stand_in(mod: nn.Module, fn, tally: Any):
+    def forward(*args, **kwargs):
+        if tally is not None:
+            tally.flops = None
+        return fn(mod, args, kwargs)
+    return forward
+
+
+def meta_rules(model: nn.Module) -> dict:
+    """The leaf rules with a stand-in of a model whose tensors are on meta (empty for any other model)."""
+    from secateur.graph.modules import leaf_rule
+    if not any(t.device.type == "meta" for t in model.parameters()):
+        return {}
+    rules = {m: leaf_rule(m) for m in model.modules() if _is_candidate(m) or _model_specific(m)}
+    return {m: r for m, r in rules.items() if getattr(r, "meta_forward", None) is not None}
+
+
+def _model_specific(mod: nn.Module) -> bool:
+    from secateur.graph.moe_models import known
+    return known(mod)
 
 
 # ---------------------------------------------------------------- sizes after slicing
@@ -228,6 +303,27 @@ def experts_updater(mod: nn.Module):
 
 
 UPDATER_PROBES.append(experts_updater)
+
+
+def _router_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
+    mod.hidden_dim = int(mod.weight.shape[1])
+    return {"hidden_dim": mod.hidden_dim}
+
+
+def router_updater(mod: nn.Module):
+    """transformers' routers (``MixtralTopKRouter`` and ~40 kin) run ``F.linear(x.reshape(-1, self.hidden_dim),
+    self.weight)``: ``hidden_dim`` is the weight's column count whenever the model runs, so it follows the sliced
+    weight. Without this the size search found it on the CPU (and the oracle proved it), but a plan on meta, where
+    no numeric proof runs, kept the whole residual stream of every model with such a router."""
+    cls = type(mod)
+    w = getattr(mod, "weight", None)
+    if (cls.__module__.startswith("transformers.") and "Router" in cls.__name__ and isinstance(w, nn.Parameter)
+            and w.dim() == 2 and isinstance(getattr(mod, "hidden_dim", None), int)):
+        return _router_attrs
+    return None
+
+
+UPDATER_PROBES.append(router_updater)
 
 
 # ---------------------------------------------------------------- Hugging Face config

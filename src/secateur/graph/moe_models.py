@@ -31,7 +31,7 @@ from torch import nn
 
 from secateur.graph.capture import Tracer
 from secateur.graph.modules import LEAF_PROBES, UPDATERS_BY_NAME, _channels, _consumed, _shape_for
-from secateur.graph.moe import _kept
+from secateur.graph.moe import _kept, need, with_meta
 
 _DBRX = "transformers.models.dbrx.modeling_dbrx."
 _JET = "transformers.models.jetmoe.modeling_jetmoe."
@@ -101,6 +101,14 @@ def _stream_out(tr: Tracer, out: torch.Tensor, n: int, *slots: tuple[torch.Tenso
     return hidden
 
 
+def _children(mod: nn.Module, prefix: str, names: dict[str, str]) -> str | None:
+    """None if each child ``attr`` is exactly the class ``prefix + cls``; else which is not."""
+    for attr, cls in names.items():
+        if _path(getattr(mod, attr, None)) != prefix + cls:
+            return f"its {attr} is not a {cls}"
+    return None
+
+
 def _hidden_states(args, kwargs) -> torch.Tensor:
     x = kwargs.get("hidden_states", args[0] if args else None)
     if not isinstance(x, torch.Tensor):
@@ -137,6 +145,16 @@ def _dbrx(tr: Tracer, mod: nn.Module, args, kwargs, out, s: _Sizes) -> None:
     _stream_out(tr, out, s.hidden, (glu.w2, 1))
 
 
+def _dbrx_meta(mod: nn.Module, args, kwargs) -> torch.Tensor:
+    """``next_states.view(batch_size, -1, self.hidden_size)`` of ``hidden_states.reshape(-1, self.hidden_size)``."""
+    x, glu = _hidden_states(args, kwargs), mod.mlp
+    e, h, i = mod.num_experts, mod.hidden_size, mod.ffn_hidden_size
+    need(x.size(-1) == h and all(tuple(w.shape) == (e * i, h) for w in (glu.w1, glu.v1, glu.w2)), mod,
+         f"input {tuple(x.shape)}, hidden_size {h}, ffn_hidden_size {i}, w1 {tuple(glu.w1.shape)}, "
+         f"v1 {tuple(glu.v1.shape)}, w2 {tuple(glu.w2.shape)}")
+    return x.new_empty((x.size(0), x.numel() // (x.size(0) * h), h))
+
+
 def _dbrx_sizes(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     """``DbrxExperts`` and ``DbrxExpertGLU`` store the widths they reshape with."""
     glu = mod.mlp if hasattr(mod, "mlp") else mod
@@ -149,10 +167,7 @@ def _dbrx_sizes(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- JetMoE
 def _jet_children(mod: nn.Module, names: dict[str, str]) -> str | None:
-    for attr, cls in names.items():
-        if _path(getattr(mod, attr, None)) != _JET + cls:
-            return f"its {attr} is not a {cls}"
-    return None
+    return _children(mod, _JET, names)
 
 
 def _jet_moe_layout(mod: nn.Module) -> _Sizes | str:
@@ -177,6 +192,16 @@ def _jet_moe(tr: Tracer, mod: nn.Module, args, kwargs, out, s: _Sizes) -> None:
     tr.slot(up, 1, torch.cat([inter, inter]), "out")
     tr.slot(down, 2, inter, "in")
     _stream_out(tr, out, s.hidden, (down, 1), (mod.bias, 0))
+
+
+def _jet_moe_meta(mod: nn.Module, args, kwargs) -> torch.Tensor:
+    x = args[0] if args else kwargs["layer_input"]
+    up, down = mod.input_linear.weight, mod.output_linear.weight
+    need(x.size(-1) == up.size(2) == mod.router.layer.weight.size(1) and up.size(1) == 2 * down.size(2)
+         and down.size(1) == mod.bias.size(0) == mod.input_size, mod,
+         f"input {tuple(x.shape)}, input_linear {tuple(up.shape)}, output_linear {tuple(down.shape)}, "
+         f"input_size {mod.input_size}")
+    return x.new_empty((x.size(0), x.size(1), mod.input_size))
 
 
 def _jet_attention_layout(mod: nn.Module) -> _Sizes | str:
@@ -206,6 +231,23 @@ def _jet_attention(tr: Tracer, mod: nn.Module, args, kwargs, out, s: _Sizes) -> 
                     "RoPE and repeated keys inside it); the stream it reads and writes is pruned")
 
 
+def _jet_attention_meta(mod: nn.Module, args, kwargs):
+    """(output, no attention weights, router logits); the cache gets keys and values of the width it would."""
+    x, moa = _hidden_states(args, kwargs), mod.experts
+    up, down = moa.input_linear.weight, moa.output_linear.weight
+    need(x.size(-1) == up.size(2) == mod.kv_proj.weight.size(1) == moa.router.layer.weight.size(1)
+         and down.size(1) == moa.bias.size(0) == moa.input_size, mod,
+         f"input {tuple(x.shape)}, input_linear {tuple(up.shape)}, kv_proj {tuple(mod.kv_proj.weight.shape)}, "
+         f"output_linear {tuple(down.shape)}, input_size {moa.input_size}")
+    b, n = x.shape[0], x.shape[1]
+    cache = kwargs.get("past_key_values")
+    if cache is not None:
+        kv = x.new_empty((b, mod.num_key_value_heads, n, mod.head_dim))
+        cache.update(kv, kv, mod.layer_idx)
+    logits = x.new_empty((b * n, moa.num_experts), dtype=torch.float32)
+    return x.new_empty((*x.shape[:-1], moa.input_size)), None, logits
+
+
 def _jet_sizes(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     """The sizes JetMoE's modules store (``input_size`` sizes the merged output in ``JetMoeMoE`` and
     ``JetMoeMoA.reduce``)."""
@@ -225,37 +267,62 @@ def _jet_sizes(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- LongCat-Flash
 def _longcat_layout(mod: nn.Module) -> _Sizes | str:
-    """``gate_up_proj [R + Z, 2I, H]`` (gate rows then up rows; the Z zero-compute experts' rows are never read),
-    ``down_proj [R, H, I]``; experts ``>= R`` return their input rows."""
-    r, h, i = mod.num_routed_experts, mod.hidden_size, mod.intermediate_size
+    """``LongcatFlashMoE``: ``experts.gate_up_proj [R + Z, 2I, H]`` (gate rows then up rows; the Z zero-compute
+    experts' rows are never read), ``experts.down_proj [R, H, I]``, experts ``>= R`` return their input rows;
+    ``router.classifier.weight [R + Z, H]`` (with its bias, if any) and ``router.e_score_correction_bias [R + Z]``.
+    The router is inside the leaf: it gathers scores with its top-k indices, which a meta capture cannot label."""
+    why = _children(mod, _LONGCAT, {"experts": "LongcatFlashExperts", "router": "LongcatFlashTopkRouter"})
+    if why:
+        return why
+    ex, router = mod.experts, mod.router
+    r, h, i, t = ex.num_routed_experts, ex.hidden_size, ex.intermediate_size, ex.total_experts
     if r <= 0:
         return "no routed experts"
-    if not isinstance(mod.identity_expert, nn.Identity) or type(mod.identity_expert) is not nn.Identity:
+    if type(ex.identity_expert) is not nn.Identity:
         return "its identity_expert is not an nn.Identity"
-    why = _expect(mod, {"gate_up_proj": (mod.total_experts, 2 * i, h), "down_proj": (r, h, i)})
-    return why or _elementwise(mod.act_fn) or _Sizes(r, h, i)
+    if type(router.classifier) is not nn.Linear or router.hidden_dim != h:
+        return "its router is not a Linear over the hidden size"
+    want = {"experts.gate_up_proj": (t, 2 * i, h), "experts.down_proj": (r, h, i), "router.classifier.weight": (t, h),
+            "router.e_score_correction_bias": (t,)}
+    if router.classifier.bias is not None:
+        want["router.classifier.bias"] = (t,)
+    return _expect(mod, want) or _elementwise(ex.act_fn) or _Sizes(r, h, i)
 
 
 def _longcat(tr: Tracer, mod: nn.Module, args, kwargs, out, s: _Sizes) -> None:
-    x = _hidden_states(args, kwargs)
+    x, ex = _hidden_states(args, kwargs), mod.experts
     _block_others(tr, x, args, kwargs)
-    chan = _stream_in(tr, x, (mod.gate_up_proj, 2))
+    chan = _stream_in(tr, x, (ex.gate_up_proj, 2), (mod.router.classifier.weight, 1))
     inter = tr.atoms.new(s.inter)
-    tr.slot(mod.gate_up_proj, 1, torch.cat([inter, inter]), "out")
-    tr.slot(mod.down_proj, 2, inter, "in")
-    hidden = _stream_out(tr, out, s.hidden, (mod.down_proj, 1))
-    if mod.zero_expert_num:  # identity experts: an output channel is also the same input channel
+    tr.slot(ex.gate_up_proj, 1, torch.cat([inter, inter]), "out")
+    tr.slot(ex.down_proj, 2, inter, "in")
+    hidden = _stream_out(tr, out, s.hidden, (ex.down_proj, 1))
+    if ex.zero_expert_num:  # identity experts: an output channel is also the same input channel
         if chan is None:
             tr.atoms.block(hidden)
         else:
             tr.atoms.union(hidden, chan)
 
 
+def _longcat_meta(mod: nn.Module, args, kwargs) -> torch.Tensor:
+    x, ex = _hidden_states(args, kwargs), mod.experts
+    h = x.size(-1)
+    need(h == mod.router.hidden_dim == mod.router.classifier.weight.size(1) == ex.gate_up_proj.size(2)
+         == ex.down_proj.size(1), mod, f"input {tuple(x.shape)}, router hidden_dim {mod.router.hidden_dim}, "
+         f"gate_up_proj {tuple(ex.gate_up_proj.shape)}, down_proj {tuple(ex.down_proj.shape)}")
+    need(ex.gate_up_proj.size(1) == 2 * ex.down_proj.size(2), mod, "gate_up_proj rows are not twice down_proj's")
+    return x.new_empty(x.shape)
+
+
 def _longcat_sizes(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
-    experts = getattr(mod, "experts", mod)  # LongcatFlashMoE keeps its experts' width too
-    new = {"intermediate_size": int(experts.down_proj.shape[2])}
-    if experts is mod:
-        new["hidden_size"] = int(mod.down_proj.shape[1])
+    """The widths LongCat's modules store (the router views its input with ``hidden_dim``)."""
+    name = type(mod).__name__
+    if name == "LongcatFlashTopkRouter":
+        new = {"hidden_dim": int(mod.classifier.weight.shape[1])}
+    elif name == "LongcatFlashExperts":
+        new = {"intermediate_size": int(mod.down_proj.shape[2]), "hidden_size": int(mod.down_proj.shape[1])}
+    else:  # LongcatFlashMoE
+        new = {"intermediate_size": int(mod.experts.down_proj.shape[2])}
     for k, v in new.items():
         setattr(mod, k, v)
     return new
@@ -263,10 +330,10 @@ def _longcat_sizes(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- registration
 _RULES: dict[str, tuple[Callable, Callable]] = {
-    _DBRX + "DbrxExperts": (_dbrx_layout, _dbrx),
-    _JET + "JetMoeMoE": (_jet_moe_layout, _jet_moe),
-    _JET + "JetMoeAttention": (_jet_attention_layout, _jet_attention),
-    _LONGCAT + "LongcatFlashExperts": (_longcat_layout, _longcat),
+    _DBRX + "DbrxExperts": (_dbrx_layout, _dbrx, _dbrx_meta),
+    _JET + "JetMoeMoE": (_jet_moe_layout, _jet_moe, _jet_moe_meta),
+    _JET + "JetMoeAttention": (_jet_attention_layout, _jet_attention, _jet_attention_meta),
+    _LONGCAT + "LongcatFlashMoE": (_longcat_layout, _longcat, _longcat_meta),
 }
 
 
@@ -276,14 +343,19 @@ def model_experts_rule(mod: nn.Module):
     entry = _RULES.get(_path(mod))
     if entry is None:
         return None
-    layout, rule = entry
+    layout, rule, meta = entry
     try:
         lay = layout(mod)
     except AttributeError as e:  # a size attribute the layout reads is missing: another version of the class
         lay = f"missing attribute ({e})"
     if not isinstance(lay, _Sizes):
         return _kept(lay)
-    return lambda tr, m, args, kwargs, out: rule(tr, m, args, kwargs, out, lay)
+    return with_meta(lambda tr, m, args, kwargs, out: rule(tr, m, args, kwargs, out, lay), meta)
+
+
+def known(mod: nn.Module) -> bool:
+    """``mod`` is of one of the classes above (proven or not)."""
+    return _path(mod) in _RULES
 
 
 def proven(mod: nn.Module) -> bool:
@@ -300,5 +372,5 @@ for _cls in ("DbrxExperts", "DbrxExpertGLU"):
     UPDATERS_BY_NAME[_DBRX + _cls] = _dbrx_sizes
 for _cls in ("JetMoeParallelExperts", "JetMoeTopKGating", "JetMoeMoE", "JetMoeMoA"):
     UPDATERS_BY_NAME[_JET + _cls] = _jet_sizes
-for _cls in ("LongcatFlashExperts", "LongcatFlashMoE"):
+for _cls in ("LongcatFlashExperts", "LongcatFlashMoE", "LongcatFlashTopkRouter"):
     UPDATERS_BY_NAME[_LONGCAT + _cls] = _longcat_sizes
