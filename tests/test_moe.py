@@ -294,3 +294,57 @@ def test_model_specific_experts_with_unproven_activation_are_kept():
     assert _shapes(m, ".experts.") == shapes
     notes = [n for n in plan.notes if "DbrxExperts experts kept whole" in n]
     assert len(notes) == len(m.transformer.blocks) and "mixes channels" in notes[0], plan.notes
+
+
+# ---------------------------------------------------------------- planning on the meta device
+def _group_key(graph):
+    return sorted((g.name, g.size, tuple(sorted((m.module, m.name, m.dim) for m in g.members))) for g in graph.groups)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss", "dbrx", "jetmoe", "longcat_flash"])
+def test_moe_plans_on_meta_like_on_the_cpu(model_type):
+    """A model built on meta (no weights) plans: the experts modules, whose transformers code cannot run on meta
+    (grouped_mm's meta kernel refuses fp32, routing asks for values), run as stand-ins that give their output's
+    shape. The groups are the CPU capture's, and the plan removes as many channels from each (random importance:
+    meta has no values)."""
+    from secateur.graph import build_graph
+    import zoo_models as Z
+    cfg, cls = Z.hf_small_config(model_type), Z._causal_lm_class(model_type)
+    torch.manual_seed(0)
+    cpu = cls(cfg).eval()
+    with torch.device("meta"):
+        meta = cls(cfg).eval()
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    x, xm = {"input_ids": ids, "use_cache": True}, {"input_ids": ids.to("meta"), "use_cache": True}
+    assert _group_key(build_graph(meta, xm)) == _group_key(build_graph(cpu, x))
+    plan_m = plan_channels(meta, xm, ratio=0.5, importance="random")
+    plan_c = plan_channels(cpu, x, ratio=0.5, importance="random")
+    counts = lambda p: {g.name: int(c.numel()) for g, c in p.choices}  # noqa: E731
+    cm, cc = counts(plan_m), counts(plan_c)
+    experts = [n for n in cc if "experts" in n or ".mlp." in n]
+    assert experts and all(cm.get(n) == cc[n] for n in experts), (cm, cc)
+    assert cm.get("model.embed_tokens", cm.get("transformer.wte")) == cc.get("model.embed_tokens",
+                                                                            cc.get("transformer.wte")) is not None
+    if model_type != "longcat_flash":  # (its MLA attention keeps a size only the CPU's numeric proof updates)
+        assert cm == cc
+    assert not any(isinstance(p, torch.Tensor) and p.device.type != "meta" for p in meta.parameters())
+    assert all("forward" not in vars(m) for m in meta.modules())  # the stand-ins are gone
+
+
+def test_meta_stand_in_checks_the_shapes_its_forward_would():
+    """The stand-in is no blank cheque: an input whose width the expert weights do not read fails as the module's
+    own forward would, so a meta dry run of a bad plan still fails."""
+    from secateur.graph.modules import leaf_rule
+    from secateur.graph.moe import meta_stand_ins
+    with torch.device("meta"):
+        m = ToyMoE("grouped_mm").eval()
+    rules = {mod: leaf_rule(mod) for mod in m.modules()}
+    idx, w = torch.zeros(10, 2, dtype=torch.long, device="meta"), torch.ones(10, 2, device="meta")
+    with meta_stand_ins(rules):
+        out = m.experts(torch.empty(10, H, device="meta"), idx, w)
+        assert out.shape == (10, H) and out.device.type == "meta"
+        with pytest.raises(RuntimeError, match="shapes do not agree"):
+            m.experts(torch.empty(10, H - 1, device="meta"), idx, w)
+    assert "forward" not in vars(m.experts)
+    with pytest.raises(RuntimeError):  # without the stand-in, transformers' code does not run on meta
+        m.experts(torch.empty(10, H, device="meta"), idx, w)
