@@ -26,6 +26,13 @@ one atom per index, sliced by ``index_select`` along that dim; per-expert sets w
 (expert and row) in the slicer, its dry run and the reload path, and would leave the fused tensors rectangular only
 by an equal-count constraint. Shared, the channel's importance sums over the experts and the pruned module is the
 same class with a smaller ``I``, which every implementation (eager, batched_mm, grouped_mm) runs unchanged.
+Per-expert sets were weighed again (S14) and left out, because they are not simple to keep exact: the engine's only
+"same count per row" unit is the attention head block (``Tracer.blocks``), and a group with a block switches the
+module to head-size updates and the HF config to head-dim fields (structured/apply.py), which would be wrong for
+experts; the fused ``[E, 2I, H]`` / ``[E, H, I]`` tensors would need a per-expert gather in ``Plan.apply``, in the
+oracle's zeroing (``zero_consumers``, one index set per dim today), in the dry run's expected shapes (a count per
+dim) and in the structure record; only DBRX's flat ``[E * I, H]`` rows fit the 1-d slots, and one model behaving
+unlike the thirty dispatcher models is worse than none.
 The expert count ``E`` is never pruned (routing inputs are blocked: the router's outputs stay).
 
 Routers (``MixtralTopKRouter`` and kin: ``F.linear(x, self.weight)`` on a module of their own) are read as Linears
