@@ -348,3 +348,12 @@ def test_meta_stand_in_checks_the_shapes_its_forward_would():
     assert "forward" not in vars(m.experts)
     with pytest.raises(RuntimeError):  # without the stand-in, transformers' code does not run on meta
         m.experts(torch.empty(10, H, device="meta"), idx, w)
+
+
+def test_unproven_experts_on_meta_fail_with_a_pruning_error():
+    """No stand-in where the layout is not proven (its output shape is not known): where its own code fails on meta,
+    the error is a PruningError naming the module and the reason, not a meta kernel's."""
+    with torch.device("meta"):
+        m = ToyMoE("grouped_mm", extra=True).eval()
+    with pytest.raises(secateur.PruningError, match="Experts does not run on the meta device.*expert_scale"):
+        plan_channels(m, torch.empty(2, 5, 8, device="meta"), ratio=0.5, importance="random")

@@ -199,7 +199,20 @@ def _kept(reason: str):
             tr.atoms.block(atoms)
             tr.set(out, _shape_for(out.dim(), -1, atoms))
         tr.notes.append(f"{tr.where()}: {type(mod).__name__} experts kept whole: {reason}")
-    return rule
+    return with_meta(rule, lambda m, args, kwargs: _own_or_refuse(m, args, kwargs, reason))
+
+
+def _own_or_refuse(mod: nn.Module, args, kwargs, reason: str):
+    """On meta, an experts module whose layout is not proven runs its own forward (no stand-in: its output shape is
+    not known); where that fails, as transformers' experts code does on meta, a PruningError names the module, the
+    op's error and why no stand-in was used, never a raw meta-kernel error from deep inside transformers."""
+    try:
+        return type(mod).forward(mod, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - whatever the meta kernels raise
+        from secateur.errors import fail
+        raise fail(f"{type(mod).__name__} does not run on the meta device ({type(e).__name__}: {str(e)[:200]}) and "
+                   f"has no stand-in there: its layout is not proven ({reason})", where=type(mod).__name__,
+                   hint="plan on real (small) inputs on the CPU") from e
 
 
 def experts_rule(mod: nn.Module):
