@@ -349,8 +349,8 @@ UPDATER_PROBES.append(router_updater)
 # ---------------------------------------------------------------- Hugging Face config
 def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
     """Config fields that state a width of a model with recognised experts (``moe_intermediate_size``,
-    ``intermediate_size``, ``shared_expert_intermediate_size``, LongCat's ``expert_ffn_hidden_size`` ...), each proven by building the model on the meta
-    device: a trial value shows which tensor dims the field sizes (those that change with it); the new value is
+    ``intermediate_size``, ``shared_expert_intermediate_size``, LongCat's ``expert_ffn_hidden_size`` ...), each
+    proven by building the model on the meta device: a trial value shows which tensor dims the field sizes (those that change with it); the new value is
     read from the pruned model along the first of them and kept only when a build with it gives the pruned
     model's size along every one of them (other dims follow other fields: a pruned hidden size the config does not
     state). A field that also sizes dense MLPs that kept another width, or layers of differing widths, is left:
@@ -364,8 +364,8 @@ def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
     base = copy.deepcopy(config)
     for k, val in changed.items():
         setattr(base, k, val)
-    fields = {k: val for k, val in base.to_dict().items()
-              if ("intermediate" in k or "ffn_hidden" in k) and isinstance(val, int) and not isinstance(val, bool) and val > 0}
+    fields = {k: val for k, val in base.to_dict().items() if ("intermediate" in k or "ffn_hidden" in k)
+              and isinstance(val, int) and not isinstance(val, bool) and val > 0}
     actual = {n: tuple(p.shape) for n, p in model.named_parameters()}
     out = {}
     try:
