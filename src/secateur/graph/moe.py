@@ -354,7 +354,8 @@ def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
     that change with it); the new value is read from the pruned model along the first of them and kept only when a
     build with it gives the pruned model's size along every one of them (other dims follow other fields: a pruned
     hidden size the config does not state). A field that also sizes dense MLPs that kept another width, or layers
-    of differing widths, is left: the structure record reloads those. ``changed``: fields already updated (the builds start from them)."""
+    of differing widths, is left: the structure record reloads those. ``changed``: fields already updated (the
+    builds start from them)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
