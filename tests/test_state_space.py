@@ -177,6 +177,46 @@ def test_outer_product_keeps_the_smaller_side_and_prunes_the_other():
     assert model.a.out_features == 6 and model.b.out_features == 3
 
 
+class HiddenStateMixer(nn.Module):
+    """EfficientViM's mixer in small: the stream ``x [B, C, N]`` times the state weights ``ab [B, S, N]``
+    transposed is a matmul whose rows carry stream channels and whose columns carry state channels."""
+
+    def __init__(self, c=12, s=4, swap=False):
+        super().__init__()
+        self.swap = swap
+        self.stem, self.bc = nn.Conv1d(3, c, 1), nn.Conv1d(c, 2 * s, 1)
+        self.mix, self.head = nn.Conv1d(c, c, 1), nn.Linear(c, 2)
+
+    def forward(self, x):
+        x = self.stem(x)  # [B, C, N]
+        b, c = self.bc(x).chunk(2, dim=1)  # [B, S, N] each
+        ab = b.softmax(-1)
+        h = (ab @ x.transpose(1, 2)).transpose(1, 2) if self.swap else x @ ab.transpose(1, 2)  # [B, C, S]
+        h = self.mix(h)
+        y = h @ c  # [B, C, N]
+        return self.head(y.mean(-1))
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_matmul_outer_product_keeps_the_state_whole_and_prunes_the_stream(swap):
+    """Without the rule the stream and state channels were one unit (efficientvim_m1 kept its whole stream)."""
+    torch.manual_seed(0)
+    model, x = HiddenStateMixer(swap=swap).eval(), torch.randn(2, 3, 7)
+    m0 = count_macs(model, x)
+    assert_oracle(model, x, ratio=0.5)
+    assert model.stem.out_channels == 6 and model.mix.out_channels == 6 and model.bc.out_channels == 8
+    assert count_macs(model, x) < 0.6 * m0
+
+
+def test_timm_efficientvim_prunes_its_stream():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("efficientvim_m1").eval(), torch.randn(1, 3, 224, 224)
+    m0 = count_macs(model, x)
+    assert_oracle(model, x, ratio=0.5)
+    assert count_macs(model, x) < 0.35 * m0  # 0.51 when the stream was tied to the state channels
+
+
 # ---------------------------------------------------------------- transformers' Mamba family
 def _hf_mamba(kind):
     T = pytest.importorskip("transformers")

@@ -215,6 +215,8 @@ def batch_norm(tr: Tracer, mod, args, kwargs, out):
 @leaf(nn.GroupNorm)
 def group_norm(tr: Tracer, mod, args, kwargs, out):
     x = _input(args, kwargs)
+    if mod.num_groups == 1:
+        return one_group_norm(tr, mod, x, out)
     chan = _channels(tr, x, 1)
     if chan is None:
         return
@@ -223,6 +225,24 @@ def group_norm(tr: Tracer, mod, args, kwargs, out):
     if mod.affine:
         tr.slot(mod.weight, 0, chan, "param")
         tr.slot(mod.bias, 0, chan, "param")
+    tr.set(out, _shape_for(out.dim(), 1, chan))
+
+
+def one_group_norm(tr: Tracer, mod: nn.GroupNorm, x: torch.Tensor, out: torch.Tensor) -> None:
+    """A GroupNorm with one group (timm's GroupNorm1: PoolFormer, LowFormer, MobileViT) is a LayerNorm over
+    channels and positions. Whole groups only made every channel one all-or-nothing unit, so such models kept their
+    stream silently (poolformer_s12 0.57 of dense MACs). Like LayerNorm, the channels prune with the affine weight
+    and the site is recorded: removal is not zeroing there, the plan says so and the reference normalises over
+    the kept channels (``Plan.kept_norms``, along dim 1)."""
+    name = tr.where()
+    tr.calls[name] = tr.calls.get(name, 0) + 1
+    chan = _channels(tr, x, 1)
+    if chan is None:
+        return
+    if mod.affine:
+        tr.slot(mod.weight, 0, chan, "param")
+        tr.slot(mod.bias, 0, chan, "param")
+    tr.norm_site("module", name, type(mod).__name__, chan, dim=1)
     tr.set(out, _shape_for(out.dim(), 1, chan))
 
 
@@ -408,8 +428,8 @@ def _bn(mod, old):
 
 @updater(nn.GroupNorm)
 def _gn(mod, old):
-    c = int(mod.weight.shape[0])
-    mod.num_groups = old["num_groups"] * c // old["num_channels"]
+    c = int(mod.weight.shape[0])  # whole groups went, or channels from the only group (``one_group_norm``)
+    mod.num_groups = 1 if old["num_groups"] == 1 else old["num_groups"] * c // old["num_channels"]
     mod.num_channels = c
     return {"num_groups": mod.num_groups, "num_channels": c}
 
