@@ -297,8 +297,15 @@ def test_model_specific_experts_with_unproven_activation_are_kept():
 
 
 # ---------------------------------------------------------------- planning on the meta device
-def _group_key(graph):
-    return sorted((g.name, g.size, tuple(sorted((m.module, m.name, m.dim) for m in g.members))) for g in graph.groups)
+def _group_key(graph, attention=True):
+    return sorted((g.name, g.size, tuple(sorted((m.module, m.name, m.dim) for m in g.members))) for g in graph.groups
+                  if attention or "attn" not in g.name)
+
+
+# attention whose groups differ on meta for reasons that are not the experts': DBRX's one-KV-head SDPA runs the CPU
+# flash kernel on the CPU and its math decomposition on meta (a plain LLaMA with one KV head differs the same way);
+# LongCat's MLA keeps a size that only the CPU's numeric proof lets the size search update
+_ATTENTION_DIFFERS = {"dbrx", "longcat_flash"}
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss", "dbrx", "jetmoe", "longcat_flash"])
@@ -316,16 +323,17 @@ def test_moe_plans_on_meta_like_on_the_cpu(model_type):
         meta = cls(cfg).eval()
     ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
     x, xm = {"input_ids": ids, "use_cache": True}, {"input_ids": ids.to("meta"), "use_cache": True}
-    assert _group_key(build_graph(meta, xm)) == _group_key(build_graph(cpu, x))
+    same_attention = model_type not in _ATTENTION_DIFFERS
+    assert _group_key(build_graph(meta, xm), same_attention) == _group_key(build_graph(cpu, x), same_attention)
     plan_m = plan_channels(meta, xm, ratio=0.5, importance="random")
     plan_c = plan_channels(cpu, x, ratio=0.5, importance="random")
     counts = lambda p: {g.name: int(c.numel()) for g, c in p.choices}  # noqa: E731
     cm, cc = counts(plan_m), counts(plan_c)
     experts = [n for n in cc if "experts" in n or ".mlp." in n]
     assert experts and all(cm.get(n) == cc[n] for n in experts), (cm, cc)
-    assert cm.get("model.embed_tokens", cm.get("transformer.wte")) == cc.get("model.embed_tokens",
-                                                                            cc.get("transformer.wte")) is not None
-    if model_type != "longcat_flash":  # (its MLA attention keeps a size only the CPU's numeric proof updates)
+    stream = "transformer.wte" if model_type == "dbrx" else "model.embed_tokens"
+    assert cm.get(stream) == cc.get(stream) is not None
+    if same_attention:
         assert cm == cc
     assert not any(isinstance(p, torch.Tensor) and p.device.type != "meta" for p in meta.parameters())
     assert all("forward" not in vars(m) for m in meta.modules())  # the stand-ins are gone
