@@ -160,13 +160,14 @@ _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_n
 
 
 def _is_moe(model_type: str) -> bool:
-    """A registry type whose default config names a positive expert count (its own, or its text config's)."""
+    """A registry type whose default config names a positive expert count (its own, its text config's, or DBRX's
+    ``ffn_config``)."""
     from transformers import CONFIG_MAPPING
     try:
         cfg = CONFIG_MAPPING[model_type]()
     except Exception:  # noqa: BLE001 - a config that does not build with defaults is not run either
         return False
-    cfgs = [cfg] + [getattr(cfg, k) for k in ("text_config",) if getattr(cfg, k, None) is not None]
+    cfgs = [cfg] + [getattr(cfg, k) for k in ("text_config", "ffn_config") if getattr(cfg, k, None) is not None]
     return any(isinstance(getattr(c, k, None), int) and getattr(c, k) > 0 for c in cfgs for k in _EXPERT_COUNTS)
 
 

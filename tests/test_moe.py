@@ -226,3 +226,142 @@ def test_hf_config_alone_rebuilds_the_pruned_mixtral():
     with torch.device("meta"):
         rebuilt = type(m)(m.config)
     assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in m.named_parameters()}
+
+
+# ---------------------------------------------------------------- experts modules of single models (moe_models.py)
+def _make(model_type):
+    import zoo_models as Z
+
+    def make():
+        return Z._causal_lm_class(model_type)(Z.hf_small_config(model_type)).eval()
+    return make
+
+
+def _shapes(m, part):
+    return {n: tuple(p.shape) for n, p in m.named_parameters() if part in n}
+
+
+@pytest.mark.parametrize("model_type, part, below", [("dbrx", ".experts.", 0.4), ("jetmoe", ".mlp.", 0.4),
+                                                     ("longcat_flash", ".experts.", 0.45)])
+def test_model_specific_experts_prune_stream_and_width(model_type, part, below, tmp_path):
+    """DBRX (``[E*I, H]`` weights), JetMoE (ParallelExperts, index_add merge), LongCat-Flash (zero-compute identity
+    experts): the oracle holds, MACs fall (they stayed at 1.0, 1.0, 0.71 with these modules traced op by op), every
+    expert tensor loses width, the pruned model runs its own forward and reloads exactly."""
+    from helpers import prune_causal_lm
+    make = _make(model_type)
+    before = _shapes(make(), part)
+    m, plan = prune_causal_lm(make, tmp_path, below=below, low=3)
+    after = _shapes(m, part)
+    assert before.keys() == after.keys() and all(
+        all(a < b for a, b in zip(after[n], before[n]) if a != b) and after[n] != before[n] for n in before), after
+    assert not any("kept whole" in n or "index_add" in n or "scatter" in n for n in plan.notes), plan.notes
+
+
+def test_dbrx_experts_keep_each_expert_block():
+    """Shared channel set: row ``e*I + i`` of each ``[E*I, H]`` weight goes with channel ``i`` of every expert, so
+    each expert keeps the same local rows of its own block; the stored ``ffn_hidden_size`` (the forward views the
+    weights with it) follows."""
+    m = _make("dbrx")()
+    ex = m.transformer.blocks[0].ffn.experts
+    e, i, h = ex.num_experts, ex.ffn_hidden_size, ex.hidden_size
+    w1 = ex.mlp.w1.detach().clone()
+    x = {"input_ids": torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))}
+    plan = plan_channels(m, x, ratio=0.5)
+    rows, cols = (plan.removed[("transformer.blocks.0.ffn.experts.mlp", "w1")][d] for d in (0, 1))
+    local = rows.view(e, -1) - torch.arange(e)[:, None] * i  # the removed rows, per expert block
+    assert (local == local[0]).all() and (local >= 0).all() and (local < i).all()
+    pruned_vs_reference(m, x, plan, run=_logits)  # applies the plan
+    keep_i = [c for c in range(i) if c not in local[0].tolist()]
+    keep_h = [c for c in range(h) if c not in cols.tolist()]
+    assert ex.ffn_hidden_size == ex.mlp.ffn_hidden_size == len(keep_i) < i
+    assert ex.hidden_size == ex.mlp.hidden_size == len(keep_h) < h
+    torch.testing.assert_close(ex.mlp.w1.view(e, len(keep_i), -1), w1.view(e, i, h)[:, keep_i][:, :, keep_h])
+
+
+def test_model_specific_experts_with_unproven_activation_are_kept():
+    """A DBRX experts module whose activation mixes channels is kept whole with a note; the oracle still holds."""
+    class Mixing(nn.Module):
+        def forward(self, h):
+            return h / (h.norm(dim=-1, keepdim=True) + 1)  # a statistic over the channels
+    m = _make("dbrx")()
+    for blk in m.transformer.blocks:
+        blk.ffn.experts.mlp.activation_fn = Mixing()
+    x = {"input_ids": torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))}
+    shapes = _shapes(m, ".experts.")
+    plan = plan_channels(m, x, ratio=0.5)
+    _, want, got = pruned_vs_reference(m, x, plan, run=_logits)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert _shapes(m, ".experts.") == shapes
+    notes = [n for n in plan.notes if "DbrxExperts experts kept whole" in n]
+    assert len(notes) == len(m.transformer.blocks) and "mixes channels" in notes[0], plan.notes
+
+
+# ---------------------------------------------------------------- planning on the meta device
+def _group_key(graph, attention=True):
+    return sorted((g.name, g.size, tuple(sorted((m.module, m.name, m.dim) for m in g.members))) for g in graph.groups
+                  if attention or "attn" not in g.name)
+
+
+# attention whose groups differ on meta for reasons that are not the experts': DBRX's one-KV-head SDPA runs the CPU
+# flash kernel on the CPU and its math decomposition on meta (a plain LLaMA with one KV head differs the same way);
+# LongCat's MLA keeps a size that only the CPU's numeric proof lets the size search update
+_ATTENTION_DIFFERS = {"dbrx", "longcat_flash"}
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss", "dbrx", "jetmoe", "longcat_flash"])
+def test_moe_plans_on_meta_like_on_the_cpu(model_type):
+    """A model built on meta (no weights) plans: the experts modules, whose transformers code cannot run on meta
+    (grouped_mm's meta kernel refuses fp32, routing asks for values), run as stand-ins that give their output's
+    shape. The groups are the CPU capture's, and the plan removes as many channels from each (random importance:
+    meta has no values)."""
+    from secateur.graph import build_graph
+    import zoo_models as Z
+    cfg, cls = Z.hf_small_config(model_type), Z._causal_lm_class(model_type)
+    torch.manual_seed(0)
+    cpu = cls(cfg).eval()
+    with torch.device("meta"):
+        meta = cls(cfg).eval()
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    x, xm = {"input_ids": ids, "use_cache": True}, {"input_ids": ids.to("meta"), "use_cache": True}
+    same_attention = model_type not in _ATTENTION_DIFFERS
+    assert _group_key(build_graph(meta, xm), same_attention) == _group_key(build_graph(cpu, x), same_attention)
+    plan_m = plan_channels(meta, xm, ratio=0.5, importance="random")
+    plan_c = plan_channels(cpu, x, ratio=0.5, importance="random")
+    counts = lambda p: {g.name: int(c.numel()) for g, c in p.choices}  # noqa: E731
+    cm, cc = counts(plan_m), counts(plan_c)
+    experts = [n for n in cc if "experts" in n or ".mlp." in n]
+    assert experts and all(cm.get(n) == cc[n] for n in experts), (cm, cc)
+    stream = "transformer.wte" if model_type == "dbrx" else "model.embed_tokens"
+    assert cm.get(stream) == cc.get(stream) is not None
+    if same_attention:
+        assert cm == cc
+    assert not any(isinstance(p, torch.Tensor) and p.device.type != "meta" for p in meta.parameters())
+    assert all("forward" not in vars(m) for m in meta.modules())  # the stand-ins are gone
+
+
+def test_meta_stand_in_checks_the_shapes_its_forward_would():
+    """The stand-in is no blank cheque: an input whose width the expert weights do not read fails as the module's
+    own forward would, so a meta dry run of a bad plan still fails."""
+    from secateur.graph.modules import leaf_rule
+    from secateur.graph.moe import meta_stand_ins
+    with torch.device("meta"):
+        m = ToyMoE("grouped_mm").eval()
+    rules = {mod: leaf_rule(mod) for mod in m.modules()}
+    idx, w = torch.zeros(10, 2, dtype=torch.long, device="meta"), torch.ones(10, 2, device="meta")
+    with meta_stand_ins(rules):
+        out = m.experts(torch.empty(10, H, device="meta"), idx, w)
+        assert out.shape == (10, H) and out.device.type == "meta"
+        with pytest.raises(RuntimeError, match="shapes do not agree"):
+            m.experts(torch.empty(10, H - 1, device="meta"), idx, w)
+    assert "forward" not in vars(m.experts)
+    with pytest.raises(RuntimeError):  # without the stand-in, transformers' code does not run on meta
+        m.experts(torch.empty(10, H, device="meta"), idx, w)
+
+
+def test_unproven_experts_on_meta_fail_with_a_pruning_error():
+    """No stand-in where the layout is not proven (its output shape is not known): where its own code fails on meta,
+    the error is a PruningError naming the module and the reason, not a meta kernel's."""
+    with torch.device("meta"):
+        m = ToyMoE("grouped_mm", extra=True).eval()
+    with pytest.raises(secateur.PruningError, match="Experts does not run on the meta device.*expert_scale"):
+        plan_channels(m, torch.empty(2, 5, 8, device="meta"), ratio=0.5, importance="random")

@@ -146,10 +146,45 @@ def test_groupnorm_whole_groups_is_exact_and_op_level_groupnorm_too():
     assert not any("statistics" in n for n in plan.notes)
 
 
-def test_groupnorm_with_one_group_keeps_its_channels_clearly():
-    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.Conv2d(8, 2, 1))
-    plan = plan_channels(m, torch.randn(1, 3, 4, 4), ratio=0.5)
-    assert not any(g.name == "0" for g, _ in plan.choices)
+class OneGroup(nn.GroupNorm):  # timm's GroupNorm1: its own forward, reached at ATen level
+    def __init__(self, c):
+        super().__init__(1, c)
+
+    def forward(self, x):
+        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class PoolFormerLike(nn.Module):
+    """A residual stream normalised by one-group GroupNorms (PoolFormer's token mixer and MLP), called twice."""
+
+    def __init__(self, op_level):
+        super().__init__()
+        norm = OneGroup if op_level else (lambda c: nn.GroupNorm(1, c))
+        self.stem, self.n1, self.n2 = nn.Conv2d(3, 8, 1), norm(8), norm(8)
+        self.fc1, self.fc2, self.head = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for _ in range(2):
+            y = self.n1(x)
+            x = x + nn.functional.avg_pool2d(y, 3, 1, 1) - y
+            x = x + self.fc2(nn.functional.gelu(self.fc1(self.n2(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("op_level", [False, True])
+def test_groupnorm_with_one_group_prunes_its_channels_against_the_kept_channel_reference(op_level, tmp_path):
+    """One group is a LayerNorm over channels and positions: the stream prunes, the plan says removal is not
+    zeroing there, and the reference normalises over the kept channels (it kept every channel before)."""
+    from helpers import assert_reloads
+    torch.manual_seed(0)
+    make = lambda: _randomize_norms(PoolFormerLike(op_level))  # noqa: E731
+    m, x = make(), torch.randn(2, 3, 5, 5)
+    plan = _check(m, x, ratio=0.5)
+    assert m.stem.out_channels == 4 and m.n1.weight.shape == (4,) and m.n1.num_channels == 4
+    assert m.n1.num_groups == 1 and m.n2.num_groups == 1
+    assert sum("n1: " in n and "statistics" in n for n in plan.notes) == 1
+    assert_reloads(make, m, x, tmp_path)
 
 
 def test_layernorm_over_several_dims_and_without_affine_keeps_channels():

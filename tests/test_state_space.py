@@ -11,6 +11,20 @@ mixer kept its whole inner width (transformers' MambaForCausalLM ended at 1.0 of
   contracted with C: one side is kept whole, the other prunes (elementwise.py ``_outer_side``, matmul.py);
 * ``split(x_proj(h), [self.time_step_rank, state, state])``: a cut at a named size (graph/splits.py);
 * transformers' cache init dispatches a ``detach`` inside ``zeros_like`` under the capture only (verify.py).
+Mamba-2 (transformers' Mamba2, Bamba, Zamba2, Falcon-H1, Nemotron-H, GraniteMoeHybrid) kept every head of its
+mixers (0.95-0.996 of dense MACs): its scan copies B / C to the heads (``repeat_interleave``), contracts them
+(``G = C.B``) and multiplies by per-head decays, so the copies tied every head into one unit. Now:
+
+* a copy to ``num_heads`` gets one atom per head position, the source (B / C state) kept whole
+  (rules/movement.py ``_repeat_to_heads``); with ``n_groups > 1`` head ``j`` of every group is one unit;
+* the chunk states start as ``torch.zeros_like(states[:, :1])`` concatenated before the states: a uniform fill
+  takes their labels (rules/constants.py ``uniform_inputs``);
+* the split of ``xBC`` at ``n_groups * ssm_state_size`` (no attribute holds it) is a cut as long as B / C keep every
+  channel (graph/splits.py ``settle_unnamed``);
+* the gated norm's statistic per group: position ``s`` of every group is one unit (rules/reductions.py
+  ``_grouped_norm``), its reference recomputed over the kept channels;
+* Falcon-H1's ``mup_vector`` buffer is sliced with the channels it scales (rules/constants.py ``channel_buffer``);
+* the mixers' sizes and the config fields follow (graph/mamba2.py).
 Each test compares the pruned model with the oracle's reference, so a wrong slice fails it."""
 import pytest
 import torch
@@ -177,6 +191,46 @@ def test_outer_product_keeps_the_smaller_side_and_prunes_the_other():
     assert model.a.out_features == 6 and model.b.out_features == 3
 
 
+class HiddenStateMixer(nn.Module):
+    """EfficientViM's mixer in small: the stream ``x [B, C, N]`` times the state weights ``ab [B, S, N]``
+    transposed is a matmul whose rows carry stream channels and whose columns carry state channels."""
+
+    def __init__(self, c=12, s=4, swap=False):
+        super().__init__()
+        self.swap = swap
+        self.stem, self.bc = nn.Conv1d(3, c, 1), nn.Conv1d(c, 2 * s, 1)
+        self.mix, self.head = nn.Conv1d(c, c, 1), nn.Linear(c, 2)
+
+    def forward(self, x):
+        x = self.stem(x)  # [B, C, N]
+        b, c = self.bc(x).chunk(2, dim=1)  # [B, S, N] each
+        ab = b.softmax(-1)
+        h = (ab @ x.transpose(1, 2)).transpose(1, 2) if self.swap else x @ ab.transpose(1, 2)  # [B, C, S]
+        h = self.mix(h)
+        y = h @ c  # [B, C, N]
+        return self.head(y.mean(-1))
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_matmul_outer_product_keeps_the_state_whole_and_prunes_the_stream(swap):
+    """Without the rule the stream and state channels were one unit (efficientvim_m1 kept its whole stream)."""
+    torch.manual_seed(0)
+    model, x = HiddenStateMixer(swap=swap).eval(), torch.randn(2, 3, 7)
+    m0 = count_macs(model, x)
+    assert_oracle(model, x, ratio=0.5)
+    assert model.stem.out_channels == 6 and model.mix.out_channels == 6 and model.bc.out_channels == 8
+    assert count_macs(model, x) < 0.6 * m0
+
+
+def test_timm_efficientvim_prunes_its_stream():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("efficientvim_m1").eval(), torch.randn(1, 3, 224, 224)
+    m0 = count_macs(model, x)
+    assert_oracle(model, x, ratio=0.5)
+    assert count_macs(model, x) < 0.35 * m0  # 0.51 when the stream was tied to the state channels
+
+
 # ---------------------------------------------------------------- transformers' Mamba family
 def _hf_mamba(kind):
     T = pytest.importorskip("transformers")
@@ -194,3 +248,208 @@ def test_transformers_mamba_prunes_inner_width_and_stream(kind, tmp_path):
     mixer = model.backbone.layers[0].mixer
     assert mixer.conv1d.weight.shape[0] == 32 and mixer.A_log.shape == (32, 8)  # inner 64 -> 32
     assert model.backbone.embeddings.weight.shape == (100, 16)  # the residual stream halves too
+
+
+# ---------------------------------------------------------------- Mamba-2: whole heads
+class GatedGroupNorm(nn.Module):
+    """transformers' ``MambaRMSNormGated``: an RMSNorm over groups of ``group_size`` channels, after the z gate."""
+
+    def __init__(self, width, group_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(width))
+        self.group_size, self.variance_epsilon = group_size, eps
+
+    def forward(self, h, gate):
+        h = h * F.silu(gate)
+        *pre, last = h.shape
+        g = h.view(*pre, last // self.group_size, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * g.view(*pre, last)
+
+
+class TinyMixer2(nn.Module):
+    """A Mamba-2 mixer in plain torch, laid out as transformers' (in_proj rows [z | x | B | C | dt], B / C per group
+    copied to the heads with ``repeat_interleave``, a sequential scan, the gated grouped norm). ``head_scale``: a
+    per-head factor made from the head's *position* (``torch.arange(num_heads)``), which a pruned forward would
+    recompute for the heads it has left: a real join, the heads are kept."""
+
+    def __init__(self, d=16, heads=4, head_dim=4, state=6, groups=1, k=3, head_scale=False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size = heads, head_dim, groups, state
+        self.intermediate_size = heads * head_dim
+        self.conv_dim = self.intermediate_size + 2 * groups * state
+        self.head_scale = head_scale
+        self.in_proj = nn.Linear(d, self.intermediate_size + self.conv_dim + heads)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, k, groups=self.conv_dim, padding=k - 1)
+        self.dt_bias = nn.Parameter(torch.randn(heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, heads + 1).float()))
+        self.D = nn.Parameter(torch.randn(heads))
+        self.norm = GatedGroupNorm(self.intermediate_size, self.intermediate_size // groups)
+        self.out_proj = nn.Linear(self.intermediate_size, d)
+
+    def forward(self, h):
+        b, seq, _ = h.shape
+        z, xbc, dt = self.in_proj(h).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :seq]).transpose(1, 2)
+        x, B, C = torch.split(xbc, [self.intermediate_size, self.n_groups * self.ssm_state_size,
+                                    self.n_groups * self.ssm_state_size], dim=-1)
+        x = x.view(b, seq, self.num_heads, self.head_dim)
+        rep = self.num_heads // self.n_groups
+        B = B.view(b, seq, self.n_groups, -1).repeat_interleave(rep, dim=2, output_size=self.num_heads)
+        C = C.view(b, seq, self.n_groups, -1).repeat_interleave(rep, dim=2, output_size=self.num_heads)
+        dt = F.softplus(dt + self.dt_bias)  # [b, seq, heads]
+        if self.head_scale:
+            dt = dt * (1 + torch.arange(self.num_heads, dtype=dt.dtype))
+        dA = torch.exp(dt * -torch.exp(self.A_log))
+        state = torch.zeros(b, self.num_heads, self.head_dim, self.ssm_state_size)
+        ys = []
+        for t in range(seq):
+            state = dA[:, t, :, None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+            ys.append((state @ C[:, t, :, :, None])[..., 0])
+        y = torch.stack(ys, dim=1) + x * self.D[:, None]
+        return self.out_proj(self.norm(y.reshape(b, seq, -1), z))
+
+
+class TinyMamba2(nn.Module):
+    def __init__(self, d=16, **kw):
+        super().__init__()
+        self.embed = nn.Linear(5, d)
+        self.mixers = nn.ModuleList([TinyMixer2(d, **kw), TinyMixer2(d, **kw)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for m in self.mixers:
+            h = h + m(h)
+        return self.head(h)
+
+
+def _make2(**kw):
+    torch.manual_seed(0)
+    return TinyMamba2(**kw).eval()
+
+
+def test_hand_written_mamba2_mixer_prunes_whole_heads(tmp_path):
+    model, x = _make2(), torch.randn(2, 7, 5)
+    macs0 = count_macs(model, x)
+    plan = assert_oracle(model, x, ratio=0.5)
+    assert any("mixers.0.norm" in n and "normalises over pruned channels" in n for n in plan.notes), plan.notes
+    mixer = model.mixers[0]
+    assert mixer.num_heads == 2 and mixer.A_log.shape == (2,) and mixer.D.shape == (2,) and mixer.dt_bias.shape == (2,)
+    assert mixer.intermediate_size == 8 and mixer.norm.group_size == 8 and mixer.norm.weight.shape == (8,)
+    # B and C (one group, 6 states each) are kept whole: conv = x (2 heads x 4) + 12
+    assert mixer.conv_dim == 20 and mixer.conv1d.weight.shape == (20, 1, 3) and mixer.ssm_state_size == 6
+    assert mixer.in_proj.weight.shape[0] == 8 + 20 + 2 and mixer.out_proj.weight.shape[1] == 8
+    assert count_macs(model, x) < 0.45 * macs0
+    assert_reloads(_make2, model, x, tmp_path)
+
+
+def test_mamba2_heads_removal_is_not_zeroing_in_the_grouped_norm():
+    """The gated norm's statistic runs over the pruned heads' channels: zeroing them is not removing them, so the
+    oracle's reference recomputes it over the kept ones (Plan.kept_norms); without that the outputs differ."""
+    from helpers import zeroed_reference_pruned
+    from secateur.structured import plan_channels
+    model, x = _make2(), torch.randn(2, 7, 5)
+    plan = plan_channels(model, x, ratio=0.5)
+    zeroed, want, got = zeroed_reference_pruned(model, x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (zeroed - got).abs().max() > 1e-3
+
+
+def test_mamba2_mixer_with_groups_loses_as_many_heads_from_each_group(tmp_path):
+    """Two groups of B / C, each copied to its two heads: head j of every group is one unit, so each group keeps
+    as many heads, in the same places (the pruned ``repeat_interleave(num_heads // n_groups)`` hands group g's
+    copy to the heads it has left); the grouped norm's groups shrink alike."""
+    make = lambda: _make2(groups=2)  # noqa: E731
+    model, x = make(), torch.randn(2, 7, 5)
+    assert_oracle(model, x, ratio=0.5)
+    mixer = model.mixers[0]
+    assert mixer.num_heads == 2 and mixer.n_groups == 2 and mixer.norm.group_size == 4
+    assert mixer.conv1d.weight.shape[0] == 8 + 2 * 2 * 6  # B and C of both groups kept
+    kept = (torch.exp(mixer.A_log.detach()).round() - 1).long().tolist()  # A_log was log(1 + head index)
+    assert kept[1] - kept[0] == 2, kept  # one head of each group (heads 0, 1 | 2, 3), at the same place
+    assert_reloads(make, model, x, tmp_path)
+
+
+def test_mamba2_heads_stay_where_the_join_is_real():
+    """A per-head factor made from the head's position (``torch.arange(num_heads)``) is a constant that varies
+    along the heads and is not a parameter: a pruned forward would give the kept heads the first positions'
+    factors. The heads are one unit there (kept), and the plan still computes the reference."""
+    model, x = _make2(head_scale=True), torch.randn(2, 7, 5)
+    assert_oracle(model, x, ratio=0.5)
+    mixer = model.mixers[0]
+    assert mixer.num_heads == 4 and mixer.A_log.shape == (4,) and mixer.out_proj.weight.shape[1] == 16
+
+
+def _hf_mamba2(kind, groups=1):
+    """A fresh config per build: pruning updates the model's config in place, and a reload starts unpruned."""
+    T = pytest.importorskip("transformers")
+    if kind == "mamba2":
+        return lambda: T.Mamba2ForCausalLM(T.Mamba2Config(
+            vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, num_heads=8, head_dim=8,
+            n_groups=groups, chunk_size=4, conv_kernel=4))
+    return lambda: T.BambaForCausalLM(T.BambaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=groups,
+        mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4, use_cache=False))
+
+
+@pytest.mark.parametrize("kind,groups", [("mamba2", 1), ("mamba2", 2), ("bamba", 1)])
+def test_transformers_mamba2_family_prunes_whole_heads(kind, groups, tmp_path):
+    model, plan = prune_causal_lm(_hf_mamba2(kind, groups), tmp_path, below=0.6)
+    mixer = model.backbone.layers[0].mixer if kind == "mamba2" else model.model.layers[0].mamba
+    assert mixer.num_heads == 4 and mixer.A_log.shape == (4,) and mixer.intermediate_size == 32
+    # B / C (groups x 8 states each) kept whole; the gated norm's groups shrink with the heads
+    assert mixer.conv1d.weight.shape[0] == 32 + 16 * groups and mixer.norm.group_size == 32 // groups
+    if kind == "bamba":  # its MLP (``feed_forward``) width is not a config field apply.py states: the record's
+        assert (model.config.mamba_n_heads, model.config.mamba_expand, model.config.hidden_size) == (4, 2, 16)
+        return
+    # the config rebuilds the pruned model: same tensors, same logits
+    fresh = type(model)(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    x = {"input_ids": torch.randint(0, 100, (1, 6))}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**x).logits, model(**x).logits, rtol=0, atol=0)
+
+
+class BufferScale(nn.Module):
+    """``h * self.scale`` with ``scale`` a buffer: one per channel [1, C] (Falcon-H1's ``mup_vector``: sliced with
+    the channels), or a table [C, C] read along its diagonal's rows (not a per-channel vector: the channels it
+    meets stay together)."""
+
+    def __init__(self, table: bool, persistent: bool = True):
+        super().__init__()
+        self.up, self.down, self.table = nn.Linear(4, 10), nn.Linear(10, 2), table
+        self.register_buffer("scale", torch.randn(10, 10) if table else torch.randn(1, 10), persistent=persistent)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h @ self.scale if self.table else h * self.scale)
+
+
+@pytest.mark.parametrize("table,persistent", [(False, True), (False, False), (True, True)])
+def test_per_channel_buffer_is_sliced_with_its_channels(table, persistent, tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return BufferScale(table, persistent).eval()
+    model, x = make(), torch.randn(3, 4)
+    assert_oracle(model, x, ratio=0.5)
+    assert model.scale.shape == ((10, 10) if table else (1, 5))
+    assert_reloads(make, model, x, tmp_path)  # a non-persistent one is rebuilt by the fresh model and checked
+
+
+def test_transformers_falcon_h1_prunes_heads_through_its_multipliers(tmp_path):
+    """Falcon-H1 scales ``in_proj``'s outputs by a non-persistent ``mup_vector`` (one multiplier per section, here all
+    different, so a wrong slice changes the logits)."""
+    T = pytest.importorskip("transformers")
+
+    def make():
+        return T.FalconH1ForCausalLM(T.FalconH1Config(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=8, mamba_d_ssm=64, mamba_n_groups=1,
+            mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4, ssm_multipliers=[0.5, 2.0, 3.0, 4.0, 0.7],
+            use_cache=False))
+    model, _ = prune_causal_lm(make, tmp_path, below=0.6)
+    mixer = model.model.layers[0].mamba
+    assert mixer.num_heads == 4 and mixer.mup_vector.shape == (1, 1, 32 + 48 + 4)
+    assert (model.config.mamba_n_heads, model.config.mamba_d_ssm) == (4, 32)

@@ -285,8 +285,9 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     tally = MacTally() if macs else None
-    try:
-        with torch.no_grad(), _Mode(tracer, tally):
+    from secateur.graph.moe import meta_stand_ins
+    try:  # (experts modules on meta: a stand-in forward, see meta_stand_ins)
+        with torch.no_grad(), _Mode(tracer, tally), meta_stand_ins(rules, tally):
             out = call(model, example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

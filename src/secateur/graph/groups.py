@@ -122,8 +122,9 @@ def _settle(tr: Tracer) -> torch.Tensor:
     one already whole, e.g. heads; else the largest, e.g. channels-per-group in a channel shuffle), or by the
     same count from every head (heads="head_dim")."""
     root = tr.atoms.components()
+    from secateur.graph.splits import settle_unnamed
     for _ in range(8):
-        added = False
+        added = settle_unnamed(tr, root)
         rows = _block_rows(tr, root)
         for lab, dims in tr.constraints:
             r = torch.where(lab >= 0, root[lab.clamp_min(0)], lab)

@@ -215,6 +215,8 @@ def batch_norm(tr: Tracer, mod, args, kwargs, out):
 @leaf(nn.GroupNorm)
 def group_norm(tr: Tracer, mod, args, kwargs, out):
     x = _input(args, kwargs)
+    if mod.num_groups == 1:
+        return one_group_norm(tr, mod, x, out)
     chan = _channels(tr, x, 1)
     if chan is None:
         return
@@ -223,6 +225,24 @@ def group_norm(tr: Tracer, mod, args, kwargs, out):
     if mod.affine:
         tr.slot(mod.weight, 0, chan, "param")
         tr.slot(mod.bias, 0, chan, "param")
+    tr.set(out, _shape_for(out.dim(), 1, chan))
+
+
+def one_group_norm(tr: Tracer, mod: nn.GroupNorm, x: torch.Tensor, out: torch.Tensor) -> None:
+    """A GroupNorm with one group (timm's GroupNorm1: PoolFormer, LowFormer, MobileViT) is a LayerNorm over
+    channels and positions. Whole groups only made every channel one all-or-nothing unit, so such models kept their
+    stream silently (poolformer_s12 0.57 of dense MACs). Like LayerNorm, the channels prune with the affine weight
+    and the site is recorded: removal is not zeroing there, the plan says so and the reference normalises over
+    the kept channels (``Plan.kept_norms``, along dim 1)."""
+    name = tr.where()
+    tr.calls[name] = tr.calls.get(name, 0) + 1
+    chan = _channels(tr, x, 1)
+    if chan is None:
+        return
+    if mod.affine:
+        tr.slot(mod.weight, 0, chan, "param")
+        tr.slot(mod.bias, 0, chan, "param")
+    tr.norm_site("module", name, type(mod).__name__, chan, dim=1)
     tr.set(out, _shape_for(out.dim(), 1, chan))
 
 
@@ -357,6 +377,7 @@ def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
 def snapshot(mod: nn.Module) -> dict[str, Any]:
     out = {k: v for k, v in vars(mod).items() if isinstance(v, (int, tuple)) and not k.startswith("_")}
     out["_children_out"] = {n: _out_size(c) for n, c in mod.named_children() if _out_size(c) is not None}
+    out["_shapes"] = {n: tuple(p.shape) for n, p in mod.named_parameters(recurse=False)}  # before slicing
     return out
 
 
@@ -408,8 +429,8 @@ def _bn(mod, old):
 
 @updater(nn.GroupNorm)
 def _gn(mod, old):
-    c = int(mod.weight.shape[0])
-    mod.num_groups = old["num_groups"] * c // old["num_channels"]
+    c = int(mod.weight.shape[0])  # whole groups went, or channels from the only group (``one_group_norm``)
+    mod.num_groups = 1 if old["num_groups"] == 1 else old["num_groups"] * c // old["num_channels"]
     mod.num_channels = c
     return {"num_groups": mod.num_groups, "num_channels": c}
 
@@ -507,4 +528,6 @@ from secateur.graph import timm_sizes  # noqa: E402,F401  (timm modules with sto
 from secateur.graph import std_conv  # noqa: E402,F401  (timm's weight-standardised convs, by name)
 from secateur.graph import video  # noqa: E402,F401  (torchvision MViT positional encoding and attention sizes)
 from secateur.graph import moe  # noqa: E402,F401  (transformers' fused mixture-of-experts modules, by instance)
+from secateur.graph import mamba2  # noqa: E402,F401  (Mamba-2 mixers' sizes, by what they hold)
+from secateur.graph import moe_models  # noqa: E402,F401  (DBRX, JetMoE, LongCat-Flash experts, by class name)
 from secateur.graph import delta_net  # noqa: E402,F401  (gated delta net mixers' head counts, by attributes)

@@ -26,6 +26,13 @@ one atom per index, sliced by ``index_select`` along that dim; per-expert sets w
 (expert and row) in the slicer, its dry run and the reload path, and would leave the fused tensors rectangular only
 by an equal-count constraint. Shared, the channel's importance sums over the experts and the pruned module is the
 same class with a smaller ``I``, which every implementation (eager, batched_mm, grouped_mm) runs unchanged.
+Per-expert sets were weighed again (S14) and left out, because they are not simple to keep exact: the engine's only
+"same count per row" unit is the attention head block (``Tracer.blocks``), and a group with a block switches the
+module to head-size updates and the HF config to head-dim fields (structured/apply.py), which would be wrong for
+experts; the fused ``[E, 2I, H]`` / ``[E, H, I]`` tensors would need a per-expert gather in ``Plan.apply``, in the
+oracle's zeroing (``zero_consumers``, one index set per dim today), in the dry run's expected shapes (a count per
+dim) and in the structure record; only DBRX's flat ``[E * I, H]`` rows fit the 1-d slots, and one model behaving
+unlike the thirty dispatcher models is worse than none.
 The expert count ``E`` is never pruned (routing inputs are blocked: the router's outputs stay).
 
 Routers (``MixtralTopKRouter`` and kin: ``F.linear(x, self.weight)`` on a module of their own) are read as Linears
@@ -36,6 +43,7 @@ mixtral, olmoe, gpt_oss, phimoe, granitemoe* 0.901 -> 0.280, qwen2_moe 0.774 -> 
 ernie4_5_moe 0.665 -> 0.286, minimax 0.954 -> 0.328; 25 of 35 runnable types now under 0.4 (3 before)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -191,7 +199,20 @@ def _kept(reason: str):
             tr.atoms.block(atoms)
             tr.set(out, _shape_for(out.dim(), -1, atoms))
         tr.notes.append(f"{tr.where()}: {type(mod).__name__} experts kept whole: {reason}")
-    return rule
+    return with_meta(rule, lambda m, args, kwargs: _own_or_refuse(m, args, kwargs, reason))
+
+
+def _own_or_refuse(mod: nn.Module, args, kwargs, reason: str):
+    """On meta, an experts module whose layout is not proven runs its own forward (no stand-in: its output shape is
+    not known); where that fails, as transformers' experts code does on meta, a PruningError names the module, the
+    op's error and why no stand-in was used, never a raw meta-kernel error from deep inside transformers."""
+    try:
+        return type(mod).forward(mod, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - whatever the meta kernels raise
+        from secateur.errors import fail
+        raise fail(f"{type(mod).__name__} does not run on the meta device ({type(e).__name__}: {str(e)[:200]}) and "
+                   f"has no stand-in there: its layout is not proven ({reason})", where=type(mod).__name__,
+                   hint="plan on real (small) inputs on the CPU") from e
 
 
 def experts_rule(mod: nn.Module):
@@ -201,10 +222,84 @@ def experts_rule(mod: nn.Module):
     lay = layout(mod)  # once per module and capture (the gate probe runs here)
     if not isinstance(lay, Layout):
         return _kept(lay)
-    return lambda tr, m, args, kwargs, out: _experts(tr, m, args, kwargs, out, lay)
+    return with_meta(lambda tr, m, args, kwargs, out: _experts(tr, m, args, kwargs, out, lay),
+                     lambda m, args, kwargs: _experts_meta(m, args, kwargs, lay))
+
+
+def _experts_meta(mod: nn.Module, args, kwargs, lay: Layout) -> torch.Tensor:
+    """The dispatcher's output on meta: the hidden states' shape, ``H`` from ``down_proj``."""
+    x = args[0] if args else kwargs["hidden_states"]
+    up, down = getattr(mod, lay.up), mod.down_proj
+    need(x.size(-1) == up.size(lay.up_hidden) and up.size(lay.up_rows) == lay.pairs * down.size(lay.down_inter),
+         mod, f"input {tuple(x.shape)}, {lay.up} {tuple(up.shape)}, down_proj {tuple(down.shape)}")
+    return x.new_empty((*x.shape[:-1], down.size(lay.down_hidden)))
 
 
 LEAF_PROBES.append(experts_rule)
+
+
+# ---------------------------------------------------------------- meta device
+def with_meta(rule, meta_forward):
+    """``rule`` (a leaf rule) with the stand-in forward ``meta_stand_ins`` runs on meta."""
+    rule.meta_forward = meta_forward
+    return rule
+
+
+def need(ok: bool, mod: nn.Module, what: str) -> None:
+    """A stand-in's shape check: the error the module's own forward would raise (the dry run reports it)."""
+    if not ok:
+        raise RuntimeError(f"{type(mod).__name__}: shapes do not agree: {what}")
+
+
+@contextlib.contextmanager
+def meta_stand_ins(rules: dict, tally: Any = None):
+    """While the model runs on meta, every proven experts module (``rules``: module -> leaf rule; those with a
+    ``meta_forward``) whose tensors are on meta returns an empty tensor of its output shape instead of running.
+
+    Why: no experts code of transformers runs on meta. ``grouped_mm``'s meta kernel takes only bf16 / fp16 (the CPU
+    kernel takes fp32), the eager loop asks which experts the tokens hit (``nonzero``, ``.item()``), DBRX and JetMoE
+    route with ``.tolist()``, LongCat's router gathers with top-k indices. A meta forward of an MoE model failed
+    inside them (planning a large MoE model on meta did not work at all). The stand-in is exact where it is used:
+    these modules are leaves, whose labels follow from their tensors and their output's shape only, and the output
+    shape follows from the input's and the proven layout (routing picks which expert reads a token, never a size).
+    It checks what the module's forward would check (input width against the expert weights, the sizes the module
+    reshapes with), so a meta dry run of a plan still fails where the pruned forward would. The MACs of a meta
+    forward are then unknown (``tally`` gives up); ``count_macs`` on the real model counts them."""
+    patched = []
+    try:
+        for mod, rule in rules.items():
+            fn = getattr(rule, "meta_forward", None)
+            t = next(mod.parameters(), None)
+            if fn is None or t is None or t.device.type != "meta" or "forward" in vars(mod):
+                continue
+            mod.forward = _stand_in(mod, fn, tally)
+            patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+def _stand_in(mod: nn.Module, fn, tally: Any):
+    def forward(*args, **kwargs):
+        if tally is not None:
+            tally.flops = None
+        return fn(mod, args, kwargs)
+    return forward
+
+
+def meta_rules(model: nn.Module) -> dict:
+    """The leaf rules with a stand-in of a model whose tensors are on meta (empty for any other model)."""
+    from secateur.graph.modules import leaf_rule
+    if not any(t.device.type == "meta" for t in model.parameters()):
+        return {}
+    rules = {m: leaf_rule(m) for m in model.modules() if _is_candidate(m) or _model_specific(m)}
+    return {m: r for m, r in rules.items() if getattr(r, "meta_forward", None) is not None}
+
+
+def _model_specific(mod: nn.Module) -> bool:
+    from secateur.graph.moe_models import known
+    return known(mod)
 
 
 # ---------------------------------------------------------------- sizes after slicing
@@ -230,25 +325,48 @@ def experts_updater(mod: nn.Module):
 UPDATER_PROBES.append(experts_updater)
 
 
+def _router_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
+    mod.hidden_dim = int(mod.weight.shape[1])
+    return {"hidden_dim": mod.hidden_dim}
+
+
+def router_updater(mod: nn.Module):
+    """transformers' routers (``MixtralTopKRouter`` and ~40 kin) run ``F.linear(x.reshape(-1, self.hidden_dim),
+    self.weight)``: ``hidden_dim`` is the weight's column count whenever the model runs, so it follows the sliced
+    weight. Without this the size search found it on the CPU (and the oracle proved it), but a plan on meta, where
+    no numeric proof runs, kept the whole residual stream of every model with such a router."""
+    cls = type(mod)
+    w = getattr(mod, "weight", None)
+    if (cls.__module__.startswith("transformers.") and "Router" in cls.__name__ and isinstance(w, nn.Parameter)
+            and w.dim() == 2 and isinstance(getattr(mod, "hidden_dim", None), int)):
+        return _router_attrs
+    return None
+
+
+UPDATER_PROBES.append(router_updater)
+
+
 # ---------------------------------------------------------------- Hugging Face config
 def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
     """Config fields that state a width of a model with recognised experts (``moe_intermediate_size``,
-    ``intermediate_size``, ``shared_expert_intermediate_size`` ...), each proven by building the model on the meta
-    device: a trial value shows which tensor dims the field sizes (those that change with it); the new value is
-    read from the pruned model along the first of them and kept only when a build with it gives the pruned
-    model's size along every one of them (other dims follow other fields: a pruned hidden size the config does not
-    state). A field that also sizes dense MLPs that kept another width, or layers of differing widths, is left:
-    the structure record reloads those. ``changed``: fields already updated (the builds start from them)."""
+    ``intermediate_size``, ``shared_expert_intermediate_size``, LongCat's ``expert_ffn_hidden_size`` ...), each
+    proven by building the model on the meta device: a trial value shows which tensor dims the field sizes (those
+    that change with it); the new value is read from the pruned model along the first of them and kept only when a
+    build with it gives the pruned model's size along every one of them (other dims follow other fields: a pruned
+    hidden size the config does not state). A field that also sizes dense MLPs that kept another width, or layers
+    of differing widths, is left: the structure record reloads those. ``changed``: fields already updated (the
+    builds start from them)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
-    if not any(isinstance(layout(m), Layout) for m in model.modules() if _is_candidate(m)):
+    from secateur.graph.moe_models import proven as model_proven
+    if not any(isinstance(layout(m), Layout) if _is_candidate(m) else model_proven(m) for m in model.modules()):
         return {}
     base = copy.deepcopy(config)
     for k, val in changed.items():
         setattr(base, k, val)
-    fields = {k: val for k, val in base.to_dict().items()
-              if "intermediate" in k and isinstance(val, int) and not isinstance(val, bool) and val > 0}
+    fields = {k: val for k, val in base.to_dict().items() if ("intermediate" in k or "ffn_hidden" in k)
+              and isinstance(val, int) and not isinstance(val, bool) and val > 0}
     actual = {n: tuple(p.shape) for n, p in model.named_parameters()}
     out = {}
     try:

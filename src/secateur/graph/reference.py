@@ -113,26 +113,26 @@ def kept_norms(model: nn.Module, sites: list[tuple[Any, torch.Tensor]]) -> Itera
     handles = [_wstd_hook(model, s.key, s.call, keep, mode) for s, keep in sites if s.kind == "wstd"]
     for name, calls in by_module.items():
         mod = model.get_submodule(name)
-        size = next(s.size for s, _ in sites if s.kind == "module" and s.key == name)
+        size, dim = next((s.size, s.dim) for s, _ in sites if s.kind == "module" and s.key == name)
         small = {c: _sliced(mod, keep, size) for c, keep in calls.items()}
         count = [0]
 
-        def hook(m, args, out, calls=calls, small=small, count=count, name=name):
+        def hook(m, args, out, calls=calls, small=small, count=count, name=name, dim=dim):
             n = count[0]
             count[0] += 1
             if n not in calls:
                 return None
             x = args[0]
-            if x.size(-1) != out.size(-1):
+            if x.size(dim) != out.size(dim):
                 raise fail("reference: norm input and output differ in size", where=name, shape=x.shape)
             keep = calls[n].to(x.device)
             mode.paused = True
             try:
-                y = small[n](x.index_select(-1, keep))
+                y = small[n](x.index_select(dim, keep))
             finally:
                 mode.paused = False
             res = out.clone()
-            res.index_copy_(-1, keep, y.to(res.dtype))
+            res.index_copy_(dim, keep, y.to(res.dtype))
             return res
 
         handles.append(mod.register_forward_hook(hook))

@@ -58,6 +58,7 @@ class Cut:
     slice: bool
     rows: torch.Tensor
     parts: list = field(default_factory=list)
+    unnamed: tuple[int, ...] = ()  # sections no attribute names: allowed only while they hold no prunable channel
 
 
 def _module(tr: Any) -> tuple[str, nn.Module]:
@@ -89,22 +90,48 @@ def _rows(lab: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 def open_cut(tr: Any, op: str, x_lab: torch.Tensor, dim: int, bounds: list[int], is_slice: bool) -> bool:
     """Record a cut of the labelled dim ``dim`` of ``x_lab`` (full labels of the input) at ``bounds`` if the module
     running it names every section (see the module docstring); False where it does not (the caller keeps the dim
-    whole)."""
+    whole). A split that names some sections and not others is recorded with those in ``Cut.unnamed``: valid only
+    while they keep every channel, which ``settle_unnamed`` decides once the components are known."""
     size = x_lab.size(dim)
     where, mod = _module(tr)
     vals, lists = _ints(mod)
+    named = True
     if is_slice:
         start, end = bounds
         named = (start == 0 or start in vals) and (end >= size or end in vals)
         sizes = (min(end, size) - start,)
         bounds = [start, min(end, size)]
-    else:
+    unnamed: tuple[int, ...] = ()
+    if not is_slice:
         sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
-        named = sizes in lists or all(s in vals or b in vals for s, b in zip(sizes, bounds[1:]))
+        unnamed = () if sizes in lists else tuple(i for i, (s, b) in enumerate(zip(sizes, bounds[1:]))
+                                                   if s not in vals and b not in vals)
+        named = len(unnamed) < len(sizes)
     if not named or size <= 1:
         return False
-    tr.cuts.append(Cut(where, op, dim, size, tuple(bounds), sizes, is_slice, _rows(x_lab, dim, size)))
+    tr.cuts.append(Cut(where, op, dim, size, tuple(bounds), sizes, is_slice, _rows(x_lab, dim, size), unnamed=unnamed))
     return True
+
+
+def settle_unnamed(tr: Any, root: torch.Tensor) -> bool:
+    """A cut with sections no attribute names (``Cut.unnamed``: a size computed in the code, such as a Mamba-2
+    mixer's ``n_groups * ssm_state_size`` for its B and C) is valid only while those sections keep every channel:
+    where one of them holds a channel that may go, the whole dim is made all-or-nothing, as a cut that names no
+    section is at capture (``_check_split``), and the cut is dropped. Decided here, once the components are known
+    (the B / C channels are kept whole by a rule that runs after the split). True when something was unioned."""
+    added, keep = False, []
+    for cut in tr.cuts:
+        if cut.unnamed:
+            pos = torch.cat([torch.arange(cut.bounds[i], cut.bounds[i + 1]) for i in cut.unnamed])
+            atoms = cut.rows[pos].reshape(-1)
+            atoms = atoms[atoms >= 0]
+            if bool((root[atoms] != root[0]).any()):
+                tr.atoms.collapse(cut.rows, [0])
+                added = True
+                continue
+        keep.append(cut)
+    tr.cuts = keep
+    return added
 
 
 def resolve(cuts: list[Cut], root: torch.Tensor, gid: torch.Tensor, local: torch.Tensor, groups: list) -> list[Cut]:

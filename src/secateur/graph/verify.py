@@ -467,7 +467,9 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
     torch.backends.mha.set_fastpath_enabled(False)  # as in the capture: the same ops
     try:
         inputs = example_inputs if here else to_meta(example_inputs)
-        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=here):
+        from secateur.graph.moe import meta_rules, meta_stand_ins
+        stand_ins = meta_stand_ins({} if here else meta_rules(model), tally)  # experts modules on meta
+        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=here), stand_ins:
             if here:
                 torch.manual_seed(0)
             if expected is None:

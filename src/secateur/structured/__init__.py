@@ -11,7 +11,8 @@ and says so in ``plan.notes`` (a softmax or a fused norm over the channel dim, a
 a slice at fixed positions, the model's outputs), or prunes them and says so: a LayerNorm / RMSNorm over the
 channel dim, or a statistic over it reached op by op (a mean, variance, L2 norm or max: RmsNorm2d, GRN, CBAM),
 then computes its statistics over the kept channels, and the oracle's reference does the same
-(``plan.kept_norms``). GroupNorm loses whole groups only, which is exact. A grouped convolution loses the same
+(``plan.kept_norms``). GroupNorm loses whole groups, which is exact; one with a single group is a LayerNorm over
+channels and positions and is treated as one (pruned, noted, kept-channel reference). A grouped convolution loses the same
 local channels in every conv group (or whole groups, ``grouped="groups"``; depthwise ones always whole groups), so
 it keeps one width per group. Heads are pruned whole, so the
 attention scale (from the head size) never changes, or, with ``heads="head_dim"``, every head loses the same

@@ -186,6 +186,8 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
                 changed[key] = vals.pop() // head_dim
     from secateur.graph.moe import config_sizes
     changed.update(config_sizes(model, changed))  # experts' widths, each proven by a rebuild on meta
+    from secateur.graph import mamba2
+    changed.update(mamba2.config_sizes(model, changed))  # Mamba-2 heads and inner width, proven the same way
     changed = {k: v for k, v in changed.items() if _field(config, k) != v}
     derived = _derived(config)
     for k, v in list(changed.items()):

@@ -157,11 +157,19 @@ def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
         tr.derived[id(out)] = (out, root, out_map)
 
 
+def channel_buffer(t: torch.Tensor) -> bool:
+    """A floating buffer with one non-1 dim, a vector over channels (Falcon-H1's ``mup_vector [1, 1, C]``, a scale
+    per ``in_proj`` output its mixer multiplies by): sliced with the channels it meets, like a parameter (a
+    non-persistent one is rebuilt on load and checked, apply.py ``_record_unsaved``). Left a constant, it made
+    every channel it meets all-or-nothing (Falcon-H1's mixers kept their whole width)."""
+    return t.is_floating_point() and sum(s > 1 for s in t.shape) == 1
+
+
 def const_label(tr, c, d: int) -> torch.Tensor | None:
     """Labels of parameter ``c`` (or of a tensor derived from one, ``track_derived``) along its dim ``d``,
     shaped like ``c``: the parameter's atoms along that dim, constant along the others."""
     if id(c) not in tr.derived:
-        return tr.param_label_along(c, d)
+        return tr.param_label_along(c, d, buffers=channel_buffer(c))
     root, dims = tr.derived[id(c)][1:]
     return _root_label(tr, c, root, dims, d)
 
@@ -174,6 +182,26 @@ def _root_label(tr, t: torch.Tensor, root: torch.Tensor, dims: dict[int, int], d
     shape = [1] * t.dim()
     shape[d] = t.size(d)
     return lab.reshape(shape)
+
+
+def uniform_inputs(tr: Tracer, tensors: list, dim: int) -> None:
+    """Before a concatenation along ``dim``: an unlabelled uniform fill (``track_uniform``; Mamba-2's scan starts
+    its chunk states with ``torch.zeros_like(states[:, :1])`` concatenated before ``states``) takes the labels of the
+    labelled inputs when they all carry the same channels, constant along ``dim``. One value everywhere, any slice of
+    it is the same, and its size follows the pruned input it was made from (the dry run checks); left unlabelled
+    it made the concatenation mix channels with an unsliceable block, and the scan's contraction over chunks then
+    kept every head of the mixer."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    labs = [_pad(tr.get(t), t.dim()) for t in ts if tr.get(t) is not None]
+    if not labs or len(labs) == len(ts) or any(t.dim() != ts[0].dim() for t in ts):
+        return
+    dim %= ts[0].dim()
+    first = labs[0]
+    if first.size(dim) != 1 or any(lab.shape != first.shape or not torch.equal(lab, first) for lab in labs[1:]):
+        return
+    for t in ts:
+        if tr.get(t) is None and is_uniform(tr, t):
+            tr.set(t, first)
 
 
 def label_free_inputs(tr: Tracer, tensors: list, dim: int) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from secateur.graph.rules.constants import const_label, is_uniform
-from secateur.graph.rules.matmul import _join
+from secateur.graph.rules.constants import channel_buffer, const_label, is_uniform
+from secateur.graph.rules.matmul import _join, _outer_side
 from secateur.graph.rules.registry import _outs, _pad, _tensors, aten, rule
 
 
@@ -120,24 +120,6 @@ def _broadcast_gate(t, lab, others, shape) -> bool:
     return False
 
 
-def _outer_side(k: int, lab: torch.Tensor, labs: list[torch.Tensor]) -> bool:
-    """Whether operand ``k`` of an outer product is the side to keep whole. Two operands whose channels vary along
-    disjoint dims (Mamba's ``dt[:, :, :, None] * B[:, None, :, :]``: intermediate channels x state channels) make
-    each result element belong to two channels; unioning them tied every channel of both into one all-or-nothing
-    unit. Keeping one side whole (its channels blocked, a constant here) and labelling the result by the other is
-    exact for any plan: a removed channel removes its whole slice of the result. The side kept is the one with
-    fewer channels (ties: the later operand); only for two operands."""
-    if len(labs) != 2:
-        return False
-    other = labs[1 - k]
-    mine_dims = {d for d in range(lab.dim()) if lab.size(d) > 1}
-    their_dims = {d for d in range(other.dim()) if other.size(d) > 1}
-    if not mine_dims or not their_dims or mine_dims & their_dims:
-        return False
-    mine, theirs = lab[lab >= 0].unique().numel(), other[other >= 0].unique().numel()
-    return mine < theirs or (mine == theirs and k == 1)
-
-
 def _shared_params(tr, tens, nd) -> set[int]:
     """Free 1-d parameters (one non-1 dim) that meet channels varying along another dim as well, where the parameter
     broadcasts: a qk-norm weight [head_dim] on q viewed [B, N, heads, head_dim] (gemma4_vit's RmsNorm, reached op by
@@ -191,7 +173,7 @@ def _param_dim(tr, c, res, dims) -> int | None:
         if any(res.size(e) > 1 and csh[e] == 1 for e in range(res.dim())):  # across it; a collapse keeps them apart
             return None
         dims = [d for d in dims if d - off in tr.derived[id(c)][2]]
-    elif id(c) not in tr.owner or not tr.owner[id(c)][2]:
+    elif id(c) not in tr.owner or not (tr.owner[id(c)][2] or channel_buffer(c)):
         return None
     off = res.dim() - c.dim()
     best, cost = None, None

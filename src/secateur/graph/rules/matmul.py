@@ -18,6 +18,24 @@ def _join(tr, res, lab):
     return torch.where(x >= 0, x, y)
 
 
+def _outer_side(k: int, lab: torch.Tensor, labs: list[torch.Tensor]) -> bool:
+    """Whether operand ``k`` of an outer product is the side to keep whole. Two operands whose channels vary along
+    disjoint dims (Mamba's ``dt[:, :, :, None] * B[:, None, :, :]``: intermediate channels x state channels) make
+    each result element belong to two channels; unioning them tied every channel of both into one all-or-nothing
+    unit. Keeping one side whole (its channels blocked, a constant here) and labelling the result by the other is
+    exact for any plan: a removed channel removes its whole slice of the result. The side kept is the one with
+    fewer channels (ties: the later operand); only for two operands."""
+    if len(labs) != 2:
+        return False
+    other = labs[1 - k]
+    mine_dims = {d for d in range(lab.dim()) if lab.size(d) > 1}
+    their_dims = {d for d in range(other.dim()) if other.size(d) > 1}
+    if not mine_dims or not their_dims or mine_dims & their_dims:
+        return False
+    mine, theirs = lab[lab >= 0].unique().numel(), other[other >= 0].unique().numel()
+    return mine < theirs or (mine == theirs and k == 1)
+
+
 def _matmul(tr, a, c):
     """a [..., n, k] @ c [..., k, m] -> label of [..., n, m]."""
     nd = max(a.dim(), c.dim())
@@ -53,6 +71,17 @@ def _matmul(tr, a, c):
             la = tr.atoms.collapse(la, [ka])
         if vc:
             lc = tr.atoms.collapse(lc, [kc])
+        if la is not None and lc is not None:
+            # rows of a and columns of c carry channels along disjoint dims (EfficientViM's ``x @ (a * b)^T``:
+            # stream channels x state channels): an outer product in the free dims, kept exact by keeping the
+            # smaller side whole, as elementwise ``_outer_side`` does (a union tied both into one unit)
+            pa, pc = _pad(la, nd), _pad(lc, nd)
+            if _outer_side(0, pa, [pa, pc]):
+                tr.atoms.block(la)
+                la = None
+            elif _outer_side(1, pc, [pa, pc]):
+                tr.atoms.block(lc)
+                lc = None
     res = None
     if la is not None:
         res = _pad(la, nd)  # [..., n, 1]

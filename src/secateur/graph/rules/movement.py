@@ -8,7 +8,7 @@ import math
 import torch
 
 from secateur.graph.labels import constant_along, full
-from secateur.graph.rules.constants import label_free_inputs
+from secateur.graph.rules.constants import label_free_inputs, uniform_inputs
 from secateur.graph.rules.registry import _outs, _pad, _tensors, aten, not_understood, rule
 from secateur.graph.splits import open_cut
 
@@ -61,6 +61,7 @@ def move(tr, func, args, kwargs, out):
 
     if packet in (aten.cat, aten.concat, aten.concatenate) and isinstance(args[0], (list, tuple)):
         label_free_inputs(tr, list(args[0]), args[1] if len(args) > 1 else kwargs.get("dim", 0))
+        uniform_inputs(tr, list(args[0]), args[1] if len(args) > 1 else kwargs.get("dim", 0))
     if _compressed_move(tr, func, args, out):
         return
     largs = [sub(a, i) for i, a in enumerate(args)]
@@ -106,6 +107,8 @@ def _compressed_move(tr, func, args, out) -> bool:
         tr.set(out, func(_pad(lab, x.dim()), *args[1:]))
         return True
     if packet is aten.expand and isinstance(x, torch.Tensor) and tr.get(x) is not None:
+        if _repeat_to_heads(tr, x, out):
+            return True
         tr.set(out, _pad(tr.get(x), out.dim()))  # broadcasting is what a label of size 1 already means
         return True
     if packet in (aten.slice, aten.select) and isinstance(x, torch.Tensor) and tr.get(x) is not None:
@@ -133,6 +136,38 @@ def _compressed_move(tr, func, args, out) -> bool:
     if packet in _RESHAPES and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
         return _compressed_reshape(tr, args, out)
     return False
+
+
+def _repeat_to_heads(tr, x, out) -> bool:
+    """``x[:, :, :, None].expand(..., G, k, ...)`` with ``G * k`` the running module's ``num_heads``: a source copied
+    to every head, then merged into a heads dim (``repeat_interleave(num_heads // n_groups, output_size=num_heads)``
+    in a Mamba-2 mixer's scan, ``repeat_kv`` of multi-query attention). Each copy belongs to its head: where it meets
+    a head's channels (``B * decay`` per head, ``G * L``, ``C @ states``) they are joined position by position. Left
+    with the source's labels, the copies carried the source channels along the heads dim: an outer product of
+    state x heads (the heads kept whole, fewer atoms) or, past the B.C contraction, a computed constant varying
+    along the heads (every head collapsed into one unit: transformers' Mamba-2 family kept its inner width). So the
+    source's channels are kept whole (blocked) and copy ``j`` gets a fresh atom, the same in every group: exact for
+    any plan, since the copies of one group hold the same values, the pruned forward makes ``num_heads // G`` of
+    them per group, and head ``j`` of every group goes together, so each group keeps its heads in their places (the
+    dry run checks the sizes). With several sources (``G > 1``) only where the module names them its ``n_groups``
+    (a Mamba-2 mixer's B / C groups); grouped-query attention's key / value heads stay the attention rules'."""
+    lab = _pad(tr.get(x), out.dim())
+    grown = [d for d in range(out.dim()) if lab.size(d) == 1 and x.dim() == out.dim() and x.size(d) == 1
+             and out.size(d) > 1]
+    if len(grown) != 1 or grown[0] < 2 or tr.where() == "<root>":  # dim 0 before the copies: the batch
+        return False
+    d = grown[0]
+    mod = tr.model.get_submodule(tr.where())
+    heads = getattr(mod, "num_heads", None)
+    if not isinstance(heads, int) or heads != out.size(d - 1) * out.size(d) or heads < 2:
+        return False
+    if out.size(d - 1) != 1 and getattr(mod, "n_groups", None) != out.size(d - 1):
+        return False  # several key / value heads (grouped-query attention): the attention rules' business
+    tr.atoms.block(lab)
+    shape = [1] * out.dim()
+    shape[d] = out.size(d)  # the same atoms in every group: head j of each group is one unit
+    tr.set(out, tr.atoms.new(out.size(d)).reshape(shape))
+    return True
 
 
 _RESHAPES = (aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.view_copy)

@@ -91,6 +91,12 @@ def group_norm(tr, func, args, kwargs, out):
     owner = tr.model.get_submodule(tr.where()) if tr.where() != "<root>" else tr.model
     if lab is None or x.dim() < 2 or not (isinstance(owner, torch.nn.GroupNorm) and owner.num_groups == groups):
         return norm_over_channels(tr, func, args, kwargs, out)
+    if groups == 1:  # the owner's own forward (timm's GroupNorm1): one group is a LayerNorm over C and positions
+        from secateur.graph.modules import one_group_norm
+        one_group_norm(tr, owner, x, outs[0])
+        for t in outs[1:]:
+            tr.set(t, None)
+        return
     chan = tr.atoms.collapse(lab, [0, *range(2, x.dim())]).reshape(-1).expand(x.size(1))
     chan = tr.atoms.collapse(chan.reshape(groups, -1), [1]).expand(groups, x.size(1) // groups).reshape(-1)
     weights = args[1:3] if func.overloadpacket is aten.native_group_norm else args[2:4]

@@ -50,12 +50,29 @@ def _statistic_site(tr, func, lab, dims, out) -> bool:
     if func.overloadpacket not in _STATS or lab is None:
         return False
     big = [d for d in range(lab.dim()) if lab.size(d) > 1]
+    if len(big) == 2 and len(dims) == 1 and big[1] in dims and _grouped_norm(tr, lab, big):
+        lab = tr.atoms.collapse(lab, [big[0]])  # position s of every group: one unit (see _grouped_norm)
+        big = big[1:]
     if len(big) != 1 or big[0] not in dims or bool((lab < 0).any()):
         return False
     tr.norm_site("reduce", func.overloadpacket, func.overloadpacket._qualified_op_name, lab.reshape(-1), dim=big[0])
     for t in _outs(out):
         tr.set(t, None)
     return True
+
+
+def _grouped_norm(tr, lab, big) -> bool:
+    """A statistic over groups of channels viewed ``[..., groups, group_size]`` and reduced over the last (a Mamba-2
+    mixer's gated RMSNorm, ``MambaRMSNormGated``), in a module that says so: its ``group_size`` is the reduced
+    dim's size, or its ``n_groups`` the other's. Each group's statistic stays over as many channels when every
+    group loses the same positions, so position ``s`` of every group is made one unit and the site is recorded
+    along the group dim (the reference reruns it on the kept positions, the same in every group). Collapsing each
+    group instead (the generic reduction) joined every channel of the mixer. Elsewhere (a per-head norm over head
+    dims: whole heads there) the generic rule stays."""
+    if tr.where() == "<root>":
+        return False
+    mod = tr.model.get_submodule(tr.where())
+    return getattr(mod, "group_size", None) == lab.size(big[1]) or getattr(mod, "n_groups", None) == lab.size(big[0])
 
 
 @rule(*_RED)
