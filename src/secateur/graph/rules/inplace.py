@@ -56,7 +56,7 @@ def write_through(tr: Tracer, view: torch.Tensor, fresh: bool = False) -> bool:
     region[pos.reshape(-1)] = True
     region = region.reshape(base.shape)
     cut = _exact(lab, region)
-    if cut is False or (cut is not True and not _named_slice(tr, lab, region, cut)):
+    if cut is False or (cut is not True and not _named_slice(tr, lab, region, cut, base.device.type == "meta")):
         return False
     if fresh and tr.get(base) is None:
         lab = _fill(lab, region, None if cut is True else cut)
@@ -146,11 +146,16 @@ def _exact(lab: torch.Tensor, region: torch.Tensor) -> bool | int:
     return cut
 
 
-def _named_slice(tr: Tracer, lab: torch.Tensor, region: torch.Tensor, d: int) -> bool:
+def _named_slice(tr: Tracer, lab: torch.Tensor, region: torch.Tensor, d: int, meta: bool) -> bool:
     """A write into one contiguous range of channels along ``d`` (``key_states[..., :self.qk_nope_head_dim] =
     k_nope``, a concatenation written in two parts: Hunyuan-V4's attention): exact when the module names the
     range's bounds, as for a slice read there (graph/splits.py: the bounds move with the pruning, proven by the dry
-    run). Opens that cut; False when the range is not contiguous or not named."""
+    run). Opens that cut; False when the range is not contiguous or not named, or on the meta device: the sizes a
+    cut moves are taken only where the pruned model computes the oracle's reference (structured/proof.py
+    ``_verified``), which needs values; on meta such a write keeps its channels, as before (LongCat-Flash's MLA
+    planned on meta then kept its residual stream whole where the CPU's plan pruned it)."""
+    if meta:
+        return False
     along = region.movedim(d, -1).reshape(-1, region.size(d)).any(dim=0)
     idx = along.nonzero().flatten()
     start, end = int(idx[0]), int(idx[-1]) + 1
