@@ -22,6 +22,12 @@ class Atoms:
     def __init__(self) -> None:
         self.count = 1  # atom 0 is BLOCKED
         self.edges: list[torch.Tensor] = []
+        # why channels are kept, for the plan's notes (graph/kept.py): what ran (``site``, set by the tracer: (module
+        # name, op or module type), or None) at each ``block`` ("block", the atoms kept) and at each ``collapse``
+        # that made several atoms one unit ("tie", one atom of each unit made, and how many atoms its first row
+        # joined)
+        self.site: tuple[str, str] | None = None
+        self.reasons: list[tuple] = []
 
     def new(self, n: int) -> torch.Tensor:
         out = torch.arange(self.count, self.count + n, dtype=torch.long)
@@ -53,6 +59,8 @@ class Atoms:
             lab = lab[lab >= 0]
             if lab.numel():
                 self.union(lab, torch.zeros_like(lab))
+                if self.site is not None:
+                    self.reasons.append((self.site, "block", lab, 0))
 
     def collapse(self, lab: torch.Tensor, dims) -> torch.Tensor:
         """Union every atom along ``dims`` (per position of the other dims); returns lab with those dims size 1."""
@@ -66,6 +74,12 @@ class Atoms:
         flat = perm.reshape(-1, int(torch.tensor([lab.size(d) for d in dims]).prod()))
         rep = flat.max(dim=1, keepdim=True).values  # any real atom of the row (or -1)
         self.union(flat, rep)
+        if self.site is not None and flat.size(1) > 1:
+            low = flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
+            tied = (low < rep) & (rep >= 0)  # rows that held two atoms or more: one unit now
+            if tied.any():  # how many atoms one row joined: a statistic over the channels joins them all
+                row = flat[int(tied.flatten().nonzero()[0])]
+                self.reasons.append((self.site, "tie", rep[tied], int(row[row >= 0].unique().numel())))
         mixed = (flat < 0).any(dim=1, keepdim=True) & (rep >= 0)
         if mixed.any():  # an unsliceable element shares the slice: the whole slice is kept
             self.block(rep[mixed])
@@ -74,9 +88,8 @@ class Atoms:
 
     def components(self) -> torch.Tensor:
         """root[atom] for every atom: vectorised min-label propagation with pointer jumping."""
-        root = torch.arange(self.count, dtype=torch.long)
         if not self.edges:
-            return root
+            return torch.arange(self.count, dtype=torch.long)
         e = torch.cat(self.edges, dim=1)
         # the same edge arrives many times (a view split with spatial dims: 742k edges, 1.5k distinct on
         # shufflenet_v2): keep each once, so every propagation round below scans only distinct edges
@@ -84,16 +97,31 @@ class Atoms:
         key = torch.unique(lo * self.count + hi)
         e = torch.stack([key // self.count, key % self.count])
         self.edges = [e]
-        src = torch.cat([e[0], e[1]])
-        dst = torch.cat([e[1], e[0]])
-        while True:
-            new = root.clone()
-            new.scatter_reduce_(0, dst, root[src], reduce="amin")
-            new = new[new]
-            new = new[new]
-            if torch.equal(new, root):
-                return root
-            root = new
+        return components(self.count, e)
+
+    def unblocked(self) -> torch.Tensor:
+        """The components as if nothing were blocked (the edges to atom 0 left out): which channels each block
+        kept, as units of their own (graph/kept.py names the op that kept them)."""
+        self.components()  # dedupes the edges into one tensor
+        e = self.edges[0] if self.edges else torch.empty(2, 0, dtype=torch.long)
+        return components(self.count, e[:, e[0] != BLOCKED])  # lo first: an edge to 0 has 0 there
+
+
+def components(count: int, e: torch.Tensor) -> torch.Tensor:
+    """root[atom] for ``count`` atoms joined by edges ``e`` [2, E]: min-label propagation with pointer jumping."""
+    root = torch.arange(count, dtype=torch.long)
+    if not e.numel():
+        return root
+    src = torch.cat([e[0], e[1]])
+    dst = torch.cat([e[1], e[0]])
+    while True:
+        new = root.clone()
+        new.scatter_reduce_(0, dst, root[src], reduce="amin")
+        new = new[new]
+        new = new[new]
+        if torch.equal(new, root):
+            return root
+        root = new
 
 
 def constant_along(lab: torch.Tensor, dim: int) -> bool:
