@@ -8,7 +8,8 @@ model then came back barely pruned with no reason given (moshi 0.60, xlnet 0.52,
 1.0 of their MACs at ratio 0.5). ``Atoms`` records what ran at every block and at every collapse that joined
 several atoms (``Atoms.reasons``); here each kept producer is traced back to the first of them, by the components
 the atoms form when nothing is blocked (``Atoms.unblocked``). A producer kept only because it is the model's output
-and read by nothing else (a classifier, an LM head) is the documented default and not noted."""
+and read by nothing else (a classifier, an LM head), and a MoE router (whose rows are the expert count), are the
+documented defaults and not noted."""
 from __future__ import annotations
 
 from typing import Any
@@ -67,7 +68,10 @@ def _blocked(tr: Tracer, root: torch.Tensor) -> list[str]:
     reasons = tr.atoms.reasons
     by_comp = _by_component(reasons, "block", free)
     what: dict[tuple[str, str] | None, list[str]] = {}
+    from secateur.graph.moe import is_router
     for s, a in kept:
+        if is_router(tr.model, s["module"]):  # its rows are the expert count, never pruned (graph/moe.py)
+            continue
         name = f"{s['module']}.{s['name']}" if s["module"] else s["name"]
         for c in free[a].unique().tolist():
             sites = [reasons[i][0] for i in by_comp.get(c, [])]
