@@ -75,6 +75,7 @@ class Tracer:
         # tensors made by a filling factory (torch.zeros / ones / full ...) and not written since: one value
         # everywhere, so meeting channels they do not vary along them (graph/rules/dispatch.py ``track_uniform``)
         self.uniform: dict[int, torch.Tensor] = {}  # storage address -> a tensor holding it
+        self.was_uniform: list[int] = []  # storages the running in-place op found uniform (rules/scatter.py)
         # unlabelled tensors computed elementwise from one parameter or buffer (Mamba's ``A = -exp(A_log)[None, :,
         # None, :]``, a sinusoidal position table's rows): id -> (tensor, root, {tensor dim: root dim}); sliced like
         # the root where they meet channels (graph/rules/constants.py)
