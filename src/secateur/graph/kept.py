@@ -60,7 +60,7 @@ def _blocked(tr: Tracer, root: torch.Tensor) -> list[str]:
                 kept.append((s, a))
     if not kept:
         return []
-    free = tr.atoms.unblocked()
+    free = tr.atoms.unblocked(root)
     read = torch.zeros(tr.atoms.count, dtype=torch.bool)  # components some layer reads (not only the output)
     for s in tr.slots.values():
         if s["consumer"]:
@@ -98,27 +98,37 @@ def _blocked(tr: Tracer, root: torch.Tensor) -> list[str]:
 
 
 def _tied(tr: Tracer, graph: Any) -> list[str]:
-    """Groups of one channel that own several positions of a producer: a reduction or a constant made all of its
-    channels one unit, and a group is never pruned whole."""
-    single = {i for i, g in enumerate(graph.groups) if g.size == 1 and
-              max((m.index.numel() for m in g.members if m.kind == "out"), default=0) > 1}
+    """Groups of one channel that own several positions of a producer: the model's computation made all of its
+    channels one unit, and a group is never pruned whole. Named: the op whose union first made the producer's
+    channels one component (``Atoms.joined_at``, for the first ``_SEARCHED`` such groups), else the collapse that
+    joined the most atoms at once (a reduction over the channels, not over tokens)."""
+    single = [i for i, g in enumerate(graph.groups) if g.size == 1 and
+              max((m.index.numel() for m in g.members if m.kind == "out"), default=0) > 1]
     if not single:
         return []
     gi = graph.where[:, 0]
     by_group: dict[int, list[int]] = {}
     for c, ids in _by_component(tr.atoms.reasons, "tie", graph.root).items():
-        if int(gi[c]) in single:
-            by_group[int(gi[c])] = ids
+        by_group[int(gi[c])] = ids
     notes = []
-    for i in sorted(single):
+    for k, i in enumerate(single):
         g = graph.groups[i]
-        n = max(m.index.numel() for m in g.members if m.kind == "out")
+        out = max((m for m in g.members if m.kind == "out"), key=lambda m: m.index.numel())
+        n = out.index.numel()
+        site = None
+        if k < _SEARCHED:
+            slot = tr.slots.get((out.qualname, out.dim))
+            site = None if slot is None else tr.atoms.joined_at(slot["atoms"], graph.root)
         ids = by_group.get(i, [])
-        if ids:  # the op that joined the most atoms at once (a reduction over the channels, not over tokens)
-            where, op = tr.atoms.reasons[max(ids, key=lambda k: (tr.atoms.reasons[k][3], -k))][0]
-            notes.append(f"{where}: {op} makes the {n} channels of {g.name} one unit (all or nothing); a group is "
-                         "never pruned whole, so they are kept")
+        if site is None and ids:
+            site = tr.atoms.reasons[max(ids, key=lambda r: (tr.atoms.reasons[r][3], -r))][0]
+        if site is not None:
+            notes.append(f"{site[0]}: {site[1]} makes the {n} channels of {g.name} one unit (all or nothing); a "
+                         "group is never pruned whole, so they are kept")
         else:
             notes.append(f"{g.name}: its {n} channels are one unit (the model's computation joins them); a group is "
                          "never pruned whole, so they are kept")
     return list(dict.fromkeys(notes))
+
+
+_SEARCHED = 8  # binary searches per graph (each on one component's edges); the rest: named by the widest collapse
