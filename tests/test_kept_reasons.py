@@ -195,3 +195,25 @@ def test_notes_name_every_op_that_blocks_across_models():
         for name in _kept_producers(graph) - heads:
             assert any(name + "." in n or f"of {name} " in n or f"of {name}," in n or "the channels it reads" in n
                        for n in graph.notes), (type(model).__name__, name, graph.notes)
+
+
+class SharedTable(nn.Module):
+    """RoFormer's pattern: per-head units (a statistic over each head's dims), then a table over head dims shared
+    by every head multiplies them, which joins the heads: the op to name is that ``mul``, not the reduction."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.table, self.b = nn.Linear(8, 16), nn.Embedding(1, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x).view(x.size(0), 4, 4)
+        h = h * h.sum(-1, keepdim=True)
+        h = h * self.table(torch.zeros(1, dtype=torch.long))[0]
+        return self.b(h.flatten(1))
+
+
+def test_the_note_names_the_op_that_joined_the_unit():
+    torch.manual_seed(0)
+    graph = build_graph(SharedTable().eval(), torch.randn(2, 8))
+    notes = [n for n in graph.notes if "one unit" in n]
+    assert len(notes) == 1 and notes[0].startswith("<root>: aten::mul makes the 16 channels of a one unit"), notes
