@@ -114,7 +114,31 @@ def test_gather_at_fixed_channel_positions_keeps_them():
     torch.manual_seed(0)
     plan = assert_oracle(GatherChannels().eval(), torch.randn(2, 5, 8), ratio=0.5)
     assert not _pruned(plan, "a"), plan.choices  # the ten channels never read renumbered the others before
-    assert any("aten::gather" in n and "renumber" in n for n in plan.notes), plan.notes
+    assert any(n.startswith("<root>: aten::gather makes the 16 channels of a one unit") for n in plan.notes), \
+        plan.notes
+
+
+class GatherPerHead(nn.Module):
+    """ProphetNet's relative position rows [heads x buckets]: each head's buckets read at fixed positions, the heads
+    themselves removable whole (with what they are added to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.rel, self.b = nn.Linear(8, 16), nn.Linear(8, 4 * 6), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x).view(x.size(0), -1, 4)  # [B, heads, head_dim]
+        r = self.rel(x).view(x.size(0), -1, 6)  # [B, heads, buckets]
+        idx = torch.tensor([0, 3, 3, 5]).expand(x.size(0), r.size(1), -1)
+        return self.b((h * r.gather(-1, idx)).flatten(1))
+
+
+def test_gather_per_head_keeps_whole_rows_prunable():
+    torch.manual_seed(0)
+    plan = assert_oracle(GatherPerHead().eval(), torch.randn(2, 8), ratio=0.5)
+    assert _pruned(plan, "a"), plan.choices  # heads go with their relative position rows
+    rows = plan.removed[("rel", "weight")][0]  # whole heads: all six buckets of each removed head
+    assert rows.numel() == 12 and torch.bincount(rows // 6).tolist().count(6) == 2, rows
 
 
 # ---------------------------------------------------------------- every kept group is explained

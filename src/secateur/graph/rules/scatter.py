@@ -117,10 +117,13 @@ def indexed_dims(packet, args) -> list[int]:
 def keep_indexed_channels(tr, func, args) -> None:
     """An index naming positions along a dim where every position is a channel of its own (ProphetNet's relative
     position rows ``[buckets x heads]`` gathered by bucket numbers computed from token positions): the index holds
-    fixed numbers, so removing any channel there renumbers the others and the pruned model would read the wrong
+    fixed numbers, so removing a channel there would renumber the others and the pruned model would read the wrong
     ones (channels never read looked free: ProphetNet's unused buckets were pruned, and its forward then failed on
-    ``view(..., num_buckets, num_attn_heads)``, which kept its whole residual stream). Those channels are kept
-    (noted). Positions along a token dim (the same channels at every position) are not channels: untouched."""
+    ``view(..., num_buckets, num_attn_heads)``, which kept its whole residual stream). The positions along that dim
+    are made one unit per position of the other dims (a head's buckets: removable only with the head, the dim itself
+    whole), so the numbers stay valid; where the channels vary along that dim only, they are all one unit (kept,
+    and graph/kept.py names this op). Positions along a token dim (the same channels at every position) are not
+    channels: untouched."""
     x = args[0]
     lab = _pad(tr.get(x), x.dim()) if isinstance(x, torch.Tensor) else None
     if lab is None:
@@ -130,9 +133,4 @@ def keep_indexed_channels(tr, func, args) -> None:
             continue
         row = lab.movedim(d, -1).reshape(-1, lab.size(d))[0]
         if bool((row >= 0).all()) and int(row.unique().numel()) == lab.size(d):
-            tr.atoms.block(lab)
-            note = (f"{tr.where()}: {func.overloadpacket._qualified_op_name} reads channels at positions an index "
-                    "names (removing one would renumber the others); the channels it reads are kept")
-            if note not in tr.notes:
-                tr.notes.append(note)
-            return
+            lab = tr.atoms.collapse(lab, [d])  # unions: the op's labels (its input's atoms) follow them
