@@ -29,6 +29,9 @@ from secateur.errors import PruningError, fail
 from secateur.graph.labels import Atoms, compress
 
 
+OUTPUT = "<model output>"  # the site of the blocks that keep the model's output shapes (graph/kept.py)
+
+
 class Tracer:
     """State of one capture: labels of live tensors, slots (param dims owned by atoms), notes."""
 
@@ -72,6 +75,7 @@ class Tracer:
         # tensors made by a filling factory (torch.zeros / ones / full ...) and not written since: one value
         # everywhere, so meeting channels they do not vary along them (graph/rules/dispatch.py ``track_uniform``)
         self.uniform: dict[int, torch.Tensor] = {}  # storage address -> a tensor holding it
+        self.was_uniform: list[int] = []  # storages the running in-place op found uniform (rules/scatter.py)
         # unlabelled tensors computed elementwise from one parameter or buffer (Mamba's ``A = -exp(A_log)[None, :,
         # None, :]``, a sinusoidal position table's rows): id -> (tensor, root, {tensor dim: root dim}); sliced like
         # the root where they meet channels (graph/rules/constants.py)
@@ -211,6 +215,7 @@ class _Mode(TorchDispatchMode):
             self.tally.add(func, args, kwargs, out)
         if self.tracer.depth == 0:
             from secateur.graph.rules import apply_rule
+            self.tracer.atoms.site = (self.tracer.where(), func.overloadpacket._qualified_op_name)
             with no_dispatch():  # label ops reach no mode below (a MAC counter sees the model's ops only)
                 apply_rule(self.tracer, func, args, kwargs, out)
             if self.tracer.dynamic is None and torch.Tag.dynamic_output_shape in func.tags:
@@ -259,6 +264,7 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     def pre(mod, args, kwargs):
         tracer.stack.append(names.get(mod, "?"))
         if tracer.depth == 0 and (id(mod) in tracer.same_width or type(mod) in widths):
+            tracer.atoms.site = (tracer.where(), type(mod).__name__)
             with no_dispatch():  # label ops, not the model's
                 inner_width.enter(tracer, mod, args, kwargs)
         if rules.get(mod) is not None:
@@ -270,6 +276,7 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
             tracer.depth -= 1
             if tracer.depth == 0:
                 tracer.depth += 1  # the rule's own tensor ops (labels) are not the model's
+                tracer.atoms.site = (tracer.where(), type(mod).__name__)
                 try:  # nor do they go through the dispatch mode: thousands of label ops per model, each a
                     with no_dispatch():  # Python call there (a third of a small model's capture)
                         rule(tracer, mod, args, kwargs, out)
@@ -293,8 +300,10 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
-    for t in _flat_tensors(out):  # never change the model's output shape
+    for k, t in enumerate(_flat_tensors(out)):  # never change the model's output shape
+        tracer.atoms.site = (OUTPUT, f"output {k} {tuple(t.shape)}")
         tracer.atoms.block(tracer.get(t))
+    tracer.atoms.site = None  # what follows (view splits settled in groups.py) is named by no op
     tracer.output = out
     tracer.macs = tally.total if macs else None
     tracer.alive.clear()

@@ -146,6 +146,14 @@ def _settle(tr: Tracer) -> torch.Tensor:
 
 
 def groups_from(tr: Tracer) -> Graph:
+    """The groups of a capture, with a note for every producer whose channels it keeps (graph/kept.py)."""
+    graph = _settled_groups(tr)
+    from secateur.graph.kept import explain
+    tr.notes.extend(n for n in explain(tr, graph) if n not in tr.notes)
+    return graph
+
+
+def _settled_groups(tr: Tracer) -> Graph:
     for _ in range(4):
         graph = _groups(tr)
         bad = _assign_blocks(tr, graph)

@@ -22,6 +22,16 @@ class Atoms:
     def __init__(self) -> None:
         self.count = 1  # atom 0 is BLOCKED
         self.edges: list[torch.Tensor] = []
+        # why channels are kept, for the plan's notes (graph/kept.py): what ran (``site``, set by the tracer: (module
+        # name, op or module type), or None) at each ``block`` ("block", the atoms kept) and at each ``collapse``
+        # that made several atoms one unit ("tie", one atom of each unit made, and how many atoms its first row
+        # joined)
+        self.site: tuple[str, str] | None = None
+        self.reasons: list[tuple] = []
+        # when each edge arrived (``edge_sites[t]``: the site of union call ``t``), parallel to ``edges``: an int per
+        # fresh batch, a tensor per edge once deduped (the first time) -- which op joined a unit (graph/kept.py)
+        self.times: list[int | torch.Tensor] = []
+        self.edge_sites: list[tuple[str, str] | None] = []
 
     def new(self, n: int) -> torch.Tensor:
         out = torch.arange(self.count, self.count + n, dtype=torch.long)
@@ -34,7 +44,7 @@ class Atoms:
         if a.dim() < 2 or a.numel() <= _RUNS:
             keep = (a >= 0) & (b >= 0) & (a != b)
             if keep.any():
-                self.edges.append(torch.stack([a[keep], b[keep]]))
+                self._add(torch.stack([a[keep], b[keep]]))
             return
         # a big label repeats its pairs along some dim (a token stream: every token holds the same channels): keep
         # each run of one pair once, in whichever of two orders leaves fewer (no sort; the edge *set* is the same,
@@ -46,13 +56,20 @@ class Atoms:
         lo, hi = runs.div(self.count, rounding_mode="floor"), runs.remainder(self.count)
         keep = (lo >= 0) & (lo != hi)
         if keep.any():
-            self.edges.append(torch.stack([lo[keep], hi[keep]]))
+            self._add(torch.stack([lo[keep], hi[keep]]))
+
+    def _add(self, e: torch.Tensor) -> None:
+        self.edges.append(e)
+        self.times.append(len(self.edge_sites))
+        self.edge_sites.append(self.site)
 
     def block(self, lab: torch.Tensor | None) -> None:
         if lab is not None:
             lab = lab[lab >= 0]
             if lab.numel():
                 self.union(lab, torch.zeros_like(lab))
+                if self.site is not None:
+                    self.reasons.append((self.site, "block", lab, 0))
 
     def collapse(self, lab: torch.Tensor, dims) -> torch.Tensor:
         """Union every atom along ``dims`` (per position of the other dims); returns lab with those dims size 1."""
@@ -66,6 +83,12 @@ class Atoms:
         flat = perm.reshape(-1, int(torch.tensor([lab.size(d) for d in dims]).prod()))
         rep = flat.max(dim=1, keepdim=True).values  # any real atom of the row (or -1)
         self.union(flat, rep)
+        if self.site is not None and flat.size(1) > 1:
+            low = flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
+            tied = (low < rep) & (rep >= 0)  # rows that held two atoms or more: one unit now
+            if tied.any():  # how many atoms one row joined: a statistic over the channels joins them all
+                row = flat[int(tied.flatten().nonzero()[0])]
+                self.reasons.append((self.site, "tie", rep[tied], int(row[row >= 0].unique().numel())))
         mixed = (flat < 0).any(dim=1, keepdim=True) & (rep >= 0)
         if mixed.any():  # an unsliceable element shares the slice: the whole slice is kept
             self.block(rep[mixed])
@@ -74,26 +97,96 @@ class Atoms:
 
     def components(self) -> torch.Tensor:
         """root[atom] for every atom: vectorised min-label propagation with pointer jumping."""
-        root = torch.arange(self.count, dtype=torch.long)
         if not self.edges:
+            return torch.arange(self.count, dtype=torch.long)
+        self._dedupe()
+        return components(self.count, self.edges[0])
+
+    def _dedupe(self) -> None:
+        """``edges`` as one tensor, each edge once, ``times`` the first time it arrived."""
+        if not self.edges:
+            self.edges, self.times = [torch.empty(2, 0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
+        if len(self.edges) > 1 or isinstance(self.times[0], int):
+            e = torch.cat(self.edges, dim=1)
+            t = torch.cat([x if isinstance(x, torch.Tensor) else torch.full((b.size(1),), x, dtype=torch.long)
+                           for b, x in zip(self.edges, self.times)])
+            # the same edge arrives many times (a view split with spatial dims: 742k edges, 1.5k distinct on
+            # shufflenet_v2): keep each once, so every propagation round below scans only distinct edges; with the
+            # time it first arrived (the batches are in time order, and a stable sort keeps it within a key)
+            lo, hi = torch.minimum(e[0], e[1]), torch.maximum(e[0], e[1])
+            key, order = torch.sort(lo * self.count + hi, stable=True)
+            first = torch.ones_like(key, dtype=torch.bool)
+            first[1:] = key[1:] != key[:-1]
+            key = key[first]
+            self.edges = [torch.stack([key // self.count, key % self.count])]
+            self.times = [t[order[first]]]
+
+    def joined_at(self, atoms: torch.Tensor, root: torch.Tensor) -> tuple[str, str] | None:
+        """The site of the union call after which ``atoms`` (one component of ``root`` now) were first all one
+        component: that component's edges replayed in arrival order through a union-find (a few thousand edges:
+        milliseconds; a binary search over ``components`` took 0.5 s per group on inkling2_text)."""
+        self._dedupe()
+        e, t = self.edges[0], self.times[0]
+        mask = root[e[0]] == root[atoms[0]]
+        order = torch.argsort(t[mask], stable=True)
+        e = e[:, mask][:, order]
+        pairs, times = zip(e[0].tolist(), e[1].tolist()), t[mask][order].tolist()
+        parent: dict[int, int] = {}
+
+        def find(a: int) -> int:
+            while parent.get(a, a) != a:
+                parent[a] = parent.get(parent[a], parent[a])
+                a = parent[a]
+            return a
+
+        want = set(atoms.unique().tolist())
+        marked = {a: 1 for a in want}  # root -> how many of ``atoms`` its set holds
+        left = len(want)
+        for (a, b), when in zip(pairs, times):
+            ra, rb = find(a), find(b)
+            if ra == rb:
+                continue
+            parent[ra] = rb
+            ma, mb = marked.pop(ra, 0), marked.get(rb, 0)
+            if ma and mb:
+                left -= 1
+            if ma:
+                marked[rb] = ma + mb
+            if left <= 1:
+                return self.edge_sites[when]
+        return None
+
+    def unblocked(self, root: torch.Tensor) -> torch.Tensor:
+        """The components (``root``: the current ones) as if nothing were blocked: the blocked component split by
+        its edges other than those to atom 0, so that each block's channels are units of their own (graph/kept.py
+        names the op that kept them). Only that component's edges are walked, relabelled to its atoms."""
+        self._dedupe()
+        e = self.edges[0]
+        e = e[:, (e[0] != BLOCKED) & (root[e[0]] == root[BLOCKED])]  # lo first: an edge to 0 has 0 there
+        free = root.clone()
+        inside = (root == root[BLOCKED]).nonzero().flatten()
+        free[inside] = inside
+        if e.numel():
+            nodes = torch.unique(e)
+            free[nodes] = nodes[components(nodes.numel(), torch.searchsorted(nodes, e))]
+        return free
+
+
+def components(count: int, e: torch.Tensor) -> torch.Tensor:
+    """root[atom] for ``count`` atoms joined by edges ``e`` [2, E]: min-label propagation with pointer jumping."""
+    root = torch.arange(count, dtype=torch.long)
+    if not e.numel():
+        return root
+    src = torch.cat([e[0], e[1]])
+    dst = torch.cat([e[1], e[0]])
+    while True:
+        new = root.clone()
+        new.scatter_reduce_(0, dst, root[src], reduce="amin")
+        new = new[new]
+        new = new[new]
+        if torch.equal(new, root):
             return root
-        e = torch.cat(self.edges, dim=1)
-        # the same edge arrives many times (a view split with spatial dims: 742k edges, 1.5k distinct on
-        # shufflenet_v2): keep each once, so every propagation round below scans only distinct edges
-        lo, hi = torch.minimum(e[0], e[1]), torch.maximum(e[0], e[1])
-        key = torch.unique(lo * self.count + hi)
-        e = torch.stack([key // self.count, key % self.count])
-        self.edges = [e]
-        src = torch.cat([e[0], e[1]])
-        dst = torch.cat([e[1], e[0]])
-        while True:
-            new = root.clone()
-            new.scatter_reduce_(0, dst, root[src], reduce="amin")
-            new = new[new]
-            new = new[new]
-            if torch.equal(new, root):
-                return root
-            root = new
+        root = new
 
 
 def constant_along(lab: torch.Tensor, dim: int) -> bool:

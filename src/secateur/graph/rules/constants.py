@@ -26,10 +26,9 @@ def track_uniform(tr: Tracer, func, args, out) -> None:
     storage, not tensor id: the tensor a factory hands the model can be another Python object than the one the
     dispatch mode saw (and every view of uniform memory is uniform)."""
     packet = func.overloadpacket
-    if tr.uniform and func._schema.is_mutable:
-        for a in args:
-            for t in _tensors(a):
-                tr.uniform.pop(_storage(t), None)
+    if func._schema.is_mutable:  # ``was_uniform``: what this write found uniform (rules/scatter.py reads it)
+        tr.was_uniform = [k for a in args for t in _tensors(a) for k in [_storage(t)]
+                          if tr.uniform.pop(k, None) is not None] if tr.uniform else []
     if isinstance(out, torch.Tensor) and not func._schema.is_mutable and (
             packet in _FILLS or (tr.uniform and _uniform_pointwise(tr, func, args))):
         key = _storage(out)
@@ -50,6 +49,11 @@ def _uniform_pointwise(tr: Tracer, func, args) -> bool:
 
 def is_uniform(tr: Tracer, t: torch.Tensor) -> bool:
     return bool(tr.uniform) and _storage(t) in tr.uniform
+
+
+def was_uniform(tr: Tracer, t: torch.Tensor) -> bool:
+    """``t`` held one value everywhere before the op now running (an in-place write into a ``torch.zeros``)."""
+    return is_uniform(tr, t) or _storage(t) in tr.was_uniform
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -34,7 +34,7 @@ def shape_only(tr, func, args, kwargs, out):
         tr.set(t, None)
 
 
-@rule(aten._local_scalar_dense, aten.is_nonzero, aten.equal, aten.allclose)
+@rule(aten._local_scalar_dense, aten.is_nonzero, aten.equal, aten.allclose, aten._is_all_true, aten._is_any_true)
 def data_dependent(tr, func, args, kwargs, out):
     for t in _tensors(args):  # a Python decision on channel values: removal would change it
         tr.atoms.block(tr.get(t))

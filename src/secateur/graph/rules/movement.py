@@ -31,6 +31,9 @@ _INDEX_ARGS = {aten.index: (1,), aten.index_select: (2,), aten.gather: (2,), ate
 def move(tr, func, args, kwargs, out):
     packet = func.overloadpacket
     index_pos = _INDEX_ARGS.get(packet, ())
+    if index_pos:  # channels read at fixed positions are kept (rules/scatter.py)
+        from secateur.graph.rules.scatter import keep_indexed_channels
+        keep_indexed_channels(tr, func, args)
 
     def sub(x, pos):
         if pos in index_pos:

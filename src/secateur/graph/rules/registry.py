@@ -18,7 +18,10 @@ _POINTWISE_UNTAGGED = {aten.hardswish, aten.hardswish_, aten.mish, aten.mish_, a
                        aten.hardsigmoid, aten.threshold, aten.threshold_, aten.rrelu, aten.glu,
                        # elementwise, untagged in torch: masked_fill with a 0-d tensor value (cpmant's attention:
                        # 0.548 -> 0.259 of its MACs at ratio 0.5), integer floor division (MoE routing indices)
-                       aten.masked_fill, aten.masked_fill_, aten.floor_divide, aten.floor_divide_}
+                       aten.masked_fill, aten.masked_fill_, aten.floor_divide, aten.floor_divide_,
+                       # log(sigmoid(x)) per element (a router's gate, inkling_text); its CPU kernel returns a buffer
+                       # beside the result, which carries the same labels (or none where it is empty)
+                       aten.log_sigmoid_forward, aten.log_sigmoid}
 
 
 def rule(*ops):
@@ -47,7 +50,7 @@ def _pad(lab: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
     return lab.reshape((1,) * (ndim - lab.dim()) + tuple(lab.shape))
 
 
-def not_understood(tr: Tracer, func, args, kwargs, out) -> None:
+def not_understood(tr: Tracer, func, args, kwargs, out, why: str = "has no rule in the structural engine") -> None:
     """An op with no rule (``torchvision::nms``, ``aten::nonzero``, a custom kernel) that reads channels: every
     channel it reads is kept (its atoms are blocked: all-or-nothing, never pruned) and its new outputs carry no
     channels, like the model's inputs. Nothing the op sees changes under any plan, so the pruned model computes
@@ -59,8 +62,7 @@ def not_understood(tr: Tracer, func, args, kwargs, out) -> None:
         tr.dynamic = len(tr.trace)
     for t in ins:
         tr.atoms.block(tr.get(t))
-    note = (f"{tr.where()}: {func.overloadpacket._qualified_op_name} has no rule in the structural engine; the "
-            "channels it reads are kept")
+    note = f"{tr.where()}: {func.overloadpacket._qualified_op_name} {why}; the channels it reads are kept"
     if note not in tr.notes:
         tr.notes.append(note)
     alias = {id(t) for t in ins}
