@@ -88,7 +88,7 @@ def test_baddbmm_with_a_bias_row_per_block_prunes_lanes():
 
 def test_transformers_recurrent_gemma_prunes_its_lru(tmp_path):
     """0.451 of its MACs at ratio 0.5 before the block-diagonal gates and the per-step scan writes were followed."""
-    T = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from zoo_models import _causal_lm_class, hf_small_config
     model, _ = prune_causal_lm(lambda: _causal_lm_class("recurrent_gemma")(hf_small_config("recurrent_gemma")),
                                tmp_path, below=0.4)

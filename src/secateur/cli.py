@@ -481,7 +481,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the numbers as JSON here")
 
 
-def _bench_device(spec: str) -> "torch.device":
+def _bench_device(spec: str):
+    """The torch.device ``secateur bench`` times on, refused up front where it cannot run."""
     import torch
     try:
         device = torch.device(spec)

@@ -118,11 +118,11 @@ def run_demo(*, epochs: int = 1, ratio: float = 0.6, global_ratio: float = 0.9, 
     prune(local, global_ratio)
     rows.append(_row(f"prune {global_ratio:.0%} per layer", local, ds.x_test, ds.y_test))
     train(local, ds.x_train, ds.y_train, epochs=epochs, seed=seed + 2, label="fine-tune (per layer)")
-    rows.append(_row(f"  + fine-tune", local, ds.x_test, ds.y_test))
+    rows.append(_row("  + fine-tune", local, ds.x_test, ds.y_test))
     prune(glob, global_ratio, scope="global", max_sparsity=0.99)
     rows.append(_row(f"prune {global_ratio:.0%} global", glob, ds.x_test, ds.y_test))
     train(glob, ds.x_train, ds.y_train, epochs=epochs, seed=seed + 2, label="fine-tune (global)")
-    rows.append(_row(f"  + fine-tune", glob, ds.x_test, ds.y_test))
+    rows.append(_row("  + fine-tune", glob, ds.x_test, ds.y_test))
     after = report(glob, ds.x_test[:1])
 
     print(_table(rows))

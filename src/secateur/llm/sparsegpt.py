@@ -24,7 +24,6 @@ def hessian_inverse_factor(hessian: torch.Tensor, damp: float, *, where: str = "
     h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    diag = torch.arange(h.shape[0], device=h.device)
     mean_diag = torch.mean(torch.diag(h))
     for attempt in range(5):
         factor = damp * (10 ** attempt) * mean_diag

@@ -84,7 +84,6 @@ def reduction(tr, func, args, kwargs, out):
     dim = args[dpos] if len(args) > dpos else kwargs.get("dim", None)
     if "dim" not in names:
         dim = None
-    keepdim = bool(args[kpos]) if kpos is not None and len(args) > kpos else bool(kwargs.get("keepdim", False))
     dims = _dims(dim, x.dim()) if x.dim() else []
     if _statistic_site(tr, func, lab, dims, out):
         return
