@@ -149,8 +149,13 @@ def _weight_view(tr, func, args, out) -> bool:
     if attr != "weight":
         return False
     if not isinstance(tr.model.get_submodule(mname), torch.nn.Linear):
-        from secateur.graph.moe import is_router
-        if not is_router(tr.model, mname):  # a mixture-of-experts router: a Linear's layout, its own class
+        from secateur.graph.moe import router_refusal
+        why = router_refusal(tr.model, mname)  # a mixture-of-experts router: a Linear's layout, its own class
+        if why is not None:
+            note = f"{mname}: {type(tr.model.get_submodule(mname)).__name__} is not read as a router, {why}; " \
+                   "its weight is a constant the stream it reads meets (kept)"
+            if why and note not in tr.notes:
+                tr.notes.append(note)
             return False
     if func.overloadpacket is aten.permute and [d % 2 for d in args[1]] != [1, 0]:
         return False
