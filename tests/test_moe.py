@@ -257,6 +257,56 @@ def test_model_specific_experts_prune_stream_and_width(model_type, part, below, 
     assert not any("kept whole" in n or "index_add" in n or "scatter" in n for n in plan.notes), plan.notes
 
 
+def test_inkling_router_with_shared_expert_rows_prunes_stream_and_width(tmp_path):
+    """Inkling's router scores routed + shared experts (``weight [E + S, H]``, ``e_score_correction_bias [E]``, its
+    ``num_experts`` / ``n_shared_experts`` / ``n_total_experts`` say so) and its shared experts are ``bmm`` with
+    ``p.transpose(1, 2)``: the stream, the routed and the shared expert widths prune (inkling_text kept 0.506 of its
+    MACs: the router was not recognised, the routing weights carried the stream); the router keeps its rows."""
+    from helpers import prune_causal_lm
+    from secateur.graph.moe import is_router
+    make = _make("inkling_text")
+    dense = make()
+    names = [n for n, mod in dense.named_modules() if type(mod).__name__ == "InklingTopkRouter"]
+    assert names and all(is_router(dense, n) for n in names)
+    rows = {n: dense.get_submodule(n).weight.shape[0] for n in names}
+    before = _shapes(dense, ".mlp.")
+    m, plan = prune_causal_lm(make, tmp_path, below=0.4, low=3)
+    after = _shapes(m, ".mlp.")
+    for n in names:
+        w = m.get_submodule(n).weight
+        assert w.shape[0] == rows[n] and w.shape[1] < before[f"{n}.weight"][1], w.shape  # experts kept, stream not
+    for part in (".experts.", ".shared_experts."):
+        assert all(after[n] != before[n] for n in before if part in n), after
+    assert not any("Inkling" in n and ("kept" in n or "needs every channel" in n) for n in plan.notes), plan.notes
+
+
+class _ShiftyRouter(nn.Module):
+    """A router-like module whose ``n_shared_experts`` does not account for its rows (E + 2 rows, it says 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.n_shared_experts, self.n_total_experts = E, 1, E + 1
+        self.weight = nn.Parameter(torch.randn(E + 2, H) * 0.3)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight)[..., :E]
+
+
+def test_router_whose_rows_match_nothing_keeps_the_stream_with_a_note():
+    """Rows neither one per expert nor proven routed + shared: not a router, so its weight is a constant the stream
+    meets; the stream stays whole (the oracle holds) and a note says why, never a guessed expert count."""
+    from secateur.graph.moe import is_router
+    torch.manual_seed(0)
+    m, x = ToyMoE().eval(), torch.randn(2, 5, 8)
+    m.router = _ShiftyRouter()
+    assert not is_router(m, "router")
+    plan = plan_channels(m, x, ratio=0.5)
+    _, want, got = pruned_vs_reference(m, x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert m.router.weight.shape == (E + 2, H) and m.experts.down_proj.shape[1] == H
+    assert any(n.startswith("router: _ShiftyRouter is not read as a router, its 6 rows") for n in plan.notes), plan.notes
+
+
 def test_dbrx_experts_keep_each_expert_block():
     """Shared channel set: row ``e*I + i`` of each ``[E*I, H]`` weight goes with channel ``i`` of every expert, so
     each expert keeps the same local rows of its own block; the stored ``ffn_hidden_size`` (the forward views the

@@ -413,19 +413,46 @@ def is_router(model: nn.Module, name: str) -> bool:
     """``name`` is a router: a module whose tensors are one 2-d ``weight`` ``[experts, hidden]`` (plus per-expert
     score biases), next to a recognised experts module with as many experts. Its ``F.linear(x, self.weight)`` is read as
     a Linear's (graph/rules/matmul.py ``_weight_view``): the hidden columns go with the residual stream, the expert
-    rows are never pruned (the experts rule blocks the routing it feeds)."""
+    rows are never pruned (the experts rule blocks the routing it feeds).
+
+    The rows may also be routed + shared experts (Inkling's ``InklingTopkRouter``: ``weight [E + S, H]``, the last
+    ``S`` logits gate the shared experts, ``e_score_correction_bias [E]``), but only where the module says so itself
+    (``_shared_rows``): a row count that matches neither is not a router, so the stream it reads stays whole."""
+    return router_refusal(model, name) is None
+
+
+def router_refusal(model: nn.Module, name: str) -> str | None:
+    """None for a router (``is_router``); else why not: a sentence where ``name`` looks like one (a 2-d ``weight``
+    reading the hidden size of a recognised experts module beside it), "" for any other module."""
     if not name:
-        return False
+        return ""
     mod = model.get_submodule(name)
     w = getattr(mod, "weight", None)
-    tensors = [t for _, t in mod.named_parameters()] + [t for _, t in mod.named_buffers()]
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or any(set(t.shape) - {1, w.size(0)}
-                                                              for t in tensors if t is not w):
-        return False  # other tensors: per-expert statistics only (score biases, ernie's moe_statics [1, E])
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return ""
     parent = model.get_submodule(name.rpartition(".")[0])
-    for sibling in parent.children():
-        if sibling is not mod and _is_candidate(sibling):
-            lay = layout(sibling)
-            if isinstance(lay, Layout) and lay.experts == w.size(0) and lay.hidden == w.size(1):
-                return True
-    return False
+    lays = [lay for s in parent.children() if s is not mod and _is_candidate(s) for lay in [layout(s)]
+            if isinstance(lay, Layout) and lay.hidden == w.size(1)]
+    if not lays:
+        return ""
+    shared = _shared_rows(mod)
+    tensors = [(n, t) for n, t in [*mod.named_parameters(), *mod.named_buffers()] if t is not w]
+    per_expert = {1, w.size(0), w.size(0) - shared}
+    odd = [f"{n} {tuple(t.shape)}" for n, t in tensors if set(t.shape) - per_expert]
+    if odd:  # other tensors: per-expert statistics only (score biases, ernie's moe_statics [1, E])
+        return f"tensors {', '.join(odd)} are not per-expert"
+    if any(lay.experts + shared == w.size(0) for lay in lays):
+        return None
+    return (f"its {w.size(0)} rows are neither the {lays[0].experts} experts beside it nor routed + shared experts "
+            f"its attributes prove (n_shared_experts, num_experts, n_total_experts)")
+
+
+def _shared_rows(mod: nn.Module) -> int:
+    """How many of a router's rows score shared experts, from its own attributes: ``n_shared_experts``, agreeing
+    with ``num_experts`` + it = ``n_total_experts`` where those are recorded; 0 where any is missing or disagrees
+    (then only a router with exactly one row per routed expert is recognised)."""
+    s, e, total = (getattr(mod, a, None) for a in ("n_shared_experts", "num_experts", "n_total_experts"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (s, e, total)) or s <= 0:
+        return 0
+    w = mod.weight
+    return s if e + s == total == w.size(0) else 0

@@ -149,8 +149,13 @@ def _weight_view(tr, func, args, out) -> bool:
     if attr != "weight":
         return False
     if not isinstance(tr.model.get_submodule(mname), torch.nn.Linear):
-        from secateur.graph.moe import is_router
-        if not is_router(tr.model, mname):  # a mixture-of-experts router: a Linear's layout, its own class
+        from secateur.graph.moe import router_refusal
+        why = router_refusal(tr.model, mname)  # a mixture-of-experts router: a Linear's layout, its own class
+        if why is not None:
+            note = f"{mname}: {type(tr.model.get_submodule(mname)).__name__} is not read as a router, {why}; " \
+                   "its weight is a constant the stream it reads meets (kept)"
+            if why and note not in tr.notes:
+                tr.notes.append(note)
             return False
     if func.overloadpacket is aten.permute and [d % 2 for d in args[1]] != [1, 0]:
         return False
@@ -183,8 +188,13 @@ def _batched_weight(tr, x, w) -> torch.Tensor | None:
     one weight matrix per expert, ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``): a batch of Linears
     sharing their channels, so ``x``'s channels are W's dim 1 and the result's are new channels on W's dim 2, the
     same for every batch entry. Before, W was a constant the channels met: all-or-nothing (llama4_text kept its
-    stream and its expert width). None where it does not apply."""
-    p = tr.param_view(w)
+    stream and its expert width). Or ``W`` an exact ``p.transpose(1, 2)`` of a parameter ``p [E, M, K]`` (Inkling's
+    shared experts, ``bmm(x, self.gate_proj.transpose(1, 2))``, one Linear layout per expert): then x's channels are
+    p's dim 2 and the result's its dim 1; before, the transposed weight tied the residual stream into one unit, which
+    the routing weights it is scaled by kept whole. None where it does not apply."""
+    p, rows, cols = tr.param_view(w), 1, 2
+    if p is None and isinstance(w, torch.Tensor) and w.dim() == 3:
+        p, rows, cols = tr.param_view(w.transpose(1, 2)), 2, 1
     lab = _pad(tr.get(x), x.dim())
     if p is None or p.dim() != 3 or x.dim() != 3 or x.size(0) != p.size(0) or lab is None:
         return None
@@ -194,9 +204,9 @@ def _batched_weight(tr, x, w) -> torch.Tensor | None:
     missing = chan < 0
     if bool(missing.any()):
         chan = torch.where(missing, tr.atoms.new(chan.numel()), chan)
-    tr.slot(p, 1, chan, "in")
-    atoms = tr.atoms.new(p.size(2))
-    tr.slot(p, 2, atoms, "out")
+    tr.slot(p, rows, chan, "in")
+    atoms = tr.atoms.new(p.size(cols))
+    tr.slot(p, cols, atoms, "out")
     return atoms.reshape(1, 1, -1)
 
 
