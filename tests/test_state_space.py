@@ -75,10 +75,13 @@ class TinyMixer(nn.Module):
 
 
 class TinyMamba(nn.Module):
-    def __init__(self, d=16):
+    """Two residual mixers of one kind (``TinyMixer`` or ``TinyMixer2``) between an embedding and a head."""
+
+    def __init__(self, d=16, mixer=None, **kw):
         super().__init__()
+        mixer = mixer or TinyMixer
         self.embed = nn.Linear(5, d)
-        self.mixers = nn.ModuleList([TinyMixer(d), TinyMixer(d)])
+        self.mixers = nn.ModuleList([mixer(d, **kw), mixer(d, **kw)])
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
@@ -310,23 +313,9 @@ class TinyMixer2(nn.Module):
         return self.out_proj(self.norm(y.reshape(b, seq, -1), z))
 
 
-class TinyMamba2(nn.Module):
-    def __init__(self, d=16, **kw):
-        super().__init__()
-        self.embed = nn.Linear(5, d)
-        self.mixers = nn.ModuleList([TinyMixer2(d, **kw), TinyMixer2(d, **kw)])
-        self.head = nn.Linear(d, 3)
-
-    def forward(self, x):
-        h = self.embed(x)
-        for m in self.mixers:
-            h = h + m(h)
-        return self.head(h)
-
-
 def _make2(**kw):
     torch.manual_seed(0)
-    return TinyMamba2(**kw).eval()
+    return TinyMamba(mixer=TinyMixer2, **kw).eval()
 
 
 def test_hand_written_mamba2_mixer_prunes_whole_heads(tmp_path):
