@@ -67,6 +67,10 @@ def _blocked(tr: Tracer, root: torch.Tensor) -> list[str]:
             read[free[s["atoms"]]] = True
     reasons = tr.atoms.reasons
     by_comp = _by_component(reasons, "block", free)
+    # components kept only as the model's output and read by no layer (a classifier's rows) get no note: skipped
+    # up front, not one by one (mobilenet_v3_small's 1000 classes were most of this pass's time)
+    quiet = {c for c, ids in by_comp.items() if all(reasons[i][0][0] == OUTPUT for i in ids)}
+    quiet -= set(read.nonzero().flatten().tolist()) if quiet else set()
     what: dict[tuple[str, str] | None, list[str]] = {}
     from secateur.graph.moe import is_router
     for s, a in kept:
@@ -74,6 +78,8 @@ def _blocked(tr: Tracer, root: torch.Tensor) -> list[str]:
             continue
         name = f"{s['module']}.{s['name']}" if s["module"] else s["name"]
         for c in free[a].unique().tolist():
+            if c in quiet:
+                continue
             sites = [reasons[i][0] for i in by_comp.get(c, [])]
             if any(_noted(tr, site) for site in sites):
                 continue
