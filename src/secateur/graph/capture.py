@@ -55,6 +55,7 @@ class Tracer:
         self.atoms = Atoms()
         self.labels: dict[int, torch.Tensor | None] = {}
         self.alive: list[torch.Tensor] = []  # keep ids unique while capturing
+        self.shapes_only = False  # captured without values (graph/shapes_only.py): dry runs may skip them too
         self.slots: dict[tuple[str, int], dict[str, Any]] = {}
         self.notes: list[str] = []
         self.constraints: list[tuple[torch.Tensor, list[int]]] = []  # view splits, see groups.py
@@ -202,13 +203,13 @@ class Tracer:
 
 
 class _Mode(TorchDispatchMode):
-    def __init__(self, tracer: Tracer, tally: Any = None) -> None:
+    def __init__(self, tracer: Tracer, tally: Any = None, shapes: Any = None) -> None:
         super().__init__()
-        self.tracer, self.tally = tracer, tally
+        self.tracer, self.tally, self.shapes = tracer, tally, shapes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = func(*args, **kwargs) if self.shapes is None else self.shapes.run(func, args, kwargs)
         calls = self.tracer.calls
         calls[func.overloadpacket] = calls.get(func.overloadpacket, 0) + 1
         if self.tally is not None:
@@ -248,7 +249,26 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     PyTorch's fused MHA / TransformerEncoderLayer fast path is off meanwhile: its single op hides the layout.
     ``macs``: count the forward's MACs meanwhile (``tracer.macs``, what ``count_macs`` says, one forward saved; None
     where the tally cannot be sure, see ``metrics.MacTally``): the dispatch mode sees exactly the model's ops, as
-    ``count_macs`` does (the label work runs under ``no_dispatch``)."""
+    ``count_macs`` does (the label work runs under ``no_dispatch``).
+    A CPU model too large for the numeric proof is first captured without computing its convolutions and matrix
+    products (graph/shapes_only.py), and again with values if its code turns out to read them
+    (``tracer.shapes_only`` says which ran)."""
+    from secateur.graph import shapes_only
+    if shapes_only.usable(model, example_inputs):
+        runner = shapes_only.ShapesOnly(model, example_inputs)
+        try:
+            tracer = _capture(model, example_inputs, heads, grouped, macs, runner)
+        except (shapes_only.NeedsValues, Exception):  # anything the attempt raises, a real capture says for itself
+            tracer = None
+        finally:
+            runner.release()
+        if tracer is not None and not runner.aborted:
+            tracer.shapes_only = True
+            return tracer
+    return _capture(model, example_inputs, heads, grouped, macs, None)
+
+
+def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, macs: bool, shapes: Any) -> Tracer:
     from secateur.graph.modules import leaf_rule
     from secateur.metrics import MacTally
 
@@ -294,7 +314,7 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     tally = MacTally() if macs else None
     from secateur.graph.moe import meta_stand_ins
     try:  # (experts modules on meta: a stand-in forward, see meta_stand_ins)
-        with torch.no_grad(), _Mode(tracer, tally), meta_stand_ins(rules, tally):
+        with torch.no_grad(), _Mode(tracer, tally, shapes), meta_stand_ins(rules, tally):
             out = call(model, example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

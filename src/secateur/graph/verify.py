@@ -408,13 +408,13 @@ class _CpuAttention(TorchFunctionMode):
 
 
 class _Steps(TorchDispatchMode):
-    def __init__(self, expected: Expected, depth: list[int], tally: Any = None) -> None:
+    def __init__(self, expected: Expected, depth: list[int], tally: Any = None, shapes: Any = None) -> None:
         super().__init__()
-        self.expected, self.depth, self.tally = expected, depth, tally
+        self.expected, self.depth, self.tally, self.shapes = expected, depth, tally, shapes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         try:
-            out = func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {})) if self.shapes is None else self.shapes.run(func, args, kwargs or {})
         except RuntimeError:
             if self.depth[0] == 0:
                 self.expected.split_failed(func, args, kwargs or {})  # a Mismatch naming the stale sections
@@ -433,7 +433,25 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
     None on failure, groups None unless the failure is a :class:`Mismatch`. With ``expected``, every op output
     outside leaf modules, and every leaf module output, is compared with the capture's (shapes only); ``tally``
     (``metrics.MacTally``, with ``expected`` only) counts the forward's MACs meanwhile; ``outputs`` (a list) gets
-    the output tensors of a run that succeeded (the numeric proof reuses a CPU dry run's: one forward fewer)."""
+    the output tensors of a run that succeeded (the numeric proof reuses a CPU dry run's: one forward fewer).
+    Where the capture ran without values (graph/shapes_only.py), a dry run here does too, and again with values if
+    the pruned code reads them; its outputs are then not handed back (they hold no values)."""
+    from secateur.graph import shapes_only
+    if here and getattr(getattr(expected, "tracer", None), "shapes_only", False):
+        runner = shapes_only.ShapesOnly(model, example_inputs)
+        try:
+            res = _run(model, example_inputs, expected, here, tally, None, runner)
+        except shapes_only.NeedsValues:
+            res = None
+        finally:
+            runner.release()
+        if res is not None and not runner.aborted and res[0] is not None:  # a failure is confirmed with values
+            return res
+    return _run(model, example_inputs, expected, here, tally, outputs, None)
+
+
+def _run(model: nn.Module, example_inputs: Any, expected: Expected | None, here: bool, tally: Any,
+         outputs: list | None, shapes: Any) -> tuple[list | None, str | None, str | None, list[int] | None]:
     from secateur.graph.capture import call
     names = {m: n for n, m in model.named_modules()}
     leaves = expected.leaves if expected is not None else set()
@@ -477,7 +495,7 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
             else:
                 like_cpu = (_CpuAttention(expected, depth) if not here and isinstance(expected, Expected)
                             else contextlib.nullcontext())  # (not while recording the meta trace: _Record)
-                with _Steps(expected, depth, tally), like_cpu:
+                with _Steps(expected, depth, tally, shapes), like_cpu:
                     out = call(model, inputs)
                 expected.finish()
         if outputs is not None:

@@ -64,8 +64,12 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                 mask[pos] = False
                 keep.append((d, mask.nonzero().flatten()))
             new = t.detach()
-            for d, idx in keep:
-                new = new.index_select(d, idx.to(new.device))
+            keep.sort(key=lambda k: k[0])
+            if [d for d, _ in keep] == [0, 1]:  # one gather, not two passes (index_select along dim 1 is the slow
+                new = new[keep[0][1].to(new.device)[:, None], keep[1][1].to(new.device)]  # one: ~2x on big weights)
+            else:
+                for d, idx in keep:
+                    new = new.index_select(d, idx.to(new.device))
             new = new.contiguous()
         if record is not None:
             record.tensors[(mname, tname)] = new if isinstance(t, nn.Parameter) else new.clone()

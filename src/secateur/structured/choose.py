@@ -11,7 +11,7 @@ from torch import nn
 
 from secateur.errors import fail
 from secateur.graph.groups import Graph, Group
-from secateur.importance import group_scores
+from secateur.importance import group_scores, shared_norms
 from secateur.structured.plan import Plan
 
 
@@ -164,15 +164,16 @@ def _candidates(model: nn.Module, graph: Graph, ratio, every: bool, importance, 
     """(group, channel scores, ratio) for every group that may lose channels (``every``: ratio 0 too)."""
     ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
     cands: list[tuple[Group, torch.Tensor, float]] = []
-    for g in graph.groups:
-        if _is_ignored(g, ignored, ignored_in):
-            continue
-        r = _ratio_for(g, ratio)
-        if r <= 0 and not every:
-            continue
-        s = group_scores(g, model, importance, reduce=reduce, normalize=normalize)
-        if s is not None:
-            cands.append((g, s, r))
+    with shared_norms():  # each weight read once for the groups of both its dims
+        for g in graph.groups:
+            if _is_ignored(g, ignored, ignored_in):
+                continue
+            r = _ratio_for(g, ratio)
+            if r <= 0 and not every:
+                continue
+            s = group_scores(g, model, importance, reduce=reduce, normalize=normalize)
+            if s is not None:
+                cands.append((g, s, r))
     return cands
 
 
