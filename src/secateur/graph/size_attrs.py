@@ -12,7 +12,15 @@ know; this is the general rule for the others, and it guesses nothing the dry ru
   each new size that old size maps to is an option;
 * a candidate is taken only when the dry run with it gets strictly further (more ops whose shapes all equal the
   plan's) than without it, and the plan keeps it only if the whole model then runs with every op shape equal to
-  the plan's; finally every (class, attribute) taken is dropped again where the dry run passes without it.
+  the plan's; finally every (class, attribute) taken is dropped again where the dry run passes without it;
+* greedy is not enough where two attributes both answer the first failure and only one is the pruned dim's size:
+  Qwen4-exp's hyper connections check ``x.shape[-1] == self.hc_count * self.hidden_size``, and both ``hc_count``
+  4 -> 2 and ``hidden_size`` 32 -> 16 pass it and get the dry run equally far; the first one taken, ``hc_count``,
+  fails later at ``unflatten(-1, (self.hc_count, self.hidden_size))``, where no single further update repairs
+  it. So a greedy path that ends with the dry run still failing is followed by the other options of its first
+  step, each as a greedy path of its own (``BACKTRACK_TRIALS``); the first that passes replaces it (or else the
+  one that gets furthest, if further than the greedy path). Only the first step branches: that is where the
+  search chose which attribute the failure is about; the later steps follow from that choice.
 
 Why shapes are enough evidence: an attribute that is not the size of the pruned dim either breaks a shape
 (refused) or is not needed (dropped by the last step); one that is, but was left stale, is exactly what
@@ -30,6 +38,9 @@ MAX_TRIALS = 12  # dry runs one plan's searches may spend in all; past that, gro
 # 12, not 32: the models it fixes (caformer, visformer, vit_relpos, efficientvim) need fewer; on the ones it cannot
 # fix the CPU time wasted fell (efficientvit_m0 4.4 -> 3.1 s, lowformer_b0 3.1 -> 1.6 s, same MACs everywhere)
 BACKTRACK_TRIALS = 8  # dry runs one plan's searches may spend, besides MAX_TRIALS, on other first steps (Search.run)
+# a budget of its own, so that the greedy search runs exactly as before and only a failed greedy path costs more;
+# 8: qwen4_exp's right path takes 3 (hidden_size with its peers, hc_norm.group_size, one for _minimal), which
+# leaves room for a wrong alternative or two before it
 
 
 def size_pairs(expected: Any) -> dict[int, list[int]]:
