@@ -61,3 +61,45 @@ def test_transformers_persimmon_prunes_heads():
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=32)))
     assert model.model.layers[0].self_attn.query_key_value.out_features == 48
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma / Qwen3-Next's RMSNorm: ``x * (1 + weight)``, the weight [head_dim] shared by every head. ``1 + weight``
+    is computed from the weight alone before it meets the heads; that op labelled the weight, so the product unioned
+    dim j of every head with the weight's j and, with the per-head statistic, made every head one unit."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) - 0.5)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight)
+
+
+class OffsetNormNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.attn.q_norm, self.attn.k_norm = OffsetRMSNorm(8), OffsetRMSNorm(8)
+
+
+def test_head_rmsnorm_with_one_plus_weight_leaves_heads_free():
+    torch.manual_seed(0)
+    model, x = OffsetNormNet().eval(), torch.randn(2, 6, 5)
+    plan = assert_oracle(model, x, ratio=0.5)
+    assert model.attn.qkv.out_features == 48 and model.attn.q_norm.weight.shape == (8,)  # 2 of 4 heads left
+    assert not any("one unit" in n for n in plan.notes)
+
+
+def test_head_rmsnorm_with_one_plus_weight_head_dim_mode():
+    torch.manual_seed(0)
+    model, x = OffsetNormNet().eval(), torch.randn(2, 6, 5)
+    assert_oracle(model, x, ratio=0.5, heads="head_dim")
+
+
+def test_transformers_gemma3_prunes_heads():
+    """Gemma3's q_norm / k_norm (``1 + weight``): 0.38 of dense MACs at ratio 0.5 when they kept every head."""
+    T = pytest.importorskip("transformers")
+    model, _ = prune_causal_lm(lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=32, sliding_window=4)), below=0.33)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 16

@@ -187,3 +187,66 @@ def _public_branch(self, x):
     if h.shape[-1] == self.width:
         h = h * 2.0 + 1.0
     return self.fc2(h)
+
+
+class Streams(nn.Module):
+    """Several copies of one stream side by side, as in Qwen4-exp's hyper connections: the module checks its input
+    width against ``self.count * self.width`` and then splits it ``(self.count, self.width)``. Halving the stream
+    halves the input, so both ``count`` (4 -> 2: another group of 4 channels halves too, a size the plan moves)
+    and ``width`` (8 -> 4) pass the check and get the dry run equally far; only ``width`` then splits it as the
+    plan does. ``count`` comes first in the search's order, so a greedy search takes it and never gets back."""
+
+    def __init__(self, count: int = 4, width: int = 8, private: bool = False) -> None:
+        super().__init__()
+        self.count = count
+        if private:
+            self._width = width  # never updated (leading ``_``): no update can prove this module's split
+        else:
+            self.width = width
+        self.scale = nn.Parameter(torch.rand(count, 1) + 0.5)
+
+    def forward(self, s):
+        width = self._width if hasattr(self, "_width") else self.width
+        if s.shape[-1] != self.count * width:
+            raise ValueError(f"expected {self.count * width} features, got {s.shape[-1]}")
+        s = torch.relu(s)
+        return (s.view(-1, self.count, width) * self.scale.view(4, 1)).mean(1)
+
+
+class StreamsNet(nn.Module):
+    def __init__(self, private: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.block = Streams(private=private)
+        self.out = nn.Linear(8, 3)
+        self.gate = nn.Linear(6, 4)  # 4 channels halved by the plan: the (wrong) option count 4 -> 2
+        self.gate_out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = self.inp(x).repeat(1, 4)
+        return self.out(self.block(s)) + self.gate_out(torch.relu(self.gate(x)))
+
+
+def test_the_search_backtracks_to_the_size_that_splits_as_the_plan_does(tmp_path):
+    """Greedy, the search took ``count`` (first, and as far as ``width``), then failed at the split and kept the
+    stream whole; it now tries the other first steps (size_attrs.BACKTRACK_TRIALS) and proves ``width``."""
+    torch.manual_seed(0)
+    model, x = StreamsNet().eval(), torch.randn(5, 6)
+    dense = count_macs(model, x)
+    plan = assert_oracle(model, x, ratio=0.5)
+    assert plan.attrs == {"block": {"width": 4}}
+    assert model.block.width == 4 and model.block.count == 4 and model.inp.out_features == 4
+    assert any("block.width: 8 -> 4" in n for n in plan.notes)
+    assert count_macs(model, x) < 0.6 * dense
+    _reloads(StreamsNet, model, x, tmp_path)
+
+
+def test_no_update_that_splits_as_the_plan_does_keeps_the_stream_whole():
+    """The same module with its width private: ``count`` still passes the check but no update proves the split;
+    the stream stays whole (noted), nothing is updated, the other group is pruned, and the oracle holds."""
+    torch.manual_seed(0)
+    model, x = StreamsNet(private=True).eval(), torch.randn(5, 6)
+    plan = assert_oracle(model, x, ratio=0.5)
+    assert plan.attrs == {} and model.block.count == 4 and model.block._width == 8
+    assert model.inp.out_features == 8 and model.gate.out_features == 2
+    assert any(n.startswith("block") and "kept" in n for n in plan.notes)

@@ -81,6 +81,10 @@ class Tracer:
         # None, :]``, a sinusoidal position table's rows): id -> (tensor, root, {tensor dim: root dim}); sliced like
         # the root where they meet channels (graph/rules/constants.py)
         self.derived: dict[int, tuple[torch.Tensor, torch.Tensor, dict[int, int]]] = {}
+        # labelled tensors computed pointwise from one free parameter and nothing labelled (a norm's ``1 + weight``):
+        # id -> weak reference (the id of a freed tensor is reused: ``of_param`` checks it); met like the parameter
+        # itself (graph/rules/elementwise.py ``_shared_params``)
+        self._of_param: dict[int, Any] = {}
         # in-place writes through views (rules/inplace.py): id(base) -> how many times its labels were rewritten, and
         # id(view) -> the count its labels reflect (a view made before a write is read again from its base)
         self.writes: dict[int, int] = {}
@@ -119,6 +123,11 @@ class Tracer:
         if (not is_param and not buffers) or len(big) != 1:
             return None
         return self._new_param_label(p, big[0])
+
+    def of_param(self, t: Any) -> bool:
+        """Is ``t`` a tensor computed pointwise from one free parameter alone (``_of_param``)?"""
+        ref = self._of_param.get(id(t))
+        return ref is not None and ref() is t
 
     def param_label_along(self, p: torch.Tensor, dim: int, *, buffers: bool = False) -> torch.Tensor | None:
         """A free parameter with several non-1 dims (a position embedding [1, tokens, C]) that meets channels
@@ -327,6 +336,7 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
     tracer.output = out
     tracer.macs = tally.total if macs else None
     tracer.alive.clear()
+    tracer._of_param.clear()
     tracer.labels.clear()
     tracer.writes.clear()
     tracer.read_at.clear()

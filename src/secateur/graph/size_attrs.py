@@ -12,7 +12,15 @@ know; this is the general rule for the others, and it guesses nothing the dry ru
   each new size that old size maps to is an option;
 * a candidate is taken only when the dry run with it gets strictly further (more ops whose shapes all equal the
   plan's) than without it, and the plan keeps it only if the whole model then runs with every op shape equal to
-  the plan's; finally every (class, attribute) taken is dropped again where the dry run passes without it.
+  the plan's; finally every (class, attribute) taken is dropped again where the dry run passes without it;
+* greedy is not enough where two attributes both answer the first failure and only one is the pruned dim's size:
+  Qwen4-exp's hyper connections check ``x.shape[-1] == self.hc_count * self.hidden_size``, and both ``hc_count``
+  4 -> 2 and ``hidden_size`` 32 -> 16 pass it and get the dry run equally far; the first one taken, ``hc_count``,
+  fails later at ``unflatten(-1, (self.hc_count, self.hidden_size))``, where no single further update repairs
+  it. So a greedy path that ends with the dry run still failing is followed by the other options of its first
+  step, each as a greedy path of its own (``BACKTRACK_TRIALS``); the first that passes replaces it (or else the
+  one that gets furthest, if further than the greedy path). Only the first step branches: that is where the
+  search chose which attribute the failure is about; the later steps follow from that choice.
 
 Why shapes are enough evidence: an attribute that is not the size of the pruned dim either breaks a shape
 (refused) or is not needed (dropped by the last step); one that is, but was left stale, is exactly what
@@ -29,6 +37,10 @@ from torch import nn
 MAX_TRIALS = 12  # dry runs one plan's searches may spend in all; past that, groups are kept whole (noted) as before
 # 12, not 32: the models it fixes (caformer, visformer, vit_relpos, efficientvim) need fewer; on the ones it cannot
 # fix the CPU time wasted fell (efficientvit_m0 4.4 -> 3.1 s, lowformer_b0 3.1 -> 1.6 s, same MACs everywhere)
+BACKTRACK_TRIALS = 8  # dry runs one plan's searches may spend, besides MAX_TRIALS, on other first steps (Search.run)
+# a budget of its own, so that the greedy search runs exactly as before and only a failed greedy path costs more;
+# 8: qwen4_exp's right path takes 3 (hidden_size with its peers, hc_norm.group_size, one for _minimal), which
+# leaves room for a wrong alternative or two before it
 
 
 def size_pairs(expected: Any) -> dict[int, list[int]]:
@@ -87,14 +99,20 @@ class Search:
         # tried first, all together, then pruned to what the dry run needs like any other update (``_minimal``)
         self.proposals = {n: {k: v for k, v in kv.items() if (n, k) not in done} for n, kv in (proposals or {}).items()}
         self.mods = dict(model.named_modules())
-        self.spent = spent if spent is not None else [0]  # shared by one plan's searches
+        # dry runs spent by one plan's searches, greedy then backtracking (shared by them: a list the caller keeps)
+        self.spent = spent if spent is not None else [0, 0]
+        self.spent.extend([0] * (2 - len(self.spent)))
+        self.mode = 0  # which budget the next trials draw on: 0 greedy (MAX_TRIALS), 1 backtracking
 
     @property
     def trials(self) -> int:
         return self.spent[0]
 
+    def _left(self) -> bool:
+        return self.spent[self.mode] < (MAX_TRIALS, BACKTRACK_TRIALS)[self.mode]
+
     def _run(self, attrs: dict) -> tuple[bool, str, int]:
-        self.spent[0] += 1
+        self.spent[self.mode] += 1
         return self.dry(attrs)
 
     def _candidates(self, where: str, attrs: dict) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -147,46 +165,78 @@ class Search:
                 del single[scope][k]
         single = {n: kv for n, kv in single.items() if kv}
         revert = any(own.get(k) == v for k, v in opt.items())
-        return [single] if revert or not scope else [_merge(single, self._peers(scope, opt)), single]
+        both = single if revert or not scope else _merge(single, self._peers(scope, opt))
+        return [both, single] if both != single else [single]  # (no peers: one dry run, not the same one twice)
 
     def run(self, attrs: dict, where: str, reached: int) -> dict:
         """Attribute updates added to ``attrs`` while each one gets the dry run further (``reached``: ops matched
-        by the failing run). Returns the new attrs (``attrs`` itself when nothing helped)."""
+        by the failing run). Returns the new attrs (``attrs`` itself when nothing helped).
+
+        Greedy first (``MAX_TRIALS``); where that path ends with the dry run still failing, the other candidates
+        of its first step are tried in their turn, each followed greedily (``BACKTRACK_TRIALS``, see there), and
+        a path that passes, or else gets further than the greedy one, replaces it."""
         attrs = {k: dict(v) for k, v in attrs.items()}
         trial = _merge(attrs, self.proposals)
-        if trial != attrs and self.trials < MAX_TRIALS:
+        if trial != attrs and self._left():
             ok, where2, got = self._run(trial)
             if ok:
                 return self._minimal(trial, attrs)
             if got > reached:
                 attrs, where, reached = trial, where2, got
-        while self.trials < MAX_TRIALS:
-            step = None
-            for scope, opts in self._candidates(where, attrs):
-                for opt in opts:
-                    for trial in self._trials(attrs, scope, opt):
-                        if self.trials >= MAX_TRIALS:
-                            break
-                        ok, where2, got = self._run(trial)
-                        if ok:
-                            return self._minimal(trial, attrs)
-                        if got > reached:
-                            step = (trial, where2, got)
-                            break
-                    if step:
-                        break
-                if step:
+        ok, best, far, first = self._walk(attrs, where, reached)
+        if ok or first is None:
+            return best
+        self.mode = 1  # backtracking, on its own budget: the greedy search's results elsewhere stay as they were
+        try:
+            while self._left():
+                ok, alt, got, first = self._walk(attrs, where, reached, after=first)
+                if first is None:
                     break
+                if ok:
+                    return alt
+                if got > far:
+                    best, far = alt, got
+        finally:
+            self.mode = 0
+        return best
+
+    def _walk(self, attrs: dict, where: str, reached: int, after: int = -1) -> tuple[bool, dict, int, int | None]:
+        """Greedy path from ``attrs``: (passed, attrs, ops matched at its end, index of its first step's option
+        in ``_candidates`` order, None where no step got further). ``after``: the first step only considers the
+        options past that index (a path that starts with another update)."""
+        first = None
+        while True:
+            step = self._step(attrs, where, reached, after if first is None else -1)
             if step is None:
-                return attrs
-            attrs, where, reached = step
-        return attrs
+                return False, attrs, reached, first
+            ok, trial, where, got, k = step
+            first = k if first is None else first
+            if ok:
+                return True, self._minimal(trial, attrs), got, first
+            attrs, reached = trial, got
+
+    def _step(self, attrs: dict, where: str, reached: int, after: int) -> tuple | None:
+        """The first trial (options past ``after``) that passes or gets the dry run past ``reached``: (passed, its
+        attrs, failing module, ops matched, option index); None when none does within the budget."""
+        k = -1
+        for scope, opts in self._candidates(where, attrs):
+            for opt in opts:
+                k += 1
+                if k <= after:
+                    continue
+                for trial in self._trials(attrs, scope, opt):
+                    if not self._left():
+                        return None
+                    ok, where2, got = self._run(trial)
+                    if ok or got > reached:
+                        return ok, trial, where2, got, k
+        return None
 
     def _minimal(self, attrs: dict, base: dict) -> dict:
         """Drop, per (class, attribute) added since ``base``, the updates the dry run passes without."""
         added = {(type(self.mods[n]), k) for n, kv in attrs.items() for k in kv if k not in base.get(n, {})}
         for cls, key in sorted(added, key=lambda ck: (ck[0].__name__, ck[1])):
-            if self.trials >= MAX_TRIALS:
+            if not self._left():
                 break
             trial = {n: {k: v for k, v in kv.items() if not (k == key and type(self.mods[n]) is cls
                                                                and k not in base.get(n, {}))}

@@ -143,7 +143,7 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     dry = _DryRuns(model, example_inputs, graph, want, memo)
     here = done is not None and dry.cpu[True]
-    spent = [0]  # dry runs spent on attribute searches (size_attrs.MAX_TRIALS)
+    spent = [0, 0]  # dry runs spent on attribute searches: greedy, backtracking (size_attrs.MAX_TRIALS, ...)
     fixed: set[int] = set()
     tried: dict[type, bool] = {}  # module class -> its broad tie was tried
     pending = None  # (class tried, plan and ties before its ties, the failure they answer)

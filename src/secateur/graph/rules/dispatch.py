@@ -2,6 +2,8 @@
 that keeps what it cannot follow; and the special cases where an unlabelled input still makes channels."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from secateur.graph.capture import Tracer
@@ -39,11 +41,13 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
         labelled = True  # a conv / embedding reached at op level produces channels even from the model's input
     if not labelled and packet in _SPATIAL and _resampled_param(tr, args[0]):
         labelled = True
+    freed = None  # the free parameter a pointwise op of its own labelled (its result: ``Tracer.of_param``)
     if not labelled and (RULES.get(packet) is move or _free_pointwise(func, packet)):
         # a free parameter entering a view/cat (cls token, pos emb), or a pointwise op of its own (see below)
         for t in _tensors(args):
             if id(t) in tr.owner and tr.param_label(t) is not None:
                 labelled = True
+                freed = t if RULES.get(packet) is not move else None
     if not labelled:
         track_derived(tr, func, args, kwargs, out)
         if func._schema.is_mutable and out is not None:
@@ -61,6 +65,8 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
     inplace_view = mutated is not None and mutated._is_view()
     before = tr.get(mutated) if mutated is not None else None
     fn(tr, func, args, kwargs, out)
+    if freed is not None and isinstance(out, torch.Tensor) and tr.get(out) is not None:
+        tr._of_param[id(out)] = weakref.ref(out)
     if mutated is not None:
         after = tr.get(mutated)
         changed = not (before is None and after is None) and (before is None or after is None or

@@ -58,6 +58,10 @@ def pointwise(tr, func, args, kwargs, out):
     held = []
     for t in tens:
         lab = tr.get(t)
+        if lab is not None and id(t) in shared:  # computed from a shared parameter (``Tracer.of_param``): a constant
+            tr.atoms.block(lab)  # (its parameter's atoms, which nothing else holds: never sliced)
+            consts.append(t)
+            continue
         if lab is None and id(t) in tr.owner and id(t) not in shared:
             lab = tr.param_label(t)
         if lab is None:
@@ -129,13 +133,19 @@ def _shared_params(tr, tens, nd) -> set[int]:
     so the weight is never cut) and the heads stay separate. With ``heads="head_dim"`` the old union stays (it is
     what lets the same dim go from every head). Only for a weight over the last dim: a per-head scale broadcast over
     its head's dims (XCA's temperature [heads, 1, 1]) joins one head only, and keeps the union (edgenext_small
-    went 0.38 -> 0.52 when it did not)."""
+    went 0.38 -> 0.52 when it did not). The same for a tensor computed pointwise from such a weight alone
+    (``Tracer.of_param``: Gemma's and Qwen3-Next's RMSNorm multiply by ``1 + weight``): that op gave the weight its
+    atoms (dispatch.py ``_free_pointwise``) and the result carries them, so it is blocked there (nothing else holds
+    them: the weight is never cut) and met as a constant (gemma3_text 0.38 -> 0.29 of dense MACs at ratio 0.5;
+    Qwen3-Next's gated attention kept every head)."""
     if tr.head_dim:
         return set()
-    labs = [_pad(tr.get(t), nd) for t in tens if tr.get(t) is not None]
+    labs = [_pad(tr.get(t), nd) for t in tens if tr.get(t) is not None and not tr.of_param(t)]
     out = set()
     for t in tens:
-        if tr.get(t) is not None or id(t) not in tr.owner or not tr.owner[id(t)][2] or id(t) in tr.labels:
+        derived = tr.of_param(t)  # ``1 + weight``: as the weight itself (see above)
+        if not derived and (tr.get(t) is not None or id(t) not in tr.owner or not tr.owner[id(t)][2]
+                            or id(t) in tr.labels):
             continue
         big = [nd - t.dim() + d for d in range(t.dim()) if t.size(d) > 1]
         if big != [nd - 1]:  # a weight over the last dim (a norm's affine weight); not a per-head scale
