@@ -188,6 +188,8 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
     changed.update(config_sizes(model, changed))  # experts' widths, each proven by a rebuild on meta
     from secateur.graph import mamba2
     changed.update(mamba2.config_sizes(model, changed))  # Mamba-2 heads and inner width, proven the same way
+    from secateur.graph import mla
+    changed.update(mla.config_sizes(model, changed))  # MLA heads and latent ranks, proven the same way
     changed = {k: v for k, v in changed.items() if _field(config, k) != v}
     derived = _derived(config)
     for k, v in list(changed.items()):

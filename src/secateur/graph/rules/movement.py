@@ -157,14 +157,19 @@ def _repeat_to_heads(tr, x, out) -> bool:
     lab = _pad(tr.get(x), out.dim())
     grown = [d for d in range(out.dim()) if lab.size(d) == 1 and x.dim() == out.dim() and x.size(d) == 1
              and out.size(d) > 1]
-    if len(grown) != 1 or grown[0] < 2 or tr.where() == "<root>":  # dim 0 before the copies: the batch
+    if len(grown) != 1 or grown[0] < 1 or tr.where() == "<root>":  # dim 0: the batch
         return False
     d = grown[0]
     mod = tr.model.get_submodule(tr.where())
     heads = getattr(mod, "num_heads", None)
-    if not isinstance(heads, int) or heads != out.size(d - 1) * out.size(d) or heads < 2:
+    if not isinstance(heads, int) or heads < 2:
         return False
-    if out.size(d - 1) != 1 and getattr(mod, "n_groups", None) != out.size(d - 1):
+    if d == 1:  # [B, 1, ...] -> [B, heads, ...]: one source, no group dim (MLA's shared rotary key)
+        if out.size(1) != heads:
+            return False
+    elif heads != out.size(d - 1) * out.size(d):
+        return False
+    elif out.size(d - 1) != 1 and getattr(mod, "n_groups", None) != out.size(d - 1):
         return False  # several key / value heads (grouped-query attention): the attention rules' business
     tr.atoms.block(lab)
     shape = [1] * out.dim()
