@@ -30,6 +30,13 @@ def sdpa(tr, func, args, kwargs, out):
         if lab is None:
             heads.append(None)
             continue
+        if (t is k or t is v) and t.size(-3) == 1 and q.size(-3) > 1:
+            # one key / value head broadcast to every query head (multi-query: Falcon): joined, it tied every query
+            # head into one unit. Kept whole instead (blocked), each query head stays a unit of its own: exact for any
+            # plan, since head h's output reads only its query and the shared key / value
+            tr.atoms.block(lab)
+            heads.append(None)
+            continue
         lab = tr.atoms.collapse(lab, [t.dim() - 2, t.dim() - 1])
         if lab.size(-3) > 1 and lab.size(-3) != q.size(-3):  # GQA: one kv head serves H/Hkv query heads
             lab = lab.repeat_interleave(q.size(-3) // lab.size(-3), dim=-3)

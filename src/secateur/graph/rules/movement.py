@@ -238,7 +238,7 @@ def _check_split(tr, args, largs, louts):
 
 def _check_slice(tr, args, largs, louts):
     """A slice/select/index along a channel dim uses positions fixed in the model's code: keep those channels
-    (a full-range slice is a no-op and is fine)."""
+    (a full-range slice is a no-op and is fine). Positions counted from the end: see ``_from_end``."""
     x = args[0]
     if isinstance(args[1], (list, tuple)):  # aten.index: a list of index tensors, None = whole dim
         dims = [d for d, i in enumerate(args[1]) if i is not None]
@@ -246,14 +246,51 @@ def _check_slice(tr, args, largs, louts):
         dims = [args[1] if len(args) > 1 and isinstance(args[1], int) else 0]
     if louts and louts[0].shape == x.shape and torch.equal(louts[0], largs[0]):
         return  # a full-range slice
+    if len(dims) == 1 and _varying(tr, x, dims[0]) and _from_end(tr, largs[0], dims[0], _end_offset(args, dims[0])):
+        return
     for d in dims:  # the dim must never shrink: its atoms go all together (whole heads survive a
         if _varying(tr, x, d):  # rotate_half over head_dim; conv channels sliced at [:, :8] are kept)
             tr.atoms.collapse(largs[0], [d])
 
 
+def _end_offset(args, d: int) -> int | None:
+    """How far from the end of dim ``d`` the positions an ``index`` / ``select`` reads start, where every one of
+    them is written as a negative number (``qkv[..., [-2], :]``, ``x.select(d, -1)``); None otherwise."""
+    if isinstance(args[1], (list, tuple)):
+        idx = args[1][d] if d < len(args[1]) else None
+        if (not isinstance(idx, torch.Tensor) or idx.dtype in (torch.bool, torch.uint8) or idx.numel() == 0
+                or idx.device.type == "meta"):
+            return None
+        lo, hi = int(idx.min()), int(idx.max())
+        return -lo if hi < 0 else None
+    pos = args[2] if len(args) > 2 else None
+    return -pos if isinstance(pos, int) and pos < 0 else None
+
+
+def _from_end(tr, lab, d: int, k: int | None) -> bool:
+    """Positions the model's code counts from the end of a channel dim (Falcon's multi-query ``qkv[..., :-2, :]``
+    and ``qkv[..., [-2], :]``: the query heads, then the one key and value head) stay the same positions whatever is
+    removed *before* them: the last ``k`` positions are kept (blocked), and the others stay free, each with its own
+    atoms. Exact for any plan: after pruning, ``-j`` still names the same row and ``:-k`` every kept row before the
+    tail. Before, the dim was one unit (every query head of Falcon all-or-nothing). ``k`` None: not this case."""
+    if k is None or k <= 0 or k >= lab.size(d):
+        return False
+    tr.atoms.block(lab.narrow(d, lab.size(d) - k, k))
+    return True
+
+
 def _check_slice_cut(tr, args, largs, louts):
     """``aten.slice(x, dim, start, end, 1)`` along a channel dim at positions the module names: the slice keeps its
-    own channels and graph/splits.py moves the positions with the pruning; any other slice: ``_check_slice``."""
+    own channels and graph/splits.py moves the positions with the pruning; bounds counted from the end
+    (``x[..., :-2]``, ``x[..., -2:]``): ``_from_end``; any other slice: ``_check_slice``."""
+    x = args[0]
+    if len(args) > 1 and isinstance(args[1], int) and x.dim() and _varying(tr, x, args[1]):
+        d = args[1] % x.dim()
+        start, end = (args[2] if len(args) > 2 else None), (args[3] if len(args) > 3 else None)
+        step = args[4] if len(args) > 4 else 1
+        neg = [b for b in (start, end) if isinstance(b, int) and b < 0]
+        if step == 1 and neg and (start is None or start == 0 or start < 0) and _from_end(tr, largs[0], d, -min(neg)):
+            return
     if not _slice_cut(tr, args, largs):
         _check_slice(tr, args, largs, louts)
 
