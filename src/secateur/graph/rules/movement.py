@@ -164,8 +164,8 @@ def _repeat_to_heads(tr, x, out) -> bool:
     heads = getattr(mod, "num_heads", None)
     if not isinstance(heads, int) or heads < 2:
         return False
-    if d == 1:  # [B, 1, ...] -> [B, heads, ...]: one source, no group dim (MLA's shared rotary key)
-        if out.size(1) != heads:
+    if d == 1:  # [B, 1, ...] -> [B, heads, ...]: one source, no group dim (MLA's shared rotary key); in heads mode
+        if out.size(1) != heads or tr.head_dim:  # (head dims: dim j of every copy stays the source's dim j)
             return False
     elif heads != out.size(d - 1) * out.size(d):
         return False
@@ -272,11 +272,22 @@ def _from_end(tr, lab, d: int, k: int | None) -> bool:
     and ``qkv[..., [-2], :]``: the query heads, then the one key and value head) stay the same positions whatever is
     removed *before* them: the last ``k`` positions are kept (blocked), and the others stay free, each with its own
     atoms. Exact for any plan: after pruning, ``-j`` still names the same row and ``:-k`` every kept row before the
-    tail. Before, the dim was one unit (every query head of Falcon all-or-nothing). ``k`` None: not this case."""
-    if k is None or k <= 0 or k >= lab.size(d):
+    tail. Before, the dim was one unit (every query head of Falcon all-or-nothing). ``k`` None: not this case. Only
+    where every position along ``d`` holds atoms of its own (heads, each its channels): along a token dim (a class
+    or register token beside the patches, which share the stream's atoms) the tail would be the whole stream."""
+    if tr.head_dim or k is None or k <= 0 or k >= lab.size(d) or not _own_atoms(lab, d):
         return False
     tr.atoms.block(lab.narrow(d, lab.size(d) - k, k))
     return True
+
+
+def _own_atoms(lab: torch.Tensor, d: int) -> bool:
+    """No atom at two positions along ``d``, and no position without one."""
+    rows = lab.movedim(d, 0).reshape(lab.size(d), -1)
+    if bool((rows < 0).any()):
+        return False
+    per = sum(int(r.unique().numel()) for r in rows)
+    return per == int(rows.unique().numel())
 
 
 def _check_slice_cut(tr, args, largs, louts):
