@@ -153,7 +153,11 @@ def _repeat_to_heads(tr, x, out) -> bool:
     any plan, since the copies of one group hold the same values, the pruned forward makes ``num_heads // G`` of
     them per group, and head ``j`` of every group goes together, so each group keeps its heads in their places (the
     dry run checks the sizes). With several sources (``G > 1``) only where the module names them its ``n_groups``
-    (a Mamba-2 mixer's B / C groups); grouped-query attention's key / value heads stay the attention rules'."""
+    (a Mamba-2 mixer's B / C groups); grouped-query attention's key / value heads stay the attention rules'.
+    ``[B, 1, ...] -> [B, heads, ...]`` (the heads dim right after the batch, no group dim: multi-head latent
+    attention's rotary key ``k_rot.expand(-1, heads, -1, -1)``, shared by every head) the same way, in heads mode:
+    before, the q.k contraction tied every head to the shared key, so all heads were one unit (deepseek_v3 kept
+    every head at ratio 0.5)."""
     lab = _pad(tr.get(x), out.dim())
     grown = [d for d in range(out.dim()) if lab.size(d) == 1 and x.dim() == out.dim() and x.size(d) == 1
              and out.size(d) > 1]
