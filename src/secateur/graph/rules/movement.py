@@ -278,7 +278,8 @@ def _from_end(tr, lab, d: int, k: int | None) -> bool:
     atoms. Exact for any plan: after pruning, ``-j`` still names the same row and ``:-k`` every kept row before the
     tail. Before, the dim was one unit (every query head of Falcon all-or-nothing). ``k`` None: not this case. Only
     where every position along ``d`` holds atoms of its own (heads, each its channels): along a token dim (a class
-    or register token beside the patches, which share the stream's atoms) the tail would be the whole stream."""
+    or register token beside the patches, which share the stream's atoms) the tail would be the whole stream. Heads
+    mode only: with head dims the dim stays one unit per position of the others (dim j of every head), as before."""
     if tr.head_dim or k is None or k <= 0 or k >= lab.size(d) or not _own_atoms(lab, d):
         return False
     tr.atoms.block(lab.narrow(d, lab.size(d) - k, k))
