@@ -202,4 +202,6 @@ def test_transformers_roformer_prunes_heads(tmp_path):
     cfg = T.RoFormerConfig(vocab_size=100, embedding_size=32, hidden_size=32, num_hidden_layers=1,
                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=32, is_decoder=True)
     model, plan = prune_causal_lm(lambda: T.RoFormerForCausalLM(cfg), tmp_path, below=0.4)
-    assert model.roformer.encoder.layer[0].attention.self.query.out_features == 16
+    attn = model.roformer.encoder.layer[0].attention.self
+    assert attn.query.out_features == 16 and (attn.num_attention_heads, attn.all_head_size) == (2, 16)
+    assert any("embed_positions.weight" in n for n in plan.notes), plan.notes  # the table: kept, and said so
