@@ -86,23 +86,27 @@ def test_latent_attention_without_a_head_count_keeps_its_heads_together():
     assert any("q_b_proj one unit" in n for n in plan.notes), plan.notes
 
 
-def _deepseek():
+def _deepseek(q_rank=16):
     T = pytest.importorskip("transformers")
     cfg = T.DeepseekV3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                             num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_rank, kv_lora_rank=16,
                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, first_k_dense_replace=1,
                              max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return lambda: T.DeepseekV3ForCausalLM(cfg)
 
 
-def test_transformers_deepseek_v3_prunes_heads_and_its_config_rebuilds_it(tmp_path):
-    make = _deepseek()
-    model, plan = prune_causal_lm(make, tmp_path, below=0.45, low=3)
+@pytest.mark.parametrize("q_rank", [16, None])
+def test_transformers_deepseek_v3_prunes_heads_and_its_config_rebuilds_it(q_rank, tmp_path):
+    """With a low-rank query (V3) and a plain ``q_proj`` (V2-Lite's layout, whose rows are heads x (nope + rope),
+    not heads x the config's ``head_dim``: the generic q_proj rule would state twice the heads)."""
+    model, plan = prune_causal_lm(_deepseek(q_rank), tmp_path, below=0.45 if q_rank else 0.6, low=3)
     attn = model.model.layers[0].self_attn
-    assert attn.q_b_proj.out_features == 2 * 16 and attn.num_heads == 2
+    q = attn.q_b_proj if q_rank else attn.q_proj
+    assert q.out_features == 2 * 16 and attn.num_heads == 2
     cfg = model.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 2)
-    assert (cfg.q_lora_rank, cfg.kv_lora_rank) == (attn.q_b_proj.in_features, attn.kv_b_proj.in_features)
+    assert cfg.kv_lora_rank == attn.kv_b_proj.in_features
+    assert cfg.q_lora_rank == (attn.q_b_proj.in_features if q_rank else None)
     fresh = type(model)(cfg).eval()  # the config alone builds the pruned shapes (what from_pretrained does)
     fresh.load_state_dict(model.state_dict())
     x = {"input_ids": torch.randint(3, 100, (1, 6))}

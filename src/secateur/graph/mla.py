@@ -71,6 +71,7 @@ UPDATER_PROBES.append(mla_updater)
 
 # ---------------------------------------------------------------- Hugging Face config
 _FIELDS = {"num_heads": "num_attention_heads", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank"}
+HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 
 
 def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
