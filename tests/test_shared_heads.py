@@ -209,3 +209,20 @@ def test_transformers_roformer_prunes_heads(tmp_path):
     attn = model.roformer.encoder.layer[0].attention.self
     assert attn.query.out_features == 16 and (attn.num_attention_heads, attn.all_head_size) == (2, 16)
     assert any("embed_positions.weight" in n for n in plan.notes), plan.notes  # the table: kept, and said so
+
+
+# ---------------------------------------------------------------- differential attention (no new rule: the evidence)
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_transformers_diffllama_prunes_head_pairs_where_its_structure_has_them(kv_heads):
+    """DiffLlama: V split in two halves along its heads, output head j combined with head j + heads/2. An output
+    pair reads query heads j and j + heads/2 and key / value heads j // g and j // g + kv/2 (g = heads / kv), so the
+    exact unit is a key/value-head pair with its query heads: kv / 2 units. With kv = 4 they prune; with kv = 2 (the
+    zoo's config, the fewest the model allows) every output reads every key / value head, and the one unit is
+    right (removing query pairs alone would need the GQA grouping to follow; not a rule here)."""
+    T = pytest.importorskip("transformers")
+    import zoo_models as Z
+    cfg = Z.hf_small_config("diffllama")
+    cfg.num_attention_heads, cfg.num_key_value_heads = 4, kv_heads
+    model, plan = prune_causal_lm(lambda: T.DiffLlamaForCausalLM(cfg), below=0.35 if kv_heads == 4 else 0.45, low=3)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.out_features == (16 if kv_heads == 4 else 32)
