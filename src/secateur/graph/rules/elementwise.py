@@ -136,9 +136,12 @@ def _shared_by_heads(tr, lab: torch.Tensor, others: list[torch.Tensor]) -> bool:
     if tr.head_dim or tr.where() == "<root>":
         return False
     mod = tr.model.get_submodule(tr.where())
+    from secateur.graph.mamba2 import is_mixer
+    if is_mixer(mod):  # a Mamba-2 mixer's B / C state meets its heads: the repeat-to-heads rule's business
+        return False
     counts = {getattr(mod, k) for k in _HEAD_COUNTS if isinstance(getattr(mod, k, None), int)}
     mine = {d for d in range(lab.dim()) if lab.size(d) > 1}
-    if not mine or not counts:
+    if mine != {lab.dim() - 1} or not counts:  # a table over head dims (the last) only
         return False
     for o in others:
         if o.dim() != lab.dim():
