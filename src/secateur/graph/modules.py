@@ -531,3 +531,4 @@ from secateur.graph import moe  # noqa: E402,F401  (transformers' fused mixture-
 from secateur.graph import mamba2  # noqa: E402,F401  (Mamba-2 mixers' sizes, by what they hold)
 from secateur.graph import moe_models  # noqa: E402,F401  (DBRX, JetMoE, LongCat-Flash experts, by class name)
 from secateur.graph import delta_net  # noqa: E402,F401  (gated delta net mixers' head counts, by attributes)
+from secateur.graph import mla  # noqa: E402,F401  (multi-head latent attention's head count and ranks, by attributes)

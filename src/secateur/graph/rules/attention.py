@@ -14,7 +14,8 @@ from secateur.graph.rules.registry import _outs, _pad, aten, rule
       aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
       aten.scaled_dot_product_attention, aten._scaled_dot_product_fused_attention_overrideable)
 def sdpa(tr, func, args, kwargs, out):
-    """Whole heads: q, k, v of one head (and of one key/value group under GQA) go together."""
+    """Whole heads: q, k, v of one head (and of one key/value group under GQA) go together; one key/value head
+    broadcast to every query head (multi-query) is kept whole and the query heads stay free."""
     q, k, v = args[:3]
     mask = kwargs.get("attn_mask")
     if mask is None and len(args) > 3 and isinstance(args[3], torch.Tensor):
@@ -28,6 +29,13 @@ def sdpa(tr, func, args, kwargs, out):
             continue
         lab = _pad(tr.get(t), t.dim())
         if lab is None:
+            heads.append(None)
+            continue
+        if (t is k or t is v) and t.size(-3) == 1 and q.size(-3) > 1:
+            # one key / value head broadcast to every query head (multi-query: Falcon): joined, it tied every query
+            # head into one unit. Kept whole instead (blocked), each query head stays a unit of its own: exact for any
+            # plan, since head h's output reads only its query and the shared key / value
+            tr.atoms.block(lab)
             heads.append(None)
             continue
         lab = tr.atoms.collapse(lab, [t.dim() - 2, t.dim() - 1])

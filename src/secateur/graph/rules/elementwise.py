@@ -71,7 +71,8 @@ def pointwise(tr, func, args, kwargs, out):
             held.append((t, _pad(lab, nd)))
     for k, (t, lab) in enumerate(held):
         others = [o for u, o in held if u is not t]
-        if len(held) > 1 and (_broadcast_gate(t, lab, others, shape) or _outer_side(k, lab, [o for _, o in held])):
+        if len(held) > 1 and (_broadcast_gate(t, lab, others, shape) or _outer_side(k, lab, [o for _, o in held])
+                              or _shared_by_heads(tr, lab, others)):
             tr.atoms.block(lab)
             consts.append(t)
         else:
@@ -121,6 +122,43 @@ def _broadcast_gate(t, lab, others, shape) -> bool:
                 if mine.numel() != 1:  # several channels of its own (a [B, 1, C] conditioning added to tokens):
                     return False  # they pair with the other's channels, the union stays
                 return not bool(torch.isin(mine, o[o >= 0].unique()).any())
+    return False
+
+
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+
+
+def _shared_by_heads(tr, lab: torch.Tensor, others: list[torch.Tensor]) -> bool:
+    """Channels of a table shared by every head (RoFormer's sinusoidal rotary positions ``[tokens, head_dim]``, an
+    embedding of their own) meeting per-head channels (q ``[b, heads, tokens, head_dim]``) in heads mode: unioned,
+    dim j of every head was tied to the table's dim j, so every head was all-or-nothing. The table is kept whole
+    instead (blocked, a constant here; the heads' dims then collapse into one unit per head): exact for any plan,
+    as keeping one side of an elementwise product always is. Only where the dim the table broadcasts over is the
+    running attention module's heads dim (its size the module's head count, each position other atoms) and the
+    table's atoms are not the other's: a gate broadcast over other dims (SK-ResNet's path attention over its paths)
+    keeps the union, which was what a rule without the heads test broke (skresnet18 left unpruned)."""
+    if tr.head_dim or tr.where() == "<root>":
+        return False
+    mod = tr.model.get_submodule(tr.where())
+    from secateur.graph.mamba2 import is_mixer
+    if is_mixer(mod):  # a Mamba-2 mixer's B / C state meets its heads: the repeat-to-heads rule's business
+        return False
+    counts = {getattr(mod, k) for k in _HEAD_COUNTS if isinstance(getattr(mod, k, None), int)}
+    mine = {d for d in range(lab.dim()) if lab.size(d) > 1}
+    if mine != {lab.dim() - 1} or not counts:  # a table over head dims (the last) only
+        return False
+    for o in others:
+        if o.dim() != lab.dim():
+            continue
+        theirs = {d for d in range(o.dim()) if o.size(d) > 1}
+        spread = [e for e in theirs - mine if lab.size(e) == 1 and o.size(e) in counts and o.size(e) > 1]
+        if not mine <= theirs or not spread:
+            continue
+        if not all(_distinct_along(o, e) for e in spread):
+            continue
+        if bool(torch.isin(lab[lab >= 0].unique(), o[o >= 0].unique()).any()):
+            continue
+        return True
     return False
 
 

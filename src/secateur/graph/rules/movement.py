@@ -153,18 +153,27 @@ def _repeat_to_heads(tr, x, out) -> bool:
     any plan, since the copies of one group hold the same values, the pruned forward makes ``num_heads // G`` of
     them per group, and head ``j`` of every group goes together, so each group keeps its heads in their places (the
     dry run checks the sizes). With several sources (``G > 1``) only where the module names them its ``n_groups``
-    (a Mamba-2 mixer's B / C groups); grouped-query attention's key / value heads stay the attention rules'."""
+    (a Mamba-2 mixer's B / C groups); grouped-query attention's key / value heads stay the attention rules'.
+    ``[B, 1, ...] -> [B, heads, ...]`` (the heads dim right after the batch, no group dim: multi-head latent
+    attention's rotary key ``k_rot.expand(-1, heads, -1, -1)``, shared by every head) the same way, in heads mode:
+    before, the q.k contraction tied every head to the shared key, so all heads were one unit (deepseek_v3 kept
+    every head at ratio 0.5)."""
     lab = _pad(tr.get(x), out.dim())
     grown = [d for d in range(out.dim()) if lab.size(d) == 1 and x.dim() == out.dim() and x.size(d) == 1
              and out.size(d) > 1]
-    if len(grown) != 1 or grown[0] < 2 or tr.where() == "<root>":  # dim 0 before the copies: the batch
+    if len(grown) != 1 or grown[0] < 1 or tr.where() == "<root>":  # dim 0: the batch
         return False
     d = grown[0]
     mod = tr.model.get_submodule(tr.where())
     heads = getattr(mod, "num_heads", None)
-    if not isinstance(heads, int) or heads != out.size(d - 1) * out.size(d) or heads < 2:
+    if not isinstance(heads, int) or heads < 2:
         return False
-    if out.size(d - 1) != 1 and getattr(mod, "n_groups", None) != out.size(d - 1):
+    if d == 1:  # [B, 1, ...] -> [B, heads, ...]: one source, no group dim (MLA's shared rotary key); in heads mode
+        if out.size(1) != heads or tr.head_dim:  # (head dims: dim j of every copy stays the source's dim j)
+            return False
+    elif heads != out.size(d - 1) * out.size(d):
+        return False
+    elif out.size(d - 1) != 1 and getattr(mod, "n_groups", None) != out.size(d - 1):
         return False  # several key / value heads (grouped-query attention): the attention rules' business
     tr.atoms.block(lab)
     shape = [1] * out.dim()
@@ -233,7 +242,7 @@ def _check_split(tr, args, largs, louts):
 
 def _check_slice(tr, args, largs, louts):
     """A slice/select/index along a channel dim uses positions fixed in the model's code: keep those channels
-    (a full-range slice is a no-op and is fine)."""
+    (a full-range slice is a no-op and is fine). Positions counted from the end: see ``_from_end``."""
     x = args[0]
     if isinstance(args[1], (list, tuple)):  # aten.index: a list of index tensors, None = whole dim
         dims = [d for d, i in enumerate(args[1]) if i is not None]
@@ -241,14 +250,63 @@ def _check_slice(tr, args, largs, louts):
         dims = [args[1] if len(args) > 1 and isinstance(args[1], int) else 0]
     if louts and louts[0].shape == x.shape and torch.equal(louts[0], largs[0]):
         return  # a full-range slice
+    if len(dims) == 1 and _varying(tr, x, dims[0]) and _from_end(tr, largs[0], dims[0], _end_offset(args, dims[0])):
+        return
     for d in dims:  # the dim must never shrink: its atoms go all together (whole heads survive a
         if _varying(tr, x, d):  # rotate_half over head_dim; conv channels sliced at [:, :8] are kept)
             tr.atoms.collapse(largs[0], [d])
 
 
+def _end_offset(args, d: int) -> int | None:
+    """How far from the end of dim ``d`` the positions an ``index`` / ``select`` reads start, where every one of
+    them is written as a negative number (``qkv[..., [-2], :]``, ``x.select(d, -1)``); None otherwise."""
+    if isinstance(args[1], (list, tuple)):
+        idx = args[1][d] if d < len(args[1]) else None
+        if (not isinstance(idx, torch.Tensor) or idx.dtype in (torch.bool, torch.uint8) or idx.numel() == 0
+                or idx.device.type == "meta"):
+            return None
+        lo, hi = int(idx.min()), int(idx.max())
+        return -lo if hi < 0 else None
+    pos = args[2] if len(args) > 2 else None
+    return -pos if isinstance(pos, int) and pos < 0 else None
+
+
+def _from_end(tr, lab, d: int, k: int | None) -> bool:
+    """Positions the model's code counts from the end of a channel dim (Falcon's multi-query ``qkv[..., :-2, :]``
+    and ``qkv[..., [-2], :]``: the query heads, then the one key and value head) stay the same positions whatever is
+    removed *before* them: the last ``k`` positions are kept (blocked), and the others stay free, each with its own
+    atoms. Exact for any plan: after pruning, ``-j`` still names the same row and ``:-k`` every kept row before the
+    tail. Before, the dim was one unit (every query head of Falcon all-or-nothing). ``k`` None: not this case. Only
+    where every position along ``d`` holds atoms of its own (heads, each its channels): along a token dim (a class
+    or register token beside the patches, which share the stream's atoms) the tail would be the whole stream. Heads
+    mode only: with head dims the dim stays one unit per position of the others (dim j of every head), as before."""
+    if tr.head_dim or k is None or k <= 0 or k >= lab.size(d) or not _own_atoms(lab, d):
+        return False
+    tr.atoms.block(lab.narrow(d, lab.size(d) - k, k))
+    return True
+
+
+def _own_atoms(lab: torch.Tensor, d: int) -> bool:
+    """No atom at two positions along ``d``, and no position without one."""
+    rows = lab.movedim(d, 0).reshape(lab.size(d), -1)
+    if bool((rows < 0).any()):
+        return False
+    per = sum(int(r.unique().numel()) for r in rows)
+    return per == int(rows.unique().numel())
+
+
 def _check_slice_cut(tr, args, largs, louts):
     """``aten.slice(x, dim, start, end, 1)`` along a channel dim at positions the module names: the slice keeps its
-    own channels and graph/splits.py moves the positions with the pruning; any other slice: ``_check_slice``."""
+    own channels and graph/splits.py moves the positions with the pruning; bounds counted from the end
+    (``x[..., :-2]``, ``x[..., -2:]``): ``_from_end``; any other slice: ``_check_slice``."""
+    x = args[0]
+    if len(args) > 1 and isinstance(args[1], int) and x.dim() and _varying(tr, x, args[1]):
+        d = args[1] % x.dim()
+        start, end = (args[2] if len(args) > 2 else None), (args[3] if len(args) > 3 else None)
+        step = args[4] if len(args) > 4 else 1
+        neg = [b for b in (start, end) if isinstance(b, int) and b < 0]
+        if step == 1 and neg and (start is None or start == 0 or start < 0) and _from_end(tr, largs[0], d, -min(neg)):
+            return
     if not _slice_cut(tr, args, largs):
         _check_slice(tr, args, largs, louts)
 

@@ -114,6 +114,14 @@ def indexed_dims(packet, args) -> list[int]:
     return dims
 
 
+def _all_negative(indices, d: int) -> bool:
+    """``x[..., idx, ...]`` whose index along ``d`` names its positions by negative numbers only (from the end)."""
+    if d >= len(indices) or any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices):
+        return False
+    idx = indices[d]
+    return (isinstance(idx, torch.Tensor) and idx.numel() > 0 and idx.device.type != "meta" and int(idx.max()) < 0)
+
+
 def keep_indexed_channels(tr, func, args) -> None:
     """An index naming positions along a dim where every position is a channel of its own (ProphetNet's relative
     position rows ``[buckets x heads]`` gathered by bucket numbers computed from token positions): the index holds
@@ -131,6 +139,8 @@ def keep_indexed_channels(tr, func, args) -> None:
     for d in indexed_dims(func.overloadpacket, args):
         if lab.size(d) < 2:
             continue
+        if func.overloadpacket is aten.index and _all_negative(args[1], d):
+            continue  # positions counted from the end: kept where they are read (movement.py ``_from_end``)
         row = lab.movedim(d, -1).reshape(-1, lab.size(d))[0]
         if bool((row >= 0).all()) and int(row.unique().numel()) == lab.size(d):
             lab = tr.atoms.collapse(lab, [d])  # unions: the op's labels (its input's atoms) follow them
