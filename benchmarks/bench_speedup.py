@@ -219,11 +219,12 @@ def _latency_setup(dense: nn.Module, x: torch.Tensor, args, metric: str = "laten
         xt = place.input(args.table_batch, args.size)
         _TABLES[key] = LatencyTable.build(
             on_device, xt, threads=args.threads if place.device == "cpu" else None, repeats=args.table_repeats,
-            max_points=args.table_points, in_points=max(4, args.table_points // 2), progress=True, **cache)
+            max_points=args.table_points, in_points=max(4, args.table_points // 2), progress=True,
+            calibrate=args.calibrate, **cache)
         tail = _TABLES[key].tail
         say(f"  latency table on {_TABLES[key].device} ({place.describe()['dtype']}, batch "
-            f"{args.table_batch}): {len(_TABLES[key].specs)} layers + {tail.ops if tail else 0} other ops in "
-            f"{time.perf_counter() - t0:.0f} s")
+            f"{args.table_batch}): {len(_TABLES[key].specs)} layers + {tail.ops if tail else 0} other ops"
+            f"{', calibrated in place' if args.calibrate else ''} in {time.perf_counter() - t0:.0f} s")
         del on_device, xt
     table = _TABLES[key]
     latency = table.cost_fn(table.members_of(groups), metric, sizes=[g.size for g in groups])
@@ -565,6 +566,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                          "--gpu-batch on cuda)")
     ap.add_argument("--table-points", type=int, default=12, help="output-channel grid points per layer")
     ap.add_argument("--table-repeats", type=int, default=3)
+    ap.add_argument("--calibrate", action="store_true",
+                    help="calibrate the latency table against the model timed in place (LatencyTable.calibrate)")
     ap.add_argument("--table-cache", action="store_true",
                     help="reuse latency tables cached by earlier runs (default: measure afresh, on this run's load)")
     ap.add_argument("--quiet-check", action="store_true",

@@ -18,7 +18,11 @@ by the full layer configuration, input shape, dtype, threads and torch version, 
 The rest of the model (norms, activations, adds, pooling: `secateur.latency_tail`) is timed op by op in
 place and charged to the layer whose output channels it works on, linearly in that layer's kept channels,
 so that the table's estimate is of the whole model and a group's cost includes the elementwise work on
-its channels (``LatencyTable.build(tail=True)``, the default)."""
+its channels (``LatencyTable.build(tail=True)``, the default).
+
+Both are timed out of their context, so the sum of the parts misses the whole model; `LatencyTable.calibrate`
+(``build(calibrate=True)``) fits a per-layer scale and offset, and one for the tail, to the model and a few
+uniformly pruned copies timed *in place* (`secateur.latency_calibrate`)."""
 from __future__ import annotations
 
 import json
@@ -26,7 +30,7 @@ import math
 import os
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -35,6 +39,7 @@ from torch import nn
 
 from secateur.errors import fail
 from secateur.latency import _calibrate, _caller, _inputs_device, _Timer, pinned_threads
+from secateur.latency_calibrate import Calibration
 from secateur.latency_tail import Tail, measure_tail, record_tail, tail_key
 
 __all__ = ["LayerSpec", "LatencyTable", "layer_specs", "channel_grid", "device_name", "cache_dir"]
@@ -269,6 +274,7 @@ class LatencyTable:
     device: str
     tolerance: float = 0.02
     tail: Tail | None = None           # time outside the Conv/Linear layers (None: not measured, counted 0)
+    calibration: Calibration | None = None   # in-place correction (`calibrate`); None: the parts as timed alone
     _names: dict[int, str] = field(default_factory=dict, repr=False)
 
     # building -----------------------------------------------------------------------------------
@@ -277,14 +283,16 @@ class LatencyTable:
               threads: int | None = None, repeats: int = 5, warmup: int = 1, max_points: int = 16,
               in_points: int = 8, multiple: int = 8, min_sample_s: float = 2e-3, cache: bool = True,
               cache_path: str | os.PathLike | None = None, tolerance: float = 0.02,
-              progress: bool = True, tail: bool = True, tail_repeats: int | None = None) -> "LatencyTable":
+              progress: bool = True, tail: bool = True, tail_repeats: int | None = None,
+              calibrate: bool | Mapping[str, Any] = False) -> "LatencyTable":
         """Measure every Conv/Linear of ``model`` (or the named ``layers``) on the device of
         ``example_inputs``. Identical layer configurations are measured once; cached ones not at all.
         ``max_points`` / ``in_points`` bound the output / input channel grids (the input dependence is
         smoother, so it gets fewer points); each measured count costs about ``repeats + 2`` calls.
         ``tail`` also times the ops outside those layers (`secateur.latency_tail`: ``tail_repeats``, by
         default ``max(5, repeats)``, more forward passes of ``model``, each op the minimum over them; cached
-        by the op sequence), so estimates are of the whole model."""
+        by the op sequence), so estimates are of the whole model. ``calibrate`` (True, or a dict of
+        `calibrate`'s options) then fits the table to the model and uniform copies of it timed in place."""
         specs = layer_specs(model, example_inputs, layers)
         if not specs:
             raise fail("the model has no Conv/Linear layer that runs on the example inputs",
@@ -311,7 +319,29 @@ class LatencyTable:
         if tail:
             table.tail = _build_tail(model, example_inputs, specs, path if cache else None, device,
                                      threads=threads, repeats=tail_repeats or max(5, repeats), warmup=warmup)
+        if calibrate:
+            opts = dict(calibrate) if isinstance(calibrate, Mapping) else {}
+            opts.setdefault("threads", threads)
+            opts.setdefault("cache", cache)
+            opts.setdefault("cache_path", path)
+            table = table.calibrate(model, example_inputs, **opts)
         return table
+
+    def calibrate(self, model: nn.Module, example_inputs: Any, *, cache: bool = True,
+                  cache_path: str | os.PathLike | None = None, **options: Any) -> "LatencyTable":
+        """A copy of this table corrected by timings of ``model`` (the dense model it was built for) and of
+        uniformly pruned copies *in place* (`secateur.latency_calibrate.calibrate`: ``fractions``, ``round_to``,
+        ``variants``, ``repeats``, ``warmup``, ``threads``, ``clock``). Timings are cached in the table's
+        cache file (``cache_path``, by default the device's) unless ``cache=False``."""
+        from secateur.latency_calibrate import calibrate
+        if not self.out_curves:
+            raise fail("a shapes-only table cannot be calibrated", where=type(model).__name__,
+                       hint="build it with LatencyTable.build")
+        path = None
+        if cache:
+            path = Path(cache_path) if cache_path else cache_dir() / "latency" / f"{self.device}.json"
+        cal = calibrate(self, model, example_inputs, cache_path=path, **options)
+        return replace(self, calibration=cal, _names=dict(self._names))
 
     @classmethod
     def shapes_only(cls, model: nn.Module, example_inputs: Any, *,
@@ -350,18 +380,20 @@ class LatencyTable:
                        value=sorted(self.specs)[:5])
         return name
 
-    def latency(self, layer: str | nn.Module, channels: int, in_channels: int | None = None) -> float:
+    def latency(self, layer: str | nn.Module, channels: int, in_channels: int | None = None, *,
+                calibrated: bool = True) -> float:
         """Estimated seconds of ``layer`` with ``channels`` output channels kept (and ``in_channels``
-        input channels; full when None). Counts between grid points read the next measured count."""
+        input channels; full when None). Counts between grid points read the next measured count. With a
+        `calibration` (and ``calibrated``), the in-place correction of this layer is applied."""
         name = self.name_of(layer)
         spec = self.specs[name]
         self._check(name, channels, spec.out_channels, "output")
         t = self._curve(self.out_curves, name).at(channels)
-        if in_channels is None or spec.depthwise or in_channels == spec.in_channels:
-            return t
-        self._check(name, in_channels, spec.in_channels, "input")
-        curve = self._curve(self.in_curves, name)
-        return t * curve.at(in_channels) / curve.seconds[-1]
+        if not (in_channels is None or spec.depthwise or in_channels == spec.in_channels):
+            self._check(name, in_channels, spec.in_channels, "input")
+            curve = self._curve(self.in_curves, name)
+            t = t * curve.at(in_channels) / curve.seconds[-1]
+        return self.calibration.layer(name, t) if calibrated and self.calibration is not None else t
 
     def snap(self, layer: str | nn.Module, channels: int) -> int:
         """The largest measured count that is no slower than ``channels`` (within ``tolerance``):
@@ -388,29 +420,41 @@ class LatencyTable:
                 best = min(best, s)
         return sorted(keep)
 
-    def tail_latency(self, layer: str | nn.Module, channels: int) -> float:
+    def tail_latency(self, layer: str | nn.Module, channels: int, *, calibrated: bool = True) -> float:
         """Estimated seconds of the ops outside the table layers that work on ``layer``'s output channels
         (norm, activation, add, ...), with ``channels`` of them kept; 0 without a measured tail."""
         name = self.name_of(layer)
         full = self.specs[name].out_channels
         self._check(name, channels, full, "output")
-        return 0.0 if self.tail is None else self.tail.of(name, channels, full)
+        t = 0.0 if self.tail is None else self.tail.of(name, channels, full)
+        return self.calibration.tail(t) if calibrated and self.calibration is not None else t
+
+    def owned_tail(self, out_counts: Mapping[str, int] | None = None, *, calibrated: bool = True) -> float:
+        """The tail's part that follows the layers' output counts (full where no count is given)."""
+        out_counts = out_counts or {}
+        return sum(self.tail_latency(n, out_counts.get(n, s.out_channels), calibrated=calibrated)
+                   for n, s in self.specs.items())
+
+    def other(self, *, calibrated: bool = True) -> float:
+        """The tail's fixed part, owned by no layer (with a calibration: the fitted time outside the layers)."""
+        t = 0.0 if self.tail is None else self.tail.other
+        return self.calibration.other(t) if calibrated and self.calibration is not None else t
 
     def total(self, out_counts: Mapping[str, int] | None = None,
-              in_counts: Mapping[str, int] | None = None, *, tail: bool = True) -> float:
+              in_counts: Mapping[str, int] | None = None, *, tail: bool = True, calibrated: bool = True) -> float:
         """Estimated seconds of the model (full where no count is given): the table's layers, plus with
-        ``tail`` the ops outside them (their owned part scaled by the owners' counts, the rest fixed)."""
+        ``tail`` the ops outside them (their owned part scaled by the owners' counts, the rest fixed).
+        ``calibrated=False`` ignores the `calibration`: the parts as timed alone."""
         out_counts, in_counts = out_counts or {}, in_counts or {}
-        total = sum(self.latency(n, out_counts.get(n, s.out_channels), in_counts.get(n))
+        total = sum(self.latency(n, out_counts.get(n, s.out_channels), in_counts.get(n), calibrated=calibrated)
                     for n, s in self.specs.items())
-        if tail and self.tail is not None:
-            total += self.tail.other + sum(self.tail_latency(n, out_counts.get(n, s.out_channels))
-                                           for n, s in self.specs.items())
+        if tail:
+            total += self.other(calibrated=calibrated) + self.owned_tail(out_counts, calibrated=calibrated)
         return total
 
-    def estimate(self, model: nn.Module, *, tail: bool = True) -> float:
-        """Estimated seconds of ``model`` at its current widths (a pruned copy of the model the table was
-        built for: layers are found by name); ``tail=False`` counts the table's layers only."""
+    def widths(self, model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+        """``(output, input)`` channel counts of the table's layers in ``model`` (a pruned copy of the model
+        the table was built for: layers are found by name)."""
         outs, ins = {}, {}
         for name, spec in self.specs.items():
             try:
@@ -423,7 +467,14 @@ class LatencyTable:
                            value=type(mod).__name__)
             outs[name] = int(w.shape[0])
             ins[name] = int(w.shape[1]) * (1 if spec.depthwise else int(getattr(mod, "groups", 1)))
-        return self.total(outs, ins, tail=tail)
+        return outs, ins
+
+    def estimate(self, model: nn.Module, *, tail: bool = True, calibrated: bool = True) -> float:
+        """Estimated seconds of ``model`` at its current widths (a pruned copy of the model the table was
+        built for: layers are found by name); ``tail=False`` counts the table's layers only;
+        ``calibrated=False`` ignores the `calibration`."""
+        outs, ins = self.widths(model)
+        return self.total(outs, ins, tail=tail, calibrated=calibrated)
 
     def cost_fn(self, members: Sequence[Sequence[tuple]], metric: str = "latency", *,
                 sizes: Sequence[int] | None = None) -> Callable[[Sequence[int]], float]:
@@ -451,7 +502,7 @@ class LatencyTable:
                 row.append((layer, role, float(width)))
             norm.append(row)
         specs, measure = self.specs, _METRICS[metric]
-        fixed = self.tail.other if metric == "latency" and self.tail is not None else 0.0
+        fixed = self.other() if metric == "latency" else 0.0
         memo: dict[tuple[str, Any, Any], float] = {}  # the allocator asks for the same layer widths again and again
 
         def one(n: str, s: LayerSpec, c_out: Any, c_in: Any) -> float:
