@@ -63,7 +63,8 @@ class KnownValues(TorchDispatchMode):
         if not metas and not any(isinstance(a, torch.device) and a.type == "meta" for a in flat):
             return func(*args, **kwargs)  # off meta: nothing to know (a factory on meta has a device argument)
         known = all(self.value(t) is not None for t in metas) and _deterministic(func)
-        if not _returns_tensors(func):  # a value read: only a known value can answer it
+        off_meta = any(isinstance(a, torch.device) and a.type != "meta" for a in flat)  # .cpu(), .tolist()
+        if off_meta or not _returns_tensors(func):  # a value read: only a known value can answer it
             if known:
                 return func(*_on_cpu(self, args), **_on_cpu(self, kwargs))
             try:
@@ -72,7 +73,7 @@ class KnownValues(TorchDispatchMode):
                 where = self.where() if self.where is not None else None
                 raise fail(f"reads the value of a tensor on the meta device ({func}: {e}); it depends on the "
                            "inputs or the weights, which meta tensors do not have", where=where,
-                           shape=metas[0].shape, hint="plan on the CPU, or call the model so that it reads no "
+                           shape=metas[0].shape if metas else None, hint="plan on the CPU, or call the model so that it reads no "
                            "value (for Hugging Face models: leave out the attention mask)") from None
         out = func(*args, **kwargs)
         mutated = _mutated(func, args, kwargs)
