@@ -21,6 +21,12 @@ def sdpa(tr, func, args, kwargs, out):
         mask = args[3]
     if tr.head_dim:
         return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
+    if q.dim() >= 3 and q.size(-3) == 1 and _labelled(tr, q, k, v):
+        # one head: as a whole head it is one unit (never pruned, a group is never removed whole); its head dims
+        # are the only way to prune it, so they are its units here, as under heads="head_dim" (scale kept or noted)
+        tr.notes.append(f"{tr.where()}: one attention head: its head dims are pruned instead of whole heads (q/k "
+                        "dims together, v dims with what reads them)")
+        return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
     heads = []
     for t in (q, k, v, mask):  # a per-head mask (T5's relative position bias) goes with its head
         if t is None or (t is mask and t.dim() < 3):
@@ -45,6 +51,10 @@ def sdpa(tr, func, args, kwargs, out):
             tr.set(t, res[..., 0])
         else:
             tr.set(t, None)
+
+
+def _labelled(tr, *ts) -> bool:
+    return any(tr.get(t) is not None for t in ts)
 
 
 def _head_rows(tr, t, heads):
