@@ -294,10 +294,11 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     torch.backends.mha.set_fastpath_enabled(False)
     tally = MacTally() if macs else None
     from secateur.graph.meta_values import known_values
+    from secateur.graph.rules.attention import MathAttention
     from secateur.graph.moe import meta_stand_ins
     try:  # (experts modules on meta: a stand-in forward, see meta_stand_ins; values on meta: see meta_values)
         with torch.no_grad(), known_values(model, example_inputs, tracer) as tracer.values, _Mode(tracer, tally), \
-                meta_stand_ins(rules, tally):
+                meta_stand_ins(rules, tally), MathAttention(tracer):
             out = call(model, example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._mode_utils import no_dispatch
 
 from secateur.graph.rules.matmul import _join
 from secateur.graph.rules.registry import _outs, _pad, aten, rule
@@ -123,3 +126,38 @@ def _sdpa_dims(tr, q, k, v, mask, scale, out):
             tr.set(t, lv.reshape(shape))
         else:
             tr.set(t, None)
+
+
+_FUSED = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+          aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+          aten._scaled_dot_product_fused_attention_overrideable)
+
+
+class MathAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` without a ``scale`` that runs its math decomposition (no fused kernel: q
+    not contiguous in its last dim, dropout, a mask the kernels refuse): the decomposition multiplies q and k by
+    ``q.size(-1) ** -0.25``, a number computed from the head size, which the op-level rules see as a constant. So
+    head dims looked free there, and a pruned model computed another softmax scale. The numeric proof does not
+    catch it on random weights (timm's cpubone_nano at init: q.k within +-0.24, so the halved head size moved the
+    attention output 1 % and the logits less than the proof's 1e-4). After such a call the fused kernels' rule
+    (``sdpa``) runs on its inputs and output, as if the fused kernel had run: whole heads (heads="heads"), or q/k
+    dims kept (heads="head_dim", and a one-head attention), each noted as the fused path notes it."""
+
+    def __init__(self, tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.tracer.depth:
+            return func(*args, **kwargs)
+        calls = self.tracer.calls
+        before = sum(calls.get(p, 0) for p in _FUSED)
+        out = func(*args, **kwargs)
+        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        opts = {**dict(zip(names, args[3:])), **{k: v for k, v in kwargs.items() if k in names}}
+        if (opts.get("scale") is None and len(args) >= 3 and sum(calls.get(p, 0) for p in _FUSED) == before
+                and all(isinstance(t, torch.Tensor) for t in args[:3])):
+            with no_dispatch():  # label ops, not the model's
+                sdpa(self.tracer, None, tuple(args[:3]), {"attn_mask": opts.get("attn_mask")}, out)
+        return out
