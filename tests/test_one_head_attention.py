@@ -44,12 +44,13 @@ def test_a_one_head_attention_prunes_its_head_dims_under_heads():
 
 
 def test_a_one_head_attention_whose_scale_follows_its_size_keeps_it():
-    """Negative: SDPA without ``scale`` derives it from q's head size, so removing q/k dims would change it; they
-    stay (noted), and here v's dims stay with them (one ``view`` cuts q, k and v with one head size)."""
+    """Negative: SDPA without ``scale`` derives it from q's head size, so removing q/k dims would change it: the
+    head stays one unit (noted), as before."""
     torch.manual_seed(0)
     m, x = OneHead(stated_scale=False).eval(), torch.randn(2, 5, 24)
     plan = plan_channels(m, x, ratio=0.5)
-    assert any("attention scale follows q's head size; q/k head dims are kept" in n for n in plan.notes)
+    assert not any("one attention head" in n for n in plan.notes)
+    assert any("scaled_dot_product" in n and "one unit" in n for n in plan.notes), plan.notes
     _, want, got = pruned_vs_reference(m, x, plan)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert m.qkv.out_features == 48 and m.head_dim == 16
@@ -94,7 +95,7 @@ def _sharpened(m, factor=100.0):
 def test_a_scale_derived_from_the_head_size_keeps_head_sizes_on_the_math_path(heads):
     """Before, the math decomposition's scale looked like a constant: head dims were units, a halved ``head_dim``
     passed the dry run, and the numeric proof on random weights (softmax near uniform) let it through. Now whole
-    heads are the units (two heads: one goes, the head size stays) or, with one head, q/k dims are kept (noted).
+    heads are the units (two heads: one goes, the head size stays; one head: kept whole, noted).
     The plan made on the random weights is then checked on sharpened ones, where a changed scale would show."""
     torch.manual_seed(0)
     m, x = StridedHeads(heads).eval(), torch.randn(2, 6, 24)
@@ -104,7 +105,7 @@ def test_a_scale_derived_from_the_head_size_keeps_head_sizes_on_the_math_path(he
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert big.head_dim == 16
     if heads == 1:
-        assert any("attention scale follows q's head size" in n for n in plan.notes), plan.notes
+        assert any("one unit" in n for n in plan.notes), plan.notes
         assert big.qkv.out_features == 48
     else:
         assert big.num_heads == 1 and big.qkv.out_features == 48 and big.o.in_features == 16

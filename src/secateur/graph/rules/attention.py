@@ -24,9 +24,13 @@ def sdpa(tr, func, args, kwargs, out):
         mask = args[3]
     if tr.head_dim:
         return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
-    if q.dim() >= 3 and q.size(-3) == 1 and _labelled(tr, q, k, v):
+    if (q.dim() >= 3 and q.size(-3) == 1 and _labelled(tr, q, k, v)
+            and _kept_scale(tr, kwargs.get("scale"), q.size(-1))):
         # one head: as a whole head it is one unit (never pruned, a group is never removed whole); its head dims
-        # are the only way to prune it, so they are its units here, as under heads="head_dim" (scale kept or noted)
+        # are the only way to prune it, so they are its units here, as under heads="head_dim". Only where the
+        # pruned model keeps the scale: with a scale that follows the head size only v's dims could go, which
+        # changes the attention's width alone (pvt_v2's stage-1 attention, whose width count ties then hold to
+        # the stream's, lost its ties that way: 0.387 -> 0.661 of its MACs); such a head stays one unit
         tr.notes.append(f"{tr.where()}: one attention head: its head dims are pruned instead of whole heads (q/k "
                         "dims together, v dims with what reads them)")
         return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
