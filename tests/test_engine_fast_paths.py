@@ -427,7 +427,8 @@ def test_meta_dry_run_takes_the_cpu_attention_kernel(heads, monkeypatch):
         for k in ("HERE_BYTES", "HERE_BYTES_APPLIED"):
             monkeypatch.setattr(verify, k, 2 ** 40 if case == "cpu" else 0)
         if case == "meta_plain":
-            monkeypatch.setattr(verify._CpuAttention, "_flash_next", lambda self, a, k: False)
+            from secateur.graph import meta_sdpa
+            monkeypatch.setattr(meta_sdpa, "cpu_flash", lambda call: False)
         traces[0] = 0
         m = copy.deepcopy(model)
         plan = plan_channels(m, x, ratio=0.5, heads=heads)

@@ -90,6 +90,7 @@ class Tracer:
         self.writes: dict[int, int] = {}
         self.read_at: dict[int, int] = {}
         self.made: dict[int, tuple[int, Any]] = {}  # id(buffer a factory made) -> (its trace step, weak reference)
+        self.values: Any = None  # on meta: the values known there (graph/meta_values.py), for index rules
         for mname, mod in model.named_modules():
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) not in self.owner:
@@ -321,9 +322,12 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     tally = MacTally() if macs else None
+    from secateur.graph.meta_values import known_values
+    from secateur.graph.rules.attention import MathAttention
     from secateur.graph.moe import meta_stand_ins
-    try:  # (experts modules on meta: a stand-in forward, see meta_stand_ins)
-        with torch.no_grad(), _Mode(tracer, tally, shapes), meta_stand_ins(rules, tally):
+    try:  # (experts modules on meta: a stand-in forward, see meta_stand_ins; values on meta: see meta_values)
+        with torch.no_grad(), known_values(model, example_inputs, tracer) as tracer.values, _Mode(tracer, tally, shapes), \
+                meta_stand_ins(rules, tally), MathAttention(tracer):
             out = call(model, example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -341,4 +345,5 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
     tracer.writes.clear()
     tracer.read_at.clear()
     tracer.made.clear()
+    tracer.values = None
     return tracer

@@ -25,8 +25,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils._mode_utils import no_dispatch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from secateur.graph.meta_values import meta_run
 
 
 HERE_BYTES = 256 * 2 ** 20  # above this the twin's sliced copies would cost real memory: dry-run on meta
@@ -372,41 +373,6 @@ def expected(graph: Any, choices: list) -> Expected | None:
     return Expected(graph, choices)
 
 
-_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
-
-
-class _CpuAttention(TorchFunctionMode):
-    """A meta dry run's ``F.scaled_dot_product_attention`` as the capture's CPU run did it, where the capture's next
-    step is the CPU flash kernel: that kernel on meta (it has a meta kernel) instead of the math decomposition meta
-    would run. The op sequence is then the capture's, so the trace needs no second, meta reference
-    (``_meta_trace``: a forward of the unpruned model on meta, the wasted start of the first dry run, and the
-    alignment): mobilenetv5_300m's one dry run (1.2 GB of weights: on meta in ``plan_channels``) took 2.5 s, 1.2 s
-    this way. The output shapes are the same; the SDPA output is then also compared with the capture's labels. Anything else (a mask the CPU converts first, grouped
-    query attention, a step that is not the flash kernel) runs as before."""
-
-    def __init__(self, expected: "Expected", depth: list[int]) -> None:
-        super().__init__()
-        self.expected, self.depth = expected, depth
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and self._flash_next(args, kwargs):
-            names = ("attn_mask", "dropout_p", "is_causal", "scale")
-            opts = {**dict(zip(names, args[3:])), **{k: v for k, v in kwargs.items() if k in names}}
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                *args[:3], opts.get("dropout_p", 0.0), opts.get("is_causal", False),
-                attn_mask=opts.get("attn_mask"), scale=opts.get("scale"))[0]
-        return func(*args, **kwargs)
-
-    def _flash_next(self, args: tuple, kwargs: dict) -> bool:
-        exp, i = self.expected, self.expected.step_no
-        return (self.depth[0] == 0 and not exp.loose and exp.failed is None and exp.trace is exp.tracer.trace
-                and i < len(exp.trace) and exp.trace[i][0] == _CPU_FLASH and len(args) <= 7
-                and not kwargs.get("enable_gqa", False) and set(kwargs) <= {"attn_mask", "dropout_p", "is_causal",
-                                                                            "scale", "enable_gqa"}
-                and all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in args[:3]))
-
-
 class _Steps(TorchDispatchMode):
     def __init__(self, expected: Expected, depth: list[int], tally: Any = None, shapes: Any = None) -> None:
         super().__init__()
@@ -487,15 +453,15 @@ def _run(model: nn.Module, example_inputs: Any, expected: Expected | None, here:
         inputs = example_inputs if here else to_meta(example_inputs)
         from secateur.graph.moe import meta_rules, meta_stand_ins
         stand_ins = meta_stand_ins({} if here else meta_rules(model), tally)  # experts modules on meta
-        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=here), stand_ins:
+        # on meta: values known without inputs or weights, attention kernels as the CPU picks them (meta_values.py)
+        values = contextlib.nullcontext() if here else meta_run(model, lambda: stack[-1] if stack else "<root>")
+        with torch.no_grad(), torch.random.fork_rng(devices=[], enabled=here), stand_ins, values:
             if here:
                 torch.manual_seed(0)
             if expected is None:
                 out = call(model, inputs)
             else:
-                like_cpu = (_CpuAttention(expected, depth) if not here and isinstance(expected, Expected)
-                            else contextlib.nullcontext())  # (not while recording the meta trace: _Record)
-                with _Steps(expected, depth, tally, shapes), like_cpu:
+                with _Steps(expected, depth, tally, shapes):
                     out = call(model, inputs)
                 expected.finish()
         if outputs is not None:

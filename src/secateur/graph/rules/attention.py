@@ -4,6 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._mode_utils import no_dispatch
 
 from secateur.graph.rules.matmul import _join
 from secateur.graph.rules.registry import _outs, _pad, aten, rule
@@ -21,6 +24,16 @@ def sdpa(tr, func, args, kwargs, out):
     if mask is None and len(args) > 3 and isinstance(args[3], torch.Tensor):
         mask = args[3]
     if tr.head_dim:
+        return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
+    if (q.dim() >= 3 and q.size(-3) == 1 and _labelled(tr, q, k, v)
+            and _kept_scale(tr, kwargs.get("scale"), q.size(-1))):
+        # one head: as a whole head it is one unit (never pruned, a group is never removed whole); its head dims
+        # are the only way to prune it, so they are its units here, as under heads="head_dim". Only where the
+        # pruned model keeps the scale: with a scale that follows the head size only v's dims could go, which
+        # changes the attention's width alone (pvt_v2's stage-1 attention, whose width count ties then hold to
+        # the stream's, lost its ties that way: 0.387 -> 0.661 of its MACs); such a head stays one unit
+        tr.notes.append(f"{tr.where()}: one attention head: its head dims are pruned instead of whole heads (q/k "
+                        "dims together, v dims with what reads them)")
         return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
     heads = []
     for t in (q, k, v, mask):  # a per-head mask (T5's relative position bias) goes with its head
@@ -53,6 +66,10 @@ def sdpa(tr, func, args, kwargs, out):
             tr.set(t, res[..., 0])
         else:
             tr.set(t, None)
+
+
+def _labelled(tr, *ts) -> bool:
+    return any(tr.get(t) is not None for t in ts)
 
 
 def _head_rows(tr, t, heads):
@@ -121,3 +138,38 @@ def _sdpa_dims(tr, q, k, v, mask, scale, out):
             tr.set(t, lv.reshape(shape))
         else:
             tr.set(t, None)
+
+
+_FUSED = (aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+          aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention,
+          aten._scaled_dot_product_fused_attention_overrideable)
+
+
+class MathAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` without a ``scale`` that runs its math decomposition (no fused kernel: q
+    not contiguous in its last dim, dropout, a mask the kernels refuse): the decomposition multiplies q and k by
+    ``q.size(-1) ** -0.25``, a number computed from the head size, which the op-level rules see as a constant. So
+    head dims looked free there, and a pruned model computed another softmax scale. The numeric proof does not
+    catch it on random weights (timm's cpubone_nano at init: q.k within +-0.24, so the halved head size moved the
+    attention output 1 % and the logits less than the proof's 1e-4). After such a call the fused kernels' rule
+    (``sdpa``) runs on its inputs and output, as if the fused kernel had run: whole heads (heads="heads"), or q/k
+    dims kept (heads="head_dim", and a one-head attention), each noted as the fused path notes it."""
+
+    def __init__(self, tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.tracer.depth:
+            return func(*args, **kwargs)
+        calls = self.tracer.calls
+        before = sum(calls.get(p, 0) for p in _FUSED)
+        out = func(*args, **kwargs)
+        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        opts = {**dict(zip(names, args[3:])), **{k: v for k, v in kwargs.items() if k in names}}
+        if (opts.get("scale") is None and len(args) >= 3 and sum(calls.get(p, 0) for p in _FUSED) == before
+                and all(isinstance(t, torch.Tensor) for t in args[:3])):
+            with no_dispatch():  # label ops, not the model's
+                sdpa(self.tracer, None, tuple(args[:3]), {"attn_mask": opts.get("attn_mask")}, out)
+        return out

@@ -8,6 +8,7 @@ import math
 import torch
 
 from secateur.graph.labels import constant_along, full
+from secateur.graph.meta_values import value_of
 from secateur.graph.rules.constants import label_free_inputs, uniform_inputs
 from secateur.graph.rules.registry import _outs, _pad, _tensors, aten, not_understood, rule
 from secateur.graph.splits import open_cut
@@ -36,11 +37,15 @@ def move(tr, func, args, kwargs, out):
         keep_indexed_channels(tr, func, args)
 
     def sub(x, pos):
-        if pos in index_pos:
-            if any(t.device.type == "meta" for t in _tensors(x)):
+        if pos in index_pos:  # on meta: indices computed from constants only have known values (meta_values.py)
+            got = [value_of(tr, t) for t in _tensors(x)]
+            if any(t is None for t in got):
                 raise tr.error(f"{packet._qualified_op_name} with tensor indices on the meta device: labels need "
                                "real indices", hint="capture with real (small) inputs")
-            return x.cpu() if isinstance(x, torch.Tensor) else [None if y is None else y.cpu() for y in x]
+            if isinstance(x, torch.Tensor):
+                return got[0].cpu()
+            got.reverse()
+            return [None if y is None else got.pop().cpu() for y in x]
         if isinstance(x, torch.Tensor):
             return full(_pad(_lab(x), x.dim()), x.shape)
         if isinstance(x, (list, tuple)) and x and all(isinstance(y, torch.Tensor) for y in x):
