@@ -354,8 +354,9 @@ def _group_key(graph, attention=True):
 
 # attention whose groups differ on meta for reasons that are not the experts': LongCat's MLA keeps a size that only
 # the CPU's numeric proof lets the size search update (DBRX's one-KV-head SDPA differed too until meta runs took the
-# CPU's kernel: graph/meta_sdpa.py)
-_ATTENTION_DIFFERS = {"longcat_flash"}
+# CPU's kernel: graph/meta_sdpa.py; it differs again since its query heads prune on the CPU through a size the
+# size-attribute search finds, and meta plans run no such search)
+_ATTENTION_DIFFERS = {"longcat_flash", "dbrx"}
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss", "dbrx", "jetmoe", "longcat_flash"])

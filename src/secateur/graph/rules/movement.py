@@ -255,18 +255,18 @@ def _check_slice(tr, args, largs, louts):
         dims = [args[1] if len(args) > 1 and isinstance(args[1], int) else 0]
     if louts and louts[0].shape == x.shape and torch.equal(louts[0], largs[0]):
         return  # a full-range slice
-    if len(dims) == 1 and _varying(tr, x, dims[0]) and _from_end(tr, largs[0], dims[0], _end_offset(args, dims[0])):
+    if len(dims) == 1 and _varying(tr, x, dims[0]) and _from_end(tr, largs[0], dims[0], _end_offset(tr, args, dims[0])):
         return
     for d in dims:  # the dim must never shrink: its atoms go all together (whole heads survive a
         if _varying(tr, x, d):  # rotate_half over head_dim; conv channels sliced at [:, :8] are kept)
             tr.atoms.collapse(largs[0], [d])
 
 
-def _end_offset(args, d: int) -> int | None:
+def _end_offset(tr, args, d: int) -> int | None:
     """How far from the end of dim ``d`` the positions an ``index`` / ``select`` reads start, where every one of
     them is written as a negative number (``qkv[..., [-2], :]``, ``x.select(d, -1)``); None otherwise."""
     if isinstance(args[1], (list, tuple)):
-        idx = args[1][d] if d < len(args[1]) else None
+        idx = value_of(tr, args[1][d]) if d < len(args[1]) else None  # on meta: its known value
         if (not isinstance(idx, torch.Tensor) or idx.dtype in (torch.bool, torch.uint8) or idx.numel() == 0
                 or idx.device.type == "meta"):
             return None

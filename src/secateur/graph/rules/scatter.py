@@ -114,11 +114,13 @@ def indexed_dims(packet, args) -> list[int]:
     return dims
 
 
-def _all_negative(indices, d: int) -> bool:
-    """``x[..., idx, ...]`` whose index along ``d`` names its positions by negative numbers only (from the end)."""
+def _all_negative(tr, indices, d: int) -> bool:
+    """``x[..., idx, ...]`` whose index along ``d`` names its positions by negative numbers only (from the end);
+    on meta, by its known value (graph/meta_values.py)."""
+    from secateur.graph.meta_values import value_of
     if d >= len(indices) or any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices):
         return False
-    idx = indices[d]
+    idx = value_of(tr, indices[d])
     return (isinstance(idx, torch.Tensor) and idx.numel() > 0 and idx.device.type != "meta" and int(idx.max()) < 0)
 
 
@@ -139,7 +141,7 @@ def keep_indexed_channels(tr, func, args) -> None:
     for d in indexed_dims(func.overloadpacket, args):
         if lab.size(d) < 2:
             continue
-        if func.overloadpacket is aten.index and _all_negative(args[1], d):
+        if func.overloadpacket is aten.index and _all_negative(tr, args[1], d):
             continue  # positions counted from the end: kept where they are read (movement.py ``_from_end``)
         row = lab.movedim(d, -1).reshape(-1, lab.size(d))[0]
         if bool((row >= 0).all()) and int(row.unique().numel()) == lab.size(d):
