@@ -99,11 +99,13 @@ class Tracer:
             return None
         return self.labels.get(id(t))
 
-    def set(self, t: Any, lab: torch.Tensor | None) -> None:
+    def set(self, t: Any, lab: torch.Tensor | None, *, fresh: bool = False) -> None:
+        """``fresh``: ``lab`` holds distinct new atoms along at most one dim (a producer's outputs, ``Atoms.new``), so
+        ``compress`` would return it as it is (a reduction per producer saved)."""
         if isinstance(t, torch.Tensor):
             if lab is not None:
                 assert lab.dim() == t.dim(), (lab.shape, t.shape)
-            self.labels[id(t)] = compress(lab)
+            self.labels[id(t)] = lab.contiguous() if fresh and lab is not None and lab.numel() else compress(lab)
             self.alive.append(t)
 
     def param_label(self, p: torch.Tensor, *, buffers: bool = False) -> torch.Tensor | None:
@@ -166,8 +168,11 @@ class Tracer:
         """``consumer``: an "out" slice that the oracle zeroes too (q/k rows, whose only reader is q.k)."""
         mname, attr = self.name_of(p)
         key = (f"{mname}.{attr}" if mname else attr, dim)
-        atoms = atoms.reshape(-1).expand(p.size(dim)) if atoms.numel() == 1 else atoms.reshape(-1)
-        if atoms.numel() != p.size(dim) or bool((atoms < 0).any()):
+        n = p.size(dim)
+        atoms = atoms.reshape(-1)
+        if atoms.numel() == 1:
+            atoms = atoms.expand(n)
+        if atoms.numel() != n or (n and int(atoms.min()) < 0):  # (one reduction, not a mask and its any())
             raise fail("internal: slot size mismatch", where=key[0], shape=p.shape, value=atoms.numel())
         prev = self.slots.get(key)
         if prev is None:
@@ -214,14 +219,25 @@ class _Mode(TorchDispatchMode):
         if self.tally is not None:
             self.tally.add(func, args, kwargs, out)
         if self.tracer.depth == 0:
-            from secateur.graph.rules import apply_rule
             self.tracer.atoms.site = (self.tracer.where(), func.overloadpacket._qualified_op_name)
             with no_dispatch():  # label ops reach no mode below (a MAC counter sees the model's ops only)
-                apply_rule(self.tracer, func, args, kwargs, out)
+                _apply_rule()(self.tracer, func, args, kwargs, out)
             if self.tracer.dynamic is None and torch.Tag.dynamic_output_shape in func.tags:
                 self.tracer.dynamic = len(self.tracer.trace)
             self.tracer.record(func.overloadpacket.__name__, out)
         return out
+
+
+_RULE: list = []
+
+
+def _apply_rule():
+    """``rules.apply_rule``, imported once (the rules import this module; an import statement per op cost more than
+    most ops' own rule)."""
+    if not _RULE:
+        from secateur.graph.rules import apply_rule
+        _RULE.append(apply_rule)
+    return _RULE[0]
 
 
 def _flat_tensors(obj: Any) -> list[torch.Tensor]:

@@ -10,6 +10,8 @@ Atom 0 is BLOCKED: anything unioned with it can never be pruned (model outputs, 
 dim reached by a fused kernel, an initial recurrent state from outside...)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 BLOCKED = 0
@@ -42,8 +44,11 @@ class Atoms:
         """Union a[i] with b[i] elementwise (broadcast), ignoring -1."""
         a, b = torch.broadcast_tensors(a, b)
         if a.dim() < 2 or a.numel() <= _RUNS:
-            keep = (a >= 0) & (b >= 0) & (a != b)
-            if keep.any():
+            keep = (torch.minimum(a, b) >= 0) & (a != b)
+            n = int(keep.sum())
+            if n == keep.numel() and n:  # every pair is an edge (the common case): the same edges, no masked copies
+                self._add(torch.stack([a.reshape(-1), b.reshape(-1)]))
+            elif n:
                 self._add(torch.stack([a[keep], b[keep]]))
             return
         # a big label repeats its pairs along some dim (a token stream: every token holds the same channels): keep
@@ -80,18 +85,21 @@ class Atoms:
         shape = [1 if d in dims else lab.size(d) for d in range(lab.dim())]
         lab = _constant_dims_to_one(lab, other)  # the same unions, each once (the result is expanded back)
         perm = lab.permute(*other, *dims)
-        flat = perm.reshape(-1, int(torch.tensor([lab.size(d) for d in dims]).prod()))
+        flat = perm.reshape(-1, math.prod(lab.size(d) for d in dims))
         rep = flat.max(dim=1, keepdim=True).values  # any real atom of the row (or -1)
         self.union(flat, rep)
+        lo = flat.min(dim=1, keepdim=True).values
+        clean = flat.numel() > 0 and int(lo.min()) >= 0  # no -1 anywhere (the common case): fewer ops below
         if self.site is not None and flat.size(1) > 1:
-            low = flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
+            low = lo if clean else flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
             tied = (low < rep) & (rep >= 0)  # rows that held two atoms or more: one unit now
             if tied.any():  # how many atoms one row joined: a statistic over the channels joins them all
                 row = flat[int(tied.flatten().nonzero()[0])]
                 self.reasons.append((self.site, "tie", rep[tied], int(row[row >= 0].unique().numel())))
-        mixed = (flat < 0).any(dim=1, keepdim=True) & (rep >= 0)
-        if mixed.any():  # an unsliceable element shares the slice: the whole slice is kept
-            self.block(rep[mixed])
+        if not clean:
+            mixed = (flat < 0).any(dim=1, keepdim=True) & (rep >= 0)
+            if mixed.any():  # an unsliceable element shares the slice: the whole slice is kept
+                self.block(rep[mixed])
         small = [1 if d in dims else lab.size(d) for d in range(lab.dim())]
         return rep.reshape(small) if small == shape else rep.reshape(small).expand(shape).contiguous()
 
@@ -240,6 +248,9 @@ def varies(lab: torch.Tensor | None, dim: int) -> bool:
 
 def along(lab: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """The atoms along ``dim`` as a 1-d tensor of length ``size`` (lab must be constant along other dims)."""
+    if lab.numel() == lab.size(dim):  # the others are all 1 (the common case): a view, no indexing
+        flat = lab.reshape(-1)
+        return flat.expand(size) if lab.size(dim) == 1 else flat
     idx = [0] * lab.dim()
     idx[dim] = slice(None)
     return lab[tuple(idx)].expand(size) if lab.size(dim) == 1 else lab[tuple(idx)]

@@ -53,7 +53,9 @@ def _input(args, kwargs) -> torch.Tensor:
 
 
 def _pad(lab, nd):
-    return None if lab is None else lab.reshape((1,) * (nd - lab.dim()) + tuple(lab.shape))
+    if lab is None or lab.dim() == nd:
+        return lab
+    return lab.reshape((1,) * (nd - lab.dim()) + tuple(lab.shape))
 
 
 def _channels(tr: Tracer, x: torch.Tensor, cdim: int) -> torch.Tensor | None:
@@ -92,15 +94,14 @@ def linear(tr: Tracer, mod, args, kwargs, out):
     if chan is not None:
         tr.slot(mod.weight, 0 if conv1d else 1, _consumed(tr, chan), "in")
     atoms = _produce(tr, mod, out.size(-1), 1 if conv1d else 0)
-    tr.set(out, _shape_for(out.dim(), -1, atoms))
+    tr.set(out, _shape_for(out.dim(), -1, atoms), fresh=True)
 
 
 def _consumed(tr: Tracer, chan: torch.Tensor) -> torch.Tensor:
     """Input channels of a weight: positions no producer labels (a concat with the model's input) get atoms of
     their own, which nothing produces, so they are never pruned; the labelled ones stay prunable."""
-    missing = chan < 0
-    if bool(missing.any()):
-        chan = torch.where(missing, tr.atoms.new(chan.numel()).view_as(chan), chan)
+    if chan.numel() and int(chan.min()) < 0:
+        chan = torch.where(chan < 0, tr.atoms.new(chan.numel()).view_as(chan), chan)
     return chan
 
 
@@ -153,7 +154,7 @@ def conv(tr: Tracer, mod, args, kwargs, out):
     chan = _channels(tr, x, cdim)
     atoms = _produce(tr, mod, mod.out_channels, 0)
     conv_inputs(tr, mod, chan, atoms)
-    tr.set(out, _shape_for(out.dim(), cdim, atoms))
+    tr.set(out, _shape_for(out.dim(), cdim, atoms), fresh=True)
 
 
 def _pointwise_conv(mod: nn.Module) -> bool:
