@@ -99,13 +99,13 @@ class Tracer:
             return None
         return self.labels.get(id(t))
 
-    def set(self, t: Any, lab: torch.Tensor | None, *, fresh: bool = False) -> None:
-        """``fresh``: ``lab`` holds distinct new atoms along at most one dim (a producer's outputs, ``Atoms.new``), so
-        ``compress`` would return it as it is (a reduction per producer saved)."""
+    def set(self, t: Any, lab: torch.Tensor | None, *, compressed: bool = False) -> None:
+        """``compressed``: the caller knows ``compress`` would return ``lab`` as it is (distinct atoms along one dim,
+        a producer's new ones; a label this tracer stored, passed on): a reduction per op saved."""
         if isinstance(t, torch.Tensor):
             if lab is not None:
                 assert lab.dim() == t.dim(), (lab.shape, t.shape)
-            self.labels[id(t)] = lab.contiguous() if fresh and lab is not None and lab.numel() else compress(lab)
+            self.labels[id(t)] = lab.contiguous() if compressed and lab is not None and lab.numel() else compress(lab)
             self.alive.append(t)
 
     def param_label(self, p: torch.Tensor, *, buffers: bool = False) -> torch.Tensor | None:
@@ -164,19 +164,23 @@ class Tracer:
         mname, attr, _ = self.owner[id(p)]
         return mname, attr
 
-    def slot(self, p: torch.Tensor, dim: int, atoms: torch.Tensor, kind: str, consumer: bool = False) -> None:
-        """``consumer``: an "out" slice that the oracle zeroes too (q/k rows, whose only reader is q.k)."""
+    def slot(self, p: torch.Tensor, dim: int, atoms: torch.Tensor, kind: str, consumer: bool = False, *,
+             atoms_ok: bool = False, new: bool = False) -> None:
+        """``consumer``: an "out" slice that the oracle zeroes too (q/k rows, whose only reader is q.k);
+        ``atoms_ok``: the caller knows ``atoms`` holds no -1 (a label it checked), so only the size is checked here;
+        ``new``: ``atoms`` are new (``Atoms.new``, 1-d, written by nobody): checked for size only, and kept as they are."""
         mname, attr = self.name_of(p)
         key = (f"{mname}.{attr}" if mname else attr, dim)
         n = p.size(dim)
         atoms = atoms.reshape(-1)
         if atoms.numel() == 1:
             atoms = atoms.expand(n)
-        if atoms.numel() != n or (n and int(atoms.min()) < 0):  # (one reduction, not a mask and its any())
+        if atoms.numel() != n or (n and not (atoms_ok or new) and int(atoms.min()) < 0):  # (one reduction, no mask)
             raise fail("internal: slot size mismatch", where=key[0], shape=p.shape, value=atoms.numel())
         prev = self.slots.get(key)
-        if prev is None:
-            self.slots[key] = {"module": mname, "name": attr, "dim": dim, "atoms": atoms.clone(), "kind": kind,
+        if prev is None:  # (a copy: the caller's tensor may be a view of a label; not of new atoms, never written)
+            self.slots[key] = {"module": mname, "name": attr, "dim": dim, "atoms": atoms if new else atoms.clone(),
+                               "kind": kind,
                                "consumer": kind == "in" or consumer}
         else:
             self.atoms.union(prev["atoms"], atoms)

@@ -44,12 +44,7 @@ class Atoms:
         """Union a[i] with b[i] elementwise (broadcast), ignoring -1."""
         a, b = torch.broadcast_tensors(a, b)
         if a.dim() < 2 or a.numel() <= _RUNS:
-            keep = (torch.minimum(a, b) >= 0) & (a != b)
-            n = int(keep.sum())
-            if n == keep.numel() and n:  # every pair is an edge (the common case): the same edges, no masked copies
-                self._add(torch.stack([a.reshape(-1), b.reshape(-1)]))
-            elif n:
-                self._add(torch.stack([a[keep], b[keep]]))
+            self._pairs(a, b, (torch.minimum(a, b) >= 0) & (a != b))
             return
         # a big label repeats its pairs along some dim (a token stream: every token holds the same channels): keep
         # each run of one pair once, in whichever of two orders leaves fewer (no sort; the edge *set* is the same,
@@ -62,6 +57,14 @@ class Atoms:
         keep = (lo >= 0) & (lo != hi)
         if keep.any():
             self._add(torch.stack([lo[keep], hi[keep]]))
+
+    def _pairs(self, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> None:
+        """Add the pairs (a[i], b[i]) where ``keep`` (a, b, keep of one shape), in order, as one batch."""
+        if bool(keep.all()):  # every pair is an edge (the common case): the same edges, no masked copies
+            if keep.numel():
+                self._add(torch.stack([a.reshape(-1), b.reshape(-1)]))
+        elif bool(keep.any()):
+            self._add(torch.stack([a[keep], b[keep]]))
 
     def _add(self, e: torch.Tensor) -> None:
         self.edges.append(e)
@@ -86,10 +89,15 @@ class Atoms:
         lab = _constant_dims_to_one(lab, other)  # the same unions, each once (the result is expanded back)
         perm = lab.permute(*other, *dims)
         flat = perm.reshape(-1, math.prod(lab.size(d) for d in dims))
-        rep = flat.max(dim=1, keepdim=True).values  # any real atom of the row (or -1)
-        self.union(flat, rep)
-        lo = flat.min(dim=1, keepdim=True).values
-        clean = flat.numel() > 0 and int(lo.min()) >= 0  # no -1 anywhere (the common case): fewer ops below
+        lo, rep = flat.aminmax(dim=1, keepdim=True) if flat.numel() else (flat[:, :1], flat[:, :1])
+        # rep: any real atom of the row (or -1); clean: no -1 anywhere (the common case), so that a pair (atom, rep)
+        # is an edge exactly where the atom is not the row's largest: the edges ``union(flat, rep)`` adds, fewer ops
+        clean = flat.numel() > 0 and int(lo.min()) >= 0
+        if clean and flat.numel() <= _RUNS:
+            a, b = torch.broadcast_tensors(flat, rep)
+            self._pairs(a, b, a < b)
+        else:
+            self.union(flat, rep)
         if self.site is not None and flat.size(1) > 1:
             low = lo if clean else flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
             tied = (low < rep) & (rep >= 0)  # rows that held two atoms or more: one unit now

@@ -64,7 +64,8 @@ def _channels(tr: Tracer, x: torch.Tensor, cdim: int) -> torch.Tensor | None:
     if lab is None:
         return None
     cdim %= x.dim()
-    lab = tr.atoms.collapse(lab, [d for d in range(x.dim()) if d != cdim])
+    if not (0 < lab.size(cdim) == lab.numel()):  # else the other dims are 1 already: nothing to collapse
+        lab = tr.atoms.collapse(lab, [d for d in range(x.dim()) if d != cdim])
     return along(lab, cdim, x.size(cdim)).clone()
 
 
@@ -76,9 +77,9 @@ def _shape_for(nd: int, cdim: int, atoms: torch.Tensor) -> torch.Tensor:
 
 def _produce(tr: Tracer, mod: nn.Module, n: int, wdim: int) -> torch.Tensor:
     atoms = tr.atoms.new(n)
-    tr.slot(mod.weight, wdim, atoms, "out")
+    tr.slot(mod.weight, wdim, atoms, "out", new=True)
     if getattr(mod, "bias", None) is not None:
-        tr.slot(mod.bias, 0, atoms, "out")
+        tr.slot(mod.bias, 0, atoms, "out", new=True)
     return atoms
 
 
@@ -94,7 +95,7 @@ def linear(tr: Tracer, mod, args, kwargs, out):
     if chan is not None:
         tr.slot(mod.weight, 0 if conv1d else 1, _consumed(tr, chan), "in")
     atoms = _produce(tr, mod, out.size(-1), 1 if conv1d else 0)
-    tr.set(out, _shape_for(out.dim(), -1, atoms), fresh=True)
+    tr.set(out, _shape_for(out.dim(), -1, atoms), compressed=True)
 
 
 def _consumed(tr: Tracer, chan: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ def conv(tr: Tracer, mod, args, kwargs, out):
     chan = _channels(tr, x, cdim)
     atoms = _produce(tr, mod, mod.out_channels, 0)
     conv_inputs(tr, mod, chan, atoms)
-    tr.set(out, _shape_for(out.dim(), cdim, atoms), fresh=True)
+    tr.set(out, _shape_for(out.dim(), cdim, atoms), compressed=True)
 
 
 def _pointwise_conv(mod: nn.Module) -> bool:
@@ -206,11 +207,12 @@ def batch_norm(tr: Tracer, mod, args, kwargs, out):
     chan = _channels(tr, x, cdim)
     if chan is None:
         return
+    lo, hi = (int(v) for v in chan.aminmax()) if chan.numel() else (0, 0)  # once, for the four tensors and the label
     for name in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(mod, name, None)
         if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == chan.numel():
-            tr.slot(t, 0, chan, "param")
-    tr.set(out, _shape_for(out.dim(), cdim, chan))
+            tr.slot(t, 0, chan, "param", atoms_ok=lo >= 0)
+    tr.set(out, _shape_for(out.dim(), cdim, chan), compressed=0 <= lo < hi)  # atoms that differ: nothing to shrink
 
 
 @leaf(nn.GroupNorm)

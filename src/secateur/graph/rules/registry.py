@@ -70,8 +70,8 @@ def _outs(out):
 
 
 def _pad(lab: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
-    if lab is None:
-        return None
+    if lab is None or lab.dim() == ndim:
+        return lab
     return lab.reshape((1,) * (ndim - lab.dim()) + tuple(lab.shape))
 
 
