@@ -358,18 +358,16 @@ def updater(*types):
     def deco(fn):
         for t in types:
             UPDATERS[t] = fn
+        _BY_CLASS_FOR[0] = None  # (a replaced updater keeps the sizes: resolve classes again)
         return fn
     return deco
 
 
 def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     """Set the module's size attributes from its (already sliced) tensors; return what was set."""
-    for base in type(mod).__mro__:
-        if base in UPDATERS:
-            return UPDATERS[base](mod, old)
-        fn = UPDATERS_BY_NAME.get(f"{base.__module__}.{base.__name__}")
-        if fn is not None:
-            return fn(mod, old)
+    fn = _class_updater(type(mod))
+    if fn is not None:
+        return fn(mod, old)
     for probe in UPDATER_PROBES:
         fn = probe(mod)
         if fn is not None:
@@ -377,9 +375,34 @@ def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     return heads_updater(mod, old)
 
 
+_BY_CLASS: dict[type, Callable | None] = {}  # class -> its updater by class (UPDATERS, UPDATERS_BY_NAME) or None
+_BY_CLASS_FOR: list = [None]  # the registries' sizes the cache was filled with: any registration empties it
+
+
+def _class_updater(cls: type) -> Callable | None:
+    """The first of ``cls.__mro__`` registered in ``UPDATERS`` or by name: resolved once per class (a name per base
+    per module, twice per plan, on every module a plan touches and their parents)."""
+    sizes = (len(UPDATERS), len(UPDATERS_BY_NAME))
+    if _BY_CLASS_FOR[0] != sizes:
+        _BY_CLASS.clear()
+        _BY_CLASS_FOR[0] = sizes
+    if cls in _BY_CLASS:
+        return _BY_CLASS[cls]
+    fn = None
+    for base in cls.__mro__:
+        if base in UPDATERS:
+            fn = UPDATERS[base]
+            break
+        fn = UPDATERS_BY_NAME.get(f"{base.__module__}.{base.__name__}")
+        if fn is not None:
+            break
+    _BY_CLASS[cls] = fn
+    return fn
+
+
 def snapshot(mod: nn.Module) -> dict[str, Any]:
     out = {k: v for k, v in vars(mod).items() if isinstance(v, (int, tuple)) and not k.startswith("_")}
-    out["_children_out"] = {n: _out_size(c) for n, c in mod.named_children() if _out_size(c) is not None}
+    out["_children_out"] = {n: v for n, c in mod.named_children() for v in [_out_size(c)] if v is not None}
     out["_shapes"] = {n: tuple(p.shape) for n, p in mod.named_parameters(recurse=False)}  # before slicing
     return out
 
@@ -496,8 +519,10 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     ratios = set()
     for n, c in mod.named_children():
         before = old.get("_children_out", {}).get(n)
+        if not before:  # (a child that had no output size: nothing to compare, its size not read)
+            continue
         now = _out_size(c)
-        if before and now is not None and now != before and any(k in n for k in ("q", "k", "v", "attn")):
+        if now is not None and now != before and any(k in n for k in ("q", "k", "v", "attn")):
             ratios.add((now, before))
     if not ratios:
         return {}

@@ -166,6 +166,9 @@ class Expected:
         ok = self.group >= 0
         self.removed = torch.zeros(self.group.numel(), dtype=torch.bool)
         self.removed[ok] = pick[offset[self.group[ok]] + local[ok]]
+        # ``removed`` with one False more at the end, read by a label directly: its -1 (no atom) lands there, so no
+        # clamp and mask per label (``_shape``)
+        self._removed_or_none = torch.cat([self.removed, torch.zeros(1, dtype=torch.bool)])
         self.memo: dict[tuple, tuple | None] = {}  # (label shape, label bytes, shape) -> shape()
 
     def reset(self) -> None:
@@ -196,7 +199,7 @@ class Expected:
         return self.memo[key]
 
     def _shape(self, lab: torch.Tensor, shape: tuple) -> tuple | None:
-        rem = self.removed[lab.clamp_min(0)] & (lab >= 0)
+        rem = self._removed_or_none[lab]  # (-1 reads the False at the end: ``removed[lab.clamp_min(0)] & (lab >= 0)``)
         dims = [d for d in range(lab.dim()) if lab.size(d) > 1]
         if len(dims) == 1:  # channels along one dim (the common case): every removed position is a whole slice
             n = int(rem.sum())
@@ -232,13 +235,12 @@ class Expected:
             raise
 
     def _step(self, op: str, out: Any) -> None:
-        from secateur.graph.capture import _flat_tensors
         if self.failed is not None:
             raise self.failed
         if self.loose:
             return
         i, self.step_no = self.step_no, self.step_no + 1
-        shapes = tuple(tuple(t.shape) for t in _flat_tensors(out))
+        shapes = (tuple(out.shape),) if isinstance(out, torch.Tensor) else tuple(tuple(t.shape) for t in _flat(out))
         self.sequence = True
         dyn = i >= self.dynamic
         if dyn and (i >= len(self.trace) or op != self.trace[i][0] or len(shapes) != len(self.trace[i][1])):
@@ -300,6 +302,11 @@ class Expected:
         if self.sequence:
             raise Mismatch(f"the pruned model runs {self.step_no} ops where the unpruned one ran {len(self.trace)}: "
                            "its control flow depends on a pruned size", [])
+
+
+def _flat(out: Any) -> list:
+    from secateur.graph.capture import _flat_tensors
+    return _flat_tensors(out)
 
 
 _VIEWS = ("view", "_unsafe_view")
