@@ -73,11 +73,10 @@ def _slice_norms(model: nn.Module, m: Member, p: float) -> torch.Tensor:
 
 
 def _whole(m: Member, t: torch.Tensor) -> bool:
-    """Does the member own every position of ``t`` along its dim? ``Member.index`` is sorted and unique (groups.py
-    builds it so), so as many positions as the dim, from 0 to the last, are all of them: two reads, where comparing
-    with an ``arange`` cost three ops per member."""
-    idx, n = m.index, t.size(m.dim)
-    return idx.numel() == n and (n == 0 or (int(idx[0]) == 0 and int(idx[-1]) == n - 1))
+    """Does the member own every position of ``t`` along its dim? ``Member.index`` holds distinct positions of that
+    dim (groups.py builds it sorted and unique), so as many of them as the dim has are all of them, in order: no op,
+    where comparing with an ``arange`` cost three per member."""
+    return m.index.numel() == t.size(m.dim)
 
 
 def _magnitude(p: float):

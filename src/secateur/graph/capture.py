@@ -306,7 +306,7 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
         tracer.stack.pop()
 
     tracer.leaf_names = {n for m, n in names.items() if rules[m] is not None}
-    for mod in model.modules():
+    for mod in names:  # (every module once, in ``modules()`` order)
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
     fastpath = torch.backends.mha.get_fastpath_enabled()

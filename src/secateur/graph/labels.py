@@ -99,11 +99,15 @@ class Atoms:
         else:
             self.union(flat, rep)
         if self.site is not None and flat.size(1) > 1:
-            low = lo if clean else flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
-            tied = (low < rep) & (rep >= 0)  # rows that held two atoms or more: one unit now
+            if clean:  # (every rep is an atom)
+                tied = lo < rep  # rows that held two atoms or more: one unit now
+            else:
+                low = flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
+                tied = (low < rep) & (rep >= 0)
             if tied.any():  # how many atoms one row joined: a statistic over the channels joins them all
                 row = flat[int(tied.flatten().nonzero()[0])]
-                self.reasons.append((self.site, "tie", rep[tied], int(row[row >= 0].unique().numel())))
+                row = row if clean else row[row >= 0]
+                self.reasons.append((self.site, "tie", rep[tied], int(row.unique().numel())))
         if not clean:
             mixed = (flat < 0).any(dim=1, keepdim=True) & (rep >= 0)
             if mixed.any():  # an unsliceable element shares the slice: the whole slice is kept

@@ -11,7 +11,7 @@ from torch import nn
 
 from secateur.errors import fail
 from secateur.graph.capture import Tracer
-from secateur.graph.labels import along
+from secateur.graph.labels import _RUNS, along
 
 LEAVES: dict[type, Callable] = {}
 LEAVES_BY_NAME: dict[str, Callable] = {}  # "module.path.ClassName" for optional libraries (transformers)
@@ -134,9 +134,27 @@ def _grouped_units(tr: Tracer, mod: nn.Module, ins: torch.Tensor | None, outs: t
     if mode == "channels":  # channel a*width + j of every group a together, for inputs and outputs apart
         tr.atoms.collapse(outs.view(g, -1), [0])
         return mode, None if ins is None else _consumed(tr, tr.atoms.collapse(ins.view(g, -1), [0]).reshape(-1))
+    if _depthwise_pairs(tr, g, ins, outs):
+        return mode, None
     ins = ins if ins is not None else torch.full((mod.in_channels,), -1, dtype=torch.long)
     tr.atoms.collapse(torch.cat([ins.view(g, -1), outs.view(g, -1)], dim=1), [1])  # a group's ins and outs
     return mode, None
+
+
+def _depthwise_pairs(tr: Tracer, g: int, ins: torch.Tensor | None, outs: torch.Tensor) -> bool:
+    """Whole groups of one input and one output channel each (a depthwise conv, the common grouped conv), input
+    atoms all real: what ``collapse`` of the rows [input_i, output_i] along dim 1 does, without it (a quarter of a
+    depthwise conv's capture). Every row holds two atoms, the output the larger (``outs`` are new), so the edges
+    are (input_i, output_i) in row order, and every row is tied: one "tie" reason naming the outputs, two atoms a
+    row. Not for a label too large for ``union``'s plain path (its edges come folded), nor where an input has no
+    atom (-1: ``collapse`` keeps such a pair)."""
+    if ins is None or ins.numel() != g or outs.numel() != g or 2 * g > _RUNS or (g and int(ins.min()) < 0):
+        return False
+    if g:
+        tr.atoms._add(torch.stack([ins.reshape(-1), outs.reshape(-1)]))
+        if tr.atoms.site is not None:
+            tr.atoms.reasons.append((tr.atoms.site, "tie", outs.reshape(-1).clone(), 2))
+    return True
 
 
 @leaf(nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -97,21 +97,45 @@ def twin(model: nn.Module) -> nn.Module:
     plan's apply replaces them by sliced copies, it never writes into them); buffers are copied, since a forward in
     training mode updates BatchNorm statistics in place."""
     memo: dict[int, Any] = {}
-    for t in (*model.parameters(), *model.buffers()):
+    params, buffers = _tensors_of(model)
+    for t in (*params, *buffers):
         if id(t) not in memo:
             memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
                            else t.detach().clone())
     return deepcopy_module(model, memo)
 
 
+def _tensors_of(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``list(model.parameters()), list(model.buffers())`` in one walk over the modules (each walk is a generator per
+    module; a dry run took four)."""
+    params, buffers, seen_p, seen_b = [], [], set(), set()
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None and id(p) not in seen_p:
+                seen_p.add(id(p))
+                params.append(p)
+        for b in mod._buffers.values():
+            if b is not None and id(b) not in seen_b:
+                seen_b.add(id(b))
+                buffers.append(b)
+    return params, buffers
+
+
 def runs_here(model: nn.Module, example_inputs: Any, applied: bool = False) -> bool:
     """Dry-run on the CPU with real values (see the module docstring) rather than on meta? ``applied``: the caller
     applies the twin's slices to the model (see ``HERE_BYTES_APPLIED``)."""
+    size = here_bytes(model, example_inputs)
+    return size is not None and size <= (HERE_BYTES_APPLIED if applied else HERE_BYTES)
+
+
+def here_bytes(model: nn.Module, example_inputs: Any) -> int | None:
+    """The bytes of the model's tensors, or None where any of them or the inputs is not on the CPU (``runs_here``)."""
     from secateur.graph.capture import _flat_tensors
-    tensors = [*model.parameters(), *model.buffers()]
+    params, buffers = _tensors_of(model)
+    tensors = [*params, *buffers]
     if any(t.device.type != "cpu" for t in (*tensors, *_flat_tensors(example_inputs))):
-        return False
-    return sum(t.numel() * t.element_size() for t in tensors) <= (HERE_BYTES_APPLIED if applied else HERE_BYTES)
+        return None
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def to_meta(x: Any) -> Any:
@@ -442,7 +466,7 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
     (``metrics.MacTally``, with ``expected`` only) counts the forward's MACs meanwhile; ``outputs`` (a list) gets
     the output tensors of a run that succeeded (the numeric proof reuses a CPU dry run's: one forward fewer)."""
     from secateur.graph.capture import call
-    names = {m: n for n, m in model.named_modules()}
+    names = {m: n for n, m in model.named_modules()}  # (every module once, in ``modules()`` order)
     leaves = expected.leaves if expected is not None else set()
     if expected is not None:
         expected.step_no, expected.sequence, expected.failed = 0, False, None
@@ -468,8 +492,8 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
                     depth[0] -= 1
         stack.pop()
 
-    hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
-    hooks += [m.register_forward_hook(post) for m in model.modules()]
+    hooks = [m.register_forward_pre_hook(pre) for m in names]
+    hooks += [m.register_forward_hook(post) for m in names]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # as in the capture: the same ops
     try:
