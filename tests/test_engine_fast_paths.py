@@ -478,3 +478,62 @@ def test_constant_along_is_the_plain_test():
         if trial % 3 == 0:
             lab = lab.narrow(d, 0, 1).expand(shape).contiguous()
         assert constant_along(lab, d) == bool((lab == lab.narrow(d, 0, 1)).all())
+
+
+# ---- issue #3 speed, third round (small CNNs): label work per op cut without changing a graph
+def _graph_and_reasons(model, x):
+    from secateur.graph.groups import build_graph
+    graph = build_graph(model, x)
+    reasons = [(site, kind, lab.tolist(), n) for site, kind, lab, n in graph.tracer.atoms.reasons]
+    return _graph_record(graph), reasons
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "regnet_x_400mf"])
+def test_depthwise_pairs_are_the_collapse(name, monkeypatch):
+    """``modules._depthwise_pairs`` adds a depthwise conv's (input, output) edges and its tie reason directly; with it
+    turned off every grouped conv runs the plain ``collapse``. The groups, links, notes, components and the kept
+    reasons must be the same (regnet: grouped, not depthwise: the fast path must not apply)."""
+    from secateur.graph import modules
+    real, used = modules._depthwise_pairs, [0]
+
+    def counted(*a):
+        ok = real(*a)
+        used[0] += ok
+        return ok
+    monkeypatch.setattr(modules, "_depthwise_pairs", counted)
+    model, x = _tv(name)()
+    got = _graph_and_reasons(model, x)
+    monkeypatch.setattr(modules, "_depthwise_pairs", lambda *a: False)
+    assert got == _graph_and_reasons(model, x)
+    assert got[0][0]
+    assert (used[0] > 0) == (name != "regnet_x_400mf")
+
+
+def test_union_pairs_are_the_masked_edges():
+    """``Atoms.union`` (and ``collapse``'s clean path) add the same edge batches as the plain masked pairs, with
+    -1s, equal pairs and broadcasts."""
+    from secateur.graph.labels import Atoms
+    gen = torch.Generator().manual_seed(4)
+    for trial in range(200):
+        shape = [int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(1 + trial % 3)]
+        a = torch.randint(-1 if trial % 2 else 0, 12, shape, generator=gen)
+        b = torch.randint(-1 if trial % 3 else 0, 12, shape, generator=gen)
+        if trial % 4 == 0:
+            b = b.narrow(0, 0, 1)
+        atoms = Atoms()
+        atoms.count = 12
+        atoms.union(a, b)
+        A, B = torch.broadcast_tensors(a, b)
+        keep = (A >= 0) & (B >= 0) & (A != B)
+        want = [torch.stack([A[keep], B[keep]])] if keep.any() else []
+        assert len(atoms.edges) == len(want) and all(torch.equal(e, w) for e, w in zip(atoms.edges, want))
+        lab = torch.randint(-1 if trial % 2 else 0, 12, shape + [3], generator=gen)
+        fast, plain = Atoms(), Atoms()
+        fast.count = plain.count = 12
+        fast.site = plain.site = ("m", "op")
+        out = fast.collapse(lab, [lab.dim() - 1])
+        plain.union(lab, lab.max(dim=-1, keepdim=True).values)  # the plain collapse's edges
+        n = len(plain.edges)  # (a -1 beside an atom then blocks that row: a batch of its own, after)
+        assert [e.tolist() for e in fast.edges[:n]] == [e.tolist() for e in plain.edges]
+        assert len(fast.edges) == n or bool((lab < 0).any())
+        assert torch.equal(out.squeeze(-1), lab.max(dim=-1).values)

@@ -105,11 +105,13 @@ class Tracer:
             return None
         return self.labels.get(id(t))
 
-    def set(self, t: Any, lab: torch.Tensor | None) -> None:
+    def set(self, t: Any, lab: torch.Tensor | None, *, compressed: bool = False) -> None:
+        """``compressed``: the caller knows ``compress`` would return ``lab`` as it is (distinct atoms along one dim,
+        a producer's new ones; a label this tracer stored, passed on): a reduction per op saved."""
         if isinstance(t, torch.Tensor):
             if lab is not None:
                 assert lab.dim() == t.dim(), (lab.shape, t.shape)
-            self.labels[id(t)] = compress(lab)
+            self.labels[id(t)] = lab.contiguous() if compressed and lab is not None and lab.numel() else compress(lab)
             self.alive.append(t)
 
     def param_label(self, p: torch.Tensor, *, buffers: bool = False) -> torch.Tensor | None:
@@ -173,16 +175,23 @@ class Tracer:
         mname, attr, _ = self.owner[id(p)]
         return mname, attr
 
-    def slot(self, p: torch.Tensor, dim: int, atoms: torch.Tensor, kind: str, consumer: bool = False) -> None:
-        """``consumer``: an "out" slice that the oracle zeroes too (q/k rows, whose only reader is q.k)."""
+    def slot(self, p: torch.Tensor, dim: int, atoms: torch.Tensor, kind: str, consumer: bool = False, *,
+             atoms_ok: bool = False, new: bool = False) -> None:
+        """``consumer``: an "out" slice that the oracle zeroes too (q/k rows, whose only reader is q.k);
+        ``atoms_ok``: the caller knows ``atoms`` holds no -1 (a label it checked), so only the size is checked here;
+        ``new``: ``atoms`` are new (``Atoms.new``, 1-d, written by nobody): checked for size only, and kept as they are."""
         mname, attr = self.name_of(p)
         key = (f"{mname}.{attr}" if mname else attr, dim)
-        atoms = atoms.reshape(-1).expand(p.size(dim)) if atoms.numel() == 1 else atoms.reshape(-1)
-        if atoms.numel() != p.size(dim) or bool((atoms < 0).any()):
+        n = p.size(dim)
+        atoms = atoms.reshape(-1)
+        if atoms.numel() == 1:
+            atoms = atoms.expand(n)
+        if atoms.numel() != n or (n and not (atoms_ok or new) and int(atoms.min()) < 0):  # (one reduction, no mask)
             raise fail("internal: slot size mismatch", where=key[0], shape=p.shape, value=atoms.numel())
         prev = self.slots.get(key)
-        if prev is None:
-            self.slots[key] = {"module": mname, "name": attr, "dim": dim, "atoms": atoms.clone(), "kind": kind,
+        if prev is None:  # (a copy: the caller's tensor may be a view of a label; not of new atoms, never written)
+            self.slots[key] = {"module": mname, "name": attr, "dim": dim, "atoms": atoms if new else atoms.clone(),
+                               "kind": kind,
                                "consumer": kind == "in" or consumer}
         else:
             self.atoms.union(prev["atoms"], atoms)
@@ -225,14 +234,25 @@ class _Mode(TorchDispatchMode):
         if self.tally is not None:
             self.tally.add(func, args, kwargs, out)
         if self.tracer.depth == 0:
-            from secateur.graph.rules import apply_rule
             self.tracer.atoms.site = (self.tracer.where(), func.overloadpacket._qualified_op_name)
             with no_dispatch():  # label ops reach no mode below (a MAC counter sees the model's ops only)
-                apply_rule(self.tracer, func, args, kwargs, out)
+                _apply_rule()(self.tracer, func, args, kwargs, out)
             if self.tracer.dynamic is None and torch.Tag.dynamic_output_shape in func.tags:
                 self.tracer.dynamic = len(self.tracer.trace)
             self.tracer.record(func.overloadpacket.__name__, out)
         return out
+
+
+_RULE: list = []
+
+
+def _apply_rule():
+    """``rules.apply_rule``, imported once (the rules import this module; an import statement per op cost more than
+    most ops' own rule)."""
+    if not _RULE:
+        from secateur.graph.rules import apply_rule
+        _RULE.append(apply_rule)
+    return _RULE[0]
 
 
 def _flat_tensors(obj: Any) -> list[torch.Tensor]:
@@ -316,7 +336,7 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
         tracer.stack.pop()
 
     tracer.leaf_names = {n for m, n in names.items() if rules[m] is not None}
-    for mod in model.modules():
+    for mod in names:  # (every module once, in ``modules()`` order)
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
     fastpath = torch.backends.mha.get_fastpath_enabled()

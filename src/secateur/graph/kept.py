@@ -52,14 +52,18 @@ def _by_component(reasons: list, kind: str, comp: torch.Tensor) -> dict[int, lis
 
 
 def _blocked(tr: Tracer, root: torch.Tensor) -> list[str]:
-    kept = []
-    for s in tr.slots.values():
-        if s["kind"] == "out":
-            a = s["atoms"][root[s["atoms"]] == root[BLOCKED]]
-            if a.numel():
-                kept.append((s, a))
-    if not kept:
+    outs = [s for s in tr.slots.values() if s["kind"] == "out"]
+    if not outs:
         return []
+    # which producers hold blocked atoms: one test over all of them, then the few that do (a mask per producer was
+    # most of this pass on small CNNs)
+    hit = root[torch.cat([s["atoms"] for s in outs])] == root[BLOCKED]
+    if not bool(hit.any()):
+        return []
+    sizes = [s["atoms"].numel() for s in outs]
+    per = torch.zeros(len(outs), dtype=torch.long).index_add_(
+        0, torch.repeat_interleave(torch.arange(len(outs)), torch.tensor(sizes, dtype=torch.long)), hit.long()).tolist()
+    kept = [(s, s["atoms"][h]) for s, h, k in zip(outs, hit.split(sizes), per) if k]
     free = tr.atoms.unblocked(root)
     read = torch.zeros(tr.atoms.count, dtype=torch.bool)  # components some layer reads (not only the output)
     for s in tr.slots.values():

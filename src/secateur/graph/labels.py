@@ -10,6 +10,8 @@ Atom 0 is BLOCKED: anything unioned with it can never be pruned (model outputs, 
 dim reached by a fused kernel, an initial recurrent state from outside...)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 BLOCKED = 0
@@ -42,9 +44,7 @@ class Atoms:
         """Union a[i] with b[i] elementwise (broadcast), ignoring -1."""
         a, b = torch.broadcast_tensors(a, b)
         if a.dim() < 2 or a.numel() <= _RUNS:
-            keep = (a >= 0) & (b >= 0) & (a != b)
-            if keep.any():
-                self._add(torch.stack([a[keep], b[keep]]))
+            self._pairs(a, b, (torch.minimum(a, b) >= 0) & (a != b))
             return
         # a big label repeats its pairs along some dim (a token stream: every token holds the same channels): keep
         # each run of one pair once, in whichever of two orders leaves fewer (no sort; the edge *set* is the same,
@@ -57,6 +57,14 @@ class Atoms:
         keep = (lo >= 0) & (lo != hi)
         if keep.any():
             self._add(torch.stack([lo[keep], hi[keep]]))
+
+    def _pairs(self, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> None:
+        """Add the pairs (a[i], b[i]) where ``keep`` (a, b, keep of one shape), in order, as one batch."""
+        if bool(keep.all()):  # every pair is an edge (the common case): the same edges, no masked copies
+            if keep.numel():
+                self._add(torch.stack([a.reshape(-1), b.reshape(-1)]))
+        elif bool(keep.any()):
+            self._add(torch.stack([a[keep], b[keep]]))
 
     def _add(self, e: torch.Tensor) -> None:
         self.edges.append(e)
@@ -80,18 +88,30 @@ class Atoms:
         shape = [1 if d in dims else lab.size(d) for d in range(lab.dim())]
         lab = _constant_dims_to_one(lab, other)  # the same unions, each once (the result is expanded back)
         perm = lab.permute(*other, *dims)
-        flat = perm.reshape(-1, int(torch.tensor([lab.size(d) for d in dims]).prod()))
-        rep = flat.max(dim=1, keepdim=True).values  # any real atom of the row (or -1)
-        self.union(flat, rep)
+        flat = perm.reshape(-1, math.prod(lab.size(d) for d in dims))
+        lo, rep = flat.aminmax(dim=1, keepdim=True) if flat.numel() else (flat[:, :1], flat[:, :1])
+        # rep: any real atom of the row (or -1); clean: no -1 anywhere (the common case), so that a pair (atom, rep)
+        # is an edge exactly where the atom is not the row's largest: the edges ``union(flat, rep)`` adds, fewer ops
+        clean = flat.numel() > 0 and int(lo.min()) >= 0
+        if clean and flat.numel() <= _RUNS:
+            a, b = torch.broadcast_tensors(flat, rep)
+            self._pairs(a, b, a < b)
+        else:
+            self.union(flat, rep)
         if self.site is not None and flat.size(1) > 1:
-            low = flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
-            tied = (low < rep) & (rep >= 0)  # rows that held two atoms or more: one unit now
+            if clean:  # (every rep is an atom)
+                tied = lo < rep  # rows that held two atoms or more: one unit now
+            else:
+                low = flat.masked_fill(flat < 0, self.count).min(dim=1, keepdim=True).values
+                tied = (low < rep) & (rep >= 0)
             if tied.any():  # how many atoms one row joined: a statistic over the channels joins them all
                 row = flat[int(tied.flatten().nonzero()[0])]
-                self.reasons.append((self.site, "tie", rep[tied], int(row[row >= 0].unique().numel())))
-        mixed = (flat < 0).any(dim=1, keepdim=True) & (rep >= 0)
-        if mixed.any():  # an unsliceable element shares the slice: the whole slice is kept
-            self.block(rep[mixed])
+                row = row if clean else row[row >= 0]
+                self.reasons.append((self.site, "tie", rep[tied], int(row.unique().numel())))
+        if not clean:
+            mixed = (flat < 0).any(dim=1, keepdim=True) & (rep >= 0)
+            if mixed.any():  # an unsliceable element shares the slice: the whole slice is kept
+                self.block(rep[mixed])
         small = [1 if d in dims else lab.size(d) for d in range(lab.dim())]
         return rep.reshape(small) if small == shape else rep.reshape(small).expand(shape).contiguous()
 
@@ -240,6 +260,9 @@ def varies(lab: torch.Tensor | None, dim: int) -> bool:
 
 def along(lab: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """The atoms along ``dim`` as a 1-d tensor of length ``size`` (lab must be constant along other dims)."""
+    if lab.numel() == lab.size(dim):  # the others are all 1 (the common case): a view, no indexing
+        flat = lab.reshape(-1)
+        return flat.expand(size) if lab.size(dim) == 1 else flat
     idx = [0] * lab.dim()
     idx[dim] = slice(None)
     return lab[tuple(idx)].expand(size) if lab.size(dim) == 1 else lab[tuple(idx)]

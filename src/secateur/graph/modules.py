@@ -11,7 +11,7 @@ from torch import nn
 
 from secateur.errors import fail
 from secateur.graph.capture import Tracer
-from secateur.graph.labels import along
+from secateur.graph.labels import _RUNS, along
 
 LEAVES: dict[type, Callable] = {}
 LEAVES_BY_NAME: dict[str, Callable] = {}  # "module.path.ClassName" for optional libraries (transformers)
@@ -53,7 +53,9 @@ def _input(args, kwargs) -> torch.Tensor:
 
 
 def _pad(lab, nd):
-    return None if lab is None else lab.reshape((1,) * (nd - lab.dim()) + tuple(lab.shape))
+    if lab is None or lab.dim() == nd:
+        return lab
+    return lab.reshape((1,) * (nd - lab.dim()) + tuple(lab.shape))
 
 
 def _channels(tr: Tracer, x: torch.Tensor, cdim: int) -> torch.Tensor | None:
@@ -62,7 +64,8 @@ def _channels(tr: Tracer, x: torch.Tensor, cdim: int) -> torch.Tensor | None:
     if lab is None:
         return None
     cdim %= x.dim()
-    lab = tr.atoms.collapse(lab, [d for d in range(x.dim()) if d != cdim])
+    if not (0 < lab.size(cdim) == lab.numel()):  # else the other dims are 1 already: nothing to collapse
+        lab = tr.atoms.collapse(lab, [d for d in range(x.dim()) if d != cdim])
     return along(lab, cdim, x.size(cdim)).clone()
 
 
@@ -74,9 +77,9 @@ def _shape_for(nd: int, cdim: int, atoms: torch.Tensor) -> torch.Tensor:
 
 def _produce(tr: Tracer, mod: nn.Module, n: int, wdim: int) -> torch.Tensor:
     atoms = tr.atoms.new(n)
-    tr.slot(mod.weight, wdim, atoms, "out")
+    tr.slot(mod.weight, wdim, atoms, "out", new=True)
     if getattr(mod, "bias", None) is not None:
-        tr.slot(mod.bias, 0, atoms, "out")
+        tr.slot(mod.bias, 0, atoms, "out", new=True)
     return atoms
 
 
@@ -92,15 +95,14 @@ def linear(tr: Tracer, mod, args, kwargs, out):
     if chan is not None:
         tr.slot(mod.weight, 0 if conv1d else 1, _consumed(tr, chan), "in")
     atoms = _produce(tr, mod, out.size(-1), 1 if conv1d else 0)
-    tr.set(out, _shape_for(out.dim(), -1, atoms))
+    tr.set(out, _shape_for(out.dim(), -1, atoms), compressed=True)
 
 
 def _consumed(tr: Tracer, chan: torch.Tensor) -> torch.Tensor:
     """Input channels of a weight: positions no producer labels (a concat with the model's input) get atoms of
     their own, which nothing produces, so they are never pruned; the labelled ones stay prunable."""
-    missing = chan < 0
-    if bool(missing.any()):
-        chan = torch.where(missing, tr.atoms.new(chan.numel()).view_as(chan), chan)
+    if chan.numel() and int(chan.min()) < 0:
+        chan = torch.where(chan < 0, tr.atoms.new(chan.numel()).view_as(chan), chan)
     return chan
 
 
@@ -132,9 +134,27 @@ def _grouped_units(tr: Tracer, mod: nn.Module, ins: torch.Tensor | None, outs: t
     if mode == "channels":  # channel a*width + j of every group a together, for inputs and outputs apart
         tr.atoms.collapse(outs.view(g, -1), [0])
         return mode, None if ins is None else _consumed(tr, tr.atoms.collapse(ins.view(g, -1), [0]).reshape(-1))
+    if _depthwise_pairs(tr, g, ins, outs):
+        return mode, None
     ins = ins if ins is not None else torch.full((mod.in_channels,), -1, dtype=torch.long)
     tr.atoms.collapse(torch.cat([ins.view(g, -1), outs.view(g, -1)], dim=1), [1])  # a group's ins and outs
     return mode, None
+
+
+def _depthwise_pairs(tr: Tracer, g: int, ins: torch.Tensor | None, outs: torch.Tensor) -> bool:
+    """Whole groups of one input and one output channel each (a depthwise conv, the common grouped conv), input
+    atoms all real: what ``collapse`` of the rows [input_i, output_i] along dim 1 does, without it (a quarter of a
+    depthwise conv's capture). Every row holds two atoms, the output the larger (``outs`` are new), so the edges
+    are (input_i, output_i) in row order, and every row is tied: one "tie" reason naming the outputs, two atoms a
+    row. Not for a label too large for ``union``'s plain path (its edges come folded), nor where an input has no
+    atom (-1: ``collapse`` keeps such a pair)."""
+    if ins is None or ins.numel() != g or outs.numel() != g or 2 * g > _RUNS or (g and int(ins.min()) < 0):
+        return False
+    if g:
+        tr.atoms._add(torch.stack([ins.reshape(-1), outs.reshape(-1)]))
+        if tr.atoms.site is not None:
+            tr.atoms.reasons.append((tr.atoms.site, "tie", outs.reshape(-1).clone(), 2))
+    return True
 
 
 @leaf(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -153,7 +173,7 @@ def conv(tr: Tracer, mod, args, kwargs, out):
     chan = _channels(tr, x, cdim)
     atoms = _produce(tr, mod, mod.out_channels, 0)
     conv_inputs(tr, mod, chan, atoms)
-    tr.set(out, _shape_for(out.dim(), cdim, atoms))
+    tr.set(out, _shape_for(out.dim(), cdim, atoms), compressed=True)
 
 
 def _pointwise_conv(mod: nn.Module) -> bool:
@@ -205,11 +225,12 @@ def batch_norm(tr: Tracer, mod, args, kwargs, out):
     chan = _channels(tr, x, cdim)
     if chan is None:
         return
+    lo, hi = (int(v) for v in chan.aminmax()) if chan.numel() else (0, 0)  # once, for the four tensors and the label
     for name in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(mod, name, None)
         if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == chan.numel():
-            tr.slot(t, 0, chan, "param")
-    tr.set(out, _shape_for(out.dim(), cdim, chan))
+            tr.slot(t, 0, chan, "param", atoms_ok=lo >= 0)
+    tr.set(out, _shape_for(out.dim(), cdim, chan), compressed=0 <= lo < hi)  # atoms that differ: nothing to shrink
 
 
 @leaf(nn.GroupNorm)
@@ -355,18 +376,16 @@ def updater(*types):
     def deco(fn):
         for t in types:
             UPDATERS[t] = fn
+        _BY_CLASS_FOR[0] = None  # (a replaced updater keeps the sizes: resolve classes again)
         return fn
     return deco
 
 
 def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     """Set the module's size attributes from its (already sliced) tensors; return what was set."""
-    for base in type(mod).__mro__:
-        if base in UPDATERS:
-            return UPDATERS[base](mod, old)
-        fn = UPDATERS_BY_NAME.get(f"{base.__module__}.{base.__name__}")
-        if fn is not None:
-            return fn(mod, old)
+    fn = _class_updater(type(mod))
+    if fn is not None:
+        return fn(mod, old)
     for probe in UPDATER_PROBES:
         fn = probe(mod)
         if fn is not None:
@@ -374,9 +393,34 @@ def update_attrs(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     return heads_updater(mod, old)
 
 
+_BY_CLASS: dict[type, Callable | None] = {}  # class -> its updater by class (UPDATERS, UPDATERS_BY_NAME) or None
+_BY_CLASS_FOR: list = [None]  # the registries' sizes the cache was filled with: any registration empties it
+
+
+def _class_updater(cls: type) -> Callable | None:
+    """The first of ``cls.__mro__`` registered in ``UPDATERS`` or by name: resolved once per class (a name per base
+    per module, twice per plan, on every module a plan touches and their parents)."""
+    sizes = (len(UPDATERS), len(UPDATERS_BY_NAME))
+    if _BY_CLASS_FOR[0] != sizes:
+        _BY_CLASS.clear()
+        _BY_CLASS_FOR[0] = sizes
+    if cls in _BY_CLASS:
+        return _BY_CLASS[cls]
+    fn = None
+    for base in cls.__mro__:
+        if base in UPDATERS:
+            fn = UPDATERS[base]
+            break
+        fn = UPDATERS_BY_NAME.get(f"{base.__module__}.{base.__name__}")
+        if fn is not None:
+            break
+    _BY_CLASS[cls] = fn
+    return fn
+
+
 def snapshot(mod: nn.Module) -> dict[str, Any]:
     out = {k: v for k, v in vars(mod).items() if isinstance(v, (int, tuple)) and not k.startswith("_")}
-    out["_children_out"] = {n: _out_size(c) for n, c in mod.named_children() if _out_size(c) is not None}
+    out["_children_out"] = {n: v for n, c in mod.named_children() for v in [_out_size(c)] if v is not None}
     out["_shapes"] = {n: tuple(p.shape) for n, p in mod.named_parameters(recurse=False)}  # before slicing
     return out
 
@@ -493,8 +537,10 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
     ratios = set()
     for n, c in mod.named_children():
         before = old.get("_children_out", {}).get(n)
+        if not before:  # (a child that had no output size: nothing to compare, its size not read)
+            continue
         now = _out_size(c)
-        if before and now is not None and now != before and any(k in n for k in ("q", "k", "v", "attn")):
+        if now is not None and now != before and any(k in n for k in ("q", "k", "v", "attn")):
             ratios.add((now, before))
     if not ratios:
         return {}

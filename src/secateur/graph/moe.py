@@ -269,8 +269,10 @@ def meta_stand_ins(rules: dict, tally: Any = None):
     try:
         for mod, rule in rules.items():
             fn = getattr(rule, "meta_forward", None)
+            if fn is None:  # (most modules: no parameter walk for them)
+                continue
             t = next(mod.parameters(), None)
-            if fn is None or t is None or t.device.type != "meta" or "forward" in vars(mod):
+            if t is None or t.device.type != "meta" or "forward" in vars(mod):
                 continue
             mod.forward = _stand_in(mod, fn, tally)
             patched.append(mod)

@@ -159,8 +159,7 @@ def usable(model: torch.nn.Module, example_inputs: Any) -> bool:
 
 def _value_free(func) -> bool:
     """(Indices a max pooling returns are values, but only an index op reads them, and that aborts.)"""
-    from secateur.graph.rules.dispatch import _inplace_of_pointwise
-    from secateur.graph.rules.registry import _POINTWISE_UNTAGGED
+    from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, _inplace_of_pointwise
     packet = func.overloadpacket
     return (packet in _VALUE_FREE or func in _VALUE_FREE or torch.Tag.pointwise in func.tags
             or packet in _POINTWISE_UNTAGGED or _inplace_of_pointwise(packet))

@@ -98,21 +98,45 @@ def twin(model: nn.Module) -> nn.Module:
     plan's apply replaces them by sliced copies, it never writes into them); buffers are copied, since a forward in
     training mode updates BatchNorm statistics in place."""
     memo: dict[int, Any] = {}
-    for t in (*model.parameters(), *model.buffers()):
+    params, buffers = _tensors_of(model)
+    for t in (*params, *buffers):
         if id(t) not in memo:
             memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
                            else t.detach().clone())
     return deepcopy_module(model, memo)
 
 
+def _tensors_of(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``list(model.parameters()), list(model.buffers())`` in one walk over the modules (each walk is a generator per
+    module; a dry run took four)."""
+    params, buffers, seen_p, seen_b = [], [], set(), set()
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None and id(p) not in seen_p:
+                seen_p.add(id(p))
+                params.append(p)
+        for b in mod._buffers.values():
+            if b is not None and id(b) not in seen_b:
+                seen_b.add(id(b))
+                buffers.append(b)
+    return params, buffers
+
+
 def runs_here(model: nn.Module, example_inputs: Any, applied: bool = False) -> bool:
     """Dry-run on the CPU with real values (see the module docstring) rather than on meta? ``applied``: the caller
     applies the twin's slices to the model (see ``HERE_BYTES_APPLIED``)."""
+    size = here_bytes(model, example_inputs)
+    return size is not None and size <= (HERE_BYTES_APPLIED if applied else HERE_BYTES)
+
+
+def here_bytes(model: nn.Module, example_inputs: Any) -> int | None:
+    """The bytes of the model's tensors, or None where any of them or the inputs is not on the CPU (``runs_here``)."""
     from secateur.graph.capture import _flat_tensors
-    tensors = [*model.parameters(), *model.buffers()]
+    params, buffers = _tensors_of(model)
+    tensors = [*params, *buffers]
     if any(t.device.type != "cpu" for t in (*tensors, *_flat_tensors(example_inputs))):
-        return False
-    return sum(t.numel() * t.element_size() for t in tensors) <= (HERE_BYTES_APPLIED if applied else HERE_BYTES)
+        return None
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def to_meta(x: Any) -> Any:
@@ -167,6 +191,9 @@ class Expected:
         ok = self.group >= 0
         self.removed = torch.zeros(self.group.numel(), dtype=torch.bool)
         self.removed[ok] = pick[offset[self.group[ok]] + local[ok]]
+        # ``removed`` with one False more at the end, read by a label directly: its -1 (no atom) lands there, so no
+        # clamp and mask per label (``_shape``)
+        self._removed_or_none = torch.cat([self.removed, torch.zeros(1, dtype=torch.bool)])
         self.memo: dict[tuple, tuple | None] = {}  # (label shape, label bytes, shape) -> shape()
 
     def reset(self) -> None:
@@ -197,7 +224,7 @@ class Expected:
         return self.memo[key]
 
     def _shape(self, lab: torch.Tensor, shape: tuple) -> tuple | None:
-        rem = self.removed[lab.clamp_min(0)] & (lab >= 0)
+        rem = self._removed_or_none[lab]  # (-1 reads the False at the end: ``removed[lab.clamp_min(0)] & (lab >= 0)``)
         dims = [d for d in range(lab.dim()) if lab.size(d) > 1]
         if len(dims) == 1:  # channels along one dim (the common case): every removed position is a whole slice
             n = int(rem.sum())
@@ -233,13 +260,12 @@ class Expected:
             raise
 
     def _step(self, op: str, out: Any) -> None:
-        from secateur.graph.capture import _flat_tensors
         if self.failed is not None:
             raise self.failed
         if self.loose:
             return
         i, self.step_no = self.step_no, self.step_no + 1
-        shapes = tuple(tuple(t.shape) for t in _flat_tensors(out))
+        shapes = (tuple(out.shape),) if isinstance(out, torch.Tensor) else tuple(tuple(t.shape) for t in _flat(out))
         self.sequence = True
         dyn = i >= self.dynamic
         if dyn and (i >= len(self.trace) or op != self.trace[i][0] or len(shapes) != len(self.trace[i][1])):
@@ -301,6 +327,11 @@ class Expected:
         if self.sequence:
             raise Mismatch(f"the pruned model runs {self.step_no} ops where the unpruned one ran {len(self.trace)}: "
                            "its control flow depends on a pruned size", [])
+
+
+def _flat(out: Any) -> list:
+    from secateur.graph.capture import _flat_tensors
+    return _flat_tensors(out)
 
 
 _VIEWS = ("view", "_unsafe_view")
@@ -419,7 +450,7 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
 def _run(model: nn.Module, example_inputs: Any, expected: Expected | None, here: bool, tally: Any,
          outputs: list | None, shapes: Any) -> tuple[list | None, str | None, str | None, list[int] | None]:
     from secateur.graph.capture import call
-    names = {m: n for n, m in model.named_modules()}
+    names = {m: n for n, m in model.named_modules()}  # (every module once, in ``modules()`` order)
     leaves = expected.leaves if expected is not None else set()
     if expected is not None:
         expected.step_no, expected.sequence, expected.failed = 0, False, None
@@ -445,8 +476,8 @@ def _run(model: nn.Module, example_inputs: Any, expected: Expected | None, here:
                     depth[0] -= 1
         stack.pop()
 
-    hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
-    hooks += [m.register_forward_hook(post) for m in model.modules()]
+    hooks = [m.register_forward_pre_hook(pre) for m in names]
+    hooks += [m.register_forward_hook(post) for m in names]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # as in the capture: the same ops
     try:

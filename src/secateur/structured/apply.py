@@ -48,6 +48,7 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
 
     # compute everything first: a PruningError must leave the model as it was
     new_tensors = []
+    kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(pos), size) -> (pos, kept positions)
     for (mname, tname), dims in removed.items():
         mod = module(mname)
         t = _tensor(mod, tname)
@@ -60,9 +61,11 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                 if pos.numel() >= t.size(d):
                     raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape,
                                value=d)
-                mask = torch.ones(t.size(d), dtype=torch.bool)
-                mask[pos] = False
-                keep.append((d, mask.nonzero().flatten()))
+                hit = kept.get((id(pos), t.size(d)))  # tensors of one member set share ``pos`` (Plan.removed)
+                if hit is None or hit[0] is not pos:
+                    mask = torch.ones(t.size(d), dtype=torch.bool).index_fill_(0, pos, False)
+                    hit = kept[(id(pos), t.size(d))] = (pos, mask.nonzero().flatten())
+                keep.append((d, hit[1]))
             new = t.detach()
             keep.sort(key=lambda k: k[0])
             if [d for d, _ in keep] == [0, 1]:  # one gather, not two passes (index_select along dim 1 is the slow

@@ -34,8 +34,12 @@ class Plan:
         for g, chans in self.choices:
             pick = torch.zeros(g.size, dtype=torch.bool)
             pick[chans] = True
-            for m in g.members:
-                pos = m.index[pick[m.channel]]
+            same: dict[tuple[bytes, bytes], torch.Tensor] = {}  # a group's members mostly hold the same positions
+            for m in g.members:  # (a conv's rows, its norm's four vectors, the next conv's columns): one gather each
+                key = (m.index.numpy().tobytes(), m.channel.numpy().tobytes())
+                pos = same.get(key)
+                if pos is None:
+                    pos = same[key] = m.index[pick[m.channel]]
                 if pos.numel():
                     out.setdefault((m.module, m.name), {}).setdefault(m.dim, []).append(pos)
         # one piece (the common case: one group per tensor dim) is sorted and unique already (Member.index is)

@@ -430,7 +430,7 @@ def _runs_here(model: nn.Module, example_inputs: Any, applied: bool, memo: dict 
     from secateur.graph import verify
     if memo is None:
         return verify.runs_here(model, example_inputs, applied)
-    key = ("runs_here", applied)
-    if key not in memo:
-        memo[key] = verify.runs_here(model, example_inputs, applied)
-    return memo[key]
+    if "here_bytes" not in memo:  # one walk for both answers
+        memo["here_bytes"] = verify.here_bytes(model, example_inputs)
+    size = memo["here_bytes"]
+    return size is not None and size <= (verify.HERE_BYTES_APPLIED if applied else verify.HERE_BYTES)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from secateur.graph.capture import Tracer
-from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, _pad, _tensors, aten
+from secateur.graph.rules.registry import _pad, _tensors, aten, op_facts
 
 
 _FILLS = {aten.zeros, aten.ones, aten.full, aten.zeros_like, aten.ones_like, aten.full_like, aten.new_zeros,
@@ -26,10 +26,11 @@ def track_uniform(tr: Tracer, func, args, out) -> None:
     storage, not tensor id: the tensor a factory hands the model can be another Python object than the one the
     dispatch mode saw (and every view of uniform memory is uniform)."""
     packet = func.overloadpacket
-    if func._schema.is_mutable:  # ``was_uniform``: what this write found uniform (rules/scatter.py reads it)
+    mutable = op_facts(func)[0]
+    if mutable:  # ``was_uniform``: what this write found uniform (rules/scatter.py reads it)
         tr.was_uniform = [k for a in args for t in _tensors(a) for k in [_storage(t)]
                           if tr.uniform.pop(k, None) is not None] if tr.uniform else []
-    if isinstance(out, torch.Tensor) and not func._schema.is_mutable and (
+    if isinstance(out, torch.Tensor) and not mutable and (
             packet in _FILLS or (tr.uniform and _uniform_pointwise(tr, func, args))):
         key = _storage(out)
         if key != -1:
@@ -40,7 +41,7 @@ def _uniform_pointwise(tr: Tracer, func, args) -> bool:
     """A pointwise op of uniform memory and numbers is uniform too: RWKV's ``torch.zeros_like(k) - 1e38`` (its
     running maximum's start). Not tracked, it was a constant varying along the channels it meets in
     ``torch.maximum``, and every attention channel of RWKV was one all-or-nothing unit."""
-    if torch.Tag.pointwise not in func.tags and func.overloadpacket not in _POINTWISE_UNTAGGED:
+    if not op_facts(func)[1]:
         return False
     ts = [t for a in args for t in _tensors(a)]
     return bool(ts) and all(tr.get(t) is None and id(t) not in tr.owner and (t.dim() == 0 or is_uniform(tr, t))
@@ -112,12 +113,13 @@ def track_derived(tr: Tracer, func, args, kwargs, out) -> None:
     all-or-nothing: slicing commutes with all of these. Any other operand must be a scalar; a permute, a
     reduction or a second tensor ends the chain."""
     packet = func.overloadpacket
-    if func._schema.is_mutable or not isinstance(out, torch.Tensor):
+    mutable, tagged, _ = op_facts(func)
+    if mutable or not isinstance(out, torch.Tensor):
         return
     if packet in _GATHERS:
         _track_gather(tr, packet, args, out)
         return
-    if packet not in _SAME_ORDER and not (torch.Tag.pointwise in func.tags or packet in _POINTWISE_UNTAGGED):
+    if packet not in _SAME_ORDER and not tagged:
         return
     big = [t for a in (*args, *kwargs.values()) for t in _tensors(a) if t.numel() > 1]
     if len(big) != 1:

@@ -13,21 +13,34 @@ from secateur.graph.rules.inplace import FACTORIES, made, refresh_inputs, write_
 from secateur.graph.rules.matmul import _TRANSPOSES, _gathered_table, _weight_view, gathered_row
 from secateur.graph.rules.movement import move
 from secateur.graph.rules.reductions import _SPATIAL, _resampled_param
-from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, BY_NAME, RULES, _outs, _tensors, aten, not_understood
+from secateur.graph.rules.registry import BY_NAME, RULES, _outs, _tensors, aten, not_understood, op_facts
 from secateur.graph.rules.weighted import _OWN_WEIGHT
 
 
+def _labelled(tr: Tracer, args, kwargs) -> bool:
+    """Does any tensor among the arguments carry labels? (the generator over ``_tensors`` per op, unrolled)"""
+    labels = tr.labels
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, torch.Tensor):
+            if labels.get(id(a)) is not None:
+                return True
+        elif isinstance(a, (list, tuple)) and any(labels.get(id(t)) is not None for t in _tensors(a)):
+            return True
+    return False
+
+
 def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
+    mutable, tagged, inplace_of = op_facts(func)
     # memory a filling factory wrote and nothing since (zeros_like): a write into a view of it labels the lines it
     # writes whole (rules/inplace.py); asked before ``track_uniform`` forgets it for this very write
-    fresh = (func._schema.is_mutable and bool(args) and isinstance(args[0], torch.Tensor) and args[0]._is_view()
+    fresh = (mutable and bool(args) and isinstance(args[0], torch.Tensor) and args[0]._is_view()
              and is_uniform(tr, args[0]))
     if func.overloadpacket in FACTORIES and isinstance(out, torch.Tensor):
         made(tr, out)
     if tr.writes:  # some base was written through a view: views of it made before read its new labels
         refresh_inputs(tr, [t for a in (*args, *kwargs.values()) for t in _tensors(a)])
     track_uniform(tr, func, args, out)
-    labelled = any(tr.get(t) is not None for a in (*args, *kwargs.values()) for t in _tensors(a))
+    labelled = _labelled(tr, args, kwargs)
     packet = func.overloadpacket
     if not labelled and packet in _TRANSPOSES and _weight_view(tr, func, args, out):
         return
@@ -50,18 +63,17 @@ def apply_rule(tr: Tracer, func, args, kwargs, out) -> None:
                 freed = t if RULES.get(packet) is not move else None
     if not labelled:
         track_derived(tr, func, args, kwargs, out)
-        if func._schema.is_mutable and out is not None:
+        if mutable and out is not None:
             for t in _outs(out):
                 if id(t) in tr.labels and tr.labels[id(t)] is not None:
                     tr.set(t, None)
         return
     fn = RULES.get(packet) or BY_NAME.get(packet._qualified_op_name)
-    if fn is None and (torch.Tag.pointwise in func.tags or _inplace_of_pointwise(packet)
-                       or packet in _POINTWISE_UNTAGGED):
+    if fn is None and (tagged or inplace_of):
         fn = pointwise
     if fn is None:
         fn = not_understood
-    mutated = args[0] if func._schema.is_mutable and args and isinstance(args[0], torch.Tensor) else None
+    mutated = args[0] if mutable and args and isinstance(args[0], torch.Tensor) else None
     inplace_view = mutated is not None and mutated._is_view()
     before = tr.get(mutated) if mutated is not None else None
     fn(tr, func, args, kwargs, out)
@@ -90,14 +102,7 @@ def _free_pointwise(func, packet) -> bool:
     entering a view) and the result carries them, so it is sliced with the heads it then scales; left a constant,
     it varied along the heads dim and made every head one unit (timm swinv2_tiny_window8_256: 0.69 of dense MACs).
     Only a parameter with one non-1 dim is labelled (``Tracer.param_label``); other constants stay constants."""
-    if func._schema.is_mutable:
+    mutable, tagged, _ = op_facts(func)
+    if mutable:
         return False
-    return (RULES.get(packet) is pointwise or torch.Tag.pointwise in func.tags or packet in _POINTWISE_UNTAGGED)
-
-
-def _inplace_of_pointwise(packet) -> bool:
-    name = packet.__name__
-    if not name.endswith("_"):
-        return False
-    base = getattr(aten, name[:-1], None)
-    return base is not None and any(torch.Tag.pointwise in getattr(base, o).tags for o in base.overloads())
+    return RULES.get(packet) is pointwise or tagged

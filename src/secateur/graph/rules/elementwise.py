@@ -100,8 +100,9 @@ def pointwise(tr, func, args, kwargs, out):
             continue
         if dims:
             res = tr.atoms.collapse(res, dims)
+    passed = any(res is lab for lab in labs)  # an operand's stored label as it is (relu_, silu_): compressed already
     for t in outs:
-        tr.set(t, res if t.dim() == nd else None)
+        tr.set(t, res if t.dim() == nd else None, compressed=passed)
 
 
 def _broadcast_gate(t, lab, others, shape) -> bool:
@@ -178,13 +179,13 @@ def _shared_params(tr, tens, nd) -> set[int]:
     Qwen3-Next's gated attention kept every head)."""
     if tr.head_dim:
         return set()
+    params = [t for t in tens if tr.of_param(t)  # ``1 + weight``: as the weight itself (see above)
+              or (id(t) in tr.owner and tr.owner[id(t)][2] and id(t) not in tr.labels)]
+    if not params:  # (most ops: no free parameter among the operands)
+        return set()
     labs = [_pad(tr.get(t), nd) for t in tens if tr.get(t) is not None and not tr.of_param(t)]
     out = set()
-    for t in tens:
-        derived = tr.of_param(t)  # ``1 + weight``: as the weight itself (see above)
-        if not derived and (tr.get(t) is not None or id(t) not in tr.owner or not tr.owner[id(t)][2]
-                            or id(t) in tr.labels):
-            continue
+    for t in params:
         big = [nd - t.dim() + d for d in range(t.dim()) if t.size(d) > 1]
         if big != [nd - 1]:  # a weight over the last dim (a norm's affine weight); not a per-head scale
             continue  # [heads, 1, 1] (edgenext's XCA temperature), whose union with its head is right

@@ -24,6 +24,31 @@ _POINTWISE_UNTAGGED = {aten.hardswish, aten.hardswish_, aten.mish, aten.mish_, a
                        aten.log_sigmoid_forward, aten.log_sigmoid}
 
 
+_OPS: dict[int, tuple] = {}  # id(op) -> (op, facts): see op_facts
+
+
+def op_facts(func) -> tuple[bool, bool, bool]:
+    """(its schema is mutable, pointwise by its tags or ``_POINTWISE_UNTAGGED``, the in-place form of a pointwise op)
+    of an op overload, worked out once per op: ``func._schema.is_mutable`` and the tag tests, asked several times per
+    op, cost more than most ops' own rules. Ops are long-lived singletons (kept alive here, so their ids stay theirs;
+    keyed by id: ops hash in Python)."""
+    known = _OPS.get(id(func))
+    if known is None or known[0] is not func:
+        packet = func.overloadpacket
+        known = _OPS[id(func)] = (func, (bool(func._schema.is_mutable),
+                                         torch.Tag.pointwise in func.tags or packet in _POINTWISE_UNTAGGED,
+                                         _inplace_of_pointwise(packet)))
+    return known[1]
+
+
+def _inplace_of_pointwise(packet) -> bool:
+    name = packet.__name__
+    if not name.endswith("_"):
+        return False
+    base = getattr(aten, name[:-1], None)
+    return base is not None and any(torch.Tag.pointwise in getattr(base, o).tags for o in base.overloads())
+
+
 def rule(*ops):
     def deco(fn):
         for op in ops:
@@ -45,8 +70,8 @@ def _outs(out):
 
 
 def _pad(lab: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
-    if lab is None:
-        return None
+    if lab is None or lab.dim() == ndim:
+        return lab
     return lab.reshape((1,) * (ndim - lab.dim()) + tuple(lab.shape))
 
 
