@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
+from secateur.graph.capture import _flat_tensors
+
 aten = torch.ops.aten
 
 HEAVY = frozenset({aten.convolution, aten.mm, aten.addmm, aten.bmm, aten.baddbmm,
@@ -182,14 +184,7 @@ def _ptr(t: torch.Tensor) -> int:
         return -1
 
 
-def _flat(x: Any) -> list:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _flat(v)]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _flat(v)]
-    return []
+_flat = _flat_tensors
 
 
 def _plain(x: Any) -> bool:
