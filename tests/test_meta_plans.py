@@ -66,7 +66,8 @@ def test_decoders_called_the_default_way_plan_on_meta_like_on_the_cpu(model_type
 @pytest.mark.parametrize("model_type", [pytest.param("falcon", marks=pytest.mark.xfail(
     strict=True, reason="Falcon's query heads now prune on the CPU, where the size-attribute search finds num_heads; "
     "meta plans run no size-attribute search, so the heads group is dropped there (README Known limits)")),
-    pytest.param("gpt_bigcode", marks=_SLOW),
+    pytest.param("gpt_bigcode", marks=[_SLOW, pytest.mark.xfail(
+        strict=True, reason="as Falcon: its multi-query heads prune on the CPU through the size-attribute search")]),
                                         pytest.param("llama_one_kv_head", marks=_SLOW)])
 def test_one_kv_head_attention_plans_on_meta_like_on_the_cpu(model_type):
     """Multi-query attention: the CPU runs SDPA's flash kernel (k and v with one head), meta ran the math
