@@ -285,14 +285,9 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     (``tracer.shapes_only`` says which ran)."""
     from secateur.graph import shapes_only
     if shapes_only.usable(model, example_inputs):
-        runner = shapes_only.ShapesOnly(model, example_inputs)
-        try:
-            tracer = _capture(model, example_inputs, heads, grouped, macs, runner)
-        except (shapes_only.NeedsValues, Exception):  # anything the attempt raises, a real capture says for itself
-            tracer = None
-        finally:
-            runner.release()
-        if tracer is not None and not runner.aborted:
+        tracer = shapes_only.attempt(model, example_inputs,
+                                     lambda runner: _capture(model, example_inputs, heads, grouped, macs, runner))
+        if tracer is not None:
             tracer.shapes_only = True
             return tracer
     return _capture(model, example_inputs, heads, grouped, macs, None)

@@ -22,7 +22,7 @@ plain tensors (a cache object in the inputs would be fed twice by a retry)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_map
@@ -150,6 +150,20 @@ def _trains_norm(func, args: tuple, kwargs: dict) -> bool:
     return bool(training)
 
 
+def attempt(model: torch.nn.Module, example_inputs: Any, run: Callable[[ShapesOnly], Any],
+            accept: Callable[[Any], bool] = lambda res: True) -> Any:
+    """``run(runner)`` without values; None where it needed values, raised, or ``accept`` refuses its result (the
+    caller then runs with values)."""
+    runner = ShapesOnly(model, example_inputs)
+    try:
+        res = run(runner)
+    except (NeedsValues, Exception):  # anything the attempt raises, a run with values says for itself
+        return None
+    finally:
+        runner.release()
+    return res if not runner.aborted and accept(res) else None
+
+
 def usable(model: torch.nn.Module, example_inputs: Any) -> bool:
     """Worth trying and safe to retry: a CPU model too large for the numeric proof, plain tensor inputs."""
     from secateur.graph.verify import runs_here
@@ -160,11 +174,11 @@ def usable(model: torch.nn.Module, example_inputs: Any) -> bool:
 
 
 def _value_free(func) -> bool:
-    """(Indices a max pooling returns are values, but only an index op reads them, and that aborts.)"""
-    from secateur.graph.rules.registry import _POINTWISE_UNTAGGED, _inplace_of_pointwise
-    packet = func.overloadpacket
-    return (packet in _VALUE_FREE or func in _VALUE_FREE or torch.Tag.pointwise in func.tags
-            or packet in _POINTWISE_UNTAGGED or _inplace_of_pointwise(packet))
+    """(Indices a max pooling returns are values, but only an index op reads them, and that aborts.) Pointwise, by
+    the rules' own cached facts (``registry.op_facts``)."""
+    from secateur.graph.rules.registry import op_facts
+    _, pointwise, inplace_pointwise = op_facts(func)
+    return pointwise or inplace_pointwise or func.overloadpacket in _VALUE_FREE or func in _VALUE_FREE
 
 
 def _like(t: Any) -> Any:

@@ -435,14 +435,10 @@ def run(model: nn.Module, example_inputs: Any, expected: Expected | None = None,
     the pruned code reads them; its outputs are then not handed back (they hold no values)."""
     from secateur.graph import shapes_only
     if here and getattr(getattr(expected, "tracer", None), "shapes_only", False):
-        runner = shapes_only.ShapesOnly(model, example_inputs)
-        try:
-            res = _run(model, example_inputs, expected, here, tally, None, runner)
-        except shapes_only.NeedsValues:
-            res = None
-        finally:
-            runner.release()
-        if res is not None and not runner.aborted and res[0] is not None:  # a failure is confirmed with values
+        res = shapes_only.attempt(model, example_inputs,
+                                  lambda runner: _run(model, example_inputs, expected, here, tally, None, runner),
+                                  accept=lambda res: res[0] is not None)  # a failure is confirmed with values
+        if res is not None:
             return res
     return _run(model, example_inputs, expected, here, tally, outputs, None)
 
