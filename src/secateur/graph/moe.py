@@ -176,10 +176,14 @@ def _experts(tr: Tracer, mod: nn.Module, args, kwargs, out, lay: Layout) -> None
         tr.slot(up, lay.up_hidden, _consumed(tr, chan), "in")
     inter = tr.atoms.new(lay.inter)
     rows = inter if lay.pairs == 1 else inter.repeat_interleave(2) if lay.interleaved else torch.cat([inter, inter])
+    owners = [up, down]
     tr.slot(up, lay.up_rows, rows, "out")
     if lay.bias:
-        tr.slot(getattr(mod, f"{lay.up}_bias"), 1, rows, "out")
+        owners.append(getattr(mod, f"{lay.up}_bias"))
+        tr.slot(owners[-1], 1, rows, "out")
     tr.slot(down, lay.down_inter, inter, "in")
+    names = frozenset(".".join(p for p in tr.name_of(t) if p) for t in owners)
+    tr.experts.append((inter, lay.experts, names))  # each expert keeps its own channels (groups.py)
     hidden = tr.atoms.new(lay.hidden)
     tr.slot(down, lay.down_hidden, hidden, "out")
     if lay.bias:
