@@ -242,6 +242,53 @@ def test_global_ranking_scores_a_slot_by_every_experts_loss():
     assert group_scores(ex, m).numel() == I
 
 
+class _ExpertMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(H, I, bias=False), nn.Linear(H, I, bias=False)
+        self.w2 = nn.Linear(I, H, bias=False)
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class ModuleListMoE(nn.Module):
+    """Experts as separate modules (Mixtral before transformers 5, SwitchTransformers / NLLB-MoE's ModuleDict): a
+    loop over the experts, each reading its routed tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.router, self.head = nn.Linear(8, H), nn.Linear(H, E, bias=False), nn.Linear(H, 5)
+        self.experts = nn.ModuleList(_ExpertMLP() for _ in range(E))
+
+    def forward(self, x):
+        h = self.inp(x).flatten(0, 1)
+        w, idx = self.router(h).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            tok, pos = torch.where(idx == e)
+            out.index_add_(0, tok, expert(h[tok]) * w[tok, pos, None])
+        return self.head(h + out)
+
+
+def test_experts_as_separate_modules_already_choose_their_own_channels():
+    """One group per expert module: each expert's intermediate channels are ranked and kept on their own."""
+    torch.manual_seed(0)
+    m, x = ModuleListMoE().eval(), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        for e, keep in enumerate(SETS):
+            for lin in (m.experts[e].w1, m.experts[e].w3):
+                lin.weight[keep] *= 100
+            m.experts[e].w2.weight[:, keep] *= 100
+    plan = plan_channels(m, x, ratio=0.5)
+    inner = {g.name: c for g, c in plan.choices if g.name.startswith("experts.")}
+    assert sorted(inner) == [f"experts.{e}.w1" for e in range(E)]
+    for e, keep in enumerate(SETS):
+        assert sorted(inner[f"experts.{e}.w1"].tolist()) == sorted(set(range(I)) - set(keep))
+    _, want, got = pruned_vs_reference(m, x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def _mixing_gate(self, h):
     gate, up = h.chunk(2, dim=-1)
     return self.act_fn(gate) * up / (up.norm(dim=-1, keepdim=True) + 1)  # a statistic over the channels
@@ -498,6 +545,9 @@ def test_moe_plans_on_meta_like_on_the_cpu(model_type):
     cm, cc = counts(plan_m), counts(plan_c)
     experts = [n for n in cc if "experts" in n or ".mlp." in n]
     assert experts and all(cm.get(n) == cc[n] for n in experts), (cm, cc)
+    per_expert = lambda p: {g.name: (g.experts, tuple(c.shape)) for g, c in p.choices if g.experts}  # noqa: E731
+    assert per_expert(plan_m) == per_expert(plan_c)  # each expert keeps its own channels on meta too
+    assert bool(per_expert(plan_c)) == (model_type in ("mixtral", "qwen2_moe", "gpt_oss"))  # fused dispatcher experts
     stream = "transformer.wte" if model_type == "dbrx" else "model.embed_tokens"
     assert cm.get(stream) == cc.get(stream) is not None
     if same_attention:
