@@ -112,13 +112,14 @@ def test_hand_written_experts_oracle(layout, impl):
 
 
 def _own_channels(m, sets):
-    """Scale expert ``e``'s intermediate channels ``sets[e]`` (gate, up and down) by 100: its important ones."""
+    """Scale expert ``e``'s intermediate channels ``sets[e]`` (gate, up and down) by 10: its important ones (not
+    more: the outputs grow as the square, and float32 sums of large terms would fail the oracle's tolerance)."""
     with torch.no_grad():
         for e, keep in enumerate(sets):
             keep = torch.tensor(keep)
-            m.experts.down_proj[e][:, keep] *= 100
-            m.experts.gate_up_proj[e][keep] *= 100
-            m.experts.gate_up_proj[e][keep + I] *= 100
+            m.experts.down_proj[e][:, keep] *= 10
+            m.experts.gate_up_proj[e][keep] *= 10
+            m.experts.gate_up_proj[e][keep + I] *= 10
 
 
 SETS = [list(range(0, 8)), list(range(8, 16)), list(range(0, 16, 2)), [1, 2, 3, 5, 7, 11, 13, 15]]
@@ -278,8 +279,8 @@ def test_experts_as_separate_modules_already_choose_their_own_channels():
     with torch.no_grad():
         for e, keep in enumerate(SETS):
             for lin in (m.experts[e].w1, m.experts[e].w3):
-                lin.weight[keep] *= 100
-            m.experts[e].w2.weight[:, keep] *= 100
+                lin.weight[keep] *= 10
+            m.experts[e].w2.weight[:, keep] *= 10
     plan = plan_channels(m, x, ratio=0.5)
     inner = {g.name: c for g, c in plan.choices if g.name.startswith("experts.")}
     assert sorted(inner) == [f"experts.{e}.w1" for e in range(E)]
