@@ -8,7 +8,10 @@ the forward reads back: ``num_heads``, ``intermediate_size``, ``conv_dim`` (and 
 its own updater, since the norm is a module of its own in the structure record), each read from the sliced tensors (never guessed from which int attribute held an old size: with 8 heads of 8
 channels and an 8-wide state, the general search in size_attrs.py could not tell them apart), and the Hugging Face
 config fields that rebuild those sizes, each proven by building the model from the changed config on the meta
-device. Recognised by what a mixer holds, not by class name: the six classes are copies of one another."""
+device. Recognised by what a mixer holds, not by class name: the six classes are copies of one another.
+
+transformers' six classes themselves are one op (``mixer_rule``, by class name: what their torch path computes is
+stated there), so that the B / C state prunes too; a mixer of another class is traced op by op (heads only).
 from __future__ import annotations
 
 import copy
