@@ -11,7 +11,7 @@ config fields that rebuild those sizes, each proven by building the model from t
 device. Recognised by what a mixer holds, not by class name: the six classes are copies of one another.
 
 transformers' six classes themselves are one op (``mixer_rule``, by class name: what their torch path computes is
-stated there), so that the B / C state prunes too; a mixer of another class is traced op by op (heads only).
+stated there), so that the B / C state prunes too; a mixer of another class is traced op by op (heads only)."""
 from __future__ import annotations
 
 import copy
