@@ -520,3 +520,49 @@ def test_transformers_falcon_h1_prunes_heads_through_its_multipliers(tmp_path):
     mixer = model.model.layers[0].mamba
     assert mixer.num_heads == 4 and mixer.mup_vector.shape == (1, 1, 32 + 40 + 4)  # z, x + B + C (4 states), dt
     assert (model.config.mamba_n_heads, model.config.mamba_d_ssm, model.config.mamba_d_state) == (4, 32, 4)
+
+
+def _hf_zamba():
+    T = pytest.importorskip("transformers")
+    return lambda: T.ZambaForCausalLM(T.ZambaConfig(
+        vocab_size=100, hidden_size=32, attention_hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, attention_head_dim=16, num_key_value_heads=2, n_mamba_heads=4, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, layers_block_type=["mamba", "hybrid", "hybrid"], use_cache=False))
+
+
+@pytest.mark.parametrize("heads", ["heads", "head_dim"])
+def test_transformers_zamba_prunes_its_per_head_mixers(heads, tmp_path):
+    """Zamba's mixer loops over its heads in Python with per-head 3-d parameters (graph/zamba.py): one op, whose
+    units are whole heads (or dim j of every head), the time-step rank and the state. Traced op by op, the
+    ``select`` at the loop index made every head one unit and the inner width stayed whole."""
+    from secateur.structured import plan_channels
+    from helpers import pruned_vs_reference
+    make = _hf_zamba()
+    torch.manual_seed(0)
+    model, x = make().eval(), {"input_ids": torch.randint(0, 100, (1, 6))}
+    with torch.no_grad():  # Zamba initialises x_proj_weight to zeros: B and C would be 0 and the scan a no-op
+        for m in model.modules():
+            if hasattr(m, "x_proj_weight"):
+                m.x_proj_weight.normal_(0, 0.5)
+    run = lambda m, x: m(**x).logits  # noqa: E731
+    macs0 = count_macs(model, x)
+    plan = plan_channels(model, x, ratio=0.5, heads=heads)
+    _, want, got = pruned_vs_reference(model, x, plan, run)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert count_macs(model, x) < 0.32 * macs0
+    mixer = model.model.layers[0].mamba
+    want_heads, want_dim = (2, 16) if heads == "heads" else (4, 8)
+    assert (mixer.n_mamba_heads, mixer.mamba_head_dim, mixer.time_step_rank, mixer.ssm_state_size) == (
+        want_heads, want_dim, 2, 4)
+    assert mixer.x_proj_weight.shape == (want_heads, 2 + 8, want_dim) and mixer.A_log.shape == (want_heads, want_dim, 4)
+    assert (model.config.mamba_dt_rank, model.config.mamba_d_state) == (2, 4)
+    if heads == "heads":
+        assert model.config.n_mamba_heads == 2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = make().eval()
+    import secateur
+    secateur.save(model, tmp_path / "m.safetensors")
+    fresh = secateur.load(fresh, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(run(fresh, x), run(model, x), rtol=0, atol=0)
+    assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())

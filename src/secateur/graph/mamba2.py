@@ -157,6 +157,8 @@ def _mixer(tr: Any, mod: nn.Module, args, kwargs, out) -> None:
     if tr.head_dim:  # dim j of every head; the heads stay
         inner_atoms = tr.atoms.new(p).repeat(h)
         tr.atoms.block(heads)
+        tr.notes.append(f"{tr.where()}: {type(mod).__name__} keeps its head count (an in_proj row is one unit: "
+                        "dim j of every head here)")
     else:  # head j of every group: one atom
         tr.atoms.union(heads.view(g, -1), heads.view(g, -1)[:1])
         inner_atoms = heads.repeat_interleave(p)
