@@ -566,3 +566,26 @@ def test_transformers_zamba_prunes_its_per_head_mixers(heads, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(run(fresh, x), run(model, x), rtol=0, atol=0)
     assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("kind,fields", [("qwen3_5", ("linear_num_key_heads", "linear_num_value_heads")),
+                                         ("kimi_linear", ("linear_num_heads",))])
+def test_linear_attention_head_counts_reach_the_config(kind, fields):
+    """The pruned gated delta net's (Kimi's delta attention's) head counts are written to the config fields that
+    size it (graph/delta_net.py ``config_sizes``): a model built from the pruned config has every linear-attention
+    tensor of the pruned one. Before, those fields kept the unpruned counts."""
+    from zoo_models import hf_auto_model
+    model, x = hf_auto_model(kind)
+    if model is None:
+        pytest.skip(f"{kind} does not build here")
+    before = {k: getattr(model.config, k) for k in fields}
+    prune_channels(model, x, ratio=0.5)
+    assert all(getattr(model.config, k) == before[k] // 2 for k in fields)
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    want = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
+    linear = [(n, tuple(p.shape)) for n, p in model.named_parameters()
+              if ".linear_attn." in n or (".self_attn." in n and "proj" in n and "forget_gate" not in n
+                                          and "g_" not in n and model.config.layer_types[int(n.split(".")[2])]
+                                          == "linear_attention")]
+    assert linear and all(want[n] == s for n, s in linear)
