@@ -589,3 +589,13 @@ def test_linear_attention_head_counts_reach_the_config(kind, fields):
                                           and "g_" not in n and model.config.layer_types[int(n.split(".")[2])]
                                           == "linear_attention")]
     assert linear and all(want[n] == s for n, s in linear)
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "zamba"])
+def test_mixers_as_one_op_plan_on_meta_like_on_the_cpu(kind):
+    """The leaf rules read sizes and slots only, never values: a plan on the meta device (no weights) has the CPU's
+    groups, choices and notes."""
+    from test_meta_plans import _ids, _same_on_meta
+    from zoo_models import _causal_lm_class, hf_small_config
+    cfg = hf_small_config(kind)
+    _same_on_meta(lambda: _causal_lm_class(kind)(cfg), _ids())
