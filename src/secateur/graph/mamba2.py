@@ -132,7 +132,7 @@ def mixer_rule(mod: nn.Module):
 
 
 def _mixer(tr: Any, mod: nn.Module, args, kwargs, out) -> None:
-    """Three kinds of units, each exact on its own. Traced op by op, the scan's tensors hold a head's channels
+    """Two kinds of units, each exact on its own. Traced op by op, the scan's tensors hold a head's channels
     and the B / C state channels on two dims of one element (``B.repeat_interleave(heads)`` times the per-head
     decay, ``states [heads, head_dim, state]``): an element has one atom there, so one side was kept whole (the
     state: 0.50 of dense MACs at ratio 0.5, the chunk scan's ``C.B`` and ``M.x`` products left at half). Here:
