@@ -35,6 +35,12 @@ FACTORY = textwrap.dedent("""
     def broken():
         raise RuntimeError("factory exploded")
 
+    def zero_head():
+        m = tiny()
+        torch.nn.init.zeros_(m[-1].weight)
+        torch.nn.init.zeros_(m[-1].bias)
+        return m
+
     def evaluate(model):
         torch.manual_seed(1)
         x = torch.randn(8, 3, 8, 8)
@@ -73,8 +79,14 @@ def test_prune_report_export_round_trip(tmp_path, factory, capsys):
     code, stdout, _ = run(["report", str(out), *SHAPE, "--html", str(html), "--json", str(js)], capsys)
     assert code == 0 and html.read_text().startswith("<!DOCTYPE html>")
     assert json.loads(js.read_text())["totals"]["zeros"] > 0
-    code, stdout, _ = run(["export", str(out), *SHAPE, "-o", str(tmp_path / "m.onnx")], capsys)
-    assert code == 0 and "onnxruntime vs PyTorch" in stdout
+    code, stdout, err = run(["export", str(out), *SHAPE, "-o", str(tmp_path / "m.onnx")], capsys)
+    assert code == 0 and "onnxruntime vs PyTorch" in stdout and "proves little" not in err
+
+
+def test_export_says_when_outputs_are_constant(tmp_path, factory, capsys):
+    spec = factory.replace(":tiny", ":zero_head")
+    code, stdout, err = run(["export", spec, *SHAPE, "-o", str(tmp_path / "z.onnx")], capsys)
+    assert code == 0 and "outputs up to 0)" in stdout and "proves little" in err
 
 
 def test_prune_to_target_macs(tmp_path, factory, capsys):
