@@ -15,7 +15,7 @@ from helpers import pruned_vs_reference  # noqa: E402
 from secateur.metrics import count_macs  # noqa: E402
 from secateur.structured import plan_channels  # noqa: E402
 
-E, H, I = 4, 24, 16
+E, H, I = 4, 32, 16  # widths halve to multiples of 8 (grouped_mm alignment)
 
 
 def _experts_class(concatenated=True, transposed=False, bias=False, gate=None, extra=False, gated=True):
@@ -133,7 +133,9 @@ def test_each_expert_keeps_its_own_important_channels(scope):
     m, x = ToyMoE().eval(), torch.randn(2, 5, 8)
     _own_channels(m, SETS)
     before = m.experts.down_proj.detach().clone()
-    plan = plan_channels(m, x, ratio=0.5, scope=scope)
+    # global: the stream is ignored so the experts' 16 channels meet the ratio alone (their widths are multiples
+    # of 8, so a ranking that takes 7 of them from the experts would round to none)
+    plan = plan_channels(m, x, ratio=0.5, scope=scope, ignore=[m.inp] if scope == "global" else ())
     [(g, chans)] = [(g, c) for g, c in plan.choices if g.experts]
     assert g.experts == E and chans.shape == (E, I // 2)
     for e, keep in enumerate(SETS):
@@ -144,7 +146,7 @@ def test_each_expert_keeps_its_own_important_channels(scope):
     _, want, got = pruned_vs_reference(m, x, plan)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     kept = m.experts.down_proj  # each expert's own columns, in order (its hidden rows pruned as the stream is)
-    hidden = [r for r in range(H) if r not in plan.removed[("experts", "down_proj")][1].tolist()]
+    hidden = [r for r in range(H) if r not in plan.removed[("experts", "down_proj")].get(1, torch.empty(0)).tolist()]
     for e, keep in enumerate(SETS):
         torch.testing.assert_close(kept[e], before[e][hidden][:, keep], rtol=0, atol=0)
 
@@ -221,6 +223,7 @@ def test_global_ranking_scores_a_slot_by_every_experts_loss():
     """A per-expert group enters a global ranking with one score per channel slot: the sum over experts of each
     one's r-th lowest score (what a shared channel's L1 score sums). Experts whose weights are all tiny lose
     more channels than a dense layer of larger weights; the counts match that ranking exactly."""
+    from secateur.graph.moe import GROUPED_MM_ALIGN
     from secateur.importance import expert_scores, group_scores
     torch.manual_seed(0)
     m, x = ToyMoE().eval(), torch.randn(2, 5, 8)
@@ -239,7 +242,10 @@ def test_global_ranking_scores_a_slot_by_every_experts_loss():
     ranked = expert_scores(ex, m).ranked
     assert bool((ranked[1:] >= ranked[:-1]).all())  # slot scores never decrease
     [(g, chans)] = [(g, c) for g, c in plan.choices if g.experts]
-    assert chans.size(1) == min(int((ranked <= cut).sum()), I - 1) > I // 2
+    n = min(int((ranked <= cut).sum()), I - 1)
+    assert n > I // 2  # the ranking takes more than half of the tiny experts' slots ...
+    keep = -(-(I - n) // GROUPED_MM_ALIGN) * GROUPED_MM_ALIGN  # ... and their kept width rounds up to the alignment
+    assert chans.size(1) == I - keep
     assert group_scores(ex, m).numel() == I
 
 
@@ -583,3 +589,22 @@ def test_unproven_experts_on_meta_fail_with_a_pruning_error():
         m = ToyMoE("grouped_mm", extra=True).eval()
     with pytest.raises(secateur.PruningError, match="Experts does not run on the meta device.*expert_scale"):
         plan_channels(m, torch.empty(2, 5, 8, device="meta"), ratio=0.5, importance="random")
+
+
+def test_global_ranking_keeps_grouped_mm_widths_aligned():
+    """grouped_mm needs 16-byte row strides: a global ranking used to want widths like 25 there, the dry run then
+    failed and dropped every group that touches the experts (nothing was pruned). Kept hidden and expert widths
+    are now multiples of ``GROUPED_MM_ALIGN``, the experts prune and the oracle holds under grouped_mm."""
+    from secateur.graph.moe import GROUPED_MM_ALIGN
+    m, x = _hf("mixtral")
+    assert m.config._experts_implementation == "grouped_mm"
+    shapes0 = {n: tuple(p.shape) for n, p in m.named_parameters() if ".experts." in n}
+    plan = plan_channels(m, x, ratio=0.5, scope="global")
+    assert not any("forward failed" in n for n in plan.notes), plan.notes
+    assert all(g.align % GROUPED_MM_ALIGN == 0 for g, _ in plan.choices if any(".experts" in mb.module
+                                                                                for mb in g.members))
+    base, want, got = pruned_vs_reference(m, x, plan, run=_logits)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for n, p in m.named_parameters():
+        if ".experts." in n:
+            assert tuple(p.shape) != shapes0[n] and all(s % GROUPED_MM_ALIGN == 0 for s in p.shape[1:]), (n, p.shape)

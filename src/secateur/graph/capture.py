@@ -52,6 +52,9 @@ class Tracer:
         # fused experts (graph/moe.py): (channel atoms, expert count, qualified names of the tensors they may own);
         # each slice along dim 0 of those tensors (an expert) keeps its own channels (groups.py ``Group.experts``)
         self.experts: list[tuple[torch.Tensor, int, frozenset[str]]] = []
+        # (atoms, n): every group holding these atoms keeps a multiple of n channels (a kernel's alignment, e.g.
+        # grouped_mm's 16-byte strides for fused experts; groups.py ``Group.align``)
+        self.aligned: list[tuple[torch.Tensor, int]] = []
         self.weight_views: dict[int, torch.Tensor] = {}  # id(W.t()) -> W, an nn.Linear weight used by F.linear
         self.same_width: dict[int, torch.Tensor] = {}  # id(child) -> its parent's input channels (inner_width.py)
         self.gathered_tables: set[int] = set()  # ids of ``table[:, idx]`` results, heads first (rules/matmul.py)

@@ -60,6 +60,9 @@ class Group:
     # its dim 0 and each expert keeps its own channels, the same count in each; a choice is then ``[experts, n]``
     # (channel positions per expert). A 1-d choice still means one set for all experts (exact too).
     experts: int = 0
+    # kept channels must be a multiple of this (a kernel's alignment, ``Tracer.aligned``); the chooser rounds to
+    # lcm(round_to, align)
+    align: int = 1
 
     def modules(self) -> set[str]:
         return {m.module for m in self.members}
@@ -163,11 +166,14 @@ def _settled_groups(tr: Tracer) -> Graph:
         bad = _assign_blocks(tr, graph)
         if not bad:
             _assign_experts(tr, graph)
+            _assign_align(tr, graph)
             return graph
         for b in bad:  # heads whose dims do not form one group each: whole heads there (always valid)
             tr.atoms.collapse(b, [1])
         tr.blocks = [b for b in tr.blocks if not any(b is x for x in bad)]
-    return _groups(tr)
+    graph = _groups(tr)
+    _assign_align(tr, graph)
+    return graph
 
 
 def _assign_blocks(tr: Tracer, graph: Graph) -> list[torch.Tensor]:
@@ -223,6 +229,15 @@ def _assign_experts(tr: Tracer, graph: Graph) -> None:
                 or any(m.qualname not in names or m.dim == 0 for m in g.members)):
             continue
         g.experts = count
+
+
+def _assign_align(tr: Tracer, graph: Graph) -> None:
+    """Every group that holds atoms of a ``Tracer.aligned`` entry keeps a multiple of its n channels."""
+    for atoms, n in tr.aligned:
+        gi = graph.where[graph.root[atoms]][:, 0]
+        for i in gi[gi >= 0].unique().tolist():
+            g = graph.groups[i]
+            g.align = math.lcm(g.align, n)
 
 
 def _groups(tr: Tracer) -> Graph:

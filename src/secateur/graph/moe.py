@@ -170,6 +170,14 @@ def _channelwise(mod: nn.Module, lay: Layout) -> str | None:
 
 
 # ---------------------------------------------------------------- capture
+# Kept hidden and intermediate widths of fused experts are multiples of this. Why: ``grouped_mm`` (transformers'
+# default experts implementation, and the CUDA kernel) needs every row stride of its operands to be a multiple of
+# 16 bytes and fails otherwise ("strides should be multiple of 16 bytes"), so an unaligned width made the dry run
+# drop every group that touches the experts (a global ranking on Mixtral pruned nothing). 8 channels are 16 bytes
+# in bf16 / fp16, the dtypes these kernels run in, whatever dtype the model is pruned in.
+GROUPED_MM_ALIGN = 8
+
+
 def _experts(tr: Tracer, mod: nn.Module, args, kwargs, out, lay: Layout) -> None:
     """Input channels -> the up tensor's hidden dim; one atom per intermediate channel on its up rows (gate and up
     together), its bias and ``down_proj``'s input dim; ``down_proj``'s hidden dim (and bias) are new channels.
@@ -193,6 +201,7 @@ def _experts(tr: Tracer, mod: nn.Module, args, kwargs, out, lay: Layout) -> None
     names = frozenset(".".join(p for p in tr.name_of(t) if p) for t in owners)
     tr.experts.append((inter, lay.experts, names))  # each expert keeps its own channels (groups.py)
     hidden = tr.atoms.new(lay.hidden)
+    tr.aligned += [(a, GROUPED_MM_ALIGN) for a in (chan, inter, hidden) if a is not None]
     tr.slot(down, lay.down_hidden, hidden, "out")
     if lay.bias:
         tr.slot(mod.down_proj_bias, 1, hidden, "out")

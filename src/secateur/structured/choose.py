@@ -101,7 +101,10 @@ def _round(size: int, n: int, round_to: int | None, unit: int = 1) -> int:
 
 def _count(group: Group, n: int, round_to: int | None) -> int:
     """How many channels to remove: a head-dim group removes the same count from every head (at least one dim
-    stays in each), so ``n`` is split evenly and rounded per head."""
+    stays in each), so ``n`` is split evenly and rounded per head. A group's ``align`` (a kernel's need) joins
+    ``round_to``."""
+    if group.align > 1:
+        round_to = math.lcm(round_to or 1, group.align)
     if group.block is None:
         return _round(group.size, n, round_to, group.unit)
     heads = int(group.block.max()) + 1
