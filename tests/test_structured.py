@@ -236,3 +236,13 @@ def test_plan_counter_is_exact_for_weighted_layers_and_an_upper_bound_elsewhere(
         plan.apply(pruned)
         assert macs.fixed == 0 and macs.estimate(plan.choices) == count_macs(pruned, x)
         assert params.estimate(plan.choices) == count_params(pruned)
+
+
+def test_plan_repr_is_a_summary():
+    """Printing a plan shows its counts, never its index tensors."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    plan = plan_channels(m, torch.randn(2, 8), ratio=0.5)
+    text = repr(plan)
+    assert text == "Plan(1 of 1 groups pruned, 16 channels removed, heads='heads', 0 notes)", text
+    assert "tensor" not in text

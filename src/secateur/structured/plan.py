@@ -54,6 +54,13 @@ class Plan:
         # one piece (the common case: one group per tensor dim) is sorted and unique already (Member.index is)
         return {k: {d: v[0] if len(v) == 1 else _merge(v) for d, v in dims.items()} for k, dims in out.items()}
 
+    def __repr__(self) -> str:
+        """A summary, not the index tensors (printing the plan of a small LLaMA used to fill screens)."""
+        pruned = sum(1 for _, c in self.choices if c.numel())
+        attrs = f", size attributes of {len(self.attrs)} modules" if self.attrs else ""
+        return (f"Plan({pruned} of {len(self.groups)} groups pruned, {self.channels:,} channels removed, "
+                f"heads={self.heads!r}{attrs}, {len(self.notes)} notes)")
+
     @property
     def channels(self) -> int:
         return sum(int(c.numel()) for _, c in self.choices)
