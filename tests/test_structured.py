@@ -246,3 +246,33 @@ def test_plan_repr_is_a_summary():
     text = repr(plan)
     assert text == "Plan(1 of 1 groups pruned, 16 channels removed, heads='heads', 0 notes)", text
     assert "tensor" not in text
+
+
+def test_bad_names_and_inputs_get_a_pruning_error_and_change_nothing():
+    """A ratio key or ignored name that matches no module (a typo) would prune or keep nothing without a word;
+    example inputs the model does not take fail as the capture, naming the shapes; the model is untouched."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    x = torch.randn(2, 3, 8, 8)
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(PruningError, match=r"ratio.*matches no module.*value='conv\*'"):
+        prune_channels(m, x, ratio={"conv*": 0.5})
+    with pytest.raises(PruningError, match=r"ignore.*matches no module.*value='clasifier'"):
+        prune_channels(m, x, ratio=0.5, ignore=["clasifier"])
+    with pytest.raises(PruningError, match=r"not part of the model"):
+        plan_channels(m, x, ratio={nn.Linear(2, 2): 0.5})
+    with pytest.raises(PruningError, match=r"capturing the forward.*\(2, 4, 8, 8\)"):
+        prune_channels(m, torch.randn(2, 4, 8, 8), ratio=0.5)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_ratio_dict_keys_are_modules_names_prefixes_or_globs():
+    """``ratio={module or name: r}``: a name covers its submodules ("0" is the first block here), a glob matches
+    names, a module is taken by identity; groups nobody names keep their channels."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 2 * 2, 4))
+    x = torch.randn(2, 3, 8, 8)
+    for key in ("0", "0.*", m[0][0]):
+        plan = plan_channels(m, x, ratio={key: 0.5})
+        assert [(g.name, c.numel()) for g, c in plan.choices] == [("0.0", 4)], (key, plan.choices)

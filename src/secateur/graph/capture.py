@@ -290,13 +290,32 @@ def capture(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped
     products (graph/shapes_only.py), and again with values if its code turns out to read them
     (``tracer.shapes_only`` says which ran)."""
     from secateur.graph import shapes_only
-    if shapes_only.usable(model, example_inputs):
-        tracer = shapes_only.attempt(model, example_inputs,
-                                     lambda runner: _capture(model, example_inputs, heads, grouped, macs, runner))
-        if tracer is not None:
-            tracer.shapes_only = True
-            return tracer
-    return _capture(model, example_inputs, heads, grouped, macs, None)
+    try:
+        if shapes_only.usable(model, example_inputs):
+            tracer = shapes_only.attempt(model, example_inputs,
+                                         lambda runner: _capture(model, example_inputs, heads, grouped, macs, runner))
+            if tracer is not None:
+                tracer.shapes_only = True
+                return tracer
+        return _capture(model, example_inputs, heads, grouped, macs, None)
+    except PruningError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own error (inputs it does not take), named as ours
+        raise fail(f"capturing the forward on the example inputs failed ({type(e).__name__}: {str(e)[:300]})",
+                   where=type(model).__name__, value=_input_shapes(example_inputs),
+                   hint="the model must run as model(example_inputs) (a tuple is unpacked, a dict passed as keywords)"
+                   ) from e
+
+
+def _input_shapes(x: Any) -> Any:
+    """Shapes of the example inputs, for an error message."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if isinstance(x, dict):
+        return {k: _input_shapes(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_input_shapes(v) for v in x)
+    return type(x).__name__
 
 
 def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, macs: bool, shapes: Any) -> Tracer:

@@ -38,7 +38,8 @@ from secateur.graph.capture import capture
 from secateur.graph.groups import Graph, build_graph, groups_from
 from secateur.metrics import count_macs, count_params
 from secateur.structured.apply import _apply, apply_structure
-from secateur.structured.choose import _candidates, _choose, _new_plan, _refuse_masked, _refuse_rope, _validate
+from secateur.structured.choose import (_candidates, _choose, _new_plan, _refuse_masked, _refuse_rope, _validate,
+                                        resolve_ratio)
 from secateur.structured.plan import STRUCTURE_ATTR, Plan, StructuredResult
 from secateur.structured.proof import _verified
 from secateur.structured.targets import _latency_target, _target_plan, _validate_latency
@@ -75,6 +76,7 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
     ``verify`` dry-runs the plan on a copy (sharing the weights on the CPU, or on meta: no weight memory) and leaves
     out groups whose removal would break the model's own forward (noted in ``plan.notes``)."""
     _validate(ratio, threshold, scope, round_to, 1, None, None, heads, grouped)
+    ratio = resolve_ratio(model, ratio)
     _refuse_masked(model)
     if heads == "head_dim":
         _refuse_rope(model)
@@ -147,6 +149,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     interleaved) and keeps the fastest measured: a table can rank plans wrongly (ConvNeXt-T at 2x on this CPU:
     it rated a latency-budget plan 1.68-1.78x and uniform 1.49-1.56x; measured 1.53-1.63x vs 1.83-1.92x)."""
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads, grouped)
+    ratio = resolve_ratio(model, ratio)
     check = None
     if target_latency is not None:
         _validate_latency(ratio, threshold, steps, target_macs, target_params, heads)

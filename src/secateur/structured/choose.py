@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -54,17 +54,37 @@ def _refuse_rope(model: nn.Module) -> None:
                    where=type(model).__name__, value=rope[0], hint="use heads='heads' to remove whole heads")
 
 
+def _module_name(model: nn.Module, x: Any, where: str, names: dict | None = None) -> str:
+    """A module's qualified name, or a name / glob that matches at least one module (a typo would otherwise
+    prune or keep nothing without a word)."""
+    if isinstance(x, nn.Module):
+        names = names if names is not None else {m: n for n, m in model.named_modules()}
+        if x not in names:
+            raise fail("module is not part of the model", where=where, value=type(x).__name__)
+        return names[x]
+    pat = str(x)
+    all_names = [n for n, _ in model.named_modules()]
+    if not any(_matches(n, {pat}) for n in all_names):
+        close = [n for n in all_names if n and pat.split("*")[0].split(".")[0] in n][:5] or all_names[1:6]
+        raise fail("name or pattern matches no module of the model", where=where, value=pat,
+                   hint=f"module names look like {close}")
+    return pat
+
+
 def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
+    if isinstance(ignore, (str, nn.Module)):
+        ignore = [ignore]
     names = {m: n for n, m in model.named_modules()}
-    out = set()
-    for x in ignore:
-        if isinstance(x, nn.Module):
-            if x not in names:
-                raise fail("ignored module is not part of the model", where="prune_channels", value=type(x))
-            out.add(names[x])
-        else:
-            out.add(str(x))
-    return out
+    return {_module_name(model, x, "prune_channels ignore", names) for x in ignore}
+
+
+def resolve_ratio(model: nn.Module, ratio: float | dict) -> float | dict:
+    """A ratio dict keyed by names / globs (a name covers its submodules) or modules, as names; every key must
+    match a module."""
+    if not isinstance(ratio, dict):
+        return ratio
+    names = {m: n for n, m in model.named_modules()}
+    return {_module_name(model, k, "prune_channels ratio", names): v for k, v in ratio.items()}
 
 
 def _matches(name: str, pats: set[str]) -> bool:
@@ -81,7 +101,7 @@ def _ratio_for(group: Group, ratio) -> float:
     if not isinstance(ratio, dict):
         return float(ratio)
     for pat, r in ratio.items():
-        if any(fnmatch.fnmatch(m.module, pat) for m in group.members if m.kind == "out"):
+        if any(_matches(m.module, {pat}) for m in group.members if m.kind == "out"):
             return float(r)
     return 0.0
 
