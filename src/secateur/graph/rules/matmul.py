@@ -146,24 +146,40 @@ def _weight_view(tr, func, args, out) -> bool:
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or id(w) not in tr.owner or not tr.owner[id(w)][2]:
         return False
     mname, attr, _ = tr.owner[id(w)]
-    if attr != "weight":
-        return False
-    if not isinstance(tr.model.get_submodule(mname), torch.nn.Linear):
+    mod = tr.model.get_submodule(mname)
+    fixed = False
+    if attr != "weight" or not isinstance(mod, torch.nn.Linear):
         from secateur.graph.moe import router_refusal
-        why = router_refusal(tr.model, mname)  # a mixture-of-experts router: a Linear's layout, its own class
-        if why is not None:
-            note = f"{mname}: {type(tr.model.get_submodule(mname)).__name__} is not read as a router, {why}; " \
-                   "its weight is a constant the stream it reads meets (kept)"
+        why = router_refusal(tr.model, mname) if attr == "weight" else ""  # a mixture-of-experts router: a
+        if why is not None:  # Linear's layout, its own class; else a matrix whose rows no size records
+            if not _fixed_rows(tr, mod, w):
+                return False
+            fixed = True
+            note = f"{mname}: {type(mod).__name__} is not read as a router, {why}; its rows are kept, its " \
+                   "columns are sliced with the stream it reads"
             if why and note not in tr.notes:
                 tr.notes.append(note)
-            return False
     if func.overloadpacket is aten.permute and [d % 2 for d in args[1]] != [1, 0]:
         return False
     if func.overloadpacket is aten.transpose and args[1] % 2 == args[2] % 2:
         return False
     tr.weight_views[id(out)] = w
+    if fixed:
+        tr.fixed_rows.add(id(w))
     tr.set(out, None)  # keeps ``out`` alive, so its id stays unique
     return True
+
+
+def _fixed_rows(tr, mod, w) -> bool:
+    """``F.linear(x, self.fn)`` on a free matrix of a module that is not a Linear (DeepSeek-V4 / HY-V4
+    hyper-connections mix the ``hc_mult`` residual copies with ``fn [2 * hc_mult, hc_mult * hidden]``; a hash router
+    whose extra tables make it no router): its columns read the stream, its rows are a count no size attribute
+    of ours records. Read as a constant, the product collapsed every stream channel into one atom, which the gate
+    it makes then kept whole (hy_v4 0.60, deepseek_v4 0.98 of their MACs at ratio 0.5). Read as a Linear whose
+    rows are kept (their atoms blocked, never sliced), each column is sliced with its channel: zeroing a column is
+    removing that channel from ``x @ W.t()``, exact for any plan. Not an embedding table (a tied LM head reads its
+    rows as the vocabulary, which its own rule owns) nor a matrix a rule labelled already."""
+    return not isinstance(mod, torch.nn.Embedding) and id(w) not in tr.labels
 
 
 def _linear_of(tr, x, wt):
@@ -179,7 +195,10 @@ def _linear_of(tr, x, wt):
     elif lab is not None:
         tr.atoms.block(lab)  # channels on the token dims reaching a matmul: not a per-channel map
     atoms = tr.atoms.new(w.size(0))
-    tr.slot(w, 0, atoms, "out")
+    if id(w) in tr.fixed_rows:  # rows kept (``_fixed_rows``): never sliced, nothing they meet is either
+        tr.atoms.block(atoms)
+    else:
+        tr.slot(w, 0, atoms, "out")
     return atoms.reshape((1,) * (x.dim() - 1) + (-1,))
 
 
