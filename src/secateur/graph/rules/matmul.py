@@ -229,6 +229,34 @@ def _batched_weight(tr, x, w) -> torch.Tensor | None:
     return atoms.reshape(1, 1, -1)
 
 
+def _grouped_weight(tr, x, w) -> torch.Tensor | None:
+    """``torch.bmm(x [G, T, K], p.view(G, R, K).transpose(1, 2))`` for a Linear-shaped parameter ``p [G * R, K]``
+    (DeepSeek-V4's grouped output projection ``o_a_proj``: group ``g`` of the heads' output goes through its own
+    ``R x K`` block of rows, the ``G * R`` results feed ``o_b_proj``). Before, the view was a constant: the ``G * R``
+    channels between the two projections were never a group (deepseek_v4 0.55 of dense MACs at ratio 0.5). Here
+    result channel ``r`` of every group is one unit (row ``g * R + r`` for each ``g``): removing it keeps ``R``
+    equal across groups, so ``view(G, -1, K)`` and the forward's own reshapes still hold, exact for any plan. The
+    columns read input channel ``k`` of every group (one unit, unioned over ``g``): a column of ``p`` is removed only
+    with all of them. None where ``w`` is not that view."""
+    p = w._base if isinstance(w, torch.Tensor) and w.dim() == 3 and id(w) not in tr.labels else None
+    if p is None or id(p) not in tr.owner or not tr.owner[id(p)][2] or p.dim() != 2 or not p.is_contiguous():
+        return None
+    g, k, r = w.shape
+    if (g * r, k) != tuple(p.shape) or w.stride() != (r * k, 1, k) or w.storage_offset() != p.storage_offset():
+        return None
+    lab = _pad(tr.get(x), x.dim())
+    if x.dim() != 3 or x.size(0) != g or lab is None or lab.size(1) > 1 and lab.size(2) == 1:
+        return None
+    chan = tr.atoms.collapse(lab, [0, 1]).reshape(-1)
+    missing = chan < 0
+    if bool(missing.any()):
+        chan = torch.where(missing, tr.atoms.new(chan.numel()), chan)
+    tr.slot(p, 1, chan, "in")
+    atoms = tr.atoms.new(r)
+    tr.slot(p, 0, atoms.repeat(g), "out")
+    return atoms.reshape(1, 1, -1)
+
+
 def _batched_bias(tr, bias):
     """The parameter under the bias of ``torch.baddbmm(b, x, W)`` on a batched weight (``_batched_weight``):
     ``[E, M]`` read as ``b[:, None, :]``, or ``[E, 1, M]``: one bias row per batch entry, sliced with the result's
@@ -250,6 +278,8 @@ def mm(tr, func, args, kwargs, out):
         return tr.set(out, _linear_of(tr, args[0], args[1]))
     if func.overloadpacket is aten.bmm:
         res = _batched_weight(tr, args[0], args[1])
+        if res is None:
+            res = _grouped_weight(tr, args[0], args[1])
         if res is not None:
             return tr.set(out, res)
     tr.set(out, _matmul(tr, args[0], args[1]))
