@@ -125,6 +125,19 @@ def test_grouped_projection_rows_prune_the_same_per_group():
     assert model.o_a.weight.shape == (4 * 5, 3) and model.o_b.in_features == 20 and model.inp.out_features == 12
 
 
+def test_grouped_projection_plans_on_meta_like_on_the_cpu():
+    """The rule reads only shapes, strides and the view's base: a meta skeleton gets the same groups and choices."""
+    pytest.importorskip("transformers")
+    from test_meta_plans import _record
+    torch.manual_seed(0)
+    cpu = GroupedOut().eval()
+    with torch.device("meta"):
+        meta = GroupedOut().eval()
+    x = torch.randn(2, 7, 5)
+    want, got = _record(cpu, x), _record(meta, x.to("meta"))
+    assert got == want and want[1]
+
+
 def test_grouped_projection_whose_rows_are_read_otherwise_is_not_that_view():
     """The same bmm on ``weight.view(groups, width, -1)`` (no transpose: rows are not one block per group) keeps
     to the general matmul rule, and the oracle still holds."""
