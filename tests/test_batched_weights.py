@@ -166,3 +166,20 @@ def test_transformers_hyper_connection_models_prune_stream_and_grouped_rank(tmp_
     if cls is None:
         pytest.skip(f"transformers has no {model_type}")
     prune_causal_lm(lambda: cls(hf_small_config(model_type)), tmp_path, below=below, low=3)
+
+
+@pytest.mark.slow
+def test_deepseek_v4_without_the_grouped_rule_still_prunes_its_stream(monkeypatch):
+    """With ``o_a_proj`` read as a constant (the grouped rule off), the heads are held by the grouped output
+    projection and the compressor's pruned forward fails: the verify loop must then drop only what fails there and
+    the size updates found for it (structured/proof.py ``_outside``, ``_without_module``), and take the plan
+    without ties (``_verified``). Each of those off gave 0.98 of dense MACs; all on, 0.55."""
+    pytest.importorskip("transformers")
+    import secateur.graph.rules.matmul as M
+    from zoo_models import _causal_lm_class, hf_small_config
+    cls = _causal_lm_class("deepseek_v4")
+    if cls is None:
+        pytest.skip("transformers has no deepseek_v4")
+    monkeypatch.setattr(M, "_grouped_weight", lambda tr, x, w: None)
+    model, _ = prune_causal_lm(lambda: cls(hf_small_config("deepseek_v4")), below=0.6, low=3)
+    assert model.model.layers[0].self_attn.o_b_proj.in_features == 8192  # the rank stays whole that way
