@@ -49,6 +49,9 @@ class Tracer:
         self.blocks: list[torch.Tensor] = []
         self.contracted: list[torch.Tensor] = []
         self.links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q/k unit, v unit): one head size for both
+        # fused experts (graph/moe.py): (channel atoms, expert count, qualified names of the tensors they may own);
+        # each slice along dim 0 of those tensors (an expert) keeps its own channels (groups.py ``Group.experts``)
+        self.experts: list[tuple[torch.Tensor, int, frozenset[str]]] = []
         self.weight_views: dict[int, torch.Tensor] = {}  # id(W.t()) -> W, an nn.Linear weight used by F.linear
         self.fixed_rows: set[int] = set()  # ids of such W whose rows are kept (rules/matmul.py ``_fixed_rows``)
         self.same_width: dict[int, torch.Tensor] = {}  # id(child) -> its parent's input channels (inner_width.py)

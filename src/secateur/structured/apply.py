@@ -56,8 +56,11 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         if new is not None and not isinstance(t, nn.Parameter):
             new = new.clone()  # a buffer: the model's forward may update it in place (BatchNorm in training mode)
         if new is None or new.device != t.device or new.dtype != t.dtype:
-            keep = []
+            keep, per_slice = [], []
             for d, pos in dims.items():  # pos: sorted, unique (Plan.removed)
+                if pos.dim() == 2:  # per expert (Plan docstring): after the shared dims
+                    per_slice.append((d, _kept_per_slice(t, d, pos, f"{mname}.{tname}")))
+                    continue
                 if pos.numel() >= t.size(d):
                     raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape,
                                value=d)
@@ -73,6 +76,8 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
             else:
                 for d, idx in keep:
                     new = new.index_select(d, idx.to(new.device))
+            for d, idx in per_slice:
+                new = _take_per_slice(new, d, idx)
             new = new.contiguous()
         if record is not None:
             record.tensors[(mname, tname)] = new if isinstance(t, nn.Parameter) else new.clone()
@@ -138,6 +143,22 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
+
+
+def _kept_per_slice(t: torch.Tensor, d: int, pos: torch.Tensor, where: str) -> torch.Tensor:
+    """Kept positions ``[E, size - k]`` along dim ``d`` of each slice ``t[e]`` from removed ``pos [E, k]``."""
+    if d == 0 or t.dim() < 2 or pos.size(0) != t.size(0) or pos.size(1) >= t.size(d):
+        raise fail("per-expert positions do not fit the tensor (experts along dim 0, some channels kept)",
+                   where=where, shape=t.shape, value=(d, tuple(pos.shape)))
+    mask = torch.ones(t.size(0), t.size(d), dtype=torch.bool).scatter_(1, pos, False)
+    return mask.nonzero()[:, 1].reshape(t.size(0), -1)
+
+
+def _take_per_slice(t: torch.Tensor, d: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t[e]`` keeps positions ``idx[e]`` along ``d`` (one batched gather: ``take_along_dim`` broadcasts the
+    index over the other dims, so no index the size of the weight is built)."""
+    shape = [t.size(0) if i == 0 else idx.size(1) if i == d else 1 for i in range(t.dim())]
+    return torch.take_along_dim(t, idx.to(t.device).reshape(shape), dim=d)
 
 
 _HF_SIZES = {  # config field -> (module attribute, module-name suffixes): set when every layer agrees
