@@ -61,8 +61,9 @@ def test_functional_linear_weight_and_gathered_table_are_pruned_exactly():
     assert not [n for n in plan.notes if "kept" in n]
 
 
-def test_weight_of_a_non_linear_module_stays_whole():
-    """A 2-d parameter that is not an nn.Linear's weight has no known layout: F.linear on it keeps channels."""
+def test_matrix_of_a_non_linear_module_keeps_its_rows_and_follows_the_stream():
+    """A 2-d parameter that is not an nn.Linear's weight, read by F.linear: no size attribute records its rows, so
+    they stay whole; its columns read the stream and are sliced with it (zeroing a column is removing that input)."""
     class Raw(nn.Module):
         def __init__(self):
             super().__init__()
@@ -77,7 +78,7 @@ def test_weight_of_a_non_linear_module_stays_whole():
     model = Raw().eval()
     x = torch.randn(4, 8)
     assert_oracle(model, x, ratio=0.5)
-    assert model.w.shape == (12, 16) and model.inp.out_features == 16
+    assert model.w.shape == (12, 8) and model.inp.out_features == 8 and model.out.in_features == 12
 
 
 def test_weight_shared_by_module_and_functional_call_is_one_slice():
@@ -149,3 +150,95 @@ def test_table_over_head_dims_stays_constant_and_heads_still_prune():
     x = torch.randn(2, 5, 16)
     assert_oracle(model, x, ratio=0.5)
     assert model.attn.num_heads == 2 and model.attn.rel_pos.shape == (9, 8)
+
+
+class HyperConnection(nn.Module):
+    """DeepSeek-V4 / HY-V4 style: ``streams`` copies of the residual stream, mixed by gates that a free matrix
+    ``fn [2 * streams, streams * dim]`` computes from all of them (F.linear after an unweighted RMS statistic);
+    ``pre`` collapses the copies into the block's input, ``post`` spreads the block's output back."""
+
+    def __init__(self, dim, streams):
+        super().__init__()
+        self.streams = streams
+        self.fn = nn.Parameter(torch.randn(2 * streams, streams * dim) * 0.1)
+        self.base = nn.Parameter(torch.randn(2 * streams))
+
+    def forward(self, h):
+        flat = h.flatten(2)
+        mixes = F.linear(flat, self.fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + 1e-6)
+        pre, post = (torch.sigmoid(mixes + self.base)).split(self.streams, dim=-1)
+        return post, (pre.unsqueeze(-1) * h).sum(dim=2)
+
+
+class HyperNet(nn.Module):
+    def __init__(self, dim=16, streams=3):
+        super().__init__()
+        self.streams = streams
+        self.inp = nn.Linear(8, dim)
+        self.hc = HyperConnection(dim, streams)
+        self.up, self.down = nn.Linear(dim, 32), nn.Linear(32, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        h = self.inp(x).unsqueeze(2).expand(-1, -1, self.streams, -1)
+        post, y = self.hc(h)
+        h = post.unsqueeze(-1) * self.down(F.gelu(self.up(y))).unsqueeze(-2) + h
+        return self.head(h.sum(2))
+
+
+def test_hyper_connection_streams_prune_with_their_gate_matrix():
+    """Before, ``F.linear(flat, fn)`` read ``fn`` as a constant: every stream channel collapsed into one unit
+    there, so the residual stream was kept whole (hy_v4 0.60 of dense MACs at ratio 0.5, 0.33 with this)."""
+    torch.manual_seed(0)
+    model = HyperNet().eval()
+    x = torch.randn(2, 5, 8)
+    dense = count_macs(model, x)
+    assert_oracle(model, x, ratio=0.5)
+    assert model.inp.out_features == 8 and model.hc.fn.shape == (6, 3 * 8)  # rows (the gates) whole
+    assert model.up.out_features == 16 and model.head.in_features == 8
+    assert count_macs(model, x) < 0.5 * dense
+
+
+class _Sizes:
+    """Sizes held by a plain object the module shares (a config): not a module attribute the search may update."""
+    width = 8
+
+
+class SplitsBySharedSize(nn.Module):
+    """Reads the stream (a gate of one channel: it writes none), and splits its inner width by a size it shares
+    with no module: the inner group cannot be pruned (its dry run fails), the stream it reads can."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.cfg = _Sizes()
+        self.a, self.b = nn.Linear(dim, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h.reshape(*h.shape[:-1], 2, self.cfg.width // 2).flip(-2).flatten(-2)
+        return self.b(h)
+
+
+class SharedSizeNet(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.inp = nn.Linear(8, dim)
+        self.blk = SplitsBySharedSize(dim)
+        self.up, self.down = nn.Linear(dim, 32), nn.Linear(32, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h * torch.sigmoid(self.blk(h))
+        return self.head(h + self.down(F.relu(self.up(h))))
+
+
+def test_failing_module_keeps_its_own_groups_not_the_stream_it_reads():
+    """A module whose pruned forward fails loses the groups it makes; the residual stream it only reads stays
+    pruned (before, every group with a member there was kept, the stream of the whole model with it)."""
+    torch.manual_seed(0)
+    model = SharedSizeNet().eval()
+    x = torch.randn(2, 5, 8)
+    plan = assert_oracle(model, x, ratio=0.5)
+    assert model.blk.a.out_features == 8 and model.inp.out_features == 8 and model.up.out_features == 16
+    assert any(n.startswith("blk:") and "kept" in n for n in plan.notes), plan.notes

@@ -56,6 +56,7 @@ class Tracer:
         # grouped_mm's 16-byte strides for fused experts; groups.py ``Group.align``)
         self.aligned: list[tuple[torch.Tensor, int]] = []
         self.weight_views: dict[int, torch.Tensor] = {}  # id(W.t()) -> W, an nn.Linear weight used by F.linear
+        self.fixed_rows: set[int] = set()  # ids of such W whose rows are kept (rules/matmul.py ``_fixed_rows``)
         self.same_width: dict[int, torch.Tensor] = {}  # id(child) -> its parent's input channels (inner_width.py)
         self.gathered_tables: set[int] = set()  # ids of ``table[:, idx]`` results, heads first (rules/matmul.py)
         self.atoms = Atoms()

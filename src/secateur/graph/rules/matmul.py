@@ -146,24 +146,40 @@ def _weight_view(tr, func, args, out) -> bool:
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or id(w) not in tr.owner or not tr.owner[id(w)][2]:
         return False
     mname, attr, _ = tr.owner[id(w)]
-    if attr != "weight":
-        return False
-    if not isinstance(tr.model.get_submodule(mname), torch.nn.Linear):
+    mod = tr.model.get_submodule(mname)
+    fixed = False
+    if attr != "weight" or not isinstance(mod, torch.nn.Linear):
         from secateur.graph.moe import router_refusal
-        why = router_refusal(tr.model, mname)  # a mixture-of-experts router: a Linear's layout, its own class
-        if why is not None:
-            note = f"{mname}: {type(tr.model.get_submodule(mname)).__name__} is not read as a router, {why}; " \
-                   "its weight is a constant the stream it reads meets (kept)"
+        why = router_refusal(tr.model, mname) if attr == "weight" else ""  # a mixture-of-experts router: a
+        if why is not None:  # Linear's layout, its own class; else a matrix whose rows no size records
+            if not _fixed_rows(tr, mod, w):
+                return False
+            fixed = True
+            note = f"{mname}: {type(mod).__name__} is not read as a router, {why}; its rows are kept, its " \
+                   "columns are sliced with the stream it reads"
             if why and note not in tr.notes:
                 tr.notes.append(note)
-            return False
     if func.overloadpacket is aten.permute and [d % 2 for d in args[1]] != [1, 0]:
         return False
     if func.overloadpacket is aten.transpose and args[1] % 2 == args[2] % 2:
         return False
     tr.weight_views[id(out)] = w
+    if fixed:
+        tr.fixed_rows.add(id(w))
     tr.set(out, None)  # keeps ``out`` alive, so its id stays unique
     return True
+
+
+def _fixed_rows(tr, mod, w) -> bool:
+    """``F.linear(x, self.fn)`` on a free matrix of a module that is not a Linear (DeepSeek-V4 / HY-V4
+    hyper-connections mix the ``hc_mult`` residual copies with ``fn [2 * hc_mult, hc_mult * hidden]``; a hash router
+    whose extra tables make it no router): its columns read the stream, its rows are a count no size attribute
+    of ours records. Read as a constant, the product collapsed every stream channel into one atom, which the gate
+    it makes then kept whole (hy_v4 0.60, deepseek_v4 0.98 of their MACs at ratio 0.5). Read as a Linear whose
+    rows are kept (their atoms blocked, never sliced), each column is sliced with its channel: zeroing a column is
+    removing that channel from ``x @ W.t()``, exact for any plan. Not an embedding table (a tied LM head reads its
+    rows as the vocabulary, which its own rule owns) nor a matrix a rule labelled already."""
+    return not isinstance(mod, torch.nn.Embedding) and id(w) not in tr.labels
 
 
 def _linear_of(tr, x, wt):
@@ -179,7 +195,10 @@ def _linear_of(tr, x, wt):
     elif lab is not None:
         tr.atoms.block(lab)  # channels on the token dims reaching a matmul: not a per-channel map
     atoms = tr.atoms.new(w.size(0))
-    tr.slot(w, 0, atoms, "out")
+    if id(w) in tr.fixed_rows:  # rows kept (``_fixed_rows``): never sliced, nothing they meet is either
+        tr.atoms.block(atoms)
+    else:
+        tr.slot(w, 0, atoms, "out")
     return atoms.reshape((1,) * (x.dim() - 1) + (-1,))
 
 
@@ -210,6 +229,34 @@ def _batched_weight(tr, x, w) -> torch.Tensor | None:
     return atoms.reshape(1, 1, -1)
 
 
+def _grouped_weight(tr, x, w) -> torch.Tensor | None:
+    """``torch.bmm(x [G, T, K], p.view(G, R, K).transpose(1, 2))`` for a Linear-shaped parameter ``p [G * R, K]``
+    (DeepSeek-V4's grouped output projection ``o_a_proj``: group ``g`` of the heads' output goes through its own
+    ``R x K`` block of rows, the ``G * R`` results feed ``o_b_proj``). Before, the view was a constant: the ``G * R``
+    channels between the two projections were never a group (deepseek_v4 0.55 of dense MACs at ratio 0.5). Here
+    result channel ``r`` of every group is one unit (row ``g * R + r`` for each ``g``): removing it keeps ``R``
+    equal across groups, so ``view(G, -1, K)`` and the forward's own reshapes still hold, exact for any plan. The
+    columns read input channel ``k`` of every group (one unit, unioned over ``g``): a column of ``p`` is removed only
+    with all of them. None where ``w`` is not that view."""
+    p = w._base if isinstance(w, torch.Tensor) and w.dim() == 3 and id(w) not in tr.labels else None
+    if p is None or id(p) not in tr.owner or not tr.owner[id(p)][2] or p.dim() != 2 or not p.is_contiguous():
+        return None
+    g, k, r = w.shape
+    if (g * r, k) != tuple(p.shape) or w.stride() != (r * k, 1, k) or w.storage_offset() != p.storage_offset():
+        return None
+    lab = _pad(tr.get(x), x.dim())
+    if x.dim() != 3 or x.size(0) != g or lab is None or lab.size(1) > 1 and lab.size(2) == 1:
+        return None
+    chan = tr.atoms.collapse(lab, [0, 1]).reshape(-1)
+    missing = chan < 0
+    if bool(missing.any()):
+        chan = torch.where(missing, tr.atoms.new(chan.numel()), chan)
+    tr.slot(p, 1, chan, "in")
+    atoms = tr.atoms.new(r)
+    tr.slot(p, 0, atoms.repeat(g), "out")
+    return atoms.reshape(1, 1, -1)
+
+
 def _batched_bias(tr, bias):
     """The parameter under the bias of ``torch.baddbmm(b, x, W)`` on a batched weight (``_batched_weight``):
     ``[E, M]`` read as ``b[:, None, :]``, or ``[E, 1, M]``: one bias row per batch entry, sliced with the result's
@@ -231,6 +278,8 @@ def mm(tr, func, args, kwargs, out):
         return tr.set(out, _linear_of(tr, args[0], args[1]))
     if func.overloadpacket is aten.bmm:
         res = _batched_weight(tr, args[0], args[1])
+        if res is None:
+            res = _grouped_weight(tr, args[0], args[1])
         if res is not None:
             return tr.set(out, res)
     tr.set(out, _matmul(tr, args[0], args[1]))
