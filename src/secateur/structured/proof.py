@@ -3,11 +3,14 @@ removal breaks the model's own forward, the size-attribute search and count ties
 numeric proof (``_exact``) that a plan with updated sizes computes the oracle's reference."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from secateur.errors import fail
 from secateur.graph.groups import Graph, Group
@@ -68,6 +71,27 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
             if found.attrs and found.channels > picked.channels and _exact(model, example_inputs, found, memo):
                 picked, d, kept_ties = found, d1, graph.ties
         graph.ties = kept_ties
+    folded = [g for g, _ in picked.choices if g.scale_fold is not None]
+    if folded and _exact(model, example_inputs, picked, memo) is not True:
+        # a scale fold not proven (logits differ, or the model cannot be run here): those q/k dims are kept
+        bad = frozenset(id(g) for g in folded)
+        notes = list(plan.notes) + [f"{g.scale_fold.where}: attention scale follows q's head size and folding it into "
+                                    "q's rows was not proven on the example input; q/k head dims are kept"
+                                    for g in folded]
+        again = Plan(plan.groups, [c for c in plan.choices if id(c[0]) not in bad], notes, heads=plan.heads,
+                     norms=plan.norms, attrs=plan.attrs)
+        rech = None if rechoose is None else (lambda ties, fixed=frozenset(): rechoose(ties, frozenset(fixed) | bad))
+        return _verified(model, example_inputs, again, graph, done, rech)
+    for g, chans in picked.choices:
+        f = g.scale_fold
+        if f is not None:
+            kept = f.kept(chans)
+            rows = ", ".join(dict.fromkeys(f"{m}.{t}" if m else t for m, t, _, _ in f.targets))
+            note = (f"{f.where}: attention scale follows q's head size ({f.head_size} -> {kept}): q rows of {rows} "
+                    f"scaled by sqrt({kept}/{f.head_size}) so the softmax keeps 1/sqrt({f.head_size}) (logits "
+                    "proven on the example input)")
+            if note not in picked.notes:
+                picked.notes.append(note)
     if done is not None:
         done.update(d)
     return picked
@@ -84,22 +108,27 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None 
     from secateur.graph.capture import _flat_tensors, call
     if not plan.choices or not _runs_here(model, example_inputs, False, memo):
         return None
-    got = memo.get(("outputs", *_DryRuns.plan_key(plan))) if memo is not None and _MEMO else None
+    folds = any(g.scale_fold is not None for g, _ in plan.choices)
+    got = memo.get(("outputs", *_DryRuns.plan_key(plan))) if memo is not None and _MEMO and not folds else None
     ref = _writable_twin(model, plan)
     plan.zero_consumers(ref)
+    logits_ref, logits_got = _Logits(), _Logits()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.manual_seed(0)
-        with plan.kept_norms(ref):
+        with plan.kept_norms(ref), (logits_ref if folds else contextlib.nullcontext()):
             want = _flat_tensors(call(ref, example_inputs))
         if got is None:
             pruned = verify.twin(model)
             try:  # a plan whose copy does not apply or run is not proven (it never reaches the model)
                 plan.apply(pruned)
                 torch.manual_seed(0)
-                got = _flat_tensors(call(pruned, example_inputs))
+                with logits_got if folds else contextlib.nullcontext():
+                    got = _flat_tensors(call(pruned, example_inputs))
             except Exception:  # noqa: BLE001 - the model's own code may raise anything on wrong sizes
                 return False
     if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+        return False
+    if folds and not logits_ref.same(logits_got):
         return False
     for a, b in zip(want, got):
         if a.is_floating_point() and a.numel():
@@ -109,6 +138,42 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None 
         elif not torch.equal(a, b):
             return False
     return True
+
+
+class _Logits(TorchFunctionMode):
+    """The attention logits ``q.k^T * scale`` of every ``F.scaled_dot_product_attention`` call, in order. A scale
+    fold (graph/scale_fold.py) must give the reference's logits: unlike the model's output, they show a wrong
+    softmax scale on random weights too (there the softmax is near uniform and hides it: cpubone_nano's logits
+    moved less than the output check's 1e-4 with a halved head size)."""
+
+    _NAMES = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and len(args) >= 2:
+            opts = {**dict(zip(self._NAMES, args[3:])), **kwargs}
+            q, k = args[0], args[1]
+            scale = opts.get("scale")
+            scale = q.size(-1) ** -0.5 if scale is None else scale
+            if q.dim() >= 3 and k.dim() >= 3 and 0 < k.size(-3) < q.size(-3) and q.size(-3) % k.size(-3) == 0:
+                k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)  # grouped-query attention
+            self.logits.append((q.double() @ k.double().transpose(-2, -1)) * scale)
+        return func(*args, **kwargs)
+
+    def same(self, other: "_Logits") -> bool:
+        """Every call's logits agree to float tolerance where the shapes agree (whole heads removed elsewhere change
+        them: those calls are compared by the output check)."""
+        if len(self.logits) != len(other.logits):
+            return False
+        for a, b in zip(self.logits, other.logits):
+            if a.shape == b.shape and a.numel():
+                if float((a - b).abs().max()) > 1e-4 * max(float(a.abs().max()), 1e-3):
+                    return False
+        return True
 
 
 def _writable_twin(model: nn.Module, plan: Plan) -> nn.Module:
