@@ -103,12 +103,24 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None 
     CPU model within ``verify.HERE_BYTES``): a numeric proof costs two forwards of copies, or one where ``memo``
     (``_DryRuns``') holds the outputs of this plan's dry run on a CPU twin: the same copy (the model's weights,
     the plan's slices and sizes) run on the same inputs with the same seed, so its outputs are the ones a fresh
-    pruned copy gives (tnt_b_patch16_224's proof: 1.25 s, 0.92 s this way)."""
-    from secateur.graph import verify
-    from secateur.graph.capture import _flat_tensors, call
+    pruned copy gives (tnt_b_patch16_224's proof: 1.25 s, 0.92 s this way). A plan with scale folds compares the
+    attention logits too (``_Logits``), remembered in ``memo`` per plan."""
     if not plan.choices or not _runs_here(model, example_inputs, False, memo):
         return None
     folds = any(g.scale_fold is not None for g, _ in plan.choices)
+    key = ("exact", *_DryRuns.plan_key(plan))
+    if folds and memo is not None and key in memo:
+        return memo[key]
+    res = _compare(model, example_inputs, plan, memo, folds)
+    if folds and memo is not None:
+        memo[key] = res
+    return res
+
+
+def _compare(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None, folds: bool) -> bool:
+    """``_exact``'s comparison (``folds``: the attention logits too, see ``_Logits``)."""
+    from secateur.graph import verify
+    from secateur.graph.capture import _flat_tensors, call
     got = memo.get(("outputs", *_DryRuns.plan_key(plan))) if memo is not None and _MEMO and not folds else None
     ref = _writable_twin(model, plan)
     plan.zero_consumers(ref)
@@ -208,7 +220,10 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     dry = _DryRuns(model, example_inputs, graph, want, memo)
     here = done is not None and dry.cpu[True]
-    spent = [0, 0]  # dry runs spent on attribute searches: greedy, backtracking (size_attrs.MAX_TRIALS, ...)
+    # dry runs spent on attribute searches: greedy, backtracking (size_attrs.MAX_TRIALS, ...); a plan with scale folds
+    # (graph/scale_fold.py) starts with FOLD_TRIALS in hand: a one-head attention's head size sizes its reshape and
+    # its output width together (timm cpubone_nano's ConvAttention: head_dim and o_proj_inpdim, found at trial 15)
+    spent = [-FOLD_TRIALS if any(g.scale_fold is not None for g, _ in plan.choices) else 0, 0]
     fixed: set[int] = set()
     tried: dict[type, bool] = {}  # module class -> its broad tie was tried
     pending = None  # (class tried, plan and ties before its ties, the failure they answer)
@@ -486,6 +501,7 @@ class _DryRuns:
         return (*res, expected, slices, macs)
 
 
+FOLD_TRIALS = 4  # more size-search dry runs for a plan with scale folds: the logits proof checks what they find
 _MEMO = True  # tests turn it off to compare with the plain path (tests/test_engine_fast_paths.py)
 
 
