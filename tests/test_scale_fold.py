@@ -166,3 +166,33 @@ def test_timm_vit_tiny_head_dims_with_the_fold():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert m.blocks[0].attn.qkv.out_features == 3 * 3 * 32
     assert count_macs(m, x) < 0.33 * macs0  # 0.432 with the q/k dims kept
+
+
+def test_a_fold_whose_heads_were_collapsed_to_whole_heads_keeps_the_head_size():
+    """Where a call's head dims were collapsed into whole heads (each head one unit), removing a head leaves the other
+    heads' size, so the factor is 1 (timm cpubone_nano's 3-head stage under heads="head_dim" raised here before);
+    heads that stay must still lose the same count."""
+    from secateur.errors import PruningError
+    from secateur.graph.scale_fold import ScaleFold
+    whole = ScaleFold("a", 4, 3, torch.arange(3).repeat_interleave(4).view(3, 4))
+    assert whole.kept(torch.tensor([1])) == 4 and whole.factor(torch.tensor([0, 2])) == 1.0
+    dims = ScaleFold("a", 4, 2, torch.arange(8).view(2, 4))
+    assert dims.kept(torch.tensor([0, 1, 4, 5])) == 2 and dims.kept(torch.tensor([0, 1, 2, 3, 5, 6])) == 2
+    with pytest.raises(PruningError, match="lose different counts"):
+        dims.kept(torch.tensor([0, 4, 5]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads", ["heads", "head_dim"])
+def test_timm_cpubone_nano_one_head_attention_folds(heads):
+    """cpubone_nano's stage-2 attention has one head (its head dims are its only units) and SDPA without a scale:
+    0.451 of its MACs at ratio 0.5 with that head kept whole; its 3-head stage is whole heads under "head_dim"."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m, x = timm.create_model("cpubone_nano", pretrained=False).eval(), torch.randn(1, 3, 224, 224)
+    macs0 = count_macs(m, x)
+    plan = plan_channels(m, x, ratio=0.5, heads=heads)
+    assert len(_folds(plan)) == 1 and "sqrt(24/48)" in _folds(plan)[0], plan.notes
+    _, want, got = pruned_vs_reference(m, x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert count_macs(m, x) < 0.35 * macs0

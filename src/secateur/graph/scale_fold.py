@@ -40,13 +40,15 @@ class ScaleFold:
     targets: list[tuple[str, str, int, torch.Tensor]] = field(default_factory=list)
 
     def kept(self, chans: torch.Tensor) -> int:
-        """q's head size once the group's channels ``chans`` are removed (the same count from every head; a unit
-        may hold one dim of every head, where a reshape made them one)."""
+        """q's head size once the group's channels ``chans`` are removed (the same count from every head that stays;
+        a unit may hold one dim of every head, where a reshape made them one, or a whole head, where the heads'
+        dims were collapsed into heads: a head removed whole leaves the others' size as it was)."""
         per = torch.isin(self.units, chans).sum(dim=1)
-        if bool((per != per[0]).any()):
+        per = per[per < self.head_size]
+        if bool((per != per[:1]).any()):
             raise fail("internal: a scale fold's heads lose different counts", where=self.where,
                        value=per.tolist())
-        return self.head_size - int(per[0])
+        return self.head_size - (int(per[0]) if per.numel() else 0)
 
     def factor(self, chans: torch.Tensor) -> float:
         """``sqrt(d'/d)``: what q's kept rows are multiplied by."""
@@ -135,4 +137,6 @@ def _targets(tr: Any, graph: Any, fold: dict) -> tuple[str | None, tuple | None]
     fold["ok"] = True
     heads = int(fold["q"].size(0))
     units = where[root[fold["q"]]][..., 1]
+    if bool((units == units[:, :1]).all()):  # each head one unit (dims collapsed into heads): the size never changes
+        return None, None
     return None, (group, ScaleFold(fold["where"], int(fold["d"]), heads, units, targets))

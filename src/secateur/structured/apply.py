@@ -157,6 +157,8 @@ def _fold_factors(plan: Plan) -> dict[tuple[str, str], list[tuple[int, torch.Ten
         if fold is None:
             continue
         factor = fold.factor(chans)
+        if factor == 1.0:  # whole heads only: the head size, and so the scale, is unchanged
+            continue
         for mname, tname, dim, pos in fold.targets:
             out.setdefault((mname, tname), []).append((dim, pos, factor))
     return out

@@ -86,6 +86,8 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
         f = g.scale_fold
         if f is not None:
             kept = f.kept(chans)
+            if kept == f.head_size:  # only whole heads removed from this call: its scale is unchanged
+                continue
             rows = ", ".join(dict.fromkeys(f"{m}.{t}" if m else t for m, t, _, _ in f.targets))
             note = (f"{f.where}: attention scale follows q's head size ({f.head_size} -> {kept}): q rows of {rows} "
                     f"scaled by sqrt({kept}/{f.head_size}) so the softmax keeps 1/sqrt({f.head_size}) (logits "
