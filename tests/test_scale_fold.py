@@ -168,6 +168,34 @@ def test_timm_vit_tiny_head_dims_with_the_fold():
     assert count_macs(m, x) < 0.33 * macs0  # 0.432 with the q/k dims kept
 
 
+def test_timm_vit_tiny_eager_path_agrees_with_the_folded_sdpa_path(tmp_path):
+    """timm's Attention takes SDPA (no scale) when ``fused_attn``, else ``q * self.scale`` with the stored
+    ``scale = head_dim ** -0.5``. The plan is made on the SDPA path (timm's default); the folded q rows alone would
+    make the eager path compute ``q'.k' * sqrt(d'/d) / sqrt(d)``, so the stored scale becomes ``1/sqrt(d')`` too
+    (recorded for reload): both paths then give the reference. Negative control: the old stored scale differs."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m, x = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval(), torch.randn(1, 3, 224, 224)
+    plan = plan_channels(m, x, ratio=0.5, heads="head_dim")
+    assert all("stored `scale`" in n for n in _folds(plan)), plan.notes
+    plan.apply(m)
+
+    def eager(model, on=True):
+        for mod in model.modules():
+            if hasattr(mod, "fused_attn"):
+                mod.fused_attn = not on
+        return model
+
+    with torch.no_grad():
+        fused = m(x)
+        torch.testing.assert_close(eager(m)(x), fused, rtol=1e-4, atol=1e-5)
+        assert m.blocks[0].attn.scale == pytest.approx(32 ** -0.5)
+        assert_reloads(lambda: eager(timm.create_model("vit_tiny_patch16_224", pretrained=False)), m, x, tmp_path)
+        for blk in m.blocks:
+            blk.attn.scale = 64 ** -0.5
+        assert (m(x) - fused).abs().max() > 1e-3 * fused.abs().max()
+
+
 def test_a_fold_whose_heads_were_collapsed_to_whole_heads_keeps_the_head_size():
     """Where a call's head dims were collapsed into whole heads (each head one unit), removing a head leaves the other
     heads' size, so the factor is 1 (timm cpubone_nano's 3-head stage under heads="head_dim" raised here before);

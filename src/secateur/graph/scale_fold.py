@@ -140,3 +140,17 @@ def _targets(tr: Any, graph: Any, fold: dict) -> tuple[str | None, tuple | None]
     if bool((units == units[:, :1]).all()):  # each head one unit (dims collapsed into heads): the size never changes
         return None, None
     return None, (group, ScaleFold(fold["where"], int(fold["d"]), heads, units, targets))
+
+
+def stored_scales(model: Any, fold: ScaleFold, kept: int) -> dict[str, float]:
+    """Float attributes of the calling module equal to ``1/sqrt(head size)`` (timm's ``self.scale``), set to
+    ``1/sqrt(kept)``: the module's eager path (``q * self.scale``, taken where ``fused_attn`` is off) then computes
+    ``q'.k' * sqrt(kept/d) / sqrt(kept)``, the folded SDPA path's logits, so both paths stay the reference's."""
+    import math
+    try:
+        mod = model.get_submodule(fold.where)
+    except AttributeError:
+        return {}
+    old = fold.head_size ** -0.5
+    return {k: kept ** -0.5 for k, v in vars(mod).items()
+            if isinstance(v, float) and not k.startswith("_") and math.isclose(v, old, rel_tol=1e-9)}

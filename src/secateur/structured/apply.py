@@ -135,14 +135,16 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                 rec["factor"] *= parts[0][2]
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
-    from secateur.graph.size_attrs import clear_caches
+    from secateur.graph.size_attrs import clear_caches, set_attrs
     clear_caches(model)  # cached tensors of the unpruned sizes (timm's attention_bias_cache) are recomputed
     if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
-        from secateur.graph.size_attrs import set_attrs
         set_attrs(model, plan.attrs)
         for name, kv in plan.attrs.items():
             entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
             entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kv.items()})
+    for name, kv in _fold_scales(model, plan).items():  # the eager path's stored scale agrees with the fold
+        set_attrs(model, {name: kv})
+        structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})["attrs"].update(kv)
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
@@ -161,6 +163,20 @@ def _fold_factors(plan: Plan) -> dict[tuple[str, str], list[tuple[int, torch.Ten
             continue
         for mname, tname, dim, pos in fold.targets:
             out.setdefault((mname, tname), []).append((dim, pos, factor))
+    return out
+
+
+def _fold_scales(model: nn.Module, plan: Plan) -> dict[str, dict[str, float]]:
+    """module -> {attribute: 1/sqrt(new head size)} for the stored scales of calls with a fold
+    (``scale_fold.stored_scales``)."""
+    from secateur.graph.scale_fold import stored_scales
+    out: dict[str, dict[str, float]] = {}
+    for g, chans in plan.choices:
+        fold = getattr(g, "scale_fold", None)
+        if fold is not None and fold.kept(chans) != fold.head_size:
+            found = stored_scales(model, fold, fold.kept(chans))
+            if found:
+                out.setdefault(fold.where, {}).update(found)
     return out
 
 

@@ -89,9 +89,13 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
             if kept == f.head_size:  # only whole heads removed from this call: its scale is unchanged
                 continue
             rows = ", ".join(dict.fromkeys(f"{m}.{t}" if m else t for m, t, _, _ in f.targets))
+            from secateur.graph.scale_fold import stored_scales
+            stored = ", ".join(f"`{k}`" for k in stored_scales(model, f, kept))
+            also = (f"; its stored {stored} (read by its eager path) becomes 1/sqrt({kept}) so both paths agree"
+                    if stored else "")
             note = (f"{f.where}: attention scale follows q's head size ({f.head_size} -> {kept}): q rows of {rows} "
                     f"scaled by sqrt({kept}/{f.head_size}) so the softmax keeps 1/sqrt({f.head_size}) (logits "
-                    "proven on the example input)")
+                    f"proven on the example input){also}")
             if note not in picked.notes:
                 picked.notes.append(note)
     if done is not None:
