@@ -13,7 +13,13 @@ Why fold at the producer rather than keep the dims: the q/k dims are half of wha
 (timm's ViT-Ti under ``heads="head_dim"``: 0.432 of its MACs with them kept), and a one-head attention (timm's
 cpubone) has no other unit at all. Why not change the call: the pruned model must stay an ordinary module running its
 own code. The folded weights are what the pruned model holds, so ``secateur.save`` / ``load`` reproduce them; the
-structure record also names each fold (``scale_folds``) for whoever reads it.
+structure record also names each fold (``scale_folds``) for whoever reads it. A float attribute of the calling module
+equal to ``1/sqrt(d)`` (timm's ``self.scale``, read only by its eager path ``q * self.scale``) becomes ``1/sqrt(d')``
+(``stored_scales``, recorded as a size attribute): switching ``fused_attn`` off after pruning gives the same logits.
+
+The eager path itself (``(q * scale) @ k^T`` as separate ops) is not folded: the matmul rule makes each head one unit
+there (whole heads), whatever the scale's origin, since a scalar computed from ``q.size(-1)`` and a stored one look
+the same to the capture.
 
 The fold is proven, not assumed: ``structured/proof.py`` compares the attention logits (``q.k * scale``) of every
 SDPA call of the pruned copy with the reference's on the example input, which a wrong scale moves by tens of

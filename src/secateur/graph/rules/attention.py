@@ -154,8 +154,9 @@ class MathAttention(TorchFunctionMode):
     head dims looked free there, and a pruned model computed another softmax scale. The numeric proof does not
     catch it on random weights (timm's cpubone_nano at init: q.k within +-0.24, so the halved head size moved the
     attention output 1 % and the logits less than the proof's 1e-4). After such a call the fused kernels' rule
-    (``sdpa``) runs on its inputs and output, as if the fused kernel had run: whole heads (heads="heads"), or q/k
-    dims kept (heads="head_dim", and a one-head attention), each noted as the fused path notes it."""
+    (``sdpa``) runs on its inputs and output, as if the fused kernel had run: whole heads (heads="heads"), or head
+    dims with the scale change folded into q's rows (heads="head_dim", and a one-head attention: graph/scale_fold.py),
+    each noted as the fused path notes it."""
 
     def __init__(self, tracer) -> None:
         super().__init__()
