@@ -35,6 +35,12 @@ FACTORY = textwrap.dedent("""
     def broken():
         raise RuntimeError("factory exploded")
 
+    def zero_head():
+        m = tiny()
+        torch.nn.init.zeros_(m[-1].weight)
+        torch.nn.init.zeros_(m[-1].bias)
+        return m
+
     def evaluate(model):
         torch.manual_seed(1)
         x = torch.randn(8, 3, 8, 8)
@@ -73,8 +79,14 @@ def test_prune_report_export_round_trip(tmp_path, factory, capsys):
     code, stdout, _ = run(["report", str(out), *SHAPE, "--html", str(html), "--json", str(js)], capsys)
     assert code == 0 and html.read_text().startswith("<!DOCTYPE html>")
     assert json.loads(js.read_text())["totals"]["zeros"] > 0
-    code, stdout, _ = run(["export", str(out), *SHAPE, "-o", str(tmp_path / "m.onnx")], capsys)
-    assert code == 0 and "onnxruntime vs PyTorch" in stdout
+    code, stdout, err = run(["export", str(out), *SHAPE, "-o", str(tmp_path / "m.onnx")], capsys)
+    assert code == 0 and "onnxruntime vs PyTorch" in stdout and "proves little" not in err
+
+
+def test_export_says_when_outputs_are_constant(tmp_path, factory, capsys):
+    spec = factory.replace(":tiny", ":zero_head")
+    code, stdout, err = run(["export", spec, *SHAPE, "-o", str(tmp_path / "z.onnx")], capsys)
+    assert code == 0 and "outputs up to 0)" in stdout and "proves little" in err
 
 
 def test_prune_to_target_macs(tmp_path, factory, capsys):
@@ -156,6 +168,14 @@ def test_bench_before_after(tmp_path, factory, capsys):
     assert d["before"]["params"] == d["after"]["params"]
     assert d["after"]["nonzero_params"] < d["before"]["nonzero_params"]
     assert d["after"]["latency_ms_median"] > 0
+    lines = stdout.splitlines()
+    rows = [ln for ln in lines if ln.startswith(("before", "after"))]
+    for ln in rows:  # every cell stands apart: numbers never run into each other
+        cells = ln.split()
+        assert len(cells) == 7, ln
+    speed = [ln for ln in lines if ln.startswith("speedup")]
+    ratio = d["before"]["latency_ms_median"] / d["after"]["latency_ms_median"]
+    assert speed and f"{ratio:.2f}x" in speed[0]
 
 
 def test_exit_codes_in_process(tmp_path, factory, capsys):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -225,3 +225,101 @@ def _takes_two(fn) -> bool:
         return len(inspect.signature(fn).parameters) >= 2
     except (TypeError, ValueError):
         return False
+
+
+# ---------------------------------------------------------------- per-expert scores (fused mixture-of-experts)
+class ExpertScores(NamedTuple):
+    """Scores of a fused-experts group (``expert_scores``): ``own [experts, size]``, ``ranked [size]``."""
+    own: torch.Tensor
+    ranked: torch.Tensor
+
+
+def _expert_rows(model: nn.Module, m: Member, experts: int, grad: bool = False) -> torch.Tensor:
+    """The member's slices per expert: [experts, len(index), -1] (float32); the expert dim is the tensor's dim 0."""
+    t = m.tensor(model)
+    if grad:
+        if t.grad is None:
+            raise fail("Taylor importance needs gradients: run a backward pass first", where=m.qualname,
+                       shape=t.shape, hint="call loss.backward() on a batch before pruning")
+        t = t.grad
+    t = t.detach()
+    if t.dim() < 2 or t.size(0) != experts or m.dim == 0:
+        raise fail("internal: an experts member is not batched over the experts along dim 0", where=m.qualname,
+                   shape=t.shape, value=experts)
+    if not _whole(m, t):
+        t = t.index_select(m.dim, m.index.to(t.device))
+    return t.movedim(m.dim, 1).reshape(experts, m.index.numel(), -1).float()
+
+
+def _expert_channels(m: Member, rows: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(rows.size(0), size, dtype=torch.float32, device=rows.device)
+    return out.index_add_(1, m.channel.to(rows.device), rows)
+
+
+def _expert_parts(group: Group, model: nn.Module, how: str) -> list[torch.Tensor] | None:
+    """Per member, [experts, size] scores: each expert's own slices scored as the shared criterion scores the
+    whole group (LAMP ranks like L2 within an expert: ``expert_scores`` applies it to the group's ranking)."""
+    e = group.experts
+    members = _weighted(group)
+    if how in ("l1", "l2", "lamp"):
+        p = 1 if how == "l1" else 2
+        return [_expert_channels(m, _expert_rows(model, m, e).abs().pow(p).sum(2), group.size) for m in members]
+    if how == "taylor":
+        return [_expert_channels(m, (_expert_rows(model, m, e) * _expert_rows(model, m, e, grad=True)).sum(2),
+                                 group.size).abs() for m in members]
+    if how == "random":
+        g = torch.Generator().manual_seed(hash(group.name) % (2 ** 31))
+        return [torch.rand(e, group.size, generator=g)]
+    if how == "fpgm":
+        out = []
+        for m in members:
+            if m.kind != "out":
+                continue
+            rows = _expert_rows(model, m, e)
+            per = torch.zeros(e, group.size, rows.size(2), device=rows.device).index_add_(
+                1, m.channel.to(rows.device), rows)
+            out.append(torch.cdist(per, per).sum(2))
+        return out or _expert_parts(group, model, "l2")
+    return None  # bn_scale (no norm in an expert) and criteria registered by users: the group's shared scores
+
+
+def expert_scores(group: Group, model: nn.Module, how="l1", *, reduce: str = "mean",
+                  normalize: str | None = None) -> ExpertScores | None:
+    """For a fused-experts group (``group.experts`` > 0): ``(own, ranked)``. ``own[e]`` ranks expert ``e``'s
+    channels (each expert keeps its own top channels); ``ranked[r]`` is what the group loses with its ``r``-th
+    lowest channel slot (one channel from every expert), the score it enters a global ranking or a threshold with.
+
+    Why that ranking: removing ``n`` channels from the group removes each expert's ``n`` lowest. Slot ``r`` is
+    then scored as the shared criterion would score a channel if every expert's channels were first reordered by
+    that expert's own scores: the sum over experts of each one's ``r``-th lowest score (a shared channel's L1 / L2 /
+    Taylor score is that same sum over the experts' slices), with LAMP and ``normalize`` applied to those sums as
+    to a shared group's scores. So the group competes with other groups on the scale it had with one shared set,
+    and its slot scores never decrease: a global budget takes a prefix of them, which is what ``own`` removes.
+    None: the criterion has nothing to say (as ``group_scores``). A callable may return ``[experts, size]`` scores;
+    one score per channel (``[size]``) is then the same for every expert (one shared set)."""
+    e = group.experts
+    if callable(how):
+        s = torch.as_tensor(how(group, model) if _takes_two(how) else how(group)).float().cpu()
+        if s.numel() == e * group.size:
+            own = s.reshape(e, group.size)
+            return ExpertScores(own, _NORMALIZE[normalize](own.sort(1).values.sum(0)))
+        if s.numel() != group.size:
+            raise fail(f"importance callable returned the wrong number of scores (experts group: {group.size} or "
+                       f"{e} x {group.size})", where=group.name, shape=s.shape, value=group.size)
+        shared = _NORMALIZE[normalize](s.flatten())
+        return ExpertScores(shared.expand(e, group.size), shared)
+    if how not in ("l1", "l2", "lamp", "taylor", "random", "fpgm"):
+        shared = group_scores(group, model, how, reduce=reduce, normalize=normalize)
+        return None if shared is None else ExpertScores(shared.expand(e, group.size), shared)
+    if reduce not in _REDUCE:
+        raise fail("unknown reduce", where="importance", value=reduce, hint=f"use one of {sorted(_REDUCE)}")
+    if normalize not in _NORMALIZE:
+        raise fail("unknown normalize", where="importance", value=normalize, hint=f"use one of {list(_NORMALIZE)}")
+    parts = _expert_parts(group, model, how)
+    if not parts:
+        return None
+    own = _REDUCE[reduce](torch.stack([p.cpu() for p in parts]))
+    ranked = own.sort(1).values.sum(0)
+    if how == "lamp":
+        ranked = _lamp(ranked)
+    return ExpertScores(own, _NORMALIZE[normalize](ranked))

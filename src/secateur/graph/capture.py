@@ -50,6 +50,9 @@ class Tracer:
         self.contracted: list[torch.Tensor] = []
         self.links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q/k unit, v unit): one head size for both
         self.folds: list[dict[str, Any]] = []  # SDPA calls whose scale follows the head size (graph/scale_fold.py)
+        # fused experts (graph/moe.py): (channel atoms, expert count, qualified names of the tensors they may own);
+        # each slice along dim 0 of those tensors (an expert) keeps its own channels (groups.py ``Group.experts``)
+        self.experts: list[tuple[torch.Tensor, int, frozenset[str]]] = []
         self.weight_views: dict[int, torch.Tensor] = {}  # id(W.t()) -> W, an nn.Linear weight used by F.linear
         self.same_width: dict[int, torch.Tensor] = {}  # id(child) -> its parent's input channels (inner_width.py)
         self.gathered_tables: set[int] = set()  # ids of ``table[:, idx]`` results, heads first (rules/matmul.py)

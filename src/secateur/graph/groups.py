@@ -59,6 +59,10 @@ class Group:
     # q/k units of an SDPA call whose scale follows the head size: their q rows are scaled on removal
     # (graph/scale_fold.py); None elsewhere
     scale_fold: Any = None
+    # > 0: fused mixture-of-experts channels (graph/moe.py): every member is batched over this many experts along
+    # its dim 0 and each expert keeps its own channels, the same count in each; a choice is then ``[experts, n]``
+    # (channel positions per expert). A 1-d choice still means one set for all experts (exact too).
+    experts: int = 0
 
     def modules(self) -> set[str]:
         return {m.module for m in self.members}
@@ -164,6 +168,7 @@ def _settled_groups(tr: Tracer) -> Graph:
         if not bad:
             if scale_fold.resolve(tr, graph):  # a fold refused: its q/k dims kept, groups recomputed
                 continue
+            _assign_experts(tr, graph)
             return graph
         for b in bad:  # heads whose dims do not form one group each: whole heads there (always valid)
             tr.atoms.collapse(b, [1])
@@ -211,6 +216,22 @@ def _assign_blocks(tr: Tracer, graph: Graph) -> list[torch.Tensor]:
         if ga >= 0 and gb >= 0 and ga != gb:
             graph.links.append((graph.groups[int(ga)], graph.groups[int(gb)]))
     return bad
+
+
+def _assign_experts(tr: Tracer, graph: Graph) -> None:
+    """Set ``Group.experts`` where a registered experts channel set (``Tracer.experts``) is exactly one group's
+    channels and that group's members are only the experts module's tensors, along dims other than the expert dim
+    (0). Anything else (the channels met another module) leaves the group one channel set for all experts."""
+    for atoms, count, names in tr.experts:
+        gl = graph.where[graph.root[atoms]]
+        gi = gl[:, 0]
+        if bool((gi < 0).any()) or bool((gi != gi[0]).any()):
+            continue
+        g = graph.groups[int(gi[0])]
+        if (g.size != atoms.numel() or sorted(gl[:, 1].tolist()) != list(range(g.size)) or g.block is not None
+                or any(m.qualname not in names or m.dim == 0 for m in g.members)):
+            continue
+        g.experts = count
 
 
 def _groups(tr: Tracer) -> Graph:

@@ -21,18 +21,26 @@ What is proven before a module is handled (else it is kept whole, with a note na
   up) or, without a gate, the activation acts on each channel on its own: on random inputs, the outputs for a subset
   of channels equal the gate of that subset alone.
 
-One set of intermediate channels shared by all experts (not a set per expert): a slot here is (tensor, dim) with
-one atom per index, sliced by ``index_select`` along that dim; per-expert sets would need a gather over two dims
-(expert and row) in the slicer, its dry run and the reload path, and would leave the fused tensors rectangular only
-by an equal-count constraint. Shared, the channel's importance sums over the experts and the pruned module is the
-same class with a smaller ``I``, which every implementation (eager, batched_mm, grouped_mm) runs unchanged.
-Per-expert sets were weighed again (S14) and left out, because they are not simple to keep exact: the engine's only
-"same count per row" unit is the attention head block (``Tracer.blocks``), and a group with a block switches the
-module to head-size updates and the HF config to head-dim fields (structured/apply.py), which would be wrong for
-experts; the fused ``[E, 2I, H]`` / ``[E, H, I]`` tensors would need a per-expert gather in ``Plan.apply``, in the
-oracle's zeroing (``zero_consumers``, one index set per dim today), in the dry run's expected shapes (a count per
-dim) and in the structure record; only DBRX's flat ``[E * I, H]`` rows fit the 1-d slots, and one model behaving
-unlike the thirty dispatcher models is worse than none.
+Each expert keeps its own intermediate channels, the same count in each (S16): experts are trained apart, so
+channel ``i`` of one expert has nothing to do with channel ``i`` of another, and one set for all (a channel's
+importance summed over the experts, what this did before) keeps channels that matter in some experts and drops
+ones that matter in others. The capture registers the intermediate atoms with the expert count
+(``Tracer.experts``); the group they form is marked ``Group.experts`` when its members are only this module's
+tensors (groups.py ``_assign_experts``), each expert ranks its own channels (importance.py ``expert_scores``), the
+choice is ``[E, n]`` and the slicer gathers per expert along the channel dim (structured/apply.py
+``_take_per_slice``), so the fused tensors stay dense ``[E, 2I', H]`` / ``[E, H, I']`` and the module stays the same
+class with a smaller ``I``, which every implementation (eager, batched_mm, grouped_mm) runs unchanged. The oracle
+zeroes each expert's own down columns (``Plan.zero_consumers``); a reload needs only the shapes (the values come
+from the saved state_dict). Measured at ratio 0.5, L1 (benchmarks/bench_moe_experts.py): MACs unchanged (mixtral
+0.280, qwen2_moe 0.287, qwen3_moe 0.297, olmoe / gpt_oss / phimoe 0.280), oracle within 2e-7; the experts'
+importance kept is 0.529-0.531 vs 0.514-0.518 shared on random weights, 0.838-0.841 vs 0.686-0.707 where each
+expert's channels are scaled by factors of its own. No option keeps the shared set: per expert keeps at least the
+importance a shared set keeps in every expert (each expert's top ``n``), at the same shapes and cost; a 1-d choice
+on such a group (``allocate``'s latency allocator, which ranks one score per channel) still means one set for all.
+DBRX's flat ``[E * I, H]`` rows and the model-specific modules (moe_models.py) and ``bmm`` experts (rules/matmul.py)
+still share one set. Experts written as separate modules (an ``nn.ModuleList`` / ``ModuleDict`` of MLPs) are one
+group each, so they always chose their own channels.
+
 The expert count ``E`` is never pruned (routing inputs are blocked: the router's outputs stay).
 
 Routers (``MixtralTopKRouter`` and kin: ``F.linear(x, self.weight)`` on a module of their own) are read as Linears
@@ -176,10 +184,14 @@ def _experts(tr: Tracer, mod: nn.Module, args, kwargs, out, lay: Layout) -> None
         tr.slot(up, lay.up_hidden, _consumed(tr, chan), "in")
     inter = tr.atoms.new(lay.inter)
     rows = inter if lay.pairs == 1 else inter.repeat_interleave(2) if lay.interleaved else torch.cat([inter, inter])
+    owners = [up, down]
     tr.slot(up, lay.up_rows, rows, "out")
     if lay.bias:
-        tr.slot(getattr(mod, f"{lay.up}_bias"), 1, rows, "out")
+        owners.append(getattr(mod, f"{lay.up}_bias"))
+        tr.slot(owners[-1], 1, rows, "out")
     tr.slot(down, lay.down_inter, inter, "in")
+    names = frozenset(".".join(p for p in tr.name_of(t) if p) for t in owners)
+    tr.experts.append((inter, lay.experts, names))  # each expert keeps its own channels (groups.py)
     hidden = tr.atoms.new(lay.hidden)
     tr.slot(down, lay.down_hidden, hidden, "out")
     if lay.bias:

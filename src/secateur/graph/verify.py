@@ -181,8 +181,8 @@ class Expected:
         sizes = torch.tensor([0] + [g.size for g in graph.groups])
         offset = torch.cumsum(sizes, 0)[:-1]
         pick = torch.zeros(int(sizes.sum()), dtype=torch.bool)
-        for g, chans in choices:
-            pick[offset[index[id(g)]] + chans] = True
+        for g, chans in choices:  # per expert ([E, n]): the expert channels are slots only (the experts module is
+            pick[offset[index[id(g)]] + (chans[0] if chans.dim() == 2 else chans)] = True  # a leaf), the count counts
         per_atom = graph.__dict__.get("_per_atom")  # the same for every plan of the graph: once (an index per atom)
         if per_atom is None or per_atom[0] is not graph.root:
             per_atom = graph.__dict__["_per_atom"] = (graph.root, graph.where[graph.root])

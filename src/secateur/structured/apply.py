@@ -60,8 +60,11 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         if new is not None and not isinstance(t, nn.Parameter):
             new = new.clone()  # a buffer: the model's forward may update it in place (BatchNorm in training mode)
         if new is None or new.device != t.device or new.dtype != t.dtype:
-            keep = []
+            keep, per_slice = [], []
             for d, pos in dims.items():  # pos: sorted, unique (Plan.removed)
+                if pos.dim() == 2:  # per expert (Plan docstring): after the shared dims
+                    per_slice.append((d, _kept_per_slice(t, d, pos, f"{mname}.{tname}")))
+                    continue
                 if pos.numel() >= t.size(d):
                     raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape,
                                value=d)
@@ -77,6 +80,8 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
             else:
                 for d, idx in keep:
                     new = new.index_select(d, idx.to(new.device))
+            for d, idx in per_slice:
+                new = _take_per_slice(new, d, idx)
             new = _folded(new, t, dict(keep), folds.get((mname, tname), ())).contiguous()
         if record is not None:
             record.tensors[(mname, tname)] = new if isinstance(t, nn.Parameter) else new.clone()
@@ -150,48 +155,20 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
     return structure
 
 
-def _fold_factors(plan: Plan) -> dict[tuple[str, str], list[tuple[int, torch.Tensor, float]]]:
-    """(module, tensor) -> (dim, positions, factor) of the q rows scaled where a chosen group is the q/k units of an
-    attention whose scale follows the head size (graph/scale_fold.py)."""
-    out: dict[tuple[str, str], list[tuple[int, torch.Tensor, float]]] = {}
-    for g, chans in plan.choices:
-        fold = getattr(g, "scale_fold", None)
-        if fold is None:
-            continue
-        factor = fold.factor(chans)
-        if factor == 1.0:  # whole heads only: the head size, and so the scale, is unchanged
-            continue
-        for mname, tname, dim, pos in fold.targets:
-            out.setdefault((mname, tname), []).append((dim, pos, factor))
-    return out
+def _kept_per_slice(t: torch.Tensor, d: int, pos: torch.Tensor, where: str) -> torch.Tensor:
+    """Kept positions ``[E, size - k]`` along dim ``d`` of each slice ``t[e]`` from removed ``pos [E, k]``."""
+    if d == 0 or t.dim() < 2 or pos.size(0) != t.size(0) or pos.size(1) >= t.size(d):
+        raise fail("per-expert positions do not fit the tensor (experts along dim 0, some channels kept)",
+                   where=where, shape=t.shape, value=(d, tuple(pos.shape)))
+    mask = torch.ones(t.size(0), t.size(d), dtype=torch.bool).scatter_(1, pos, False)
+    return mask.nonzero()[:, 1].reshape(t.size(0), -1)
 
 
-def _fold_scales(model: nn.Module, plan: Plan) -> dict[str, dict[str, float]]:
-    """module -> {attribute: 1/sqrt(new head size)} for the stored scales of calls with a fold
-    (``scale_fold.stored_scales``)."""
-    from secateur.graph.scale_fold import stored_scales
-    out: dict[str, dict[str, float]] = {}
-    for g, chans in plan.choices:
-        fold = getattr(g, "scale_fold", None)
-        if fold is not None and fold.kept(chans) != fold.head_size:
-            found = stored_scales(model, fold, fold.kept(chans))
-            if found:
-                out.setdefault(fold.where, {}).update(found)
-    return out
-
-
-def _folded(new: torch.Tensor, old: torch.Tensor, keep: dict[int, torch.Tensor],
-            parts: tuple | list) -> torch.Tensor:
-    """``new`` (``old`` sliced to the kept positions ``keep`` by dim) with the folds' q rows multiplied."""
-    for dim, pos, factor in parts:
-        mult = torch.ones(old.size(dim), dtype=torch.float64)
-        mult[pos] = factor
-        if dim in keep:
-            mult = mult[keep[dim]]
-        shape = [1] * new.dim()
-        shape[dim] = -1
-        new = new * mult.to(device=new.device, dtype=new.dtype).view(shape)
-    return new
+def _take_per_slice(t: torch.Tensor, d: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t[e]`` keeps positions ``idx[e]`` along ``d`` (one batched gather: ``take_along_dim`` broadcasts the
+    index over the other dims, so no index the size of the weight is built)."""
+    shape = [t.size(0) if i == 0 else idx.size(1) if i == d else 1 for i in range(t.dim())]
+    return torch.take_along_dim(t, idx.to(t.device).reshape(shape), dim=d)
 
 
 _HF_SIZES = {  # config field -> (module attribute, module-name suffixes): set when every layer agrees

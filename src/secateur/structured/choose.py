@@ -11,7 +11,7 @@ from torch import nn
 
 from secateur.errors import fail
 from secateur.graph.groups import Graph, Group
-from secateur.importance import group_scores, shared_norms
+from secateur.importance import ExpertScores, expert_scores, group_scores, shared_norms
 from secateur.structured.plan import Plan
 
 
@@ -108,8 +108,11 @@ def _count(group: Group, n: int, round_to: int | None) -> int:
     return _round(group.size // heads, n // heads, round_to) * heads
 
 
-def _pick(group: Group, scores: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` lowest-scoring channels (per head for a head-dim group: n / heads in each)."""
+def _pick(group: Group, scores: torch.Tensor | ExpertScores, n: int) -> torch.Tensor:
+    """The ``n`` lowest-scoring channels (per head for a head-dim group: n / heads in each; per expert for a
+    fused-experts group: each expert's own ``n`` lowest, ``[experts, n]``, sorted)."""
+    if isinstance(scores, ExpertScores):
+        return torch.argsort(scores.own, dim=1, stable=True)[:, :n].sort(1).values
     if group.block is None:
         return torch.argsort(scores, stable=True)[:n]
     heads = int(group.block.max()) + 1
@@ -118,6 +121,16 @@ def _pick(group: Group, scores: torch.Tensor, n: int) -> torch.Tensor:
         idx = (group.block == b).nonzero().flatten()
         out.append(idx[torch.argsort(scores[idx], stable=True)[:n // heads]])
     return torch.cat(out)
+
+
+def _ranked(scores: torch.Tensor | ExpertScores) -> torch.Tensor:
+    """One score per channel slot, for thresholds and global ranking (``importance.expert_scores``)."""
+    return scores.ranked if isinstance(scores, ExpertScores) else scores
+
+
+def _removed_count(chans: torch.Tensor) -> int:
+    """Channels a choice removes from its group (per expert for a fused-experts choice ``[experts, n]``)."""
+    return int(chans.shape[-1]) if chans.dim() == 2 else int(chans.numel())
 
 
 def _linked(choices, links, scores) -> list[tuple[Group, torch.Tensor]]:
@@ -173,7 +186,10 @@ def _candidates(model: nn.Module, graph: Graph, ratio, every: bool, importance, 
             r = _ratio_for(g, ratio)
             if r <= 0 and not every:
                 continue
-            s = group_scores(g, model, importance, reduce=reduce, normalize=normalize)
+            if g.experts:  # each expert ranks its own channels
+                s = expert_scores(g, model, importance, reduce=reduce, normalize=normalize)
+            else:
+                s = group_scores(g, model, importance, reduce=reduce, normalize=normalize)
             if s is not None:
                 cands.append((g, s, r))
     return cands
@@ -186,7 +202,7 @@ def _choose(cands, threshold, scope, round_to, links=(), ties=None, fixed=frozen
     choices = []
     if threshold is not None:
         for g, s, _ in cands:
-            n = _count(g, int((s < threshold).sum()), round_to)
+            n = _count(g, int((_ranked(s) < threshold).sum()), round_to)
             if n:
                 choices.append((g, _pick(g, s, n)))
     elif scope == "local":
@@ -214,7 +230,7 @@ def _tied(choices, cands, ties, round_to, fixed=frozenset()) -> list[tuple[Group
     one nearest the mean of the widths the choice wanted (the larger on a draw: prune less), each group ranking its
     own channels. A group that is not a candidate, or is ``fixed``, keeps all its channels, so its class does."""
     scores = {id(g): s for g, s, _ in cands}
-    removed = {id(g): int(c.numel()) for g, c in choices}
+    removed = {id(g): _removed_count(c) for g, c in choices}
     new = {id(g): c for g, c in choices}
     for cls in ties.classes():
         widths = [ties.widths.get(id(g)) for g in cls]
@@ -247,6 +263,7 @@ def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
     k = int(sum(g.size * r for g, _, r in cands))
     scores, owner, rank = [], [], []
     for i, (g, s, _) in enumerate(cands):
+        s = _ranked(s)
         order = torch.argsort(s, stable=True)
         rk = torch.empty_like(order)
         rk[order] = torch.arange(g.size)

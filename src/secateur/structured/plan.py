@@ -18,7 +18,11 @@ STRUCTURE_ATTR = "_secateur_structure"
 @dataclass
 class Plan:
     """What will be removed: ``removed[(module, tensor)][dim] = positions``; ``choices`` pairs each group with the
-    channels (0..size-1) chosen in it. ``notes`` say where removal is not the same as zeroing (kept channels)."""
+    channels (0..size-1) chosen in it. ``notes`` say where removal is not the same as zeroing (kept channels).
+
+    A fused-experts group (``Group.experts`` = E) may choose per expert: its choice is ``[E, n]`` (each row one
+    expert's channels), and its members' positions are then ``[E, k]`` too, batched over the tensor's dim 0 (row
+    ``e`` along ``dim`` of slice ``e``): sliced by one gather (structured/apply.py ``_take_per_slice``)."""
     groups: list[Group]
     choices: list[tuple[Group, torch.Tensor]]
     notes: list[str] = field(default_factory=list)
@@ -32,6 +36,11 @@ class Plan:
     def removed(self) -> dict[tuple[str, str], dict[int, torch.Tensor]]:
         out: dict[tuple[str, str], dict[int, list[torch.Tensor]]] = {}
         for g, chans in self.choices:
+            if chans.dim() == 2:  # per expert
+                for m in g.members:
+                    pos = per_slice_positions(m, chans, g.size)
+                    out.setdefault((m.module, m.name), {}).setdefault(m.dim, []).append(pos)
+                continue
             pick = torch.zeros(g.size, dtype=torch.bool)
             pick[chans] = True
             same: dict[tuple[bytes, bytes], torch.Tensor] = {}  # a group's members mostly hold the same positions
@@ -43,8 +52,7 @@ class Plan:
                 if pos.numel():
                     out.setdefault((m.module, m.name), {}).setdefault(m.dim, []).append(pos)
         # one piece (the common case: one group per tensor dim) is sorted and unique already (Member.index is)
-        return {k: {d: v[0] if len(v) == 1 else torch.unique(torch.cat(v)) for d, v in dims.items()}
-                for k, dims in out.items()}
+        return {k: {d: v[0] if len(v) == 1 else _merge(v) for d, v in dims.items()} for k, dims in out.items()}
 
     @property
     def channels(self) -> int:
@@ -56,6 +64,11 @@ class Plan:
         so zeroing weight[:, j] (the member's dim-1 slice) zeroes exactly those inputs."""
         with torch.no_grad():
             for g, chans in self.choices:
+                if chans.dim() == 2:  # per expert: each expert's own positions along the member's dim
+                    for m in g.members:
+                        if m.consumer:
+                            _zero_per_slice(m.tensor(model), m.dim, per_slice_positions(m, chans, g.size))
+                    continue
                 pick = torch.zeros(g.size, dtype=torch.bool)
                 pick[chans] = True
                 for m in g.members:
@@ -68,6 +81,7 @@ class Plan:
         return _apply(model, self)
 
     def _norm_keeps(self) -> list[tuple[NormSite, torch.Tensor]]:
+        # (an experts group never has a norm over its channels: graph/moe.py refuses has_post_expert_norm)
         """(site, kept positions) for every normalisation that loses channels under this plan."""
         picks = {id(g): chans for g, chans in self.choices}
         out = []
@@ -95,6 +109,32 @@ class Plan:
         only. ``with plan.kept_norms(ref): want = ref(x)`` then equals the pruned model's output."""
         from secateur.graph.reference import kept_norms
         return kept_norms(model, self._norm_keeps())
+
+
+def per_slice_positions(m, chans: torch.Tensor, size: int) -> torch.Tensor:
+    """Member ``m``'s positions of per-expert channels ``chans [E, n]``: ``[E, k]``, each row sorted (``m.index``
+    is), the same count in every row (``m.channel`` gives each channel as many positions in every expert)."""
+    pick = torch.zeros(chans.size(0), size, dtype=torch.bool)
+    pick.scatter_(1, chans, True)
+    sel = pick[:, m.channel]  # [E, len(index)]
+    return m.index.expand(chans.size(0), -1)[sel].reshape(chans.size(0), -1)
+
+
+def _zero_per_slice(t: torch.Tensor, dim: int, pos: torch.Tensor) -> None:
+    """Zero positions ``pos[e]`` along ``dim`` of slice ``t[e]`` (dim 0 indexes the experts), in place."""
+    keep = torch.ones(t.size(0), t.size(dim), dtype=torch.bool, device=t.device)
+    keep.scatter_(1, pos.to(t.device), False)
+    shape = [t.size(d) if d in (0, dim) else 1 for d in range(t.dim())]
+    t.masked_fill_(~keep.reshape(shape), 0)
+
+
+def _merge(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Positions of several groups along one dim: 1-d pieces unite; with a per-expert ``[E, k]`` piece, each 1-d
+    piece is removed from every expert and rows unite (groups own disjoint positions)."""
+    if all(p.dim() == 1 for p in pieces):
+        return torch.unique(torch.cat(pieces))
+    e = next(p.size(0) for p in pieces if p.dim() == 2)
+    return torch.cat([p if p.dim() == 2 else p.expand(e, -1) for p in pieces], 1).sort(1).values
 
 
 @dataclass

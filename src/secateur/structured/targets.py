@@ -85,7 +85,7 @@ class _Counter:
             shape = self.shapes.get((mname, tname))
             if shape is None or (self.what == "macs" and (mname not in self.leaves or len(shape) < 2)):
                 continue
-            new = math.prod(s - int(dims[d].numel()) if d in dims else s for d, s in enumerate(shape))
+            new = math.prod(s - int(dims[d].shape[-1]) if d in dims else s for d, s in enumerate(shape))
             lost[mname] = lost.get(mname, 0) + math.prod(shape) - new
         if self.what == "params":
             return self.total - sum(lost.values())
