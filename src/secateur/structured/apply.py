@@ -155,6 +155,50 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
     return structure
 
 
+def _fold_factors(plan: Plan) -> dict[tuple[str, str], list[tuple[int, torch.Tensor, float]]]:
+    """(module, tensor) -> (dim, positions, factor) of the q rows scaled where a chosen group is the q/k units of an
+    attention whose scale follows the head size (graph/scale_fold.py)."""
+    out: dict[tuple[str, str], list[tuple[int, torch.Tensor, float]]] = {}
+    for g, chans in plan.choices:
+        fold = getattr(g, "scale_fold", None)
+        if fold is None:
+            continue
+        factor = fold.factor(chans)
+        if factor == 1.0:  # whole heads only: the head size, and so the scale, is unchanged
+            continue
+        for mname, tname, dim, pos in fold.targets:
+            out.setdefault((mname, tname), []).append((dim, pos, factor))
+    return out
+
+
+def _fold_scales(model: nn.Module, plan: Plan) -> dict[str, dict[str, float]]:
+    """module -> {attribute: 1/sqrt(new head size)} for the stored scales of calls with a fold
+    (``scale_fold.stored_scales``)."""
+    from secateur.graph.scale_fold import stored_scales
+    out: dict[str, dict[str, float]] = {}
+    for g, chans in plan.choices:
+        fold = getattr(g, "scale_fold", None)
+        if fold is not None and fold.kept(chans) != fold.head_size:
+            found = stored_scales(model, fold, fold.kept(chans))
+            if found:
+                out.setdefault(fold.where, {}).update(found)
+    return out
+
+
+def _folded(new: torch.Tensor, old: torch.Tensor, keep: dict[int, torch.Tensor],
+            parts: tuple | list) -> torch.Tensor:
+    """``new`` (``old`` sliced to the kept positions ``keep`` by dim) with the folds' q rows multiplied."""
+    for dim, pos, factor in parts:
+        mult = torch.ones(old.size(dim), dtype=torch.float64)
+        mult[pos] = factor
+        if dim in keep:
+            mult = mult[keep[dim]]
+        shape = [1] * new.dim()
+        shape[dim] = -1
+        new = new * mult.to(device=new.device, dtype=new.dtype).view(shape)
+    return new
+
+
 def _kept_per_slice(t: torch.Tensor, d: int, pos: torch.Tensor, where: str) -> torch.Tensor:
     """Kept positions ``[E, size - k]`` along dim ``d`` of each slice ``t[e]`` from removed ``pos [E, k]``."""
     if d == 0 or t.dim() < 2 or pos.size(0) != t.size(0) or pos.size(1) >= t.size(d):
