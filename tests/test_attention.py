@@ -311,9 +311,10 @@ def test_llama_gqa_whole_heads_keep_the_grouping(heads, kv, ratio, want):
 
 
 @pytest.mark.parametrize("explicit", [False, True])
-def test_sdpa_scale_from_the_head_size_keeps_qk_dims(explicit):
+def test_sdpa_scale_from_the_head_size_is_folded_into_q(explicit):
     """A module that lets sdpa derive the scale from q's size, or computes it from its head size in forward:
-    removing q/k dims would change it, so q/k dims are kept (noted) and the oracle holds."""
+    removing q/k dims changes it, so q's kept rows are multiplied by sqrt(d'/d) (graph/scale_fold.py, noted) and
+    the oracle holds, checked on sharpened q/k weights where a wrong scale shows."""
 
     class Att(nn.Module):
         def __init__(self):
@@ -332,14 +333,19 @@ def test_sdpa_scale_from_the_head_size_keeps_qk_dims(explicit):
     m = Att()
     x = torch.randn(2, 5, 16)
     plan = plan_channels(m, x, ratio=0.5, heads="head_dim")
-    assert any("scale follows" in n for n in plan.notes)
-    assert not any(mem.module in ("q", "k") for g, _ in plan.choices for mem in g.members)
+    assert any("scale follows" in n and "scaled by sqrt(2/4)" in n for n in plan.notes), plan.notes
+    assert any(mem.module in ("q", "k") for g, _ in plan.choices for mem in g.members)
+    with torch.no_grad():
+        for lin in (m.q, m.k):
+            lin.weight *= 10
+            lin.bias *= 10
     ref = copy.deepcopy(m)
     plan.zero_consumers(ref)
     with torch.no_grad():
         want = ref(x)
         plan.apply(m)
         torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
+    assert m.head_dim == 2
 
 
 class GQAttention(nn.Module):

@@ -412,7 +412,9 @@ def _sdpa_vit():
 def test_meta_dry_run_takes_the_cpu_attention_kernel(heads, monkeypatch):
     """A dry run on meta (a model over ``HERE_BYTES``) runs SDPA as the CPU capture did (its flash kernel) instead of
     the decomposition: no meta reference trace is made, and the plan (kept indices, sizes, notes) and the pruned
-    model are the ones of the CPU dry run, and of the meta run without the shortcut."""
+    model are the ones of the meta run without the shortcut, and under heads="heads" of the CPU dry run. Under
+    heads="head_dim" the CPU plan also folds the scale change into q's rows (graph/scale_fold.py), which only a
+    numeric proof admits: meta cannot run one, so there the q/k dims are kept (noted)."""
     from secateur.graph import verify
     model, x = _sdpa_vit()
     traces = [0]
@@ -434,11 +436,16 @@ def test_meta_dry_run_takes_the_cpu_attention_kernel(heads, monkeypatch):
         plan = plan_channels(m, x, ratio=0.5, heads=heads)
         plan.apply(m)
         got[case] = (_plan_record(plan), traces[0], {k: v.clone() for k, v in m.state_dict().items()})
-    assert got["cpu"][0] == got["meta"][0] == got["meta_plain"][0]
-    assert got["cpu"][0][0]  # something pruned: not vacuous
+    assert got["meta"][0] == got["meta_plain"][0]
+    assert got["meta"][0][0]  # something pruned: not vacuous
     assert got["meta"][1] == 0 and got["meta_plain"][1] == 1  # the shortcut is what spares the meta trace
-    for case in ("meta", "meta_plain"):
-        assert all(torch.equal(got["cpu"][2][k], v) for k, v in got[case][2].items())
+    assert all(torch.equal(got["meta"][2][k], v) for k, v in got["meta_plain"][2].items())
+    if heads == "heads":
+        assert got["cpu"][0] == got["meta"][0]
+        assert all(torch.equal(got["cpu"][2][k], v) for k, v in got["meta"][2].items())
+    else:
+        assert any("scaled by sqrt(" in n for n in got["cpu"][0][2]), got["cpu"][0][2]
+        assert any("was not proven" in n for n in got["meta"][0][2]), got["meta"][0][2]
 
 
 def test_plans_freeze_old_objects_and_give_them_back():

@@ -1,6 +1,7 @@
 """Attention whose softmax scale is or is not kept by the pruned model: a one-head attention prunes its head dims
 under heads="heads" where the scale is stated (graph/rules/attention.py ``sdpa``), and an SDPA call that derives the
-scale from the head size keeps it in its fused and its math path alike (``MathAttention``)."""
+scale from the head size folds the change into q's rows in its fused and its math path alike (``MathAttention``,
+graph/scale_fold.py)."""
 import copy
 
 import pytest
@@ -43,18 +44,20 @@ def test_a_one_head_attention_prunes_its_head_dims_under_heads():
     assert m.qkv.out_features == 24 and m.o.in_features == 8 and m.head_dim == 8 and m.scale == 16 ** -0.5
 
 
-def test_a_one_head_attention_whose_scale_follows_its_size_keeps_it():
-    """Negative: SDPA without ``scale`` derives it from q's head size, so removing q/k dims would change it: the
-    head stays one unit (noted), as before."""
+def test_a_one_head_attention_whose_scale_follows_its_size_folds_it_into_q():
+    """SDPA without ``scale`` derives it from q's head size: removing q/k dims changes it, so the engine multiplies
+    q's kept rows by sqrt(d'/d) (graph/scale_fold.py). The plan made on random weights is checked on sharpened ones,
+    where a wrong scale would show."""
     torch.manual_seed(0)
     m, x = OneHead(stated_scale=False).eval(), torch.randn(2, 5, 24)
     plan = plan_channels(m, x, ratio=0.5)
-    assert not any("one attention head" in n for n in plan.notes)
-    assert any("scaled_dot_product" in n and "one unit" in n for n in plan.notes), plan.notes
-    _, want, got = pruned_vs_reference(m, x, plan)
+    assert any("one attention head" in n for n in plan.notes)
+    assert any("scaled by sqrt(8/16)" in n for n in plan.notes), plan.notes
+    big = _sharpened(m, heads=1, head_dim=16)
+    _, want, got = pruned_vs_reference(big, x, plan)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert m.qkv.out_features == 48 and m.head_dim == 16
-    assert m.up.out_features == 16  # the rest of the model still prunes
+    assert big.qkv.out_features == 24 and big.head_dim == 8
+    assert big.up.out_features == 16  # the rest of the model still prunes
 
 
 class StridedHeads(nn.Module):
@@ -80,32 +83,33 @@ class StridedHeads(nn.Module):
         return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
-def _sharpened(m, factor=100.0):
+def _sharpened(m, factor=100.0, heads=None, head_dim=None):
     """The same model with q and k rows scaled up: softmax far from uniform, as in trained weights, where a changed
     softmax scale shows (at this init, q.k is so small that a proof on random weights does not see it)."""
     big = copy.deepcopy(m)
+    heads, head_dim = heads or big.num_heads, head_dim or big.head_dim
     with torch.no_grad():
-        rows = big.qkv.weight.view(big.num_heads, 3, big.head_dim, -1)
+        rows = big.qkv.weight.view(heads, 3, head_dim, -1)
         rows[:, :2] *= factor
-        big.qkv.bias.view(big.num_heads, 3, big.head_dim)[:, :2] *= factor
+        big.qkv.bias.view(heads, 3, head_dim)[:, :2] *= factor
     return big
 
 
 @pytest.mark.parametrize("heads", [1, 2])
-def test_a_scale_derived_from_the_head_size_keeps_head_sizes_on_the_math_path(heads):
-    """Before, the math decomposition's scale looked like a constant: head dims were units, a halved ``head_dim``
-    passed the dry run, and the numeric proof on random weights (softmax near uniform) let it through. Now whole
-    heads are the units (two heads: one goes, the head size stays; one head: kept whole, noted).
-    The plan made on the random weights is then checked on sharpened ones, where a changed scale would show."""
+def test_a_scale_derived_from_the_head_size_on_the_math_path(heads):
+    """The math decomposition's scale (``q.size(-1) ** -0.25`` on q and k) looked like a constant: head dims were
+    units and a halved ``head_dim`` changed the softmax scale unseen by a proof on random weights. Now the call is
+    read as the fused kernel's: two heads lose a whole head (the head size stays); one head prunes its head dims
+    with the scale change folded into q's rows. The plan made on the random weights is checked on sharpened ones,
+    where a changed scale would show."""
     torch.manual_seed(0)
     m, x = StridedHeads(heads).eval(), torch.randn(2, 6, 24)
     plan = plan_channels(m, x, ratio=0.5)
     big = _sharpened(m)
     _, want, got = pruned_vs_reference(big, x, plan)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert big.head_dim == 16
     if heads == 1:
-        assert any("one unit" in n for n in plan.notes), plan.notes
-        assert big.qkv.out_features == 48
+        assert any("scaled by sqrt(8/16)" in n for n in plan.notes), plan.notes
+        assert big.head_dim == 8 and big.qkv.out_features == 24
     else:
-        assert big.num_heads == 1 and big.qkv.out_features == 48 and big.o.in_features == 16
+        assert big.head_dim == 16 and big.num_heads == 1 and big.qkv.out_features == 48 and big.o.in_features == 16

@@ -49,6 +49,7 @@ class Tracer:
         self.blocks: list[torch.Tensor] = []
         self.contracted: list[torch.Tensor] = []
         self.links: list[tuple[torch.Tensor, torch.Tensor]] = []  # (q/k unit, v unit): one head size for both
+        self.folds: list[dict[str, Any]] = []  # SDPA calls whose scale follows the head size (graph/scale_fold.py)
         # fused experts (graph/moe.py): (channel atoms, expert count, qualified names of the tensors they may own);
         # each slice along dim 0 of those tensors (an expert) keeps its own channels (groups.py ``Group.experts``)
         self.experts: list[tuple[torch.Tensor, int, frozenset[str]]] = []

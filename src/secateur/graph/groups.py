@@ -56,6 +56,9 @@ class Group:
     # j of every group is one unit here, or in "groups" mode the gcd of the member layers' group widths
     # (``round_to`` counts a layer's channels, so it needs this)
     unit: int = 1
+    # q/k units of an SDPA call whose scale follows the head size: their q rows are scaled on removal
+    # (graph/scale_fold.py); None elsewhere
+    scale_fold: Any = None
     # > 0: fused mixture-of-experts channels (graph/moe.py): every member is batched over this many experts along
     # its dim 0 and each expert keeps its own channels, the same count in each; a choice is then ``[experts, n]``
     # (channel positions per expert). A 1-d choice still means one set for all experts (exact too).
@@ -161,16 +164,22 @@ def groups_from(tr: Tracer) -> Graph:
 
 
 def _settled_groups(tr: Tracer) -> Graph:
+    from secateur.graph import scale_fold
     for _ in range(4):
         graph = _groups(tr)
         bad = _assign_blocks(tr, graph)
         if not bad:
+            if scale_fold.resolve(tr, graph):  # a fold refused: its q/k dims kept, groups recomputed
+                continue
             _assign_experts(tr, graph)
             _assign_align(tr, graph)
             return graph
         for b in bad:  # heads whose dims do not form one group each: whole heads there (always valid)
             tr.atoms.collapse(b, [1])
         tr.blocks = [b for b in tr.blocks if not any(b is x for x in bad)]
+    for fold in tr.folds:  # not settled in four rounds: no fold is trusted
+        scale_fold._refuse(tr, fold, "the groups did not settle")
+    tr.folds = []
     graph = _groups(tr)
     _assign_align(tr, graph)
     return graph

@@ -46,6 +46,10 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         mod = mods.get(name)
         return model.get_submodule(name) if mod is None else mod
 
+    folds = _fold_factors(plan)
+    missing = set(folds) - set(removed)
+    if missing:
+        raise fail("internal: a scale fold's q rows are not sliced", where=".".join(sorted(missing)[0]))
     # compute everything first: a PruningError must leave the model as it was
     new_tensors = []
     kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(pos), size) -> (pos, kept positions)
@@ -78,7 +82,7 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                     new = new.index_select(d, idx.to(new.device))
             for d, idx in per_slice:
                 new = _take_per_slice(new, d, idx)
-            new = new.contiguous()
+            new = _folded(new, t, dict(keep), folds.get((mname, tname), ())).contiguous()
         if record is not None:
             record.tensors[(mname, tname)] = new if isinstance(t, nn.Parameter) else new.clone()
         new_tensors.append((mod, mname, tname, t, new))
@@ -130,19 +134,69 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                 entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
             if b is not None and bn in mod._non_persistent_buffers_set and (name, bn) in removed:
                 _record_unsaved(entry, bn, removed[(name, bn)], b)
+        for (fm, tn), parts in folds.items():
+            if fm == name:  # what the saved weights carry already: recorded for whoever reads the structure
+                rec = entry.setdefault("scale_folds", {}).setdefault(tn, {"dim": parts[0][0], "factor": 1.0})
+                rec["factor"] *= parts[0][2]
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
-    from secateur.graph.size_attrs import clear_caches
+    from secateur.graph.size_attrs import clear_caches, set_attrs
     clear_caches(model)  # cached tensors of the unpruned sizes (timm's attention_bias_cache) are recomputed
     if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
-        from secateur.graph.size_attrs import set_attrs
         set_attrs(model, plan.attrs)
         for name, kv in plan.attrs.items():
             entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
             entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kv.items()})
+    for name, kv in _fold_scales(model, plan).items():  # the eager path's stored scale agrees with the fold
+        set_attrs(model, {name: kv})
+        structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})["attrs"].update(kv)
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
+
+
+def _fold_factors(plan: Plan) -> dict[tuple[str, str], list[tuple[int, torch.Tensor, float]]]:
+    """(module, tensor) -> (dim, positions, factor) of the q rows scaled where a chosen group is the q/k units of an
+    attention whose scale follows the head size (graph/scale_fold.py)."""
+    out: dict[tuple[str, str], list[tuple[int, torch.Tensor, float]]] = {}
+    for g, chans in plan.choices:
+        fold = getattr(g, "scale_fold", None)
+        if fold is None:
+            continue
+        factor = fold.factor(chans)
+        if factor == 1.0:  # whole heads only: the head size, and so the scale, is unchanged
+            continue
+        for mname, tname, dim, pos in fold.targets:
+            out.setdefault((mname, tname), []).append((dim, pos, factor))
+    return out
+
+
+def _fold_scales(model: nn.Module, plan: Plan) -> dict[str, dict[str, float]]:
+    """module -> {attribute: 1/sqrt(new head size)} for the stored scales of calls with a fold
+    (``scale_fold.stored_scales``)."""
+    from secateur.graph.scale_fold import stored_scales
+    out: dict[str, dict[str, float]] = {}
+    for g, chans in plan.choices:
+        fold = getattr(g, "scale_fold", None)
+        if fold is not None and fold.kept(chans) != fold.head_size:
+            found = stored_scales(model, fold, fold.kept(chans))
+            if found:
+                out.setdefault(fold.where, {}).update(found)
+    return out
+
+
+def _folded(new: torch.Tensor, old: torch.Tensor, keep: dict[int, torch.Tensor],
+            parts: tuple | list) -> torch.Tensor:
+    """``new`` (``old`` sliced to the kept positions ``keep`` by dim) with the folds' q rows multiplied."""
+    for dim, pos, factor in parts:
+        mult = torch.ones(old.size(dim), dtype=torch.float64)
+        mult[pos] = factor
+        if dim in keep:
+            mult = mult[keep[dim]]
+        shape = [1] * new.dim()
+        shape[dim] = -1
+        new = new * mult.to(device=new.device, dtype=new.dtype).view(shape)
+    return new
 
 
 def _kept_per_slice(t: torch.Tensor, d: int, pos: torch.Tensor, where: str) -> torch.Tensor:

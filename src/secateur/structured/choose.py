@@ -189,7 +189,9 @@ def _refuse_masked(model: nn.Module) -> None:
 
 def _new_plan(graph: Graph, choices: list, notes: list[str], heads: str) -> Plan:
     plan = Plan(graph.groups, choices, notes, heads=heads, norms=graph.norms)
-    note = "heads='head_dim': attention scales stay 1/sqrt(original head size) (module `scaling`)"
+    note = ("heads='head_dim': attention scales stay 1/sqrt(original head size) (a scale the call reads from the module, "
+            "such as `scaling`, is left as it is; one derived from the head size is folded into q's rows, noted per "
+            "call)")
     if any(g.block is not None for g, _ in choices) and note not in plan.notes:
         plan.notes.append(note)
     return plan

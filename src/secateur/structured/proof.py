@@ -3,11 +3,14 @@ removal breaks the model's own forward, the size-attribute search and count ties
 numeric proof (``_exact``) that a plan with updated sizes computes the oracle's reference."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from secateur.errors import fail
 from secateur.graph.groups import Graph, Group
@@ -72,6 +75,33 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
                     and _exact(model, example_inputs, found, memo)):
                 picked, d, kept_ties = found, d1, graph.ties
         graph.ties = kept_ties
+    folded = [g for g, _ in picked.choices if g.scale_fold is not None]
+    if folded and _exact(model, example_inputs, picked, memo) is not True:
+        # a scale fold not proven (logits differ, or the model cannot be run here): those q/k dims are kept
+        bad = frozenset(id(g) for g in folded)
+        notes = list(plan.notes) + [f"{g.scale_fold.where}: attention scale follows q's head size and folding it into "
+                                    "q's rows was not proven on the example input; q/k head dims are kept"
+                                    for g in folded]
+        again = Plan(plan.groups, [c for c in plan.choices if id(c[0]) not in bad], notes, heads=plan.heads,
+                     norms=plan.norms, attrs=plan.attrs)
+        rech = None if rechoose is None else (lambda ties, fixed=frozenset(): rechoose(ties, frozenset(fixed) | bad))
+        return _verified(model, example_inputs, again, graph, done, rech)
+    for g, chans in picked.choices:
+        f = g.scale_fold
+        if f is not None:
+            kept = f.kept(chans)
+            if kept == f.head_size:  # only whole heads removed from this call: its scale is unchanged
+                continue
+            rows = ", ".join(dict.fromkeys(f"{m}.{t}" if m else t for m, t, _, _ in f.targets))
+            from secateur.graph.scale_fold import stored_scales
+            stored = ", ".join(f"`{k}`" for k in stored_scales(model, f, kept))
+            also = (f"; its stored {stored} (read by its eager path) becomes 1/sqrt({kept}) so both paths agree"
+                    if stored else "")
+            note = (f"{f.where}: attention scale follows q's head size ({f.head_size} -> {kept}): q rows of {rows} "
+                    f"scaled by sqrt({kept}/{f.head_size}) so the softmax keeps 1/sqrt({f.head_size}) (logits "
+                    f"proven on the example input){also}")
+            if note not in picked.notes:
+                picked.notes.append(note)
     if done is not None:
         done.update(d)
     return picked
@@ -83,27 +113,44 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None 
     CPU model within ``verify.HERE_BYTES``): a numeric proof costs two forwards of copies, or one where ``memo``
     (``_DryRuns``') holds the outputs of this plan's dry run on a CPU twin: the same copy (the model's weights,
     the plan's slices and sizes) run on the same inputs with the same seed, so its outputs are the ones a fresh
-    pruned copy gives (tnt_b_patch16_224's proof: 1.25 s, 0.92 s this way)."""
-    from secateur.graph import verify
-    from secateur.graph.capture import _flat_tensors, call
+    pruned copy gives (tnt_b_patch16_224's proof: 1.25 s, 0.92 s this way). A plan with scale folds compares the
+    attention logits too (``_Logits``), remembered in ``memo`` per plan."""
     if not plan.choices or not _runs_here(model, example_inputs, False, memo):
         return None
-    got = memo.get(("outputs", *_DryRuns.plan_key(plan))) if memo is not None and _MEMO else None
+    folds = any(g.scale_fold is not None for g, _ in plan.choices)
+    key = ("exact", *_DryRuns.plan_key(plan))
+    if folds and memo is not None and key in memo:
+        return memo[key]
+    res = _compare(model, example_inputs, plan, memo, folds)
+    if folds and memo is not None:
+        memo[key] = res
+    return res
+
+
+def _compare(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None, folds: bool) -> bool:
+    """``_exact``'s comparison (``folds``: the attention logits too, see ``_Logits``)."""
+    from secateur.graph import verify
+    from secateur.graph.capture import _flat_tensors, call
+    got = memo.get(("outputs", *_DryRuns.plan_key(plan))) if memo is not None and _MEMO and not folds else None
     ref = _writable_twin(model, plan)
     plan.zero_consumers(ref)
+    logits_ref, logits_got = _Logits(), _Logits()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.manual_seed(0)
-        with plan.kept_norms(ref):
+        with plan.kept_norms(ref), (logits_ref if folds else contextlib.nullcontext()):
             want = _flat_tensors(call(ref, example_inputs))
         if got is None:
             pruned = verify.twin(model)
             try:  # a plan whose copy does not apply or run is not proven (it never reaches the model)
                 plan.apply(pruned)
                 torch.manual_seed(0)
-                got = _flat_tensors(call(pruned, example_inputs))
+                with logits_got if folds else contextlib.nullcontext():
+                    got = _flat_tensors(call(pruned, example_inputs))
             except Exception:  # noqa: BLE001 - the model's own code may raise anything on wrong sizes
                 return False
     if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+        return False
+    if folds and not logits_ref.same(logits_got):
         return False
     for a, b in zip(want, got):
         if a.is_floating_point() and a.numel():
@@ -113,6 +160,42 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None 
         elif not torch.equal(a, b):
             return False
     return True
+
+
+class _Logits(TorchFunctionMode):
+    """The attention logits ``q.k^T * scale`` of every ``F.scaled_dot_product_attention`` call, in order. A scale
+    fold (graph/scale_fold.py) must give the reference's logits: unlike the model's output, they show a wrong
+    softmax scale on random weights too (there the softmax is near uniform and hides it: cpubone_nano's logits
+    moved less than the output check's 1e-4 with a halved head size)."""
+
+    _NAMES = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and len(args) >= 2:
+            opts = {**dict(zip(self._NAMES, args[3:])), **kwargs}
+            q, k = args[0], args[1]
+            scale = opts.get("scale")
+            scale = q.size(-1) ** -0.5 if scale is None else scale
+            if q.dim() >= 3 and k.dim() >= 3 and 0 < k.size(-3) < q.size(-3) and q.size(-3) % k.size(-3) == 0:
+                k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)  # grouped-query attention
+            self.logits.append((q.double() @ k.double().transpose(-2, -1)) * scale)
+        return func(*args, **kwargs)
+
+    def same(self, other: "_Logits") -> bool:
+        """Every call's logits agree to float tolerance where the shapes agree (whole heads removed elsewhere change
+        them: those calls are compared by the output check)."""
+        if len(self.logits) != len(other.logits):
+            return False
+        for a, b in zip(self.logits, other.logits):
+            if a.shape == b.shape and a.numel():
+                if float((a - b).abs().max()) > 1e-4 * max(float(a.abs().max()), 1e-3):
+                    return False
+        return True
 
 
 def _writable_twin(model: nn.Module, plan: Plan) -> nn.Module:
@@ -147,7 +230,10 @@ def _verify_loop(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph
     want = verify._shapes(out) if out is not None else None  # the capture saw the unpruned output shapes
     dry = _DryRuns(model, example_inputs, graph, want, memo)
     here = done is not None and dry.cpu[True]
-    spent = [0, 0]  # dry runs spent on attribute searches: greedy, backtracking (size_attrs.MAX_TRIALS, ...)
+    # dry runs spent on attribute searches: greedy, backtracking (size_attrs.MAX_TRIALS, ...); a plan with scale folds
+    # (graph/scale_fold.py) starts with FOLD_TRIALS in hand: a one-head attention's head size sizes its reshape and
+    # its output width together (timm cpubone_nano's ConvAttention: head_dim and o_proj_inpdim, found at trial 15)
+    spent = [-FOLD_TRIALS if any(g.scale_fold is not None for g, _ in plan.choices) else 0, 0]
     fixed: set[int] = set()
     tried: dict[type, bool] = {}  # module class -> its broad tie was tried
     pending = None  # (class tried, plan and ties before its ties, the failure they answer)
@@ -448,6 +534,7 @@ class _DryRuns:
         return (*res, expected, slices, macs)
 
 
+FOLD_TRIALS = 4  # more size-search dry runs for a plan with scale folds: the logits proof checks what they find
 _MEMO = True  # tests turn it off to compare with the plain path (tests/test_engine_fast_paths.py)
 
 

@@ -25,16 +25,16 @@ def sdpa(tr, func, args, kwargs, out):
         mask = args[3]
     if tr.head_dim:
         return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
-    if (q.dim() >= 3 and q.size(-3) == 1 and _labelled(tr, q, k, v)
-            and _kept_scale(tr, kwargs.get("scale"), q.size(-1))):
+    if q.dim() >= 3 and q.size(-3) == 1 and _labelled(tr, q, k, v):
         # one head: as a whole head it is one unit (never pruned, a group is never removed whole); its head dims
-        # are the only way to prune it, so they are its units here, as under heads="head_dim". Only where the
-        # pruned model keeps the scale: with a scale that follows the head size only v's dims could go, which
-        # changes the attention's width alone (pvt_v2's stage-1 attention, whose width count ties then hold to
-        # the stream's, lost its ties that way: 0.387 -> 0.661 of its MACs); such a head stays one unit
+        # are the only way to prune it, so they are its units here, as under heads="head_dim". Where the scale
+        # follows the head size, the change is folded into q's producer (graph/scale_fold.py), or, where it cannot
+        # be, the head stays one unit: with only v's dims free the attention's width alone would change (pvt_v2's
+        # stage-1 attention, whose width count ties then hold to the stream's, lost its ties that way: 0.387 ->
+        # 0.661 of its MACs)
         tr.notes.append(f"{tr.where()}: one attention head: its head dims are pruned instead of whole heads (q/k "
                         "dims together, v dims with what reads them)")
-        return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out)
+        return _sdpa_dims(tr, q, k, v, mask, kwargs.get("scale"), out, one_head=True)
     heads = []
     for t in (q, k, v, mask):  # a per-head mask (T5's relative position bias) goes with its head
         if t is None or (t is mask and t.dim() < 3):
@@ -102,10 +102,11 @@ def _kept_scale(tr, scale, head_size) -> bool:
     return False
 
 
-def _sdpa_dims(tr, q, k, v, mask, scale, out):
+def _sdpa_dims(tr, q, k, v, mask, scale, out, one_head=False):
     """heads="head_dim": q dim d and k dim d of a head are one unit (removing both drops one term of q.k), v dim d
-    of a head goes to the output's dim d. The scale must not follow the new head size: a call without an
-    explicit ``scale`` (derived from q's size) keeps its q/k dims (noted)."""
+    of a head goes to the output's dim d. Where the scale follows the head size (no explicit ``scale``, or one
+    equal to 1/sqrt(head size) that no module stores), the new scale is folded into q's producer rows
+    (graph/scale_fold.py: recorded here, resolved with the groups, proven by the plan's numeric check)."""
     heads = q.size(-3)
     lq, lk, lv = _head_rows(tr, q, heads), _head_rows(tr, k, heads), _head_rows(tr, v, heads)
     if mask is not None and mask.dim() >= 3:
@@ -118,18 +119,19 @@ def _sdpa_dims(tr, q, k, v, mask, scale, out):
             lq = lk = lv = None
             break
     if lq is not None or lk is not None:
-        if lq is None or lk is None or not _kept_scale(tr, scale, q.size(-1)):
+        if lq is None or lk is None:
             tr.atoms.block(lq)
             tr.atoms.block(lk)
-            if lq is not None and lk is not None:
-                tr.notes.append(f"{tr.where()}: attention scale follows q's head size; q/k head dims are kept")
         else:
+            if not _kept_scale(tr, scale, q.size(-1)):
+                from secateur.graph import scale_fold
+                scale_fold.record(tr, lq, lk, lv, q.size(-1), one_head)
             tr.atoms.union(lq, lk)
             tr.blocks.append(lq)
             tr.contracted.append(lq.reshape(-1))
     if lv is not None:
         tr.blocks.append(lv)
-        if lq is not None and lk is not None and scale is not None:
+        if lq is not None and lk is not None:
             tr.links.append((lq[0, 0], lv[0, 0]))
     for i, t in enumerate(_outs(out)):
         if i == 0 and lv is not None and t.dim() >= 3:
@@ -152,8 +154,9 @@ class MathAttention(TorchFunctionMode):
     head dims looked free there, and a pruned model computed another softmax scale. The numeric proof does not
     catch it on random weights (timm's cpubone_nano at init: q.k within +-0.24, so the halved head size moved the
     attention output 1 % and the logits less than the proof's 1e-4). After such a call the fused kernels' rule
-    (``sdpa``) runs on its inputs and output, as if the fused kernel had run: whole heads (heads="heads"), or q/k
-    dims kept (heads="head_dim", and a one-head attention), each noted as the fused path notes it."""
+    (``sdpa``) runs on its inputs and output, as if the fused kernel had run: whole heads (heads="heads"), or head
+    dims with the scale change folded into q's rows (heads="head_dim", and a one-head attention: graph/scale_fold.py),
+    each noted as the fused path notes it."""
 
     def __init__(self, tracer) -> None:
         super().__init__()
