@@ -117,7 +117,8 @@ def _norms_both(t: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
                 buf = torch.empty_like(c)  # the chunk's layout, as ``abs`` would make it
             c = torch.abs(c, out=buf) if p == 1 else torch.square(c, out=buf)
         if rest:
-            c = c.reshape(c.shape[:2]) if ones else c.sum(rest)  # (chunk rows, dim 1)
+            # (chunk rows, dim 1); a strided view would be summed in another order
+            c = c.view(c.shape[:2]) if ones and c.is_contiguous() else c.sum(rest)
         rows.append(c.sum(1))
         cols.append(c.sum(0))
     return torch.cat(rows), torch.stack(cols).sum(0)
