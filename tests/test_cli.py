@@ -156,6 +156,14 @@ def test_bench_before_after(tmp_path, factory, capsys):
     assert d["before"]["params"] == d["after"]["params"]
     assert d["after"]["nonzero_params"] < d["before"]["nonzero_params"]
     assert d["after"]["latency_ms_median"] > 0
+    lines = stdout.splitlines()
+    rows = [ln for ln in lines if ln.startswith(("before", "after"))]
+    for ln in rows:  # every cell stands apart: numbers never run into each other
+        cells = ln.split()
+        assert len(cells) == 7, ln
+    speed = [ln for ln in lines if ln.startswith("speedup")]
+    ratio = d["before"]["latency_ms_median"] / d["after"]["latency_ms_median"]
+    assert speed and f"{ratio:.2f}x" in speed[0]
 
 
 def test_exit_codes_in_process(tmp_path, factory, capsys):

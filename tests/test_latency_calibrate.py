@@ -17,7 +17,7 @@ import secateur.latency_calibrate as lc
 from secateur.allocate import group_counts
 from secateur.errors import PruningError
 from secateur.graph import build_graph
-from secateur.latency_calibrate import Calibration, InPlace, fit_line, measure_in_place
+from secateur.latency_calibrate import Calibration, InPlace, fit_curve, fit_line, measure_in_place
 from secateur.latency_model import LatencyTable, channel_grid, layer_specs
 from secateur.latency_tail import Tail
 from secateur.structured import prune_channels
@@ -125,6 +125,31 @@ def test_fit_line_falls_back_to_a_scale_and_to_an_offset():
         fit_line([1.0], [1.0, 2.0])
 
 
+@given(st.floats(0.05, 20.0), st.floats(1.05, 2.9), st.lists(st.floats(1e-6, 1e-2), min_size=2, max_size=5,
+                                                            unique=True))
+@settings(max_examples=100, deadline=None)
+def test_fit_curve_recovers_a_steeper_than_linear_layer(scale, power, xs):
+    if max(xs) < 1.5 * min(xs):
+        return
+    a, b, p = fit_curve(xs, [scale * x ** power for x in xs])
+    assert b == 0.0 and p == pytest.approx(power, rel=1e-6) and a == pytest.approx(scale, rel=1e-5)
+
+
+def test_fit_curve_keeps_lines_and_is_never_negative():
+    xs = [1.0, 2.0, 4.0]
+    assert fit_curve(xs, [2 * x + 1 for x in xs]) == (pytest.approx(2.0), pytest.approx(1.0), 1.0)
+    assert fit_curve(xs, [5.0, 3.0, 1.0])[2] == 1.0       # slower with fewer channels: noise, no curve
+    assert fit_curve([2.0], [3.0]) == (pytest.approx(1.5), 0.0, 1.0)
+    a, b, p = fit_curve(xs, [3 * x - 1 for x in xs])        # what a negative offset would fit: a steeper curve,
+    assert b == 0.0 and 1.0 < p <= lc.MAX_POWER             # positive at every width, and closer than the
+    line = fit_line(xs, [3 * x - 1 for x in xs])            # scale alone
+    err = lambda f: sum(((f(x) - (3 * x - 1)) / (3 * x - 1)) ** 2 for x in xs)  # noqa: E731
+    assert err(lambda x: a * x ** p) < err(lambda x: line[0] * x)
+    assert a * 1e-3 ** p > 0
+    a, b, p = fit_curve(xs, [x ** 5 for x in xs])           # steeper than the cap: never above it
+    assert p <= lc.MAX_POWER
+
+
 def test_measure_in_place_sums_a_layer_called_twice_and_keeps_the_minimum():
     class Twice(nn.Module):
         def __init__(self):
@@ -176,6 +201,21 @@ def test_calibration_recovers_known_in_place_latencies(tail, copies):
     assert cal.estimate(other) == pytest.approx(t.total, rel=1e-9)
     assert cal.estimate(other, calibrated=False) == pytest.approx(table.estimate(other), rel=1e-12)
     assert cal.estimate(other, calibrated=False) != pytest.approx(t.total, rel=1e-3)
+
+
+def test_calibration_recovers_a_steeper_layer(copies):
+    model, x = _net()
+    table = _table(model, x)
+    truth = Calibration(TRUTH.scale, {**TRUTH.offset, "pw": 0.0}, TRUTH.tail_scale, TRUTH.tail_offset,
+                        power={"pw": 1.4})
+    with FakeMachine(table, truth) as machine:
+        cal = table.calibrate(model, x, variants=copies[:2], repeats=1, warmup=0, clock=machine.clock, cache=False)
+    c = cal.calibration
+    assert c.power == {"pw": pytest.approx(1.4, rel=1e-6)} and c.offset["pw"] == 0.0
+    assert c.scale["pw"] == pytest.approx(1.2, rel=1e-5)
+    with FakeMachine(table, truth) as machine:
+        (t,) = measure_in_place([copies[2]], x, table.specs, repeats=1, warmup=0, clock=machine.clock)
+    assert cal.estimate(copies[2]) == pytest.approx(t.total, rel=1e-6)
 
 
 def test_calibrated_total_is_the_corrected_sum_of_the_parts():

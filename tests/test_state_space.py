@@ -25,6 +25,11 @@ mixers (0.95-0.996 of dense MACs): its scan copies B / C to the heads (``repeat_
   ``_grouped_norm``), its reference recomputed over the kept channels;
 * Falcon-H1's ``mup_vector`` buffer is sliced with the channels it scales (rules/constants.py ``channel_buffer``);
 * the mixers' sizes and the config fields follow (graph/mamba2.py).
+That left the B / C state whole (an element of the scan holds a head's channel and a state channel: one atom
+there), 0.41-0.50 of dense MACs on the registry's tiny configs. transformers' six mixer classes are now one op
+(graph/mamba2.py ``mixer_rule``): heads, and the state as a contracted unit (position n of every group's B and C,
+zeroed at the conv by the oracle), or dim j of every head with ``heads="head_dim"``; the state size and head size
+config fields follow.
 Each test compares the pruned model with the oracle's reference, so a wrong slice fails it."""
 import pytest
 import torch
@@ -384,21 +389,94 @@ def _hf_mamba2(kind, groups=1):
 
 
 @pytest.mark.parametrize("kind,groups", [("mamba2", 1), ("mamba2", 2), ("bamba", 1)])
-def test_transformers_mamba2_family_prunes_whole_heads(kind, groups, tmp_path):
-    model, plan = prune_causal_lm(_hf_mamba2(kind, groups), tmp_path, below=0.6)
+def test_transformers_mamba2_family_prunes_heads_and_state(kind, groups, tmp_path):
+    """transformers' mixers are one op (graph/mamba2.py ``mixer_rule``): whole heads (head j of every group) and the
+    B / C state (position n of every group) are units of their own; traced op by op the state was kept whole and
+    the chunk scan's ``C.B`` products stayed at full width (0.43-0.50 of dense MACs here)."""
+    model, plan = prune_causal_lm(_hf_mamba2(kind, groups), tmp_path, below=0.32)
     mixer = model.backbone.layers[0].mixer if kind == "mamba2" else model.model.layers[0].mamba
     assert mixer.num_heads == 4 and mixer.A_log.shape == (4,) and mixer.intermediate_size == 32
-    # B / C (groups x 8 states each) kept whole; the gated norm's groups shrink with the heads
-    assert mixer.conv1d.weight.shape[0] == 32 + 16 * groups and mixer.norm.group_size == 32 // groups
+    assert mixer.ssm_state_size == 4 and mixer.head_dim == 8  # 8 states per group -> 4, in every group
+    assert mixer.conv1d.weight.shape[0] == 32 + 8 * groups and mixer.norm.group_size == 32 // groups
     if kind == "bamba":  # its MLP (``feed_forward``) width is not a config field apply.py states: the record's
-        assert (model.config.mamba_n_heads, model.config.mamba_expand, model.config.hidden_size) == (4, 2, 16)
+        assert (model.config.mamba_n_heads, model.config.mamba_expand, model.config.hidden_size,
+                model.config.mamba_d_state) == (4, 2, 16, 4)
         return
+    assert model.config.state_size == 4
     # the config rebuilds the pruned model: same tensors, same logits
     fresh = type(model)(model.config).eval()
     fresh.load_state_dict(model.state_dict())
     x = {"input_ids": torch.randint(0, 100, (1, 6))}
     with torch.no_grad():
         torch.testing.assert_close(fresh(**x).logits, model(**x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transformers_mamba2_head_dims_mode_keeps_the_heads(groups, tmp_path):
+    """``heads="head_dim"``: dim j of every head leaves (each channel is its own recurrence given the head's dt, A,
+    B and C), the head count and the per-head parameters stay; the config's head size follows."""
+    make = _hf_mamba2("mamba2", groups)
+    torch.manual_seed(0)
+    from secateur.structured import plan_channels
+    from helpers import pruned_vs_reference
+    model, x = make().eval(), {"input_ids": torch.randint(0, 100, (1, 6))}
+    run = lambda m, x: m(**x).logits  # noqa: E731
+    plan = plan_channels(model, x, ratio=0.5, heads="head_dim")
+    _, want, got = pruned_vs_reference(model, x, plan, run)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    mixer = model.backbone.layers[0].mixer
+    assert (mixer.num_heads, mixer.head_dim, mixer.A_log.shape, mixer.ssm_state_size) == (8, 4, (8,), 4)
+    assert (model.config.num_heads, model.config.head_dim) == (8, 4)
+    assert_reloads(make, model, x, tmp_path, run)
+
+
+def test_mamba2_state_unit_needs_its_zeroing(monkeypatch):
+    """The state is a contracted unit: the oracle zeroes its conv channels (weight and bias), so B_n = C_n = 0 and
+    term n leaves every ``C.B`` sum. Without that zeroing the reference keeps term n and the pruned model does
+    not: the comparison fails, so the test above can fail (weights scaled up so the scan's share is visible)."""
+    from secateur.graph import mamba2
+    from secateur.structured import plan_channels
+    from helpers import pruned_vs_reference
+    torch.manual_seed(0)
+    model, x = _hf_mamba2("mamba2")().eval(), {"input_ids": torch.randint(0, 100, (1, 6))}
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.in_proj.weight.mul_(4)
+    rule = mamba2._mixer
+
+    class Dropped(list):
+        def append(self, v):
+            pass
+
+    def without_zeroing(tr, *args):
+        kept, tr.contracted = tr.contracted, Dropped(tr.contracted)
+        try:
+            rule(tr, *args)
+        finally:
+            tr.contracted = kept
+    monkeypatch.setattr(mamba2, "_mixer", without_zeroing)
+    plan = plan_channels(model, x, ratio=0.5)
+    _, want, got = pruned_vs_reference(model, x, plan, lambda m, x: m(**x).logits)
+    assert model.backbone.layers[0].mixer.ssm_state_size == 4
+    assert (want - got).abs().max() > 1e-3
+
+
+def test_mamba2_state_stays_where_the_activation_does_not_map_zero_to_zero():
+    """``sigmoid(0) = 0.5``: a zeroed conv channel is not a removed one, so the state is kept whole (noted)."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.Mamba2ForCausalLM(T.Mamba2Config(
+        vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, num_heads=8, head_dim=8,
+        n_groups=1, chunk_size=4, conv_kernel=4, hidden_act="sigmoid")).eval()
+    x = {"input_ids": torch.randint(0, 100, (1, 6))}
+    from secateur.structured import plan_channels
+    from helpers import pruned_vs_reference
+    plan = plan_channels(model, x, ratio=0.5)
+    _, want, got = pruned_vs_reference(model, x, plan, lambda m, x: m(**x).logits)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    mixer = model.backbone.layers[0].mixer
+    assert mixer.ssm_state_size == 8 and mixer.num_heads == 4
+    assert any("state of Mamba2Mixer is kept" in n for n in plan.notes)
 
 
 class BufferScale(nn.Module):
@@ -440,5 +518,84 @@ def test_transformers_falcon_h1_prunes_heads_through_its_multipliers(tmp_path):
             use_cache=False))
     model, _ = prune_causal_lm(make, tmp_path, below=0.6)
     mixer = model.model.layers[0].mamba
-    assert mixer.num_heads == 4 and mixer.mup_vector.shape == (1, 1, 32 + 48 + 4)
-    assert (model.config.mamba_n_heads, model.config.mamba_d_ssm) == (4, 32)
+    assert mixer.num_heads == 4 and mixer.mup_vector.shape == (1, 1, 32 + 40 + 4)  # z, x + B + C (4 states), dt
+    assert (model.config.mamba_n_heads, model.config.mamba_d_ssm, model.config.mamba_d_state) == (4, 32, 4)
+
+
+def _hf_zamba():
+    T = pytest.importorskip("transformers")
+    return lambda: T.ZambaForCausalLM(T.ZambaConfig(
+        vocab_size=100, hidden_size=32, attention_hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, attention_head_dim=16, num_key_value_heads=2, n_mamba_heads=4, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, layers_block_type=["mamba", "hybrid", "hybrid"], use_cache=False))
+
+
+@pytest.mark.parametrize("heads", ["heads", "head_dim"])
+def test_transformers_zamba_prunes_its_per_head_mixers(heads, tmp_path):
+    """Zamba's mixer loops over its heads in Python with per-head 3-d parameters (graph/zamba.py): one op, whose
+    units are whole heads (or dim j of every head), the time-step rank and the state. Traced op by op, the
+    ``select`` at the loop index made every head one unit and the inner width stayed whole."""
+    from secateur.structured import plan_channels
+    from helpers import pruned_vs_reference
+    make = _hf_zamba()
+    torch.manual_seed(0)
+    model, x = make().eval(), {"input_ids": torch.randint(0, 100, (1, 6))}
+    with torch.no_grad():  # Zamba initialises x_proj_weight to zeros: B and C would be 0 and the scan a no-op
+        for m in model.modules():
+            if hasattr(m, "x_proj_weight"):
+                m.x_proj_weight.normal_(0, 0.5)
+    run = lambda m, x: m(**x).logits  # noqa: E731
+    macs0 = count_macs(model, x)
+    plan = plan_channels(model, x, ratio=0.5, heads=heads)
+    _, want, got = pruned_vs_reference(model, x, plan, run)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert count_macs(model, x) < 0.32 * macs0
+    mixer = model.model.layers[0].mamba
+    want_heads, want_dim = (2, 16) if heads == "heads" else (4, 8)
+    assert (mixer.n_mamba_heads, mixer.mamba_head_dim, mixer.time_step_rank, mixer.ssm_state_size) == (
+        want_heads, want_dim, 2, 4)
+    assert mixer.x_proj_weight.shape == (want_heads, 2 + 8, want_dim) and mixer.A_log.shape == (want_heads, want_dim, 4)
+    assert (model.config.mamba_dt_rank, model.config.mamba_d_state) == (2, 4)
+    if heads == "heads":
+        assert model.config.n_mamba_heads == 2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = make().eval()
+    import secateur
+    secateur.save(model, tmp_path / "m.safetensors")
+    fresh = secateur.load(fresh, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(run(fresh, x), run(model, x), rtol=0, atol=0)
+    assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("kind,fields", [("qwen3_5", ("linear_num_key_heads", "linear_num_value_heads")),
+                                         ("kimi_linear", ("linear_num_heads",))])
+def test_linear_attention_head_counts_reach_the_config(kind, fields):
+    """The pruned gated delta net's (Kimi's delta attention's) head counts are written to the config fields that
+    size it (graph/delta_net.py ``config_sizes``): a model built from the pruned config has every linear-attention
+    tensor of the pruned one. Before, those fields kept the unpruned counts."""
+    from zoo_models import hf_auto_model
+    model, x = hf_auto_model(kind)
+    if model is None:
+        pytest.skip(f"{kind} does not build here")
+    before = {k: getattr(model.config, k) for k in fields}
+    prune_channels(model, x, ratio=0.5)
+    assert all(getattr(model.config, k) == before[k] // 2 for k in fields)
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    want = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
+    linear = [(n, tuple(p.shape)) for n, p in model.named_parameters()
+              if ".linear_attn." in n or (".self_attn." in n and "proj" in n and "forget_gate" not in n
+                                          and "g_" not in n and model.config.layer_types[int(n.split(".")[2])]
+                                          == "linear_attention")]
+    assert linear and all(want[n] == s for n, s in linear)
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "zamba"])
+def test_mixers_as_one_op_plan_on_meta_like_on_the_cpu(kind):
+    """The leaf rules read sizes and slots only, never values: a plan on the meta device (no weights) has the CPU's
+    groups, choices and notes."""
+    from test_meta_plans import _ids, _same_on_meta
+    from zoo_models import _causal_lm_class, hf_small_config
+    cfg = hf_small_config(kind)
+    _same_on_meta(lambda: _causal_lm_class(kind)(cfg), _ids())

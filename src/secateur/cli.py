@@ -522,16 +522,28 @@ def _bench(args: argparse.Namespace) -> int:
         rows[name] = {"params": rep.total_params, "nonzero_params": rep.nonzero_params, "macs": rep.macs,
                       "macs_nonzero": rep.macs_nonzero, "latency_ms_median": stats[name].median * 1e3,
                       "latency_ms_p10": stats[name].p10 * 1e3, "latency_ms_p90": stats[name].p90 * 1e3}
-    head = f"{'':8}{'params':>14}{'non-zero':>14}{'MACs':>16}{'MACs non-zero':>16}{'latency ms (p10-p90)':>26}"
-    print(head)
-    for name, r in rows.items():
-        lat = f"{r['latency_ms_median']:.3f} ({r['latency_ms_p10']:.3f}-{r['latency_ms_p90']:.3f})"
-        print(f"{name:8}{r['params']:>14,}{r['nonzero_params']:>14,}{r['macs'] or 0:>16,}"
-              f"{r['macs_nonzero'] or 0:>16,}{lat:>26}")
+    _print_bench(rows)
     if args.json:
         from secateur.report import _atomic_write
         _atomic_write(args.json, json.dumps(rows, indent=1).encode())
     return 0
+
+
+def _print_bench(rows: dict[str, dict]) -> None:
+    """Print the bench table with columns sized to their widest cell, then the ratios a user looks for."""
+    cells = {name: [f"{r['params']:,}", f"{r['nonzero_params']:,}", f"{r['macs'] or 0:,}", f"{r['macs_nonzero'] or 0:,}",
+                    f"{r['latency_ms_median']:.3f} ({r['latency_ms_p10']:.3f}-{r['latency_ms_p90']:.3f})"]
+             for name, r in rows.items()}
+    head = ["params", "non-zero", "MACs", "MACs non-zero", "latency ms (p10-p90)"]
+    widths = [max(len(h), *(len(c[i]) for c in cells.values())) for i, h in enumerate(head)]
+    print(" " * 8 + "".join(f"  {h:>{w}}" for h, w in zip(head, widths)))
+    for name, row in cells.items():
+        print(f"{name:8}" + "".join(f"  {c:>{w}}" for c, w in zip(row, widths)))
+    if "before" in rows and "after" in rows:
+        b, a = rows["before"], rows["after"]
+        macs = (b["macs_nonzero"] or 0) / a["macs_nonzero"] if a["macs_nonzero"] else float("nan")
+        print(f"speedup {b['latency_ms_median'] / a['latency_ms_median']:.2f}x (median latency), "
+              f"MACs {macs:.2f}x fewer, params {b['nonzero_params'] / max(a['nonzero_params'], 1):.2f}x fewer")
 
 
 def _bar(total: int, desc: str):

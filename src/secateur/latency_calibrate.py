@@ -13,7 +13,9 @@ dense model are run interleaved with forward hooks on every table layer, which r
 layer: each layer's seconds *in place* at two or three widths, and the whole model's (each the minimum over the
 rounds: another process only adds time). Per layer, ``in_place = scale * table + offset`` is fitted over those
 widths (least squares on the relative error, the offset kept non-negative: a negative one would promise that a
-thin enough layer costs nothing). The time outside the layers (the whole model minus its layers) is fitted the
+thin enough layer costs nothing). A layer that slows down faster than the table says (ResNet-50's 1x1 convolutions
+in place: the affine fit wants a negative offset) gets ``scale * table ** power`` with ``1 < power <= 3`` instead,
+when that fits its points better: steeper, yet positive at every width. The time outside the layers (the whole model minus its layers) is fitted the
 same way against the tail's owned estimate; its offset replaces the tail's unowned constant. The table's
 staircase (`LatencyTable.snap`, `LatencyTable.candidates`) is left as measured: the correction changes its level
 and slope, not where its steps are.
@@ -42,25 +44,29 @@ from secateur.latency import _caller, _inputs_device, pinned_threads
 if TYPE_CHECKING:
     from secateur.latency_model import LatencyTable
 
-__all__ = ["Calibration", "InPlace", "measure_in_place", "fit_line", "fit_calibration", "uniform_variants",
-           "calibrate"]
+__all__ = ["Calibration", "InPlace", "measure_in_place", "fit_line", "fit_curve", "fit_calibration",
+           "uniform_variants", "calibrate"]
 
 FRACTIONS = (0.6, 0.35, 0.2)   # MACs kept by the uniform copies: 1.7x to 5x, around the targets usually asked for
+MAX_POWER = 3.0                # steepest curve fitted: beyond it a few noisy points would promise near-free thin layers
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """``scale[layer] * table + offset[layer]`` per layer (missing: 1 and 0); the tail's owned part times
-    ``tail_scale``, its unowned constant replaced by ``tail_offset`` (None: the table's own)."""
+    """``scale[layer] * table ** power[layer] + offset[layer]`` per layer (missing: 1, 1 and 0; ``fit_curve``
+    gives a power above 1 only with no offset); the tail's owned part times ``tail_scale``, its unowned constant
+    replaced by ``tail_offset`` (None: the table's own)."""
 
     scale: Mapping[str, float] = field(default_factory=dict)
     offset: Mapping[str, float] = field(default_factory=dict)
     tail_scale: float = 1.0
     tail_offset: float | None = None
     points: int = 0                    # how many models (dense + copies) it was fitted on
+    power: Mapping[str, float] = field(default_factory=dict)
 
     def layer(self, name: str, seconds: float) -> float:
-        return self.scale.get(name, 1.0) * seconds + self.offset.get(name, 0.0)
+        p = self.power.get(name, 1.0)
+        return self.scale.get(name, 1.0) * (seconds if p == 1.0 else seconds ** p) + self.offset.get(name, 0.0)
 
     def tail(self, seconds: float) -> float:
         return self.tail_scale * seconds
@@ -173,13 +179,39 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return max(sxy / sxx, 0.0), 0.0
 
 
+def _relative_error(xs: Sequence[float], ys: Sequence[float], f: Callable[[float], float]) -> float:
+    return sum(((f(x) - y) / max(y, 1e-12)) ** 2 for x, y in zip(xs, ys))
+
+
+def fit_curve(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """``(scale, offset, power)`` with ``ys ~ scale * xs ** power + offset``: `fit_line` (power 1), or, where the
+    points rise faster than any line with a non-negative offset through them, ``scale * xs ** power`` with
+    ``1 < power <= MAX_POWER`` (least squares in log space, i.e. on the relative error) if its relative error is
+    smaller. Both are positive and increasing at every width, which a negative offset would not be."""
+    scale, offset = fit_line(xs, ys)
+    pts = [(x, y) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if offset > 0 or len({x for x, _ in pts}) < 2:
+        return scale, offset, 1.0
+    lx = [math.log(x) for x, _ in pts]
+    ly = [math.log(y) for _, y in pts]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    power = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    if not power > 1.0:
+        return scale, offset, 1.0
+    power = min(power, MAX_POWER)
+    a = math.exp(my - power * mx)
+    line = _relative_error(xs, ys, lambda x: scale * x + offset)
+    curve = _relative_error(xs, ys, lambda x: a * x ** power)
+    return (a, 0.0, power) if curve < line else (scale, offset, 1.0)
+
+
 def fit_calibration(table: "LatencyTable", widths: Sequence[tuple[Mapping[str, int], Mapping[str, int]]],
                     timings: Sequence[InPlace]) -> Calibration:
     """The per-layer and tail corrections that map the table's estimates at ``widths`` (each model's
     ``(out, in)`` channel counts, as `LatencyTable.widths` reads them) onto the in-place ``timings``."""
     if len(widths) != len(timings) or not timings:
         raise fail("need one set of widths per timed model, at least one", value=(len(widths), len(timings)))
-    scale, offset = {}, {}
+    scale, offset, power = {}, {}, {}
     for name, spec in table.specs.items():
         xs, ys = [], []
         for (outs, ins), t in zip(widths, timings):
@@ -187,10 +219,12 @@ def fit_calibration(table: "LatencyTable", widths: Sequence[tuple[Mapping[str, i
                 xs.append(table.latency(name, outs.get(name, spec.out_channels), ins.get(name), calibrated=False))
                 ys.append(t.layers[name])
         if xs:
-            scale[name], offset[name] = fit_line(xs, ys)
+            scale[name], offset[name], p = fit_curve(xs, ys)
+            if p != 1.0:
+                power[name] = p
     tail_xs = [table.owned_tail(outs, calibrated=False) for outs, _ in widths]
     tail_scale, tail_offset = fit_line(tail_xs, [max(0.0, t.outside) for t in timings])
-    return Calibration(scale, offset, tail_scale, tail_offset, points=len(timings))
+    return Calibration(scale, offset, tail_scale, tail_offset, points=len(timings), power=power)
 
 
 # ----------------------------------------------------------------------------------------- the copies

@@ -37,3 +37,47 @@ def delta_net_updater(mod: nn.Module):
 
 
 UPDATER_PROBES.append(delta_net_updater)
+
+
+# ---------------------------------------------------------------- Hugging Face config
+# (which modules, {config field: the module attribute that holds its size}); a gated delta net of the Qwen3-Next
+# family (by what ``delta_net_updater`` accepts) and Kimi Linear's delta attention (by class name)
+_CONFIG_FIELDS = (
+    (lambda m: delta_net_updater(m) is not None,
+     {"linear_num_key_heads": "num_k_heads", "linear_num_value_heads": "num_v_heads"}),
+    (lambda m: type(m).__name__ == "KimiLinearDeltaAttention" and isinstance(getattr(m, "num_heads", None), int),
+     {"linear_num_heads": "num_heads"}),
+)
+
+
+def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
+    """The head counts of the linear-attention mixers in their config fields, so that the config rebuilds the pruned
+    model (``from_pretrained``, a cache sized from the config). Kept only when every such mixer agrees and a build
+    from the config on meta gives every dim these fields size its pruned size (a field that also sized something
+    else would be refused); otherwise the structure record reloads them. Before, Kimi Linear's and Qwen3-Next's
+    configs kept the unpruned head counts."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    fields = config.to_dict()
+    out: dict[str, int] = {}
+    for pick, table in _CONFIG_FIELDS:
+        mods = [m for m in model.modules() if pick(m)]
+        for key, attr in table.items():
+            vals = {getattr(m, attr) for m in mods}
+            if len(vals) == 1 and isinstance(fields.get(key), int) and fields[key] != next(iter(vals)):
+                out[key] = vals.pop()
+    if not out:
+        return {}
+    from secateur.graph.mamba2 import _meta_shapes
+    actual = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    try:
+        before, after = _meta_shapes(model, config, changed), _meta_shapes(model, config, {**changed, **out})
+    except Exception:  # noqa: BLE001 - a model its class cannot rebuild from its config: the record reloads it
+        return {}
+    for n, s in after.items():
+        s0 = before.get(n)
+        if s0 != s and (n not in actual or s0 is None or len(s0) != len(s) or len(actual[n]) != len(s)
+                        or any(a != b and actual[n][d] != b for d, (a, b) in enumerate(zip(s0, s)))):
+            return {}
+    return out

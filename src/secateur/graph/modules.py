@@ -575,6 +575,7 @@ from secateur.graph import std_conv  # noqa: E402,F401  (timm's weight-standardi
 from secateur.graph import video  # noqa: E402,F401  (torchvision MViT positional encoding and attention sizes)
 from secateur.graph import moe  # noqa: E402,F401  (transformers' fused mixture-of-experts modules, by instance)
 from secateur.graph import mamba2  # noqa: E402,F401  (Mamba-2 mixers' sizes, by what they hold)
+from secateur.graph import zamba  # noqa: E402,F401  (Zamba's multi-head Mamba mixer as one op, by class name)
 from secateur.graph import moe_models  # noqa: E402,F401  (DBRX, JetMoE, LongCat-Flash experts, by class name)
 from secateur.graph import delta_net  # noqa: E402,F401  (gated delta net mixers' head counts, by attributes)
 from secateur.graph import mla  # noqa: E402,F401  (multi-head latent attention's head count and ranks, by attributes)

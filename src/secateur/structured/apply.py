@@ -218,6 +218,10 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
     changed.update(config_sizes(model, changed))  # experts' widths, each proven by a rebuild on meta
     from secateur.graph import mamba2
     changed.update(mamba2.config_sizes(model, changed))  # Mamba-2 heads and inner width, proven the same way
+    from secateur.graph import zamba
+    changed.update(zamba.config_sizes(model, changed))  # Zamba's mamba heads, rank, state, proven the same way
+    from secateur.graph import delta_net
+    changed.update(delta_net.config_sizes(model, changed))  # linear attention's head counts, proven the same way
     from secateur.graph import mla
     if any(mla.is_mla(m) for m in model.modules()):  # its query rows are heads x (nope + rope), not x head_dim:
         for k in mla.HEAD_FIELDS:  # the head counts read from q_proj above would be wrong; mla decides them
