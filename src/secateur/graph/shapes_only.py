@@ -126,7 +126,7 @@ class ShapesOnly:
             out = func(*args, **kwargs)
         else:
             try:
-                out = tree_map(_like, _on_meta(func, args, kwargs))
+                out = _map(_like, _on_meta(func, args, kwargs))
             except Exception:  # noqa: BLE001 - no meta kernel (or a real error, which the real kernel raises too)
                 out = func(*args, **kwargs)
         if packet not in _FRESH:
@@ -229,7 +229,24 @@ def _like(t: Any) -> Any:
 
 
 def _to_meta(x: Any) -> Any:
-    return tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
+    return _map(_meta, x)
+
+
+def _meta(t: Any) -> Any:
+    return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+
+def _map(fn: Callable[[Any], Any], x: Any) -> Any:
+    """``tree_map(fn, x)``: plain tuples, lists and dicts (an op's arguments and most results) walked here, anything
+    else by ``tree_map`` (named tuples, ``torch.return_types``), whose generic walk was a tenth of the capture."""
+    kind = type(x)
+    if kind is tuple or kind is list:
+        return kind([_map(fn, v) for v in x])
+    if kind is dict:
+        return {k: _map(fn, v) for k, v in x.items()}
+    if isinstance(x, (tuple, list, Mapping)):
+        return tree_map(fn, x)
+    return fn(x)
 
 
 def _ptr(t: torch.Tensor) -> int:
