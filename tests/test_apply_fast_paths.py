@@ -161,3 +161,32 @@ def test_what_changes_a_meta_result_changes_the_key():
     assert SO._on_meta(add, (t.t(), t.t()), {}).stride() == t.t().stride()
     assert SO._on_meta(add, (t.t().contiguous(), t.t().contiguous()), {}).stride() == (4, 1)
     assert SO._meta_key(add, (t, [object()]), {}) is None  # an unhashable part: not remembered
+
+
+def test_map_is_tree_map():
+    from collections import OrderedDict, namedtuple
+
+    from torch.utils._pytree import tree_map
+    Pair = namedtuple("Pair", "a b")
+    t = torch.randn(3, 4)
+    x = (t, [t.t(), 2, None, "s", torch.float16], {"k": (t[0], 1.5)}, OrderedDict(z=t), Pair(t, [t]),
+         torch.max(t, 0), [])
+    for got, want in ((SO._map(SO._meta, x), tree_map(SO._meta, x)),
+                      (SO._map(SO._like, SO._to_meta(x)), tree_map(SO._like, tree_map(SO._meta, x)))):
+        assert type(got) is type(want) and str(got.__class__) == str(want.__class__)
+        assert repr(_meta_facts_deep(got)) == repr(_meta_facts_deep(want))
+
+
+def _meta_facts_deep(x):
+    from torch.utils._pytree import tree_flatten
+    leaves, spec = tree_flatten(x)
+    return spec, [_meta_facts(v) if isinstance(v, torch.Tensor) else v for v in leaves]
+
+
+def test_flat_tensors_finds_every_tensor_in_order():
+    from secateur.graph.capture import _flat_tensors
+    from torch.utils._pytree import tree_flatten
+    t = [torch.randn(2) for _ in range(6)]
+    x = ((t[0], 1, None, torch.float32, [t[1], (t[2],)]), {"a": t[3], "b": {"c": [t[4], 2.5]}}, "s", t[5])
+    got = _flat_tensors(x)
+    assert [id(v) for v in got] == [id(v) for v in tree_flatten(x)[0] if isinstance(v, torch.Tensor)]
