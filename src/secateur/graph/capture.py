@@ -263,13 +263,20 @@ def _apply_rule():
     return _RULE[0]
 
 
+_LEAVES = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
 def _flat_tensors(obj: Any) -> list[torch.Tensor]:
+    """(Run on every op's arguments: the common leaves are answered before the ``Mapping`` check, an ABC
+    ``isinstance`` that was most of this function's time on a giant model's capture.)"""
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _flat_tensors(v)]
+    if isinstance(obj, _LEAVES):
+        return []
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _flat_tensors(v)]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _flat_tensors(v)]
     return []
 
 

@@ -33,6 +33,42 @@ class _Slices:
     tensors: dict = field(default_factory=dict)
 
 
+_CHUNK = 1 << 20  # elements of one block of rows in ``_take_rows_cols``: 4 MB in float32
+
+
+def _take(t: torch.Tensor, keep: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """``t`` with only the ``keep`` positions ((dim, sorted positions), by dim) left, as a new contiguous tensor."""
+    dims = [d for d, _ in keep]
+    if t.device.type == "cpu" and t.dim() >= 2 and t.numel() and dims in ([0, 1], [1]):
+        return _take_rows_cols(t, keep[0][1] if dims == [0, 1] else None, keep[-1][1])
+    for d, idx in keep:
+        t = t.index_select(d, idx.to(t.device))
+    return t.contiguous()
+
+
+def _take_rows_cols(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+    """``t[rows][:, cols]`` (``rows`` None: every row) on the CPU, block of rows by block of rows, each block's
+    columns gathered straight into the result. Two whole-tensor passes wrote a half-size copy first, whose fresh
+    pages fault in one by one, and one advanced-indexing gather is slow per element: a (7392, 1056, 1, 1) conv
+    halved both ways took 10.7 ms advanced, 4.8 ms in two passes, 3.8 ms here; a (7392, 7392) Linear 111, 162 and
+    80 ms (1 thread). The rows of a block (~4 MB) go into one buffer, allocated once: a fresh one per block raised
+    regnet_y_128gf's peak RSS from 3.93 to 4.03 GB (freed blocks the C allocator keeps, most likely)."""
+    n = t.size(0) if rows is None else rows.numel()
+    inner = t[0, 0].numel() if t.size(1) else 0
+    out = torch.empty((n, cols.numel(), inner), dtype=t.dtype)
+    step = max(1, _CHUNK // max(1, t[0].numel()))
+    src = t.reshape(t.size(0), t.size(1), inner)  # a view (a copy only where t's layout has no such view)
+    buf = None if rows is None else torch.empty((min(step, n), t.size(1), inner), dtype=t.dtype)
+    for i in range(0, n, step):
+        if rows is None:
+            block = src[i:i + step]
+        else:
+            block = buf[:min(step, n - i)]
+            torch.index_select(src, 0, rows[i:i + step], out=block)
+        torch.index_select(block, 1, cols, out=out[i:i + step])
+    return out.reshape(n, cols.numel(), *t.shape[2:])
+
+
 def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _Slices | None = None
            ) -> dict[str, Any]:
     """Slice, then set sizes. ``reuse``: slices computed already (the dry run's, see ``_Slices``) for this plan on
@@ -73,13 +109,8 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                     mask = torch.ones(t.size(d), dtype=torch.bool).index_fill_(0, pos, False)
                     hit = kept[(id(pos), t.size(d))] = (pos, mask.nonzero().flatten())
                 keep.append((d, hit[1]))
-            new = t.detach()
             keep.sort(key=lambda k: k[0])
-            if [d for d, _ in keep] == [0, 1]:  # one gather, not two passes (index_select along dim 1 is the slow
-                new = new[keep[0][1].to(new.device)[:, None], keep[1][1].to(new.device)]  # one: ~2x on big weights)
-            else:
-                for d, idx in keep:
-                    new = new.index_select(d, idx.to(new.device))
+            new = _take(t.detach(), keep)
             for d, idx in per_slice:
                 new = _take_per_slice(new, d, idx)
             new = _folded(new, t, dict(keep), folds.get((mname, tname), ())).contiguous()
