@@ -156,7 +156,7 @@ def test_input_concat_with_model_input_is_never_pruned():
     positions are kept, the others prune (this raised an internal slot error before)."""
     m = _randomize(Concat())
     x = torch.randn(1, 3, 6, 6)
-    plan = assert_oracle(m, x, ratio=0.5)
+    assert_oracle(m, x, ratio=0.5)
     assert m.g.groups == 4 and m.g.in_channels < 24
 
 

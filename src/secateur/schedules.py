@@ -11,7 +11,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar
 
-import torch
 from torch import nn
 
 from secateur.errors import fail
