@@ -26,15 +26,20 @@ def importance(name: str):
     return deco
 
 
-def _rows(model: nn.Module, m: Member, grad: bool = False) -> torch.Tensor:
-    """The member's slices as rows [len(index), -1] (float32, on the tensor's device)."""
+def _values(model: nn.Module, m: Member, grad: bool) -> torch.Tensor:
+    """The member's tensor, or its gradient for Taylor importance (detached)."""
     t = m.tensor(model)
     if grad:
         if t.grad is None:
             raise fail("Taylor importance needs gradients: run a backward pass first", where=m.qualname,
                        shape=t.shape, hint="call loss.backward() on a batch before pruning")
         t = t.grad
-    t = t.detach()
+    return t.detach()
+
+
+def _rows(model: nn.Module, m: Member, grad: bool = False) -> torch.Tensor:
+    """The member's slices as rows [len(index), -1] (float32, on the tensor's device)."""
+    t = _values(model, m, grad)
     if not _whole(m, t):
         t = t.index_select(m.dim, m.index.to(t.device))  # whole-dim members (the common case) need no copy
     return t.movedim(m.dim, 0).reshape(m.index.numel(), -1).float()
@@ -247,13 +252,7 @@ class ExpertScores(NamedTuple):
 
 def _expert_rows(model: nn.Module, m: Member, experts: int, grad: bool = False) -> torch.Tensor:
     """The member's slices per expert: [experts, len(index), -1] (float32); the expert dim is the tensor's dim 0."""
-    t = m.tensor(model)
-    if grad:
-        if t.grad is None:
-            raise fail("Taylor importance needs gradients: run a backward pass first", where=m.qualname,
-                       shape=t.shape, hint="call loss.backward() on a batch before pruning")
-        t = t.grad
-    t = t.detach()
+    t = _values(model, m, grad)
     if t.dim() < 2 or t.size(0) != experts or m.dim == 0:
         raise fail("internal: an experts member is not batched over the experts along dim 0", where=m.qualname,
                    shape=t.shape, value=experts)

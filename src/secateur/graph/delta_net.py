@@ -69,15 +69,10 @@ def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
                 out[key] = vals.pop()
     if not out:
         return {}
-    from secateur.graph.mamba2 import _meta_shapes
+    from secateur.graph.mamba2 import _meta_shapes, rebuilt_as_pruned
     actual = {n: tuple(p.shape) for n, p in model.named_parameters()}
     try:
         before, after = _meta_shapes(model, config, changed), _meta_shapes(model, config, {**changed, **out})
     except Exception:  # noqa: BLE001 - a model its class cannot rebuild from its config: the record reloads it
         return {}
-    for n, s in after.items():
-        s0 = before.get(n)
-        if s0 != s and (n not in actual or s0 is None or len(s0) != len(s) or len(actual[n]) != len(s)
-                        or any(a != b and actual[n][d] != b for d, (a, b) in enumerate(zip(s0, s)))):
-            return {}
-    return out
+    return out if rebuilt_as_pruned(before, after, actual) else {}

@@ -261,12 +261,18 @@ def config_sizes(model: nn.Module, changed: dict[str, Any]) -> dict[str, int]:
     mixer = [n for n in actual if any(n.startswith(name + ".") for name, _ in mixers)]
     if any(after.get(n) != actual[n] for n in mixer):
         return {}
+    return out if rebuilt_as_pruned(before, after, actual) else {}
+
+
+def rebuilt_as_pruned(before: dict, after: dict, actual: dict) -> bool:
+    """Every tensor the config change resizes (``before`` -> ``after``, meta rebuilds) exists in the pruned model
+    with the rebuilt size in each dim that changed."""
     for n, s in after.items():
         s0 = before.get(n)
         if s0 != s and (n not in actual or s0 is None or len(s0) != len(s) or len(actual[n]) != len(s)
                         or any(a != b and actual[n][d] != b for d, (a, b) in enumerate(zip(s0, s)))):
-            return {}
-    return out
+            return False
+    return True
 
 
 def _meta_shapes(model: nn.Module, config: Any, fields: dict[str, Any]) -> dict[str, tuple[int, ...]]:
