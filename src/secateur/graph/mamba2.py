@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.graph.modules import LEAF_PROBES, UPDATER_PROBES, _channels, _consumed, _shape_for
+from secateur.graph.modules import LEAF_PROBES, UPDATER_PROBES, _channels, _consumed, _produce, _shape_for
 
 _SIZES = ("num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size", "conv_dim")
 
@@ -191,10 +191,7 @@ def _mixer(tr: Any, mod: nn.Module, args, kwargs, out) -> None:
         if tr.calls.get(aten.mean, 0):  # the norm's statistic, the mixer's last mean, over a group's channels
             tr.norm_site("reduce", aten.mean, "aten::mean", inner_atoms[: inner // g], dim=-1)
     tr.slot(mod.out_proj.weight, 1, inner_atoms, "in")
-    atoms = tr.atoms.new(mod.out_proj.out_features)
-    tr.slot(mod.out_proj.weight, 0, atoms, "out", new=True)
-    if mod.out_proj.bias is not None:
-        tr.slot(mod.out_proj.bias, 0, atoms, "out", new=True)
+    atoms = _produce(tr, mod.out_proj, mod.out_proj.out_features, 0)
     tr.set(out, _shape_for(out.dim(), -1, atoms), compressed=True)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateur.graph.modules import LEAF_PROBES, UPDATER_PROBES, _channels, _consumed, _shape_for
+from secateur.graph.modules import LEAF_PROBES, UPDATER_PROBES, _channels, _consumed, _produce, _shape_for
 
 _CLASS = "transformers.models.zamba.modeling_zamba.ZambaMambaMixer"
 
@@ -94,10 +94,7 @@ def _zamba(tr: Any, mod: nn.Module, args, kwargs, out) -> None:
         tr.slot(p, 1, dims, "param")
     tr.slot(mod.A_log, 2, state, "param")
     tr.slot(mod.out_proj.weight, 1, inner, "in")
-    atoms = tr.atoms.new(mod.out_proj.out_features)
-    tr.slot(mod.out_proj.weight, 0, atoms, "out", new=True)
-    if mod.out_proj.bias is not None:
-        tr.slot(mod.out_proj.bias, 0, atoms, "out", new=True)
+    atoms = _produce(tr, mod.out_proj, mod.out_proj.out_features, 0)
     tr.set(out, _shape_for(out.dim(), -1, atoms), compressed=True)
 
 
