@@ -5,9 +5,12 @@ regnet_y_128gf among Torch-Pruning's slowest: 26 s).
 The model is built with its ``nn.init`` calls skipped and filled with normal(0, 0.02) weights (pruning time does not
 depend on the values), then ``prune_channels(model, randn(1, 3, 224, 224), ratio=0.5)`` runs once on 1 thread.
 Printed and written per model: wall and CPU seconds, peak RSS, MACs and params after / dense, and (``--peer``)
-Torch-Pruning's capture + prune seconds on the same weights, in a forked child.
+Torch-Pruning's capture + prune seconds on the same weights, in a forked child. ``--oracle`` also checks, in a
+child of its own (not timed), that the pruned model's output equals the original's with the removed channels zeroed
+at their consumers (norms over pruned channels computed over the kept ones), as ``tests/test_zoo.py`` does for the
+rest of the zoo, which skips these two for the CI box's time.
 
-    python benchmarks/bench_giant.py [--models regnet_y_128gf vit_h_14] [--peer] [--out results/giant.json]
+    python benchmarks/bench_giant.py [--models regnet_y_128gf vit_h_14] [--peer] [--oracle] [--out results/giant.json]
 """
 from __future__ import annotations
 
@@ -60,6 +63,27 @@ def secateur_run(name: str) -> dict:
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
 
 
+def oracle_run(name: str) -> dict:
+    """Relative max error of the pruned model against the zeroed original (``plan_channels`` at ratio 0.5)."""
+    import copy
+    import torch
+    from secateur.structured import plan_channels
+    torch.set_num_threads(2)
+    model = build(name)
+    x = torch.randn(1, 3, 224, 224)
+    plan = plan_channels(model, x, ratio=0.5)
+    ref = copy.deepcopy(model)
+    plan.zero_consumers(ref)
+    with torch.no_grad(), plan.kept_norms(ref):
+        want = ref(x)
+    del ref
+    with torch.no_grad():
+        plan.apply(model)
+        got = model(x)
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    return dict(oracle_err=err, shape_kept=tuple(got.shape) == tuple(want.shape))
+
+
 def peer_run(name: str) -> dict:
     import torch
     import torch_pruning as tp
@@ -98,6 +122,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["regnet_y_128gf"])
     ap.add_argument("--peer", action="store_true", help="also time Torch-Pruning (MagnitudePruner, L1, 50 %%)")
+    ap.add_argument("--oracle", action="store_true", help="also check the pruned model against the zeroed original")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "giant.json"))
     args = ap.parse_args(argv)
@@ -108,6 +133,9 @@ def main(argv=None):
         row = dict(model=name, secateur=_forked(secateur_run, name, args.timeout))
         if args.peer:
             row["torch_pruning"] = _forked(peer_run, name, args.timeout)
+        if args.oracle:
+            row["oracle"] = _forked(oracle_run, name, args.timeout)
+            print(f"{name:<18} oracle: {row['oracle']}", flush=True)
         s, t = row["secateur"], row.get("torch_pruning", {})
         if "error" in s:
             print(f"{name:<18} {s['error']}", flush=True)
