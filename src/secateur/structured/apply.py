@@ -119,7 +119,7 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         new_tensors.append((mod, mname, tname, t, new))
     sliced = {id(t) for *_, t, _ in new_tensors}
     touched = {m for m, *_ in new_tensors}
-    for mod in model.modules():  # tied weights: every owner's size attributes change
+    for mod in mods.values():  # tied weights: every owner's size attributes change
         for t in (*mod._parameters.values(), *mod._buffers.values()):
             if t is not None and id(t) in sliced:
                 touched.add(mod)
@@ -172,7 +172,7 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
     from secateur.graph.size_attrs import clear_caches, set_attrs
-    clear_caches(model)  # cached tensors of the unpruned sizes (timm's attention_bias_cache) are recomputed
+    clear_caches(model, mods.values())  # cached tensors of the unpruned sizes (timm's attention_bias_cache)
     if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
         set_attrs(model, plan.attrs)
         for name, kv in plan.attrs.items():
