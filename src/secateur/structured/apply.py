@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.graph.modules import snapshot, structure_class, update_attrs
+from secateur.graph.modules import own, snapshot, structure_class, update_attrs
 from secateur.structured.plan import Plan, STRUCTURE_ATTR
 
 
@@ -158,9 +158,9 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         name = names[mod]
         entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
         entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()})
-        for pn, p in mod.named_parameters(recurse=False):
+        for pn, p in own(mod._parameters):
             entry["params"][pn] = list(p.shape)
-        for bn, b in mod.named_buffers(recurse=False):  # a non-persistent buffer left whole is not recorded:
+        for bn, b in own(mod._buffers):  # a non-persistent buffer left whole is not recorded:
             if b is not None and (bn not in mod._non_persistent_buffers_set or (name, bn) in removed):
                 entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
             if b is not None and bn in mod._non_persistent_buffers_set and (name, bn) in removed:
