@@ -544,3 +544,31 @@ def test_union_pairs_are_the_masked_edges():
         assert [e.tolist() for e in fast.edges[:n]] == [e.tolist() for e in plain.edges]
         assert len(fast.edges) == n or bool((lab < 0).any())
         assert torch.equal(out.squeeze(-1), lab.max(dim=-1).values)
+
+
+def test_capture_leaves_the_function_mode_stack_as_it_was(monkeypatch):
+    """Leaf rules run with the capture's ``MathAttention`` popped off the torch-function mode stack
+    (``capture._popped``): a caller's own mode below it stays, and the stack is as before after a capture, also
+    one that fails inside a leaf rule."""
+    from torch.overrides import TorchFunctionMode
+
+    from secateur.errors import PruningError
+    from secateur.graph import modules
+    from secateur.graph.capture import capture
+
+    class Outer(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model, x = _tv("resnet18")()
+    with Outer() as outer:
+        assert capture(model, x).slots
+        assert torch._C._len_torch_function_stack() == 1 and torch._C._get_function_stack_at(0) is outer
+
+    def failing(tr, mod, args, kwargs, out):
+        raise RuntimeError("leaf rule failed")
+    real = modules.leaf_rule
+    monkeypatch.setattr(modules, "leaf_rule", lambda m: failing if real(m) is not None else None)
+    with pytest.raises(PruningError, match="leaf rule failed"):
+        capture(model, x)
+    assert torch._C._len_torch_function_stack() == 0

@@ -17,6 +17,7 @@ An ATen op the registry does not know, reached by a labelled (channel-carrying) 
 op and the module, never a guess."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,9 @@ OUTPUT = "<model output>"  # the site of the blocks that keep the model's output
 class Tracer:
     """State of one capture: labels of live tensors, slots (param dims owned by atoms), notes."""
 
-    def __init__(self, model: nn.Module, heads: str = "heads", grouped: str = "channels") -> None:
+    def __init__(self, model: nn.Module, heads: str = "heads", grouped: str = "channels",
+                 named: list[tuple[str, nn.Module]] | None = None) -> None:
+        """``named``: ``list(model.named_modules())`` where the caller has it (one walk per capture)."""
         self.model = model
         # grouped convolutions (not depthwise): "channels" couples local channel j of every conv group (the same
         # channels leave every group, the group count stays), "groups" removes whole conv groups; ``convs``
@@ -99,7 +102,7 @@ class Tracer:
         self.read_at: dict[int, int] = {}
         self.made: dict[int, tuple[int, Any]] = {}  # id(buffer a factory made) -> (its trace step, weak reference)
         self.values: Any = None  # on meta: the values known there (graph/meta_values.py), for index rules
-        for mname, mod in model.named_modules():
+        for mname, mod in model.named_modules() if named is None else named:
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) not in self.owner:
                     self.owner[id(p)] = (mname, attr, True)
@@ -280,6 +283,24 @@ def _flat_tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+@contextlib.contextmanager
+def _popped(mode: Any):
+    """``mode`` off the torch-function mode stack meanwhile, where it is on top. A leaf rule's label ops (thousands
+    per model: ``size``, ``reshape``, ``clone``) otherwise each went through ``MathAttention``, a Python call that
+    passes them on untouched inside leaf modules (``tracer.depth``): a tenth of a small model's capture."""
+    from torch._C import _get_function_stack_at, _len_torch_function_stack, _pop_torch_function_stack, \
+        _push_on_torch_function_stack
+    n = _len_torch_function_stack()
+    if not n or _get_function_stack_at(n - 1) is not mode:
+        yield
+        return
+    _pop_torch_function_stack()
+    try:
+        yield
+    finally:
+        _push_on_torch_function_stack(mode)
+
+
 def call(model: nn.Module, example_inputs: Any):
     if isinstance(example_inputs, Mapping):
         return model(**example_inputs)
@@ -332,13 +353,16 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
     from secateur.metrics import MacTally
 
     from secateur.graph.size_attrs import clear_caches
-    clear_caches(model)  # the dry runs start from empty caches too (see clear_caches)
-    tracer = Tracer(model, heads, grouped)
+    named = list(model.named_modules())  # one walk for the caches, the owners, the hooks
+    clear_caches(model, [m for _, m in named])  # the dry runs start from empty caches too (see clear_caches)
+    tracer = Tracer(model, heads, grouped, named)
     handles = []
-    names = {m: n for n, m in model.named_modules()}
+    names = {m: n for n, m in named}
     rules = {m: leaf_rule(m) for m in names}  # once per module, not twice per call
     from secateur.graph import inner_width
+    from secateur.graph.rules.attention import MathAttention
     widths = {type(m) for m in names if f"{type(m).__module__}.{type(m).__name__}" in inner_width.SAME_WIDTH}
+    math = MathAttention(tracer)
 
     def pre(mod, args, kwargs):
         tracer.stack.append(names.get(mod, "?"))
@@ -357,7 +381,7 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
                 tracer.depth += 1  # the rule's own tensor ops (labels) are not the model's
                 tracer.atoms.site = (tracer.where(), type(mod).__name__)
                 try:  # nor do they go through the dispatch mode: thousands of label ops per model, each a
-                    with no_dispatch():  # Python call there (a third of a small model's capture)
+                    with no_dispatch(), _popped(math):  # Python call there (a third of a small model's capture)
                         rule(tracer, mod, args, kwargs, out)
                 finally:
                     tracer.depth -= 1
@@ -372,11 +396,10 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
     torch.backends.mha.set_fastpath_enabled(False)
     tally = MacTally() if macs else None
     from secateur.graph.meta_values import known_values
-    from secateur.graph.rules.attention import MathAttention
     from secateur.graph.moe import meta_stand_ins
     try:  # (experts modules on meta: a stand-in forward, see meta_stand_ins; values on meta: see meta_values)
         with torch.no_grad(), known_values(model, example_inputs, tracer) as tracer.values, _Mode(tracer, tally, shapes), \
-                meta_stand_ins(rules, tally), MathAttention(tracer):
+                meta_stand_ins(rules, tally), math:
             out = call(model, example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -419,9 +419,21 @@ def _class_updater(cls: type) -> Callable | None:
 
 
 def snapshot(mod: nn.Module) -> dict[str, Any]:
-    out = {k: v for k, v in vars(mod).items() if isinstance(v, (int, tuple)) and not k.startswith("_")}
-    out["_children_out"] = {n: v for n, c in mod.named_children() for v in [_out_size(c)] if v is not None}
-    out["_shapes"] = {n: tuple(p.shape) for n, p in mod.named_parameters(recurse=False)}  # before slicing
+    out = {k: v for k, v in vars(mod).items() if k[:1] != "_" and isinstance(v, (int, tuple))}
+    out["_children_out"] = {n: v for n, c in own(mod._modules) for v in [_out_size(c)] if v is not None}
+    out["_shapes"] = {n: tuple(p.shape) for n, p in own(mod._parameters)}  # before slicing
+    return out
+
+
+def own(entries: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A module's own ``_parameters`` / ``_buffers`` / ``_modules`` as ``named_parameters(recurse=False)``,
+    ``named_buffers(recurse=False)`` and ``named_children()`` give them (no None, each object once), read from its
+    dict: those generators walk ``named_modules`` on every call, and a plan asks for about a thousand."""
+    seen, out = set(), []
+    for n, v in entries.items():
+        if v is not None and id(v) not in seen:
+            seen.add(id(v))
+            out.append((n, v))
     return out
 
 
@@ -431,9 +443,10 @@ def _out_size(m: nn.Module) -> int | None:
         return int(w.shape[0])
     if type(m).__name__ == "Conv1D" and w is not None:
         return int(w.shape[1])
-    kids = list(m.children())
-    if w is None and len(kids) == 1 and isinstance(kids[0], nn.Linear):  # a wrapper (gemma4_vit's q_proj.linear)
-        return _out_size(kids[0])
+    if w is None:  # a wrapper (gemma4_vit's q_proj.linear); (its children listed only here: most modules have a weight)
+        kids = list(m.children())
+        if len(kids) == 1 and isinstance(kids[0], nn.Linear):
+            return _out_size(kids[0])
     return None
 
 

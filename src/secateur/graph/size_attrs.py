@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
@@ -271,14 +271,17 @@ def notes(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def clear_caches(model: nn.Module) -> None:
+def clear_caches(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> None:
     """Empty the tensor caches modules keep in dict attributes (timm's LeViT / EfficientViT
     ``attention_bias_cache``: ``attention_biases[:, idxs]`` kept per device in eval mode). A cache filled before
     pruning holds tensors of the unpruned sizes, which the pruned model would silently reuse; and a forward that
     hits it runs fewer ops than one that fills it, so the capture and every dry run start from empty caches to run
-    the same ops. Only dicts named ``*cache*`` whose values are all tensors: the model recomputes them on a miss."""
+    the same ops. Only dicts named ``*cache*`` whose values are all tensors: the model recomputes them on a miss.
+    ``modules``: ``model.modules()`` where the caller has walked them already (a walk per call, three per plan)."""
     import torch
-    for mod in model.modules():
-        for k, v in vars(mod).items():
-            if "cache" in k and isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+    for mod in model.modules() if modules is None else modules:
+        d = vars(mod)
+        for k in [k for k in d if "cache" in k]:  # (a name test per attribute in C, then the few hits)
+            v = d[k]
+            if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
                 v.clear()

@@ -129,11 +129,13 @@ def runs_here(model: nn.Module, example_inputs: Any, applied: bool = False) -> b
     return size is not None and size <= (HERE_BYTES_APPLIED if applied else HERE_BYTES)
 
 
-def here_bytes(model: nn.Module, example_inputs: Any) -> int | None:
-    """The bytes of the model's tensors, or None where any of them or the inputs is not on the CPU (``runs_here``)."""
+def here_bytes(model: nn.Module, example_inputs: Any, tensors: list[torch.Tensor] | None = None) -> int | None:
+    """The bytes of the model's tensors, or None where any of them or the inputs is not on the CPU (``runs_here``).
+    ``tensors``: the model's parameters and buffers (``_tensors_of``) where the caller has them."""
     from secateur.graph.capture import _flat_tensors
-    params, buffers = _tensors_of(model)
-    tensors = [*params, *buffers]
+    if tensors is None:
+        params, buffers = _tensors_of(model)
+        tensors = [*params, *buffers]
     if any(t.device.type != "cpu" for t in (*tensors, *_flat_tensors(example_inputs))):
         return None
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.graph.modules import snapshot, structure_class, update_attrs
+from secateur.graph.modules import own, snapshot, structure_class, update_attrs
 from secateur.structured.plan import Plan, STRUCTURE_ATTR
 
 
@@ -119,7 +119,7 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         new_tensors.append((mod, mname, tname, t, new))
     sliced = {id(t) for *_, t, _ in new_tensors}
     touched = {m for m, *_ in new_tensors}
-    for mod in model.modules():  # tied weights: every owner's size attributes change
+    for mod in mods.values():  # tied weights: every owner's size attributes change
         for t in (*mod._parameters.values(), *mod._buffers.values()):
             if t is not None and id(t) in sliced:
                 touched.add(mod)
@@ -158,9 +158,9 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         name = names[mod]
         entry = structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})
         entry["attrs"].update({k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.items()})
-        for pn, p in mod.named_parameters(recurse=False):
+        for pn, p in own(mod._parameters):
             entry["params"][pn] = list(p.shape)
-        for bn, b in mod.named_buffers(recurse=False):  # a non-persistent buffer left whole is not recorded:
+        for bn, b in own(mod._buffers):  # a non-persistent buffer left whole is not recorded:
             if b is not None and (bn not in mod._non_persistent_buffers_set or (name, bn) in removed):
                 entry["buffers"][bn] = list(b.shape)  # it is not in the state_dict a reload checks against
             if b is not None and bn in mod._non_persistent_buffers_set and (name, bn) in removed:
@@ -172,7 +172,7 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
         if not attrs and not entry["params"] and not entry["buffers"]:
             structure.pop(name)
     from secateur.graph.size_attrs import clear_caches, set_attrs
-    clear_caches(model)  # cached tensors of the unpruned sizes (timm's attention_bias_cache) are recomputed
+    clear_caches(model, mods.values())  # cached tensors of the unpruned sizes (timm's attention_bias_cache)
     if plan.attrs:  # proven by the dry run (graph/size_attrs.py); recorded so that a reload sets them too
         set_attrs(model, plan.attrs)
         for name, kv in plan.attrs.items():

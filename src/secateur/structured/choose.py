@@ -74,6 +74,9 @@ def _module_name(model: nn.Module, x: Any, where: str, names: dict | None = None
 def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
     if isinstance(ignore, (str, nn.Module)):
         ignore = [ignore]
+    ignore = list(ignore)
+    if not ignore:  # (the usual case: no walk over the modules)
+        return set()
     names = {m: n for n, m in model.named_modules()}
     return {_module_name(model, x, "prune_channels ignore", names) for x in ignore}
 
