@@ -105,8 +105,8 @@ def main(argv=None) -> None:
     print(f"{'plan':<8} {'MACs red':>8} {'1 thr ms':>8} {'2 thr ms':>8} {'2 vs 1':>6} {'eff @1':>6} {'eff @2':>6}")
     for k in models:
         red = macs["dense"] / macs[k]
-        e1 = t[f"dense@1"] / t[f"{k}@1"] / red
-        e2 = t[f"dense@2"] / t[f"{k}@2"] / red
+        e1 = t["dense@1"] / t[f"{k}@1"] / red
+        e2 = t["dense@2"] / t[f"{k}@2"] / red
         rows.append(dict(plan=k, macs_reduction=red, ms_1=t[f"{k}@1"], ms_2=t[f"{k}@2"], efficiency_1=e1,
                          efficiency_2=e2))
         print(f"{k:<8} {red:8.2f} {t[f'{k}@1']:8.2f} {t[f'{k}@2']:8.2f} {t[f'{k}@1'] / t[f'{k}@2']:6.2f} "
