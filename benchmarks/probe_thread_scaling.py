@@ -48,18 +48,19 @@ def _median_ms(model, x, rounds: int, calls: int) -> list[float]:
 
 
 def whole_models(models, x, threads, rounds: int) -> dict:
-    """Interleaved: every round times every model at every thread count once."""
-    times = {(k, nt): [] for k in models for nt in threads}
+    """Per thread count (set once: switching the count between calls slows the next ones), the models timed
+    interleaved, round by round, after a warm-up; the median per model."""
+    times = {}
     for nt in threads:
         torch.set_num_threads(nt)
         for m in models.values():
-            _median_ms(m, x, 1, 5)  # warm-up per thread count (oneDNN primitives, thread pool)
-    for _ in range(rounds):
-        for nt in threads:
-            torch.set_num_threads(nt)
+            _median_ms(m, x, 1, 10)  # warm-up at this thread count (oneDNN primitives, thread pool)
+        per = {k: [] for k in models}
+        for _ in range(rounds):
             for k, m in models.items():
-                times[(k, nt)] += _median_ms(m, x, 1, 3)
-    return {f"{k}@{nt}": statistics.median(v) for (k, nt), v in times.items()}
+                per[k] += _median_ms(m, x, 1, 5)
+        times.update({f"{k}@{nt}": statistics.median(v) for k, v in per.items()})
+    return times
 
 
 def layers(model, x, threads) -> dict[str, dict[int, float]]:
