@@ -65,23 +65,13 @@ def secateur_run(name: str) -> dict:
 
 def oracle_run(name: str) -> dict:
     """Relative max error of the pruned model against the zeroed original (``plan_channels`` at ratio 0.5)."""
-    import copy
     import torch
     from secateur.structured import plan_channels
     torch.set_num_threads(2)
     model = build(name)
     x = torch.randn(1, 3, 224, 224)
-    plan = plan_channels(model, x, ratio=0.5)
-    ref = copy.deepcopy(model)
-    plan.zero_consumers(ref)
-    with torch.no_grad(), plan.kept_norms(ref):
-        want = ref(x)
-    del ref
-    with torch.no_grad():
-        plan.apply(model)
-        got = model(x)
-    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
-    return dict(oracle_err=err, shape_kept=tuple(got.shape) == tuple(want.shape))
+    err = plan_channels(model, x, ratio=0.5).apply_checked(model, x)  # raises if the output shape changed
+    return dict(oracle_err=err, shape_kept=True)
 
 
 def peer_run(name: str) -> dict:

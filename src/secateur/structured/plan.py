@@ -87,6 +87,36 @@ class Plan:
         from secateur.structured.apply import _apply
         return _apply(model, self)
 
+    def apply_checked(self, model: nn.Module, example_inputs: Any) -> float:
+        """Apply the plan to ``model`` and return the pruning oracle's relative error on ``example_inputs``: the
+        pruned model's first output against an unpruned copy with the chosen channels zeroed at their consumers
+        (``zero_consumers``) and shrunk normalisations computed over the kept channels (``kept_norms``),
+        ``max|got - want| / max|want|``. Both forwards run in eval mode without gradients (the model's mode is
+        restored). The proof costs one copy of the model and two forwards; it is vacuous, and NaN is returned,
+        when the reference output is all zeros (a zero-initialised head, as torchvision's ViT has)."""
+        import copy
+
+        from secateur.graph.capture import _flat_tensors, call
+        was = model.training
+        ref = copy.deepcopy(model).eval()
+        self.zero_consumers(ref)
+        try:
+            with torch.no_grad(), self.kept_norms(ref):
+                want = _flat_tensors(call(ref, example_inputs))[0]
+            del ref
+            model.eval()
+            self.apply(model)
+            with torch.no_grad():
+                got = _flat_tensors(call(model, example_inputs))[0]
+        finally:
+            model.train(was)
+        scale = want.abs().max()
+        if got.shape != want.shape:
+            from secateur.errors import fail
+            raise fail("the pruned model's output shape differs from the original's (value: the original's)",
+                       where="Plan.apply_checked", shape=tuple(got.shape), value=tuple(want.shape))
+        return float("nan") if not scale else float((got - want).abs().max() / scale)
+
     def _norm_keeps(self) -> list[tuple[NormSite, torch.Tensor]]:
         # (an experts group never has a norm over its channels: graph/moe.py refuses has_post_expert_norm)
         """(site, kept positions) for every normalisation that loses channels under this plan."""
