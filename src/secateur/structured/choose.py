@@ -57,13 +57,13 @@ def _refuse_rope(model: nn.Module) -> None:
 def _module_name(model: nn.Module, x: Any, where: str, names: dict | None = None) -> str:
     """A module's qualified name, or a name / glob that matches at least one module (a typo would otherwise
     prune or keep nothing without a word)."""
+    names = names if names is not None else {m: n for n, m in model.named_modules()}
     if isinstance(x, nn.Module):
-        names = names if names is not None else {m: n for n, m in model.named_modules()}
         if x not in names:
             raise fail("module is not part of the model", where=where, value=type(x).__name__)
         return names[x]
     pat = str(x)
-    all_names = [n for n, _ in model.named_modules()]
+    all_names = list(names.values())  # (the caller's one walk, not one per key)
     if not any(_matches(n, {pat}) for n in all_names):
         close = [n for n in all_names if n and pat.split("*")[0].split(".")[0] in n][:5] or all_names[1:6]
         raise fail("name or pattern matches no module of the model", where=where, value=pat,
