@@ -291,9 +291,18 @@ def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.
             current[name] = tuple(t.shape)
             shared.setdefault(id(t), []).append(name)
     same = {n: names for names in shared.values() if len(names) > 1 for n in names}
+    skipped = [m for m, spec in (desc.get("structure") or {}).items() if isinstance(spec, dict) and "skipped" in spec]
+    for mod in skipped:  # a dropped block (structured/depth.py): its tensors are gone from the file
+        gone = [n for n in current if n.startswith(mod + ".")]
+        if not gone and mod not in dict(model.named_modules()):
+            raise fail("a dropped block of the structure is not in this model", where=mod)
+        for n in gone:
+            current.pop(n)
     for mod, spec in (desc.get("structure") or {}).items():
         if not isinstance(spec, dict):
             raise fail("malformed structure entry", where=mod, value=spec)
+        if "skipped" in spec:
+            continue
         for kind in ("params", "buffers"):
             for pname, shape in (spec.get(kind) or {}).items():
                 name = f"{mod}.{pname}" if mod else pname

@@ -392,8 +392,12 @@ def _rebuild_unsaved(mod: nn.Module, where: str, name: str, kept: dict, check: l
 def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
     """Resize a freshly built, unpruned ``model`` to a recorded structure (values are truncated: load the pruned
     state_dict afterwards). Returns the model."""
+    from secateur.structured.depth import skip_recorded
+    skip_recorded(model, structure)  # dropped blocks first: their names stay, their tensors go
     with torch.no_grad():
         for name, entry in structure.items():
+            if "skipped" in entry:
+                continue
             try:
                 mod = model.get_submodule(name)
             except AttributeError as e:

@@ -1,0 +1,330 @@
+"""Depth pruning: drop whole residual blocks (a ResNet bottleneck, an inverted residual, a transformer layer).
+
+Why: removing channels shrinks every kernel, but at small batch a CPU or GPU spends a fixed share of each block's
+time whatever its width (launches, norms, activations, memory passes), so a 2x-MACs channel plan runs well under 2x
+faster (MobileNetV2 at batch 1: 0.64 of the MACs reduction). A dropped block takes its whole time with it. Layer
+removal is also the usual first cut for LLMs (ShortGPT's "block influence").
+
+A block is droppable when it is an element of an ``nn.Sequential`` / ``nn.ModuleList`` (the repeated units), returns
+a tensor shaped like its input (or a tuple of that tensor and ``None``s), and adds its own input to something while
+it runs (the skip connection, seen by identity during one forward). Dropping it replaces it with ``Skipped``, which
+returns the block's input: exactly what the network computes when the residual branch is removed, the definition
+ShortGPT uses. How much that changes the model is what the block's score measures:
+
+- ``"output"``: the relative L2 change of the model's outputs on the example inputs with that block alone skipped
+  (one forward per candidate; what "least importance lost" means for the user);
+- ``"cosine"``: block influence, ``1 - cos(input, output)`` of the block per sample (one forward for all).
+
+Names stay stable (a ``Skipped`` takes the block's place), so channel plans made before or after still apply and
+``secateur.save`` / ``load`` replay the drop (``{"skipped": ...}`` in the structure record)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from secateur.errors import fail
+from secateur.graph.capture import _flat_tensors
+from secateur.metrics import count_macs, count_params, macs_by_layer
+from secateur.report import call_model
+from secateur.structured.plan import STRUCTURE_ATTR
+
+__all__ = ["DepthResult", "Skipped", "drop_blocks", "droppable_blocks", "score_blocks"]
+
+CRITERIA = ("output", "cosine")
+_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__iadd__,
+         torch.Tensor.__radd__}
+
+
+class Skipped(nn.Module):
+    """Stands where a dropped block was and returns the block's input, in the form the block returned it (a tensor,
+    or a tuple of it and ``None``s). ``arg``: the input's position (int) or keyword (str)."""
+
+    def __init__(self, was: str, arg: int | str = 0, tuple_len: int | None = None) -> None:
+        super().__init__()
+        self.was, self.arg, self.tuple_len = was, arg, tuple_len
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = kwargs[self.arg] if isinstance(self.arg, str) else args[self.arg]
+        return x if self.tuple_len is None else (x,) + (None,) * (self.tuple_len - 1)
+
+    def extra_repr(self) -> str:
+        return f"was={self.was}"
+
+    def spec(self) -> dict:
+        return {"was": self.was, "arg": self.arg, "tuple_len": self.tuple_len}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A droppable block: where its input comes from and how its output is shaped (for ``Skipped``)."""
+    name: str
+    kind: str
+    arg: int | str
+    tuple_len: int | None
+
+
+@dataclass(frozen=True)
+class DepthResult:
+    """What ``drop_blocks`` did: the blocks dropped (lowest score first), every candidate's score, and the model's
+    MACs / params before and after."""
+    dropped: tuple[str, ...]
+    scores: dict[str, float] = field(default_factory=dict)
+    criterion: str = "output"
+    macs_before: int = 0
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+
+def _primary(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | None:
+    """The block's main input: its first positional tensor, else ``hidden_states`` (Hugging Face layers called with
+    keywords), else None."""
+    if args and isinstance(args[0], torch.Tensor):
+        return 0, args[0]
+    x = kwargs.get("hidden_states")
+    return ("hidden_states", x) if isinstance(x, torch.Tensor) else None
+
+
+def _containers(model: nn.Module) -> dict[str, str]:
+    """name -> class name of every element of an nn.Sequential / nn.ModuleList (the repeated units)."""
+    out = {}
+    for pname, parent in model.named_modules():
+        if isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            for cname, child in parent.named_children():
+                if not isinstance(child, Skipped) and any(True for _ in child.parameters()):
+                    out[f"{pname}.{cname}" if pname else cname] = type(child).__name__
+    return out
+
+
+class _AddWatch(TorchFunctionMode):
+    """Marks a block when its own forward (not a nested block's) adds the block's input to something: the skip
+    connection. ``running``: the candidate blocks being run, innermost last, with their inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: list[tuple[str, torch.Tensor | None]] = []
+        self.residual: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ADDS and self.running:
+            name, x = self.running[-1]
+            if x is not None and any(a is x for a in (*args, *kwargs.values())):
+                self.residual.add(name)
+        return func(*args, **kwargs)
+
+
+def _probe(model: nn.Module, example_inputs: Any, names: dict[str, str]) -> tuple[dict[str, Block], dict[str, str]]:
+    """One forward: which container elements are residual blocks, and why each other one is not."""
+    mods = dict(model.named_modules())
+    watch = _AddWatch()
+    seen: dict[str, tuple] = {}
+    why: dict[str, str] = {}
+
+    def pre(name):
+        def hook(mod, args, kwargs):
+            p = _primary(args, kwargs)
+            watch.running.append((name, p[1] if p else None))
+            seen.setdefault(name, (p[0] if p else None, p[1].shape if p else None, None))
+        return hook
+
+    def post(name):
+        def hook(mod, args, kwargs, out):
+            x = watch.running.pop()[1]
+            arg, shape, _ = seen[name]
+            if x is None:
+                why[name] = "its input is not a tensor (first positional argument or hidden_states)"
+            elif isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype:
+                seen[name] = (arg, shape, None)
+            elif (isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].shape == x.shape
+                  and all(o is None for o in out[1:])):
+                seen[name] = (arg, shape, len(out))
+            else:
+                why[name] = "its output is not a tensor shaped like its input"
+        return hook
+
+    handles = []
+    for n in names:
+        handles.append(mods[n].register_forward_pre_hook(pre(n), with_kwargs=True))
+        handles.append(mods[n].register_forward_hook(post(n), with_kwargs=True))
+    try:
+        with watch:
+            call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    blocks = {}
+    for n, kind in names.items():
+        if n not in seen:
+            why.setdefault(n, "it does not run on the example inputs")
+        elif n not in why and n not in watch.residual:
+            why[n] = "it does not add its own input to anything (no skip connection to fall back on)"
+        if n not in why:
+            blocks[n] = Block(n, kind, seen[n][0], seen[n][2])
+    return blocks, why
+
+
+def droppable_blocks(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Names of the residual blocks ``drop_blocks`` may drop, in model order."""
+    return list(_probe(model, example_inputs, _containers(model))[0])
+
+
+def _skip_hook(block: Block):
+    def hook(mod, args, kwargs, out):
+        x = kwargs[block.arg] if isinstance(block.arg, str) else args[block.arg]
+        return x if block.tuple_len is None else (x,) + (None,) * (block.tuple_len - 1)
+    return hook
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b) if x.is_floating_point())
+    den = sum(float(x.double().pow(2).sum()) for x in a if x.is_floating_point())
+    return (num / den) ** 0.5
+
+
+def score_blocks(model: nn.Module, example_inputs: Any, blocks: Iterable[str] | None = None, *,
+                 criterion: str = "output") -> dict[str, float]:
+    """How much skipping each block changes the model (higher: more important). See the module docstring."""
+    if criterion not in CRITERIA:
+        raise fail("unknown block criterion", where="score_blocks", value=criterion, hint=f"one of {CRITERIA}")
+    found, why = _probe(model, example_inputs, _containers(model))
+    names = list(found) if blocks is None else list(blocks)
+    _check_names(names, found, why)
+    mods = dict(model.named_modules())
+    if criterion == "cosine":
+        acc: dict[str, list[float]] = {n: [] for n in names}
+
+        def record(name):
+            def hook(mod, args, kwargs, out):
+                x = kwargs[found[name].arg] if isinstance(found[name].arg, str) else args[found[name].arg]
+                y = out if isinstance(out, torch.Tensor) else out[0]
+                cos = nn.functional.cosine_similarity(x.flatten(1).double(), y.flatten(1).double(), dim=1)
+                acc[name].append(float((1 - cos).mean()))
+            return hook
+        handles = [mods[n].register_forward_hook(record(n), with_kwargs=True) for n in names]
+        try:
+            call_model(model, example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: sum(v) / len(v) for n, v in acc.items()}
+    ref = _flat_tensors(call_model(model, example_inputs))
+    if not any(t.is_floating_point() and bool(t.any()) for t in ref):
+        raise fail("the model's outputs are all zeros on the example inputs, so skipping a block changes nothing "
+                   "measurable", where=type(model).__name__, hint="use criterion='cosine' (or trained weights)")
+    scores = {}
+    for n in names:
+        h = mods[n].register_forward_hook(_skip_hook(found[n]), with_kwargs=True)
+        try:
+            scores[n] = _distance(ref, _flat_tensors(call_model(model, example_inputs)))
+        finally:
+            h.remove()
+    return scores
+
+
+def _check_names(names: list[str], found: dict[str, Block], why: dict[str, str]) -> None:
+    for n in names:
+        if not isinstance(n, str):
+            raise fail("block names are strings", where="drop_blocks", value=n)
+        if n not in found:
+            reason = why.get(n, "it is not an element of an nn.Sequential / nn.ModuleList with parameters")
+            raise fail(f"this block cannot be dropped: {reason}", where=n,
+                       hint="droppable_blocks(model, example_inputs) lists the ones that can")
+    if len(set(names)) != len(names):
+        raise fail("a block is named twice", where="drop_blocks", value=names)
+
+
+def _choose(model, example_inputs, scores: dict[str, float], count, target_macs, macs0) -> list[str]:
+    order = sorted(scores, key=scores.get)
+    if count is not None:
+        return order[:count]
+    per = macs_by_layer(model, example_inputs)
+    chosen, macs = [], macs0
+    for n in order:
+        if macs <= target_macs * macs0:
+            break
+        chosen.append(n)
+        macs -= per.get(n, 0)
+    if macs > target_macs * macs0 * (1 + 1e-9):
+        raise fail("dropping every droppable block does not reach the MACs target", where="drop_blocks",
+                   value=target_macs, hint=f"the most it removes is {1 - macs / macs0:.3f} of the MACs; "
+                   "drop what it can (count=) and prune channels for the rest")
+    return chosen
+
+
+def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = None,
+                blocks: Iterable[str] | None = None, target_macs: float | None = None,
+                criterion: str = "output") -> DepthResult:
+    """Drop whole residual blocks in place, the least important first (see the module docstring). Say how many with
+    exactly one of ``count`` (number of blocks), ``blocks`` (names, from ``droppable_blocks``) or ``target_macs``
+    (fraction of the current MACs to keep: blocks are dropped lowest score first until it is met). Everything is
+    checked before the model changes."""
+    given = [k for k, v in (("count", count), ("blocks", blocks), ("target_macs", target_macs)) if v is not None]
+    if len(given) != 1:
+        raise fail("say how much to drop with exactly one of count=, blocks=, target_macs=", where="drop_blocks",
+                   value=given or None)
+    if criterion not in CRITERIA:
+        raise fail("unknown block criterion", where="drop_blocks", value=criterion, hint=f"one of {CRITERIA}")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise fail("count is a number of blocks >= 0", where="drop_blocks", value=count)
+    if target_macs is not None and not (isinstance(target_macs, (int, float)) and 0 < target_macs <= 1):
+        raise fail("target_macs is a fraction of the current model in (0, 1]", where="drop_blocks",
+                   value=target_macs)
+    if blocks is not None:
+        blocks = [blocks] if isinstance(blocks, str) else list(blocks)
+    found, why = _probe(model, example_inputs, _containers(model))
+    if blocks is not None:
+        _check_names(blocks, found, why)
+    if count is not None and count > len(found):
+        raise fail(f"only {len(found)} blocks can be dropped", where="drop_blocks", value=count,
+                   hint="droppable_blocks(model, example_inputs) lists them")
+    macs0, params0 = count_macs(model, example_inputs), count_params(model)
+    names = blocks if blocks is not None else list(found)
+    scores = score_blocks(model, example_inputs, names, criterion=criterion) if names else {}
+    chosen = blocks if blocks is not None else _choose(model, example_inputs, scores, count, target_macs, macs0)
+    chosen = sorted(chosen, key=lambda n: scores.get(n, 0.0))
+    _replace(model, [found[n] for n in chosen])
+    return DepthResult(tuple(chosen), scores, criterion, macs0, count_macs(model, example_inputs) if chosen else macs0,
+                       params0, count_params(model))
+
+
+def _replace(model: nn.Module, blocks: list[Block]) -> None:
+    structure = getattr(model, STRUCTURE_ATTR, None) or {}
+    for b in blocks:
+        parent_name, _, child = b.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        skipped = Skipped(b.kind, b.arg, b.tuple_len)
+        skipped.to(next(parent.get_submodule(child).parameters()).device)
+        parent._modules[child] = skipped
+        for k in [k for k in structure if k == b.name or k.startswith(b.name + ".")]:
+            structure.pop(k)  # channel records of modules that went with the block
+        structure[b.name] = {"skipped": skipped.spec()}
+    if blocks:
+        setattr(model, STRUCTURE_ATTR, structure)
+
+
+def skip_recorded(model: nn.Module, structure: dict) -> None:
+    """Replay the drops of a structure record on a fresh model (``secateur.load``)."""
+    for name, entry in structure.items():
+        spec = entry.get("skipped") if isinstance(entry, dict) else None
+        if spec is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = parent._modules[child]
+        except (AttributeError, KeyError) as e:
+            raise fail("a dropped block of the structure is not in this model", where=name) from e
+        if old is None or type(old).__name__ != spec.get("was"):
+            raise fail("the structure dropped a different block here", where=name,
+                       value=type(old).__name__ if old is not None else None,
+                       hint=f"load into the architecture that was saved (it had a {spec.get('was')} here)")
+        parent._modules[child] = Skipped(spec["was"], spec.get("arg", 0), spec.get("tuple_len"))
