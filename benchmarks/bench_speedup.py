@@ -19,6 +19,10 @@ Methods (``--methods``):
                     is kept (secateur.fastest_plan): the uniform plan, the greedy allocator's (secateur.allocate:
                     multiples of 8, least L1 importance per second saved first), and a latency budget bisected
                     until the MACs target is met
+  secateur-depth    (not run by default) drop_blocks then prune_channels, depth first: the lowest-scored
+                    droppable residual blocks go whole (as many as the target needs, at most ``--depth-fraction``
+                    of them), then one uniform ratio meets the rest of the MACs target; the accuracy cost of
+                    depth vs width on real weights and text: bench_minilm.py --depth
   secateur-latency-greedy  (not run by default) the greedy allocator's plan alone, the previous
                     secateur-latency (slower than uniform on ConvNeXt-T by its own table)
   secateur-latency-layers  (not run by default) the greedy with the Conv/Linear layers' latencies alone (the
@@ -173,6 +177,26 @@ def prune_secateur(dense: nn.Module, x: torch.Tensor, targets: list[float], args
     for t in targets:
         model = copy.deepcopy(dense)
         prune_channels(model, x, target_macs=1 / t, round_to=ROUND_TO)
+        out[t] = model
+    return out
+
+
+@method("secateur-depth")
+def prune_secateur_depth(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
+    """Depth, then width: ``drop_blocks`` removes the ``--depth-fraction`` of the droppable residual blocks with
+    the lowest score (``--depth-criterion``; only as many as the target needs where they alone pass it), then
+    ``prune_channels(target_macs=..., round_to=8)`` meets the MACs target with one uniform ratio."""
+    from secateur.structured import drop_blocks, droppable_blocks, prune_channels
+    base, out = macs_of(dense, x), {}
+    n = int(len(droppable_blocks(dense, x)) * args.depth_fraction)
+    for t in targets:
+        model = copy.deepcopy(dense)
+        res = drop_blocks(copy.deepcopy(dense), x, count=n, criterion=args.depth_criterion)
+        if res.macs_after * t <= base:  # the blocks alone pass the target: only as many as it takes
+            drop_blocks(model, x, target_macs=1 / t, criterion=args.depth_criterion)
+        else:
+            drop_blocks(model, x, blocks=res.dropped)
+            prune_channels(model, x, target_macs=base / (t * macs_of(model, x)), round_to=ROUND_TO)
         out[t] = model
     return out
 
@@ -539,6 +563,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=MODELS, help="torchvision model names")
     ap.add_argument("--methods", nargs="+", default=["tp", "secateur", "secateur-latency"], choices=list(METHODS))
+    ap.add_argument("--depth-fraction", type=float, default=1.0,
+                    help="secateur-depth: the largest share of the droppable residual blocks it drops (lowest score "
+                         "first; 1.0: depth first, as many as the target needs, then width)")
+    ap.add_argument("--depth-criterion", default="cosine", choices=["cosine", "output"],
+                    help="secateur-depth: how blocks are scored (output: needs a model whose outputs are not all "
+                         "zero, which torchvision's zero-initialised ViT head is)")
     ap.add_argument("--targets", nargs="+", type=float, default=[2.0, 4.0], help="MACs (or latency) reductions")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where the latency table is measured and the --gpu-batch timings run (cuda); "

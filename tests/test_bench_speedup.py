@@ -133,3 +133,21 @@ def test_latency_budget_calibrated_on_the_measured_macs(bench, first_budget):
         assert target <= got <= target * 1.02
     with pytest.raises(PruningError):
         bench._calibrated(allocate, first_budget, full=100.0, target=50.0)  # needs a budget below the floors
+
+
+def test_depth_method_meets_the_target_depth_first(bench):
+    """secateur-depth drops blocks first (only as many as the target needs when they alone pass it), then width."""
+    import torchvision
+    from secateur.structured import Skipped
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    args = bench.parse(["--methods", "secateur-depth"])
+    base = bench.macs_of(dense, x)
+    out = bench.METHODS["secateur-depth"](dense, x, [1.2, 3.0], args)
+    small, big = out[1.2], out[3.0]
+    assert base / bench.macs_of(small, x) >= 1.2 and base / bench.macs_of(big, x) >= 3.0
+    assert sum(isinstance(m, Skipped) for m in small.modules()) >= 1
+    assert small.conv1.out_channels == 64  # 1.2x is passed by blocks alone: no channel pruned
+    assert sum(isinstance(m, Skipped) for m in big.modules()) == 5 and big.conv1.out_channels < 64
+    assert not any(isinstance(m, Skipped) for m in dense.modules())  # the dense model is left alone

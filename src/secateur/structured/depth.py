@@ -247,13 +247,13 @@ def _choose(model, example_inputs, scores: dict[str, float], count, target_macs,
     if count is not None:
         return order[:count]
     per = macs_by_layer(model, example_inputs)
-    chosen, macs = [], macs0
+    chosen, macs, goal = [], macs0, target_macs * macs0 * (1 + 1e-6)  # 1e-6: a target met exactly is met
     for n in order:
-        if macs <= target_macs * macs0:
+        if macs <= goal:
             break
         chosen.append(n)
         macs -= per.get(n, 0)
-    if macs > target_macs * macs0 * (1 + 1e-9):
+    if macs > goal:
         raise fail("dropping every droppable block does not reach the MACs target", where="drop_blocks",
                    value=target_macs, hint=f"the most it removes is {1 - macs / macs0:.3f} of the MACs; "
                    "drop what it can (count=) and prune channels for the rest")
