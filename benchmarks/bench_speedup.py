@@ -20,8 +20,8 @@ Methods (``--methods``):
                     multiples of 8, least L1 importance per second saved first), and a latency budget bisected
                     until the MACs target is met
   secateur-depth    (not run by default) drop_blocks then prune_channels, depth first: the lowest-scored
-                    droppable residual blocks go whole (as many as the target needs, at most ``--depth-fraction``
-                    of them), then one uniform ratio meets the rest of the MACs target; the accuracy cost of
+                    droppable residual blocks go whole (those that fit above the target, at most
+                    ``--depth-fraction`` of them), then one uniform ratio meets the rest of the MACs target; the accuracy cost of
                     depth vs width on real weights and text: bench_minilm.py --depth
   secateur-latency-greedy  (not run by default) the greedy allocator's plan alone, the previous
                     secateur-latency (slower than uniform on ConvNeXt-T by its own table)
@@ -183,20 +183,20 @@ def prune_secateur(dense: nn.Module, x: torch.Tensor, targets: list[float], args
 
 @method("secateur-depth")
 def prune_secateur_depth(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
-    """Depth, then width: ``drop_blocks`` removes the ``--depth-fraction`` of the droppable residual blocks with
-    the lowest score (``--depth-criterion``; only as many as the target needs where they alone pass it), then
-    ``prune_channels(target_macs=..., round_to=8)`` meets the MACs target with one uniform ratio."""
+    """Depth, then width: ``drop_blocks(target_macs=1/t, stay_above=True)`` removes the lowest-scored droppable
+    residual blocks (``--depth-criterion``) that fit above the target (at most ``--depth-fraction`` of them), then
+    ``prune_channels(target_macs=..., round_to=8)`` takes the rest of the MACs target with one uniform ratio."""
     from secateur.structured import drop_blocks, droppable_blocks, prune_channels
     base, out = macs_of(dense, x), {}
     n = int(len(droppable_blocks(dense, x)) * args.depth_fraction)
     for t in targets:
         model = copy.deepcopy(dense)
-        res = drop_blocks(copy.deepcopy(dense), x, count=n, criterion=args.depth_criterion)
-        if res.macs_after * t <= base:  # the blocks alone pass the target: only as many as it takes
-            drop_blocks(model, x, target_macs=1 / t, criterion=args.depth_criterion)
-        else:
-            drop_blocks(model, x, blocks=res.dropped)
-            prune_channels(model, x, target_macs=base / (t * macs_of(model, x)), round_to=ROUND_TO)
+        res = drop_blocks(copy.deepcopy(dense), x, target_macs=1 / t, stay_above=True,
+                          criterion=args.depth_criterion)  # depth up to the target, never past it
+        drop_blocks(model, x, blocks=res.dropped[:n])
+        left = base / (t * macs_of(model, x))
+        if left < 1:
+            prune_channels(model, x, target_macs=left, round_to=ROUND_TO)
         out[t] = model
     return out
 

@@ -136,7 +136,8 @@ def test_latency_budget_calibrated_on_the_measured_macs(bench, first_budget):
 
 
 def test_depth_method_meets_the_target_depth_first(bench):
-    """secateur-depth drops blocks first (only as many as the target needs when they alone pass it), then width."""
+    """secateur-depth drops the blocks that fit above the target first, then width takes the rest: the target is
+    met closely, not passed by a whole block."""
     import torchvision
     from secateur.structured import Skipped
     torch.manual_seed(0)
@@ -145,9 +146,8 @@ def test_depth_method_meets_the_target_depth_first(bench):
     args = bench.parse(["--methods", "secateur-depth"])
     base = bench.macs_of(dense, x)
     out = bench.METHODS["secateur-depth"](dense, x, [1.2, 3.0], args)
-    small, big = out[1.2], out[3.0]
-    assert base / bench.macs_of(small, x) >= 1.2 and base / bench.macs_of(big, x) >= 3.0
-    assert sum(isinstance(m, Skipped) for m in small.modules()) >= 1
-    assert small.conv1.out_channels == 64  # 1.2x is passed by blocks alone: no channel pruned
-    assert sum(isinstance(m, Skipped) for m in big.modules()) == 5 and big.fc.in_features < 512
+    for t, model in out.items():
+        assert t <= base / bench.macs_of(model, x) <= 1.15 * t
+    assert sum(isinstance(m, Skipped) for m in out[1.2].modules()) == 1  # a second block would cross 1.2x
+    assert sum(isinstance(m, Skipped) for m in out[3.0].modules()) == 5 and out[3.0].fc.in_features < 512
     assert not any(isinstance(m, Skipped) for m in dense.modules())  # the dense model is left alone

@@ -35,6 +35,19 @@ FACTORY = textwrap.dedent("""
     def broken():
         raise RuntimeError("factory exploded")
 
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    def residual():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Res(), Res(), Res(), nn.Flatten(),
+                             nn.Linear(8 * 8 * 8, 10))
+
     def zero_head():
         m = tiny()
         torch.nn.init.zeros_(m[-1].weight)
@@ -129,6 +142,32 @@ def test_prune_structural_flags_need_structural(tmp_path, factory, capsys):
     out = tmp_path / "x.st"
     code, _, err = run(["prune", factory, *SHAPE, "--round-to", "8", "--heads", "head_dim", "-o", str(out)], capsys)
     assert code == 1 and "--round-to, --heads" in err and "--structural" in err and not out.exists()
+
+
+def test_prune_drop_blocks(tmp_path, factory, capsys):
+    pytest.importorskip("secateur.structured")
+    from secateur.metrics import count_macs
+    from secateur.structured import Skipped
+    spec, x = factory.replace("tiny", "residual"), torch.randn(2, 3, 8, 8)
+    out = tmp_path / "d.st"
+    code, _, err = run(["prune", spec, *SHAPE, "--structural", "--drop-blocks", "2", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert "dropped 2 blocks" in err
+    import cli_models
+    loaded = sio.load(cli_models.residual(), out)
+    assert sum(isinstance(m, Skipped) for m in loaded) == 2 and loaded[0].out_channels == 8  # no channel pruned
+    code, _, err = run(["prune", spec, *SHAPE, "--structural", "--drop-blocks", "2", "--target-macs", "0.3",
+                        "-o", str(out)], capsys)
+    assert code == 0, err
+    loaded = sio.load(cli_models.residual(), out)
+    dense = count_macs(cli_models.residual(), x)
+    assert count_macs(loaded, x) <= 0.3 * dense and loaded[0].out_channels < 8  # the rest from channels
+    for argv, msg in [(["--drop-blocks", "2"], "--structural"),
+                      (["--structural", "--block-criterion", "cosine"], "add --drop-blocks"),
+                      (["--structural", "--drop-blocks", "9"], "only 3 blocks")]:
+        bad = tmp_path / "bad.st"
+        code, _, err = run(["prune", spec, *SHAPE, *argv, "-o", str(bad)], capsys)
+        assert code == 1 and msg in err and not bad.exists(), err
 
 
 def test_prune_nm_pattern(tmp_path, factory, capsys):

@@ -152,6 +152,21 @@ def test_target_macs_drops_the_fewest_lowest_scored_blocks():
         drop_blocks(copy.deepcopy(model), x, target_macs=0.1)
 
 
+def test_stay_above_passes_over_blocks_that_cross_the_target():
+    from secateur.metrics import macs_by_layer
+    model = tv.models.mobilenet_v2().eval()
+    x = torch.randn(1, 3, 96, 96)
+    per = macs_by_layer(model, x)
+    res = drop_blocks(copy.deepcopy(model), x, target_macs=0.8, stay_above=True)
+    assert 0.8 <= res.macs_ratio < 1 and res.dropped
+    left = res.macs_after
+    for n in res.scores:  # every block left would have crossed the target
+        if n not in res.dropped:
+            assert left - per[n] < 0.8 * res.macs_before
+    with pytest.raises(PruningError, match="stay_above applies to target_macs"):
+        drop_blocks(model, x, count=1, stay_above=True)
+
+
 def test_bad_input_changes_nothing():
     model = tv.models.resnet18().eval()
     x = torch.randn(1, 3, 64, 64)

@@ -190,11 +190,20 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grouped", choices=["channels", "groups"],
                    help="with --structural: grouped convs lose the same channels from every group (default) "
                         "or whole groups")
+    p.add_argument("--drop-blocks", type=int, metavar="N",
+                   help="with --structural: first drop the N residual blocks whose removal changes the outputs "
+                        "least (whole ResNet / MobileNet blocks, transformer layers); channels are then pruned "
+                        "only if --ratio or --target-macs is given (the MACs target counts the whole model)")
+    p.add_argument("--block-criterion", choices=["output", "cosine"],
+                   help="with --drop-blocks: score blocks by the change of the outputs (default) or by block "
+                        "influence, 1 - cos(input, output)")
     p.add_argument("--finalize", action="store_true", help="bake the masks in before saving")
     p.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
 
 
-_STRUCTURAL_ONLY = {"round_to": "--round-to", "heads": "--heads", "grouped": "--grouped"}
+_STRUCTURAL_ONLY = {"round_to": "--round-to", "heads": "--heads", "grouped": "--grouped",
+                    "drop_blocks": "--drop-blocks", "block_criterion": "--block-criterion"}
+_CHANNEL_OPTIONS = ("round_to", "heads", "grouped")
 
 
 def _prune_masks_to_macs(model, inputs, fraction: float, criterion: str, exclude=()) -> float:
@@ -246,6 +255,22 @@ def _structural(model, inputs, ratio, target_macs=None, **options):
     return model
 
 
+def _drop(model, inputs, count: int, criterion: str, target_macs: float | None):
+    """Drop ``count`` blocks; returns the model and what is left of a whole-model MACs target for the channels
+    (None where the blocks alone meet it)."""
+    from secateur.structured import drop_blocks
+    result = drop_blocks(model, inputs, count=count, criterion=criterion)
+    say(f"dropped {len(result.dropped)} blocks ({', '.join(result.dropped) or 'none'}): MACs "
+        f"{result.macs_before:,} -> {result.macs_after:,}")
+    if target_macs is None:
+        return model, None
+    left = target_macs / result.macs_ratio
+    if left >= 1:
+        say(f"the dropped blocks alone meet --target-macs {target_macs}: no channel pruned")
+        return model, None
+    return model, left
+
+
 @command("prune", _prune_args)
 def _prune(args: argparse.Namespace) -> int:
     """Prune a model and save it (weights + what changed) as one safetensors file."""
@@ -278,15 +303,25 @@ def _prune(args: argparse.Namespace) -> int:
     if args.structural:
         if args.target_macs is not None and not 0 < args.target_macs < 1:
             raise fail("--target-macs must lie in (0, 1)", value=args.target_macs)
+        if args.drop_blocks is not None and args.drop_blocks < 0:
+            raise fail("--drop-blocks is a number of blocks >= 0", value=args.drop_blocks)
+        if args.block_criterion is not None and args.drop_blocks is None:
+            raise fail("--block-criterion scores the blocks --drop-blocks drops; add --drop-blocks N")
         options = {"importance": args.method, "ignore": exclude}
         if args.scope is not None:
             options["scope"] = args.scope
-        options.update({key: getattr(args, key) for key in _STRUCTURAL_ONLY if getattr(args, key) is not None})
+        options.update({key: getattr(args, key) for key in _CHANNEL_OPTIONS if getattr(args, key) is not None})
         ratio = None if args.target_macs is not None else args.ratio if args.ratio is not None else 0.5
         if is_pruned(model):  # the structural engine works on plain weights; baking keeps the zeros
             say("finalizing the masks (zeros baked in) before removing channels")
             finalize(model)
-        model = _structural(model, x, ratio, target_macs=args.target_macs, **options)
+        target_macs = args.target_macs
+        if args.drop_blocks is not None:
+            model, target_macs = _drop(model, x, args.drop_blocks, args.block_criterion or "output", target_macs)
+            if args.ratio is None and args.target_macs is None:
+                ratio = None
+        if ratio is not None or target_macs is not None:
+            model = _structural(model, x, ratio, target_macs=target_macs, **options)
     elif args.target_macs is not None:
         if args.pattern != "element":
             raise fail("--target-macs works with --pattern element", value=args.pattern)

@@ -83,6 +83,11 @@ class DepthResult:
     def macs_ratio(self) -> float:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 
+    def __str__(self) -> str:
+        return (f"dropped {len(self.dropped)} of {len(self.scores)} scored blocks ({', '.join(self.dropped) or 'none'}"
+                f"): MACs {self.macs_before:,} -> {self.macs_after:,}, params {self.params_before:,} -> "
+                f"{self.params_after:,}")
+
 
 def _primary(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | None:
     """The block's main input: its first positional tensor, else ``hidden_states`` (Hugging Face layers called with
@@ -242,7 +247,7 @@ def _check_names(names: list[str], found: dict[str, Block], why: dict[str, str])
         raise fail("a block is named twice", where="drop_blocks", value=names)
 
 
-def _choose(model, example_inputs, scores: dict[str, float], count, target_macs, macs0) -> list[str]:
+def _choose(model, example_inputs, scores: dict[str, float], count, target_macs, macs0, stay_above) -> list[str]:
     order = sorted(scores, key=scores.get)
     if count is not None:
         return order[:count]
@@ -251,9 +256,11 @@ def _choose(model, example_inputs, scores: dict[str, float], count, target_macs,
     for n in order:
         if macs <= goal:
             break
+        if stay_above and macs - per.get(n, 0) < target_macs * macs0 * (1 - 1e-6):
+            continue  # would cross the target: passed over, channels take the rest
         chosen.append(n)
         macs -= per.get(n, 0)
-    if macs > goal:
+    if macs > goal and not stay_above:
         raise fail("dropping every droppable block does not reach the MACs target", where="drop_blocks",
                    value=target_macs, hint=f"the most it removes is {1 - macs / macs0:.3f} of the MACs; "
                    "drop what it can (count=) and prune channels for the rest")
@@ -262,11 +269,13 @@ def _choose(model, example_inputs, scores: dict[str, float], count, target_macs,
 
 def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = None,
                 blocks: Iterable[str] | None = None, target_macs: float | None = None,
-                criterion: str = "output") -> DepthResult:
+                criterion: str = "output", stay_above: bool = False) -> DepthResult:
     """Drop whole residual blocks in place, the least important first (see the module docstring). Say how many with
     exactly one of ``count`` (number of blocks), ``blocks`` (names, from ``droppable_blocks``) or ``target_macs``
-    (fraction of the current MACs to keep: blocks are dropped lowest score first until it is met). Everything is
-    checked before the model changes."""
+    (fraction of the current MACs to keep: blocks are dropped lowest score first until it is met). Blocks come in
+    coarse steps, so a target is usually passed, not met; ``stay_above=True`` passes over any block that would take
+    the model below ``target_macs`` instead, for ``prune_channels`` to take the rest exactly (depth first, then
+    width). Everything is checked before the model changes."""
     given = [k for k, v in (("count", count), ("blocks", blocks), ("target_macs", target_macs)) if v is not None]
     if len(given) != 1:
         raise fail("say how much to drop with exactly one of count=, blocks=, target_macs=", where="drop_blocks",
@@ -289,7 +298,10 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
     names = blocks if blocks is not None else list(found)
     scores = score_blocks(model, example_inputs, names, criterion=criterion) if names else {}
-    chosen = blocks if blocks is not None else _choose(model, example_inputs, scores, count, target_macs, macs0)
+    if stay_above and target_macs is None:
+        raise fail("stay_above applies to target_macs", where="drop_blocks", value=given)
+    chosen = blocks if blocks is not None else _choose(model, example_inputs, scores, count, target_macs, macs0,
+                                                       stay_above)
     chosen = sorted(chosen, key=lambda n: scores.get(n, 0.0))
     _replace(model, [found[n] for n in chosen])
     return DepthResult(tuple(chosen), scores, criterion, macs0, count_macs(model, example_inputs) if chosen else macs0,
@@ -302,7 +314,6 @@ def _replace(model: nn.Module, blocks: list[Block]) -> None:
         parent_name, _, child = b.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         skipped = Skipped(b.kind, b.arg, b.tuple_len)
-        skipped.to(next(parent.get_submodule(child).parameters()).device)
         parent._modules[child] = skipped
         for k in [k for k in structure if k == b.name or k.startswith(b.name + ".")]:
             structure.pop(k)  # channel records of modules that went with the block
