@@ -75,7 +75,7 @@ def train(model, data, epochs, lr, seed, log):
             loss.backward()
             opt.step()
             sched.step()
-            total, n = total + float(loss), n + 1
+            total, n = total + float(loss.detach()), n + 1
         log(f"    epoch {ep + 1}/{epochs}: loss {total / n:.4f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
 

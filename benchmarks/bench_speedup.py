@@ -193,7 +193,7 @@ def prune_secateur_depth(dense: nn.Module, x: torch.Tensor, targets: list[float]
         model = copy.deepcopy(dense)
         res = drop_blocks(copy.deepcopy(dense), x, target_macs=1 / t, stay_above=True,
                           criterion=args.depth_criterion)  # depth up to the target, never past it
-        drop_blocks(model, x, blocks=res.dropped[:n])
+        drop_blocks(model, x, blocks=res.dropped[:n])  # named: no scoring
         left = base / (t * macs_of(model, x))
         if left < 1:
             prune_channels(model, x, target_macs=left, round_to=ROUND_TO)

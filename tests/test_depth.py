@@ -241,3 +241,15 @@ def test_skip_record_refuses_a_different_block():
         skip_recorded(model, {"blocks.1": {"skipped": {"was": "Bottleneck", "arg": 0, "tuple_len": None}}})
     with pytest.raises(PruningError, match=r"\[blocks.7\] a dropped block of the structure is not in this model"):
         skip_recorded(model, {"blocks.7": {"skipped": {"was": "Res", "arg": 0, "tuple_len": None}}})
+
+
+def test_zero_outputs_refuse_the_output_score_but_not_named_blocks():
+    model = Stack([Res(8), Res(8)]).eval()
+    nn.init.zeros_(model.out.weight)
+    nn.init.zeros_(model.out.bias)
+    x = torch.randn(4, 4)
+    with pytest.raises(PruningError, match="outputs are all zeros.*criterion='cosine'"):
+        drop_blocks(model, x, count=1)
+    assert drop_blocks(model, x, count=1, criterion="cosine").dropped
+    res = drop_blocks(model, x, blocks=["blocks.0"] if isinstance(model.blocks[0], Res) else ["blocks.1"])
+    assert res.scores == {} and len(res.dropped) == 1 and "dropped 1 blocks" in str(res)

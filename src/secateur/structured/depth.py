@@ -69,8 +69,8 @@ class Block:
 
 @dataclass(frozen=True)
 class DepthResult:
-    """What ``drop_blocks`` did: the blocks dropped (lowest score first), every candidate's score, and the model's
-    MACs / params before and after."""
+    """What ``drop_blocks`` did: the blocks dropped (lowest score first), every candidate's score (none where the
+    caller named the blocks), and the model's MACs / params before and after."""
     dropped: tuple[str, ...]
     scores: dict[str, float] = field(default_factory=dict)
     criterion: str = "output"
@@ -84,9 +84,8 @@ class DepthResult:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 
     def __str__(self) -> str:
-        return (f"dropped {len(self.dropped)} of {len(self.scores)} scored blocks ({', '.join(self.dropped) or 'none'}"
-                f"): MACs {self.macs_before:,} -> {self.macs_after:,}, params {self.params_before:,} -> "
-                f"{self.params_after:,}")
+        return (f"dropped {len(self.dropped)} blocks ({', '.join(self.dropped) or 'none'}): MACs "
+                f"{self.macs_before:,} -> {self.macs_after:,}, params {self.params_before:,} -> {self.params_after:,}")
 
 
 def _primary(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | None:
@@ -287,6 +286,8 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
     if target_macs is not None and not (isinstance(target_macs, (int, float)) and 0 < target_macs <= 1):
         raise fail("target_macs is a fraction of the current model in (0, 1]", where="drop_blocks",
                    value=target_macs)
+    if stay_above and target_macs is None:
+        raise fail("stay_above applies to target_macs", where="drop_blocks", value=given)
     if blocks is not None:
         blocks = [blocks] if isinstance(blocks, str) else list(blocks)
     found, why = _probe(model, example_inputs, _containers(model))
@@ -296,13 +297,12 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
         raise fail(f"only {len(found)} blocks can be dropped", where="drop_blocks", value=count,
                    hint="droppable_blocks(model, example_inputs) lists them")
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
-    names = blocks if blocks is not None else list(found)
-    scores = score_blocks(model, example_inputs, names, criterion=criterion) if names else {}
-    if stay_above and target_macs is None:
-        raise fail("stay_above applies to target_macs", where="drop_blocks", value=given)
-    chosen = blocks if blocks is not None else _choose(model, example_inputs, scores, count, target_macs, macs0,
-                                                       stay_above)
-    chosen = sorted(chosen, key=lambda n: scores.get(n, 0.0))
+    if blocks is not None:  # the caller chose: nothing to score
+        scores, chosen = {}, blocks
+    else:
+        scores = score_blocks(model, example_inputs, list(found), criterion=criterion) if found else {}
+        chosen = sorted(_choose(model, example_inputs, scores, count, target_macs, macs0, stay_above),
+                        key=scores.get)
     _replace(model, [found[n] for n in chosen])
     return DepthResult(tuple(chosen), scores, criterion, macs0, count_macs(model, example_inputs) if chosen else macs0,
                        params0, count_params(model))
