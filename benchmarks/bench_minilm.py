@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_minilm.json"))
     ap.add_argument("--depth", action="store_true", help="structural: whole layers vs channels at equal MACs")
-    ap.add_argument("--depth-targets", type=float, nargs="+", default=[0.84, 0.67, 0.5])
+    ap.add_argument("--depth-targets", type=float, nargs="+", default=[0.84, 0.67, 0.51])
     args = ap.parse_args()
     if args.depth and args.out.endswith("bench_minilm.json"):
         args.out = args.out.replace("bench_minilm.json", "bench_minilm_depth.json")
