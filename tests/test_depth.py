@@ -253,3 +253,32 @@ def test_zero_outputs_refuse_the_output_score_but_not_named_blocks():
     assert drop_blocks(model, x, count=1, criterion="cosine").dropped
     res = drop_blocks(model, x, blocks=["blocks.0"])
     assert res.scores == {} and len(res.dropped) == 1 and "dropped 1 blocks" in str(res)
+
+
+class Outer(nn.Module):
+    """A residual block whose branch is a stack of residual blocks: outer and inner are both droppable."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.inner = nn.Sequential(Res(d), Res(d))
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+def test_nested_blocks_are_never_dropped_together():
+    model = Stack([Outer(8), Res(8)]).eval()
+    x = torch.randn(6, 4)
+    found = droppable_blocks(model, x)
+    assert found == ["blocks.0", "blocks.0.inner.0", "blocks.0.inner.1", "blocks.1"]
+    with pytest.raises(PruningError, match=r"\[blocks.0\] a block inside another dropped block"):
+        drop_blocks(model, x, blocks=["blocks.0", "blocks.0.inner.1"])
+    before = copy.deepcopy(model)
+    res = drop_blocks(model, x, count=3)
+    assert len(res.dropped) == 3 and not any(a != b and b.startswith(a + ".") for a in res.dropped
+                                             for b in res.dropped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _skip_reference(before, res.dropped)(x), rtol=0, atol=0)
+    model = copy.deepcopy(before)
+    res = drop_blocks(model, x, target_macs=0.2)
+    assert not any(b.startswith(a + ".") for a in res.dropped for b in res.dropped)

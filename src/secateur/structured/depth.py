@@ -100,12 +100,14 @@ def _primary(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | None
 def _containers(model: nn.Module) -> dict[str, str]:
     """name -> class name of every element of an nn.Sequential / nn.ModuleList (the repeated units)."""
     out = {}
-    for pname, parent in model.named_modules():
+    mods = list(model.named_modules())
+    for pname, parent in mods:
         if isinstance(parent, (nn.Sequential, nn.ModuleList)):
             for cname, child in parent.named_children():
                 if not isinstance(child, Skipped) and any(True for _ in child.parameters()):
                     out[f"{pname}.{cname}" if pname else cname] = type(child).__name__
-    return out
+    rank = {n: i for i, (n, _) in enumerate(mods)}
+    return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))  # model order
 
 
 class _AddWatch(TorchFunctionMode):
@@ -149,7 +151,7 @@ def _probe(model: nn.Module, example_inputs: Any, names: dict[str, str]) -> tupl
             elif isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype:
                 seen[name] = (arg, shape, None)
             elif (isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].shape == x.shape
-                  and all(o is None for o in out[1:])):
+                  and out[0].dtype == x.dtype and all(o is None for o in out[1:])):
                 seen[name] = (arg, shape, len(out))
             else:
                 why[name] = "its output is not a tensor shaped like its input"
@@ -246,15 +248,28 @@ def _check_names(names: list[str], found: dict[str, Block], why: dict[str, str])
         raise fail("a block is named twice", where="drop_blocks", value=names)
 
 
+def _inside(name: str, others: Iterable[str]) -> bool:
+    return any(name.startswith(o + ".") or o.startswith(name + ".") for o in others)
+
+
 def _choose(model, example_inputs, scores: dict[str, float], count, target_macs, macs0, stay_above) -> list[str]:
     order = sorted(scores, key=scores.get)
     if count is not None:
-        return order[:count]
+        chosen = []
+        for n in order:  # a block nested in a chosen one (or holding it) goes with it: passed over
+            if len(chosen) < count and not _inside(n, chosen):
+                chosen.append(n)
+        if len(chosen) < count:
+            raise fail(f"only {len(chosen)} blocks can be dropped together (the others are nested in them)",
+                       where="drop_blocks", value=count)
+        return chosen
     per = macs_by_layer(model, example_inputs)
     chosen, macs, goal = [], macs0, target_macs * macs0 * (1 + 1e-6)  # 1e-6: a target met exactly is met
     for n in order:
         if macs <= goal:
             break
+        if _inside(n, chosen):
+            continue
         if stay_above and macs - per.get(n, 0) < target_macs * macs0 * (1 - 1e-6):
             continue  # would cross the target: passed over, channels take the rest
         chosen.append(n)
@@ -293,6 +308,11 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
     found, why = _probe(model, example_inputs, _containers(model))
     if blocks is not None:
         _check_names(blocks, found, why)
+        for a in blocks:
+            inner = [b for b in blocks if b.startswith(a + ".")]
+            if inner:
+                raise fail("a block inside another dropped block: dropping the outer one removes it already",
+                           where=a, value=inner[0])
     if count is not None and count > len(found):
         raise fail(f"only {len(found)} blocks can be dropped", where="drop_blocks", value=count,
                    hint="droppable_blocks(model, example_inputs) lists them")
