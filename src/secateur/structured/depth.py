@@ -204,6 +204,12 @@ def score_blocks(model: nn.Module, example_inputs: Any, blocks: Iterable[str] | 
     found, why = _probe(model, example_inputs, _containers(model))
     names = list(found) if blocks is None else list(blocks)
     _check_names(names, found, why)
+    return _scores(model, example_inputs, found, names, criterion)
+
+
+def _scores(model: nn.Module, example_inputs: Any, found: dict[str, Block], names: list[str], criterion: str
+            ) -> dict[str, float]:
+    """``score_blocks`` on blocks already found by ``_probe``."""
     mods = dict(model.named_modules())
     if criterion == "cosine":
         acc: dict[str, list[float]] = {n: [] for n in names}
@@ -320,7 +326,7 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
     if blocks is not None:  # the caller chose: nothing to score
         scores, chosen = {}, blocks
     else:
-        scores = score_blocks(model, example_inputs, list(found), criterion=criterion) if found else {}
+        scores = _scores(model, example_inputs, found, list(found), criterion) if found else {}
         chosen = sorted(_choose(model, example_inputs, scores, count, target_macs, macs0, stay_above),
                         key=scores.get)
     _replace(model, [found[n] for n in chosen])
