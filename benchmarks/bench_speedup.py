@@ -21,8 +21,8 @@ Methods (``--methods``):
                     until the MACs target is met
   secateur-depth    (not run by default) drop_blocks then prune_channels, depth first: the lowest-scored
                     droppable residual blocks go whole (those that fit above the target, at most
-                    ``--depth-fraction`` of them), then one uniform ratio meets the rest of the MACs target; the accuracy cost of
-                    depth vs width on real weights and text: bench_minilm.py --depth
+                    ``--depth-fraction`` of them), then one uniform ratio meets the rest of the MACs target;
+                    the accuracy cost of depth vs width on real data: bench_depth_mnist.py, bench_minilm.py --depth
   secateur-latency-greedy  (not run by default) the greedy allocator's plan alone, the previous
                     secateur-latency (slower than uniform on ConvNeXt-T by its own table)
   secateur-latency-layers  (not run by default) the greedy with the Conv/Linear layers' latencies alone (the

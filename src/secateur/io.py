@@ -292,9 +292,10 @@ def _check_compatible(model: nn.Module, desc: dict, tensors: Mapping[str, torch.
             shared.setdefault(id(t), []).append(name)
     same = {n: names for names in shared.values() if len(names) > 1 for n in names}
     skipped = [m for m, spec in (desc.get("structure") or {}).items() if isinstance(spec, dict) and "skipped" in spec]
+    names = {n for n, _ in model.named_modules()} if skipped else set()
     for mod in skipped:  # a dropped block (structured/depth.py): its tensors are gone from the file
         gone = [n for n in current if n.startswith(mod + ".")]
-        if not gone and mod not in dict(model.named_modules()):
+        if not gone and mod not in names:
             raise fail("a dropped block of the structure is not in this model", where=mod)
         for n in gone:
             current.pop(n)
