@@ -23,6 +23,10 @@ Methods (``--methods``):
                     droppable residual blocks go whole (those that fit above the target, at most
                     ``--depth-fraction`` of them), then one uniform ratio meets the rest of the MACs target;
                     the accuracy cost of depth vs width on real data: bench_depth_mnist.py, bench_minilm.py --depth
+  secateur-auto     (not run by default) prune_fastest(target_macs=1/target, depth=--auto-shares, round_to=8,
+                    latency_table=table): one candidate per depth share (0: channels only; 1: depth first as
+                    above; the channels of each the plan the table rates fastest, timed here), all timed against
+                    the dense model at the table's batch, the fastest kept: depth or width chosen by measurement
   secateur-latency-greedy  (not run by default) the greedy allocator's plan alone, the previous
                     secateur-latency (slower than uniform on ConvNeXt-T by its own table)
   secateur-latency-layers  (not run by default) the greedy with the Conv/Linear layers' latencies alone (the
@@ -281,6 +285,34 @@ def prune_secateur_fastest(dense: nn.Module, x: torch.Tensor, targets: list[floa
     return out
 
 
+@method("secateur-auto")
+def prune_secateur_auto(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
+    """What a user would call to let the machine decide between depth and width: ``prune_fastest(target_macs=1/t,
+    depth=--auto-shares, criterion=--depth-criterion, round_to=8, latency_table=table)``, planned and timed at the
+    table's batch on the CPU (where the table was measured)."""
+    from secateur.structured import prune_fastest
+    *_, table, _ = _latency_setup(dense, x, args)
+    cpu = args.place.device == "cpu"
+    xm = x.expand(args.table_batch, *x.shape[1:]).contiguous() if cpu else x
+    out = {}
+    for t in targets:
+        model = copy.deepcopy(dense)
+        try:
+            res = prune_fastest(model, xm, target_macs=1 / t, depth=args.auto_shares, criterion=args.depth_criterion,
+                                round_to=ROUND_TO, latency_table=table, repeats=args.repeats,
+                                threads=args.threads if cpu else None)
+        except PruningError as e:  # reported, the other targets still run
+            say(f"  secateur-auto {t}x: {e}")
+            continue
+        k = res.kept
+        model.plan_options = [f"kept depth share {k.share:g}: {len(k.dropped)} blocks dropped, {k.width} channels"] \
+            + [f"share {o.share:g}: {len(o.dropped)} blocks, {o.width}, measured {o.speedup:.2f}x, drift "
+               f"{o.drift:.3f}" for o in res.options]
+        say(f"  secateur-auto {t}x: " + "; ".join(model.plan_options))
+        out[t] = model
+    return out
+
+
 @method("secateur-latency-greedy")
 def prune_secateur_latency(dense: nn.Module, x: torch.Tensor, targets: list[float], args, *,
                            metric: str = "latency") -> dict[float, nn.Module]:
@@ -461,7 +493,7 @@ def run_model(name: str, args) -> list[dict]:
     variants: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {"method": "dense", "target": 1.0, "macs": base_macs, "params": base_params,
                                        "prune_s": 0.0}}
-    for meth, tb in [(m, tb) for m in args.methods for tb in (args.table_batch if "latency" in m else [None])]:
+    for meth, tb in [(m, tb) for m in args.methods for tb in (args.table_batch if "latency" in m or m == "secateur-auto" else [None])]:
         t0 = time.perf_counter()
         say(f"{name}: pruning with {meth} to {args.targets}x" + (f" (latency table at batch {tb})" if tb else ""))
         margs = copy.copy(args)
@@ -567,8 +599,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="secateur-depth: the largest share of the droppable residual blocks it drops (lowest score "
                          "first; 1.0: depth first, as many as the target needs, then width)")
     ap.add_argument("--depth-criterion", default="cosine", choices=["cosine", "output"],
-                    help="secateur-depth: how blocks are scored (output: needs a model whose outputs are not all "
-                         "zero, which torchvision's zero-initialised ViT head is)")
+                    help="secateur-depth and secateur-auto: how blocks are scored (output: needs a model whose outputs "
+                         "are not all zero, which torchvision's zero-initialised ViT head is)")
+    ap.add_argument("--auto-shares", nargs="+", type=float, default=[0.0, 0.5, 1.0],
+                    help="secateur-auto: the depth shares tried (share of the MACs cut that dropped blocks may take)")
     ap.add_argument("--targets", nargs="+", type=float, default=[2.0, 4.0], help="MACs (or latency) reductions")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where the latency table is measured and the --gpu-batch timings run (cuda); "

@@ -469,6 +469,34 @@ class LatencyTable:
             ins[name] = int(w.shape[1]) * (1 if spec.depthwise else int(getattr(mod, "groups", 1)))
         return outs, ins
 
+    def for_model(self, model: nn.Module) -> "LatencyTable":
+        """This table without the layers that went with blocks ``drop_blocks`` dropped from ``model`` (and
+        their share of the tail): what `estimate`, `cost_fn` and the allocators need once a block is gone.
+        ``self`` when nothing was dropped. A layer missing for any other reason is still an error."""
+        from secateur.structured.depth import Skipped
+        gone = []
+        for name in self.specs:
+            path = name.split(".")
+            for i in range(1, len(path)):
+                try:
+                    if isinstance(model.get_submodule(".".join(path[:i])), Skipped):
+                        gone.append(name)
+                        break
+                except AttributeError:
+                    break
+        if not gone:
+            return self
+        keep = {n: s for n, s in self.specs.items() if n not in gone}
+        if not keep:
+            raise fail("every layer of the latency table went with dropped blocks", where=type(model).__name__,
+                       value=len(gone))
+        tail = None if self.tail is None else replace(
+            self.tail, fixed={n: v for n, v in self.tail.fixed.items() if n in keep},
+            scaled={n: v for n, v in self.tail.scaled.items() if n in keep})
+        return replace(self, specs=keep, out_curves={n: c for n, c in self.out_curves.items() if n in keep},
+                       in_curves={n: c for n, c in self.in_curves.items() if n in keep}, tail=tail,
+                       _names={i: n for i, n in self._names.items() if n in keep})
+
     def estimate(self, model: nn.Module, *, tail: bool = True, calibrated: bool = True) -> float:
         """Estimated seconds of ``model`` at its current widths (a pruned copy of the model the table was
         built for: layers are found by name); ``tail=False`` counts the table's layers only;

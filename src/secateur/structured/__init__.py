@@ -39,14 +39,16 @@ from secateur.graph.groups import Graph, build_graph, groups_from
 from secateur.metrics import count_macs, count_params
 from secateur.structured.apply import _apply, apply_structure
 from secateur.structured.depth import DepthResult, Skipped, drop_blocks, droppable_blocks, score_blocks
+from secateur.structured.mix import FastestResult, MixOption, prune_fastest
 from secateur.structured.choose import (_candidates, _choose, _new_plan, _refuse_masked, _refuse_rope, _validate,
                                         resolve_ratio)
 from secateur.structured.plan import STRUCTURE_ATTR, Plan, StructuredResult
 from secateur.structured.proof import _verified
 from secateur.structured.targets import _latency_target, _target_plan, _validate_latency
 
-__all__ = ["STRUCTURE_ATTR", "DepthResult", "Plan", "Skipped", "StructuredResult", "apply_structure", "drop_blocks",
-           "droppable_blocks", "plan_channels", "prune_channels", "score_blocks"]
+__all__ = ["STRUCTURE_ATTR", "DepthResult", "FastestResult", "MixOption", "Plan", "Skipped", "StructuredResult",
+           "apply_structure", "drop_blocks", "droppable_blocks", "plan_channels", "prune_channels", "prune_fastest",
+           "score_blocks"]
 
 
 def _old_objects_spared(fn: Callable) -> Callable:

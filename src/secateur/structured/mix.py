@@ -1,0 +1,240 @@
+"""Depth or width, chosen by measurement: meet a MACs target with the mix of dropped blocks and pruned channels that
+runs fastest on this machine.
+
+Why: at the same MACs, dropping whole blocks and narrowing every layer run at very different speeds, and which wins
+depends on the model, the batch and the device. On this 2-core CPU (bench_speedup.py, ResNet-50 at 4x fewer MACs)
+depth first ran 3.22x faster at batch 1 against 2.67x for the best channel plan, but at batch 8 it was the slowest
+(3.10x against 4.03x). No rule of thumb gets both right, so ``prune_fastest`` builds one candidate per *depth share*
+(the share of the MACs cut that dropping blocks may take: 0 is channels only, 1 is as many blocks as fit above the
+target, then channels for the rest), times them all against the model here (interleaved rounds,
+`secateur.latency.compare_latency`) and keeps the fastest.
+
+Depth and width do not cost the same accuracy (bench_depth_mnist.py, bench_minilm.py --depth), so each candidate's
+output drift (relative L2 change of the outputs on the example inputs) is reported, and ``accept`` can pass over
+candidates on the user's own measure (a validation batch, say) before the fastest is picked."""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
+
+from secateur.errors import PruningError, fail
+from secateur.graph.capture import _flat_tensors
+from secateur.metrics import count_macs, count_params
+from secateur.report import call_model
+from secateur.structured.depth import CRITERIA, _choose, _containers, _probe, _scores, drop_blocks
+
+__all__ = ["MixOption", "FastestResult", "prune_fastest"]
+
+CHANNEL_OPTIONS = ("importance", "scope", "ignore", "ignore_inputs", "round_to", "heads", "reduce", "normalize",
+                   "grouped")
+
+
+@dataclass(frozen=True)
+class MixOption:
+    """One candidate: the depth ``share`` asked for, the blocks it dropped, the channel plan that took the rest
+    (``width``: "uniform", or the latency table's "greedy" / "latency"; "none" when the blocks met the target), its
+    MACs and params as fractions of the model's, its measured ``speedup`` over the model (median of paired rounds,
+    ``spread`` = p10, p90), its output ``drift`` and whether ``accept`` took it."""
+
+    share: float
+    dropped: tuple[str, ...]
+    width: str
+    macs: float
+    params: float
+    speedup: float
+    spread: tuple[float, float]
+    drift: float
+    accepted: bool = True
+
+    def row(self) -> str:
+        return (f"{self.share:5.2f}  {len(self.dropped):6d}  {self.width:8s}  {self.macs:6.3f}  {self.params:6.3f}  "
+                f"{self.speedup:6.2f}x ({self.spread[0]:.2f}-{self.spread[1]:.2f})  {self.drift:7.4f}"
+                f"{'' if self.accepted else '  not accepted'}")
+
+
+@dataclass(frozen=True)
+class FastestResult:
+    """What ``prune_fastest`` did: the option kept, every option measured (by depth share), the model's MACs and
+    params before and after, and notes (shares that gave the same blocks, candidates that could not be built)."""
+
+    kept: MixOption
+    options: tuple[MixOption, ...]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        return self.kept.dropped
+
+    def table(self) -> str:
+        head = "share  blocks  width     MACs    params  speedup (p10-p90)     drift"
+        lines = [head] + [("* " if o is self.kept else "  ") + o.row() for o in self.options]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        k = self.kept
+        return (f"kept depth share {k.share:g} ({len(k.dropped)} blocks dropped, {k.width} channels): MACs "
+                f"{self.macs_before:,} -> {self.macs_after:,}, params {self.params_before:,} -> {self.params_after:,},"
+                f" measured {k.speedup:.2f}x faster here\n{self.table()}")
+
+
+def _validate(model, target_macs, depth, criterion, latency_table, repeats, accept, channel_options) -> list[float]:
+    if not isinstance(model, nn.Module):
+        raise fail("model must be an nn.Module", where="prune_fastest", value=type(model).__name__)
+    if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0 < target_macs < 1:
+        raise fail("target_macs is the fraction of the model's MACs to keep, in (0, 1)", where="prune_fastest",
+                   value=target_macs)
+    if isinstance(depth, (int, float)):
+        depth = [depth]
+    try:
+        shares = [float(s) for s in depth]
+    except (TypeError, ValueError):
+        raise fail("depth is a sequence of shares in [0, 1]", where="prune_fastest", value=depth) from None
+    if not shares or any(not 0 <= s <= 1 or math.isnan(s) for s in shares):
+        raise fail("depth is a non-empty sequence of shares in [0, 1] (0: channels only, 1: as many blocks as fit)",
+                   where="prune_fastest", value=depth)
+    if criterion not in CRITERIA:
+        raise fail("unknown block criterion", where="prune_fastest", value=criterion, hint=f"one of {CRITERIA}")
+    if latency_table is not None:
+        from secateur.latency_model import LatencyTable
+        if not isinstance(latency_table, LatencyTable):
+            raise fail("latency_table must be a secateur.latency_model.LatencyTable", where="prune_fastest",
+                       value=type(latency_table).__name__)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 3:
+        raise fail("repeats is an int >= 3 (rounds of interleaved timing)", where="prune_fastest", value=repeats)
+    if accept is not None and not callable(accept):
+        raise fail("accept is a callable taking a pruned model and returning True to keep it as a candidate",
+                   where="prune_fastest", value=type(accept).__name__)
+    unknown = sorted(set(channel_options) - set(CHANNEL_OPTIONS))
+    if unknown:
+        raise fail("unknown channel option", where="prune_fastest", value=unknown,
+                   hint=f"prune_fastest passes {', '.join(CHANNEL_OPTIONS)} on to prune_channels")
+    from secateur.structured.choose import _validate as channels_ok
+    o = channel_options
+    channels_ok(0.5, None, o.get("scope", "local"), o.get("round_to"), 1, None, None, o.get("heads", "heads"),
+                o.get("grouped", "channels"))
+    if latency_table is not None and o.get("heads", "heads") != "heads":
+        raise fail("a latency table picks whole-head counts only; give heads='heads'", where="prune_fastest",
+                   value=o["heads"])
+    return sorted(set(shares))
+
+
+def _drift(ref: list, out: Any) -> float:
+    """Relative L2 change of the floating outputs (nan where the reference is all zeros)."""
+    got = _flat_tensors(out)
+    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(ref, got) if a.is_floating_point())
+    den = sum(float(a.double().pow(2).sum()) for a in ref if a.is_floating_point())
+    return (num / den) ** 0.5 if den > 0 else math.nan
+
+
+def _width_name(notes: Sequence[str]) -> str:
+    """The channel plan fastest_plan kept, from its note ("latency table: kept the NAME (...")."""
+    for n in notes:
+        if n.startswith("latency table: kept the "):
+            return n.removeprefix("latency table: kept the ").split(" ", 1)[0]
+    return "uniform"
+
+
+def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
+                  depth: Sequence[float] = (0.0, 0.5, 1.0), criterion: str = "output",
+                  latency_table: Any = None, repeats: int = 10, threads: int | None = None,
+                  accept: Callable[[nn.Module], bool] | None = None, progress: bool = False,
+                  **channel_options: Any) -> FastestResult:
+    """Keep at most ``target_macs`` of the model's MACs with the mix of dropped blocks and pruned channels that runs
+    fastest here, in place (see the module docstring).
+
+    For each share ``s`` in ``depth``, a copy drops the lowest-scored residual blocks (``criterion``, as
+    `drop_blocks`) while the model stays above ``1 - s * (1 - target_macs)`` of its MACs, then `prune_channels`
+    takes the rest of the target exactly (``channel_options``: importance, round_to, ignore, ...; with a
+    ``latency_table``, the plan that table rates fastest, timed here: ``verify="measure"``). Shares that drop the
+    same blocks are built once. The copies and the model are timed interleaved on ``example_inputs`` (``repeats``
+    rounds, ``threads``), the model takes the fastest one that ``accept`` (if given) takes, and the result lists
+    them all. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
+    Everything is checked first; a PruningError leaves the model as it was."""
+    shares = _validate(model, target_macs, depth, criterion, latency_table, repeats, accept, channel_options)
+    say = (lambda msg: print(f"prune_fastest: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    t0 = time.perf_counter()
+    macs0, params0 = count_macs(model, example_inputs), count_params(model)
+    goal = target_macs * macs0
+    notes: list[str] = []
+    # one probe and one scoring for every share
+    found: dict = {}
+    if any(s > 0 for s in shares):
+        found, _ = _probe(model, example_inputs, _containers(model))
+        if not found:
+            notes.append("no droppable residual block: channels only")
+    scores = _scores(model, example_inputs, found, list(found), criterion) if found else {}
+    sets: dict[tuple[str, ...], float] = {}
+    for s in shares:
+        blocks = () if s == 0 or not scores else tuple(_choose(
+            model, example_inputs, scores, None, 1 - s * (1 - target_macs), macs0, True))
+        if blocks in sets:
+            notes.append(f"depth share {s:g} drops the same blocks as {sets[blocks]:g}")
+        else:
+            sets[blocks] = s
+    ref = _flat_tensors(call_model(model, example_inputs))
+    built: list[tuple[float, tuple[str, ...], str, nn.Module]] = []
+    for blocks, s in sets.items():
+        m = copy.deepcopy(model)
+        try:
+            if blocks:
+                drop_blocks(m, example_inputs, blocks=list(blocks))
+            left = goal / max(count_macs(m, example_inputs), 1)
+            width = "none"
+            if left < 1:
+                kw = dict(channel_options, target_macs=left)
+                if latency_table is not None:
+                    kw.update(latency_table=latency_table.for_model(m), verify="measure")
+                from secateur.structured import prune_channels
+                res = prune_channels(m, example_inputs, **kw)
+                width = _width_name(res.notes) if latency_table is not None else "uniform"
+        except PruningError as e:
+            notes.append(f"depth share {s:g} ({len(blocks)} blocks) could not be built: {e}")
+            say(notes[-1])
+            continue
+        built.append((s, blocks, width, m))
+        say(f"depth share {s:g}: {len(blocks)} blocks dropped, {width} channels ({time.perf_counter() - t0:.0f} s)")
+    if not built:
+        raise fail("no candidate could be built", where="prune_fastest", value=target_macs, hint="; ".join(notes))
+    options = _measure(model, example_inputs, built, ref, macs0, params0, repeats, threads, accept)
+    say(f"timed {len(built)} candidates against the model ({time.perf_counter() - t0:.0f} s)")
+    taken = [i for i, o in enumerate(options) if o.accepted]
+    if not taken:
+        raise fail("accept took none of the candidates", where="prune_fastest",
+                   value=[f"share {o.share:g}: drift {o.drift:.4f}" for o in options])
+    best = max(taken, key=lambda i: (options[i].speedup, -options[i].share))
+    model.__dict__.update(built[best][3].__dict__)  # the timed copy becomes the model (same object for the caller)
+    return FastestResult(options[best], tuple(options), macs0, count_macs(model, example_inputs), params0,
+                         count_params(model), tuple(notes))
+
+
+def _measure(model: nn.Module, example_inputs: Any, built: list, ref: list, macs0: int, params0: int, repeats: int,
+             threads: int | None, accept: Callable[[nn.Module], bool] | None) -> list[MixOption]:
+    from secateur.latency import compare_latency, paired_speedup
+    variants: dict[str, nn.Module] = {"model": model}
+    for i, (*_, m) in enumerate(built):
+        variants[f"option{i}"] = m.eval()
+    was = model.training
+    model.eval()
+    try:
+        timed = compare_latency(variants, example_inputs, repeats=repeats, warmup=3, threads=threads)
+    finally:
+        model.train(was)
+    options = []
+    for i, (s, blocks, width, m) in enumerate(built):
+        med, p10, p90 = paired_speedup(timed["model"], timed[f"option{i}"])
+        ok = True if accept is None else bool(accept(m))  # in eval mode, as it was timed
+        m.train(was)
+        options.append(MixOption(s, blocks, width, count_macs(m, example_inputs) / max(macs0, 1),
+                                 count_params(m) / max(params0, 1), med, (p10, p90),
+                                 _drift(ref, call_model(m, example_inputs)), ok))
+    return options

@@ -1,0 +1,210 @@
+"""prune_fastest (structured/mix.py): depth or width chosen by measurement.
+
+Timings are real (and noisy), so no test asserts which candidate wins; they check what holds whatever the clock says:
+the kept option is the fastest *reported* among those ``accept`` took, the model afterwards is exactly that candidate
+(rebuilt independently with drop_blocks + prune_channels), every candidate meets the MACs target, the shares give the
+blocks drop_blocks would choose, drift is the outputs' relative change, and bad input changes nothing."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import secateur
+from secateur import PruningError, drop_blocks, prune_channels, prune_fastest
+from secateur.latency_model import LatencyTable, layer_specs
+from secateur.metrics import count_macs
+from secateur.structured import Skipped, droppable_blocks
+
+torch.set_num_threads(1)
+
+
+class ConvRes(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+class ResCNN(nn.Module):
+    """A stem, four droppable residual blocks, a head."""
+
+    def __init__(self, c=16, blocks=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(*[ConvRes(c) for _ in range(blocks)])
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = ResCNN().eval()
+    with torch.no_grad():
+        for i, b in enumerate(m.blocks):  # blocks of clearly different weight, so scores differ
+            b.conv2.weight.mul_(0.2 + 0.4 * i)
+            b.bn.running_var.uniform_(0.5, 2.0)
+    return m, torch.randn(2, 3, 12, 12)
+
+
+def _rebuilt(model, x, option, target, **kw):
+    """The candidate ``option`` built independently: drop its blocks, then prune channels for the rest."""
+    m = copy.deepcopy(model)
+    if option.dropped:
+        drop_blocks(m, x, blocks=list(option.dropped))
+    left = target * count_macs(model, x) / count_macs(m, x)
+    if left < 1:
+        prune_channels(m, x, target_macs=left, **kw)
+    return m
+
+
+def test_keeps_the_fastest_accepted_option_and_the_model_is_that_candidate():
+    model, x = _model()
+    orig = copy.deepcopy(model)
+    res = prune_fastest(model, x, target_macs=0.5, depth=(0, 0.5, 1), repeats=3, round_to=4)
+    assert res.kept in res.options
+    assert res.kept.speedup == max(o.speedup for o in res.options if o.accepted)
+    rebuilt = _rebuilt(orig, x, res.kept, 0.5, round_to=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), rebuilt(x), rtol=0, atol=0)
+    assert res.macs_after == count_macs(model, x) <= 0.5 * res.macs_before * (1 + 1e-9)
+    assert res.macs_before == count_macs(orig, x)
+    for o in res.options:
+        assert o.macs <= 0.5 + 1e-9 and 0 < o.params <= 1
+        assert all(isinstance(model.get_submodule(n), Skipped) for n in res.kept.dropped)
+    assert res.options[0].share == 0 and res.options[0].dropped == () and res.options[0].width == "uniform"
+
+
+def test_shares_drop_the_blocks_drop_blocks_chooses_and_same_sets_are_built_once():
+    model, x = _model()
+    full = drop_blocks(copy.deepcopy(model), x, target_macs=0.4, stay_above=True)
+    half = drop_blocks(copy.deepcopy(model), x, target_macs=1 - 0.5 * 0.6, stay_above=True)
+    assert len(full.dropped) > len(half.dropped) > 0  # the model is made so the shares differ
+    res = prune_fastest(copy.deepcopy(model), x, target_macs=0.4, depth=(1.0, 0.5, 0.0, 0.5), repeats=3)
+    by = {o.share: o for o in res.options}
+    assert sorted(by) == [0.0, 0.5, 1.0]  # sorted, the repeated share once
+    assert set(by[1.0].dropped) == set(full.dropped) and set(by[0.5].dropped) == set(half.dropped)
+    same = prune_fastest(copy.deepcopy(model), x, target_macs=0.4, depth=(0.0, 0.01), repeats=3)
+    assert len(same.options) == 1 and any("same blocks" in n for n in same.notes)
+
+
+def test_drift_is_the_relative_change_of_the_outputs():
+    model, x = _model()
+    orig = copy.deepcopy(model)
+    res = prune_fastest(model, x, target_macs=0.6, depth=(0, 1), repeats=3)
+    with torch.no_grad():
+        ref = orig(x)
+        for o in res.options:
+            out = _rebuilt(orig, x, o, 0.6)(x)
+            assert o.drift == pytest.approx(float((out - ref).norm() / ref.norm()), rel=1e-5)
+
+
+def test_accept_passes_over_candidates_and_refusing_all_changes_nothing():
+    model, x = _model()
+    res = prune_fastest(model, x, target_macs=0.5, depth=(0, 1), repeats=3,
+                        accept=lambda m: not any(isinstance(s, Skipped) for s in m.modules()))
+    assert res.kept.dropped == () and [o.accepted for o in res.options] == [True, False]
+    assert not any(isinstance(s, Skipped) for s in model.modules())
+    model, x = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match="accept took none"):
+        prune_fastest(model, x, target_macs=0.5, depth=(0, 1), repeats=3, accept=lambda m: False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.state_dict().keys() == \
+        before.keys()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(target_macs=0), "target_macs"), (dict(target_macs=1.0), "target_macs"),
+    (dict(target_macs=True), "target_macs"), (dict(target_macs=0.5, depth=()), "depth"),
+    (dict(target_macs=0.5, depth=(0, 1.5)), "depth"), (dict(target_macs=0.5, depth="ab"), "depth"),
+    (dict(target_macs=0.5, criterion="norm"), "criterion"), (dict(target_macs=0.5, repeats=2), "repeats"),
+    (dict(target_macs=0.5, ratio=0.3), "unknown channel option"), (dict(target_macs=0.5, round_to=0), "round_to"),
+    (dict(target_macs=0.5, latency_table="cpu"), "LatencyTable"), (dict(target_macs=0.5, accept=3), "accept"),
+    (dict(target_macs=0.5, scope="everywhere"), "scope"),
+])
+def test_bad_input_changes_nothing(kw, match):
+    model, x = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError, match=match):
+        prune_fastest(model, x, **kw)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_without_residual_blocks_gets_channels_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    res = prune_fastest(model, torch.randn(4, 8), target_macs=0.5, repeats=3)
+    assert [o.dropped for o in res.options] == [()]
+    assert any("no droppable residual block" in n for n in res.notes)
+
+
+def _linear_table(model, x) -> LatencyTable:
+    """A synthetic table: each layer's time in proportion to its MACs (no timing)."""
+    specs = layer_specs(model, x)
+    store = {s.key(): {"out": {c: 1e-4 + s.macs(c_out=c) * 1e-9 for c in range(1, s.out_channels + 1)},
+                       "in": {c: 1e-4 + s.macs(c_in=c) * 1e-9 for c in range(1, s.in_channels + 1)}}
+             for s in specs.values()}
+    return LatencyTable.from_measurements(specs, store, device="synthetic")
+
+
+def test_table_for_a_model_with_dropped_blocks_leaves_their_layers_out():
+    model, x = _model()
+    table = _linear_table(model, x)
+    assert table.for_model(model) is table
+    dropped = copy.deepcopy(model)
+    drop_blocks(dropped, x, blocks=["blocks.1", "blocks.3"])
+    with pytest.raises(PruningError, match="not found"):
+        table.estimate(dropped)
+    sub = table.for_model(dropped)
+    assert sorted(sub.specs) == sorted(n for n in table.specs if not n.startswith(("blocks.1.", "blocks.3.")))
+    gone = sum(table.latency(n, s.out_channels) for n, s in table.specs.items() if n not in sub.specs)
+    assert sub.estimate(dropped) == pytest.approx(table.estimate(model) - gone)
+    other = copy.deepcopy(model)
+    other.blocks[0].conv1 = nn.Identity()  # missing for another reason: still an error
+    with pytest.raises(PruningError):
+        table.for_model(other).estimate(other)
+
+
+def test_with_a_latency_table_the_width_plan_is_the_tables_choice():
+    model, x = _model()
+    orig = copy.deepcopy(model)
+    res = prune_fastest(model, x, target_macs=0.5, depth=(0, 1), latency_table=_linear_table(orig, x), repeats=3)
+    assert {o.width for o in res.options} <= {"uniform", "greedy", "latency", "none"}
+    assert res.options[-1].dropped and res.macs_after <= 0.5 * res.macs_before * (1 + 1e-9)
+    with pytest.raises(PruningError, match="heads='heads'"):
+        prune_fastest(orig, x, target_macs=0.5, latency_table=_linear_table(orig, x), heads="head_dim")
+
+
+def test_the_result_saves_and_loads_exactly(tmp_path):
+    model, x = _model()
+    fresh = copy.deepcopy(model)
+    prune_fastest(model, x, target_macs=0.5, depth=(1,), repeats=3, round_to=4)
+    path = tmp_path / "m.safetensors"
+    secateur.save(model, path)
+    loaded = secateur.load(fresh, path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_torchvision_resnet_meets_the_target_and_matches_its_candidate():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    orig = copy.deepcopy(model)
+    res = prune_fastest(model, x, target_macs=0.5, repeats=3, round_to=8)
+    assert len(res.options) == 3 and res.options[-1].dropped  # resnet18's 4 blocks without downsample
+    assert set(res.options[-1].dropped) <= set(droppable_blocks(orig, x))
+    assert res.macs_after <= 0.5 * res.macs_before * (1 + 1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _rebuilt(orig, x, res.kept, 0.5, round_to=8)(x), rtol=0, atol=0)
+    assert "kept depth share" in str(res) and res.table().count("\n") == len(res.options)
+    assert not math.isnan(res.kept.drift)
