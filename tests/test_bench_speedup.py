@@ -151,3 +151,25 @@ def test_depth_method_meets_the_target_depth_first(bench):
     assert sum(isinstance(m, Skipped) for m in out[1.2].modules()) == 1  # a second block would cross 1.2x
     assert sum(isinstance(m, Skipped) for m in out[3.0].modules()) == 5 and out[3.0].fc.in_features < 512
     assert not any(isinstance(m, Skipped) for m in dense.modules())  # the dense model is left alone
+
+
+def test_auto_method_keeps_the_fastest_of_its_depth_shares(bench):
+    """secateur-auto runs prune_fastest: one candidate per --auto-shares, the kept one named first, the target met,
+    the dense model left alone."""
+    import torchvision
+    from secateur.structured import Skipped
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    args = bench.parse(["--methods", "secateur-auto", "--auto-shares", "0", "1", "--repeats", "3",
+                        "--table-points", "3", "--table-repeats", "1"])
+    args.table_batch = 1
+    base = bench.macs_of(dense, x)
+    out = bench.METHODS["secateur-auto"](dense, x, [2.0], args)
+    model = out[2.0]
+    assert 2.0 <= base / bench.macs_of(model, x) <= 2.3
+    kept, *options = model.plan_options
+    assert kept.startswith("kept depth share") and len(options) == 2
+    dropped = sum(isinstance(m, Skipped) for m in model.modules())
+    assert kept.startswith(f"kept depth share {1 if dropped else 0}:")
+    assert not any(isinstance(m, Skipped) for m in dense.modules())

@@ -170,6 +170,30 @@ def test_prune_drop_blocks(tmp_path, factory, capsys):
         assert code == 1 and msg in err and not bad.exists(), err
 
 
+def test_prune_fastest(tmp_path, factory, capsys):
+    """--fastest times the depth shares it is given and saves the one it keeps (whatever the clock says: the kept
+    share is the fastest row of its own table, and the saved model meets the target)."""
+    pytest.importorskip("secateur.structured")
+    from secateur.metrics import count_macs
+    spec, x = factory.replace("tiny", "residual"), torch.randn(2, 3, 8, 8)
+    out = tmp_path / "f.st"
+    code, _, err = run(["prune", spec, *SHAPE, "--structural", "--target-macs", "0.4", "--fastest",
+                        "--depth-shares", "0", "1", "--block-criterion", "cosine", "-o", str(out)], capsys)
+    assert code == 0, err
+    assert "kept depth share" in err and "speedup" in err
+    import cli_models
+    loaded = sio.load(cli_models.residual(), out)
+    assert count_macs(loaded, x) <= 0.4 * count_macs(cli_models.residual(), x)
+    for argv, msg in [(["--fastest", "--target-macs", "0.4"], "--structural"),
+                      (["--structural", "--fastest"], "give --target-macs"),
+                      (["--structural", "--fastest", "--target-macs", "0.4", "--drop-blocks", "1"], "no --drop-blocks"),
+                      (["--structural", "--target-macs", "0.4", "--depth-shares", "0"], "add --fastest"),
+                      (["--structural", "--fastest", "--target-macs", "0.4", "--depth-shares", "2"], "depth")]:
+        bad = tmp_path / "bad.st"
+        code, _, err = run(["prune", spec, *SHAPE, *argv, "-o", str(bad)], capsys)
+        assert code == 1 and msg in err and not bad.exists(), err
+
+
 def test_prune_nm_pattern(tmp_path, factory, capsys):
     out = tmp_path / "nm.st"
     code, _, err = run(["prune", factory, *SHAPE, "--pattern", "2:4", "-o", str(out)], capsys)

@@ -194,15 +194,22 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="with --structural: first drop the N residual blocks whose removal changes the outputs "
                         "least (whole ResNet / MobileNet blocks, transformer layers); channels are then pruned "
                         "only if --ratio or --target-macs is given (the MACs target counts the whole model)")
+    p.add_argument("--fastest", action="store_true", default=None,
+                   help="with --structural --target-macs: try channels only and mixes with dropped blocks "
+                        "(--depth-shares), time each against the model on this machine, keep the fastest")
+    p.add_argument("--depth-shares", type=float, nargs="+", metavar="S",
+                   help="with --fastest: the shares of the MACs cut that dropped blocks may take (default 0 0.5 1; "
+                        "0: channels only, 1: as many blocks as fit above the target, then channels)")
     p.add_argument("--block-criterion", choices=["output", "cosine"],
-                   help="with --drop-blocks: score blocks by the change of the outputs (default) or by block "
+                   help="with --drop-blocks or --fastest: score blocks by the change of the outputs (default) or by block "
                         "influence, 1 - cos(input, output)")
     p.add_argument("--finalize", action="store_true", help="bake the masks in before saving")
     p.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
 
 
 _STRUCTURAL_ONLY = {"round_to": "--round-to", "heads": "--heads", "grouped": "--grouped",
-                    "drop_blocks": "--drop-blocks", "block_criterion": "--block-criterion"}
+                    "drop_blocks": "--drop-blocks", "block_criterion": "--block-criterion", "fastest": "--fastest",
+                    "depth_shares": "--depth-shares"}
 _CHANNEL_OPTIONS = ("round_to", "heads", "grouped")
 
 
@@ -305,8 +312,14 @@ def _prune(args: argparse.Namespace) -> int:
             raise fail("--target-macs must lie in (0, 1)", value=args.target_macs)
         if args.drop_blocks is not None and args.drop_blocks < 0:
             raise fail("--drop-blocks is a number of blocks >= 0", value=args.drop_blocks)
-        if args.block_criterion is not None and args.drop_blocks is None:
+        if args.block_criterion is not None and args.drop_blocks is None and not args.fastest:
             raise fail("--block-criterion scores the blocks --drop-blocks drops; add --drop-blocks N")
+        if args.depth_shares is not None and not args.fastest:
+            raise fail("--depth-shares are the mixes --fastest tries; add --fastest", value=args.depth_shares)
+        if args.fastest and (args.target_macs is None or args.drop_blocks is not None):
+            raise fail("--fastest meets a MACs target with the blocks and channels it chooses: give --target-macs "
+                       "F and no --drop-blocks", value={"target_macs": args.target_macs,
+                                                         "drop_blocks": args.drop_blocks})
         options = {"importance": args.method, "ignore": exclude}
         if args.scope is not None:
             options["scope"] = args.scope
@@ -316,6 +329,12 @@ def _prune(args: argparse.Namespace) -> int:
             say("finalizing the masks (zeros baked in) before removing channels")
             finalize(model)
         target_macs = args.target_macs
+        if args.fastest:
+            from secateur.structured import prune_fastest
+            result = prune_fastest(model, x, target_macs=target_macs, depth=args.depth_shares or (0.0, 0.5, 1.0),
+                                   criterion=args.block_criterion or "output", progress=True, **options)
+            say(str(result))
+            ratio = target_macs = None
         if args.drop_blocks is not None:
             model, target_macs = _drop(model, x, args.drop_blocks, args.block_criterion or "output", target_macs)
             if args.ratio is None and args.target_macs is None:
