@@ -173,3 +173,22 @@ def test_auto_method_keeps_the_fastest_of_its_depth_shares(bench):
     dropped = sum(isinstance(m, Skipped) for m in model.modules())
     assert kept.startswith(f"kept depth share {1 if dropped else 0}:")
     assert not any(isinstance(m, Skipped) for m in dense.modules())
+
+
+def test_plot_keeps_the_rows_planned_at_the_timed_batch(tmp_path):
+    """plot_speedup.py: one bar per method and cell, the latency methods' rows planned at another batch left out."""
+    spec = importlib.util.spec_from_file_location("plot_speedup", SCRIPT.with_name("plot_speedup.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    rows = [dict(model="resnet50", batch=b, target=t, method=m, table_batch=tb, efficiency=e, compiled=False)
+            for b, t, m, tb, e in [(8, 2.0, "tp", None, 0.9), (1, 2.0, "tp", None, 0.8),
+                                   (1, 2.0, "secateur-auto", 1, 0.95), (1, 2.0, "secateur-auto", 8, 0.5),
+                                   (8, 2.0, "secateur-auto", 8, 1.1), (8, 2.0, "secateur-auto", 1, 0.7)]]
+    order, methods, eff = plot.cells(rows)
+    assert order == [("resnet50", 1, 2.0), ("resnet50", 8, 2.0)] and methods == ["tp", "secateur-auto"]
+    assert eff[("resnet50", 1, 2.0), "secateur-auto"] == 0.95 and eff[("resnet50", 8, 2.0), "secateur-auto"] == 1.1
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"rows": rows, "machine": {"cpu": "x", "cpu_count": 2}}))
+    plot.main([str(path)])
+    assert path.with_suffix(".png").stat().st_size > 1000

@@ -127,7 +127,7 @@ def test_accept_passes_over_candidates_and_refusing_all_changes_nothing():
     (dict(target_macs=0.5, criterion="norm"), "criterion"), (dict(target_macs=0.5, repeats=2), "repeats"),
     (dict(target_macs=0.5, ratio=0.3), "unknown channel option"), (dict(target_macs=0.5, round_to=0), "round_to"),
     (dict(target_macs=0.5, latency_table="cpu"), "LatencyTable"), (dict(target_macs=0.5, accept=3), "accept"),
-    (dict(target_macs=0.5, scope="everywhere"), "scope"),
+    (dict(target_macs=0.5, scope="everywhere"), "scope"), (dict(target_macs=0.5, threads=0), "threads"),
 ])
 def test_bad_input_changes_nothing(kw, match):
     model, x = _model()

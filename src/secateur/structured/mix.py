@@ -25,6 +25,7 @@ from torch import nn
 
 from secateur.errors import PruningError, fail
 from secateur.graph.capture import _flat_tensors
+from secateur.latency import pinned_threads
 from secateur.metrics import count_macs, count_params
 from secateur.report import call_model
 from secateur.structured.depth import CRITERIA, _choose, _containers, _probe, _scores, drop_blocks
@@ -87,7 +88,8 @@ class FastestResult:
                 f" measured {k.speedup:.2f}x faster here\n{self.table()}")
 
 
-def _validate(model, target_macs, depth, criterion, latency_table, repeats, accept, channel_options) -> list[float]:
+def _validate(model, target_macs, depth, criterion, latency_table, repeats, threads, accept, channel_options
+              ) -> list[float]:
     if not isinstance(model, nn.Module):
         raise fail("model must be an nn.Module", where="prune_fastest", value=type(model).__name__)
     if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0 < target_macs < 1:
@@ -111,6 +113,8 @@ def _validate(model, target_macs, depth, criterion, latency_table, repeats, acce
                        value=type(latency_table).__name__)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 3:
         raise fail("repeats is an int >= 3 (rounds of interleaved timing)", where="prune_fastest", value=repeats)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise fail("threads is a positive int or None", where="prune_fastest", value=threads)
     if accept is not None and not callable(accept):
         raise fail("accept is a callable taking a pruned model and returning True to keep it as a candidate",
                    where="prune_fastest", value=type(accept).__name__)
@@ -160,7 +164,8 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     rounds, ``threads``), the model takes the fastest one that ``accept`` (if given) takes, and the result lists
     them all. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
     Everything is checked first; a PruningError leaves the model as it was."""
-    shares = _validate(model, target_macs, depth, criterion, latency_table, repeats, accept, channel_options)
+    shares = _validate(model, target_macs, depth, criterion, latency_table, repeats, threads, accept,
+                       channel_options)
     say = (lambda msg: print(f"prune_fastest: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     t0 = time.perf_counter()
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
@@ -182,27 +187,8 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
         else:
             sets[blocks] = s
     ref = _flat_tensors(call_model(model, example_inputs))
-    built: list[tuple[float, tuple[str, ...], str, nn.Module]] = []
-    for blocks, s in sets.items():
-        m = copy.deepcopy(model)
-        try:
-            if blocks:
-                drop_blocks(m, example_inputs, blocks=list(blocks))
-            left = goal / max(count_macs(m, example_inputs), 1)
-            width = "none"
-            if left < 1:
-                kw = dict(channel_options, target_macs=left)
-                if latency_table is not None:
-                    kw.update(latency_table=latency_table.for_model(m), verify="measure")
-                from secateur.structured import prune_channels
-                res = prune_channels(m, example_inputs, **kw)
-                width = _width_name(res.notes) if latency_table is not None else "uniform"
-        except PruningError as e:
-            notes.append(f"depth share {s:g} ({len(blocks)} blocks) could not be built: {e}")
-            say(notes[-1])
-            continue
-        built.append((s, blocks, width, m))
-        say(f"depth share {s:g}: {len(blocks)} blocks dropped, {width} channels ({time.perf_counter() - t0:.0f} s)")
+    with pinned_threads(threads):  # a latency table's options are timed with the threads the candidates will be
+        built = _build(model, example_inputs, sets, goal, latency_table, channel_options, notes, say, t0)
     if not built:
         raise fail("no candidate could be built", where="prune_fastest", value=target_macs, hint="; ".join(notes))
     options = _measure(model, example_inputs, built, ref, macs0, params0, repeats, threads, accept)
@@ -215,6 +201,33 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     model.__dict__.update(built[best][3].__dict__)  # the timed copy becomes the model (same object for the caller)
     return FastestResult(options[best], tuple(options), macs0, count_macs(model, example_inputs), params0,
                          count_params(model), tuple(notes))
+
+
+def _build(model: nn.Module, example_inputs: Any, sets: dict, goal: float, latency_table: Any,
+           channel_options: dict, notes: list[str], say: Callable[[str], None], t0: float) -> list:
+    """One pruned copy per block set: (share, blocks, width plan's name, copy); failures go to ``notes``."""
+    from secateur.structured import prune_channels
+    built: list[tuple[float, tuple[str, ...], str, nn.Module]] = []
+    for blocks, s in sets.items():
+        m = copy.deepcopy(model)
+        try:
+            if blocks:
+                drop_blocks(m, example_inputs, blocks=list(blocks))
+            left = goal / max(count_macs(m, example_inputs), 1)
+            width = "none"
+            if left < 1:
+                kw = dict(channel_options, target_macs=left)
+                if latency_table is not None:
+                    kw.update(latency_table=latency_table.for_model(m), verify="measure")
+                res = prune_channels(m, example_inputs, **kw)
+                width = _width_name(res.notes) if latency_table is not None else "uniform"
+        except PruningError as e:
+            notes.append(f"depth share {s:g} ({len(blocks)} blocks) could not be built: {e}")
+            say(notes[-1])
+            continue
+        built.append((s, blocks, width, m))
+        say(f"depth share {s:g}: {len(blocks)} blocks dropped, {width} channels ({time.perf_counter() - t0:.0f} s)")
+    return built
 
 
 def _measure(model: nn.Module, example_inputs: Any, built: list, ref: list, macs0: int, params0: int, repeats: int,
