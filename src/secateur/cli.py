@@ -199,7 +199,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                         "(--depth-shares), time each against the model on this machine, keep the fastest")
     p.add_argument("--depth-shares", type=float, nargs="+", metavar="S",
                    help="with --fastest: the shares of the MACs cut that dropped blocks may take (default 0 0.5 1; "
-                        "0: channels only, 1: as many blocks as fit above the target, then channels)")
+                        "0: channels only, 1: blocks up to the target, then channels for what is left)")
     p.add_argument("--block-criterion", choices=["output", "cosine"],
                    help="with --drop-blocks or --fastest: score blocks by the change of the outputs (default) or by block "
                         "influence, 1 - cos(input, output)")

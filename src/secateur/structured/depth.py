@@ -258,7 +258,11 @@ def _inside(name: str, others: Iterable[str]) -> bool:
     return any(name.startswith(o + ".") or o.startswith(name + ".") for o in others)
 
 
-def _choose(model, example_inputs, scores: dict[str, float], count, target_macs, macs0, stay_above) -> list[str]:
+def _choose(model, example_inputs, scores: dict[str, float], count, target_macs, macs0, stay_above,
+            floor: float | None = None) -> list[str]:
+    """Blocks to drop, lowest score first: ``count`` of them, or until ``target_macs`` is met; with ``stay_above``
+    a block that would take the model below ``floor`` (default ``target_macs``; fractions of ``macs0``) is passed
+    over."""
     order = sorted(scores, key=scores.get)
     if count is not None:
         chosen = []
@@ -276,7 +280,7 @@ def _choose(model, example_inputs, scores: dict[str, float], count, target_macs,
             break
         if _inside(n, chosen):
             continue
-        if stay_above and macs - per.get(n, 0) < target_macs * macs0 * (1 - 1e-6):
+        if stay_above and macs - per.get(n, 0) < (target_macs if floor is None else floor) * macs0 * (1 - 1e-6):
             continue  # would cross the target: passed over, channels take the rest
         chosen.append(n)
         macs -= per.get(n, 0)

@@ -5,8 +5,8 @@ Why: at the same MACs, dropping whole blocks and narrowing every layer run at ve
 depends on the model, the batch and the device. On this 2-core CPU (bench_speedup.py, ResNet-50 at 4x fewer MACs)
 depth first ran 3.22x faster at batch 1 against 2.67x for the best channel plan, but at batch 8 it was the slowest
 (3.10x against 4.03x). No rule of thumb gets both right, so ``prune_fastest`` builds one candidate per *depth share*
-(the share of the MACs cut that dropping blocks may take: 0 is channels only, 1 is as many blocks as fit above the
-target, then channels for the rest), times them all against the model here (interleaved rounds,
+(the share of the MACs cut that dropping blocks may take: 0 is channels only, 1 is blocks up to the target, never
+more than 5 % past it, then channels for whatever is left; a share's blocks never pass its part by more than 5 %), times them all against the model here (interleaved rounds,
 `secateur.latency.compare_latency`) and keeps the fastest.
 
 Depth and width do not cost the same accuracy (bench_depth_mnist.py, bench_minilm.py --depth), so each candidate's
@@ -32,6 +32,9 @@ from secateur.structured.depth import CRITERIA, _choose, _containers, _probe, _s
 
 __all__ = ["MixOption", "FastestResult", "prune_fastest"]
 
+OVERSHOOT = 0.05  # blocks may take the model this far below a share's depth goal (relative), never further: at
+                  # share 1 the goal is the target, and a candidate faster only because it removes more than asked
+                  # is not an answer to the target
 CHANNEL_OPTIONS = ("importance", "scope", "ignore", "ignore_inputs", "round_to", "heads", "reduce", "normalize",
                    "grouped")
 
@@ -102,7 +105,7 @@ def _validate(model, target_macs, depth, criterion, latency_table, repeats, thre
     except (TypeError, ValueError):
         raise fail("depth is a sequence of shares in [0, 1]", where="prune_fastest", value=depth) from None
     if not shares or any(not 0 <= s <= 1 or math.isnan(s) for s in shares):
-        raise fail("depth is a non-empty sequence of shares in [0, 1] (0: channels only, 1: as many blocks as fit)",
+        raise fail("depth is a non-empty sequence of shares in [0, 1] (0: channels only, 1: blocks up to the target)",
                    where="prune_fastest", value=depth)
     if criterion not in CRITERIA:
         raise fail("unknown block criterion", where="prune_fastest", value=criterion, hint=f"one of {CRITERIA}")
@@ -157,8 +160,9 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     fastest here, in place (see the module docstring).
 
     For each share ``s`` in ``depth``, a copy drops the lowest-scored residual blocks (``criterion``, as
-    `drop_blocks`) while the model stays above ``1 - s * (1 - target_macs)`` of its MACs, then `prune_channels`
-    takes the rest of the target exactly (``channel_options``: importance, round_to, ignore, ...; with a
+    `drop_blocks`) until the model has at most ``g = 1 - s * (1 - target_macs)`` of its MACs, passing over any block
+    that would take it more than `OVERSHOOT` (5 %) below ``g``; then `prune_channels` takes the rest of the target
+    exactly, if any is left (``channel_options``: importance, round_to, ignore, ...; with a
     ``latency_table``, the plan that table rates fastest, timed here: ``verify="measure"``). Shares that drop the
     same blocks are built once. The copies and the model are timed interleaved on ``example_inputs`` (``repeats``
     rounds, ``threads``), the model takes the fastest one that ``accept`` (if given) takes, and the result lists
@@ -180,8 +184,9 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     scores = _scores(model, example_inputs, found, list(found), criterion) if found else {}
     sets: dict[tuple[str, ...], float] = {}
     for s in shares:
+        part = 1 - s * (1 - target_macs)  # the MACs left once the blocks have taken their share of the cut
         blocks = () if s == 0 or not scores else tuple(_choose(
-            model, example_inputs, scores, None, 1 - s * (1 - target_macs), macs0, True))
+            model, example_inputs, scores, None, part, macs0, True, part / (1 + OVERSHOOT)))
         if blocks in sets:
             notes.append(f"depth share {s:g} drops the same blocks as {sets[blocks]:g}")
         else:
