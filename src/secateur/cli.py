@@ -201,8 +201,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="with --fastest: the shares of the MACs cut that dropped blocks may take (default 0 0.5 1; "
                         "0: channels only, 1: blocks up to the target, then channels for what is left)")
     p.add_argument("--block-criterion", choices=["output", "cosine"],
-                   help="with --drop-blocks or --fastest: score blocks by the change of the outputs (default) or by block "
-                        "influence, 1 - cos(input, output)")
+                   help="with --drop-blocks or --fastest: score blocks by the change of the outputs (default) or "
+                        "by block influence, 1 - cos(input, output)")
     p.add_argument("--finalize", action="store_true", help="bake the masks in before saving")
     p.add_argument("-o", "--output", required=True, help="output file (.safetensors)")
 

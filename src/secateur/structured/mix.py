@@ -2,12 +2,13 @@
 runs fastest on this machine.
 
 Why: at the same MACs, dropping whole blocks and narrowing every layer run at very different speeds, and which wins
-depends on the model, the batch and the device. On this 2-core CPU (bench_speedup.py, ResNet-50 at 4x fewer MACs)
-depth first ran 3.22x faster at batch 1 against 2.67x for the best channel plan, but at batch 8 it was the slowest
-(3.10x against 4.03x). No rule of thumb gets both right, so ``prune_fastest`` builds one candidate per *depth share*
-(the share of the MACs cut that dropping blocks may take: 0 is channels only, 1 is blocks up to the target, never
-more than 5 % past it, then channels for whatever is left; a share's blocks never pass its part by more than 5 %), times them all against the model here (interleaved rounds,
-`secateur.latency.compare_latency`) and keeps the fastest.
+depends on the model, the batch and the device. On this 2-core CPU (bench_speedup.py, ResNet-50 at 4x fewer MACs,
+results/speedup_cpu_depth.json) depth first ran 3.22x faster at batch 1 against 2.67x for the best channel plan,
+but at batch 8 it was the slowest (3.10x against 4.03x). No rule of thumb gets both right, so ``prune_fastest``
+builds one candidate per *depth share* (the share of the MACs cut that dropping blocks may take: 0 is channels only,
+1 is blocks up to the target, then channels for whatever is left; blocks never pass a share's part of the cut by
+more than 5 %), times them all against the model here (interleaved rounds, `secateur.latency.compare_latency`) and
+keeps the fastest.
 
 Depth and width do not cost the same accuracy (bench_depth_mnist.py, bench_minilm.py --depth), so each candidate's
 output drift (relative L2 change of the outputs on the example inputs) is reported, and ``accept`` can pass over
