@@ -305,8 +305,8 @@ def prune_secateur_auto(dense: nn.Module, x: torch.Tensor, targets: list[float],
             say(f"  secateur-auto {t}x: {e}")
             continue
         k = res.kept
-        model.plan_options = [f"kept depth share {k.share:g}: {len(k.dropped)} blocks dropped, {k.width} channels"] \
-            + [f"share {o.share:g}: {len(o.dropped)} blocks, {o.width}, measured {o.speedup:.2f}x, drift "
+        model.plan_options = [f"kept depth share {k.share:g}: {len(k.dropped)} blocks dropped, {k.channels}"] \
+            + [f"share {o.share:g}: {len(o.dropped)} blocks, {o.channels}, measured {o.speedup:.2f}x, drift "
                f"{o.drift:.3f}" for o in res.options]
         say(f"  secateur-auto {t}x: " + "; ".join(model.plan_options))
         out[t] = model

@@ -120,6 +120,7 @@ def test_blocks_may_meet_the_target_alone_but_never_pass_it_by_more_than_5_perce
     two_left = (total - 2 * one) / total
     res = prune_fastest(copy.deepcopy(model), x, target_macs=two_left * 1.01, depth=(1,), repeats=3)
     assert len(res.kept.dropped) == 2 and res.kept.width == "none" and res.kept.macs == pytest.approx(two_left)
+    assert "2 blocks dropped, no channels" in str(res)
     res = prune_fastest(copy.deepcopy(model), x, target_macs=two_left * 1.1, depth=(1,), repeats=3)
     assert len(res.kept.dropped) == 1 and res.kept.width == "uniform"
     assert res.kept.macs <= two_left * 1.1 + 1e-9

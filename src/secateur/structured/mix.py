@@ -57,6 +57,11 @@ class MixOption:
     drift: float
     accepted: bool = True
 
+    @property
+    def channels(self) -> str:
+        """What the channel plan was, in words ("uniform channels", "no channels")."""
+        return "no channels" if self.width == "none" else f"{self.width} channels"
+
     def row(self) -> str:
         return (f"{self.share:5.2f}  {len(self.dropped):6d}  {self.width:8s}  {self.macs:6.3f}  {self.params:6.3f}  "
                 f"{self.speedup:6.2f}x ({self.spread[0]:.2f}-{self.spread[1]:.2f})  {self.drift:7.4f}"
@@ -87,7 +92,7 @@ class FastestResult:
 
     def __str__(self) -> str:
         k = self.kept
-        return (f"kept depth share {k.share:g} ({len(k.dropped)} blocks dropped, {k.width} channels): MACs "
+        return (f"kept depth share {k.share:g} ({len(k.dropped)} blocks dropped, {k.channels}): MACs "
                 f"{self.macs_before:,} -> {self.macs_after:,}, params {self.params_before:,} -> {self.params_after:,},"
                 f" measured {k.speedup:.2f}x faster here\n{self.table()}")
 
@@ -232,7 +237,8 @@ def _build(model: nn.Module, example_inputs: Any, sets: dict, goal: float, laten
             say(notes[-1])
             continue
         built.append((s, blocks, width, m))
-        say(f"depth share {s:g}: {len(blocks)} blocks dropped, {width} channels ({time.perf_counter() - t0:.0f} s)")
+        say(f"depth share {s:g}: {len(blocks)} blocks dropped, {'no' if width == 'none' else width} channels "
+            f"({time.perf_counter() - t0:.0f} s)")
     return built
 
 
