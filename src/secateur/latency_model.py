@@ -474,13 +474,13 @@ class LatencyTable:
         their share of the tail): what `estimate`, `cost_fn` and the allocators need once a block is gone.
         ``self`` when nothing was dropped. A layer missing for any other reason is still an error."""
         from secateur.structured.depth import Skipped
-        gone = []
+        gone = set()
         for name in self.specs:
             path = name.split(".")
             for i in range(1, len(path)):
                 try:
                     if isinstance(model.get_submodule(".".join(path[:i])), Skipped):
-                        gone.append(name)
+                        gone.add(name)
                         break
                 except AttributeError:
                     break

@@ -259,10 +259,10 @@ def _inside(name: str, others: Iterable[str]) -> bool:
 
 
 def _choose(model, example_inputs, scores: dict[str, float], count, target_macs, macs0, stay_above,
-            floor: float | None = None) -> list[str]:
+            floor: float | None = None, per: dict[str, int] | None = None) -> list[str]:
     """Blocks to drop, lowest score first: ``count`` of them, or until ``target_macs`` is met; with ``stay_above``
     a block that would take the model below ``floor`` (default ``target_macs``; fractions of ``macs0``) is passed
-    over."""
+    over. ``per``: the model's `macs_by_layer`, when the caller has it already."""
     order = sorted(scores, key=scores.get)
     if count is not None:
         chosen = []
@@ -273,7 +273,7 @@ def _choose(model, example_inputs, scores: dict[str, float], count, target_macs,
             raise fail(f"only {len(chosen)} blocks can be dropped together (the others are nested in them)",
                        where="drop_blocks", value=count)
         return chosen
-    per = macs_by_layer(model, example_inputs)
+    per = macs_by_layer(model, example_inputs) if per is None else per
     chosen, macs, goal = [], macs0, target_macs * macs0 * (1 + 1e-6)  # 1e-6: a target met exactly is met
     for n in order:
         if macs <= goal:

@@ -27,7 +27,7 @@ from torch import nn
 from secateur.errors import PruningError, fail
 from secateur.graph.capture import _flat_tensors
 from secateur.latency import pinned_threads
-from secateur.metrics import count_macs, count_params
+from secateur.metrics import count_macs, count_params, macs_by_layer
 from secateur.report import call_model
 from secateur.structured.depth import CRITERIA, _choose, _containers, _probe, _scores, drop_blocks
 
@@ -189,10 +189,11 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
             notes.append("no droppable residual block: channels only")
     scores = _scores(model, example_inputs, found, list(found), criterion) if found else {}
     sets: dict[tuple[str, ...], float] = {}
+    per = macs_by_layer(model, example_inputs) if scores and any(s > 0 for s in shares) else None
     for s in shares:
         part = 1 - s * (1 - target_macs)  # the MACs left once the blocks have taken their share of the cut
         blocks = () if s == 0 or not scores else tuple(_choose(
-            model, example_inputs, scores, None, part, macs0, True, part / (1 + OVERSHOOT)))
+            model, example_inputs, scores, None, part, macs0, True, part / (1 + OVERSHOOT), per))
         if blocks in sets:
             notes.append(f"depth share {s:g} drops the same blocks as {sets[blocks]:g}")
         else:
