@@ -19,6 +19,7 @@ Names stay stable (a ``Skipped`` takes the block's place), so channel plans made
 ``secateur.save`` / ``load`` replay the drop (``{"skipped": ...}`` in the structure record)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -191,9 +192,10 @@ def _skip_hook(block: Block):
 
 
 def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Relative L2 change of the floating outputs ``b`` from ``a`` (nan where ``a`` is all zeros)."""
     num = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b) if x.is_floating_point())
     den = sum(float(x.double().pow(2).sum()) for x in a if x.is_floating_point())
-    return (num / den) ** 0.5
+    return (num / den) ** 0.5 if den > 0 else math.nan
 
 
 def score_blocks(model: nn.Module, example_inputs: Any, blocks: Iterable[str] | None = None, *,

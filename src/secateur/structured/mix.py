@@ -29,7 +29,7 @@ from secateur.graph.capture import _flat_tensors
 from secateur.latency import pinned_threads
 from secateur.metrics import count_macs, count_params, macs_by_layer
 from secateur.report import call_model
-from secateur.structured.depth import CRITERIA, _choose, _containers, _probe, _scores, drop_blocks
+from secateur.structured.depth import CRITERIA, _choose, _containers, _distance, _probe, _scores, drop_blocks
 
 __all__ = ["MixOption", "FastestResult", "prune_fastest"]
 
@@ -141,14 +141,6 @@ def _validate(model, target_macs, depth, criterion, latency_table, repeats, thre
     return sorted(set(shares))
 
 
-def _drift(ref: list, out: Any) -> float:
-    """Relative L2 change of the floating outputs (nan where the reference is all zeros)."""
-    got = _flat_tensors(out)
-    num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(ref, got) if a.is_floating_point())
-    den = sum(float(a.double().pow(2).sum()) for a in ref if a.is_floating_point())
-    return (num / den) ** 0.5 if den > 0 else math.nan
-
-
 def _width_name(notes: Sequence[str]) -> str:
     """The channel plan fastest_plan kept, from its note ("latency table: kept the NAME (...")."""
     for n in notes:
@@ -200,7 +192,7 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
             sets[blocks] = s
     ref = _flat_tensors(call_model(model, example_inputs))
     with pinned_threads(threads):  # a latency table's options are timed with the threads the candidates will be
-        built = _build(model, example_inputs, sets, goal, latency_table, channel_options, notes, say, t0)
+        built = _build(model, example_inputs, sets, macs0, goal, latency_table, channel_options, notes, say, t0)
     if not built:
         raise fail("no candidate could be built", where="prune_fastest", value=target_macs, hint="; ".join(notes))
     options = _measure(model, example_inputs, built, ref, macs0, params0, repeats, threads, accept)
@@ -210,22 +202,22 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
         raise fail("accept took none of the candidates", where="prune_fastest",
                    value=[f"share {o.share:g}: drift {o.drift:.4f}" for o in options])
     best = max(taken, key=lambda i: (options[i].speedup, -options[i].share))
-    model.__dict__.update(built[best][3].__dict__)  # the timed copy becomes the model (same object for the caller)
-    return FastestResult(options[best], tuple(options), macs0, count_macs(model, example_inputs), params0,
-                         count_params(model), tuple(notes))
+    model.__dict__.update(built[best][4].__dict__)  # the timed copy becomes the model (same object for the caller)
+    return FastestResult(options[best], tuple(options), macs0, built[best][3], params0, count_params(model),
+                         tuple(notes))
 
 
-def _build(model: nn.Module, example_inputs: Any, sets: dict, goal: float, latency_table: Any,
+def _build(model: nn.Module, example_inputs: Any, sets: dict, macs0: int, goal: float, latency_table: Any,
            channel_options: dict, notes: list[str], say: Callable[[str], None], t0: float) -> list:
-    """One pruned copy per block set: (share, blocks, width plan's name, copy); failures go to ``notes``."""
+    """One pruned copy per block set: (share, blocks, width plan's name, its MACs, copy); failures go to ``notes``.
+    The MACs are the counts drop_blocks and prune_channels make anyway (no extra forward)."""
     from secateur.structured import prune_channels
-    built: list[tuple[float, tuple[str, ...], str, nn.Module]] = []
+    built: list[tuple[float, tuple[str, ...], str, int, nn.Module]] = []
     for blocks, s in sets.items():
         m = copy.deepcopy(model)
         try:
-            if blocks:
-                drop_blocks(m, example_inputs, blocks=list(blocks))
-            left = goal / max(count_macs(m, example_inputs), 1)
+            macs = drop_blocks(m, example_inputs, blocks=list(blocks)).macs_after if blocks else macs0
+            left = goal / max(macs, 1)
             width = "none"
             if left < 1:
                 kw = dict(channel_options, target_macs=left)
@@ -233,11 +225,12 @@ def _build(model: nn.Module, example_inputs: Any, sets: dict, goal: float, laten
                     kw.update(latency_table=latency_table.for_model(m), verify="measure")
                 res = prune_channels(m, example_inputs, **kw)
                 width = _width_name(res.notes) if latency_table is not None else "uniform"
+                macs = res.macs_after
         except PruningError as e:
             notes.append(f"depth share {s:g} ({len(blocks)} blocks) could not be built: {e}")
             say(notes[-1])
             continue
-        built.append((s, blocks, width, m))
+        built.append((s, blocks, width, macs, m))
         say(f"depth share {s:g}: {len(blocks)} blocks dropped, {'no' if width == 'none' else width} channels "
             f"({time.perf_counter() - t0:.0f} s)")
     return built
@@ -256,11 +249,10 @@ def _measure(model: nn.Module, example_inputs: Any, built: list, ref: list, macs
     finally:
         model.train(was)
     options = []
-    for i, (s, blocks, width, m) in enumerate(built):
+    for i, (s, blocks, width, macs, m) in enumerate(built):
         med, p10, p90 = paired_speedup(timed["model"], timed[f"option{i}"])
         ok = True if accept is None else bool(accept(m))  # in eval mode, as it was timed
         m.train(was)
-        options.append(MixOption(s, blocks, width, count_macs(m, example_inputs) / max(macs0, 1),
-                                 count_params(m) / max(params0, 1), med, (p10, p90),
-                                 _drift(ref, call_model(m, example_inputs)), ok))
+        options.append(MixOption(s, blocks, width, macs / max(macs0, 1), count_params(m) / max(params0, 1), med,
+                                 (p10, p90), _distance(ref, _flat_tensors(call_model(m, example_inputs))), ok))
     return options
