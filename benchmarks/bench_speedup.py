@@ -27,6 +27,9 @@ Methods (``--methods``):
                     latency_table=table): one candidate per depth share (0: channels only; 1: depth first as
                     above; the channels of each the plan the table rates fastest, timed here), all timed against
                     the dense model at the table's batch, the fastest kept: depth or width chosen by measurement
+  secateur-auto-compiled  (not run by default) secateur-auto with the candidates timed under torch.compile
+                    (prune_fastest(compile=True)): the choice for a model that will run compiled; time it with
+                    ``--compile`` (on the CPU: ``--compile --compile-batch 1 8``)
   secateur-latency-greedy  (not run by default) the greedy allocator's plan alone, the previous
                     secateur-latency (slower than uniform on ConvNeXt-T by its own table)
   secateur-latency-layers  (not run by default) the greedy with the Conv/Linear layers' latencies alone (the
@@ -286,31 +289,42 @@ def prune_secateur_fastest(dense: nn.Module, x: torch.Tensor, targets: list[floa
 
 
 @method("secateur-auto")
-def prune_secateur_auto(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
+def prune_secateur_auto(dense: nn.Module, x: torch.Tensor, targets: list[float], args, *,
+                        compile: bool = False) -> dict[float, nn.Module]:
     """What a user would call to let the machine decide between depth and width: ``prune_fastest(target_macs=1/t,
     depth=--auto-shares, criterion=--depth-criterion, round_to=8, latency_table=table)``, planned and timed at the
-    table's batch on the CPU (where the table was measured)."""
+    table's batch on the CPU (where the table was measured); ``compile``: the candidates timed under
+    torch.compile."""
     from secateur.structured import prune_fastest
     *_, table, _ = _latency_setup(dense, x, args)
     cpu = args.place.device == "cpu"
     xm = x.expand(args.table_batch, *x.shape[1:]).contiguous() if cpu else x
+    name = "secateur-auto" + ("-compiled" if compile else "")
     out = {}
     for t in targets:
         model = copy.deepcopy(dense)
         try:
             res = prune_fastest(model, xm, target_macs=1 / t, depth=args.auto_shares, criterion=args.depth_criterion,
                                 round_to=ROUND_TO, latency_table=table, repeats=args.repeats,
-                                threads=args.threads if cpu else None)
+                                threads=args.threads if cpu else None, compile=compile)
         except PruningError as e:  # reported, the other targets still run
-            say(f"  secateur-auto {t}x: {e}")
+            say(f"  {name} {t}x: {e}")
             continue
         k = res.kept
         model.plan_options = [f"kept depth share {k.share:g}: {len(k.dropped)} blocks dropped, {k.channels}"] \
             + [f"share {o.share:g}: {len(o.dropped)} blocks, {o.channels}, measured {o.speedup:.2f}x, drift "
                f"{o.drift:.3f}" for o in res.options]
-        say(f"  secateur-auto {t}x: " + "; ".join(model.plan_options))
+        say(f"  {name} {t}x: " + "; ".join(model.plan_options))
         out[t] = model
     return out
+
+
+@method("secateur-auto-compiled")
+def prune_secateur_auto_compiled(dense: nn.Module, x: torch.Tensor, targets: list[float], args
+                                 ) -> dict[float, nn.Module]:
+    """secateur-auto with the candidates timed under torch.compile (``prune_fastest(compile=True)``): the choice
+    for a model that will run compiled."""
+    return prune_secateur_auto(dense, x, targets, args, compile=True)
 
 
 @method("secateur-latency-greedy")
@@ -431,16 +445,11 @@ def timings(args) -> list[tuple[Place, int, bool]]:
     return out
 
 
-def _fresh_dynamo(models: int) -> None:
-    """Every variant is one more compiled entry of the same ``forward``: without room for all of them dynamo
-    would fall back to eager after its recompile limit (8) and the speedup would be eager's."""
+def _fresh_dynamo() -> None:
+    """Compiled entries of the previous batch or model are dropped; room for every variant's own entry is made by
+    compare_latency itself (past dynamo's recompile limit the rest would run eagerly)."""
     import torch._dynamo
     torch._dynamo.reset()
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 8 * models))
 
 
 def machine_load(seconds: float = 3.0) -> dict:
@@ -493,7 +502,7 @@ def run_model(name: str, args) -> list[dict]:
     variants: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict] = {"dense": {"method": "dense", "target": 1.0, "macs": base_macs, "params": base_params,
                                        "prune_s": 0.0}}
-    for meth, tb in [(m, tb) for m in args.methods for tb in (args.table_batch if "latency" in m or m == "secateur-auto" else [None])]:
+    for meth, tb in [(m, tb) for m in args.methods for tb in (args.table_batch if "latency" in m or m.startswith("secateur-auto") else [None])]:
         t0 = time.perf_counter()
         say(f"{name}: pruning with {meth} to {args.targets}x" + (f" (latency table at batch {tb})" if tb else ""))
         margs = copy.copy(args)
@@ -528,7 +537,7 @@ def run_model(name: str, args) -> list[dict]:
         for m in variants.values():
             place.model(m)
         if comp:
-            _fresh_dynamo(len(variants))
+            _fresh_dynamo()
         lat = measure(variants, place.input(b, args.size), args, threads=threads, compile=comp)
         after = quiet_check(args, f"{name}, after timing batch {b}", wait=False)
         rows += _rows(name, info, lat, base_macs, base_params, **place.describe(), batch=b, compiled=comp,

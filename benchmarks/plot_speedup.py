@@ -3,6 +3,7 @@ method, with the issue's 0.8 goal and the 1.0 limit drawn across. Methods planne
 batch than the one timed are left out (the row planned at the timed batch is the one a user would run).
 
     .venv/bin/python benchmarks/plot_speedup.py benchmarks/results/speedup_cpu_auto.json   # writes the .png beside it
+    .venv/bin/python benchmarks/plot_speedup.py RESULT.json --compiled   # the torch.compile'd rows: RESULT_compiled.png
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from pathlib import Path
 
 NAMES = {"resnet50": "ResNet-50", "mobilenet_v2": "MobileNetV2", "convnext_tiny": "ConvNeXt-T", "vit_b_16": "ViT-B/16"}
 LABELS = {"tp": "Torch-Pruning", "secateur": "secateur uniform", "secateur-latency": "secateur width (latency-aware)",
-          "secateur-depth": "secateur depth first", "secateur-auto": "secateur prune_fastest"}
+          "secateur-depth": "secateur depth first", "secateur-auto": "secateur prune_fastest",
+          "secateur-auto-compiled": "secateur prune_fastest(compile=True)"}
 
 
-def cells(rows: list[dict]) -> tuple[list[tuple], list[str], dict]:
+def cells(rows: list[dict], compiled: bool = False) -> tuple[list[tuple], list[str], dict]:
     """(model, batch, target) cells in model / target / batch order, the methods in run order, and
-    {(cell, method): efficiency}."""
+    {(cell, method): efficiency}, of the eager rows or (``compiled``) the torch.compile'd ones."""
     eff, order, methods = {}, [], []
     for r in rows:
-        if r.get("compiled") or (r.get("table_batch") is not None and r["table_batch"] != r["batch"]):
+        if bool(r.get("compiled")) != compiled or (r.get("table_batch") is not None and r["table_batch"] != r["batch"]):
             continue
         cell = (r["model"], r["batch"], r["target"])
         if cell not in order:
@@ -33,12 +35,14 @@ def cells(rows: list[dict]) -> tuple[list[tuple], list[str], dict]:
     return order, [m for m in LABELS if m in methods] + [m for m in methods if m not in LABELS], eff
 
 
-def plot(path: Path, out: Path) -> None:
+def plot(path: Path, out: Path, compiled: bool = False) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     data = json.loads(path.read_text())
-    order, methods, eff = cells(data["rows"])
+    order, methods, eff = cells(data["rows"], compiled)
+    if not order:
+        raise SystemExit(f"{path}: no {'compiled' if compiled else 'eager'} rows to plot")
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(8, len(order) * 0.75), 4.2))
     for i, m in enumerate(methods):
@@ -50,7 +54,7 @@ def plot(path: Path, out: Path) -> None:
     ax.set_xticklabels([f"{NAMES.get(mo, mo)}\nbs {b}, {t:g}x" for mo, b, t in order], fontsize=7)
     ax.set_ylabel("efficiency = speedup / MACs reduction")
     machine = data.get("machine", {})
-    ax.set_title(f"Real speedup on {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} CPUs), "
+    ax.set_title(f"Real speedup{', torch.compile' if compiled else ''} on {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} CPUs), "
                  f"{machine.get('date_utc', '')} UTC; dashed: the 0.8 goal; missing bar: target not reached",
                  fontsize=9)
     ax.legend(fontsize=7, ncol=len(methods), loc="upper left")
@@ -63,9 +67,12 @@ def plot(path: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", type=Path, help="a bench_speedup.py result")
-    ap.add_argument("--out", type=Path, help="the image (default: the JSON's name with .png)")
+    ap.add_argument("--out", type=Path, help="the image (default: the JSON's name with .png, _compiled.png with "
+                                                 "--compiled)")
+    ap.add_argument("--compiled", action="store_true", help="plot the torch.compile'd timings instead of eager")
     args = ap.parse_args(argv)
-    plot(args.json, args.out or args.json.with_suffix(".png"))
+    default = args.json.with_name(args.json.stem + ("_compiled" if args.compiled else "") + ".png")
+    plot(args.json, args.out or default, args.compiled)
 
 
 if __name__ == "__main__":

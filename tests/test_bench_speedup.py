@@ -153,19 +153,20 @@ def test_depth_method_meets_the_target_depth_first(bench):
     assert not any(isinstance(m, Skipped) for m in dense.modules())  # the dense model is left alone
 
 
-def test_auto_method_keeps_the_fastest_of_its_depth_shares(bench):
-    """secateur-auto runs prune_fastest: one candidate per --auto-shares, the kept one named first, the target met,
-    the dense model left alone."""
+@pytest.mark.parametrize("meth", ["secateur-auto", pytest.param("secateur-auto-compiled", marks=pytest.mark.slow)])
+def test_auto_method_keeps_the_fastest_of_its_depth_shares(bench, meth):
+    """secateur-auto runs prune_fastest (-compiled: with the candidates timed under torch.compile): one candidate
+    per --auto-shares, the kept one named first, the target met, the dense model left alone."""
     import torchvision
     from secateur.structured import Skipped
     torch.manual_seed(0)
     dense = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 64, 64)
-    args = bench.parse(["--methods", "secateur-auto", "--auto-shares", "0", "1", "--repeats", "3",
+    args = bench.parse(["--methods", meth, "--auto-shares", "0", "1", "--repeats", "3",
                         "--table-points", "3", "--table-repeats", "1"])
     args.table_batch = 1
     base = bench.macs_of(dense, x)
-    out = bench.METHODS["secateur-auto"](dense, x, [2.0], args)
+    out = bench.METHODS[meth](dense, x, [2.0], args)
     model = out[2.0]
     assert 2.0 <= base / bench.macs_of(model, x) <= 2.3
     kept, *options = model.plan_options
@@ -192,3 +193,23 @@ def test_plot_keeps_the_rows_planned_at_the_timed_batch(tmp_path):
     path.write_text(json.dumps({"rows": rows, "machine": {"cpu": "x", "cpu_count": 2}}))
     plot.main([str(path)])
     assert path.with_suffix(".png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no compiled rows"):
+        plot.main([str(path), "--compiled"])
+
+
+def test_plot_compiled_takes_the_compiled_rows_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_speedup", SCRIPT.with_name("plot_speedup.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    rows = [dict(model="mobilenet_v2", batch=1, target=4.0, method=m, table_batch=1, efficiency=e, compiled=c)
+            for m, e, c in [("secateur-auto", 0.7, False), ("secateur-auto", 0.9, True),
+                            ("secateur-auto-compiled", 0.95, True)]]
+    order, methods, eff = plot.cells(rows, compiled=True)
+    assert methods == ["secateur-auto", "secateur-auto-compiled"]
+    assert eff[("mobilenet_v2", 1, 4.0), "secateur-auto"] == 0.9
+    assert plot.cells(rows)[1] == ["secateur-auto"]
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"rows": rows, "machine": {"cpu": "x", "cpu_count": 2}}))
+    plot.main([str(path), "--compiled"])
+    assert (tmp_path / "s_compiled.png").stat().st_size > 1000

@@ -147,3 +147,23 @@ def test_compile_flag_is_timed_after_compiling_in_warmup():
     except Exception as e:  # pragma: no cover - environment without a compiler
         pytest.skip(f"torch.compile unavailable here: {e}")
     assert s.compiled and s.repeats == 2
+
+
+@pytest.mark.slow
+def test_compare_latency_compiles_every_model_past_dynamos_recompile_limit():
+    # models of one class share their forward code; past dynamo's recompile limit (8) the rest would silently run
+    # eagerly and be timed as if compiled
+    pytest.importorskip("torch._inductor")
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    limit = torch._dynamo.config.recompile_limit
+    models = {f"m{i}": nn.Sequential(nn.Linear(8, 8 + i), nn.ReLU()).eval() for i in range(limit + 2)}
+    try:
+        res = compare_latency(models, torch.randn(2, 8), repeats=3, warmup=1, compile=True)
+    except Exception as e:  # pragma: no cover - environment without a compiler
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    assert counters["stats"]["unique_graphs"] == len(models)
+    assert torch._dynamo.config.recompile_limit == limit  # restored
+    assert all(r.compiled for r in res.values())

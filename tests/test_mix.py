@@ -159,6 +159,7 @@ def test_accept_passes_over_candidates_and_refusing_all_changes_nothing():
     (dict(target_macs=0.5, ratio=0.3), "unknown channel option"), (dict(target_macs=0.5, round_to=0), "round_to"),
     (dict(target_macs=0.5, latency_table="cpu"), "LatencyTable"), (dict(target_macs=0.5, accept=3), "accept"),
     (dict(target_macs=0.5, scope="everywhere"), "scope"), (dict(target_macs=0.5, threads=0), "threads"),
+    (dict(target_macs=0.5, compile="yes"), "compile"),
 ])
 def test_bad_input_changes_nothing(kw, match):
     model, x = _model()
@@ -239,3 +240,23 @@ def test_torchvision_resnet_meets_the_target_and_matches_its_candidate():
         torch.testing.assert_close(model(x), _rebuilt(orig, x, res.kept, 0.5, round_to=8)(x), rtol=0, atol=0)
     assert "kept depth share" in str(res) and res.table().count("\n") == len(res.options)
     assert not math.isnan(res.kept.drift)
+
+
+@pytest.mark.slow
+def test_compiled_timing_keeps_the_fastest_compiled_candidate_and_the_model_stays_a_module():
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+    model, x = _model()
+    orig = copy.deepcopy(model)
+    counters.clear()
+    try:
+        res = prune_fastest(model, x, target_macs=0.5, depth=(0, 1), repeats=3, compile=True, round_to=4)
+    except PruningError:
+        raise
+    except Exception as e:  # pragma: no cover - environment without a C++ toolchain
+        pytest.skip(f"torch.compile unavailable here: {e}")
+    assert counters["stats"]["unique_graphs"] >= 1 + len(res.options)  # the model and every candidate compiled
+    assert res.kept.speedup == max(o.speedup for o in res.options)
+    assert type(model) is ResCNN and not hasattr(model, "_orig_mod")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _rebuilt(orig, x, res.kept, 0.5, round_to=4)(x), rtol=0, atol=0)

@@ -157,6 +157,24 @@ def _prepare(model: torch.nn.Module, example_inputs: Any, compile: bool) -> Call
     return _caller(fn, example_inputs)
 
 
+@contextlib.contextmanager
+def _room_to_compile(models: int) -> Iterator[None]:
+    """Room in dynamo's caches for every model compiled here. Models of one class share their ``forward`` code,
+    each instance is one more compiled entry of it, and past the recompile limit (8) dynamo silently runs the
+    rest eagerly: their timings would be eager's, compared with a compiled model. Restored afterwards."""
+    import torch._dynamo.config as cfg
+    names = [n for n in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                         "accumulated_cache_size_limit") if hasattr(cfg, n)]
+    old = {n: getattr(cfg, n) for n in names}
+    for n in names:
+        setattr(cfg, n, old[n] + 4 * models)
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(cfg, n, old[n])
+
+
 def _calibrate(timer: _Timer, call: Callable[[], Any], min_sample_s: float) -> int:
     """Calls per sample so that one sample lasts at least ``min_sample_s`` (timer resolution, jitter).
 
@@ -204,7 +222,8 @@ def compare_latency(models: Mapping[str, torch.nn.Module], example_inputs: Any, 
         raise fail("compare_latency needs at least one model", value=dict(models))
     names = list(models)
     device = _inputs_device(next(iter(models.values())), example_inputs)
-    with pinned_threads(threads), torch.inference_mode():
+    room = _room_to_compile(len(names)) if compile else contextlib.nullcontext()
+    with pinned_threads(threads), torch.inference_mode(), room:
         calls = {k: _prepare(m, example_inputs, compile) for k, m in models.items()}
         timer = _Timer(device)
         for _ in range(warmup):

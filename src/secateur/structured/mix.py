@@ -97,8 +97,8 @@ class FastestResult:
                 f" measured {k.speedup:.2f}x faster here\n{self.table()}")
 
 
-def _validate(model, target_macs, depth, criterion, latency_table, repeats, threads, accept, channel_options
-              ) -> list[float]:
+def _validate(model, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
+              channel_options) -> list[float]:
     if not isinstance(model, nn.Module):
         raise fail("model must be an nn.Module", where="prune_fastest", value=type(model).__name__)
     if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0 < target_macs < 1:
@@ -124,6 +124,9 @@ def _validate(model, target_macs, depth, criterion, latency_table, repeats, thre
         raise fail("repeats is an int >= 3 (rounds of interleaved timing)", where="prune_fastest", value=repeats)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise fail("threads is a positive int or None", where="prune_fastest", value=threads)
+    if not isinstance(compile, bool):
+        raise fail("compile is True (time the candidates under torch.compile) or False (eager)", where="prune_fastest",
+                   value=compile)
     if accept is not None and not callable(accept):
         raise fail("accept is a callable taking a pruned model and returning True to keep it as a candidate",
                    where="prune_fastest", value=type(accept).__name__)
@@ -152,8 +155,8 @@ def _width_name(notes: Sequence[str]) -> str:
 def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
                   depth: Sequence[float] = (0.0, 0.5, 1.0), criterion: str = "output",
                   latency_table: Any = None, repeats: int = 10, threads: int | None = None,
-                  accept: Callable[[nn.Module], bool] | None = None, progress: bool = False,
-                  **channel_options: Any) -> FastestResult:
+                  accept: Callable[[nn.Module], bool] | None = None, compile: bool = False,
+                  progress: bool = False, **channel_options: Any) -> FastestResult:
     """Keep at most ``target_macs`` of the model's MACs with the mix of dropped blocks and pruned channels that runs
     fastest here, in place (see the module docstring).
 
@@ -163,10 +166,12 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     exactly, if any is left (``channel_options``: importance, round_to, ignore, ...; with a
     ``latency_table``, the plan that table rates fastest, timed here: ``verify="measure"``). Shares that drop the
     same blocks are built once. The copies and the model are timed interleaved on ``example_inputs`` (``repeats``
-    rounds, ``threads``), the model takes the fastest one that ``accept`` (if given) takes, and the result lists
-    them all. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
+    rounds, ``threads``; with ``compile=True`` each under ``torch.compile``, for a model you will deploy compiled:
+    fusion removes per-op overhead, which favours narrow layers more than missing blocks), the model takes the
+    fastest one that ``accept`` (if given) takes, and the result lists them all. The model stays an ``nn.Module``
+    either way. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
     Everything is checked first; a PruningError leaves the model as it was."""
-    shares = _validate(model, target_macs, depth, criterion, latency_table, repeats, threads, accept,
+    shares = _validate(model, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
                        channel_options)
     say = (lambda msg: print(f"prune_fastest: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     t0 = time.perf_counter()
@@ -195,7 +200,8 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
         built = _build(model, example_inputs, sets, macs0, goal, latency_table, channel_options, notes, say, t0)
     if not built:
         raise fail("no candidate could be built", where="prune_fastest", value=target_macs, hint="; ".join(notes))
-    options = _measure(model, example_inputs, built, ref, macs0, params0, repeats, threads, accept)
+    say(f"timing {len(built)} candidates against the model{' (compiling each first)' if compile else ''}")
+    options = _measure(model, example_inputs, built, ref, macs0, params0, repeats, threads, accept, compile)
     say(f"timed {len(built)} candidates against the model ({time.perf_counter() - t0:.0f} s)")
     taken = [i for i, o in enumerate(options) if o.accepted]
     if not taken:
@@ -237,7 +243,7 @@ def _build(model: nn.Module, example_inputs: Any, sets: dict, macs0: int, goal: 
 
 
 def _measure(model: nn.Module, example_inputs: Any, built: list, ref: list, macs0: int, params0: int, repeats: int,
-             threads: int | None, accept: Callable[[nn.Module], bool] | None) -> list[MixOption]:
+             threads: int | None, accept: Callable[[nn.Module], bool] | None, compile: bool) -> list[MixOption]:
     from secateur.latency import compare_latency, paired_speedup
     variants: dict[str, nn.Module] = {"model": model}
     for i, (*_, m) in enumerate(built):
@@ -245,7 +251,7 @@ def _measure(model: nn.Module, example_inputs: Any, built: list, ref: list, macs
     was = model.training
     model.eval()
     try:
-        timed = compare_latency(variants, example_inputs, repeats=repeats, warmup=3, threads=threads)
+        timed = compare_latency(variants, example_inputs, repeats=repeats, warmup=3, threads=threads, compile=compile)
     finally:
         model.train(was)
     options = []
