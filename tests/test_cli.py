@@ -188,10 +188,30 @@ def test_prune_fastest(tmp_path, factory, capsys):
                       (["--structural", "--fastest"], "give --target-macs"),
                       (["--structural", "--fastest", "--target-macs", "0.4", "--drop-blocks", "1"], "no --drop-blocks"),
                       (["--structural", "--target-macs", "0.4", "--depth-shares", "0"], "add --fastest"),
+                      (["--structural", "--target-macs", "0.4", "--compile"], "add --fastest"),
+                      (["--compile", "--ratio", "0.4"], "--structural"),
                       (["--structural", "--fastest", "--target-macs", "0.4", "--depth-shares", "2"], "depth")]:
         bad = tmp_path / "bad.st"
         code, _, err = run(["prune", spec, *SHAPE, *argv, "-o", str(bad)], capsys)
         assert code == 1 and msg in err and not bad.exists(), err
+
+
+@pytest.mark.slow
+def test_prune_fastest_compiled(tmp_path, factory, capsys):
+    """--fastest --compile: the candidates are timed under torch.compile, the saved model is a plain one."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+    spec = factory.replace("tiny", "residual")
+    out = tmp_path / "c.st"
+    counters.clear()
+    code, _, err = run(["prune", spec, *SHAPE, "--structural", "--target-macs", "0.5", "--fastest",
+                        "--depth-shares", "0", "1", "--compile", "-o", str(out)], capsys)
+    if code == 3 and "compile" in err.lower():  # pragma: no cover - no C++ toolchain here
+        pytest.skip(err)
+    assert code == 0, err
+    assert "(compiling each first)" in err and counters["stats"]["unique_graphs"] >= 2
+    import cli_models
+    sio.load(cli_models.residual(), out)
 
 
 def test_prune_nm_pattern(tmp_path, factory, capsys):

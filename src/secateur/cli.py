@@ -200,6 +200,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth-shares", type=float, nargs="+", metavar="S",
                    help="with --fastest: the shares of the MACs cut that dropped blocks may take (default 0 0.5 1; "
                         "0: channels only, 1: blocks up to the target, then channels for what is left)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="with --fastest: time the candidates under torch.compile (for a model you will run "
+                        "compiled); the saved model is the same plain module either way")
     p.add_argument("--block-criterion", choices=["output", "cosine"],
                    help="with --drop-blocks or --fastest: score blocks by the change of the outputs (default) or "
                         "by block influence, 1 - cos(input, output)")
@@ -209,7 +212,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
 
 _STRUCTURAL_ONLY = {"round_to": "--round-to", "heads": "--heads", "grouped": "--grouped",
                     "drop_blocks": "--drop-blocks", "block_criterion": "--block-criterion", "fastest": "--fastest",
-                    "depth_shares": "--depth-shares"}
+                    "depth_shares": "--depth-shares", "compile": "--compile"}
 _CHANNEL_OPTIONS = ("round_to", "heads", "grouped")
 
 
@@ -316,6 +319,8 @@ def _prune(args: argparse.Namespace) -> int:
             raise fail("--block-criterion scores the blocks --drop-blocks drops; add --drop-blocks N")
         if args.depth_shares is not None and not args.fastest:
             raise fail("--depth-shares are the mixes --fastest tries; add --fastest", value=args.depth_shares)
+        if args.compile and not args.fastest:
+            raise fail("--compile times the candidates --fastest tries; add --fastest")
         if args.fastest and (args.target_macs is None or args.drop_blocks is not None):
             raise fail("--fastest meets a MACs target with the blocks and channels it chooses: give --target-macs "
                        "F and no --drop-blocks", value={"target_macs": args.target_macs,
@@ -332,7 +337,8 @@ def _prune(args: argparse.Namespace) -> int:
         if args.fastest:
             from secateur.structured import prune_fastest
             result = prune_fastest(model, x, target_macs=target_macs, depth=args.depth_shares or (0.0, 0.5, 1.0),
-                                   criterion=args.block_criterion or "output", progress=True, **options)
+                                   criterion=args.block_criterion or "output", compile=bool(args.compile),
+                                   progress=True, **options)
             say(str(result))
             ratio = target_macs = None
         if args.drop_blocks is not None:
