@@ -261,15 +261,22 @@ def test_bench_before_after(tmp_path, factory, capsys):
     assert speed and f"{ratio:.2f}x" in speed[0]
 
 
-def test_exit_codes_in_process(tmp_path, factory, capsys):
+def test_exit_codes_in_process(tmp_path, factory, capsys, monkeypatch):
     code, _, err = run(["prune", "no_such_model_xyz", "-o", str(tmp_path / "x")], capsys)
     assert code == 1 and "unknown model" in err and "Traceback" not in err
+    # the user's factory raising is bad input, named (exit 1); --debug shows the traceback
     code, _, err = run(["prune", "cli_models:broken", "-o", str(tmp_path / "x")], capsys)
-    assert code == 3 and "factory exploded" in err and "--debug" in err
-    with pytest.raises(RuntimeError):
+    assert code == 1 and "factory raised" in err and "factory exploded" in err and "Traceback" not in err
+    with pytest.raises(secateur.PruningError) as e:
         cli.main(["--debug", "prune", "cli_models:broken", "-o", str(tmp_path / "x")])
-    with pytest.raises(RuntimeError):
-        cli.main(["prune", "cli_models:broken", "-o", str(tmp_path / "x"), "--debug"])
+    assert isinstance(e.value.__cause__, RuntimeError)
+    # an internal error: exit 3 with a hint at --debug, which re-raises it
+    with monkeypatch.context() as mp:
+        mp.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("internal boom")))
+        code, _, err = run(["prune", factory, "-o", str(tmp_path / "x")], capsys)
+        assert code == 3 and "internal boom" in err and "--debug" in err
+        with pytest.raises(RuntimeError):
+            cli.main(["prune", factory, "-o", str(tmp_path / "x"), "--debug"])
     with pytest.raises(SystemExit) as e:
         cli.main(["prune", factory])  # -o missing
     assert e.value.code == 2

@@ -63,7 +63,11 @@ def build_spec(spec: str):
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise fail("cannot import the model factory", where=spec, value=str(e)) from None
-        model = fn()
+        try:
+            model = fn()
+        except Exception as e:  # noqa: BLE001 - the user's code: name it and what it raised
+            raise fail("the model factory raised (it is called with no arguments)", where=spec,
+                       value=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
         if not isinstance(model, torch.nn.Module):
             raise fail("the factory did not return an nn.Module", where=spec, value=type(model).__name__)
         return model
@@ -129,7 +133,12 @@ def load_model(arg: str, *, arch: str | None = None, input_shape: str | None = N
     model.eval()
     shape = _parse_shape(input_shape) if input_shape else guess_input_shape(model, spec)
     g = torch.Generator().manual_seed(0)
-    return Loaded(model, spec, torch.randn(shape, generator=g), saved)
+    try:
+        x = torch.randn(shape, generator=g)
+    except RuntimeError as e:  # too large to allocate
+        raise fail("cannot make example inputs of this shape", value=shape,
+                   hint=f"give a smaller --input-shape ({str(e).splitlines()[0][:120]})") from None
+    return Loaded(model, spec, x, saved)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -444,6 +453,19 @@ def _fidelity(model, x):
     return metric
 
 
+def _named_metric(fn, spec: str):
+    """The user's metric, whose failures are bad input (exit 1) named by its spec, not internal errors."""
+    def evaluate(model):
+        try:
+            return fn(model)
+        except PruningError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's code
+            raise fail("the metric function raised (it is called as function(model) -> float)", where=spec,
+                       value=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+    return evaluate
+
+
 @command("sensitivity", _sensitivity_args)
 def _sensitivity(args: argparse.Namespace) -> int:
     """Scan each layer's sensitivity to pruning; optionally allocate ratios to a target and apply them."""
@@ -467,6 +489,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
             evaluate = getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError, ValueError) as e:
             raise fail("cannot import the metric function", where=args.evaluate, value=str(e)) from None
+        evaluate = _named_metric(evaluate, args.evaluate)
     else:
         evaluate = _fidelity(loaded.model, loaded.inputs)
     layers = [s.strip() for s in args.layers.split(",")] if args.layers else None

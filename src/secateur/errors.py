@@ -30,3 +30,20 @@ def fail(message: str, *, where: str | None = None, shape: Any = None, value: An
     if hint:
         parts.append(". " + hint)
     return PruningError("".join(parts))
+
+
+def check_model_inputs(model: Any, example_inputs: Any, where: str) -> None:
+    """The checks every call that runs a model makes first: an ``nn.Module``, and example inputs that are
+    there and not empty (a batch of 0 runs most models, and every statistic over it is NaN or nothing)."""
+    from torch import Tensor, nn
+    if not isinstance(model, nn.Module):
+        raise fail("model must be an nn.Module", where=where, value=type(model).__name__)
+    if example_inputs is None:
+        raise fail("example_inputs are needed (a tensor, a tuple of positional args or a dict of keyword args)",
+                   where=where, value=None)
+    items = example_inputs.values() if isinstance(example_inputs, dict) else \
+        example_inputs if isinstance(example_inputs, (tuple, list)) else [example_inputs]
+    for t in items:
+        if isinstance(t, Tensor) and t.numel() == 0:
+            raise fail("an example input is empty", where=where, shape=tuple(t.shape),
+                       hint="give at least one sample")

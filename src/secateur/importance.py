@@ -225,14 +225,33 @@ def group_scores(group: Group, model: nn.Module, how="l1", *, reduce: str = "mea
         if s.numel() != group.size:
             raise fail("importance callable returned the wrong number of scores", where=group.name,
                        shape=s.shape, value=group.size)
-        return _NORMALIZE[normalize](s.cpu())
+        return _NORMALIZE[normalize](_finite(s.cpu(), group, "the importance callable"))
     if how not in IMPORTANCES:
         raise fail("unknown importance", where="importance", value=how, hint=f"use one of {sorted(IMPORTANCES)}")
     parts = IMPORTANCES[how](group, model)
     if not parts:
         return None
-    s = _REDUCE[reduce](torch.stack([p.cpu() for p in parts]))
-    return _NORMALIZE[normalize](s)
+    s = _REDUCE[reduce](torch.stack([_real(p, group, how).cpu() for p in parts]))
+    return _NORMALIZE[normalize](_finite(s, group, f"importance {how!r}"))
+
+
+def _real(t: torch.Tensor, group: Group, how: str) -> torch.Tensor:
+    if t.is_meta:
+        raise fail(f"importance {how!r} reads the weights, and a model on the meta device has none",
+                   where=group.name, shape=tuple(t.shape), value=how,
+                   hint="plan on meta with importance='random' or a callable (scores from a real copy, say)")
+    return t
+
+
+def _finite(s: torch.Tensor, group: Group, what: str) -> torch.Tensor:
+    """Scores with a NaN would rank that channel anywhere (NaN compares false): refuse them, naming the group
+    (NaN or inf weights, or a callable that returned them)."""
+    bad = ~torch.isfinite(s)
+    if bad.any():
+        raise fail(f"{what} gave NaN or infinite scores (NaN / inf weights?)", where=group.name,
+                   shape=tuple(s.shape), value=f"{int(bad.sum())} of {s.numel()} channels",
+                   hint="check the model's weights with torch.isfinite before pruning")
+    return s
 
 
 def _takes_two(fn) -> bool:
@@ -311,12 +330,12 @@ def expert_scores(group: Group, model: nn.Module, how="l1", *, reduce: str = "me
     if callable(how):
         s = torch.as_tensor(how(group, model) if _takes_two(how) else how(group)).float().cpu()
         if s.numel() == e * group.size:
-            own = s.reshape(e, group.size)
+            own = _finite(s.reshape(e, group.size), group, "the importance callable")
             return ExpertScores(own, _NORMALIZE[normalize](own.sort(1).values.sum(0)))
         if s.numel() != group.size:
             raise fail(f"importance callable returned the wrong number of scores (experts group: {group.size} or "
                        f"{e} x {group.size})", where=group.name, shape=s.shape, value=group.size)
-        shared = _NORMALIZE[normalize](s.flatten())
+        shared = _NORMALIZE[normalize](_finite(s.flatten(), group, "the importance callable"))
         return ExpertScores(shared.expand(e, group.size), shared)
     if how not in ("l1", "l2", "lamp", "taylor", "random", "fpgm"):
         shared = group_scores(group, model, how, reduce=reduce, normalize=normalize)
@@ -328,7 +347,8 @@ def expert_scores(group: Group, model: nn.Module, how="l1", *, reduce: str = "me
     parts = _expert_parts(group, model, how)
     if not parts:
         return None
-    own = _REDUCE[reduce](torch.stack([p.cpu() for p in parts]))
+    own = _finite(_REDUCE[reduce](torch.stack([_real(p, group, how).cpu() for p in parts])), group,
+                  f"importance {how!r}")
     ranked = own.sort(1).values.sum(0)
     if how == "lamp":
         ranked = _lamp(ranked)

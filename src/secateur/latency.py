@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from secateur.errors import fail
+from secateur.errors import check_model_inputs, fail
+from secateur.modes import statistics_kept
 
 __all__ = ["LatencyStats", "benchmark_latency", "compare_latency", "paired_speedup", "pinned_threads"]
 
@@ -158,6 +159,19 @@ def _prepare(model: torch.nn.Module, example_inputs: Any, compile: bool) -> Call
 
 
 @contextlib.contextmanager
+def _rejects(model: torch.nn.Module, example_inputs: Any) -> Iterator[None]:
+    """A model that fails on the example inputs (a wrong shape or dtype, or a compiler error) gets a PruningError
+    naming the model, the input shape and torch's first line."""
+    try:
+        yield
+    except RuntimeError as e:
+        from secateur.report import _shape_of
+        raise fail("the model failed on the example inputs", where=type(model).__name__,
+                   shape=_shape_of(example_inputs), value=str(e).splitlines()[0][:200] if str(e) else None,
+                   hint="pass example inputs the model accepts") from e
+
+
+@contextlib.contextmanager
 def _room_to_compile(models: int) -> Iterator[None]:
     """Room in dynamo's caches for every model compiled here. Models of one class share their ``forward`` code,
     each instance is one more compiled entry of it, and past the recompile limit (8) dynamo silently runs the
@@ -191,15 +205,18 @@ def _calibrate(timer: _Timer, call: Callable[[], Any], min_sample_s: float) -> i
 def benchmark_latency(model: torch.nn.Module, example_inputs: Any, *, repeats: int = 30, warmup: int = 5,
                       threads: int | None = None, compile: bool = False, number: int | None = 1,
                       min_sample_s: float = 1e-3) -> LatencyStats:
-    """Latency of ``model(*example_inputs)`` under ``torch.inference_mode``.
+    """Latency of ``model(*example_inputs)`` in eval mode (what inference runs; the model's modes are restored
+    and no running statistic changes, `secateur.modes`) under ``torch.inference_mode``.
 
     ``warmup`` untimed calls come first (they also absorb ``torch.compile``'s compilation). ``number``
     calls make one timed sample; ``number=None`` picks it so that a sample lasts ``min_sample_s``
     (for layers that run in microseconds). ``threads`` pins ``torch.set_num_threads`` during the run.
     The model and inputs are used where they are: nothing is copied or moved."""
     _validate(repeats, warmup, number)
+    check_model_inputs(model, example_inputs, "benchmark_latency")
     device = _inputs_device(model, example_inputs)
-    with pinned_threads(threads), torch.inference_mode():
+    with pinned_threads(threads), torch.inference_mode(), statistics_kept(model, eval=True), \
+            _rejects(model, example_inputs):
         call = _prepare(model, example_inputs, compile)
         timer = _Timer(device)
         for _ in range(warmup):
@@ -214,19 +231,30 @@ def compare_latency(models: Mapping[str, torch.nn.Module], example_inputs: Any, 
                     number: int | None = 1, min_sample_s: float = 1e-3,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, LatencyStats]:
     """`benchmark_latency` for several models at once, *interleaved*: each round times every model once,
-    in an order rotated per round, so load from other processes is shared fairly between them.
+    in an order rotated per round, so load from other processes is shared fairly between them. In eval mode,
+    as `benchmark_latency`.
 
     Use `paired_speedup` on the result for a ratio that is robust to slow drifts of the machine."""
     _validate(repeats, warmup, number)
+    if not isinstance(models, Mapping) or not all(isinstance(m, torch.nn.Module) for m in models.values()):
+        raise fail("compare_latency takes a mapping of names to nn.Modules", where="compare_latency",
+                   value=type(models).__name__)
     if not models:
         raise fail("compare_latency needs at least one model", value=dict(models))
+    for k, m in models.items():
+        check_model_inputs(m, example_inputs, f"compare_latency[{k!r}]")
     names = list(models)
     device = _inputs_device(next(iter(models.values())), example_inputs)
     room = _room_to_compile(len(names)) if compile else contextlib.nullcontext()
-    with pinned_threads(threads), torch.inference_mode(), room:
+    with pinned_threads(threads), torch.inference_mode(), room, contextlib.ExitStack() as modes:
+        for m in models.values():
+            modes.enter_context(statistics_kept(m, eval=True))
         calls = {k: _prepare(m, example_inputs, compile) for k, m in models.items()}
         timer = _Timer(device)
-        for _ in range(warmup):
+        for k in names:  # the first call of each alone: a model that fails is named
+            with _rejects(models[k], example_inputs):
+                calls[k]()
+        for _ in range(warmup - 1):
             for k in names:
                 calls[k]()
         if number is None:

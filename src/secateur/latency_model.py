@@ -37,10 +37,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from secateur.errors import fail
-from secateur.latency import _calibrate, _caller, _inputs_device, _Timer, pinned_threads
+from secateur.errors import check_model_inputs, fail
+from secateur.latency import _calibrate, _caller, _inputs_device, _rejects, _Timer, pinned_threads
 from secateur.latency_calibrate import Calibration
 from secateur.latency_tail import Tail, measure_tail, record_tail, tail_key
+from secateur.modes import keeps_statistics, statistics_kept
 
 __all__ = ["LayerSpec", "LatencyTable", "layer_specs", "channel_grid", "device_name", "cache_dir"]
 
@@ -181,11 +182,13 @@ def _kind_of(module: nn.Module) -> _Kind | None:
     return _KINDS.get(type(module))
 
 
+@keeps_statistics(eval=True)
 def layer_specs(model: nn.Module, example_inputs: Any,
                 layers: Iterable[str] | None = None) -> dict[str, LayerSpec]:
     """One forward pass with hooks: the `LayerSpec` of every Conv/Linear (or of the named ``layers``).
 
     A layer called more than once (shared weights) is recorded at its first call."""
+    check_model_inputs(model, example_inputs, "layer_specs")
     wanted = None if layers is None else set(layers)
     specs: dict[str, LayerSpec] = {}
     handles = []
@@ -204,7 +207,7 @@ def layer_specs(model: nn.Module, example_inputs: Any,
                 specs[name] = kind.spec(mod, args[0], out)
         handles.append(m.register_forward_hook(hook))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _rejects(model, example_inputs):
             _caller(model, example_inputs)()
     finally:
         for h in handles:
@@ -324,7 +327,8 @@ class LatencyTable:
             opts.setdefault("threads", threads)
             opts.setdefault("cache", cache)
             opts.setdefault("cache_path", path)
-            table = table.calibrate(model, example_inputs, **opts)
+            with statistics_kept(model, eval=True):
+                table = table.calibrate(model, example_inputs, **opts)
         return table
 
     def calibrate(self, model: nn.Module, example_inputs: Any, *, cache: bool = True,
@@ -603,6 +607,7 @@ def _first_device(example_inputs: Any, model: nn.Module) -> torch.device:
     return _inputs_device(model, example_inputs)
 
 
+@keeps_statistics(eval=True)
 def _build_tail(model: nn.Module, example_inputs: Any, specs: Mapping[str, LayerSpec], path: Path | None,
                 device: torch.device, *, threads: int | None, repeats: int, warmup: int) -> Tail:
     """The model's tail (`secateur.latency_tail`), from the cache when the same op sequence was timed before."""

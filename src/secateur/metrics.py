@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from secateur.modes import keeps_statistics
+
 
 def _sdpa_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
@@ -39,10 +41,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@keeps_statistics
 def _run(model: nn.Module, example_inputs: Any) -> FlopCounterMode:
-    """Count one forward. nn.MultiheadAttention / TransformerEncoderLayer's inference fast path is one fused
-    kernel FlopCounterMode does not see (ViT-B/16 read 11.3 G MACs instead of 16.8 G), so it is switched off
-    while counting; the slow path computes the same thing with ops that are counted."""
+    """Count one forward, in the model's own mode (no running statistic changes: `secateur.modes`).
+    nn.MultiheadAttention / TransformerEncoderLayer's inference fast path is one fused kernel FlopCounterMode does
+    not see (ViT-B/16 read 11.3 G MACs instead of 16.8 G), so it is switched off while counting; the slow path
+    computes the same thing with ops that are counted."""
     from secateur.graph.capture import call
     counter = mac_counter()
     mha = getattr(torch.backends, "mha", None)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from secateur.graph.capture import Tracer, capture
+from secateur.modes import keeps_statistics
 
 
 @dataclass
@@ -337,6 +338,7 @@ def _groups(tr: Tracer) -> Graph:
     return Graph([groups[i] for i in order], tr.notes, tr, root=root, where=where, norms=norms, cuts=cuts)
 
 
+@keeps_statistics
 def build_graph(model: nn.Module, example_inputs: Any, heads: str = "heads", grouped: str = "channels") -> Graph:
     graph = groups_from(capture(model, example_inputs, heads, grouped))
     from secateur.graph.ties import declared

@@ -33,10 +33,11 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from secateur.errors import fail
+from secateur.errors import check_model_inputs, fail
 from secateur.graph.capture import capture
 from secateur.graph.groups import Graph, build_graph, groups_from
 from secateur.metrics import count_macs, count_params
+from secateur.modes import keeps_statistics
 from secateur.structured.apply import _apply, apply_structure
 from secateur.structured.depth import DepthResult, Skipped, drop_blocks, droppable_blocks, score_blocks
 from secateur.structured.mix import FastestResult, MixOption, prune_fastest
@@ -71,6 +72,7 @@ def _old_objects_spared(fn: Callable) -> Callable:
 
 
 @_old_objects_spared
+@keeps_statistics
 def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
                   importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                   ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
@@ -79,7 +81,11 @@ def plan_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict 
     """Choose the channels ``prune_channels`` would remove; nothing is changed (``plan.apply(model)`` does it).
     ``verify`` dry-runs the plan on a copy (sharing the weights on the CPU, or on meta: no weight memory) and leaves
     out groups whose removal would break the model's own forward (noted in ``plan.notes``)."""
+    check_model_inputs(model, example_inputs, "plan_channels")
     _validate(ratio, threshold, scope, round_to, 1, None, None, heads, grouped)
+    if graph is not None and not isinstance(graph, Graph):
+        raise fail("graph is a secateur.graph.Graph from build_graph(model, example_inputs)", where="plan_channels",
+                   value=type(graph).__name__)
     ratio = resolve_ratio(model, ratio)
     _refuse_masked(model)
     if heads == "head_dim":
@@ -110,6 +116,7 @@ def _plan(model: nn.Module, example_inputs: Any, graph: Graph, ratio, importance
 
 
 @_old_objects_spared
+@keeps_statistics
 def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
                    importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
                    ignore: Iterable = (), round_to: int | None = None, heads: str = "heads",
@@ -152,6 +159,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     ``verify="measure"`` there times the options that meet the target against the dense model here (copies,
     interleaved) and keeps the fastest measured: a table can rank plans wrongly (ConvNeXt-T at 2x on this CPU:
     it rated a latency-budget plan 1.68-1.78x and uniform 1.49-1.56x; measured 1.53-1.63x vs 1.83-1.92x)."""
+    check_model_inputs(model, example_inputs, "prune_channels")
     _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads, grouped)
     ratio = resolve_ratio(model, ratio)
     check = None

@@ -15,8 +15,14 @@ from secateur.graph.modules import own, snapshot, structure_class, update_attrs
 from secateur.structured.plan import Plan, STRUCTURE_ATTR
 
 
+_OTHER_MODEL = "a plan applies to the model it was made for (or a fresh copy of it), and this one differs"
+
+
 def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
-    t = getattr(mod, name)
+    t = getattr(mod, name, None)
+    if t is None:
+        raise fail("the plan slices a tensor this module does not have", where=type(mod).__name__, value=name,
+                   hint=_OTHER_MODEL)
     if not isinstance(t, torch.Tensor):
         raise fail("not a tensor", where=name, value=type(t))
     return t
@@ -80,7 +86,13 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
 
     def module(name: str) -> nn.Module:
         mod = mods.get(name)
-        return model.get_submodule(name) if mod is None else mod
+        if mod is None:
+            try:
+                return model.get_submodule(name)
+            except AttributeError:
+                raise fail("the plan names a module this model does not have", where=name or type(model).__name__,
+                           hint=_OTHER_MODEL) from None
+        return mod
 
     folds = _fold_factors(plan)
     missing = set(folds) - set(removed)
@@ -101,6 +113,9 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                 if pos.dim() == 2:  # per expert (Plan docstring): after the shared dims
                     per_slice.append((d, _kept_per_slice(t, d, pos, f"{mname}.{tname}")))
                     continue
+                if d >= t.dim() or (pos.numel() and int(pos[-1]) >= t.size(d)):
+                    raise fail("the plan removes positions this tensor does not have", where=f"{mname}.{tname}",
+                               shape=t.shape, value=(d, int(pos[-1]) if pos.numel() else None), hint=_OTHER_MODEL)
                 if pos.numel() >= t.size(d):
                     raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape,
                                value=d)

@@ -15,22 +15,45 @@ from secateur.importance import ExpertScores, expert_scores, group_scores, share
 from secateur.structured.plan import Plan
 
 
+def _number(v: Any) -> bool:
+    """A real number (a Python or NumPy float / int, a 0-d tensor), not a bool, not NaN."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dim()):
+        return False
+    try:
+        return not math.isnan(float(v)) and not isinstance(v, str)
+    except (TypeError, ValueError):
+        return False
+
+
 def _validate(ratio, threshold, scope, round_to, steps, target_macs, target_params, heads, grouped="channels"):
-    if threshold is None and not isinstance(ratio, dict) and not (0.0 <= float(ratio) < 1.0):
-        raise fail("ratio must be in [0, 1)", where="prune_channels", value=ratio)
     if isinstance(ratio, dict):
+        if not ratio:
+            raise fail("a ratio dict names the modules to prune and their ratios; it is empty",
+                       where="prune_channels", value=ratio)
         for k, v in ratio.items():
-            if not 0.0 <= float(v) < 1.0:
-                raise fail("ratio must be in [0, 1)", where=f"prune_channels ratio[{k!r}]", value=v)
+            if not _number(v) or not 0.0 <= float(v) < 1.0:
+                raise fail("ratio must be a number in [0, 1)", where=f"prune_channels ratio[{k!r}]", value=v)
+    elif threshold is None and (not _number(ratio) or not 0.0 <= float(ratio) < 1.0):
+        raise fail("ratio must be a number in [0, 1), or a dict of module names / globs to such numbers",
+                   where="prune_channels", value=ratio)
+    if threshold is not None and not _number(threshold):
+        raise fail("threshold is a number (channels scoring below it go)", where="prune_channels", value=threshold)
     if scope not in ("local", "global"):
         raise fail("scope must be 'local' or 'global'", where="prune_channels", value=scope)
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise fail("round_to must be a positive int", where="prune_channels", value=round_to)
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise fail("steps must be a positive int", where="prune_channels", value=steps)
     for name, t in (("target_macs", target_macs), ("target_params", target_params)):
-        if t is not None and not 0.0 < float(t) <= 1.0:
+        if t is not None and (not _number(t) or not 0.0 < float(t) <= 1.0):
             raise fail(f"{name} is a fraction of the current model in (0, 1]", where="prune_channels", value=t)
+    if target_macs is not None and target_params is not None:
+        raise fail("give one target: target_macs or target_params", where="prune_channels",
+                   value={"target_macs": target_macs, "target_params": target_params})
+    if threshold is not None and (target_macs is not None or target_params is not None):
+        raise fail("threshold chooses the channels itself; it cannot meet a MACs / params target too",
+                   where="prune_channels", value={"threshold": threshold, "target_macs": target_macs,
+                                                  "target_params": target_params})
     if heads not in ("heads", "head_dim"):
         raise fail("heads must be 'heads' (whole heads) or 'head_dim' (the same number of dims in every head)",
                    where="prune_channels", value=heads)
@@ -74,7 +97,11 @@ def _module_name(model: nn.Module, x: Any, where: str, names: dict | None = None
 def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
     if isinstance(ignore, (str, nn.Module)):
         ignore = [ignore]
-    ignore = list(ignore)
+    try:
+        ignore = list(ignore)
+    except TypeError:
+        raise fail("ignore / ignore_inputs take modules, names or globs (one, or an iterable of them)",
+                   where="prune_channels", value=ignore) from None
     if not ignore:  # (the usual case: no walk over the modules)
         return set()
     names = {m: n for n, m in model.named_modules()}
@@ -200,10 +227,24 @@ def _new_plan(graph: Graph, choices: list, notes: list[str], heads: str) -> Plan
     return plan
 
 
+def _ratio_keys_prune(graph: Graph, ratio: dict) -> None:
+    """Every key of a ratio dict must name a module whose output channels can go: a key naming only an activation,
+    or the layer that makes the model's outputs (always kept), would prune nothing without a word."""
+    outs = {m.module for g in graph.groups for m in g.members if m.kind == "out"}
+    for pat in ratio:
+        if not any(_matches(n, {pat}) for n in outs):
+            raise fail("ratio key names no module with output channels that can be removed (an activation or "
+                       "container without channels of its own, or the layer making the model's outputs, which "
+                       "are always kept)", where="prune_channels ratio", value=pat,
+                       hint=f"modules whose outputs can go look like {sorted(outs)[:5]}")
+
+
 def _candidates(model: nn.Module, graph: Graph, ratio, every: bool, importance, ignore, ignore_inputs, reduce,
                 normalize) -> list[tuple[Group, torch.Tensor, float]]:
     """(group, channel scores, ratio) for every group that may lose channels (``every``: ratio 0 too)."""
     ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
+    if isinstance(ratio, dict):
+        _ratio_keys_prune(graph, ratio)
     cands: list[tuple[Group, torch.Tensor, float]] = []
     with shared_norms():  # each weight read once for the groups of both its dims
         for g in graph.groups:

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from secateur.errors import fail
+from secateur.errors import check_model_inputs, fail
 from secateur.graph.capture import _flat_tensors
 from secateur.metrics import count_macs, count_params, macs_by_layer
+from secateur.modes import keeps_statistics
 from secateur.report import call_model
 from secateur.structured.plan import STRUCTURE_ATTR
 
@@ -179,8 +180,10 @@ def _probe(model: nn.Module, example_inputs: Any, names: dict[str, str]) -> tupl
     return blocks, why
 
 
+@keeps_statistics
 def droppable_blocks(model: nn.Module, example_inputs: Any) -> list[str]:
     """Names of the residual blocks ``drop_blocks`` may drop, in model order."""
+    check_model_inputs(model, example_inputs, "droppable_blocks")
     return list(_probe(model, example_inputs, _containers(model))[0])
 
 
@@ -198,9 +201,11 @@ def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return (num / den) ** 0.5 if den > 0 else math.nan
 
 
+@keeps_statistics
 def score_blocks(model: nn.Module, example_inputs: Any, blocks: Iterable[str] | None = None, *,
                  criterion: str = "output") -> dict[str, float]:
     """How much skipping each block changes the model (higher: more important). See the module docstring."""
+    check_model_inputs(model, example_inputs, "score_blocks")
     if criterion not in CRITERIA:
         raise fail("unknown block criterion", where="score_blocks", value=criterion, hint=f"one of {CRITERIA}")
     found, why = _probe(model, example_inputs, _containers(model))
@@ -229,7 +234,7 @@ def _scores(model: nn.Module, example_inputs: Any, found: dict[str, Block], name
         finally:
             for h in handles:
                 h.remove()
-        return {n: sum(v) / len(v) for n, v in acc.items()}
+        return _finite({n: sum(v) / len(v) for n, v in acc.items()}, model)
     ref = _flat_tensors(call_model(model, example_inputs))
     if not any(t.is_floating_point() and bool(t.any()) for t in ref):
         raise fail("the model's outputs are all zeros on the example inputs, so skipping a block changes nothing "
@@ -241,6 +246,16 @@ def _scores(model: nn.Module, example_inputs: Any, found: dict[str, Block], name
             scores[n] = _distance(ref, _flat_tensors(call_model(model, example_inputs)))
         finally:
             h.remove()
+    return _finite(scores, model)
+
+
+def _finite(scores: dict[str, float], model: nn.Module) -> dict[str, float]:
+    """A NaN score would rank its block anywhere: refuse, naming the blocks (NaN / inf inputs or weights)."""
+    bad = [n for n, v in scores.items() if not math.isfinite(v)]
+    if bad:
+        raise fail("blocks scored NaN or inf: the model's outputs or a block's input are not finite on the example "
+                   "inputs", where=type(model).__name__, value=bad[:5],
+                   hint="check the example inputs and the weights with torch.isfinite")
     return scores
 
 
@@ -293,6 +308,7 @@ def _choose(model, example_inputs, scores: dict[str, float], count, target_macs,
     return chosen
 
 
+@keeps_statistics
 def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = None,
                 blocks: Iterable[str] | None = None, target_macs: float | None = None,
                 criterion: str = "output", stay_above: bool = False) -> DepthResult:
@@ -302,6 +318,7 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
     coarse steps, so a target is usually passed, not met; ``stay_above=True`` passes over any block that would take
     the model below ``target_macs`` instead, for ``prune_channels`` to take the rest exactly (depth first, then
     width). Everything is checked before the model changes."""
+    check_model_inputs(model, example_inputs, "drop_blocks")
     given = [k for k, v in (("count", count), ("blocks", blocks), ("target_macs", target_macs)) if v is not None]
     if len(given) != 1:
         raise fail("say how much to drop with exactly one of count=, blocks=, target_macs=", where="drop_blocks",
@@ -310,7 +327,8 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
         raise fail("unknown block criterion", where="drop_blocks", value=criterion, hint=f"one of {CRITERIA}")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
         raise fail("count is a number of blocks >= 0", where="drop_blocks", value=count)
-    if target_macs is not None and not (isinstance(target_macs, (int, float)) and 0 < target_macs <= 1):
+    if target_macs is not None and (isinstance(target_macs, bool) or not isinstance(target_macs, (int, float))
+                                    or not 0 < target_macs <= 1):
         raise fail("target_macs is a fraction of the current model in (0, 1]", where="drop_blocks",
                    value=target_macs)
     if stay_above and target_macs is None:

@@ -24,10 +24,11 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from secateur.errors import PruningError, fail
+from secateur.errors import PruningError, check_model_inputs, fail
 from secateur.graph.capture import _flat_tensors
 from secateur.latency import pinned_threads
 from secateur.metrics import count_macs, count_params, macs_by_layer
+from secateur.modes import keeps_statistics
 from secateur.report import call_model
 from secateur.structured.depth import CRITERIA, _choose, _containers, _distance, _probe, _scores, drop_blocks
 
@@ -97,10 +98,9 @@ class FastestResult:
                 f" measured {k.speedup:.2f}x faster here\n{self.table()}")
 
 
-def _validate(model, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
+def _validate(model, example_inputs, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
               channel_options) -> list[float]:
-    if not isinstance(model, nn.Module):
-        raise fail("model must be an nn.Module", where="prune_fastest", value=type(model).__name__)
+    check_model_inputs(model, example_inputs, "prune_fastest")
     if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0 < target_macs < 1:
         raise fail("target_macs is the fraction of the model's MACs to keep, in (0, 1)", where="prune_fastest",
                    value=target_macs)
@@ -152,6 +152,7 @@ def _width_name(notes: Sequence[str]) -> str:
     return "uniform"
 
 
+@keeps_statistics
 def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
                   depth: Sequence[float] = (0.0, 0.5, 1.0), criterion: str = "output",
                   latency_table: Any = None, repeats: int = 10, threads: int | None = None,
@@ -171,10 +172,11 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     fastest one that ``accept`` (if given) takes, and the result lists them all. The model stays an ``nn.Module``
     either way. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
     Everything is checked first; a PruningError leaves the model as it was."""
-    shares = _validate(model, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
+    shares = _validate(model, example_inputs, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
                        channel_options)
     say = (lambda msg: print(f"prune_fastest: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     t0 = time.perf_counter()
+    ref = _flat_tensors(call_model(model, example_inputs))  # first: inputs the model rejects get a PruningError
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
     goal = target_macs * macs0
     notes: list[str] = []
@@ -195,7 +197,6 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
             notes.append(f"depth share {s:g} drops the same blocks as {sets[blocks]:g}")
         else:
             sets[blocks] = s
-    ref = _flat_tensors(call_model(model, example_inputs))
     with pinned_threads(threads):  # a latency table's options are timed with the threads the candidates will be
         built = _build(model, example_inputs, sets, macs0, goal, latency_table, channel_options, notes, say, t0)
     if not built:

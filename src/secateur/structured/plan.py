@@ -96,20 +96,20 @@ class Plan:
         when the reference output is all zeros (a zero-initialised head, as torchvision's ViT has)."""
         import copy
 
+        from secateur.errors import check_model_inputs
         from secateur.graph.capture import _flat_tensors, call
-        was = model.training
+        from secateur.latency import _rejects
+        from secateur.modes import statistics_kept
+        check_model_inputs(model, example_inputs, "Plan.apply_checked")
         ref = copy.deepcopy(model).eval()
         self.zero_consumers(ref)
-        try:
-            with torch.no_grad(), self.kept_norms(ref):
-                want = _flat_tensors(call(ref, example_inputs))[0]
-            del ref
-            model.eval()
+        with torch.no_grad(), self.kept_norms(ref), _rejects(model, example_inputs):
+            want = _flat_tensors(call(ref, example_inputs))[0]
+        del ref
+        with statistics_kept(model, eval=True):
             self.apply(model)
             with torch.no_grad():
                 got = _flat_tensors(call(model, example_inputs))[0]
-        finally:
-            model.train(was)
         scale = want.abs().max()
         if got.shape != want.shape:
             from secateur.errors import fail

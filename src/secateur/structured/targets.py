@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from secateur.errors import fail
+from secateur.errors import PruningError, fail
 from secateur.graph.groups import Group, build_graph
 from secateur.metrics import count_macs, count_params
 from secateur.structured.apply import _apply
@@ -38,10 +38,19 @@ def _latency_plan(model: nn.Module, example_inputs: Any, target_latency: float, 
     from secateur.allocate import latency_choices
     graph = build_graph(model, example_inputs, grouped=opts["grouped"])
     ignored, ignored_in = _ignored(model, opts["ignore"]), _ignored(model, opts["ignore_inputs"])
-    choices = latency_choices(model, example_inputs, target_latency, table=table, importance=opts["importance"],
-                              round_to=opts["round_to"], graph=graph,
-                              skip=lambda g: _is_ignored(g, ignored, ignored_in),
-                              score_options=dict(reduce=opts["reduce"], normalize=opts["normalize"]))
+    try:
+        choices = latency_choices(model, example_inputs, target_latency, table=table,
+                                  importance=opts["importance"], round_to=opts["round_to"], graph=graph,
+                                  skip=lambda g: _is_ignored(g, ignored, ignored_in),
+                                  score_options=dict(reduce=opts["reduce"], normalize=opts["normalize"]))
+    except PruningError as e:
+        if "cannot be reached" not in str(e):
+            raise
+        # the allocator's hint names its own options; here the way out is a milder target or fewer constraints
+        raise fail("target_latency cannot be reached by removing channels: the table says the model keeps more "
+                   "time than that with every prunable group at its smallest count", where="prune_channels",
+                   value=target_latency, hint=f"ask for less (a larger target_latency), or drop ignore= / round_to; "
+                   f"the allocator said: {e}") from None
     plan = Plan(graph.groups, choices, list(graph.notes), norms=graph.norms)
     plan = _verified(model, example_inputs, plan, graph) if plan.choices else plan
     plan.notes.extend(plan.norm_notes())

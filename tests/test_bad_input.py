@@ -1,0 +1,138 @@
+"""Bad input to the structural, depth and latency calls: a PruningError naming the value, and the model unchanged.
+(Found by an audit of 521 probes; each case here was a raw TypeError / RuntimeError / AttributeError, or a call that
+went through and did something other than asked.)"""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import secateur
+from secateur import PruningError
+from secateur.latency import benchmark_latency, compare_latency
+from secateur.latency_model import LatencyTable
+from secateur.structured import drop_blocks, droppable_blocks, score_blocks
+
+torch.set_num_threads(1)
+
+
+class Res(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(Res(8), Res(8), Res(8)),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+X = torch.randn(2, 3, 8, 8)
+WRONG = torch.randn(2, 4, 8, 8)
+
+
+def _unchanged(m, before):
+    assert m.state_dict().keys() == before.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), before.state_dict().values()))
+    assert repr(m) == repr(before)
+
+
+CASES = {
+    "model None": (lambda m: secateur.prune_channels(None, X), "nn.Module"),
+    "inputs None": (lambda m: secateur.prune_channels(m, None), "example_inputs"),
+    "empty batch": (lambda m: secateur.prune_channels(m, torch.randn(0, 3, 8, 8)), "empty"),
+    "ratio str": (lambda m: secateur.prune_channels(m, X, ratio="0.5"), "ratio"),
+    "ratio None": (lambda m: secateur.prune_channels(m, X, ratio=None), "ratio"),
+    "ratio list": (lambda m: secateur.prune_channels(m, X, ratio=[0.5]), "ratio"),
+    "ratio bool": (lambda m: secateur.prune_channels(m, X, ratio=True), "ratio"),
+    "ratio dict value": (lambda m: secateur.prune_channels(m, X, ratio={"0": "a"}), "ratio"),
+    "ratio dict empty": (lambda m: secateur.prune_channels(m, X, ratio={}), "empty"),
+    "ratio key activation": (lambda m: secateur.prune_channels(m, X, ratio={"2": 0.5}), "no module with output"),
+    "ratio key output layer": (lambda m: secateur.prune_channels(m, X, ratio={"4": 0.5}), "always kept"),
+    "target str": (lambda m: secateur.prune_channels(m, X, target_macs="x"), "target_macs"),
+    "threshold str": (lambda m: secateur.prune_channels(m, X, threshold="x"), "threshold"),
+    "threshold nan": (lambda m: secateur.prune_channels(m, X, threshold=math.nan), "threshold"),
+    "two targets": (lambda m: secateur.prune_channels(m, X, target_macs=0.5, target_params=0.5), "one target"),
+    "threshold and target": (lambda m: secateur.prune_channels(m, X, target_macs=0.5, threshold=0.1), "threshold"),
+    "round_to bool": (lambda m: secateur.prune_channels(m, X, round_to=True), "round_to"),
+    "steps bool": (lambda m: secateur.prune_channels(m, X, steps=True), "steps"),
+    "ignore int": (lambda m: secateur.prune_channels(m, X, ignore=5), "ignore"),
+    "graph str": (lambda m: secateur.plan_channels(m, X, graph="g"), "Graph"),
+    "wrong input shape": (lambda m: secateur.prune_channels(m, WRONG), "failed"),
+    "nan importance": (lambda m: secateur.prune_channels(m, X, importance=lambda g: torch.full((g.size,), math.nan)),
+                       "NaN"),
+    "drop_blocks inputs None": (lambda m: drop_blocks(m, None, count=1), "example_inputs"),
+    "drop_blocks target bool": (lambda m: drop_blocks(m, X, target_macs=True), "target_macs"),
+    "drop_blocks nan inputs": (lambda m: drop_blocks(m, torch.full_like(X, math.nan), count=1), "NaN"),
+    "drop_blocks model None": (lambda m: drop_blocks(None, X, count=1), "nn.Module"),
+    "score_blocks empty": (lambda m: score_blocks(m, torch.randn(0, 3, 8, 8)), "empty"),
+    "droppable model str": (lambda m: droppable_blocks("resnet", X), "nn.Module"),
+    "fastest wrong shape": (lambda m: secateur.prune_fastest(m, WRONG, target_macs=0.5, repeats=3), "failed"),
+    "fastest compile str": (lambda m: secateur.prune_fastest(m, X, target_macs=0.5, compile="yes"), "compile"),
+    "benchmark wrong shape": (lambda m: benchmark_latency(m, WRONG, repeats=2), "failed"),
+    "compare list": (lambda m: compare_latency([m], X), "mapping"),
+    "compare one wrong": (lambda m: compare_latency({"a": m, "b": nn.Conv2d(4, 2, 1)}, X, repeats=2), "Conv2d"),
+    "table wrong shape": (lambda m: LatencyTable.build(m, WRONG, progress=False, cache=False), "failed"),
+    "apply_checked wrong shape": (lambda m: secateur.plan_channels(m, X).apply_checked(m, WRONG), "failed"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_named_and_changes_nothing(name):
+    call, match = CASES[name]
+    m = _model()
+    before = copy.deepcopy(m)
+    with pytest.raises(PruningError, match=match):
+        call(m)
+    _unchanged(m, before)
+
+
+def test_nan_weights_are_refused_before_anything_changes():
+    m = _model()
+    with torch.no_grad():
+        m[0].weight[3, 0, 0, 0] = math.nan
+    before = copy.deepcopy(m)
+    with pytest.raises(PruningError, match=r"\[0\] importance 'l1' gave NaN.*1 of 8 channels"):
+        secateur.prune_channels(m, X, ratio=0.5)
+    assert repr(m) == repr(before) and m[0].weight.shape == (8, 3, 3, 3)
+
+
+def test_l1_on_the_meta_device_says_which_importance_works_there():
+    with torch.device("meta"):
+        m = _model()
+    with pytest.raises(PruningError, match="meta device.*importance='random' or a callable"):
+        secateur.plan_channels(m, torch.randn(2, 3, 8, 8, device="meta"), ratio=0.5)
+    plan = secateur.plan_channels(m, torch.randn(2, 3, 8, 8, device="meta"), ratio=0.5, importance="random")
+    assert plan.channels > 0
+
+
+@pytest.mark.parametrize("other", [
+    lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)),  # modules the plan names are missing
+    lambda: nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Sequential(Res(2), Res(2), Res(2)),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 4)),  # narrower: positions missing
+    lambda: nn.Sequential(nn.ReLU(), nn.Sequential(Res(8), Res(8), Res(8)), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)),  # a module without the tensor
+], ids=["missing module", "narrower", "no such tensor"])
+def test_a_plan_applied_to_another_architecture_is_refused(other):
+    plan = secateur.plan_channels(_model(), X, ratio=0.5)
+    m = other()
+    before = copy.deepcopy(m)
+    with pytest.raises(PruningError, match="plan"):
+        plan.apply(m)
+    _unchanged(m, before)
+
+
+def test_an_unreachable_latency_target_names_prune_channels_options():
+    from secateur.latency_model import LayerSpec  # noqa: F401 - the table below is built from measurements
+    m = _model()
+    table = LatencyTable.build(m, X, progress=False, cache=False, repeats=1, max_points=3, in_points=2, tail=False)
+    before = copy.deepcopy(m)
+    with pytest.raises(PruningError, match="target_latency cannot be reached") as e:
+        secateur.prune_channels(m, X, target_latency=0.001, latency_table=table, verify="estimate")
+    assert "min_keep" not in str(e.value).split("the allocator said")[0]
+    _unchanged(m, before)
