@@ -40,3 +40,25 @@ def test_magnitude_beats_pruning_the_largest_weights():
 def test_demo_rejects_bad_ratio(tmp_path):
     with pytest.raises(S.PruningError, match="ratio"):
         run_demo(ratio=1.5, data="digits", out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(data="cifar"), "unknown demo data set"),
+    (dict(epochs=-1), "epochs"),
+    (dict(global_ratio="0.9"), "global_ratio"),
+])
+def test_demo_rejects_bad_options(tmp_path, kw, match):
+    with pytest.raises(S.PruningError, match=match):
+        run_demo(**{"data": "digits", "out_dir": tmp_path, **kw})
+
+
+def test_demo_out_on_an_existing_file_says_which_file_and_what_to_do(tmp_path, capsys):
+    from secateur.cli import main
+    (tmp_path / "mlp.st").write_bytes(b"x")
+    for out in (tmp_path / "mlp.st", tmp_path / "mlp.st" / "sub"):
+        with pytest.raises(S.PruningError, match=r"output folder cannot be created: '.*mlp.st' is a file.*--out"):
+            run_demo(data="digits", out_dir=out)
+    assert main(["demo", "--data", "digits", "--out", str(tmp_path / "mlp.st")]) == 1
+    err = capsys.readouterr().err
+    assert "mlp.st' is a file" in err and "choose another output folder" in err
+    assert (tmp_path / "mlp.st").read_bytes() == b"x"

@@ -282,3 +282,7 @@ def test_nested_blocks_are_never_dropped_together():
     model = copy.deepcopy(before)
     res = drop_blocks(model, x, target_macs=0.2)
     assert not any(b.startswith(a + ".") for a in res.dropped for b in res.dropped)
+
+
+def test_droppable_blocks_is_a_top_level_name():
+    assert secateur.droppable_blocks is droppable_blocks and "droppable_blocks" in secateur.__all__

@@ -251,7 +251,38 @@ def test_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m.st"]  # no temp file left behind
 
 
-# ---------------------------------------------------------------------------------------- structural
+class _Double(nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+def test_foreign_parametrization_is_refused_by_save_and_load(tmp_path):
+    from torch.nn.utils import parametrize
+
+    def with_double(seed=11):
+        m = net(seed=seed)
+        parametrize.register_parametrization(m[4], "weight", _Double())
+        return m
+    # its raw stored tensor would be saved as the weight and load silently wrong (outputs off by the factor)
+    msg = untouched_check(lambda f: sio.save(f, tmp_path / "f.st"), fresh=with_double())
+    assert "[4.weight] cannot save a tensor under a parametrization secateur did not add (value='_Double')" in msg
+    assert "remove_parametrizations(model.get_submodule('4'), 'weight')" in msg and not os.listdir(tmp_path)
+    sio.save(trained_pruned(), tmp_path / "m.st")
+    msg = untouched_check(lambda f: sio.load(f, tmp_path / "m.st"), fresh=with_double())
+    assert "[4.weight] cannot load into a tensor under a parametrization" in msg
+    m = with_double()
+    assert type(m[4].parametrizations.weight[0]) is _Double  # untouched: still the user's
+
+
+def test_meta_model_and_unwritable_path_are_refused(tmp_path):
+    meta = net().to("meta")
+    with pytest.raises(PruningError, match=r"\[0.weight\] cannot save a tensor on the meta device"):
+        sio.save(meta, tmp_path / "m.st")
+    msg = untouched_check(lambda f: sio.save(f, "/proc/no-such-dir/m.st"))
+    assert msg.startswith("[/proc/no-such-dir/m.st] cannot write a file there")
+    assert not os.listdir(tmp_path)
+
+
 
 
 def test_structurally_pruned_round_trip_is_exact(tmp_path):

@@ -83,7 +83,7 @@ def test_threads_pinned_and_restored():
     class Boom(nn.Module):
         def forward(self, x):
             raise RuntimeError("boom")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(PruningError, match=r"\[Boom\] the model failed on the example inputs.*boom"):
         benchmark_latency(Boom(), torch.zeros(1), repeats=1, warmup=0, threads=1)
     assert torch.get_num_threads() == before
     with pinned_threads(None):

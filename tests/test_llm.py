@@ -271,3 +271,20 @@ def test_explicit_blocks_and_targets():
                     progress=False)
     assert [r.name for r in rep.layers] == ["blocks.0.up", "blocks.1.up"]
     assert get_mask(model.blocks[2].up) is None and get_mask(model.blocks[0].down) is None
+
+
+@pytest.mark.parametrize("device, match", [
+    ("xyz", "not a device"),
+    ("meta", "meta device"),
+    ("cuda:5" if torch.cuda.is_available() else "cuda", "no such CUDA device" if torch.cuda.is_available()
+     else "device not available"),
+])
+def test_bad_device_is_refused_before_any_change(device, match):
+    if device == "cuda:5" and torch.cuda.device_count() > 5:
+        pytest.skip("this machine has a cuda:5")
+    model = Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match=match):
+        prune_llm(model, _calib(), device=device, progress=False)
+    assert not is_pruned(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -189,3 +189,14 @@ def test_second_prune_llm_on_masked_gpt2_keeps_pruned_weights_pruned():
     for k, m in masks_of(model).items():
         assert bool((m.reshape(-1, 4, m.shape[1]).sum(1) <= 2).all()), k
         assert not bool((m & ~first[k]).any()), k  # a weight pruned before is never revived
+
+
+def test_calibration_longer_than_the_position_limit_is_refused_before_any_change():
+    model = _gpt2()  # n_positions=64
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match=r"sequence length 65 exceeds the model's position limit 64 "
+                                           r"\(config.n_positions\)"):
+        prune_llm(model, [torch.randint(0, VOCAB, (1, 65))], progress=False)
+    assert not secateur.is_pruned(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    prune_llm(model, [torch.randint(0, VOCAB, (1, 64))], progress=False)  # at the limit: fine

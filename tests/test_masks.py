@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import secateur as S
 from secateur.masks import original
@@ -220,3 +221,147 @@ def test_finalizing_a_deepcopy_leaves_the_original_intact_and_vice_versa():
     assert torch.equal(m(x), y) and S.get_mask(m[0], "bias") is None
     S.finalize(m)
     assert torch.equal(m(x), y) and S.is_pruned(c)
+
+
+# ------------------------------------------------------------------ bad input: PruningError, model unchanged
+
+
+def _snapshot(m):
+    return ({k: v.clone() for k, v in m.state_dict().items()},
+            [(n, type(mod), parametrize.is_parametrized(mod)) for n, mod in m.named_modules()])
+
+
+def _assert_unchanged(m, snap):
+    sd, mods = snap
+    after = m.state_dict()
+    assert sd.keys() == after.keys()
+    assert all(torch.equal(sd[k], after[k]) for k in sd if sd[k].device.type != "meta")
+    assert [(n, type(mod), parametrize.is_parametrized(mod)) for n, mod in m.named_modules()] == mods
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: S.prune(x, 0.5), lambda x: S.finalize(x), lambda x: S.is_pruned(x), lambda x: S.masks_of(x),
+    lambda x: S.apply_masks(x, {}),
+])
+@pytest.mark.parametrize("model", [None, "model"])
+def test_model_must_be_a_module(call, model):
+    with pytest.raises(S.PruningError, match="model must be an nn.Module"):
+        call(model)
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda m: S.prune(m, 0.5, targets=42), r"\[targets\] targets must be .*not int"),
+    (lambda m: S.prune(m, 0.5, targets=["0", 1]), r"\[targets\] .*value=1"),
+    (lambda m: S.prune(m, 0.5, exclude=None), r"\[exclude\] exclude must be .*not NoneType"),
+    (lambda m: S.prune(m, "0.5"), r"^\[amount\] amount must be a ratio"),
+    (lambda m: S.prune(m, float("nan")), r"^\[amount\] amount must be a ratio"),
+    (lambda m: S.prune(m, True), r"^\[amount\] amount must be a ratio"),
+    (lambda m: S.prune(m, threshold=True), r"\[threshold\] threshold must be a number"),
+    (lambda m: S.prune(m, count=2.0), r"\[count\] count must be a non-negative integer"),
+    (lambda m: S.prune(m, 0.5, pattern=S.NM(2.0, 4)), r"\[NM\] N must be an integer \(value=2.0\)"),
+    (lambda m: S.prune(m, 0.5, pattern=S.Block("a", 2)), r"\[Block\] block rows must be an integer"),
+    (lambda m: S.prune(m, 0.5, pattern=S.Slices(1.5)), r"\[Slices\] the sliced dim must be an integer"),
+    (lambda m: S.prune(m, 0.5, criterion=S.Magnitude(p="x")), r"\[Magnitude\] magnitude norm order"),
+    (lambda m: S.prune(m, 0.5, criterion=S.Magnitude(p=True)), r"\[Magnitude\] magnitude norm order"),
+    (lambda m: S.set_mask(m[0], "weight", torch.full((8, 12), float("nan"))), r"only 0 and 1 .*value=nan"),
+    (lambda m: S.set_mask(m[0], "weight", torch.full((8, 12), 0.3)), r"only 0 and 1 .*shape=\(8, 12\), value=0.3"),
+    (lambda m: S.set_mask(m[0], "weight", [[True] * 12] * 8), r"mask must be a torch.Tensor .*value='list'"),
+    (lambda m: S.apply_masks(m, None), r"\[apply_masks\] masks must be a dict"),
+    (lambda m: S.apply_masks(m, {"1.weight": torch.ones(4, 8, dtype=torch.bool),  # a good one first: not applied
+                                 "0.weight": torch.full((8, 12), float("nan"))}), r"\[0.weight\] .*only 0 and 1"),
+    (lambda m: S.apply_masks(m, {"0.weight": [[1] * 12] * 8}), r"\[0.weight\] mask must be a torch.Tensor"),
+])
+def test_bad_arguments_raise_before_any_change(call, needle):
+    m = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 4))
+    S.prune(m[1:], 0.25)  # one layer masked, one not
+    snap = _snapshot(m)
+    with pytest.raises(S.PruningError, match=needle):
+        call(m)
+    _assert_unchanged(m, snap)
+
+
+def test_float_masks_of_zeros_and_ones_are_accepted():
+    m = nn.Linear(4, 3)
+    keep = torch.rand(3, 4) > 0.5
+    S.set_mask(m, "weight", keep.float())
+    assert torch.equal(S.get_mask(m), keep)
+    S.apply_masks(m, {"weight": (~keep).to(torch.int64)})
+    assert torch.equal(S.get_mask(m), ~keep)
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 4))
+    b, c, d = copy.deepcopy(a), copy.deepcopy(a), copy.deepcopy(a)
+    assert S.prune(a, np.float32(0.5)) == S.prune(b, 0.5)
+    assert all(torch.equal(S.get_mask(x), S.get_mask(y)) for x, y in zip(a, b))
+    assert S.prune(c, count=np.int64(5)) == S.prune(d, count=5)
+    S.prune(copy.deepcopy(a), threshold=np.float32(0.1))
+    assert S.NM(np.int64(2), 4).n == 2
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(amount=0.9, scope="global", max_sparsity=0.5), r"^\[amount\] .*cannot be met \(value=0.9\)"),
+    (dict(amount=0.1, scope="global", min_sparsity=0.3), r"^\[amount\] .*cannot be met \(value=0.1\)"),
+    (dict(count=90, scope="global", max_sparsity=0.5), r"\[count\] .*only 0 to 64 entries"),
+    (dict(amount=0.9, max_sparsity=0.5), "global amount or count only"),  # local: the bound would be ignored
+    (dict(threshold=0.1, scope="global", max_sparsity=0.5), "global amount or count only"),
+])
+def test_global_bounds_that_rule_out_the_target_are_refused(kw, needle):
+    m = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 4))
+    snap = _snapshot(m)
+    with pytest.raises(S.PruningError, match=needle):
+        S.prune(m, **kw)
+    _assert_unchanged(m, snap)
+    assert S.prune(m, 0.5, scope="global", max_sparsity=0.5) == {"0.weight": 0.5, "1.weight": 0.5}
+
+
+def test_meta_model_is_refused():
+    m = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 4)).to("meta")
+    snap = _snapshot(m)
+    with pytest.raises(S.PruningError, match=r"\[0.weight\] masks need real weights.*meta device"):
+        S.prune(m, 0.5)
+    with pytest.raises(S.PruningError, match="meta device"):
+        S.set_mask(m[0], "weight", torch.ones(8, 12, dtype=torch.bool))
+    _assert_unchanged(m, snap)
+    assert not S.is_pruned(m)
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+def test_foreign_parametrization_is_refused_by_prune_and_set_mask():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 4))
+    parametrize.register_parametrization(m[1], "weight", _Double())
+    snap = _snapshot(m)
+    for call in (lambda: S.prune(m, 0.5), lambda: S.prune(m, 0.5, targets=["1"]),
+                 lambda: S.set_mask(m[1], "weight", torch.ones(4, 8, dtype=torch.bool)),
+                 lambda: S.apply_masks(m, {"0.weight": torch.ones(8, 12, dtype=torch.bool),
+                                           "1.weight": torch.ones(4, 8, dtype=torch.bool)})):
+        with pytest.raises(S.PruningError, match=r"\[(1|ParametrizedLinear)\.weight\] cannot (prune|mask) a tensor "
+                                                 r"under a parametrization secateur did not add \(value='_Double'\)"):
+            call()
+        _assert_unchanged(m, snap)
+    assert S.prune(m, 0.5, exclude=["1"]) == {"0.weight": 0.5}
+
+
+def test_finalize_removes_only_secateurs_parametrizations():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    parametrize.register_parametrization(m[1], "weight", _Double())
+    S.prune(m, 0.5, exclude=["1"])
+    parametrize.register_parametrization(m[2], "weight", _Double())  # registered after the mask
+    x = torch.randn(3, 12)
+    y = m(x)
+    stored, keep = original(m[2], "weight"), S.get_mask(m[2]).clone()
+    raw = stored.detach().clone()
+    S.finalize(m)
+    assert not S.is_pruned(m) and torch.equal(m(x), y)
+    for i in (1, 2):  # the user's parametrizations stay, alone
+        assert [type(p) for p in m[i].parametrizations.weight] == [_Double]
+    assert not parametrize.is_parametrized(m[0])
+    assert original(m[2], "weight") is stored and torch.equal(stored, raw * keep)  # the zeros baked in

@@ -223,3 +223,127 @@ def test_prune_bn_channels_engine_path_matches_mask_path():
     assert [m.num_features for m in physical.modules() if isinstance(m, nn.BatchNorm2d)] == list(kept.values())
     with torch.no_grad():
         assert torch.allclose(masked(x), physical(x), atol=1e-5)
+
+
+def _built_convnet():
+    model = _convnet()
+    model(torch.randn(2, 3, 10, 10))  # materialise the LazyLinear
+    return model
+
+
+def _snap(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snap):
+    sd = model.state_dict()
+    return sd.keys() == snap.keys() and all(torch.equal(sd[k], v) for k, v in snap.items())
+
+
+def test_prune_bn_channels_ratio_prunes_exactly_the_count_on_tied_scales():
+    model = _convnet()  # fresh BNs: every scale is 1.0
+    kept = prune_bn_channels(model, ratio=0.5)
+    assert sum(kept.values()) == 14 - 7
+    # ties go to the earlier layer, then the lower index (as secateur.selection ranks); min_channels keeps
+    # the first layer's lowest-index channel
+    assert kept == {"1": 1, "4": 6}
+    assert get_mask(model[1], "weight").tolist() == [True] + [False] * 7
+    assert bool(get_mask(model[4], "weight").all())
+
+
+class _DefinedOutOfOrder(nn.Module):
+    """conv1, conv2, bn1, bn2 defined in that order; forward runs bn2(conv2(relu(bn1(conv1(x)))))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_prune_bn_channels_pairs_each_bn_with_the_layer_that_feeds_it():
+    torch.manual_seed(0)
+    model = _DefinedOutOfOrder().eval()
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.rand(8))
+    keep1 = model.bn1.weight.detach().abs() >= 0.5
+    assert 0 < int(keep1.sum()) < 8
+    kept = prune_bn_channels(model, threshold=0.5)
+    assert kept == {"bn1": int(keep1.sum()), "bn2": 8}
+    assert torch.equal(get_mask(model.conv1, "weight").flatten(1).all(1), keep1)  # bn1's rows on conv1
+    assert bool(get_mask(model.conv2, "weight").all())  # conv2 feeds bn2, whose channels all stay
+    x = torch.randn(2, 3, 6, 6)
+    h = model.bn1(model.conv1(x))
+    assert bool((h[:, ~keep1] == 0).all())
+
+
+def test_prune_bn_channels_refuses_a_model_it_cannot_trace_unchanged():
+    class Branchy(_DefinedOutOfOrder):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+                x = x + 1
+            return super().forward(x)
+
+    model = Branchy()
+    snap = _snap(model)
+    with pytest.raises(PruningError, match=r"\[bn1\] cannot tell which layer produces.*example_inputs"):
+        prune_bn_channels(model, ratio=0.5)
+    assert _unchanged(model, snap) and get_mask(model.bn1, "weight") is None
+
+
+def test_prune_bn_channels_bn_after_a_sum_masks_the_bn_only():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.a(x) + self.b(x))
+
+    model = Residual()
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.tensor([0.1, 1.0, 0.2, 1.0]))
+    assert prune_bn_channels(model, threshold=0.5) == {"bn": 2}
+    assert get_mask(model.a, "weight") is None and get_mask(model.b, "weight") is None
+    assert get_mask(model.bn, "weight").tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"ratio": 0.5, "min_channels": -1}, "min_channels must be an integer >= 1"),
+    ({"ratio": 0.5, "min_channels": 0}, "min_channels"),
+    ({"ratio": 0.5, "min_channels": "a"}, "min_channels"),
+    ({"threshold": True}, "threshold must be a number"),
+])
+def test_prune_bn_channels_refuses_bad_options_unchanged(kw, match):
+    model = _built_convnet()
+    snap = _snap(model)
+    with pytest.raises(PruningError, match=match):
+        prune_bn_channels(model, **kw)
+    assert _unchanged(model, snap)
+
+
+def test_prune_bn_channels_refuses_nan_scales_unchanged():
+    model = _built_convnet()
+    with torch.no_grad():
+        model[4].weight[2] = float("nan")
+    snap = _snap(model)
+    with pytest.raises(PruningError, match=r"\[4.weight\] BatchNorm scales are not all finite"):
+        prune_bn_channels(model, ratio=0.5)
+    assert all(torch.equal(v.nan_to_num(7.0), snap[k].nan_to_num(7.0)) for k, v in model.state_dict().items())
+    assert get_mask(model[1], "weight") is None and get_mask(model[0], "weight") is None
+
+
+def test_channel_groups_pairs_by_data_flow_and_refuses_unknown_exclude():
+    groups = channel_groups(_DefinedOutOfOrder(), exclude=())
+    members = [{(m[0], m[1]) for m in g.members} for g in groups]
+    assert members == [{("conv1", "weight"), ("conv1", "bias"), ("bn1", "weight"), ("bn1", "bias")},
+                       {("conv2", "weight"), ("conv2", "bias"), ("bn2", "weight"), ("bn2", "bias")}]
+    with pytest.raises(PruningError, match="exclude entries matched no layer.*'zz'"):
+        GroupLasso.for_model(_built_convnet(), exclude=["zz"])
+    with pytest.raises(PruningError, match="exclude entries matched no layer"):
+        channel_groups(_built_convnet(), exclude=["1"])  # a BN: the simple grouping excludes producers
+    assert [g.size for g in channel_groups(_built_convnet(), exclude="3")] == [8, 5]  # one name, not letters

@@ -203,3 +203,28 @@ def test_structural_before_after(tmp_path):
     r.to_html(tmp_path / "s.html", before=before)
     text = (tmp_path / "s.html").read_text()
     assert f"8x3x3x3 → {'x'.join(map(str, m[0].weight.shape))}" in text
+
+
+def test_report_survives_nan_and_inf_weights(tmp_path):
+    m = small_cnn()
+    with torch.no_grad():
+        m[8].weight[0, :3] = float("nan")
+        m[8].weight[1, 0] = float("inf")
+    before = copy.deepcopy(m.state_dict())
+    r = report(m, torch.randn(X))
+    rows = {row.name: row for row in r.rows}
+    assert rows["8"].nonfinite == 4 and rows["0"].nonfinite == 0
+    h = r.hists["8"]
+    assert h["nan"] == 3 and h["inf"] == 1 and sum(h["counts"]) == m[8].weight.numel() - 4
+    assert "4 parameters are NaN or inf, in 8 (4)" in str(r)
+    assert Report.from_dict(json.loads(json.dumps(r.to_dict()))).rows == r.rows
+    r.to_html(tmp_path / "r.html")
+    assert "NaN or inf" in (tmp_path / "r.html").read_text()
+    assert all(torch.equal(before[k].nan_to_num(), v.nan_to_num()) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("history", [5, "rows", {"round": 1}, [{"round": 1}, 3]])
+def test_to_html_refuses_a_bad_history(tmp_path, history):
+    with pytest.raises(PruningError, match="history must be a list of dicts"):
+        report(small_cnn()).to_html(tmp_path / "r.html", history=history)
+    assert not (tmp_path / "r.html").exists()

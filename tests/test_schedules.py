@@ -108,6 +108,27 @@ def _sparsity(model):
     return sum(int((~v).sum()) for v in m.values()) / sum(v.numel() for v in m.values())
 
 
+@pytest.mark.parametrize("d, match", [
+    (None, "a schedule dict is needed"),
+    ({"kind": "gmp", "final": 0.5, "end": 5, "bogus": 1}, "unknown field 'bogus' for schedule 'gmp'"),
+    ({"kind": "gmp"}, "missing field 'final' for schedule 'gmp'"),
+    ({"kind": "iterative", "final": 0.5}, "missing field 'steps'"),
+    ({"kind": "zz"}, "unknown schedule kind"),
+])
+def test_schedule_from_dict_refuses_bad_dicts(d, match):
+    with pytest.raises(PruningError, match=match):
+        schedule_from_dict(d)
+
+
+def test_scheduler_load_state_dict_refuses_bad_applied_unchanged():
+    ps = PruningScheduler(_net(), Linear(final=0.5, end=10))
+    before = ps.state_dict()
+    state = {**before, "step": 3, "applied": [["x", 0.1]]}
+    with pytest.raises(PruningError, match="not a PruningScheduler state"):
+        ps.load_state_dict(state)
+    assert ps.state_dict() == before
+
+
 def test_scheduler_drives_prune_to_schedule():
     model = _net()
     sched = GMP(final=0.8, start=2, end=12, frequency=2)
@@ -163,3 +184,19 @@ def test_scheduler_channel_pruning_through_the_structural_engine():
     ps.step()   # 75 % of the original channels gone, not 75 % of the survivors
     assert [m.out_channels for m in model if isinstance(m, nn.Conv2d)] == [4, 4]
     assert model(x).shape == (2, 5)
+
+
+def test_scheduler_refuses_unknown_prune_options_up_front():
+    model = _net()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match="prune\\(\\) takes no option 'foo'"):
+        PruningScheduler(model, GMP(final=0.5, end=10), foo=1)
+    with pytest.raises(PruningError, match="takes no option 'amount' \\(the schedule sets it\\)"):
+        PruningScheduler(model, GMP(final=0.5, end=10), amount=0.3)
+    assert not masks_of(model) and all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_channel_pruning_refuses_unknown_options_when_built():
+    from secateur.schedules import channel_pruning
+    with pytest.raises(PruningError, match="prune_channels\\(\\) takes no option 'bogus'"):
+        channel_pruning(torch.randn(1, 3, 8, 8), bogus=1)

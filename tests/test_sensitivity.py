@@ -125,6 +125,21 @@ def test_bad_scan_input():
         sensitivity(m, fidelity(m), layers=["nope"], progress=False)
 
 
+@pytest.mark.parametrize("ratios, match", [
+    (["a"], "ratios must be numbers in \\(0, 1\\).*'a'"),
+    (["0.5"], "ratios must be numbers"),
+    ([True], "ratios must be numbers"),
+    (None, "ratios must be a list of numbers in \\(0, 1\\), not NoneType"),
+    (0.5, "ratios must be a list of numbers"),
+])
+def test_scan_refuses_non_numeric_ratios_unchanged(ratios, match):
+    m = mlp()
+    before = snapshot(m)
+    with pytest.raises(PruningError, match=match):
+        sensitivity(m, fidelity(m), ratios=ratios, progress=False)
+    assert same_state(before, snapshot(m))
+
+
 # ------------------------------------------------------------------------------------------ allocate
 
 GRID = (0.2, 0.4, 0.6, 0.8)
@@ -185,6 +200,10 @@ def test_allocation_errors():
         allocate(sens, "flops", 0.5)
     with pytest.raises(PruningError, match="only"):
         allocate(sens, "macs", 0.9)  # the scan stops at 0.8
+    for bad in ("x", -1, 0, 1.5, float("nan"), True):
+        with pytest.raises(PruningError, match=r"max_ratio .* must lie in \(0, 1\]"):
+            allocate(sens, "macs", 0.3, max_ratio=bad)
+    assert allocate(sens, "macs", 0.3, max_ratio=0.5).ratios["a"] <= 0.5
     sens.costs.pop("macs")
     with pytest.raises(PruningError, match="example_inputs"):
         allocate(sens, "macs", 0.5)

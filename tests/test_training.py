@@ -154,3 +154,95 @@ def test_checkpoint_roundtrip_and_refuses_other_model(tmp_path, digits):
     with pytest.raises(PruningError, match="not a secateur checkpoint"):
         resume(m3, {"weights": {}})
     assert checkpoint(model)["format"] == ck["format"]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, snap):
+    sd = model.state_dict()
+    return sd.keys() == snap.keys() and all(torch.equal(sd[k], v) for k, v in snap.items())
+
+
+def _pruned_checkpoint(**kw):
+    model = _mlp()
+    prune(model, 0.5)
+    ck = checkpoint(model, **kw)
+    return {**ck, "weights": {k: v.clone() for k, v in ck["weights"].items()}}
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda ck: ck["weights"].pop("2.bias"), "weights do not match its fingerprint"),
+    (lambda ck: ck["weights"].__setitem__("2.bias", torch.zeros(3)), r"\[2.bias\] checkpoint tensor does not fit"),
+    (lambda ck: ck.pop("fingerprint"), "has no 'fingerprint' dict"),
+    (lambda ck: ck.__setitem__("masks", None), "has no 'masks' dict"),
+    (lambda ck: ck["masks"].__setitem__("1.weight", torch.ones(3, dtype=torch.bool)), "mask does not fit"),
+    (lambda ck: ck.__setitem__("history", 5), "history is not a list"),
+])
+def test_resume_refuses_a_broken_checkpoint_before_touching_the_model(spoil, match):
+    ck = _pruned_checkpoint()
+    spoil(ck)
+    model = _mlp(seed=3)
+    prune(model, 0.8)
+    masks, snap = {k: v.clone() for k, v in masks_of(model).items()}, _state(model)
+    with pytest.raises(PruningError, match=match):
+        resume(model, ck)
+    assert _same(model, snap)  # masks still attached (their buffers are in the state_dict), weights as before
+    assert masks_of(model).keys() == masks.keys()
+
+
+def test_resume_refuses_a_mismatched_optimizer_before_touching_anything():
+    src = _mlp()
+    prune(src, 0.5)
+    ck = checkpoint(src, optimizer=torch.optim.SGD(src.parameters(), lr=0.1, momentum=0.9))
+    model = _mlp(seed=3)
+    prune(model, 0.8)
+    snap = _state(model)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(PruningError, match="optimizer state does not fit this optimizer"):
+        resume(model, ck, optimizer=opt)
+    assert _same(model, snap)
+    with pytest.raises(PruningError, match="no optimizer state"):
+        resume(model, checkpoint(src), optimizer=opt)
+    assert _same(model, snap)
+
+
+def test_resume_refuses_foreign_parametrizations_unchanged():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    ck = _pruned_checkpoint()
+    model = _mlp(seed=3)
+    parametrize.register_parametrization(model[0], "weight", Double())
+    snap = _state(model)
+    with pytest.raises(PruningError, match=r"\[0.weight\] resume handles only secateur masks"):
+        resume(model, ck)
+    assert _same(model, snap)
+
+
+def test_load_checkpoint_names_the_path_of_a_missing_or_unreadable_file(tmp_path):
+    with pytest.raises(PruningError, match="no such checkpoint file.*nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(PruningError, match="cannot read the file as a checkpoint.*garbage.pt"):
+        load_checkpoint(bad)
+
+
+def test_fine_tune_refuses_empty_data():
+    model = _mlp()
+    snap = _state(model)
+    with pytest.raises(PruningError, match="training data is empty"):
+        fine_tune(model, [], torch.optim.SGD(model.parameters(), lr=0.1))
+    assert _same(model, snap)
+
+
+def test_fine_tune_refuses_a_one_shot_iterator_for_several_epochs(digits):
+    train, _ = digits
+    model = _mlp()
+    with pytest.raises(PruningError, match="no batch in epoch 2.*re-iterable"):
+        fine_tune(model, iter(train[:2]), torch.optim.SGD(model.parameters(), lr=0.1), epochs=2)

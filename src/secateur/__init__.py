@@ -9,8 +9,8 @@ from secateur.prune import prune
 from secateur.io import export_onnx, load, save
 from secateur.report import Report, report
 from secateur.sensitivity import allocate, sensitivity
-from secateur.structured import (DepthResult, FastestResult, StructuredResult, drop_blocks, plan_channels,
-                                 prune_channels, prune_fastest)
+from secateur.structured import (DepthResult, FastestResult, StructuredResult, drop_blocks, droppable_blocks,
+                                 plan_channels, prune_channels, prune_fastest)
 from secateur.llm import prune_llm
 
 __version__ = "0.1.0"
@@ -20,6 +20,6 @@ __all__ = [
     "Criterion", "Magnitude", "Random", "Scores", "Taylor", "register_criterion",
     "Element", "NM", "Block", "Slices", "__version__",
     "save", "load", "export_onnx", "report", "Report", "sensitivity", "allocate",
-    "prune_channels", "plan_channels", "StructuredResult", "drop_blocks", "DepthResult", "prune_fastest",
-    "FastestResult", "prune_llm",
+    "prune_channels", "plan_channels", "StructuredResult", "drop_blocks", "droppable_blocks", "DepthResult",
+    "prune_fastest", "FastestResult", "prune_llm",
 ]

@@ -8,6 +8,7 @@ Extension point: subclass `Criterion` (override ``score``, optionally ``group_sc
 function ``(tensor, name) -> scores``; `register_criterion` makes it available by name."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Union
 
@@ -41,8 +42,8 @@ class Magnitude(Criterion):
     p: float = 1.0
 
     def __post_init__(self):
-        if not (self.p > 0):
-            raise fail("magnitude norm order must be > 0", value=self.p)
+        if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real) or not (self.p > 0):
+            raise fail("magnitude norm order must be a number > 0", where="Magnitude", value=self.p)
 
     def score(self, tensor, name):
         return tensor.detach().abs().float()

@@ -89,15 +89,21 @@ def _table(rows: list[Row]) -> str:
 def run_demo(*, epochs: int = 1, ratio: float = 0.6, global_ratio: float = 0.9, data: str = "mnist",
              out_dir: str | Path = "secateur-out", seed: int = 0, hidden: int = 200) -> list[Row]:
     """Run the experiment, print the table, write ``demo.json`` and ``histograms.png`` (if matplotlib)."""
-    if epochs < 0:
-        raise fail("epochs must be >= 0", where="demo", value=epochs)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise fail("epochs must be an integer >= 0", where="demo", value=epochs)
     for name, r in (("ratio", ratio), ("global_ratio", global_ratio)):
-        if not 0.0 <= r < 1.0:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
             raise fail(f"{name} must be in [0, 1)", where="demo", value=r)
+    if data not in ("mnist", "digits"):
+        raise fail("unknown demo data set", where="demo", value=data, hint="choose 'mnist' or 'digits'")
+    out = Path(out_dir)
+    clash = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if clash is not None:  # checked before the (long) training, not when the results are written
+        raise fail(f"the output folder cannot be created: {str(clash)!r} is a file", where="demo",
+                   value=str(out), hint="choose another output folder (--out DIR), or move that file away")
     from secateur import data as datasets
     ds = datasets.load_mnist() if data == "mnist" else datasets.load_digits()
     torch.manual_seed(seed)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"secateur demo: {data} ({len(ds.y_train)} train / {len(ds.y_test)} test), MLP "

@@ -144,11 +144,17 @@ def save(model: nn.Module, path: str | os.PathLike, *, source: str | None = None
         raise fail("source must be a model spec string", value=source)
     from safetensors.torch import save_file
 
-    from secateur.masks import iter_masks
+    from secateur.masks import iter_masks, refuse_foreign
 
     if not isinstance(model, nn.Module):
         raise fail("save() needs an nn.Module", value=type(model).__name__)
     path = _path(path)
+    refuse_foreign(model, "save")  # its raw stored tensor would load as the weight, silently wrong
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.is_meta:
+            raise fail("cannot save a tensor on the meta device (it holds no values)", where=plain_name(key) or key,
+                       shape=t.shape,
+                       hint="materialize the model (model.to_empty(device=...), then load its weights) first")
     tensors, aliases = _state(model)
     masks = {}
     for mod, _, param, mask in iter_masks(model):
@@ -180,8 +186,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None], *
     if os.path.isdir(path):
         raise fail("the output path is a folder; give a file name", where=path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=suffix, dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".secateur-", suffix=suffix, dir=folder)
+    except OSError as e:  # the path's folder cannot be created or written: the user's to fix
+        raise fail("cannot write a file there", where=path, value=e.strerror or str(e),
+                   hint="check that the folder exists (or can be created) and is writable") from None
     os.close(fd)
     try:
         if callable(data):
@@ -349,12 +359,13 @@ def _apply_config(model: nn.Module, recorded: dict | None) -> None:
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Re-apply a saved file to ``model`` (a freshly built, unpruned instance of the same
     architecture): structural changes, config fields, masks, then the exact weights. Returns it."""
-    from secateur.masks import apply_masks, iter_masks, original, remove_mask
+    from secateur.masks import apply_masks, iter_masks, original, refuse_foreign, remove_mask
 
     if not isinstance(model, nn.Module):
         raise fail("load() needs an nn.Module (a freshly built instance of the saved architecture)",
                    value=type(model).__name__)
     path = _path(path)
+    refuse_foreign(model, "load into")  # the file's weight would be fed through it, silently wrong
     desc, tensors = read(path)
     try:
         _check_compatible(model, desc, tensors, path)

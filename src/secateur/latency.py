@@ -171,6 +171,17 @@ def _rejects(model: torch.nn.Module, example_inputs: Any) -> Iterator[None]:
                    hint="pass example inputs the model accepts") from e
 
 
+def _named(call: Callable[[], Any], model: torch.nn.Module, example_inputs: Any) -> Callable[[], Any]:
+    """``call``, whose failure names its model (`_rejects`); a try costs nothing in the timed path until it fails."""
+    def named():
+        try:
+            return call()
+        except RuntimeError as e:
+            with _rejects(model, example_inputs):
+                raise e
+    return named
+
+
 @contextlib.contextmanager
 def _room_to_compile(models: int) -> Iterator[None]:
     """Room in dynamo's caches for every model compiled here. Models of one class share their ``forward`` code,
@@ -249,12 +260,9 @@ def compare_latency(models: Mapping[str, torch.nn.Module], example_inputs: Any, 
     with pinned_threads(threads), torch.inference_mode(), room, contextlib.ExitStack() as modes:
         for m in models.values():
             modes.enter_context(statistics_kept(m, eval=True))
-        calls = {k: _prepare(m, example_inputs, compile) for k, m in models.items()}
+        calls = {k: _named(_prepare(m, example_inputs, compile), m, example_inputs) for k, m in models.items()}
         timer = _Timer(device)
-        for k in names:  # the first call of each alone: a model that fails is named
-            with _rejects(models[k], example_inputs):
-                calls[k]()
-        for _ in range(warmup - 1):
+        for _ in range(warmup):
             for k in names:
                 calls[k]()
         if number is None:

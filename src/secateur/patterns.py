@@ -5,6 +5,7 @@ element mask (``expand``). N:M is special: it keeps the N best of every M, whate
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -21,6 +22,11 @@ def _norm_reduce(s: torch.Tensor, dims: tuple[int, ...], p: float) -> torch.Tens
     if p == 1:
         return s.abs().sum(dim=dims)
     return s.abs().pow(p).sum(dim=dims).pow(1.0 / p)
+
+
+def _check_int(value, what: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise fail(f"{what} must be an integer", where=where, value=value)
 
 
 class _PerElement:
@@ -62,6 +68,8 @@ class Block:
     is_elementwise = False
 
     def __post_init__(self):
+        _check_int(self.rows, "block rows", "Block")
+        _check_int(self.cols, "block cols", "Block")
         if self.rows < 1 or self.cols < 1:
             raise fail("block size must be positive", value=(self.rows, self.cols))
 
@@ -102,6 +110,9 @@ class Slices:
     dim: int = 0
     is_elementwise = False
 
+    def __post_init__(self):
+        _check_int(self.dim, "the sliced dim", "Slices")
+
     def for_module(self, module):
         return self
 
@@ -136,6 +147,10 @@ class NM(_PerElement):
     dim: int | None = None
 
     def __post_init__(self):
+        _check_int(self.n, "N", "NM")
+        _check_int(self.m, "M", "NM")
+        if self.dim is not None:
+            _check_int(self.dim, "the N:M dim", "NM")
         if not (0 < self.n < self.m):
             raise fail("N:M needs 0 < N < M", value=f"{self.n}:{self.m}")
 

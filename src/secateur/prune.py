@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import warnings
 from functools import partial
 from typing import Callable, Iterable, Mapping, Union
@@ -15,7 +16,7 @@ from torch import nn
 
 from secateur.criteria import CriterionSpec, Magnitude, get_criterion
 from secateur.errors import fail
-from secateur.masks import get_mask, set_mask
+from secateur.masks import check_model, get_mask, set_mask
 from secateur.patterns import NM, PatternSpec, get_pattern
 from secateur.selection import Lazy, lowest
 from secateur.targets import Target, TargetSpec, select_targets
@@ -25,8 +26,13 @@ Amount = Union[float, Mapping[str, float], Callable[[str, torch.Tensor], float]]
 _NEG_INF = float("-inf")
 
 
+def _is_real(x) -> bool:
+    """Any real number (int, float, NumPy scalars...) but not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_ratio(r, where):
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= float(r) <= 1.0) or math.isnan(r):
+    if not _is_real(r) or not (0.0 <= float(r) <= 1.0):  # NaN fails the range test too
         raise fail("amount must be a ratio in [0, 1]", where=where, value=r)
     return float(r)
 
@@ -40,11 +46,15 @@ def _ratio_for(amount: Amount, t: Target, used: set) -> float | None:
         return None
     if callable(amount):
         return _check_ratio(amount(t.name, t.tensor), t.name)
-    return _check_ratio(amount, t.name)
+    return amount  # a scalar, checked once by _check_options
 
 
 def _validate_tensor(t: Target) -> torch.Tensor:
     w = t.tensor
+    if w.is_meta:
+        raise fail("masks need real weights: this tensor is on the meta device (it holds no values)",
+                   where=t.name, shape=w.shape,
+                   hint="materialize the model (model.to_empty(device=...), then load its weights) before pruning")
     if not torch.is_floating_point(w):
         raise fail("cannot prune a non-floating tensor", where=t.name, shape=w.shape, value=w.dtype)
     # a finite sum proves every entry finite with one reduction and no boolean copy; only a sum that is
@@ -83,13 +93,15 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
     ``criterion``: ``"l1"``, ``"l2"``, ``"random"``, ``"taylor"``, a `Criterion` or a function
     ``(tensor, name) -> scores``. ``pattern``: ``"element"``, ``"2:4"``, ``"block4x4"``, ``"rows"``...
     ``targets``: None (Linear/Conv weights), a preset (``"conv1x1"``), a filter ``(name, module) -> bool``
-    or module names. ``min_sparsity`` / ``max_sparsity`` bound each tensor in global scope."""
+    or module names. ``min_sparsity`` / ``max_sparsity`` bound each tensor in global scope (with
+    ``amount`` or ``count``); bounds that make the global target unreachable are an error."""
+    check_model(model, "prune")
     crit, pat = get_criterion(criterion), get_pattern(pattern)
-    lo, hi = _check_options(pat, amount, threshold, count, scope, min_sparsity, max_sparsity)
+    amount, count, lo, hi = _check_options(pat, amount, threshold, count, scope, min_sparsity, max_sparsity)
     chosen = select_targets(model, targets, include_bias=include_bias, exclude=exclude)
     chosen = drop_tied(model, chosen, explicit=targets is not None)
     work = _collect(chosen, crit, pat, amount)
-    _check_count(work, count, scope)
+    _check_count(work, count, scope, lo, hi)
     with torch.no_grad():
         pruned = _select(work, pat, amount, threshold, count, scope, lo, hi)
         new_masks = []
@@ -107,7 +119,8 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
     return result
 
 
-def _check_options(pat, amount, threshold, count, scope, min_sparsity, max_sparsity) -> tuple[float, float]:
+def _check_options(pat, amount, threshold, count, scope, min_sparsity, max_sparsity) -> tuple:
+    """Validated ``(amount, count, min_sparsity, max_sparsity)``: a scalar amount as a float, a count as an int."""
     given = [x is not None for x in (amount, threshold, count)]
     if isinstance(pat, NM):
         if any(given):
@@ -121,13 +134,25 @@ def _check_options(pat, amount, threshold, count, scope, min_sparsity, max_spars
     hi = _check_ratio(max_sparsity, "max_sparsity")
     if lo > hi:
         raise fail("min_sparsity exceeds max_sparsity", value=(lo, hi))
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-        raise fail("count must be a non-negative integer", value=count)
-    if threshold is not None and (not isinstance(threshold, (int, float)) or math.isnan(threshold)):
-        raise fail("threshold must be a number", value=threshold)
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise fail("count must be a non-negative integer", where="count", value=count)
+        count = int(count)
+    if threshold is not None and (not _is_real(threshold) or math.isnan(threshold)):
+        raise fail("threshold must be a number", where="threshold", value=threshold)
     if scope == "global" and (isinstance(amount, Mapping) or callable(amount)):
         raise fail("per-layer amounts need scope='local'", value=amount)
-    return lo, hi
+    if amount is not None and not isinstance(amount, Mapping) and not callable(amount):
+        amount = _check_ratio(amount, "amount")
+    if (lo, hi) != (0.0, 1.0) and (scope != "global" or threshold is not None or isinstance(pat, NM)):
+        raise fail("min_sparsity / max_sparsity bound the tensors of a global amount or count only",
+                   value=dict(min_sparsity=lo, max_sparsity=hi), hint="pass scope='global' with amount or count, "
+                   "or give per-layer amounts as a dict")
+    if isinstance(amount, float) and not lo <= amount <= hi:
+        raise fail("no tensor may be pruned past max_sparsity (or less than min_sparsity), so the global amount "
+                   "cannot be met", where="amount", value=amount,
+                   hint=f"ask for an amount within [{lo}, {hi}] or widen min_sparsity / max_sparsity")
+    return amount, count, lo, hi
 
 
 def _collect(chosen: list[Target], crit, pat, amount) -> list[tuple]:
@@ -156,7 +181,7 @@ def _collect(chosen: list[Target], crit, pat, amount) -> list[tuple]:
     return work
 
 
-def _check_count(work: list[tuple], count: int | None, scope: str) -> None:
+def _check_count(work: list[tuple], count: int | None, scope: str, lo: float, hi: float) -> None:
     if count is None:
         return
     sizes = {t.name: s.numel() for t, s, _, _, _ in work}
@@ -166,6 +191,11 @@ def _check_count(work: list[tuple], count: int | None, scope: str) -> None:
         name, size = next(iter(too_small.items()))
         raise fail(f"count exceeds the {size} prunable entries (or groups)", where=name, value=count,
                    hint="count is per tensor with scope='local', over all targets with scope='global'")
+    most = sum(math.floor(hi * n) for n in sizes.values())
+    least = sum(math.ceil(lo * n) for n in sizes.values())
+    if scope == "global" and not least <= count <= most:
+        raise fail(f"min_sparsity / max_sparsity allow pruning only {least} to {most} entries (or groups)",
+                   where="count", value=count, hint="ask for a count in that range or widen the bounds")
 
 
 def _select(work, pat, amount, threshold, count, scope, lo, hi) -> list[torch.Tensor]:

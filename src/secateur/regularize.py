@@ -15,9 +15,11 @@ from typing import Callable, Iterable, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from secateur.errors import fail
-from secateur.masks import get_mask, original, set_mask
+from secateur.masks import Mask, get_mask, original, set_mask
+from secateur.selection import lowest
 
 LambdaSpec = Union[float, Callable[[int], float]]
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -102,9 +104,18 @@ def channel_groups(model: nn.Module, *, exclude: Iterable[str] | None = None, ex
     """Channel groups for group lasso. With ``example_inputs`` and the structural engine available:
     the engine's dependency groups (producer rows, norm parameters, consumers' input columns, residual
     partners); otherwise one group per Linear/Conv layer: each output channel's weight row, bias entry
-    and the following BatchNorm's scale and shift (when the next Linear/Conv/BN layer in definition
-    order is a BN of matching width). The last producer (the classifier) is excluded by default in the
-    simple grouping; the engine never offers the model's outputs."""
+    and the scale and shift of the BatchNorm that reads its output, and nothing else, in the forward
+    (`_producers_of`; no BN where that cannot be told). The last producer (the classifier) is excluded by
+    default in the simple grouping; the engine never offers the model's outputs. ``exclude``: module
+    names; one that matches no grouped layer is an error (a typo would leave a layer unprotected)."""
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    elif exclude is not None:
+        if not isinstance(exclude, Iterable):
+            raise fail("exclude must be an iterable of module names", where="channel_groups", value=exclude)
+        exclude = tuple(exclude)
+        if not all(isinstance(e, str) for e in exclude):
+            raise fail("exclude must be an iterable of module names", where="channel_groups", value=exclude)
     if example_inputs is not None:
         try:
             from secateur.graph.groups import build_groups
@@ -112,22 +123,32 @@ def channel_groups(model: nn.Module, *, exclude: Iterable[str] | None = None, ex
             build_groups = None
         if build_groups is not None:
             skip = set(exclude or ())
-            return [LassoGroup.from_engine(g, model) for g in build_groups(model, example_inputs)
-                    if not (g.modules() & skip)]
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, _PRODUCERS + _BN)]
-    producers = [n for n, m in mods if isinstance(m, _PRODUCERS)]
+            engine_groups = build_groups(model, example_inputs)
+            _check_exclude(model, skip, set().union(*(g.modules() for g in engine_groups)))
+            return [LassoGroup.from_engine(g, model) for g in engine_groups if not (g.modules() & skip)]
+    producers = [n for n, m in model.named_modules() if isinstance(m, _PRODUCERS)]
     skip = set(producers[-1:]) if exclude is None else set(exclude)
+    _check_exclude(model, skip, set(producers))
+    bn_of = {id(p): bn for bn, p in _producers_of(model, [n for n, _ in bn_layers(model)], strict=False).items()
+             if p is not None}
     groups = []
-    for i, (name, m) in enumerate(mods):
+    for name, m in model.named_modules():
         if not isinstance(m, _PRODUCERS) or name in skip:
             continue
         width = original(m, "weight").shape[0]
         members = [(name, "weight", 0)] + ([(name, "bias", 0)] if m.bias is not None else [])
-        nxt = mods[i + 1][1] if i + 1 < len(mods) else None
-        if isinstance(nxt, _BN) and nxt.affine and nxt.num_features == width:
-            members += [(mods[i + 1][0], "weight", 0), (mods[i + 1][0], "bias", 0)]
+        if id(m) in bn_of:
+            members += [(bn_of[id(m)], "weight", 0), (bn_of[id(m)], "bias", 0)]
         groups.append(LassoGroup(tuple(members), width))
     return groups
+
+
+def _check_exclude(model: nn.Module, exclude: set[str], candidates: set[str]) -> None:
+    """An exclude entry that matches no candidate layer is a typo that would leave a layer unprotected."""
+    unused = sorted(exclude - candidates)
+    if unused:
+        raise fail("exclude entries matched no layer of a channel group", where=type(model).__name__,
+                   value=unused, hint=f"layer names look like {sorted(candidates)[:5]}")
 
 
 def _resolve(model: nn.Module, groups: Sequence[LassoGroup]):
@@ -262,14 +283,22 @@ def prune_bn_channels(model: nn.Module, *, threshold: float | None = None, ratio
 
     With ``example_inputs`` and the structural engine available the channels are physically removed via
     ``secateur.structured.prune_channels(importance="bn_scale")``. Otherwise the channels are masked: the
-    BN scale and shift and the producing layer's output rows, which zeroes the channel exactly."""
+    BN scale and shift and the producing layer's output rows, which zeroes the channel exactly. The
+    producer is found from the forward's data flow (a ``torch.fx`` trace); a model that does not trace
+    needs ``example_inputs`` unless its BNs follow their producers inside an ``nn.Sequential``.
+    ``ratio`` prunes exactly ``round(ratio * channels)`` channels (ties: earlier layer, lower index),
+    ``min_channels`` (>= 1) per layer allowing."""
     if (threshold is None) == (ratio is None):
         raise fail("give exactly one of threshold or ratio", where="prune_bn_channels",
                    value={"threshold": threshold, "ratio": ratio})
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
         raise fail("ratio must be in [0, 1)", where="prune_bn_channels", value=ratio)
-    if threshold is not None and (not isinstance(threshold, (int, float)) or math.isnan(threshold)):
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or math.isnan(threshold)):
         raise fail("threshold must be a number", where="prune_bn_channels", value=threshold)
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+        raise fail("min_channels must be an integer >= 1 (a BN layer is never emptied)", where="prune_bn_channels",
+                   value=min_channels)
     eng = _structured()
     if example_inputs is not None and eng is not None:
         kw = {"ratio": ratio} if ratio is not None else {"threshold": threshold}
@@ -279,21 +308,26 @@ def prune_bn_channels(model: nn.Module, *, threshold: float | None = None, ratio
     if not layers:
         raise fail("the model has no affine BatchNorm layer", where=type(model).__name__)
     scales = [original(m, "weight").detach().abs() for _, m in layers]
+    for (name, _), sc in zip(layers, scales):
+        if not bool(torch.isfinite(sc).all()):
+            raise fail("BatchNorm scales are not all finite", where=f"{name}.weight", shape=sc.shape,
+                       value=sc[~torch.isfinite(sc)].flatten()[0].item())
+    producers = _producers_of(model, [n for n, _ in layers], strict=True)  # may refuse: before any change
+    # never empty a layer: its min_channels largest scales are kept (ties: lower index)
+    protected = []
+    for sc in scales:
+        keep = torch.zeros_like(sc, dtype=torch.bool)
+        keep[torch.sort(sc, descending=True, stable=True).indices[:min_channels]] = True
+        protected.append(keep)
     if ratio is not None:
-        flat = torch.cat([s.flatten().float() for s in scales])
-        k = int(round(ratio * flat.numel()))
-        cut = float(torch.kthvalue(flat.cpu(), k).values) if k > 0 else -math.inf
-        keeps = [s > cut for s in scales]
+        # exactly the k smallest unprotected scales; ties go to the earlier layer, then the lower index
+        # (secateur.selection, as everywhere in secateur)
+        total = sum(sc.numel() for sc in scales)
+        k = min(int(round(ratio * total)), total - sum(int(p.sum()) for p in protected))
+        ranked = [sc.float().masked_fill(p, math.inf) for sc, p in zip(scales, protected)]
+        keeps = [~pruned for pruned in lowest(ranked, k)]
     else:
-        keeps = [s >= threshold for s in scales]
-    # never empty a layer: keep its largest scales up to min_channels
-    for i, (s, keep) in enumerate(zip(scales, keeps)):
-        need = min(min_channels, s.numel())
-        if int(keep.sum()) < need:
-            keep = keep.clone()
-            keep[torch.topk(s, need).indices] = True
-            keeps[i] = keep
-    producers = _producers_of(model, [n for n, _ in layers])
+        keeps = [(sc >= threshold) | p for sc, p in zip(scales, protected)]
     plan = []
     for (name, bn), keep in zip(layers, keeps):
         plan += [(bn, "weight", keep), (bn, "bias", keep)]
@@ -303,17 +337,65 @@ def prune_bn_channels(model: nn.Module, *, threshold: float | None = None, ratio
             plan.append((prod, "weight", keep.reshape(-1, *[1] * (w.dim() - 1)).expand_as(w)))
             if prod.bias is not None:
                 plan.append((prod, "bias", keep))
+    for module, param, _ in plan:  # set_mask would refuse these halfway through the plan
+        if parametrize.is_parametrized(module, param) and \
+                any(not isinstance(p, Mask) for p in module.parametrizations[param]):
+            raise fail("cannot mask a tensor under a parametrization secateur did not add",
+                       where=f"{type(module).__name__}.{param}")
     for module, param, keep in plan:
         old = get_mask(module, param)
         set_mask(module, param, keep if old is None else keep & old)
     return {name: int(k.sum()) for (name, _), k in zip(layers, keeps)}
 
 
-def _producers_of(model: nn.Module, bn_names: list[str]) -> dict[str, nn.Module]:
-    """The Linear/Conv layer defined right before each BN with a matching width (simple chain models)."""
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, _PRODUCERS + _BN)]
-    out = {}
-    for (pn, p), (bn_name, bn) in zip(mods, mods[1:]):
-        if bn_name in bn_names and isinstance(p, _PRODUCERS) and original(p, "weight").shape[0] == bn.num_features:
-            out[bn_name] = p
-    return out
+def _producers_of(model: nn.Module, bn_names: list[str], *, strict: bool) -> dict[str, nn.Module | None]:
+    """For each BN, the Linear/Conv layer whose output is its input and goes nowhere else, or None where the
+    BN reads something else (a sum, a concat, a layer shared or also read elsewhere): then only the BN is
+    masked, which still zeroes the channel exactly.
+
+    Found by data flow, never by definition order: from a ``torch.fx`` trace of the forward (no inputs
+    needed). Where the model does not trace, only a producer and a BN that are consecutive children of a
+    plain ``nn.Sequential`` count; ``strict``: any other BN is then an error (its channels could belong to
+    any layer), else it gets None."""
+    modules = dict(model.named_modules())
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+
+    def fits(p, bn) -> bool:
+        return isinstance(p, _PRODUCERS) and counts[id(p)] == 1 and original(p, "weight").shape[0] == bn.num_features
+
+    try:
+        import torch.fx
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:  # data-dependent control flow, non-tensor arguments...: no trace
+        graph, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    out: dict[str, nn.Module | None] = {}
+    if graph is not None:
+        calls: dict[str, list] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls.setdefault(node.target, []).append(node)
+        for bn_name in bn_names:
+            nodes, prod = calls.get(bn_name, []), None
+            if len(nodes) == 1 and nodes[0].args and isinstance(nodes[0].args[0], torch.fx.Node):
+                src = nodes[0].args[0]
+                if src.op == "call_module" and len(calls.get(src.target, [])) == 1 and len(src.users) == 1 \
+                        and fits(modules.get(src.target), modules[bn_name]):
+                    prod = modules[src.target]
+            out[bn_name] = prod
+        return out
+    for seq_name, seq in model.named_modules():
+        if type(seq).forward is not nn.Sequential.forward:
+            continue
+        kids = list(seq.named_children())
+        for (_, p), (bn_short, bn) in zip(kids, kids[1:]):
+            bn_name = f"{seq_name}.{bn_short}" if seq_name else bn_short
+            if bn_name in bn_names and fits(p, bn):
+                out[bn_name] = p
+    unknown = [n for n in bn_names if n not in out]
+    if unknown and strict:
+        raise fail("cannot tell which layer produces this BatchNorm's channels without running the model "
+                   f"(torch.fx could not trace it: {why})", where=unknown[0], value=unknown,
+                   hint="pass example_inputs= (the channels are then removed following the real forward)")
+    return {n: out.get(n) for n in bn_names}

@@ -18,7 +18,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -128,7 +128,8 @@ def weight_uses(model: nn.Module, inputs: Any) -> dict[str, int]:
 @dataclass(frozen=True)
 class LayerRow:
     """One module that owns parameters. ``shape`` is its weight's (or first parameter's) shape;
-    ``params``/``zeros`` count all its own parameters, effective (masked) values."""
+    ``params``/``zeros``/``nonfinite`` (NaN or inf entries) count all its own parameters, effective
+    (masked) values."""
 
     name: str
     type: str
@@ -138,6 +139,7 @@ class LayerRow:
     masked: bool = False
     macs: int | None = None
     macs_nonzero: int | None = None
+    nonfinite: int = 0
 
     @property
     def nonzero(self) -> int:
@@ -172,16 +174,21 @@ def _type_name(module: nn.Module) -> str:
 
 
 def _histogram(w: torch.Tensor) -> dict:
-    """Histogram of the non-zero entries (the zero spike of a pruned tensor is reported apart)."""
-    nz = w.detach().float().flatten()
-    nz = nz[nz != 0]
+    """Histogram of the finite non-zero entries (the zero spike of a pruned tensor is reported apart,
+    and so are NaN and inf entries, counted under ``nan`` / ``inf`` when there are any)."""
+    flat = w.detach().float().flatten()
+    finite = torch.isfinite(flat)
+    extra = {}
+    if not bool(finite.all()):
+        extra = {"nan": int(torch.isnan(flat).sum()), "inf": int(torch.isinf(flat).sum())}
+    nz = flat[finite & (flat != 0)]
     if nz.numel() == 0:
-        return {"lo": 0.0, "hi": 0.0, "counts": [0] * HIST_BINS}
+        return {"lo": 0.0, "hi": 0.0, "counts": [0] * HIST_BINS, **extra}
     lo, hi = float(nz.min()), float(nz.max())
     if lo == hi:
         lo, hi = lo - 0.5, hi + 0.5
     counts = torch.histc(nz, bins=HIST_BINS, min=lo, max=hi)
-    return {"lo": lo, "hi": hi, "counts": [int(c) for c in counts.tolist()]}
+    return {"lo": lo, "hi": hi, "counts": [int(c) for c in counts.tolist()], **extra}
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -251,7 +258,20 @@ class Report:
                  f"non-zero parameters: {self.nonzero_params:,} of {self.total_params:,}"]
         if self.model_macs is not None:
             lines.append(f"model MACs (every op, torch flop counter): {self.model_macs:,}")
+        note = self.nonfinite_note()
+        if note:
+            lines.append(note)
         return "\n".join(lines)
+
+    def nonfinite_note(self) -> str | None:
+        """A line naming the layers whose parameters hold NaN or inf (None when every value is finite)."""
+        bad = [r for r in self.rows if r.nonfinite]
+        if not bad:
+            return None
+        names = ", ".join(f"{r.name or '(model)'} ({r.nonfinite:,})" for r in bad[:5])
+        more = f" and {len(bad) - 5} more layers" if len(bad) > 5 else ""
+        return (f"warning: {sum(r.nonfinite for r in bad):,} parameters are NaN or inf, in {names}{more}; "
+                "histograms show the finite values")
 
     def __str__(self) -> str:
         return self.table()
@@ -270,7 +290,7 @@ class Report:
     @classmethod
     def from_dict(cls, d: Mapping) -> "Report":
         try:
-            fields = {"name", "type", "shape", "params", "zeros", "masked", "macs", "macs_nonzero"}
+            fields = {"name", "type", "shape", "params", "zeros", "masked", "macs", "macs_nonzero", "nonfinite"}
             rows = [LayerRow(**{k: (tuple(v) if k == "shape" else v) for k, v in r.items() if k in fields})
                     for r in d["layers"]]
             t = d["totals"]
@@ -328,7 +348,16 @@ class Report:
 
     def to_html(self, path: str | os.PathLike, history: Sequence[Mapping] | None = None,
                 sensitivity: Any = None, before: "Report | nn.Module | None" = None) -> None:
-        """Write a single self-contained HTML page (inline CSS, PNG images inlined as base64)."""
+        """Write a single self-contained HTML page (inline CSS, PNG images inlined as base64). ``history``:
+        a list of dicts (one row each, e.g. `iterative_prune`'s)."""
+        if history is not None:
+            if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
+                raise fail("history must be a list of dicts (one row each)", where="Report.to_html",
+                           value=history if isinstance(history, (int, float)) else type(history).__name__)
+            history = list(history)
+            bad = [h for h in history if not isinstance(h, Mapping)]
+            if bad:
+                raise fail("history must be a list of dicts (one row each)", where="Report.to_html", value=bad[0])
         page = _render_html(self, history=history, sensitivity=sensitivity, before=_as_report(before))
         _atomic_write(path, page.encode())
 
@@ -404,6 +433,8 @@ def report(model: nn.Module, example_inputs: Any = None) -> Report:
             seen.update(key for _, _, _, key in tensors)
             params = sum(t.numel() for t in fresh)
             z = sum(t.numel() - int(torch.count_nonzero(t)) for t in fresh)
+            nonfinite = sum(t.numel() - int(torch.isfinite(t).sum()) for t in fresh
+                            if t.is_floating_point() or t.is_complex())
             first = tensors[0][1]
             w = {p: t for p, t, _, _ in tensors}.get("weight")
             macs = macs_nz = None
@@ -411,7 +442,7 @@ def report(model: nn.Module, example_inputs: Any = None) -> Report:
                 macs = uses[name] * w.numel()
                 macs_nz = uses[name] * int(torch.count_nonzero(w))
             rows.append(LayerRow(name, _type_name(module), tuple(first.shape), params, z,
-                                 any(m for _, _, m, _ in tensors), macs, macs_nz))
+                                 any(m for _, _, m, _ in tensors), macs, macs_nz, nonfinite))
             if w is not None and w.dim() >= 2 and torch.is_floating_point(w) and name not in hists:
                 hists[name] = _histogram(w)
             total += params
@@ -585,6 +616,7 @@ def _render_html(rep: Report, history=None, sensitivity=None, before: Report | N
         f"<p class='sub'>{len(rep.rows)} layers with parameters"
         + (" · compared with the model before pruning" if before is not None else "") + "</p>",
         f"<div class='cards'>{''.join(cards)}</div>",
+        f"<p class='note'>{_e(rep.nonfinite_note())}</p>" if rep.nonfinite_note() else "",
         "<h2>Layers</h2>", _layers_html(rep, before),
         "<h2>Weight histograms</h2>",
         _img(hist, "weight histograms") if rep.hists else "<p class='note'>no weight matrices</p>",

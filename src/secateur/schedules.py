@@ -7,9 +7,10 @@ the survivors). Schedules are pure functions of the step, which is what makes re
 training exact: the only state is the step counter."""
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Callable, ClassVar, Mapping
 
 from torch import nn
 
@@ -57,11 +58,25 @@ def _register(cls):
 
 def schedule_from_dict(d: dict[str, Any]) -> Schedule:
     """Inverse of ``Schedule.to_dict`` (used when a checkpoint is resumed)."""
+    if not isinstance(d, Mapping):
+        raise fail("a schedule dict is needed", where="schedule_from_dict", value=type(d).__name__,
+                   hint="pass Schedule.to_dict()'s output")
     d = dict(d)
     kind = d.pop("kind", None)
     if kind not in _SCHEDULES:
         raise fail("unknown schedule kind", where="schedule", value=kind, hint=f"known: {sorted(_SCHEDULES)}")
-    return _SCHEDULES[kind](**d)
+    cls = _SCHEDULES[kind]
+    known = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(map(str, set(d) - set(known)))
+    if unknown:
+        raise fail(f"unknown field {unknown[0]!r} for schedule {kind!r}", where="schedule_from_dict",
+                   value=unknown, hint=f"fields: {sorted(known)}")
+    missing = sorted(k for k, f in known.items()
+                     if k not in d and f.default is MISSING and f.default_factory is MISSING)
+    if missing:
+        raise fail(f"missing field {missing[0]!r} for schedule {kind!r}", where="schedule_from_dict",
+                   value=missing, hint=f"fields: {sorted(known)}")
+    return cls(**d)
 
 
 @_register
@@ -210,7 +225,20 @@ def channel_pruning(example_inputs: Any, **prune_channels_kwargs: Any) -> "Chann
     *original* channels removed so far (each update removes the right share of the survivors).
     Physical removal replaces parameters: rebuild the optimizer after an update (``scheduler.applied``
     grows) and do not use it under DDP, where masks (the default) are the way."""
+    from secateur.structured import prune_channels
+    _check_options(prune_channels, prune_channels_kwargs, ("model", "example_inputs", "ratio"), "channel_pruning")
     return ChannelPruning(example_inputs, prune_channels_kwargs)
+
+
+def _check_options(fn: Callable, options: dict, taken: tuple[str, ...], where: str) -> None:
+    """Options meant for ``fn`` that it does not take (or that the scheduler sets itself) are refused now,
+    not at the first pruning step mid-training."""
+    known = set(inspect.signature(fn).parameters) - set(taken)
+    bad = sorted(set(options) - known)
+    if bad:
+        why = " (the schedule sets it)" if bad[0] in taken else ""
+        raise fail(f"{fn.__name__}() takes no option {bad[0]!r}{why}", where=where, value=bad,
+                   hint=f"options: {sorted(known)}")
 
 
 @dataclass
@@ -250,6 +278,7 @@ class PruningScheduler:
             # registered after DistributedDataParallel wraps the model would cut DDP's gradient hooks
             # (so build the scheduler before wrapping the model in DDP).
             from secateur.prune import prune
+            _check_options(prune, prune_kwargs, ("model", "amount"), "PruningScheduler")
             prune(model, amount=0.0, **prune_kwargs)
         self.step_count = 0          # number of step() calls so far; the next call handles this step
         self.sparsity = 0.0          # last target applied
@@ -289,7 +318,8 @@ class PruningScheduler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counter; refuses a state written by a different schedule (nothing is changed)."""
         try:
-            step, sparsity, applied = int(state["step"]), float(state["sparsity"]), state["applied"]
+            step, sparsity = int(state["step"]), float(state["sparsity"])
+            applied = [(int(a), float(b)) for a, b in state["applied"]]
             sched = state["schedule"]
         except (KeyError, TypeError, ValueError) as e:
             raise fail("not a PruningScheduler state", where="PruningScheduler.load_state_dict",
@@ -297,5 +327,4 @@ class PruningScheduler:
         if sched != self.schedule.to_dict():
             raise fail("the state was written by a different schedule", where="PruningScheduler.load_state_dict",
                        value={"saved": sched, "current": self.schedule.to_dict()})
-        self.step_count, self.sparsity = step, sparsity
-        self.applied = [(int(a), float(b)) for a, b in applied]
+        self.step_count, self.sparsity, self.applied = step, sparsity, applied

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -121,9 +122,17 @@ def as_sensitivity(x: Any) -> SensitivityResult:
 
 
 def _check_ratios(ratios: Iterable[float]) -> tuple[float, ...]:
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+        raise fail(f"sensitivity ratios must be a list of numbers in (0, 1), not {type(ratios).__name__}",
+                   where="sensitivity", value=ratios, hint="e.g. ratios=[0.3, 0.5, 0.7]")
+    ratios = list(ratios)
+    bad = [r for r in ratios if isinstance(r, bool) or not isinstance(r, numbers.Real)]
+    if bad:
+        raise fail("sensitivity ratios must be numbers in (0, 1)", where="sensitivity", value=bad[0],
+                   hint="e.g. ratios=[0.3, 0.5, 0.7]")
     out = tuple(sorted({float(r) for r in ratios}))
     if not out or any(not (0.0 < r < 1.0) or math.isnan(r) for r in out):
-        raise fail("sensitivity ratios must lie in (0, 1)", value=ratios)
+        raise fail("sensitivity ratios must lie in (0, 1)", where="sensitivity", value=ratios)
     return out
 
 
@@ -320,6 +329,10 @@ def allocate(sens: SensitivityResult, target: str = "macs", fraction: float = 0.
         raise fail("fraction (of the target to remove) must lie in (0, 1)", value=fraction)
     if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
         raise fail("align must be a positive integer", value=align)
+    if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, numbers.Real)
+                                  or not 0 < max_ratio <= 1):
+        raise fail("max_ratio (the largest ratio any layer gets) must lie in (0, 1]", where="allocate",
+                   value=max_ratio)
     costs = sens.costs.get(target)
     if not costs:
         raise fail(f"the sensitivity scan holds no {target} costs", value=target,

@@ -75,8 +75,21 @@ def _module_filter(targets: TargetSpec) -> ModuleFilter:
         return PRESETS[targets]
     if callable(targets):
         return targets
-    names = set(targets)
+    names = set(targets)  # module names, checked by select_targets
     return lambda n, m: n in names
+
+
+def _names(value, what: str) -> tuple[str, ...]:
+    """An iterable of module names as a tuple (read once: it may be a generator), else a PruningError."""
+    kinds = "a preset name, a filter (name, module) -> bool or " if what == "targets" else "a glob or "
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
+        raise fail(f"{what} must be {kinds}an iterable of module names, not {type(value).__name__}", where=what,
+                   value=value)
+    value = tuple(value)
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise fail(f"{what} must be {kinds}an iterable of module names", where=what, value=bad[0])
+    return value
 
 
 def select_targets(model: nn.Module, targets: TargetSpec = None, *, include_bias: bool = False,
@@ -88,10 +101,11 @@ def select_targets(model: nn.Module, targets: TargetSpec = None, *, include_bias
     ``exclude``: globs matched against module names (``"fc"``, ``"layer4.*"``) and tensor names
     (``"fc.bias"``), like the keys of a per-layer amount dict; one that matches no candidate tensor is an
     error, so that a typo cannot leave a layer the user meant to protect unprotected."""
-    from secateur.masks import original
+    from secateur.masks import foreign, original
 
-    if isinstance(exclude, str):
-        exclude = (exclude,)
+    exclude = (exclude,) if isinstance(exclude, str) else _names(exclude, "exclude")
+    if targets is not None and not isinstance(targets, str) and not callable(targets):
+        targets = _names(targets, "targets")
     keep = _module_filter(targets)
     if targets is not None and not isinstance(targets, str) and not callable(targets):
         known = [n for n, _ in model.named_modules()]
@@ -113,11 +127,17 @@ def select_targets(model: nn.Module, targets: TargetSpec = None, *, include_bias
             continue
         skip_module = is_excluded(name)
         for param in ("weight", "bias") if include_bias else ("weight",):
-            t = original(module, param)
-            if t is None:
+            other = foreign(module, param)
+            t = None if other else original(module, param)
+            if t is None and not other:
                 continue
             if is_excluded(f"{name}.{param}" if name else param) or skip_module:
                 continue
+            if other:  # its stored tensor is not the one the model computes with
+                raise fail("cannot prune a tensor under a parametrization secateur did not add",
+                           where=f"{name}.{param}" if name else param, value=", ".join(other),
+                           hint=f"bake it first with torch.nn.utils.parametrize.remove_parametrizations("
+                           f"model.get_submodule({name!r}), {param!r}), or exclude=[{name!r}]")
             if not torch.is_floating_point(t):
                 raise fail("cannot prune a non-floating tensor", where=f"{name}.{param}", shape=t.shape,
                            value=t.dtype)

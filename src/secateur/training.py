@@ -16,9 +16,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from secateur.errors import fail
-from secateur.masks import apply_masks, iter_masks, masks_of, original, reapply, remove_mask
+from secateur.errors import PruningError, fail
+from secateur.masks import Mask, apply_masks, iter_masks, masks_of, original, reapply, remove_mask
 
 Batches = Iterable[Sequence[torch.Tensor]]
 CHECKPOINT_FORMAT = "secateur-checkpoint/1"
@@ -80,6 +81,7 @@ def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer,
         raise fail("distillation needs 0 <= alpha <= 1 and temperature > 0", where="fine_tune",
                    value=(alpha, temperature))
     dev = _device(model)
+    modes = (model.training, teacher.training if teacher is not None else None)
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -107,7 +109,14 @@ def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer,
             if on_step is not None:
                 on_step(step, float(loss.detach()))
             step += 1
-        last = total / max(n, 1)
+        if n == 0:  # nothing trained in this epoch: a mean loss of 0 would be a lie
+            model.train(modes[0])
+            if teacher is not None:
+                teacher.train(modes[1])
+            raise fail("training data is empty" if epoch == 0 else
+                       f"training data gave no batch in epoch {epoch + 1}", where="fine_tune",
+                       hint=None if epoch == 0 else "pass a re-iterable (a list, a DataLoader), not an iterator")
+        last = total / n
     return last
 
 
@@ -152,7 +161,7 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         if _PARAM_BUFFER.search(key):
             continue
-        out[_ORIGINAL.sub(lambda m: f"{m.group(1)}{m.group(2)}", key)] = value
+        out[_plain_name(key)] = value
     return out
 
 
@@ -187,48 +196,122 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **kw: Any) -> Non
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
-    return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise fail("no such checkpoint file", where="load_checkpoint", value=path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for a file it cannot read
+        raise fail(f"cannot read the file as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                   where="load_checkpoint", value=path,
+                   hint="pass a file written by secateur.training.save_checkpoint") from e
+    return ckpt
+
+
+def _plain_name(key: str) -> str:
+    return _ORIGINAL.sub(lambda m: f"{m.group(1)}{m.group(2)}", key)
+
+
+def _check_checkpoint(model: nn.Module, ckpt: Mapping[str, Any], where: str) -> None:
+    """Everything about the model's part of a checkpoint that loading it could trip on."""
+    for key in ("fingerprint", "weights", "masks"):
+        if not isinstance(ckpt.get(key), Mapping):
+            raise fail(f"the checkpoint has no {key!r} dict", where=where, value=type(ckpt.get(key)).__name__,
+                       hint="write checkpoints with secateur.training.checkpoint / save_checkpoint")
+    mine, theirs = fingerprint(model), ckpt["fingerprint"]
+    if mine != theirs:
+        missing = sorted(set(mine) - set(theirs))[:3]
+        extra = sorted(set(theirs) - set(mine))[:3]
+        shapes = [(k, theirs[k], mine[k]) for k in mine if k in theirs and mine[k] != theirs[k]][:3]
+        raise fail("the checkpoint belongs to a different model", where=where,
+                   value={"missing from checkpoint": missing, "not in model": extra,
+                          "shape (checkpoint, model)": shapes})
+    weights = ckpt["weights"]
+    if set(weights) != set(mine):
+        raise fail("the checkpoint's weights do not match its fingerprint", where=where,
+                   value={"missing": sorted(set(mine) - set(weights))[:3],
+                          "unexpected": sorted(map(str, set(weights) - set(mine)))[:3]})
+    for key, shape in mine.items():
+        w = weights[key]
+        if not isinstance(w, torch.Tensor) or list(w.shape) != shape:
+            raise fail("checkpoint tensor does not fit the model", where=key,
+                       shape=w.shape if isinstance(w, torch.Tensor) else None,
+                       value=shape if isinstance(w, torch.Tensor) else type(w).__name__)
+    # loading under plain names needs every parametrization to be a secateur mask (removed, then re-attached)
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for param, plist in module.parametrizations.items():
+                if len(plist) != 1 or not isinstance(plist[0], Mask):
+                    raise fail("resume handles only secateur masks as parametrizations",
+                               where=f"{name}.{param}" if name else param, value=[type(p).__name__ for p in plist])
+    params = {_plain_name(n) for n, _ in model.named_parameters()}
+    for key, mask in ckpt["masks"].items():
+        if key not in params or not isinstance(mask, torch.Tensor) or list(mask.shape) != mine[key] \
+                or mask.dtype != torch.bool:
+            raise fail("checkpoint mask does not fit the model", where=str(key),
+                       shape=mask.shape if isinstance(mask, torch.Tensor) else None, value=mine.get(key))
+    if not isinstance(ckpt.get("history", []), (list, tuple)):
+        raise fail("the checkpoint's history is not a list", where=where, value=type(ckpt["history"]).__name__)
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, where: str) -> None:
+    if state is None:
+        raise fail("the checkpoint holds no optimizer state", where=where)
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if not isinstance(groups, (list, tuple)) or not isinstance(state.get("state"), Mapping) \
+            or not all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+        raise fail("the checkpoint's optimizer state is not an optimizer state_dict", where=where,
+                   value=sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__)
+    saved = [len(g["params"]) for g in groups]
+    current = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != current:
+        raise fail("the checkpoint's optimizer state does not fit this optimizer", where=where,
+                   value={"parameters per group (checkpoint)": saved, "(optimizer)": current},
+                   hint="build the optimizer over the same parameters, in the same groups, as when saving")
 
 
 def resume(model: nn.Module, ckpt: Mapping[str, Any], *, scheduler: Any = None,
            optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
     """Restore weights, masks, scheduler and optimizer from a `checkpoint`; returns its history.
 
-    Everything is checked first (format, model fingerprint, mask shapes, schedule); a checkpoint of a
-    different model or schedule is a PruningError and the model is left untouched."""
+    Everything is checked first (format, model fingerprint, weight and mask shapes, schedule, optimizer
+    groups); a checkpoint of a different model, schedule or optimizer is a PruningError and the model,
+    scheduler and optimizer are left untouched."""
+    where = f"resume({type(model).__name__})"
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise fail("not a secateur checkpoint", where="resume",
                    value=ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__)
-    mine, theirs = fingerprint(model), ckpt["fingerprint"]
-    if mine != theirs:
-        missing = sorted(set(mine) - set(theirs))[:3]
-        extra = sorted(set(theirs) - set(mine))[:3]
-        shapes = [(k, theirs[k], mine[k]) for k in mine if k in theirs and mine[k] != theirs[k]][:3]
-        raise fail("the checkpoint belongs to a different model", where=f"resume({type(model).__name__})",
-                   value={"missing from checkpoint": missing, "not in model": extra,
-                          "shape (checkpoint, model)": shapes})
-    for key, mask in ckpt["masks"].items():
-        if key not in mine or list(mask.shape) != mine[key] or mask.dtype != torch.bool:
-            raise fail("checkpoint mask does not fit the model", where=key, shape=mask.shape,
-                       value=mine.get(key))
+    _check_checkpoint(model, ckpt, where)
     if scheduler is not None:
         state = ckpt.get("scheduler")
         if state is None:
             raise fail("the checkpoint holds no scheduler state", where="resume")
-        if state.get("schedule") != scheduler.state_dict()["schedule"]:
+        if not isinstance(state, Mapping) or state.get("schedule") != scheduler.state_dict()["schedule"]:
             raise fail("the checkpoint was written with a different schedule", where="resume",
-                       value={"saved": state.get("schedule"), "current": scheduler.state_dict()["schedule"]})
-    if optimizer is not None and ckpt.get("optimizer") is None:
-        raise fail("the checkpoint holds no optimizer state", where="resume")
-    # apply: drop current masks (keeping the Parameter objects), load weights, re-attach masks
+                       value={"saved": state.get("schedule") if isinstance(state, Mapping) else state,
+                              "current": scheduler.state_dict()["schedule"]})
+    if optimizer is not None:
+        _check_optimizer_state(optimizer, ckpt.get("optimizer"), where)
+    # apply. Scheduler and optimizer first: each loads all-or-nothing (torch's optimizer checks before it
+    # sets anything), so a failure there is undone here before the model is touched.
+    sched_before = scheduler.state_dict() if scheduler is not None else None
+    try:
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except Exception as e:
+        if scheduler is not None:
+            scheduler.load_state_dict(sched_before)
+        if isinstance(e, PruningError):
+            raise
+        raise fail(f"the checkpoint's optimizer state does not load ({type(e).__name__}: {e})", where=where) from e
+    # the model: drop current masks (keeping the Parameter objects), load weights, re-attach masks. All
+    # of it was checked above (names, shapes, parametrizations).
     for _, module, param, _ in list(iter_masks(model)):
         remove_mask(module, param, bake=False)
     model.load_state_dict(ckpt["weights"], strict=True)
     apply_masks(model, ckpt["masks"])
-    if scheduler is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
     return list(ckpt.get("history", []))
 
 

@@ -348,6 +348,22 @@ def _input_shapes(x: Any) -> Any:
     return type(x).__name__
 
 
+def _note_unrun(tracer: Tracer, named: list, entered: set[int]) -> None:
+    """Modules with weights that did not run on the example inputs (and whose weights no op read) keep them as
+    they are, though the channels they read may go: GoogLeNet's and Inception's auxiliary classifiers run only in
+    training mode, so a plan made in eval mode leaves that forward broken. Say so, naming them."""
+    slotted = {s["module"] for s in tracer.slots.values()}
+    unrun = [n for n, m in named if id(m) not in entered and n not in slotted and n
+             and any(p is not None for p in m._parameters.values())]
+    if unrun:
+        tops = [n for n in unrun if not any(n.startswith(o + ".") for o in unrun)]
+        tracer.notes.append(
+            f"modules that did not run on the example inputs keep their weights, and a forward that runs them "
+            f"(a training-mode branch?) may fail after pruning: {', '.join(tops[:6])}"
+            f"{f' and {len(tops) - 6} more' if len(tops) > 6 else ''}; prune in the mode that runs them "
+            f"(model.train(): GoogLeNet's and Inception's auxiliary classifiers)")
+
+
 def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, macs: bool, shapes: Any) -> Tracer:
     from secateur.graph.modules import leaf_rule
     from secateur.metrics import MacTally
@@ -364,7 +380,10 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
     widths = {type(m) for m in names if f"{type(m).__module__}.{type(m).__name__}" in inner_width.SAME_WIDTH}
     math = MathAttention(tracer)
 
+    entered: set[int] = set()
+
     def pre(mod, args, kwargs):
+        entered.add(id(mod))
         tracer.stack.append(names.get(mod, "?"))
         if tracer.depth == 0 and (id(mod) in tracer.same_width or type(mod) in widths):
             tracer.atoms.site = (tracer.where(), type(mod).__name__)
@@ -409,6 +428,7 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
         tracer.atoms.site = (OUTPUT, f"output {k} {tuple(t.shape)}")
         tracer.atoms.block(tracer.get(t))
     tracer.atoms.site = None  # what follows (view splits settled in groups.py) is named by no op
+    _note_unrun(tracer, named, entered)
     tracer.output = out
     tracer.macs = tally.total if macs else None
     tracer.alive.clear()

@@ -40,9 +40,21 @@ def _vocab_size(model: nn.Module) -> int | None:
     return getattr(emb, "num_embeddings", None)
 
 
+def _position_limit(model: nn.Module) -> tuple[str, int] | None:
+    """``(config field, value)`` of the longest sequence a Hugging Face model takes (GPT-2's
+    ``n_positions``, others' ``max_position_embeddings``), or None if the model does not say."""
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None
+
+
 def check_batches(model: nn.Module, calibration: Iterable) -> list:
     """Materialise and validate calibration batches: 2-D integer token tensors ``[B, T]`` or dicts
-    with such an ``input_ids`` (plus e.g. ``attention_mask``). Returns the list."""
+    with such an ``input_ids`` (plus e.g. ``attention_mask``), no longer than the model's position
+    limit. Returns the list."""
     if isinstance(calibration, (torch.Tensor, Mapping)):
         calibration = [calibration]
     try:
@@ -53,6 +65,7 @@ def check_batches(model: nn.Module, calibration: Iterable) -> list:
     if not batches:
         raise fail("calibration is empty", value=0, hint="Pass at least one batch of tokens")
     vocab = _vocab_size(model)
+    limit = _position_limit(model)
     for i, b in enumerate(batches):
         where = f"calibration[{i}]"
         ids = b.get("input_ids") if isinstance(b, Mapping) else b
@@ -70,6 +83,10 @@ def check_batches(model: nn.Module, calibration: Iterable) -> list:
         if lo < 0 or (vocab is not None and hi >= vocab):
             raise fail(f"token ids out of the vocabulary range [0, {vocab})", where=where, shape=ids.shape,
                        value=(lo, hi))
+        if limit is not None and ids.shape[1] > limit[1]:
+            raise fail(f"sequence length {ids.shape[1]} exceeds the model's position limit {limit[1]} "
+                       f"(config.{limit[0]})", where=where, shape=ids.shape,
+                       hint=f"Use sequences of at most {limit[1]} tokens (seq_len= for the built-in text)")
     return batches
 
 

@@ -60,14 +60,15 @@ def empty_model(build: Callable[[], nn.Module]) -> nn.Module:
 class Checkpoint:
     """Tensor name -> safetensors file over one file or a folder of shards; reads one tensor at a time."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, skip: Iterable[str] = ()):
         from safetensors import safe_open
 
         path = os.fspath(path)
+        skip = set(skip)  # file names left out (prune_llm's mask shards: their keys are the weights' names)
         if os.path.isfile(path):
             files = [path]
         elif os.path.isdir(path):
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            files = sorted(f for f in glob.glob(os.path.join(path, "*.safetensors")) if os.path.basename(f) not in skip)
         else:
             raise fail("offload_dir does not exist", value=path, hint="Give a safetensors file or a folder of shards")
         if not files:
@@ -256,6 +257,8 @@ def load_pruned(model: nn.Module, save_dir: str | os.PathLike, *, device="cpu") 
     """Fill ``model`` (a skeleton from `empty_model` or an ordinary instance of the architecture) with a
     folder written by ``prune_llm(..., save_dir=...)``, masks included, so it is the masked model the
     in-memory ``prune_llm`` gives (with pruned values zero, as after ``finalize`` of that model)."""
+    from safetensors import safe_open
+
     from secateur.masks import set_mask
 
     save_dir = os.fspath(save_dir)
@@ -264,7 +267,9 @@ def load_pruned(model: nn.Module, save_dir: str | os.PathLike, *, device="cpu") 
         raise fail("not a folder written by prune_llm(save_dir=...): no index", where=save_dir, value=INDEX)
     with open(path) as f:
         index = json.load(f)
-    ckpt = Checkpoint(save_dir)
+    mask_files = index.get(_MASKS_KEY, {})
+    # the mask shards hold the same names as the weights: read each kind from its own files
+    ckpt = Checkpoint(save_dir, skip=mask_files.values())
     check_checkpoint(model, ckpt)
     for first, names in _aliases(model).items():
         key = next((n for n in names if n in ckpt.meta), None)
@@ -273,9 +278,11 @@ def load_pruned(model: nn.Module, save_dir: str | os.PathLike, *, device="cpu") 
         t = _tensor(model, first)
         _set(model, names, ckpt.get(key, device).to(t.dtype), isinstance(t, nn.Parameter),
              getattr(t, "requires_grad", False))
-    for name in index.get(_MASKS_KEY, {}):
+    for name, file in mask_files.items():
+        with safe_open(os.path.join(save_dir, file), framework="pt", device=str(device)) as h:
+            mask = h.get_tensor(name)
         mod, _, leaf = name.rpartition(".")
-        set_mask(model.get_submodule(mod), leaf, ckpt.get(name, device))
+        set_mask(model.get_submodule(mod), leaf, mask)
     return model
 
 

@@ -178,6 +178,27 @@ def _progress(items, enabled: bool, total: int):
     return tqdm(items, total=total, desc="prune_llm", leave=False)
 
 
+def _check_device(device) -> None:
+    """``device`` names a device this machine has (a tensor can be made there), and not ``meta``."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise fail("not a device", where="prune_llm", value=device, hint="Use e.g. 'cpu', 'cuda' or 'cuda:0'") from e
+    if dev.type == "meta":
+        raise fail("blocks cannot be computed on the meta device", where="prune_llm", value=device)
+    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() \
+            and dev.index >= torch.cuda.device_count():
+        raise fail(f"no such CUDA device: this machine has {torch.cuda.device_count()}", where="prune_llm",
+                   value=device, hint=f"Use 'cuda:0' .. 'cuda:{torch.cuda.device_count() - 1}'")
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or AssertionError for a missing backend
+        raise fail(f"device not available here ({str(e).splitlines()[0][:120]})", where="prune_llm",
+                   value=device, hint="Use device='cpu' or a device this machine has") from e
+
+
 def _block_device(block: nn.Module, device):
     if device is not None:
         dev = torch.device(device)
@@ -215,6 +236,7 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
     A failure leaves no ``save_dir``."""
     start = time.perf_counter()
     meth = _method(method)
+    _check_device(device)
     pat = get_pattern(pattern)
     ratio = _ratio(pat, sparsity)
     block_name, mods = find_blocks(model, blocks)

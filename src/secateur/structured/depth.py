@@ -182,7 +182,8 @@ def _probe(model: nn.Module, example_inputs: Any, names: dict[str, str]) -> tupl
 
 @keeps_statistics
 def droppable_blocks(model: nn.Module, example_inputs: Any) -> list[str]:
-    """Names of the residual blocks ``drop_blocks`` may drop, in model order."""
+    """Names of the residual blocks ``drop_blocks`` may drop, in model order: look before dropping, or pick
+    ``blocks=`` by hand."""
     check_model_inputs(model, example_inputs, "droppable_blocks")
     return list(_probe(model, example_inputs, _containers(model))[0])
 
