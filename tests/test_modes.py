@@ -129,3 +129,13 @@ def test_a_norm_that_did_not_track_still_does_not():
     with statistics_kept(m):
         m(torch.randn(2, 3, 4, 4))
     assert m[1].track_running_stats is False and m[1].running_mean is None
+
+
+def test_a_plan_made_in_eval_mode_names_the_modules_that_did_not_run():
+    m, x = _net()
+    m.eval()
+    plan = secateur.plan_channels(m, x, ratio=0.5)
+    note = [n for n in plan.notes if "did not run" in n]
+    assert len(note) == 1 and "aux.0" in note[0] and "aux.3" in note[0] and "model.train()" in note[0]
+    m.train()
+    assert not [n for n in secateur.plan_channels(m, x, ratio=0.5).notes if "did not run" in n]
