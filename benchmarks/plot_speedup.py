@@ -55,7 +55,7 @@ def plot(path: Path, out: Path, compiled: bool = False) -> None:
     ax.set_ylabel("efficiency = speedup / MACs reduction")
     machine = data.get("machine", {})
     ax.set_title(f"Real speedup{', torch.compile' if compiled else ''} on {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} CPUs), "
-                 f"{machine.get('date_utc', '')} UTC; dashed: the 0.8 goal; missing bar: target not reached",
+                 f"{machine.get('date_utc', '')} UTC\ndashed: the 0.8 goal; missing bar: target not reached",
                  fontsize=9)
     ax.legend(fontsize=7, ncol=len(methods), loc="upper left")
     ax.set_ylim(0, 1.45)
