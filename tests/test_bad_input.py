@@ -78,6 +78,8 @@ CASES = {
     "compare list": (lambda m: compare_latency([m], X), "mapping"),
     "compare one wrong": (lambda m: compare_latency({"a": m, "b": nn.Conv2d(4, 2, 1)}, X, repeats=2), "Conv2d"),
     "table wrong shape": (lambda m: LatencyTable.build(m, WRONG, progress=False, cache=False), "failed"),
+    "export_onnx inputs None": (lambda m: secateur.export_onnx(m, None, "/tmp/never.onnx"), "example_inputs"),
+    "export_onnx model None": (lambda m: secateur.export_onnx(None, X, "/tmp/never.onnx"), "nn.Module"),
     "apply_checked wrong shape": (lambda m: secateur.plan_channels(m, X).apply_checked(m, WRONG), "failed"),
 }
 
@@ -128,7 +130,6 @@ def test_a_plan_applied_to_another_architecture_is_refused(other):
 
 
 def test_an_unreachable_latency_target_names_prune_channels_options():
-    from secateur.latency_model import LayerSpec  # noqa: F401 - the table below is built from measurements
     m = _model()
     table = LatencyTable.build(m, X, progress=False, cache=False, repeats=1, max_points=3, in_points=2, tail=False)
     before = copy.deepcopy(m)

@@ -417,6 +417,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     ``weight * mask`` of two constants, which the exporter's constant folding turns into one
     initializer holding the zeros: the graph is the finalized model's, and the user's model (masks,
     raw values, train/eval flags) is left exactly as it was."""
+    from secateur.errors import check_model_inputs
+    check_model_inputs(model, example_inputs, "export_onnx")
     try:
         import onnx  # noqa: F401
     except ImportError:
