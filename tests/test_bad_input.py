@@ -137,3 +137,106 @@ def test_an_unreachable_latency_target_names_prune_channels_options():
         secateur.prune_channels(m, X, target_latency=0.001, latency_table=table, verify="estimate")
     assert "min_keep" not in str(e.value).split("the allocator said")[0]
     _unchanged(m, before)
+
+
+# ---- found by the second pass of the audit (107 new probes)
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                         nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+def test_a_plan_is_not_applied_to_a_masked_model():
+    plan = secateur.plan_channels(_cnn(), X, ratio=0.5)
+    m = _cnn()
+    secateur.prune(m, 0.5)
+    before = copy.deepcopy(m)
+    for call in (lambda: plan.apply(m), lambda: plan.apply_checked(m, X)):
+        with pytest.raises(PruningError, match="without masks"):
+            call()
+        _unchanged(m, before)
+    assert m(X).shape == (2, 4)
+    with pytest.raises(PruningError, match="nn.Module"):
+        plan.apply(None)
+
+
+def test_apply_checked_on_another_architecture_is_refused_before_the_reference_is_built():
+    plan = secateur.plan_channels(_cnn(), X, ratio=0.5)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(512, 4))
+    before = copy.deepcopy(other)
+    with pytest.raises(PruningError, match="plan"):
+        plan.apply_checked(other, X)
+    _unchanged(other, before)
+
+
+SECOND = {
+    "nan example inputs": (lambda m: secateur.prune_channels(m, torch.full_like(X, math.nan)), "NaN"),
+    "stay_above str": (lambda m: drop_blocks(m, X, target_macs=0.5, stay_above="yes"), "stay_above"),
+    "progress str": (lambda m: secateur.prune_fastest(m, X, target_macs=0.5, progress="x"), "progress"),
+    "opset 1": (lambda m: secateur.export_onnx(m, X, "/tmp/never.onnx", opset=1), "opset"),
+    "opset str": (lambda m: secateur.export_onnx(m, X, "/tmp/never.onnx", opset="x"), "opset"),
+    "opset bool": (lambda m: secateur.export_onnx(m, X, "/tmp/never.onnx", opset=True), "opset"),
+    "input_names too many": (lambda m: secateur.export_onnx(m, X, "/tmp/never.onnx", input_names=["a", "b"]),
+                             "input_names"),
+    "dynamic_axes str": (lambda m: secateur.export_onnx(m, X, "/tmp/never.onnx", dynamic_axes="x"), "dynamic_axes"),
+    "table multiple 0": (lambda m: LatencyTable.build(m, X, multiple=0, progress=False, cache=False), "multiple"),
+    "table repeats 0": (lambda m: LatencyTable.build(m, X, repeats=0, progress=False, cache=False), "repeats"),
+    "table tolerance nan": (lambda m: LatencyTable.build(m, X, tolerance=math.nan, progress=False, cache=False),
+                            "tolerance"),
+}
+
+
+@pytest.mark.parametrize("name", list(SECOND))
+def test_second_pass_bad_input_is_named_and_changes_nothing(name):
+    call, match = SECOND[name]
+    m = _model()
+    before = copy.deepcopy(m)
+    with pytest.raises(PruningError, match=match):
+        call(m)
+    _unchanged(m, before)
+
+
+def test_reconstruction_refuses_nan_and_empty_calibration_data():
+    from secateur.reconstruct import capture_inputs, fit_weights, reconstruct_
+    layer = nn.Linear(8, 4)
+    before = copy.deepcopy(layer)
+    keep = torch.arange(8) < 4
+    for bad, match in ((torch.full((10, 8), math.nan), "NaN"), (torch.randn(0, 8), "empty")):
+        with pytest.raises(PruningError, match=match):
+            reconstruct_(layer, bad, keep)
+        _unchanged(layer, before)
+    with pytest.raises(PruningError, match="same number of rows"):
+        fit_weights(torch.randn(10, 8), torch.randn(9, 4))
+    m = _model()
+    with pytest.raises(PruningError, match="batches"):
+        capture_inputs(m, m[0], None)
+    with pytest.raises(PruningError, match="not part of the model"):
+        capture_inputs(m, nn.Linear(2, 2), [X])
+
+
+def test_a_failing_round_of_iterative_pruning_is_undone():
+    from secateur.training import iterative_prune
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    data = [(torch.randn(16, 8), torch.randint(0, 3, (16,)))]
+    before = copy.deepcopy(m)
+    with pytest.raises(PruningError, match="Optimizer"):
+        iterative_prune(m, data, data, make_optimizer=lambda model: None)
+    assert not secateur.is_pruned(m)
+    _unchanged(m, before)
+    with pytest.raises(PruningError, match="max_rounds"):
+        iterative_prune(m, data, data, make_optimizer=lambda model: None, max_rounds=0)
+
+
+def test_is_2_4_names_a_non_tensor():
+    from secateur.semi_structured import is_2_4
+    with pytest.raises(PruningError, match="tensor"):
+        is_2_4("x")
+
+
+def test_masking_and_finalizing_keep_the_parameter_order():
+    m = _cnn()
+    order = [n for n, _ in m.named_parameters()]
+    secateur.prune(m, 0.5)
+    secateur.finalize(m)
+    assert [n for n, _ in m.named_parameters()] == order and list(m.state_dict()) == list(_cnn().state_dict())

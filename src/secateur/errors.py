@@ -47,3 +47,6 @@ def check_model_inputs(model: Any, example_inputs: Any, where: str) -> None:
         if isinstance(t, Tensor) and t.numel() == 0:
             raise fail("an example input is empty", where=where, shape=tuple(t.shape),
                        hint="give at least one sample")
+        if isinstance(t, Tensor) and t.is_floating_point() and not t.is_meta and bool(t.isnan().any()):
+            raise fail("an example input holds NaN: every score and check made on it would be NaN", where=where,
+                       shape=tuple(t.shape), hint="check the inputs with torch.isnan")

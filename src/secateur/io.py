@@ -411,6 +411,29 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 # ------------------------------------------------------------------------------------------- ONNX
 
 
+def _check_export_options(opset, inputs, input_names, output_names, dynamic_axes) -> None:
+    """The exporter would take a bad opset or a name list of the wrong length and write a file that onnxruntime
+    cannot run, or that names only some inputs."""
+    try:
+        from torch.onnx import _constants
+        lo, hi = _constants.ONNX_MIN_OPSET, getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET",
+                                                     _constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):  # pragma: no cover - older or newer torch
+        lo, hi = 7, 20
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi):
+        raise fail(f"opset must be an int in [{lo}, {hi}] (what this torch's TorchScript exporter writes)",
+                   where="export_onnx", value=opset)
+    for what, names in (("input_names", input_names), ("output_names", output_names)):
+        if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+            raise fail(f"{what} is a list of strings", where="export_onnx", value=names)
+    if input_names is not None and len(input_names) > len(inputs):
+        raise fail("input_names has more names than the model has example inputs", where="export_onnx",
+                   value={"input_names": list(input_names), "inputs": len(inputs)})
+    if dynamic_axes is not None and not isinstance(dynamic_axes, Mapping):
+        raise fail("dynamic_axes maps input / output names to their dynamic axes", where="export_onnx",
+                   value=type(dynamic_axes).__name__)
+
+
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, opset: int | None = None,
                 input_names=None, output_names=None, dynamic_axes=None) -> None:
     """Export a pruned model to ONNX with the TorchScript exporter. A masked tensor is traced as
@@ -427,6 +450,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else None
     if kwargs is not None:
         args = ()
+    _check_export_options(opset, args or tuple(kwargs or ()), input_names, output_names, dynamic_axes)
     opts: dict[str, Any] = {"dynamo": False}
     if opset is not None:
         opts["opset_version"] = opset

@@ -182,6 +182,21 @@ def _kind_of(module: nn.Module) -> _Kind | None:
     return _KINDS.get(type(module))
 
 
+def _check_build_options(**options: Any) -> None:
+    """``LatencyTable.build``'s counts and tolerances, before anything is measured (``multiple=0`` divided by zero,
+    ``repeats=0`` measured infinities)."""
+    for name in ("repeats", "max_points", "in_points", "multiple"):
+        v = options[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise fail(f"{name} must be a positive int", where="LatencyTable.build", value=v)
+    if isinstance(options["warmup"], bool) or not isinstance(options["warmup"], int) or options["warmup"] < 0:
+        raise fail("warmup must be an int >= 0", where="LatencyTable.build", value=options["warmup"])
+    for name in ("min_sample_s", "tolerance"):
+        v = options[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise fail(f"{name} must be a finite number >= 0", where="LatencyTable.build", value=v)
+
+
 @keeps_statistics(eval=True)
 def layer_specs(model: nn.Module, example_inputs: Any,
                 layers: Iterable[str] | None = None) -> dict[str, LayerSpec]:
@@ -296,6 +311,8 @@ class LatencyTable:
         default ``max(5, repeats)``, more forward passes of ``model``, each op the minimum over them; cached
         by the op sequence), so estimates are of the whole model. ``calibrate`` (True, or a dict of
         `calibrate`'s options) then fits the table to the model and uniform copies of it timed in place."""
+        _check_build_options(repeats=repeats, warmup=warmup, max_points=max_points, in_points=in_points,
+                             multiple=multiple, min_sample_s=min_sample_s, tolerance=tolerance)
         specs = layer_specs(model, example_inputs, layers)
         if not specs:
             raise fail("the model has no Conv/Linear layer that runs on the example inputs",

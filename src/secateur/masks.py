@@ -105,7 +105,9 @@ def set_mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
         existing.mask = mask
         return
     _own_class(module)
+    order = list(module._parameters)  # removing the mask puts the tensor back where it was (see _restore_order)
     parametrize.register_parametrization(module, param, Mask(mask), unsafe=True)
+    module.parametrizations[param][0].order = order
 
 
 def _check_mask(module: nn.Module, param: str, mask, where: str) -> torch.Tensor:
@@ -159,10 +161,19 @@ def remove_mask(module: nn.Module, param: str = "weight", *, bake: bool = True) 
         del plist[0]
         return
     _own_class(module)
-    if bake:
-        parametrize.remove_parametrizations(module, param, leave_parametrized=True)
-    else:
-        parametrize.remove_parametrizations(module, param, leave_parametrized=False)
+    parametrize.remove_parametrizations(module, param, leave_parametrized=bake)
+    _restore_order(module, getattr(mask, "order", None))
+
+
+def _restore_order(module: nn.Module, order: list[str] | None) -> None:
+    """torch puts an unparametrized tensor last in ``_parameters`` (``bias`` before ``weight``): put it back in
+    its place, so ``parameters()`` and ``state_dict()`` keep their order (an optimizer's state is by position)."""
+    if not order:
+        return
+    rank = {n: i for i, n in enumerate(order)}
+    items = sorted(module._parameters.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+    module._parameters.clear()
+    module._parameters.update(items)
 
 
 def iter_masks(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:

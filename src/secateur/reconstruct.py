@@ -38,6 +38,7 @@ def _check_layer(layer: nn.Module) -> None:
 
 def _rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Inputs as regression rows; columns are ordered channel-major (``c * K + k``)."""
+    _finite_rows(inputs, type(layer).__name__, "inputs")
     if isinstance(layer, nn.Linear):
         if inputs.dim() < 2 or inputs.shape[-1] != layer.in_features:
             raise fail("inputs do not match the layer's in_features", where="Linear", shape=inputs.shape,
@@ -49,6 +50,17 @@ def _rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     cols = F.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
                     stride=layer.stride)  # [N, C*K, L]
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _finite_rows(t: torch.Tensor, where: str, what: str) -> None:
+    """Calibration data must be a non-empty tensor of finite values: a NaN would become the fitted weights."""
+    if not isinstance(t, torch.Tensor):
+        raise fail(f"{what} must be a tensor", where=where, value=type(t).__name__)
+    if t.numel() == 0:
+        raise fail(f"{what} are empty: the fit needs calibration rows", where=where, shape=t.shape)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise fail(f"{what} hold NaN or inf", where=where, shape=t.shape,
+                   hint="check the calibration data with torch.isfinite")
 
 
 def _weight2d(layer: nn.Module) -> torch.Tensor:
@@ -75,6 +87,14 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: Iterable, *, max
                    ) -> torch.Tensor:
     """Run ``model`` on calibration batches (tensors, or ``(x, y)`` pairs) and return what ``layer``
     received, concatenated along the batch dimension."""
+    if not isinstance(model, nn.Module) or not isinstance(layer, nn.Module):
+        raise fail("model and layer must be nn.Modules", where="capture_inputs",
+                   value=(type(model).__name__, type(layer).__name__))
+    if not any(m is layer for m in model.modules()):
+        raise fail("layer is not part of the model", where="capture_inputs", value=type(layer).__name__)
+    if batches is None or isinstance(batches, (str, bytes)):
+        raise fail("batches is an iterable of tensors or (x, y) pairs", where="capture_inputs",
+                   value=type(batches).__name__)
     seen: list[torch.Tensor] = []
     handle = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
     try:
@@ -146,6 +166,11 @@ def fit_weights(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-6, fit_bi
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Closed-form ridge regression ``y ~ x @ W^T + b``; ``ridge`` is relative to the mean diagonal of
     ``x^T x`` so it means the same at any input scale. Returns ``(W [out, in], b [out] or None)``."""
+    _finite_rows(x, "fit_weights", "x")
+    _finite_rows(y, "fit_weights", "y")
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise fail("x [rows, in] and y [rows, out] need the same number of rows", where="fit_weights",
+                   shape=tuple(x.shape), value=tuple(y.shape))
     x64, y64 = x.to(torch.float64), y.to(torch.float64)
     if fit_bias:
         x64 = torch.cat([x64, torch.ones(x64.shape[0], 1, dtype=x64.dtype, device=x64.device)], dim=1)

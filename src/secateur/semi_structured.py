@@ -59,6 +59,8 @@ def device_support(device: torch.device) -> str | None:
 
 def is_2_4(weight: torch.Tensor) -> bool:
     """Every group of 4 consecutive inputs of every row holds at most 2 non-zeros."""
+    if not isinstance(weight, torch.Tensor):
+        raise fail("is_2_4 takes a weight tensor", where="is_2_4", value=type(weight).__name__)
     if weight.dim() != 2 or weight.shape[1] % 4:
         return False
     return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())

@@ -343,6 +343,11 @@ def iterative_prune(model: nn.Module, train_data: Batches, eval_data: Batches, *
             raise fail(f"{name} must be in [{lo}, {hi}]", where="iterative_prune", value=v)
     if rate == 0:
         raise fail("rate must be > 0", where="iterative_prune", value=rate)
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise fail("max_rounds must be a positive int", where="iterative_prune", value=max_rounds)
+    if not callable(make_optimizer):
+        raise fail("make_optimizer is a function model -> torch.optim.Optimizer", where="iterative_prune",
+                   value=type(make_optimizer).__name__)
     base = evaluate(model, eval_data)
     history = [{"round": 0, "target": 0.0, "accuracy": base, "drop": 0.0, **_measure(model, example_inputs),
                 "accepted": True}]
@@ -353,9 +358,16 @@ def iterative_prune(model: nn.Module, train_data: Batches, eval_data: Batches, *
         level = min(target, 1 - (1 - level) * (1 - rate))
         saved = _snapshot(model)  # weights + masks only: undoing a round needs exactly these
         prune(model, amount=level, **prune_kwargs)
-        opt = make_optimizer(model)
-        fine_tune(model, train_data, opt, epochs=epochs, teacher=teacher,
-                  progress=f"round {r}" if progress else None)
+        try:  # a failing round is undone: the model is as the last accepted round left it
+            opt = make_optimizer(model)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise fail("make_optimizer(model) must return a torch.optim.Optimizer", where="iterative_prune",
+                           value=type(opt).__name__)
+            fine_tune(model, train_data, opt, epochs=epochs, teacher=teacher,
+                      progress=f"round {r}" if progress else None)
+        except BaseException:
+            resume(model, saved)
+            raise
         acc = evaluate(model, eval_data)
         ok = base - acc <= max_drop
         history.append({"round": r, "target": level, "accuracy": acc, "drop": base - acc,

@@ -28,6 +28,26 @@ def _tensor(mod: nn.Module, name: str) -> torch.Tensor:
     return t
 
 
+def _in_range(t: torch.Tensor, d: int, pos: torch.Tensor, where: str) -> None:
+    if d >= t.dim() or (pos.numel() and int(pos[-1]) >= t.size(d)):
+        raise fail("the plan removes positions this tensor does not have", where=where, shape=t.shape,
+                   value=(d, int(pos[-1]) if pos.numel() else None), hint=_OTHER_MODEL)
+
+
+def check_fits(model: nn.Module, plan: Plan) -> None:
+    """What ``_apply`` checks before it slices (every module, tensor and position the plan names exists), for a
+    caller that works on a copy of the model first (``Plan.apply_checked``)."""
+    mods = dict(model.named_modules())
+    for (mname, tname), dims in plan.removed.items():
+        if mname not in mods:
+            raise fail("the plan names a module this model does not have", where=mname or type(model).__name__,
+                       hint=_OTHER_MODEL)
+        t = _tensor(mods[mname], tname)
+        for d, pos in dims.items():
+            if pos.dim() == 1:
+                _in_range(t, d, pos, f"{mname}.{tname}")
+
+
 @dataclass
 class _Slices:
     """What applying a plan to the dry run's twin computed (``prune_channels`` applies the same plan to the model
@@ -113,9 +133,7 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
                 if pos.dim() == 2:  # per expert (Plan docstring): after the shared dims
                     per_slice.append((d, _kept_per_slice(t, d, pos, f"{mname}.{tname}")))
                     continue
-                if d >= t.dim() or (pos.numel() and int(pos[-1]) >= t.size(d)):
-                    raise fail("the plan removes positions this tensor does not have", where=f"{mname}.{tname}",
-                               shape=t.shape, value=(d, int(pos[-1]) if pos.numel() else None), hint=_OTHER_MODEL)
+                _in_range(t, d, pos, f"{mname}.{tname}")
                 if pos.numel() >= t.size(d):
                     raise fail("pruning would remove every channel", where=f"{mname}.{tname}", shape=t.shape,
                                value=d)

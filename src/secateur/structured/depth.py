@@ -332,6 +332,8 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
                                     or not 0 < target_macs <= 1):
         raise fail("target_macs is a fraction of the current model in (0, 1]", where="drop_blocks",
                    value=target_macs)
+    if not isinstance(stay_above, bool):
+        raise fail("stay_above is True or False", where="drop_blocks", value=stay_above)
     if stay_above and target_macs is None:
         raise fail("stay_above applies to target_macs", where="drop_blocks", value=given)
     if blocks is not None:

@@ -99,7 +99,7 @@ class FastestResult:
 
 
 def _validate(model, example_inputs, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
-              channel_options) -> list[float]:
+              progress, channel_options) -> list[float]:
     check_model_inputs(model, example_inputs, "prune_fastest")
     if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0 < target_macs < 1:
         raise fail("target_macs is the fraction of the model's MACs to keep, in (0, 1)", where="prune_fastest",
@@ -124,6 +124,8 @@ def _validate(model, example_inputs, target_macs, depth, criterion, latency_tabl
         raise fail("repeats is an int >= 3 (rounds of interleaved timing)", where="prune_fastest", value=repeats)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise fail("threads is a positive int or None", where="prune_fastest", value=threads)
+    if not isinstance(progress, bool):
+        raise fail("progress is True (print each step to stderr) or False", where="prune_fastest", value=progress)
     if not isinstance(compile, bool):
         raise fail("compile is True (time the candidates under torch.compile) or False (eager)", where="prune_fastest",
                    value=compile)
@@ -172,8 +174,8 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     fastest one that ``accept`` (if given) takes, and the result lists them all. The model stays an ``nn.Module``
     either way. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
     Everything is checked first; a PruningError leaves the model as it was."""
-    shares = _validate(model, example_inputs, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
-                       channel_options)
+    shares = _validate(model, example_inputs, target_macs, depth, criterion, latency_table, repeats, threads, accept,
+                       compile, progress, channel_options)
     say = (lambda msg: print(f"prune_fastest: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     t0 = time.perf_counter()
     ref = _flat_tensors(call_model(model, example_inputs))  # first: inputs the model rejects get a PruningError

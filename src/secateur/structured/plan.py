@@ -84,7 +84,10 @@ class Plan:
                         t.index_fill_(m.dim, m.index[pick[m.channel]].to(t.device), 0)
 
     def apply(self, model: nn.Module) -> dict[str, Any]:
+        """Remove the plan's channels from ``model`` (the model it was made for, or a fresh copy of it); a model that
+        differs, or holds masks, gets a PruningError and is left as it was."""
         from secateur.structured.apply import _apply
+        _applicable(model, "Plan.apply")
         return _apply(model, self)
 
     def apply_checked(self, model: nn.Module, example_inputs: Any) -> float:
@@ -101,6 +104,9 @@ class Plan:
         from secateur.latency import _rejects
         from secateur.modes import statistics_kept
         check_model_inputs(model, example_inputs, "Plan.apply_checked")
+        _applicable(model, "Plan.apply_checked")
+        from secateur.structured.apply import check_fits
+        check_fits(model, self)
         ref = copy.deepcopy(model).eval()
         self.zero_consumers(ref)
         with torch.no_grad(), self.kept_norms(ref), _rejects(model, example_inputs):
@@ -146,6 +152,14 @@ class Plan:
         only. ``with plan.kept_norms(ref): want = ref(x)`` then equals the pruned model's output."""
         from secateur.graph.reference import kept_norms
         return kept_norms(model, self._norm_keeps())
+
+
+def _applicable(model: Any, where: str) -> None:
+    from secateur.errors import fail
+    if not isinstance(model, nn.Module):
+        raise fail("model must be an nn.Module", where=where, value=type(model).__name__)
+    from secateur.structured.choose import _refuse_masked
+    _refuse_masked(model)
 
 
 def per_slice_positions(m, chans: torch.Tensor, size: int) -> torch.Tensor:
