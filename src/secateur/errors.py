@@ -4,7 +4,8 @@ Every message names *where* (module or tensor), *what shape* and *which value* w
 user can fix the call without reading secateur's source (einops-style)."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 
 class PruningError(ValueError):
@@ -50,3 +51,25 @@ def check_model_inputs(model: Any, example_inputs: Any, where: str) -> None:
         if isinstance(t, Tensor) and t.is_floating_point() and not t.is_meta and bool(t.isnan().any()):
             raise fail("an example input holds NaN: every score and check made on it would be NaN", where=where,
                        shape=tuple(t.shape), hint="check the inputs with torch.isnan")
+
+
+def shape_of(inputs: Any):
+    """The shape of a single tensor input (None for several inputs, named in the message instead)."""
+    from torch import Tensor
+    if isinstance(inputs, Tensor):
+        return inputs.shape
+    if isinstance(inputs, (tuple, list)) and len(inputs) == 1 and isinstance(inputs[0], Tensor):
+        return inputs[0].shape
+    return None
+
+
+@contextlib.contextmanager
+def inputs_rejected(model: Any, example_inputs: Any) -> Iterator[None]:
+    """A model that fails on the example inputs (a wrong shape or dtype, or a compiler error) gets a PruningError
+    naming the model, the input shape and torch's first line."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise fail("the model failed on the example inputs", where=type(model).__name__,
+                   shape=shape_of(example_inputs), value=str(e).splitlines()[0][:200] if str(e) else None,
+                   hint="pass example inputs the model accepts (command line: --input-shape)") from e

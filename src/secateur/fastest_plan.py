@@ -212,13 +212,8 @@ def measured_fractions(model: nn.Module, example_inputs: Any, plans: Sequence[An
         m = copy.deepcopy(model)
         if p.choices:
             p.apply(m)
-        variants[f"plan{i}"] = m.eval()
-    was = model.training
-    model.eval()
-    try:
-        res = compare_latency(variants, example_inputs, repeats=repeats, warmup=3)
-    finally:
-        model.train(was)
+        variants[f"plan{i}"] = m
+    res = compare_latency(variants, example_inputs, repeats=repeats, warmup=3)  # eval mode, modes restored
     return [1.0 / paired_speedup(res["dense"], res[f"plan{i}"])[0] for i in range(len(plans))]
 
 

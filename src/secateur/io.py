@@ -472,9 +472,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     try:
         atomic_write(path, write, suffix=".onnx")
     except RuntimeError as e:  # the model rejects the inputs, or an op has no ONNX form
-        from secateur.report import _shape_of
+        from secateur.errors import shape_of
         raise fail("the model could not be exported on these example inputs", where=type(model).__name__,
-                   shape=_shape_of(example_inputs), value=str(e).splitlines()[0][:200] if str(e) else None,
+                   shape=shape_of(example_inputs), value=str(e).splitlines()[0][:200] if str(e) else None,
                    hint="check that the model runs on the example inputs; an unsupported op is named above") from e
     finally:
         for m, t in flags:

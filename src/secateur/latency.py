@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from secateur.errors import check_model_inputs, fail
+from secateur.errors import check_model_inputs, fail, inputs_rejected
 from secateur.modes import statistics_kept
 
 __all__ = ["LatencyStats", "benchmark_latency", "compare_latency", "paired_speedup", "pinned_threads"]
@@ -158,26 +158,14 @@ def _prepare(model: torch.nn.Module, example_inputs: Any, compile: bool) -> Call
     return _caller(fn, example_inputs)
 
 
-@contextlib.contextmanager
-def _rejects(model: torch.nn.Module, example_inputs: Any) -> Iterator[None]:
-    """A model that fails on the example inputs (a wrong shape or dtype, or a compiler error) gets a PruningError
-    naming the model, the input shape and torch's first line."""
-    try:
-        yield
-    except RuntimeError as e:
-        from secateur.report import _shape_of
-        raise fail("the model failed on the example inputs", where=type(model).__name__,
-                   shape=_shape_of(example_inputs), value=str(e).splitlines()[0][:200] if str(e) else None,
-                   hint="pass example inputs the model accepts") from e
-
-
 def _named(call: Callable[[], Any], model: torch.nn.Module, example_inputs: Any) -> Callable[[], Any]:
-    """``call``, whose failure names its model (`_rejects`); a try costs nothing in the timed path until it fails."""
+    """``call``, whose failure names its model (`inputs_rejected`); a try costs nothing in the timed path until it
+    fails."""
     def named():
         try:
             return call()
         except RuntimeError as e:
-            with _rejects(model, example_inputs):
+            with inputs_rejected(model, example_inputs):
                 raise e
     return named
 
@@ -227,7 +215,7 @@ def benchmark_latency(model: torch.nn.Module, example_inputs: Any, *, repeats: i
     check_model_inputs(model, example_inputs, "benchmark_latency")
     device = _inputs_device(model, example_inputs)
     with pinned_threads(threads), torch.inference_mode(), statistics_kept(model, eval=True), \
-            _rejects(model, example_inputs):
+            inputs_rejected(model, example_inputs):
         call = _prepare(model, example_inputs, compile)
         timer = _Timer(device)
         for _ in range(warmup):

@@ -37,8 +37,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from secateur.errors import check_model_inputs, fail
-from secateur.latency import _calibrate, _caller, _inputs_device, _rejects, _Timer, pinned_threads
+from secateur.errors import check_model_inputs, fail, inputs_rejected
+from secateur.latency import _calibrate, _caller, _inputs_device, _Timer, pinned_threads
 from secateur.latency_calibrate import Calibration
 from secateur.latency_tail import Tail, measure_tail, record_tail, tail_key
 from secateur.modes import keeps_statistics, statistics_kept
@@ -222,7 +222,7 @@ def layer_specs(model: nn.Module, example_inputs: Any,
                 specs[name] = kind.spec(mod, args[0], out)
         handles.append(m.register_forward_hook(hook))
     try:
-        with torch.inference_mode(), _rejects(model, example_inputs):
+        with torch.inference_mode(), inputs_rejected(model, example_inputs):
             _caller(model, example_inputs)()
     finally:
         for h in handles:

@@ -11,7 +11,6 @@ convolution is used once per output position (``output.numel() / out_features``)
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateur.errors import PruningError, fail
+from secateur.errors import PruningError, fail, inputs_rejected
 from secateur.targets import is_hf_conv1d
 
 HIST_BINS = 60
@@ -34,43 +33,23 @@ PLOT_HINT = "install the plot extra: pip install secateur[plot]"
 # --------------------------------------------------------------------------------------------- inputs
 
 
-@contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Eval mode for the duration, every module's own training flag restored after (so measuring a
-    model never updates a BatchNorm's running statistics)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, t in flags:
-            m.training = t
+    model never updates a BatchNorm's running statistics): `secateur.modes.statistics_kept`."""
+    from secateur.modes import statistics_kept
+    return statistics_kept(model, eval=True)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Run ``model`` on example inputs given as a tensor, a tuple/list of positional args or a dict of
     keyword args, in eval mode and without gradients (see `eval_mode`). A model that rejects the inputs
     (wrong shape or dtype) gives a PruningError naming the model and the input shapes."""
-    with eval_mode(model), torch.no_grad():
-        try:
-            if isinstance(inputs, Mapping):
-                return model(**inputs)
-            if isinstance(inputs, (tuple, list)):
-                return model(*inputs)
-            return model(inputs)
-        except RuntimeError as e:
-            raise fail("the model failed on the example inputs", where=type(model).__name__,
-                       shape=_shape_of(inputs), value=str(e).splitlines()[0][:200],
-                       hint="pass example inputs the model accepts (command line: --input-shape)") from e
-
-
-def _shape_of(inputs: Any):
-    """The shape of a single tensor input (None for several inputs, named in the message instead)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.shape
-    if isinstance(inputs, (tuple, list)) and len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
-        return inputs[0].shape
-    return None
+    with eval_mode(model), torch.no_grad(), inputs_rejected(model, inputs):
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
 
 
 # ----------------------------------------------------------------------------------------------- MACs

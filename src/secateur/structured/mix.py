@@ -250,18 +250,13 @@ def _measure(model: nn.Module, example_inputs: Any, built: list, ref: list, macs
     from secateur.latency import compare_latency, paired_speedup
     variants: dict[str, nn.Module] = {"model": model}
     for i, (*_, m) in enumerate(built):
-        variants[f"option{i}"] = m.eval()
-    was = model.training
-    model.eval()
-    try:
-        timed = compare_latency(variants, example_inputs, repeats=repeats, warmup=3, threads=threads, compile=compile)
-    finally:
-        model.train(was)
+        variants[f"option{i}"] = m.eval()  # for accept; compare_latency times every model in eval mode itself
+    timed = compare_latency(variants, example_inputs, repeats=repeats, warmup=3, threads=threads, compile=compile)
     options = []
     for i, (s, blocks, width, macs, m) in enumerate(built):
         med, p10, p90 = paired_speedup(timed["model"], timed[f"option{i}"])
-        ok = True if accept is None else bool(accept(m))  # in eval mode, as it was timed
-        m.train(was)
+        ok = True if accept is None else bool(accept(m))  # in eval mode, as it was timed (prune_fastest's
+        # keeps_statistics gives the kept copy the model's modes back, by module name)
         options.append(MixOption(s, blocks, width, macs / max(macs0, 1), count_params(m) / max(params0, 1), med,
                                  (p10, p90), _distance(ref, _flat_tensors(call_model(m, example_inputs))), ok))
     return options

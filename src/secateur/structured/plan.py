@@ -99,9 +99,8 @@ class Plan:
         when the reference output is all zeros (a zero-initialised head, as torchvision's ViT has)."""
         import copy
 
-        from secateur.errors import check_model_inputs
+        from secateur.errors import check_model_inputs, inputs_rejected
         from secateur.graph.capture import _flat_tensors, call
-        from secateur.latency import _rejects
         from secateur.modes import statistics_kept
         check_model_inputs(model, example_inputs, "Plan.apply_checked")
         _applicable(model, "Plan.apply_checked")
@@ -109,7 +108,7 @@ class Plan:
         check_fits(model, self)
         ref = copy.deepcopy(model).eval()
         self.zero_consumers(ref)
-        with torch.no_grad(), self.kept_norms(ref), _rejects(model, example_inputs):
+        with torch.no_grad(), self.kept_norms(ref), inputs_rejected(model, example_inputs):
             want = _flat_tensors(call(ref, example_inputs))[0]
         del ref
         with statistics_kept(model, eval=True):
