@@ -233,3 +233,96 @@ def test_masking_and_finalizing_keep_the_parameter_order():
     secateur.prune(m, 0.5)
     secateur.finalize(m)
     assert [n for n, _ in m.named_parameters()] == order and list(m.state_dict()) == list(_cnn().state_dict())
+
+
+# ---- what the audit left (session 21)
+def _wide():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Sequential(Res(12), Res(12), Res(12)),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+
+
+def test_a_plan_applied_to_a_wider_model_of_the_same_layout_is_refused():
+    """Its positions are all in range there, so only the recorded sizes tell: slicing would run and compute
+    something else."""
+    plan = secateur.plan_channels(_model(), X, ratio=0.5)
+    for apply in (lambda m: plan.apply(m), lambda m: plan.apply_checked(m, X)):
+        m = _wide()
+        before = copy.deepcopy(m)
+        with pytest.raises(PruningError, match=r"made for a tensor of size 8 along dim 0 \(shape=\(12, 3, 3, 3\)\)"):
+            apply(m)
+        _unchanged(m, before)
+    fresh = _model()  # the model it was made for (a fresh copy) still takes it
+    plan.apply(fresh)
+    assert fresh[0].weight.shape[0] == 4
+
+
+def test_fine_tune_refuses_an_optimizer_of_other_parameters_or_stale_state_before_any_step():
+    from secateur.training import fine_tune
+    m = _cnn()
+    data = [(X, torch.tensor([0, 1]))]
+    before = copy.deepcopy(m)
+    with pytest.raises(PruningError, match="holds none of the model's parameters"):
+        fine_tune(m, data, torch.optim.SGD(_cnn().parameters(), lr=0.1))  # another model's
+    _unchanged(m, before)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    fine_tune(m, data, opt)  # momentum buffers of the full-size tensors
+    secateur.prune_channels(m, X, ratio=0.5)  # the same Parameter objects, sliced
+    before = copy.deepcopy(m)
+    with pytest.raises(PruningError, match=r"\[0.weight\] the optimizer's 'momentum_buffer'.*stepped before the "
+                                           r"model was pruned \(shape=\(4, 3, 3, 3\), value=\(8, 3, 3, 3\)\)"):
+        fine_tune(m, data, opt)
+    _unchanged(m, before)
+    fine_tune(m, data, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))  # a new one trains
+    with pytest.raises(PruningError, match="torch.optim.Optimizer"):
+        fine_tune(m, data, "sgd")
+    extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.warns(UserWarning, match="1 tensors that are not parameters of the model"):
+        fine_tune(m, data, torch.optim.SGD(list(m.parameters()) + [extra], lr=0.1))
+
+
+def test_fine_tune_stops_at_a_non_finite_loss_before_the_step():
+    from secateur.training import fine_tune
+    m = _cnn()
+    good = (X, torch.tensor([0, 1]))
+    bad = (torch.full_like(X, math.nan), torch.tensor([0, 1]))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with pytest.raises(PruningError, match=r"loss is nan at step 1 \(epoch 1\).*taken the 1 steps before it"):
+        fine_tune(m, [good, bad], opt)
+    assert all(torch.isfinite(p).all() for p in m.parameters())  # the NaN batch stepped nothing
+    assert m.training
+
+
+def test_fine_tune_checks_the_regularizer_before_the_first_step():
+    from secateur.regularize import BNScaleL1
+    from secateur.training import fine_tune
+    m = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))  # no BatchNorm: L1 on BN scales has nothing to act on
+    before = copy.deepcopy(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    data = [(X, torch.tensor([0, 1]))]
+    with pytest.raises(PruningError, match="no affine BatchNorm"):
+        fine_tune(m, data, opt, regularizer=BNScaleL1(1e-4))
+    _unchanged(m, before)
+    with pytest.raises(PruningError, match="no affine BatchNorm"):
+        BNScaleL1(1e-4).proximal_(m, 0.1)
+    with pytest.raises(PruningError, match="proximal_"):
+        fine_tune(m, data, opt, regularizer=object())
+    _unchanged(m, before)
+
+
+def test_a_latency_cache_that_cannot_be_written_is_refused_before_measuring(tmp_path):
+    m = _model()
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for path, match in ((afile / "table.json", "cannot be written.*is a file"), (tmp_path, "directory"),
+                        (3, "cache_path")):
+        with pytest.raises(PruningError, match=match):
+            LatencyTable.build(m, X, cache_path=path, progress=False, repeats=1, max_points=2, in_points=2)
+    (tmp_path / "list.json").write_text("[1, 2]")  # not a cache file: ignored and overwritten, not an AttributeError
+    table = LatencyTable.build(m, X, cache_path=tmp_path / "list.json", progress=False, repeats=1, max_points=2,
+                               in_points=2, tail=False)
+    assert table.specs
+    with pytest.raises(PruningError, match="specs maps layer names"):
+        LatencyTable.from_measurements("x", {})
+    with pytest.raises(PruningError, match="store maps"):
+        LatencyTable.from_measurements(table.specs, None)

@@ -43,7 +43,7 @@ class Dataset:
 
 
 def cache_dir() -> Path:
-    """Where converted datasets live: ``$SECATEUR_CACHE`` or ``~/.cache/secateur``."""
+    """secateur's cache (converted datasets, latency tables): ``$SECATEUR_CACHE`` or ``~/.cache/secateur``."""
     root = os.environ.get("SECATEUR_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "secateur"
 

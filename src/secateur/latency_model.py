@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from secateur.data import cache_dir
 from secateur.errors import check_model_inputs, fail, inputs_rejected
 from secateur.latency import _calibrate, _caller, _inputs_device, _Timer, pinned_threads
 from secateur.latency_calibrate import Calibration
@@ -262,8 +263,23 @@ def device_name(device: torch.device | str = "cpu", threads: int | None = None) 
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SECATEUR_CACHE") or Path.home() / ".cache" / "secateur")
+def _cache_file(cache_path: str | os.PathLike | None, device: str, where: str) -> Path:
+    """The cache file to read and write (``cache_path``, or the device's file under `cache_dir`), checked before
+    anything is measured: a path that cannot be written would otherwise fail only after minutes of timing."""
+    if cache_path is not None and not isinstance(cache_path, (str, os.PathLike)):
+        raise fail("cache_path is a file path (str or os.PathLike) or None", where=where,
+                   value=type(cache_path).__name__)
+    path = Path(cache_path) if cache_path else cache_dir() / "latency" / f"{device}.json"
+    if path.is_dir():
+        raise fail("cache_path is a directory; it names the JSON file to keep timings in", where=where, value=str(path))
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise fail("the latency cache cannot be written there", where=where, value=str(path),
+                   hint=f"{parent} is {'a file' if not parent.is_dir() else 'not writable'}; pass another "
+                        "cache_path, set SECATEUR_CACHE, or cache=False")
+    return path
 
 
 # ----------------------------------------------------------------------------------------- the table
@@ -319,7 +335,7 @@ class LatencyTable:
                        where=type(model).__name__)
         device = _first_device(example_inputs, model)
         dev_name = device_name(device, threads)
-        path = Path(cache_path) if cache_path else cache_dir() / "latency" / f"{dev_name}.json"
+        path = _cache_file(cache_path, dev_name, "LatencyTable.build") if cache else None
         store = _load(path) if cache else {}
         todo = _sweeps_to_measure(specs, store, max_points, in_points, multiple)
         fresh: dict[str, dict[str, dict[str, float]]] = {}
@@ -343,7 +359,8 @@ class LatencyTable:
             opts = dict(calibrate) if isinstance(calibrate, Mapping) else {}
             opts.setdefault("threads", threads)
             opts.setdefault("cache", cache)
-            opts.setdefault("cache_path", path)
+            if cache:
+                opts.setdefault("cache_path", path)
             with statistics_kept(model, eval=True):
                 table = table.calibrate(model, example_inputs, **opts)
         return table
@@ -358,9 +375,7 @@ class LatencyTable:
         if not self.out_curves:
             raise fail("a shapes-only table cannot be calibrated", where=type(model).__name__,
                        hint="build it with LatencyTable.build")
-        path = None
-        if cache:
-            path = Path(cache_path) if cache_path else cache_dir() / "latency" / f"{self.device}.json"
+        path = _cache_file(cache_path, self.device, "LatencyTable.calibrate") if cache else None
         cal = calibrate(self, model, example_inputs, cache_path=path, **options)
         return replace(self, calibration=cal, _names=dict(self._names))
 
@@ -379,6 +394,12 @@ class LatencyTable:
                           *, device: str = "unknown", tolerance: float = 0.02) -> "LatencyTable":
         """A table from raw measurements ``{spec.key(): {"out": {count: s}, "in": {count: s}}}``
         (as stored in the cache; every measured count is used); also how tests build known staircases."""
+        if not isinstance(specs, Mapping) or not all(isinstance(v, LayerSpec) for v in specs.values()):
+            raise fail("specs maps layer names to LayerSpec (as layer_specs returns)",
+                       where="LatencyTable.from_measurements", value=type(specs).__name__)
+        if not isinstance(store, Mapping):
+            raise fail("store maps LayerSpec.key() to {'out': {count: seconds}, 'in': {...}}",
+                       where="LatencyTable.from_measurements", value=type(store).__name__)
         outs, ins = {}, {}
         for name, spec in specs.items():
             sweeps = store.get(spec.key(), {})
@@ -732,7 +753,7 @@ def _load(path: Path) -> dict:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    if data.get("torch") != torch.__version__:
+    if not isinstance(data, dict) or data.get("torch") != torch.__version__:
         return {}
     return data.get("layers", {})
 

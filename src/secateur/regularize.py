@@ -54,18 +54,23 @@ class BNScaleL1:
         if not callable(self.lam):
             _lam(self.lam, 0, "BNScaleL1")
 
+    def check(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The BN layers to regularise; a model without one is an error (it would get no regularisation at all).
+        ``fine_tune`` calls this before the first step."""
+        layers = bn_layers(model)
+        if not layers:
+            raise fail("the model has no affine BatchNorm layer to regularise", where=type(model).__name__)
+        return layers
+
     def penalty(self, model: nn.Module, step: int = 0) -> torch.Tensor:
         lam = _lam(self.lam, step, "BNScaleL1")
-        terms = [m.weight.abs().sum() for _, m in bn_layers(model)]
-        if not terms:
-            raise fail("the model has no affine BatchNorm layer to regularise", where=type(model).__name__)
-        return lam * torch.stack(terms).sum()
+        return lam * torch.stack([m.weight.abs().sum() for _, m in self.check(model)]).sum()
 
     @torch.no_grad()
     def proximal_(self, model: nn.Module, lr: float, step: int = 0) -> None:
         """Soft-threshold every BN scale by ``lr * lambda`` (the proximal map of the L1 term)."""
         tau = _check_lr(lr, "BNScaleL1.proximal_") * _lam(self.lam, step, "BNScaleL1")
-        for _, m in bn_layers(model):
+        for _, m in self.check(model):
             g = original(m, "weight")
             g.copy_(g.sign() * (g.abs() - tau).clamp_min(0))
 
@@ -202,6 +207,12 @@ class GroupLasso:
         if not callable(self.lam):
             _lam(self.lam, 0, "GroupLasso")
         object.__setattr__(self, "groups", tuple(self.groups))
+
+    def check(self, model: nn.Module) -> None:
+        """Every group's members exist in ``model`` and fit (``fine_tune`` calls this before the first step)."""
+        if not self.groups:
+            raise fail("group lasso has no groups", where=type(model).__name__)
+        _resolve(model, self.groups)
 
     def _weights(self, resolved) -> list[torch.Tensor | float]:
         """Per-channel penalty weights: 1, or sqrt(number of entries of the channel) when size-weighted

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -80,6 +81,13 @@ def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer,
     if not 0 <= alpha <= 1 or temperature <= 0:
         raise fail("distillation needs 0 <= alpha <= 1 and temperature > 0", where="fine_tune",
                    value=(alpha, temperature))
+    _check_optimizer(model, optimizer, "fine_tune")
+    if regularizer is not None:
+        if not callable(getattr(regularizer, "proximal_", None)):
+            raise fail("regularizer needs a proximal_(model, lr, step) method (see secateur.regularize)",
+                       where="fine_tune", value=type(regularizer).__name__)
+        if callable(getattr(regularizer, "check", None)):
+            regularizer.check(model)  # before any step: a regulariser that cannot act must not fail mid-training
     dev = _device(model)
     modes = (model.training, teacher.training if teacher is not None else None)
     if teacher is not None:
@@ -95,6 +103,13 @@ def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer,
                 loss = distillation_loss(out, _teacher_logits(teacher, x), y, alpha=alpha, temperature=temperature)
             else:
                 loss = F.cross_entropy(out, y)
+            if not torch.isfinite(loss.detach()):  # before the step: a NaN gradient would overwrite every weight
+                model.train(modes[0])
+                if teacher is not None:
+                    teacher.train(modes[1])
+                raise fail(f"the loss is {float(loss.detach())} at step {step} (epoch {epoch + 1}); the model "
+                           f"has taken the {step} steps before it", where="fine_tune", shape=tuple(x.shape),
+                           hint="non-finite inputs or labels in that batch, or a learning rate that diverged")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -118,6 +133,30 @@ def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer,
                        hint=None if epoch == 0 else "pass a re-iterable (a list, a DataLoader), not an iterator")
         last = total / n
     return last
+
+
+def _check_optimizer(model: nn.Module, optimizer: Any, where: str) -> None:
+    """The optimizer must update this model's parameters, with state of their shapes. The common slip: an optimizer
+    that has stepped before a structural prune keeps momentum / Adam moments of the full-size tensors (the pruned
+    parameters are the same objects, sliced), and its next step fails deep inside torch."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise fail("optimizer must be a torch.optim.Optimizer", where=where, value=type(optimizer).__name__)
+    names = {id(p): n for n, p in model.named_parameters()}
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(id(p) in names for p in held):
+        raise fail(f"the optimizer holds none of the model's parameters ({len(held)} tensors of another model)",
+                   where=where, value=type(model).__name__, hint="build it from model.parameters()")
+    for p in held:
+        for key, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                raise fail(f"the optimizer's {key!r} for this parameter has another shape: it stepped before the "
+                           f"model was pruned", where=names.get(id(p), "a parameter"), shape=tuple(p.shape),
+                           value=tuple(v.shape), hint="build a new optimizer after a structural prune")
+    stale = [p for p in held if id(p) not in names]
+    if stale:
+        warnings.warn(f"{where}: the optimizer holds {len(stale)} tensors that are not parameters of the model "
+                      f"(first shape {tuple(stale[0].shape)}); they are stepped but take no part in its forward",
+                      stacklevel=3)
 
 
 @torch.no_grad()

@@ -23,7 +23,9 @@ class Member:
     norm affine and running stats, free parameters such as layer scales or cls tokens);
     index: positions along ``dim`` owned by the group; channel: for each position, which of the group's channels
     (0..size-1) it belongs to (one channel can own several positions, e.g. after a flatten or for a whole head);
-    consumer: the slice is read as an input somewhere (kind "in", or a tied weight that is also a producer)."""
+    consumer: the slice is read as an input somewhere (kind "in", or a tied weight that is also a producer);
+    extent: the tensor's size along ``dim`` when the graph was built (-1: unknown), so that a plan applied to another
+    model of the same layout but other widths is refused instead of slicing it at the wrong positions."""
     module: str
     name: str
     dim: int
@@ -31,6 +33,7 @@ class Member:
     index: torch.Tensor
     channel: torch.Tensor
     consumer: bool = False
+    extent: int = -1
 
     @property
     def qualname(self) -> str:
@@ -308,7 +311,8 @@ def _groups(tr: Tracer) -> Graph:
         for G, idx, ch, part_held in parts:
             # a contracted channel (q.k) is zeroed at its producer, norm affine included: then it is exactly 0
             consumer = s["consumer"] or (s["kind"] in ("out", "param") and part_held)
-            groups[G].members.append(Member(s["module"], s["name"], s["dim"], s["kind"], idx, ch, consumer))
+            groups[G].members.append(Member(s["module"], s["name"], s["dim"], s["kind"], idx, ch, consumer,
+                                            c.numel()))
     for g in groups:
         g.members.sort(key=lambda m: (m.kind != "out", m.kind != "param"))
         g.name = g.members[0].module

@@ -34,9 +34,34 @@ def _in_range(t: torch.Tensor, d: int, pos: torch.Tensor, where: str) -> None:
                    value=(d, int(pos[-1]) if pos.numel() else None), hint=_OTHER_MODEL)
 
 
+def check_extents(model: nn.Module, plan: Plan) -> None:
+    """Every tensor a pruned group slices has the size along that dim it had when the plan was made: a plan made for
+    one width and applied to a wider model of the same layout would otherwise slice it at positions that mean other
+    channels there, and run. Members from graphs built before sizes were recorded (``extent`` -1) are not checked."""
+    mods = dict(model.named_modules())
+    seen: set[tuple[str, str, int]] = set()
+    for g, chans in plan.choices:
+        if not chans.numel():
+            continue
+        for m in g.members:
+            key = (m.module, m.name, m.dim)
+            if m.extent < 0 or key in seen:
+                continue
+            seen.add(key)
+            mod = mods.get(m.module)
+            if mod is None:
+                raise fail("the plan names a module this model does not have", where=m.module or type(model).__name__,
+                           hint=_OTHER_MODEL)
+            t = _tensor(mod, m.name)
+            if m.dim >= t.dim() or t.size(m.dim) != m.extent:
+                raise fail(f"the plan was made for a tensor of size {m.extent} along dim {m.dim}",
+                           where=m.qualname, shape=tuple(t.shape), hint=_OTHER_MODEL)
+
+
 def check_fits(model: nn.Module, plan: Plan) -> None:
-    """What ``_apply`` checks before it slices (every module, tensor and position the plan names exists), for a
-    caller that works on a copy of the model first (``Plan.apply_checked``)."""
+    """What ``_apply`` checks before it slices (every module, tensor and position the plan names exists, at the
+    sizes the plan was made for), for a caller that works on a copy of the model first (``Plan.apply_checked``)."""
+    check_extents(model, plan)
     mods = dict(model.named_modules())
     for (mname, tname), dims in plan.removed.items():
         if mname not in mods:

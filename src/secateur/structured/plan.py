@@ -86,8 +86,9 @@ class Plan:
     def apply(self, model: nn.Module) -> dict[str, Any]:
         """Remove the plan's channels from ``model`` (the model it was made for, or a fresh copy of it); a model that
         differs, or holds masks, gets a PruningError and is left as it was."""
-        from secateur.structured.apply import _apply
+        from secateur.structured.apply import _apply, check_extents
         _applicable(model, "Plan.apply")
+        check_extents(model, self)
         return _apply(model, self)
 
     def apply_checked(self, model: nn.Module, example_inputs: Any) -> float:
