@@ -4,6 +4,10 @@ batch than the one timed are left out (the row planned at the timed batch is the
 
     .venv/bin/python benchmarks/plot_speedup.py benchmarks/results/speedup_cpu_auto.json   # writes the .png beside it
     .venv/bin/python benchmarks/plot_speedup.py RESULT.json --compiled   # the torch.compile'd rows: RESULT_compiled.png
+    .venv/bin/python benchmarks/plot_speedup.py A.json B.json --out ALL.png   # several runs, one model per run
+
+Several results are merged into one plot only where each model comes from one of them: the methods of a model are
+compared within one run (timed interleaved), never across runs.
 """
 from __future__ import annotations
 
@@ -35,14 +39,31 @@ def cells(rows: list[dict], compiled: bool = False) -> tuple[list[tuple], list[s
     return order, [m for m in LABELS if m in methods] + [m for m in methods if m not in LABELS], eff
 
 
-def plot(path: Path, out: Path, compiled: bool = False) -> None:
+def merged(paths: list[Path]) -> tuple[list[dict], dict, str]:
+    """The rows of every result, the first one's machine, and the runs' dates; a model in two results is refused
+    (its methods would be compared across runs)."""
+    rows, owner, dates, machine = [], {}, [], None
+    for path in paths:
+        data = json.loads(path.read_text())
+        for model in {r["model"] for r in data["rows"]}:
+            if model in owner:
+                raise SystemExit(f"{model} is in both {owner[model]} and {path}: plot one run per model")
+            owner[model] = path
+        rows += data["rows"]
+        machine = machine or data.get("machine", {})
+        dates.append(data.get("machine", {}).get("date_utc", ""))
+    return rows, machine or {}, ", ".join(d for d in dates if d)
+
+
+def plot(paths: Path | list[Path], out: Path, compiled: bool = False) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    data = json.loads(path.read_text())
-    order, methods, eff = cells(data["rows"], compiled)
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    rows, machine, dates = merged(paths)
+    order, methods, eff = cells(rows, compiled)
     if not order:
-        raise SystemExit(f"{path}: no {'compiled' if compiled else 'eager'} rows to plot")
+        raise SystemExit(f"{', '.join(map(str, paths))}: no {'compiled' if compiled else 'eager'} rows to plot")
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(8, len(order) * 0.75), 4.2))
     for i, m in enumerate(methods):
@@ -53,10 +74,9 @@ def plot(path: Path, out: Path, compiled: bool = False) -> None:
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([f"{NAMES.get(mo, mo)}\nbs {b}, {t:g}x" for mo, b, t in order], fontsize=7)
     ax.set_ylabel("efficiency = speedup / MACs reduction")
-    machine = data.get("machine", {})
-    ax.set_title(f"Real speedup{', torch.compile' if compiled else ''} on {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} CPUs), "
-                 f"{machine.get('date_utc', '')} UTC\ndashed: the 0.8 goal; missing bar: target not reached",
-                 fontsize=9)
+    ax.set_title(f"Real speedup{', torch.compile' if compiled else ''} on {machine.get('cpu', '?')} "
+                 f"({machine.get('cpu_count', '?')} CPUs), {dates} UTC\n"
+                 f"dashed: the 0.8 goal; missing bar: target not reached", fontsize=9)
     ax.legend(fontsize=7, ncol=len(methods), loc="upper left")
     ax.set_ylim(0, 1.45)
     fig.tight_layout()
@@ -66,12 +86,13 @@ def plot(path: Path, out: Path, compiled: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", type=Path, help="a bench_speedup.py result")
-    ap.add_argument("--out", type=Path, help="the image (default: the JSON's name with .png, _compiled.png with "
-                                                 "--compiled)")
+    ap.add_argument("json", type=Path, nargs="+", help="bench_speedup.py results (each model in one of them)")
+    ap.add_argument("--out", type=Path, help="the image (default: the first JSON's name with .png, _compiled.png "
+                                                 "with --compiled)")
     ap.add_argument("--compiled", action="store_true", help="plot the torch.compile'd timings instead of eager")
     args = ap.parse_args(argv)
-    default = args.json.with_name(args.json.stem + ("_compiled" if args.compiled else "") + ".png")
+    first = args.json[0]
+    default = first.with_name(first.stem + ("_compiled" if args.compiled else "") + ".png")
     plot(args.json, args.out or default, args.compiled)
 
 

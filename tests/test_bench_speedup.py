@@ -213,3 +213,20 @@ def test_plot_compiled_takes_the_compiled_rows_only(tmp_path):
     path.write_text(json.dumps({"rows": rows, "machine": {"cpu": "x", "cpu_count": 2}}))
     plot.main([str(path), "--compiled"])
     assert (tmp_path / "s_compiled.png").stat().st_size > 1000
+
+
+def test_plot_merges_runs_one_model_each(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_speedup", SCRIPT.with_name("plot_speedup.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, model, day in ((a, "resnet50", "d1"), (b, "vit_b_16", "d2")):
+        rows = [dict(model=model, batch=1, target=2.0, method="tp", table_batch=None, efficiency=0.9, compiled=True)]
+        path.write_text(json.dumps({"rows": rows, "machine": {"cpu": "x", "cpu_count": 2, "date_utc": day}}))
+    rows, machine, dates = plot.merged([a, b])
+    assert [r["model"] for r in rows] == ["resnet50", "vit_b_16"] and dates == "d1, d2"
+    with pytest.raises(SystemExit, match="resnet50 is in both"):
+        plot.merged([a, b, a])
+    pytest.importorskip("matplotlib")
+    plot.main([str(a), str(b), "--compiled", "--out", str(tmp_path / "all.png")])
+    assert (tmp_path / "all.png").stat().st_size > 1000

@@ -276,3 +276,17 @@ def test_ratio_dict_keys_are_modules_names_prefixes_or_globs():
     for key in ("0", "0.*", m[0][0]):
         plan = plan_channels(m, x, ratio={key: 0.5})
         assert [(g.name, c.numel()) for g, c in plan.choices] == [("0.0", 4)], (key, plan.choices)
+
+
+@pytest.mark.parametrize("n,k", [(6, 2), (5, 1), (10, 1), (10, 2), (24, 8), (21, 7)])
+def test_prune_channels_removes_what_plan_channels_plans_at_ratios_of_small_fractions(n, k):
+    """ratio = k / n through float arithmetic (1 - (1 - r) ** 1) landed a hair below k / n, and int() took one channel
+    fewer than plan_channels (found by tests/test_engine_fuzz.py)."""
+    x = torch.randn(2, 4)
+    for ratio in (k / n, 1 - (1 - k / n)):
+        torch.manual_seed(0)
+        a = nn.Sequential(nn.Linear(4, n), nn.ReLU(), nn.Linear(n, 2))
+        b = copy.deepcopy(a)
+        plan_channels(a, x, ratio=ratio).apply(a)
+        prune_channels(b, x, ratio=ratio)
+        assert a[0].out_features == b[0].out_features == n - k

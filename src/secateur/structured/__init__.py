@@ -207,7 +207,9 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
             latency["latency_estimate"] = latency.pop("estimate")(model)
     else:
         for i in range(steps):
-            if isinstance(ratio, dict):
+            if steps == 1:  # exactly the ratio plan_channels gets (1 - (1 - r) ** 1 is not always r in floats)
+                r = ratio
+            elif isinstance(ratio, dict):
                 r = {k: 1 - (1 - v) ** (1 / steps) for k, v in ratio.items()}
             else:
                 r = 1 - (1 - float(ratio)) ** (1 / steps)

@@ -149,6 +149,12 @@ def _round(size: int, n: int, round_to: int | None, unit: int = 1) -> int:
     return n
 
 
+def _floor(x: float) -> int:
+    """``int(x)`` for a channel count, where a ratio that went through float arithmetic (``1 - (1 - 1/3)``,
+    a sum over groups) lands a hair below the integer it means: 6 * 0.33333333333333326 is 2 channels, not 1."""
+    return int(math.floor(x + 1e-9))
+
+
 def _count(group: Group, n: int, round_to: int | None) -> int:
     """How many channels to remove: a head-dim group removes the same count from every head (at least one dim
     stays in each), so ``n`` is split evenly and rounded per head. A group's ``align`` (a kernel's need) joins
@@ -274,7 +280,7 @@ def _choose(cands, threshold, scope, round_to, links=(), ties=None, fixed=frozen
                 choices.append((g, _pick(g, s, n)))
     elif scope == "local":
         for g, s, r in cands:
-            n = _count(g, int(g.size * r), round_to)
+            n = _count(g, _floor(g.size * r), round_to)
             if n:
                 choices.append((g, _pick(g, s, n)))
     else:
@@ -327,7 +333,7 @@ def _global(cands, round_to) -> list[tuple[Group, torch.Tensor]]:
     if not cands:
         return []
     total = sum(g.size for g, _, _ in cands)
-    k = int(sum(g.size * r for g, _, r in cands))
+    k = _floor(sum(g.size * r for g, _, r in cands))
     scores, owner, rank = [], [], []
     for i, (g, s, _) in enumerate(cands):
         s = _ranked(s)
