@@ -289,3 +289,32 @@ def test_count_macs_when_a_module_input_is_a_parameter():
             return self.inner((x, self.tok))
 
     assert count_macs(Outer(), torch.randn(3, 4)) == 3 * 4 * 4
+
+
+class _InputThroughNorm(nn.Module):
+    """Four channels from a conv and two straight from the model's input, concatenated, then a norm layer."""
+
+    def __init__(self, norm, channels_last=False):
+        super().__init__()
+        self.c, self.n, self.h, self.channels_last = nn.Conv2d(1, 4, 1), norm, nn.Conv2d(6, 4, 1), channels_last
+
+    def forward(self, x):
+        y = torch.cat([self.c(x[:, :1]), x[:, 1:]], 1)
+        y = self.n(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.channels_last else self.n(y)
+        return self.h(y)
+
+
+@pytest.mark.parametrize("norm,channels_last,kept", [
+    (lambda: nn.BatchNorm2d(6), False, 2), (lambda: nn.InstanceNorm2d(6, affine=True, track_running_stats=True), False, 2),
+    (lambda: nn.GroupNorm(6, 6), False, 2), (lambda: nn.GroupNorm(3, 6), False, 2),
+    (lambda: nn.GroupNorm(2, 6), False, 4),  # its second group holds the input's channels: the conv's 4th too
+    (lambda: nn.GroupNorm(1, 6), False, 2), (lambda: nn.LayerNorm(6), True, 2), (lambda: nn.PReLU(6), False, 2),
+], ids=["batch", "instance", "group6", "group3", "group2", "group1", "layer", "prelu"])
+def test_a_norm_over_channels_of_the_models_input_prunes_the_layers_channels_only(norm, channels_last, kept):
+    """Was an internal 'slot size mismatch' error for every norm module (found by tests/test_engine_fuzz.py): the
+    input's channels have no producer, so the norm's parameters there get channels of their own, never pruned."""
+    torch.manual_seed(0)
+    model = _randomize_bn(_InputThroughNorm(norm(), channels_last)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    _oracle(model, x, ratio=0.5)
+    assert model.c.out_channels == kept and model.h.in_channels == kept + 2

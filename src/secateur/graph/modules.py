@@ -226,10 +226,11 @@ def batch_norm(tr: Tracer, mod, args, kwargs, out):
     if chan is None:
         return
     lo, hi = (int(v) for v in chan.aminmax()) if chan.numel() else (0, 0)  # once, for the four tensors and the label
+    own = chan if lo >= 0 else _consumed(tr, chan)  # channels straight from the model's input: never pruned
     for name in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(mod, name, None)
         if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == chan.numel():
-            tr.slot(t, 0, chan, "param", atoms_ok=lo >= 0)
+            tr.slot(t, 0, own, "param", atoms_ok=True)
     tr.set(out, _shape_for(out.dim(), cdim, chan), compressed=0 <= lo < hi)  # atoms that differ: nothing to shrink
 
 
@@ -242,10 +243,13 @@ def group_norm(tr: Tracer, mod, args, kwargs, out):
     if chan is None:
         return
     per = mod.num_channels // mod.num_groups  # a group is normalised together: whole groups only
-    chan = tr.atoms.collapse(chan.view(mod.num_groups, per), [1]).expand(mod.num_groups, per).reshape(-1)
+    rows = chan.view(mod.num_groups, per)
+    if chan.numel() and int(chan.min()) < 0:  # a group holding a channel of the model's input stays whole
+        tr.atoms.block(rows[(rows < 0).any(1)])
+    chan = tr.atoms.collapse(rows, [1]).expand(mod.num_groups, per).reshape(-1)
     if mod.affine:
-        tr.slot(mod.weight, 0, chan, "param")
-        tr.slot(mod.bias, 0, chan, "param")
+        tr.slot(mod.weight, 0, _consumed(tr, chan), "param")
+        tr.slot(mod.bias, 0, _consumed(tr, chan), "param")
     tr.set(out, _shape_for(out.dim(), 1, chan))
 
 
@@ -260,10 +264,11 @@ def one_group_norm(tr: Tracer, mod: nn.GroupNorm, x: torch.Tensor, out: torch.Te
     chan = _channels(tr, x, 1)
     if chan is None:
         return
+    own = _consumed(tr, chan)  # channels straight from the model's input: never pruned
     if mod.affine:
-        tr.slot(mod.weight, 0, chan, "param")
-        tr.slot(mod.bias, 0, chan, "param")
-    tr.norm_site("module", name, type(mod).__name__, chan, dim=1)
+        tr.slot(mod.weight, 0, own, "param")
+        tr.slot(mod.bias, 0, own, "param")
+    tr.norm_site("module", name, type(mod).__name__, own, dim=1)
     tr.set(out, _shape_for(out.dim(), 1, chan))
 
 
@@ -296,10 +301,11 @@ def layer_norm(tr: Tracer, mod, args, kwargs, out):
                         f"({'no affine weight' if len(shape) == 1 else f'shape {shape}'}); its channels are kept")
         return
     chan = _channels(tr, x, -1)
+    own = _consumed(tr, chan)  # channels straight from the model's input: never pruned
     for t in (weight, getattr(mod, "bias", None)):
         if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == chan.numel():
-            tr.slot(t, 0, chan, "param")
-    tr.norm_site("module", name, type(mod).__name__, chan)
+            tr.slot(t, 0, own, "param")
+    tr.norm_site("module", name, type(mod).__name__, own)
     tr.set(out, _shape_for(out.dim(), -1, chan))
 
 
@@ -324,7 +330,7 @@ def prelu(tr: Tracer, mod, args, kwargs, out):
         return
     if mod.num_parameters > 1:
         chan = _channels(tr, x, 1 if x.dim() > 1 else 0)
-        tr.slot(mod.weight, 0, chan, "param")
+        tr.slot(mod.weight, 0, _consumed(tr, chan), "param")
         tr.set(out, _shape_for(out.dim(), 1 if x.dim() > 1 else 0, chan))
     else:
         tr.set(out, lab)
