@@ -318,3 +318,26 @@ def test_a_norm_over_channels_of_the_models_input_prunes_the_layers_channels_onl
     x = torch.randn(2, 3, 4, 4)
     _oracle(model, x, ratio=0.5)
     assert model.c.out_channels == kept and model.h.in_channels == kept + 2
+
+
+def test_multihead_attention_over_channels_of_the_models_input():
+    """The same for nn.MultiheadAttention's input projection (an internal error before): the input's columns stay,
+    the layer's columns prune with it; with key and value from another layer, a column any of q/k/v reads from the
+    input stays in all three (one weight reads them)."""
+    class M(nn.Module):
+        def __init__(self, kv_from_layer):
+            super().__init__()
+            self.l, self.kv = nn.Linear(3, 4), nn.Linear(5, 6)
+            self.a, self.h, self.kv_from_layer = nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, 2), kv_from_layer
+
+        def forward(self, x):
+            y = torch.cat([self.l(x[..., :3]), x[..., 3:]], -1)
+            kv = self.kv(x) if self.kv_from_layer else y
+            return self.h(self.a(y, kv, kv)[0])
+
+    for kv_from_layer in (False, True):
+        torch.manual_seed(0)
+        model = M(kv_from_layer).eval()
+        _oracle(model, torch.randn(2, 5, 5), ratio=0.5)
+        assert model.l.out_features == 2 and model.a.in_proj_weight.shape[1] == 4
+        assert model.kv.out_features == (4 if kv_from_layer else 6)  # its columns 4, 5 meet the input's channels in q: they stay

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateur.graph.capture import Tracer
-from secateur.graph.modules import STRUCTURE_CLASSES, _channels, _shape_for, leaf, updater
+from secateur.graph.modules import STRUCTURE_CLASSES, _channels, _consumed, _shape_for, leaf, updater
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -134,14 +134,17 @@ def multihead_attention(tr: Tracer, mod: nn.MultiheadAttention, args, kwargs, ou
     cq, ck, cv = (_channels(tr, t, -1) for t in (query, key, value))
     if mod.in_proj_weight is not None:
         chans = [c for c in (cq, ck, cv) if c is not None]
+        if len(chans) > 1:  # a column that reads a channel of the model's input (no producer) in one of them stays
+            stacked = torch.stack(chans)
+            tr.atoms.block(stacked[:, (stacked < 0).any(0)])
         for c in chans[1:]:  # one weight reads all three inputs: their channels are one set of columns
             tr.atoms.union(chans[0], c)
         if chans:
-            tr.slot(mod.in_proj_weight, 1, chans[0], "in")
+            tr.slot(mod.in_proj_weight, 1, _consumed(tr, chans[0]), "in")
     else:
         for w, c in ((mod.q_proj_weight, cq), (mod.k_proj_weight, ck), (mod.v_proj_weight, cv)):
             if c is not None:
-                tr.slot(w, 1, c, "in")
+                tr.slot(w, 1, _consumed(tr, c), "in")
     if tr.head_dim:
         qk, v = tr.atoms.new(h * dq), tr.atoms.new(h * dv)
         tr.blocks += [qk.view(h, dq), v.view(h, dv)]
