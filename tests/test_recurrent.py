@@ -209,3 +209,32 @@ def test_structure_round_trip_and_deepcopy_of_a_pruned_lstm():
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), m.eval()(x)) and torch.equal(copy.deepcopy(m)(x), m(x))
     assert (fresh.rnn.hidden_size, fresh.rnn.proj_size, fresh.rnn.input_size) == (4, 3, 3)
+
+
+@pytest.mark.parametrize("layer", [lambda: nn.LSTM(5, 6, batch_first=True, bidirectional=True, num_layers=2),
+                                   lambda: nn.GRU(5, 6, batch_first=True), lambda: nn.RNN(5, 6, batch_first=True),
+                                   lambda: nn.LSTMCell(5, 6), lambda: nn.GRUCell(5, 6)],
+                         ids=["lstm", "gru", "rnn", "lstm_cell", "gru_cell"])
+def test_input_features_straight_from_the_models_input_stay(layer):
+    """Features 0-3 from a Linear, 4 from the model's input: the input's column stays, the Linear's prune (an
+    internal 'slot size mismatch' error before; found by tests/test_engine_fuzz.py)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.rnn, self.head = nn.Linear(2, 4), layer(), nn.Linear(12 if self.bidir else 6, 3)
+
+        bidir = False
+
+        def forward(self, x):
+            y = torch.cat([self.lin(x[..., :2]), x[..., 2:]], -1)
+            if isinstance(self.rnn, nn.RNNCellBase):
+                out = self.rnn(y[:, 0])
+                return self.head(out[0] if isinstance(out, tuple) else out)
+            return self.head(self.rnn(y)[0][:, -1])
+
+    M.bidir = isinstance(layer(), nn.LSTM)
+    torch.manual_seed(0)
+    model = M().eval()
+    assert_oracle(model, torch.randn(2, 3, 3), ratio=0.5)
+    assert model.lin.out_features == 2
+    assert (model.rnn.weight_ih_l0 if hasattr(model.rnn, "weight_ih_l0") else model.rnn.weight_ih).shape[1] == 3

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from secateur.graph.capture import Tracer
-from secateur.graph.modules import _channels, leaf, updater
+from secateur.graph.modules import _channels, _consumed, leaf, updater
 from secateur.graph.rules import _pad, aten, rule
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -67,6 +67,8 @@ def recurrent(tr: Tracer, mod: nn.RNNBase, args, kwargs, out) -> None:
     hid = tr.atoms.new(mod.hidden_size)  # the cells, shared by every layer and direction (see module docstring)
     proj = tr.atoms.new(mod.proj_size) if mod.proj_size > 0 else hid  # what h (outputs, weight_hh's input) is
     inp = _channels(tr, x, -1)
+    if inp is not None:
+        inp = _consumed(tr, inp)  # features straight from the model's input: columns of their own, never pruned
     for layer in range(mod.num_layers):
         ins = inp if layer == 0 else proj.repeat(dirs)
         for sfx in ("", "_reverse")[:dirs]:
@@ -107,7 +109,7 @@ def recurrent_cell(tr: Tracer, mod: nn.RNNCellBase, args, kwargs, out) -> None:
     tr.slot(mod.weight_hh, 1, hid, "in")
     inp = _channels(tr, x, -1)
     if inp is not None:
-        tr.slot(mod.weight_ih, 1, inp, "in")
+        tr.slot(mod.weight_ih, 1, _consumed(tr, inp), "in")
     h0, c0 = (hx if isinstance(hx, tuple) else (hx, None))
     _state(tr, h0, hid)
     _state(tr, c0, hid)
