@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from secateur.graph.capture import Tracer
-from secateur.graph.modules import LEAVES_BY_NAME, UPDATERS_BY_NAME, _channels, _input, _shape_for
+from secateur.graph.modules import LEAVES_BY_NAME, UPDATERS_BY_NAME, _channels, _consumed, _input, _shape_for
 
 _MVIT = "torchvision.models.video.mvit"
 
@@ -59,7 +59,7 @@ def _attention(tr: Tracer, mod: nn.Module, args, kwargs, out) -> None:
         tr.notes.append(_HEAD_DIM_NOTE)
     chan = _channels(tr, x, -1)
     if chan is not None:
-        tr.slot(qkv.weight, 1, chan, "in")
+        tr.slot(qkv.weight, 1, _consumed(tr, chan), "in")
     units = tr.atoms.new(heads).repeat_interleave(d)
     tr.slot(qkv.weight, 0, units.repeat(3), "out")
     if qkv.bias is not None:

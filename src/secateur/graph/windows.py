@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateur.graph.capture import Tracer
-from secateur.graph.modules import (LAZY_CLASSES, LEAVES_BY_NAME, UPDATERS_BY_NAME, _channels, _input, _shape_for)
+from secateur.graph.modules import (LAZY_CLASSES, LEAVES_BY_NAME, UPDATERS_BY_NAME, _channels, _consumed, _input,
+                                    _shape_for)
 
 _SWIN = "torchvision.models.swin_transformer"
 _SWIN3D = "torchvision.models.video.swin_transformer"
@@ -190,7 +191,7 @@ def _heads(tr: Tracer, mod: nn.Module, args, kwargs, out, qkv: nn.Linear, proj: 
                        f"{proj.weight.shape[1]} do not split into {heads} heads", x)
     chan = _channels(tr, x, -1)
     if chan is not None:
-        tr.slot(qkv.weight, 1, chan, "in")
+        tr.slot(qkv.weight, 1, _consumed(tr, chan), "in")
     if tr.head_dim:
         qk, v = tr.atoms.new(heads * dq), tr.atoms.new(heads * dv)
         tr.blocks += [qk.view(heads, dq), v.view(heads, dv)]
