@@ -6,6 +6,7 @@ members (``reduce``: mean, sum, max) and optionally normalised within the group 
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 from typing import Callable, NamedTuple
 
@@ -164,10 +165,17 @@ def bn_scale(group: Group, model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def _generator(group: Group) -> torch.Generator:
+    """A generator for the group's random scores: the same in every process for the same ``torch.manual_seed``
+    (``hash(name)`` was salted per process, so plans could not be reproduced), other groups getting other draws, and
+    the caller's global random stream left where it was."""
+    return torch.Generator().manual_seed((zlib.crc32(group.name.encode()) + torch.initial_seed()) % (2 ** 63))
+
+
 @importance("random")
 def random(group: Group, model: nn.Module) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(hash(group.name) % (2 ** 31))
-    return [torch.rand(group.size, generator=g)]
+    """Uniform scores, reproducible: seeded by ``torch.manual_seed`` and the group's name."""
+    return [torch.rand(group.size, generator=_generator(group))]
 
 
 @importance("fpgm")
@@ -297,8 +305,7 @@ def _expert_parts(group: Group, model: nn.Module, how: str) -> list[torch.Tensor
         return [_expert_channels(m, (_expert_rows(model, m, e) * _expert_rows(model, m, e, grad=True)).sum(2),
                                  group.size).abs() for m in members]
     if how == "random":
-        g = torch.Generator().manual_seed(hash(group.name) % (2 ** 31))
-        return [torch.rand(e, group.size, generator=g)]
+        return [torch.rand(e, group.size, generator=_generator(group))]
     if how == "fpgm":
         out = []
         for m in members:
