@@ -248,8 +248,9 @@ def group_norm(tr: Tracer, mod, args, kwargs, out):
         tr.atoms.block(rows[(rows < 0).any(1)])
     chan = tr.atoms.collapse(rows, [1]).expand(mod.num_groups, per).reshape(-1)
     if mod.affine:
-        tr.slot(mod.weight, 0, _consumed(tr, chan), "param")
-        tr.slot(mod.bias, 0, _consumed(tr, chan), "param")
+        own = _consumed(tr, chan)  # groups of the input's channels only: positions of their own, never pruned
+        tr.slot(mod.weight, 0, own, "param")
+        tr.slot(mod.bias, 0, own, "param")
     tr.set(out, _shape_for(out.dim(), 1, chan))
 
 

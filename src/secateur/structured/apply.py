@@ -37,7 +37,7 @@ def _in_range(t: torch.Tensor, d: int, pos: torch.Tensor, where: str) -> None:
 def check_extents(model: nn.Module, plan: Plan) -> None:
     """Every tensor a pruned group slices has the size along that dim it had when the plan was made: a plan made for
     one width and applied to a wider model of the same layout would otherwise slice it at positions that mean other
-    channels there, and run. Members from graphs built before sizes were recorded (``extent`` -1) are not checked."""
+    channels there, and run. Members made without a size (``extent`` -1) are not checked."""
     mods = dict(model.named_modules())
     seen: set[tuple[str, str, int]] = set()
     for g, chans in plan.choices:
