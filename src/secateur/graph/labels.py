@@ -40,6 +40,13 @@ class Atoms:
         self.count += n
         return out
 
+    def own(self, chan: torch.Tensor) -> torch.Tensor:
+        """``chan`` with the positions no producer labels (-1: channels straight from the model's input) given atoms
+        of their own, which nothing produces, so they are never pruned; the labelled ones stay as they are."""
+        if chan.numel() and int(chan.min()) < 0:
+            chan = torch.where(chan < 0, self.new(chan.numel()).view_as(chan), chan)
+        return chan
+
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union a[i] with b[i] elementwise (broadcast), ignoring -1."""
         a, b = torch.broadcast_tensors(a, b)

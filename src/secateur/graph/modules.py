@@ -101,9 +101,7 @@ def linear(tr: Tracer, mod, args, kwargs, out):
 def _consumed(tr: Tracer, chan: torch.Tensor) -> torch.Tensor:
     """Input channels of a weight: positions no producer labels (a concat with the model's input) get atoms of
     their own, which nothing produces, so they are never pruned; the labelled ones stay prunable."""
-    if chan.numel() and int(chan.min()) < 0:
-        chan = torch.where(chan < 0, tr.atoms.new(chan.numel()).view_as(chan), chan)
-    return chan
+    return tr.atoms.own(chan)
 
 
 def grouped_mode(tr: Tracer, mod: nn.Module) -> str | None:

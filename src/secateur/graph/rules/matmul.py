@@ -188,10 +188,7 @@ def _linear_of(tr, x, wt):
     lab = _pad(tr.get(x), x.dim())
     if lab is not None and lab.size(-1) > 1:
         chan = tr.atoms.collapse(lab, range(x.dim() - 1)).reshape(-1)
-        missing = chan < 0  # positions no producer labels: atoms of their own, never pruned
-        if bool(missing.any()):
-            chan = torch.where(missing, tr.atoms.new(chan.numel()), chan)
-        tr.slot(w, 1, chan, "in")
+        tr.slot(w, 1, tr.atoms.own(chan), "in")  # positions no producer labels: atoms of their own, never pruned
     elif lab is not None:
         tr.atoms.block(lab)  # channels on the token dims reaching a matmul: not a per-channel map
     atoms = tr.atoms.new(w.size(0))
@@ -220,10 +217,7 @@ def _batched_weight(tr, x, w) -> torch.Tensor | None:
     if any(lab.size(d) > 1 for d in (0, 1)) and lab.size(2) == 1:
         return None  # channels on the batch or token dims: not a per-channel map
     chan = tr.atoms.collapse(lab, [0, 1]).reshape(-1)
-    missing = chan < 0
-    if bool(missing.any()):
-        chan = torch.where(missing, tr.atoms.new(chan.numel()), chan)
-    tr.slot(p, rows, chan, "in")
+    tr.slot(p, rows, tr.atoms.own(chan), "in")
     atoms = tr.atoms.new(p.size(cols))
     tr.slot(p, cols, atoms, "out")
     return atoms.reshape(1, 1, -1)
@@ -248,10 +242,7 @@ def _grouped_weight(tr, x, w) -> torch.Tensor | None:
     if x.dim() != 3 or x.size(0) != g or lab is None or lab.size(1) > 1 and lab.size(2) == 1:
         return None
     chan = tr.atoms.collapse(lab, [0, 1]).reshape(-1)
-    missing = chan < 0
-    if bool(missing.any()):
-        chan = torch.where(missing, tr.atoms.new(chan.numel()), chan)
-    tr.slot(p, 1, chan, "in")
+    tr.slot(p, 1, tr.atoms.own(chan), "in")
     atoms = tr.atoms.new(r)
     tr.slot(p, 0, atoms.repeat(g), "out")
     return atoms.reshape(1, 1, -1)
