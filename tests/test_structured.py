@@ -290,3 +290,37 @@ def test_prune_channels_removes_what_plan_channels_plans_at_ratios_of_small_frac
         plan_channels(a, x, ratio=ratio).apply(a)
         prune_channels(b, x, ratio=ratio)
         assert a[0].out_features == b[0].out_features == n - k
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_channels_last_model_stays_channels_last(tmp_path, dims):
+    """Sliced conv weights keep the model's memory format (they came back contiguous NCHW: a channels-last model
+    then ran every pruned conv with a weight in the other layout), through apply and through load."""
+    import secateur
+    conv, bn, fmt = (nn.Conv2d, nn.BatchNorm2d, torch.channels_last) if dims == 2 else \
+        (nn.Conv3d, nn.BatchNorm3d, torch.channels_last_3d)
+
+    def build():
+        torch.manual_seed(1)
+        return nn.Sequential(conv(3, 16, 3, padding=1), bn(16), nn.ReLU(), conv(16, 24, 3, padding=1, groups=1),
+                             bn(24), nn.ReLU(), conv(24, 24, 3, padding=1, groups=24), conv(24, 8, 1)).eval() \
+            .to(memory_format=fmt)
+
+    x = torch.randn((2, 3) + (6,) * dims).contiguous(memory_format=fmt)
+    model = build()
+    randomize_bn(*[m for m in model.modules() if isinstance(m, bn)])
+    plan = plan_channels(model, x, ratio=0.5)
+    assert plan.apply_checked(model, x) < 1e-5
+    weights = [m.weight for m in model.modules() if isinstance(m, conv)]
+    assert weights[0].shape[0] == 8
+    assert all(w.is_contiguous(memory_format=fmt) for w in weights)
+    assert not any(w.is_contiguous() for w in weights[:2])  # (1x1 and depthwise weights are both layouts at once)
+    path = tmp_path / "m.safetensors"
+    secateur.save(model, path)
+    fresh = secateur.load(build(), path)
+    assert all(m.weight.is_contiguous(memory_format=fmt) for m in fresh.modules() if isinstance(m, conv))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    plain = nn.Sequential(conv(3, 16, 3), bn(16), conv(16, 4, 1)).eval()  # a contiguous model stays contiguous
+    prune_channels(plain, x.contiguous(), ratio=0.5)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, conv))

@@ -97,6 +97,16 @@ def _take(t: torch.Tensor, keep: list[tuple[int, torch.Tensor]]) -> torch.Tensor
     return t.contiguous()
 
 
+def in_layout_of(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new``, contiguous in ``old``'s memory format: a channels-last model stays channels-last once pruned (a
+    conv weight in another layout than its input is converted by the kernel on every call, or makes it convert the
+    input)."""
+    for fmt, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if old.dim() == new.dim() == dims and not old.is_contiguous() and old.is_contiguous(memory_format=fmt):
+            return new.contiguous(memory_format=fmt)
+    return new.contiguous()
+
+
 def _take_rows_cols(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
     """``t[rows][:, cols]`` (``rows`` None: every row) on the CPU, block of rows by block of rows, each block's
     columns gathered straight into the result. Two whole-tensor passes wrote a half-size copy first, whose fresh
@@ -171,7 +181,8 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
             new = _take(t.detach(), keep)
             for d, idx in per_slice:
                 new = _take_per_slice(new, d, idx)
-            new = _folded(new, t, dict(keep), folds.get((mname, tname), ())).contiguous()
+            new = _folded(new, t, dict(keep), folds.get((mname, tname), ()))
+        new = in_layout_of(new, t)
         if record is not None:
             record.tensors[(mname, tname)] = new if isinstance(t, nn.Parameter) else new.clone()
         new_tensors.append((mod, mname, tname, t, new))
@@ -462,7 +473,7 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
                 raise fail("module of the structure not found in the model", where=name) from e
             for pn, shape in entry.get("params", {}).items():
                 p = getattr(mod, pn)
-                p.data = p.data[tuple(slice(0, s) for s in shape)].contiguous()
+                p.data = in_layout_of(p.data[tuple(slice(0, s) for s in shape)], p.data)
             kept = entry.get("kept", {})
             for bn, shape in entry.get("buffers", {}).items():
                 if bn in kept:
