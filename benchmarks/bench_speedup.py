@@ -262,6 +262,22 @@ def _latency_setup(dense: nn.Module, x: torch.Tensor, args, metric: str = "laten
     return graph, groups, scores, table, latency
 
 
+def _measured_input(x: torch.Tensor, args) -> torch.Tensor:
+    """The input a method that times its options here uses: on the CPU ``x`` at the table's batch, in the memory
+    format the models will be timed in (the options ranked in another layout than the final timing could rank
+    otherwise); on a GPU place ``x`` itself (the table's estimate decides, the models are timed on the GPU later)."""
+    if args.place.device != "cpu":
+        return x
+    xm = x.expand(args.table_batch, *x.shape[1:])
+    return xm.contiguous(memory_format=torch.channels_last if args.place.channels_last else torch.contiguous_format)
+
+
+def _measured_copy(dense: nn.Module, args) -> nn.Module:
+    """A copy of ``dense`` to prune, in the CPU place's memory format (see ``_measured_input``)."""
+    model = copy.deepcopy(dense)
+    return args.place.model(model) if args.place.device == "cpu" else model
+
+
 @method("secateur-latency")
 def prune_secateur_fastest(dense: nn.Module, x: torch.Tensor, targets: list[float], args) -> dict[float, nn.Module]:
     """What a user would call: ``prune_channels(target_macs=1/t, round_to=8, latency_table=table)``, the plan
@@ -271,10 +287,10 @@ def prune_secateur_fastest(dense: nn.Module, x: torch.Tensor, targets: list[floa
     *_, table, _ = _latency_setup(dense, x, args)
     # verify="measure" times the options on the example input: at the table's batch, on the CPU (where the table
     # was measured too); on a GPU place the table's estimate decides (the models are timed on the GPU later)
-    xm = x.expand(args.table_batch, *x.shape[1:]).contiguous() if args.place.device == "cpu" else x
+    xm = _measured_input(x, args)
     out = {}
     for t in targets:
-        model = copy.deepcopy(dense)
+        model = _measured_copy(dense, args)
         try:
             res = prune_channels(model, xm, target_macs=1 / t, round_to=ROUND_TO, latency_table=table,
                                  verify="measure" if args.place.device == "cpu" else "estimate")
@@ -298,11 +314,11 @@ def prune_secateur_auto(dense: nn.Module, x: torch.Tensor, targets: list[float],
     from secateur.structured import prune_fastest
     *_, table, _ = _latency_setup(dense, x, args)
     cpu = args.place.device == "cpu"
-    xm = x.expand(args.table_batch, *x.shape[1:]).contiguous() if cpu else x
+    xm = _measured_input(x, args)
     name = "secateur-auto" + ("-compiled" if compile else "")
     out = {}
     for t in targets:
-        model = copy.deepcopy(dense)
+        model = _measured_copy(dense, args)
         try:
             res = prune_fastest(model, xm, target_macs=1 / t, depth=args.auto_shares, criterion=args.depth_criterion,
                                 round_to=ROUND_TO, latency_table=table, repeats=args.repeats,
