@@ -22,6 +22,7 @@ from secateur.llm.offload import (Checkpoint, ShardWriter, block_state, check_ch
                                   refuse_accelerate_offload, release)
 from secateur.llm.text import token_batches
 from secateur.masks import get_mask, original, remove_mask, set_mask
+from secateur.modes import keeps_statistics
 from secateur.patterns import NM, Element, PatternSpec, get_pattern
 from secateur.targets import TargetSpec, is_hf_conv1d, select_targets
 
@@ -209,6 +210,7 @@ def _block_device(block: nn.Module, device):
     return p.device if p is not None else torch.device("cpu")
 
 
+@keeps_statistics(eval=True)  # calibrate as the model serves: no dropout; modes come back as they were
 def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: str = "wanda",
               sparsity: float | None = None, pattern: PatternSpec = "element", blocks: BlocksSpec = None,
               tokenizer=None, n_samples: int = 128, seq_len: int = 128, device=None,
@@ -225,7 +227,8 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
     back; None = where it lives). ``targets``: which Linear layers inside the blocks (default all).
     ``rollback``: if a block fails mid-way, restore every mask and weight already changed; for SparseGPT
     this keeps a CPU copy of each rewritten weight (the size of the pruned layers). ``rollback=False``
-    saves that memory; a failure then leaves the blocks already done pruned.
+    saves that memory; a failure then leaves the blocks already done pruned. The blocks run in eval mode
+    (no dropout in the statistics), and every module's mode comes back as it was.
 
     ``offload_dir``: prune a model too large for memory. ``model`` is a skeleton with parameters on the
     meta device (`secateur.llm.empty_model`) and ``offload_dir`` its safetensors checkpoint (a file or a
