@@ -267,7 +267,8 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
         if tokens < widest[0]:
             warnings.warn(f"SparseGPT: {tokens} calibration tokens < {widest[0]} input features of {widest[1]}: "
                           f"its Hessian is rank-deficient and only dampening keeps it invertible; use at least "
-                          f"{widest[0]} tokens (the papers use 128 x 2048)", stacklevel=2)
+                          f"{widest[0]} tokens (the papers use 128 x 2048)",
+                          stacklevel=3)  # the caller, past keeps_statistics
 
     results: list[LayerResult] = []
     journal = _Journal(keep_weights=rollback and not disk)
