@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from secateur.errors import fail
+from secateur.errors import PruningError, fail
 
 
 class _Caught(Exception):
@@ -148,6 +148,10 @@ def catch_inputs(model: nn.Module, blocks: list[nn.Module], batches: list, devic
             if i == 0:
                 dev = device if device is not None else hidden.device
                 caught.append(BlockInput(hidden.detach().to(dev)))
+            elif len(caught) == batch_start[0] or len(caught[-1].calls) != i:
+                raise fail("the blocks are not given in the order the model calls them", where=f"blocks[{i}]",
+                           value=type(block).__name__, hint="Pass blocks=None, the name of the block list, "
+                           "or the blocks in their order")
             dev, memo = caught[-1].hidden.device, moved[-1]  # tensors shared between blocks are moved once
             caught[-1].calls.append((to_device(rest, dev, memo), to_device(kwargs, dev, memo), by_kw))
             if i == len(blocks) - 1:
@@ -160,16 +164,19 @@ def catch_inputs(model: nn.Module, blocks: list[nn.Module], batches: list, devic
         b.forward = stub(i, b)
     home = _input_device(model)
     moved: list[dict] = []
+    batch_start = [0]  # len(caught) when the current batch began
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
                 b = to_device(b, home) if home is not None else b
                 moved.append({})
-                n = len(caught)
+                n = batch_start[0] = len(caught)
                 try:
                     model(**b) if isinstance(b, Mapping) else model(b)
-                except _Caught:
-                    continue
+                except (_Caught, PruningError) as e:
+                    if isinstance(e, _Caught):
+                        continue
+                    raise
                 except Exception:
                     if len(caught) == n:  # failed before the first block: the model's own error
                         raise
