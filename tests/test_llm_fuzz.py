@@ -476,3 +476,16 @@ def test_bad_input_is_refused_unchanged(spec, case, train):
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k], ) or bool(before[k].isnan().any()), k
+
+
+def test_blocks_out_of_order_are_refused_unchanged():  # fixed 355eca6
+    """Found while changing how the blocks' arguments are caught: blocks given in another order than the forward
+    calls them were pruned silently on the wrong inputs (block 0 calibrated on block 1's inputs)."""
+    spec = _spec("llama", layers=3)
+    model = build(spec)
+    before = _state(model)
+    layers = model.model.layers
+    with pytest.raises(PruningError, match=r"blocks\[1\].*not given in the order the model calls them"):
+        prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=[layers[1], layers[0]], progress=False)
+    assert not masks_of(model)
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
