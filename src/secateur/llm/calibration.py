@@ -12,23 +12,28 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from secateur.errors import fail
+from secateur.errors import PruningError, fail
 
 
 class _Caught(Exception):
     """Raised by the first block's pre-hook to stop the model's forward once its inputs are caught."""
 
 
-def to_device(obj: Any, device) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+def to_device(obj: Any, device, memo: dict | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``; with ``memo`` (id -> (tensor,
+    moved)), a tensor met again is moved once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the source is held so that its id is not reused
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -96,12 +101,13 @@ def count_tokens(batches: list) -> int:
 
 @dataclass
 class BlockInput:
-    """What the model passed to a block for one calibration batch (hidden states replaced per block)."""
+    """What the model passed to its blocks for one calibration batch: the first block's hidden states
+    (replaced by each block's output as the driver advances) and, per block, the other arguments. Those
+    can differ from block to block: Gemma2's and Qwen2's sliding-window layers get another attention
+    mask than their full-attention layers, Gemma3's local layers other rotary embeddings."""
 
     hidden: torch.Tensor
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    by_keyword: bool = False
+    calls: list = field(default_factory=list)  # per block: (args, kwargs, hidden passed by keyword)
 
 
 def _is_cache(obj: Any) -> bool:
@@ -122,37 +128,71 @@ def _input_device(model: nn.Module):
     return w.device if isinstance(w, torch.Tensor) and not w.is_meta else None
 
 
-def catch_inputs(model: nn.Module, first: nn.Module, batches: list, device=None) -> list[BlockInput]:
-    """Run the model on each batch until ``first`` is called; keep its inputs (moved to ``device``)."""
+def catch_inputs(model: nn.Module, blocks: list[nn.Module], batches: list, device=None) -> list[BlockInput]:
+    """Run the model on each batch with every block's forward swapped for a stub that keeps the block's
+    inputs (moved to ``device``) and passes the hidden states on uncomputed; the last block's stub stops
+    the forward. A model that works on the hidden states between its blocks cannot run on the stubs'
+    pass-through: its later blocks then get the first block's arguments."""
     caught: list[BlockInput] = []
 
-    def hook(module, args, kwargs):
-        kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else v) for k, v in kwargs.items()}
-        if args:  # a KV cache passed by position (GPT-2 does) would grow on every block run: drop it
-            hidden, rest, by_kw = args[0], tuple(None if _is_cache(a) else a for a in args[1:]), False
-        elif "hidden_states" in kwargs:
-            hidden, rest, by_kw = kwargs.pop("hidden_states"), (), True
-        else:
-            raise fail("the first block was called without a hidden-state tensor", where=type(module).__name__,
-                       value=sorted(kwargs))
-        dev = device if device is not None else hidden.device
-        caught.append(BlockInput(hidden.detach().to(dev), to_device(rest, dev), to_device(kwargs, dev), by_kw))
-        raise _Caught
+    def stub(i: int, block: nn.Module):
+        def forward(*args, **kwargs):
+            kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else v) for k, v in kwargs.items()}
+            if args:  # a KV cache passed by position (GPT-2 does) would grow on every block run: drop it
+                hidden, rest, by_kw = args[0], tuple(None if _is_cache(a) else a for a in args[1:]), False
+            elif "hidden_states" in kwargs:
+                hidden, rest, by_kw = kwargs.pop("hidden_states"), (), True
+            else:
+                raise fail("a block was called without a hidden-state tensor", where=f"blocks[{i}] "
+                           f"({type(block).__name__})", value=sorted(kwargs))
+            if i == 0:
+                dev = device if device is not None else hidden.device
+                caught.append(BlockInput(hidden.detach().to(dev)))
+            elif len(caught) == batch_start[0] or len(caught[-1].calls) != i:
+                raise fail("the blocks are not given in the order the model calls them", where=f"blocks[{i}]",
+                           value=type(block).__name__, hint="Pass blocks=None, the name of the block list, "
+                           "or the blocks in their order")
+            dev, memo = caught[-1].hidden.device, moved[-1]  # tensors shared between blocks are moved once
+            caught[-1].calls.append((to_device(rest, dev, memo), to_device(kwargs, dev, memo), by_kw))
+            if i == len(blocks) - 1:
+                raise _Caught
+            return (hidden,)  # as a tuple: models take outputs[0] or pass the output on to the next block
+        return forward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    saved = [b.__dict__.get("forward") for b in blocks]  # accelerate's hooks set an instance forward
+    for i, b in enumerate(blocks):
+        b.forward = stub(i, b)
     home = _input_device(model)
+    moved: list[dict] = []
+    batch_start = [0]  # len(caught) when the current batch began
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
                 b = to_device(b, home) if home is not None else b
+                moved.append({})
+                n = batch_start[0] = len(caught)
                 try:
                     model(**b) if isinstance(b, Mapping) else model(b)
-                except _Caught:
+                except (_Caught, PruningError) as e:
+                    if isinstance(e, _Caught):
+                        continue
+                    raise
+                except Exception:
+                    if len(caught) == n:  # failed before the first block: the model's own error
+                        raise
+                    calls = caught[-1].calls
+                    calls += calls[:1] * (len(blocks) - len(calls))
                     continue
-                raise fail("the model's forward never reached the first block", where=f"calibration[{i}]",
-                           value=type(first).__name__, hint="Check that blocks=... names modules the forward calls")
+                missing = "first block" if len(caught) == n else f"block {len(caught[-1].calls)}"
+                raise fail(f"the model's forward never reached the {missing}", where=f"calibration[{i}]",
+                           value=type(blocks[0]).__name__,
+                           hint="Check that blocks=... names modules the forward calls, in that order")
     finally:
-        handle.remove()
+        for b, f in zip(blocks, saved):
+            if f is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f
     return caught
 
 
@@ -165,9 +205,11 @@ def block_output(out: Any) -> torch.Tensor:
     raise fail("cannot find the hidden states in the block's output", value=type(out).__name__)
 
 
-def run_block(block: nn.Module, inp: BlockInput, device) -> torch.Tensor:
+def run_block(block: nn.Module, index: int, inp: BlockInput, device) -> torch.Tensor:
+    """Block number ``index`` on the current hidden states, with the arguments the model passed it."""
     hidden = inp.hidden.to(device)
-    args, kwargs = to_device(inp.args, device), to_device(inp.kwargs, device)
-    if inp.by_keyword:
+    args, kwargs, by_keyword = inp.calls[index]
+    args, kwargs = to_device(args, device), to_device(kwargs, device)
+    if by_keyword:
         return block_output(block(*args, hidden_states=hidden, **kwargs))
     return block_output(block(hidden, *args, **kwargs))

@@ -22,6 +22,7 @@ from secateur.llm.offload import (Checkpoint, ShardWriter, block_state, check_ch
                                   refuse_accelerate_offload, release)
 from secateur.llm.text import token_batches
 from secateur.masks import get_mask, original, remove_mask, set_mask
+from secateur.modes import keeps_statistics
 from secateur.patterns import NM, Element, PatternSpec, get_pattern
 from secateur.targets import TargetSpec, is_hf_conv1d, select_targets
 
@@ -209,6 +210,7 @@ def _block_device(block: nn.Module, device):
     return p.device if p is not None else torch.device("cpu")
 
 
+@keeps_statistics(eval=True)  # calibrate as the model serves: no dropout; modes come back as they were
 def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: str = "wanda",
               sparsity: float | None = None, pattern: PatternSpec = "element", blocks: BlocksSpec = None,
               tokenizer=None, n_samples: int = 128, seq_len: int = 128, device=None,
@@ -225,7 +227,8 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
     back; None = where it lives). ``targets``: which Linear layers inside the blocks (default all).
     ``rollback``: if a block fails mid-way, restore every mask and weight already changed; for SparseGPT
     this keeps a CPU copy of each rewritten weight (the size of the pruned layers). ``rollback=False``
-    saves that memory; a failure then leaves the blocks already done pruned.
+    saves that memory; a failure then leaves the blocks already done pruned. The blocks run in eval mode
+    (no dropout in the statistics), and every module's mode comes back as it was.
 
     ``offload_dir``: prune a model too large for memory. ``model`` is a skeleton with parameters on the
     meta device (`secateur.llm.empty_model`) and ``offload_dir`` its safetensors checkpoint (a file or a
@@ -264,7 +267,8 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
         if tokens < widest[0]:
             warnings.warn(f"SparseGPT: {tokens} calibration tokens < {widest[0]} input features of {widest[1]}: "
                           f"its Hessian is rank-deficient and only dampening keeps it invertible; use at least "
-                          f"{widest[0]} tokens (the papers use 128 x 2048)", stacklevel=2)
+                          f"{widest[0]} tokens (the papers use 128 x 2048)",
+                          stacklevel=3)  # the caller, past keeps_statistics
 
     results: list[LayerResult] = []
     journal = _Journal(keep_weights=rollback and not disk)
@@ -280,7 +284,7 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
             if not disk and home != dev:
                 block.to(dev)  # Module.to swaps each tensor: the source copy is freed as it goes
             try:
-                _prune_block(block, lays, meth, pat, ratio, inputs, dev, journal, results,
+                _prune_block(block, bi, lays, meth, pat, ratio, inputs, dev, journal, results,
                              advance=bi + 1 < len(mods))
                 if disk:
                     writer.write(*block_state(block, prefix, ckpt.meta))
@@ -304,13 +308,13 @@ def prune_llm(model: nn.Module, calibration: Iterable | None = None, *, method: 
 
 
 def _catch(model, mods, batches, device, meth: Method, ckpt, writer, names) -> list:
-    """The first block's inputs. From disk: the modules outside the blocks (embeddings, head...) are
+    """What the model passes to its blocks. From disk: the modules outside the blocks (embeddings, head...) are
     read for this, copied unchanged to the output, and dropped again."""
     if ckpt is None:
-        return catch_inputs(model, mods[0], batches, device) if meth.stats is not None else []
+        return catch_inputs(model, mods, batches, device) if meth.stats is not None else []
     filled = materialise(model, "", ckpt, torch.device(device or "cpu"), skip=[names[id(b)] for b in mods])
     try:
-        inputs = catch_inputs(model, mods[0], batches, device) if meth.stats is not None else []
+        inputs = catch_inputs(model, mods, batches, device) if meth.stats is not None else []
         writer.write({n: _named_tensor(model, n) for n in filled if n in ckpt.meta}, {})
     finally:
         release(model, filled)
@@ -326,12 +330,12 @@ def _pattern_name(pat) -> str:
     return f"{pat.n}:{pat.m}" if isinstance(pat, NM) else "element"
 
 
-def _prune_block(block, lays, meth: Method, pat, ratio, inputs, dev, journal: _Journal,
+def _prune_block(block, index, lays, meth: Method, pat, ratio, inputs, dev, journal: _Journal,
                  results: list, *, advance: bool) -> None:
     """Gather statistics on the dense block, prune its layers, then (``advance``) replace the inputs by
     the PRUNED block's outputs, which the next block sees, as in the papers."""
     with torch.no_grad():
-        stats = _gather(block, lays, meth, inputs, dev)
+        stats = _gather(block, index, lays, meth, inputs, dev)
         for name, mod in lays:
             pruned, new, loss = meth.prune(as_out_in(mod, mod.weight.detach()), stats.get(name), pat, ratio, name)
             journal.record(mod, keep_weight=new is not None)
@@ -346,10 +350,10 @@ def _prune_block(block, lays, meth: Method, pat, ratio, inputs, dev, journal: _J
         del stats
         if advance:
             for inp in inputs:
-                inp.hidden = run_block(block, inp, dev).to(inp.hidden.device)
+                inp.hidden = run_block(block, index, inp, dev).to(inp.hidden.device)
 
 
-def _gather(block: nn.Module, lays, meth: Method, inputs, dev) -> dict:
+def _gather(block: nn.Module, index: int, lays, meth: Method, inputs, dev) -> dict:
     """Run the (unpruned) block on every caught input and accumulate each layer's input statistics."""
     if meth.stats is None:
         return {}
@@ -358,7 +362,7 @@ def _gather(block: nn.Module, lays, meth: Method, inputs, dev) -> dict:
              for name, mod in lays]
     try:
         for inp in inputs:
-            run_block(block, inp, dev)
+            run_block(block, index, inp, dev)
     finally:
         for h in hooks:
             h.remove()

@@ -20,7 +20,8 @@ def hessian_inverse_factor(hessian: torch.Tensor, damp: float, *, where: str = "
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` and the mask of dead inputs.
 
     Dead inputs (``H_jj == 0``: the feature was zero on every calibration token) get ``H_jj = 1`` so the
-    factorisation exists, and their weights are set to zero by the caller, as in the paper's code."""
+    factorisation exists; the caller prunes their weights first (they cost nothing on the calibration
+    data), as the paper's code does by zeroing them."""
     h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -52,7 +53,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern, sparsi
     w = weight.detach().float().clone()
     rows, cols = w.shape
     u, dead = hessian_inverse_factor(hessian.float(), damp, where=where)
-    w[:, dead] = 0
+    # dead inputs score 0 (pruned first) and move nothing, but keep their values unless pruned: the paper's
+    # code zeroes them outright, which changed weights outside the mask (even at sparsity 0)
+    live = ~dead.reshape(-1, 1)
     nm = pattern if isinstance(pattern, NM) else None
     if nm is not None:
         n_prune = nm.m - nm.n
@@ -63,21 +66,22 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern, sparsi
         w1 = w[:, i1:i2].T.contiguous()  # (columns, rows): each column is one contiguous row here
         u1 = u[i1:i2, i1:i2]
         d1 = torch.diag(u1).reshape(-1, 1)
+        live1 = live[i1:i2]
         m1 = torch.zeros_like(w1, dtype=torch.bool)
         err1 = torch.zeros_like(w1)
         if nm is None:
             k = _block_budget(rows, cols, sparsity, i1, i2)
             if k:
-                m1.view(-1)[torch.topk((w1 / d1).pow(2).flatten(), k, largest=False).indices] = True
-            scale = m1 / d1  # e = w * [pruned] / d, precomputed for the whole block
+                m1.view(-1)[torch.topk(((w1 / d1) * live1).pow(2).flatten(), k, largest=False).indices] = True
+            scale = (m1 & live1) / d1  # e = w * [pruned] / d, precomputed for the whole block
         else:
             scale = torch.zeros_like(w1)
         for i in range(i2 - i1):
             if nm is not None and i % nm.m == 0:
                 g = slice(i, i + nm.m)
-                idx = torch.topk((w1[g] / d1[g]).pow(2), n_prune, dim=0, largest=False).indices
+                idx = torch.topk(((w1[g] / d1[g]) * live1[g]).pow(2), n_prune, dim=0, largest=False).indices
                 m1[g].scatter_(0, idx, True)
-                scale[g] = m1[g] / d1[g]
+                scale[g] = (m1[g] & live1[g]) / d1[g]
             torch.mul(w1[i], scale[i], out=err1[i])  # error of zeroing this column's pruned entries
             w1[i:].addr_(u1[i, i:], err1[i], alpha=-1.0)  # OBS update of this and the later columns
         w1.masked_fill_(m1, 0.0)
