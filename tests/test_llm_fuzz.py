@@ -14,9 +14,9 @@ from a safetensors checkpoint with ``offload_dir`` / ``save_dir`` / ``load_prune
   hold the result's pruned weights (the papers' sequential order): magnitude prunes the lowest ``|W|`` of the
   layer, Wanda the lowest ``|W| * ||X||_2`` of each row (both up to float near-ties, 1e-4 relative);
 - SparseGPT: pruned weights are zero, the others finite, and on the layer's calibration inputs its updated weight
-  reconstructs the dense output no worse than its own mask applied without the update (when there are at least
-  as many tokens as inputs: below that, the Hessian is rank-deficient, prune_llm warns, and the dampened
-  update can be slightly worse);
+  reconstructs the dense output no more than 10 % worse than its own mask applied without the update (when there
+  are at least as many tokens as inputs: below that, the Hessian is rank-deficient and prune_llm warns; the
+  update is optimal for the dampened Hessian one column at a time, so a little worse happens);
 - nothing outside the pruned layers changes (embeddings, heads, norms, biases, skipped blocks and layers); only
   SparseGPT rewrites weights; element sparsity 0 changes no output;
 - modes and ``requires_grad`` come back as they were, and a training-mode model is calibrated as in eval mode
@@ -336,8 +336,11 @@ def check(spec: dict, opts: dict, tmp_path) -> str:
                 x = xs[n]
                 err_new = (x @ (w0 - new).T).pow(2).sum().item()
                 err_mask = (x @ (w0 * ~pruned).T - x @ w0.T).pow(2).sum().item()
-                if x.shape[0] >= x.shape[1]:  # fewer tokens than inputs: rank-deficient, only dampening holds
-                    assert err_new <= err_mask * (1 + 1e-3) + 1e-9, f"{n}: SparseGPT {err_new:.4g} > mask " \
+                # not a theorem: the update is optimal for the dampened Hessian, one column at a time (a later
+                # column's update moves weights pruned after it); 2 % worse seen (qwen2, 18 tokens, 8 inputs). A
+                # wrong update is many times worse. Fewer tokens than inputs: rank-deficient, not checked
+                if x.shape[0] >= x.shape[1]:
+                    assert err_new <= err_mask * 1.1 + 1e-9, f"{n}: SparseGPT {err_new:.4g} > mask " \
                         f"only {err_mask:.4g}"
 
     ids = batches[0]["input_ids"] if isinstance(batches[0], dict) else batches[0]
@@ -489,3 +492,18 @@ def test_blocks_out_of_order_are_refused_unchanged():  # fixed 355eca6
         prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=[layers[1], layers[0]], progress=False)
     assert not masks_of(model)
     assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+
+
+def test_blocks_with_one_left_out_are_refused_unchanged():
+    """Blocks with a gap (``[layers[0], layers[2]]``) were calibrated silently on the wrong inputs: the driver runs
+    the given blocks back to back, so block 2 saw block 0's output, not block 1's."""
+    spec = _spec("llama", layers=3)
+    model = build(spec)
+    before = _state(model)
+    layers = model.model.layers
+    with pytest.raises(PruningError, match=r"blocks\[0\] -> blocks\[1\].*changes the hidden states"):
+        prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=[layers[0], layers[2]], progress=False)
+    assert not masks_of(model)
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+    prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=list(layers[1:]), progress=False)  # no gap
+    assert masks_of(model)

@@ -131,8 +131,9 @@ def _input_device(model: nn.Module):
 def catch_inputs(model: nn.Module, blocks: list[nn.Module], batches: list, device=None) -> list[BlockInput]:
     """Run the model on each batch with every block's forward swapped for a stub that keeps the block's
     inputs (moved to ``device``) and passes the hidden states on uncomputed; the last block's stub stops
-    the forward. A model that works on the hidden states between its blocks cannot run on the stubs'
-    pass-through: its later blocks then get the first block's arguments."""
+    the forward. A model that changes the hidden states between two blocks (or blocks with one left out)
+    is refused: the driver runs the blocks back to back. One whose code between the blocks cannot run on
+    the stubs' pass-through at all: its later blocks get the first block's arguments."""
     caught: list[BlockInput] = []
 
     def stub(i: int, block: nn.Module):
@@ -152,13 +153,21 @@ def catch_inputs(model: nn.Module, blocks: list[nn.Module], batches: list, devic
                 raise fail("the blocks are not given in the order the model calls them", where=f"blocks[{i}]",
                            value=type(block).__name__, hint="Pass blocks=None, the name of the block list, "
                            "or the blocks in their order")
+            elif hidden is not passed[0] and hidden is not passed[1]:
+                raise fail("the model changes the hidden states between two of the blocks (a block left out of "
+                           "blocks=..., or work of its own between them), which block-by-block pruning would skip",
+                           where=f"blocks[{i - 1}] -> blocks[{i}]", value=type(block).__name__,
+                           hint="Pass blocks=None, the name of the block list, or every block in its order")
             dev, memo = caught[-1].hidden.device, moved[-1]  # tensors shared between blocks are moved once
             caught[-1].calls.append((to_device(rest, dev, memo), to_device(kwargs, dev, memo), by_kw))
             if i == len(blocks) - 1:
                 raise _Caught
-            return (hidden,)  # as a tuple: models take outputs[0] or pass the output on to the next block
+            passed[:] = [(hidden,) if wrap[0] else hidden, hidden]  # a tuple: models take outputs[0] or
+            return passed[0]                                          # pass the output on to the next block
         return forward
 
+    passed: list = [None, None]  # what the last stub returned, and the hidden states inside it
+    wrap = [True]  # the stubs return (hidden,); False: hidden itself
     saved = [b.__dict__.get("forward") for b in blocks]  # accelerate's hooks set an instance forward
     for i, b in enumerate(blocks):
         b.forward = stub(i, b)
@@ -171,22 +180,27 @@ def catch_inputs(model: nn.Module, blocks: list[nn.Module], batches: list, devic
                 b = to_device(b, home) if home is not None else b
                 moved.append({})
                 n = batch_start[0] = len(caught)
-                try:
-                    model(**b) if isinstance(b, Mapping) else model(b)
-                except (_Caught, PruningError) as e:
-                    if isinstance(e, _Caught):
-                        continue
-                    raise
-                except Exception:
-                    if len(caught) == n:  # failed before the first block: the model's own error
+                for bare in (False, True):  # the blocks' outputs passed on as (hidden,), then as hidden itself
+                    del caught[n:]  # what a failed first try caught
+                    moved[-1], wrap[0] = {}, not bare
+                    try:
+                        model(**b) if isinstance(b, Mapping) else model(b)
+                    except _Caught:
+                        break
+                    except PruningError:
                         raise
-                    calls = caught[-1].calls
-                    calls += calls[:1] * (len(blocks) - len(calls))
-                    continue
-                missing = "first block" if len(caught) == n else f"block {len(caught[-1].calls)}"
-                raise fail(f"the model's forward never reached the {missing}", where=f"calibration[{i}]",
-                           value=type(blocks[0]).__name__,
-                           hint="Check that blocks=... names modules the forward calls, in that order")
+                    except Exception:
+                        if len(caught) == n:  # failed before the first block: the model's own error
+                            raise
+                        if not bare:  # its code between the blocks may take a block's output bare: try that
+                            continue
+                        calls = caught[-1].calls
+                        calls += calls[:1] * (len(blocks) - len(calls))
+                        break
+                    missing = "first block" if len(caught) == n else f"block {len(caught[-1].calls)}"
+                    raise fail(f"the model's forward never reached the {missing}", where=f"calibration[{i}]",
+                               value=type(blocks[0]).__name__,
+                               hint="Check that blocks=... names modules the forward calls, in that order")
     finally:
         for b, f in zip(blocks, saved):
             if f is None:
