@@ -807,14 +807,28 @@ def _spec(*parts, **kw) -> dict:
 KNOWN = [
     # load attached the file's masks in its sorted order (bias before weight): parameters() of the loaded model
     # listed them in another order than the saved model's, so an optimizer state saved by position did not fit
-    pytest.param(_spec({"kind": "norm", "c": 1, "norm": "ln"}), _opts(ratio=0.0, include_bias=True),
+    pytest.param(_spec({"kind": "norm", "c": 1, "norm": "ln"}), _opts(ratio=0.0, include_bias=True), "pruned",
                  id="load_keeps_parameter_order"),
+    # a global amount whose rounded count the floors rule out (0.5 of 3 + 3 entries = 3, floors 2 + 2) pruned 4
+    # silently; only a count was checked against the bounds
+    pytest.param(_spec({"kind": "linear", "in": 3, "out": 1, "bias": False, "tokens": False},
+                       {"kind": "linear", "in": 3, "out": 1, "bias": False, "tokens": False}),
+                 _opts(scope="global", lo=0.5, hi=1.0), "refused: [amount] min_sparsity / max_sparsity allow pruning",
+                 id="global_amount_below_the_floors"),
+    # a tensor of 1 entry with min_sparsity 0.1 (floor 1) and max_sparsity 0.5 (ceiling 0): its floor was broken
+    pytest.param(_spec({"kind": "embed", "num": 1, "dim": 1}), _opts(scope="global", targets="all", lo=0.1, hi=0.5),
+                 "refused: [parts.0.weight] min_sparsity / max_sparsity allow no count", id="bounds_with_no_count"),
+    # a Linear registered under two names (nn.Sequential(lin, act, lin)) was skipped as "tied" with itself, and
+    # refused when named in targets
+    pytest.param(_spec({"kind": "shared", "c": 2}), _opts(targets="names"), "pruned", id="module_registered_twice"),
+    pytest.param(_spec({"kind": "shared", "c": 2}), _opts(scope="global"), "pruned",
+                 id="module_registered_twice_default_targets"),
 ]
 
 
-@pytest.mark.parametrize("spec, opts", KNOWN)
-def test_known_cases(spec, opts, tmp_path):
-    assert check(spec, opts, tmp_path).startswith("pruned")
+@pytest.mark.parametrize("spec, opts, want", KNOWN)
+def test_known_cases(spec, opts, want, tmp_path):
+    assert check(spec, opts, tmp_path).startswith(want)
 
 
 def test_save_load_a_masked_module_registered_twice(tmp_path):
