@@ -52,7 +52,7 @@ from secateur.metrics import count_macs
 # ----------------------------------------------------------------------------------------------------------------
 # the model strategy
 
-FEAT = st.sampled_from([1, 2, 3, 4, 4, 6, 8, 8, 12, 16])
+FEAT = st.sampled_from([1, 2, 3, 4, 4, 6, 8, 8, 8, 12, 16, 16])
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONVTS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 SIDE = {1: 6, 2: 4, 3: 3}
@@ -373,8 +373,9 @@ def call_kwargs(opts, model) -> dict:
         kw["targets"] = [n for i, n in enumerate(names) if (opts["pick"] >> i) & 1] or names[:1]
     elif opts["targets"] is not None:
         kw["targets"] = opts["targets"]
-    if opts["exclude"] == "first":
-        kw["exclude"] = [_first_leaf(model)]
+    if opts["exclude"] == "first":  # one of the targets (the call is refused if it was the only one)
+        mods = list(dict.fromkeys(n.rpartition(".")[0] for n, _, _ in _expected_targets(opts, model, kw)[0]))
+        kw["exclude"] = [mods[opts["pick"] % len(mods)] if mods else "nothing"]
     if how == "amount":
         kw["amount"] = opts["ratio"]
     elif how == "count":
@@ -770,7 +771,8 @@ def check(spec, opts, tmp_path, *, after=True) -> str:
         assert not getattr(mod, param)[~mask].any(), f"{name}: a masked weight is non-zero after SGD steps"
     if after:
         check_after(spec, opts, model, xs, tmp_path)
-    return f"pruned ({opts['how']}, {opts['scope']}, {opts['pattern'][0]})"
+    bounds = ", bounds" if (opts["lo"], opts["hi"]) != (0.0, 1.0) else ""
+    return f"pruned ({opts['how']}, {opts['scope']}{bounds}, {opts['pattern'][0]}, prior {opts['prior']})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -846,3 +848,76 @@ def test_save_load_a_masked_module_registered_twice(tmp_path):
     assert fresh[0] is fresh[2] and torch.equal(get_mask(fresh[2]), get_mask(m[0]))
     with torch.no_grad():
         assert torch.equal(fresh(x), m(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# where secateur overlaps torch.nn.utils.prune
+
+
+@st.composite
+def _layers(draw) -> list[dict]:
+    out = []
+    for _ in range(draw(st.integers(1, 3))):
+        if draw(st.booleans()):
+            out.append({"kind": "linear", "in": draw(FEAT), "out": draw(FEAT), "bias": True, "tokens": False})
+        else:
+            out.append({"kind": "conv", "d": draw(st.sampled_from([1, 2, 3])), "cin": draw(st.integers(1, 4)),
+                        "cout": draw(st.integers(1, 5)), "groups": 1, "k": draw(st.sampled_from([1, 2, 3])),
+                        "stride": 1, "bias": True, "transposed": draw(st.booleans())})
+    return out
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
+@given(parts=_layers(), method=st.sampled_from(["l1", "random", "ln", "random_structured", "global", "twice"]),
+       amount=RATIO, second=RATIO, n=st.sampled_from([1, 2, 3, math.inf]), dim=st.sampled_from([0, 1, -1]),
+       seed=st.integers(0, 100))
+def test_agrees_with_torch_prune(parts, method, amount, second, n, dim, seed):
+    spec = _spec(*parts, seed=seed % 4)
+    a, b = make(spec), make(spec)
+    layers = [(m, "weight") for m in a.modules() if isinstance(m, (nn.Linear, *CONVS.values(), *CONVTS.values()))]
+    if method == "global":
+        tprune.global_unstructured(layers, pruning_method=tprune.L1Unstructured, amount=amount)
+        S.prune(b, amount, scope="global")
+    for m, _ in layers if method != "global" else []:
+        if method == "l1":
+            tprune.l1_unstructured(m, "weight", amount=amount)
+        elif method == "random":
+            torch.manual_seed(seed)
+            tprune.random_unstructured(m, "weight", amount=amount)
+        elif method == "ln":
+            tprune.ln_structured(m, "weight", amount=amount, n=n, dim=dim)
+        elif method == "random_structured":
+            torch.manual_seed(seed)
+            tprune.random_structured(m, "weight", amount=amount, dim=dim)
+        else:  # torch's second call prunes ``second`` of the survivors; secateur's count is of the whole tensor
+            tprune.l1_unstructured(m, "weight", amount=amount)
+            tprune.l1_unstructured(m, "weight", amount=second)
+    lb = [m for m in b.modules() if isinstance(m, (nn.Linear, *CONVS.values(), *CONVTS.values()))]
+    for (m, _), mb in zip(layers, lb):
+        total = mb.weight.numel()
+        if method == "l1":
+            S.prune(mb, amount, targets=lambda *_: True)
+        elif method == "random":
+            S.prune(mb, amount, criterion=S.Random(seed), targets=lambda *_: True)
+        elif method == "ln":
+            S.prune(mb, amount, criterion=S.Magnitude(n), pattern=S.Slices(dim), targets=lambda *_: True)
+        elif method == "random_structured":
+            S.prune(mb, amount, criterion=S.Random(seed), pattern=S.Slices(dim), targets=lambda *_: True)
+        elif method == "twice":
+            k1 = round(amount * total)
+            S.prune(mb, count=k1, targets=lambda *_: True)
+            S.prune(mb, count=k1 + round(second * (total - k1)), targets=lambda *_: True)
+        assert torch.equal(m.weight_mask.bool(), get_mask(mb)), f"{method}: {type(m).__name__} {tuple(m.weight.shape)}"
+        with torch.no_grad():
+            assert torch.equal(m.weight, mb.weight)
+
+
+def test_global_floors_and_ceilings_together():
+    """Water-filling fixed every tensor past its floor or ceiling at once: here the small-weight layer at its
+    ceiling, the other two at their floors, and nothing was left to prune the rest of the budget (11 of 12)."""
+    m = nn.Sequential(*[nn.Linear(10, 1, bias=False) for _ in range(3)])
+    with torch.no_grad():
+        for layer, scale in zip(m, (0.001, 10.0, 0.1)):
+            layer.weight.copy_(torch.arange(1, 11) * scale)
+    out = S.prune(m, 0.4, scope="global", min_sparsity=0.3, max_sparsity=0.5)
+    assert out == pytest.approx({"0.weight": 0.5, "1.weight": 0.3, "2.weight": 0.4})

@@ -263,30 +263,37 @@ def _scores(crit, t: Target, pat, done, check: bool = False) -> torch.Tensor:
 
 
 def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
-    """Global selection with per-tensor floors/ceilings (water-filling: fix violators, redo the rest)."""
+    """Global selection with per-tensor floors and ceilings: each tensor first prunes its floor (its own lowest
+    scores); the rest of the budget goes to the lowest remaining scores across tensors, each up to its ceiling.
+    The ceilings are met by water-filling (fix the tensors past their ceiling, share the rest again): a tensor past
+    its ceiling stays past it when the others get less, so fixing it is exact. Floors cannot join that loop: a tensor
+    fixed at its ceiling may deserve less once others are lifted to their floors (the total then came out short)."""
     scores = [s for _, s, _, _, _ in work]
     sizes = [s.numel() for s in scores]
     total = sum(sizes)
     k = count if count is not None else round(amount * total)
     k = min(max(k, sum(int(torch.count_nonzero(d)) for _, _, d, _, _ in work if d is not None)), total)
+    floors = [math.ceil(lo * n) for n in sizes]
+    room = [math.floor(hi * n) - f for n, f in zip(sizes, floors)]  # how many more each tensor may prune
+    base = [lowest([s], f)[0] for s, f in zip(scores, floors)]
+    rest = [_without(s, b) if f else s for s, b, f in zip(scores, base, floors)]
     fixed: dict[int, int] = {}
     out: dict[int, torch.Tensor] = {}
     while True:
         active = [i for i in range(len(scores)) if i not in fixed]
-        budget = k - sum(fixed.values())
         if not active:
             break
-        masks = lowest([scores[i] for i in active], max(budget, 0))
-        changed = False
-        for i, m in zip(active, masks):
-            c = int(torch.count_nonzero(m))
-            floor, ceil = math.ceil(lo * sizes[i]), math.floor(hi * sizes[i])
-            if c < floor or c > ceil:
-                fixed[i] = min(max(c, floor), ceil)
-                changed = True
-        if not changed:
+        masks = lowest([rest[i] for i in active], max(k - sum(floors) - sum(fixed.values()), 0))
+        over = {i: room[i] for i, m in zip(active, masks) if int(torch.count_nonzero(m)) > room[i]}
+        if not over:
             out = dict(zip(active, masks))
             break
+        fixed.update(over)
     for i, c in fixed.items():
-        out[i] = lowest([scores[i]], c)[0]
-    return [out[i] for i in range(len(scores))]
+        out[i] = lowest([rest[i]], c)[0]
+    return [base[i] | out[i] for i in range(len(scores))]
+
+
+def _without(s: Lazy, pruned: torch.Tensor) -> Lazy:
+    """``s`` with the ``pruned`` entries scored +inf (out of the running, as long as others remain)."""
+    return Lazy(lambda: s().masked_fill(pruned, math.inf), s.shape, s.device, s.nonneg)
