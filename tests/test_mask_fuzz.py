@@ -86,8 +86,10 @@ def _part(draw) -> dict:
 
 @st.composite
 def models(draw) -> dict:
-    return {"parts": draw(st.lists(_part(), min_size=1, max_size=4)), "nest": draw(st.booleans()),
-            "ties": draw(st.booleans()), "seed": draw(st.integers(0, 3))}
+    parts = draw(st.lists(_part(), min_size=1, max_size=4))
+    return {"parts": parts, "nest": draw(st.booleans()), "ties": draw(st.booleans()), "seed": draw(st.integers(0, 3)),
+            "scales": draw(st.lists(st.sampled_from([1.0, 1.0, 0.01, 100.0]), min_size=len(parts),
+                                    max_size=len(parts)))}
 
 
 class Tied(nn.Module):
@@ -147,9 +149,10 @@ def make(spec: dict, seed: int | None = None) -> Net:
     """The spec's model, its weights drawn from ``seed`` (the spec's by default); ``ties`` rounds them to quarters."""
     torch.manual_seed(spec["seed"] if seed is None else seed)
     model = Net(spec)
+    scales = spec.get("scales", [1.0] * len(spec["parts"]))  # parts of other magnitudes test global scope
     with torch.no_grad():
         for name, t in model.named_parameters():
-            t.copy_(torch.randn(t.shape))
+            t.copy_(torch.randn(t.shape) * scales[int(name.split(".")[1])])
             if spec["ties"]:
                 t.copy_(torch.round(t * 4) / 4)
         for mod in model.modules():
@@ -350,13 +353,6 @@ class Groups:
         return full.reshape(self.shape)
 
 
-def _first_leaf(model) -> str:
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, *CONVS.values(), *CONVTS.values())):
-            return name
-    return "nothing"
-
-
 def _leaf_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if original(m, "weight") is not None]
 
@@ -416,6 +412,8 @@ def _threshold(opts, model, kw) -> None:
         return
     for name, mod, param in _expected_targets(opts, model, kw)[0]:
         t = original(mod, param)
+        if opts["criterion"][0] == "taylor" and t.grad is None:
+            return  # secateur refuses it
         g = Groups(opts, mod, tuple(t.shape))
         try:
             s = g.scores(_element_scores(opts, t, name, model), opts)
@@ -555,10 +553,11 @@ def check_masks(opts, kw, before, after, model, result, expected) -> None:
             _kept_dominates(s, pruned, ~done, exact, name)
         return
     total = sum(s.numel() for _, s, _, _ in info)
-    k = kw["count"] if how == "count" else round(kw["amount"] * total)
-    k = min(max(k, sum(int(d.sum()) for _, _, _, d in info)), total)
-    assert sum(int(p.sum()) for _, _, p, _ in info) == k, "global: the total count is wrong"
     lo, hi = kw.get("min_sparsity", 0.0), kw.get("max_sparsity", 1.0)
+    k = kw["count"] if how == "count" else round(kw["amount"] * total)
+    # groups pruned before stay pruned: they count towards the total, and a tensor's floor rises to them
+    k = min(max(k, sum(max(math.ceil(lo * s.numel()), int(d.sum())) for _, s, _, d in info)), total)
+    assert sum(int(p.sum()) for _, _, p, _ in info) == k, "global: the total count is wrong"
     if lo == 0.0 and hi == 1.0:
         s = torch.cat([s for _, s, _, _ in info])
         _kept_dominates(s, torch.cat([p for _, _, p, _ in info]), ~torch.cat([d for _, _, _, d in info]), exact,
@@ -567,9 +566,7 @@ def check_masks(opts, kw, before, after, model, result, expected) -> None:
     room = []  # per tensor: (highest pruned score if one less may be pruned, lowest kept score if one more may)
     for name, s, pruned, done in info:
         n, c = s.numel(), int(pruned.sum())
-        floor, ceil = math.ceil(lo * n), math.floor(hi * n)
-        if int(done.sum()) > ceil:
-            continue  # pruned past the ceiling before this call: masks never regrow
+        floor, ceil = max(math.ceil(lo * n), int(done.sum())), max(math.floor(hi * n), int(done.sum()))
         assert floor <= c <= ceil, f"{name}: {c} of {n} groups pruned, outside [{floor}, {ceil}]"
         _kept_dominates(s, pruned, ~done, exact, name)
         free = pruned & ~done
@@ -685,10 +682,10 @@ def _prior(opts, model, xs) -> None:
     prior = opts["prior"]
     if prior is None:
         return
-    if prior == "set_mask":
-        name = _first_leaf(model)
-        if name != "nothing":
-            mod = model.get_submodule(name)
+    if prior == "set_mask":  # not on a tied tensor: its other user would not see the mask (set_mask cannot tell)
+        untied = _expected_targets(opts, model, {"include_bias": False})[0]
+        if untied:
+            mod = untied[0][1]
             g = torch.Generator().manual_seed(opts["pick"])
             S.set_mask(mod, "weight", torch.rand(mod.weight.shape, generator=g) > 0.3)
         return
@@ -825,6 +822,11 @@ KNOWN = [
     pytest.param(_spec({"kind": "shared", "c": 2}), _opts(targets="names"), "pruned", id="module_registered_twice"),
     pytest.param(_spec({"kind": "shared", "c": 2}), _opts(scope="global"), "pruned",
                  id="module_registered_twice_default_targets"),
+    # a global amount with max_sparsity over tensors an earlier prune had taken past the bounds: those groups stay
+    # pruned, and were added to the count instead of counting towards it (9 pruned where 8 were asked)
+    pytest.param(_spec({"kind": "embed", "num": 1, "dim": 1}, {"kind": "reused", "c": 1},
+                       {"kind": "linear", "in": 1, "out": 16, "bias": True, "tokens": False}),
+                 _opts(scope="global", prior="element", hi=0.5), "pruned", id="global_bounds_after_an_earlier_prune"),
 ]
 
 

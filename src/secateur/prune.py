@@ -272,9 +272,12 @@ def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
     sizes = [s.numel() for s in scores]
     total = sum(sizes)
     k = count if count is not None else round(amount * total)
-    k = min(max(k, sum(int(torch.count_nonzero(d)) for _, _, d, _, _ in work if d is not None)), total)
-    floors = [math.ceil(lo * n) for n in sizes]
-    room = [math.floor(hi * n) - f for n, f in zip(sizes, floors)]  # how many more each tensor may prune
+    # what an earlier call pruned stays pruned (scored -inf, it comes first): it counts towards a tensor's floor and
+    # ceiling and towards the total, rather than being added to them
+    done = [int(torch.count_nonzero(d)) if d is not None else 0 for _, _, d, _, _ in work]
+    floors = [max(math.ceil(lo * n), d) for n, d in zip(sizes, done)]
+    room = [max(math.floor(hi * n), d) - f for n, d, f in zip(sizes, done, floors)]  # how many more each may prune
+    k = min(max(k, sum(floors)), total)
     base = [lowest([s], f)[0] for s, f in zip(scores, floors)]
     rest = [_without(s, b) if f else s for s, b, f in zip(scores, base, floors)]
     fixed: dict[int, int] = {}
