@@ -103,7 +103,7 @@ def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Plain-named tensors of the model, shared tensors stored once: ``(tensors, {alias: stored key})``."""
     from secateur.masks import original
 
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a module registered twice has both names
     out: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -389,10 +389,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for mod, module, param, _ in list(iter_masks(model)):  # masks the file does not have are not the saved model's
         if (f"{mod}.{param}" if mod else param) not in masks:
             remove_mask(module, param, bake=False)
-    if masks:
-        apply_masks(model, masks)
+    if masks:  # attached in the model's own order: parameters() then lists them as the saved model did
+        order = {plain_name(k): i for i, k in enumerate(model.state_dict(keep_vars=True))}
+        apply_masks(model, dict(sorted(masks.items(), key=lambda kv: order.get(kv[0], len(order)))))
 
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     values = {k: t for k, t in tensors.items() if not k.startswith(MASK_PREFIX)}
     for alias, key in desc.get("aliases", {}).items():
         values[alias] = values[key]

@@ -101,7 +101,7 @@ def prune(model: nn.Module, amount: Amount | None = None, *, threshold: float | 
     chosen = select_targets(model, targets, include_bias=include_bias, exclude=exclude)
     chosen = drop_tied(model, chosen, explicit=targets is not None)
     work = _collect(chosen, crit, pat, amount)
-    _check_count(work, count, scope, lo, hi)
+    _check_count(work, amount if scope == "global" else None, count, scope, lo, hi)
     with torch.no_grad():
         pruned = _select(work, pat, amount, threshold, count, scope, lo, hi)
         new_masks = []
@@ -181,21 +181,32 @@ def _collect(chosen: list[Target], crit, pat, amount) -> list[tuple]:
     return work
 
 
-def _check_count(work: list[tuple], count: int | None, scope: str, lo: float, hi: float) -> None:
-    if count is None:
-        return
+def _check_count(work: list[tuple], amount: float | None, count: int | None, scope: str, lo: float,
+                 hi: float) -> None:
+    """A count must fit the targets; a global amount or count must be reachable within min / max_sparsity (the
+    rounded amount too: 0.5 of two tensors of 3 entries is 3 entries, but a floor of 0.5 prunes at least 2 of each)."""
     sizes = {t.name: s.numel() for t, s, _, _, _ in work}
-    too_small = {n: size for n, size in sizes.items() if size < count} if scope == "local" else (
-        {"all targets": sum(sizes.values())} if sum(sizes.values()) < count else {})
-    if too_small:
-        name, size = next(iter(too_small.items()))
-        raise fail(f"count exceeds the {size} prunable entries (or groups)", where=name, value=count,
-                   hint="count is per tensor with scope='local', over all targets with scope='global'")
+    if count is not None:
+        too_small = {n: size for n, size in sizes.items() if size < count} if scope == "local" else (
+            {"all targets": sum(sizes.values())} if sum(sizes.values()) < count else {})
+        if too_small:
+            name, size = next(iter(too_small.items()))
+            raise fail(f"count exceeds the {size} prunable entries (or groups)", where=name, value=count,
+                       hint="count is per tensor with scope='local', over all targets with scope='global'")
+    if scope != "global" or (amount is None and count is None) or (lo, hi) == (0.0, 1.0):
+        return
+    for t, s, _, _, _ in work:
+        if math.ceil(lo * s.numel()) > math.floor(hi * s.numel()):
+            raise fail(f"min_sparsity / max_sparsity allow no count of this tensor's {s.numel()} entries (or groups)",
+                       where=t.name, shape=t.tensor.shape, value=(lo, hi),
+                       hint="widen the bounds, or exclude the tensor")
     most = sum(math.floor(hi * n) for n in sizes.values())
     least = sum(math.ceil(lo * n) for n in sizes.values())
-    if scope == "global" and not least <= count <= most:
+    k = count if count is not None else round(amount * sum(sizes.values()))
+    if not least <= k <= most:
         raise fail(f"min_sparsity / max_sparsity allow pruning only {least} to {most} entries (or groups)",
-                   where="count", value=count, hint="ask for a count in that range or widen the bounds")
+                   where="count" if count is not None else "amount", value=count if count is not None else amount,
+                   hint=f"ask for {'a count' if count is not None else 'an amount'} in that range or widen the bounds")
 
 
 def _select(work, pat, amount, threshold, count, scope, lo, hi) -> list[torch.Tensor]:
@@ -217,14 +228,17 @@ def _select(work, pat, amount, threshold, count, scope, lo, hi) -> list[torch.Te
 def drop_tied(model: nn.Module, chosen: list[Target], explicit: bool) -> list[Target]:
     """A tensor shared by several modules (tied embeddings) cannot carry one module's mask: the other
     users would see the zeros only once `finalize` bakes them, so the masked and the finalized model
-    would differ. The default targets skip such a tensor, like the embedding it is tied to (with a
+    would differ. One module registered under two names (``nn.Sequential(lin, act, lin)``) is not tied:
+    its mask acts wherever it runs. The default targets skip such a tensor, like the embedding it is tied to (with a
     warning naming it); targets named by the user make it an error that names both places."""
-    users: dict[int, list[str]] = {}
+    users: dict[int, dict[int, str]] = {}  # tensor -> {id of a module holding it: its first name}
     for name, p in model.named_parameters(remove_duplicate=False):
-        users.setdefault(id(p), []).append(name.replace(".parametrizations.", ".").removesuffix(".original"))
+        name = ("." + name).replace(".parametrizations.", ".").removesuffix(".original")[1:]
+        owner = model.get_submodule(name.rpartition(".")[0])
+        users.setdefault(id(p), {}).setdefault(id(owner), name)
     kept, skipped = [], []
     for t in chosen:
-        names = users.get(id(t.tensor), [])
+        names = list(users.get(id(t.tensor), {}).values())
         if len(names) <= 1:
             kept.append(t)
             continue
@@ -249,30 +263,40 @@ def _scores(crit, t: Target, pat, done, check: bool = False) -> torch.Tensor:
 
 
 def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
-    """Global selection with per-tensor floors/ceilings (water-filling: fix violators, redo the rest)."""
+    """Global selection with per-tensor floors and ceilings: each tensor first prunes its floor (its own lowest
+    scores); the rest of the budget goes to the lowest remaining scores across tensors, each up to its ceiling.
+    The ceilings are met by water-filling (fix the tensors past their ceiling, share the rest again): a tensor past
+    its ceiling stays past it when the others get less, so fixing it is exact. Floors cannot join that loop: a tensor
+    fixed at its ceiling may deserve less once others are lifted to their floors (the total then came out short)."""
     scores = [s for _, s, _, _, _ in work]
     sizes = [s.numel() for s in scores]
     total = sum(sizes)
     k = count if count is not None else round(amount * total)
-    k = min(max(k, sum(int(torch.count_nonzero(d)) for _, _, d, _, _ in work if d is not None)), total)
+    # what an earlier call pruned stays pruned (scored -inf, it comes first): it counts towards a tensor's floor and
+    # ceiling and towards the total, rather than being added to them
+    done = [int(torch.count_nonzero(d)) if d is not None else 0 for _, _, d, _, _ in work]
+    floors = [max(math.ceil(lo * n), d) for n, d in zip(sizes, done)]
+    room = [max(math.floor(hi * n), d) - f for n, d, f in zip(sizes, done, floors)]  # how many more each may prune
+    k = min(max(k, sum(floors)), total)
+    base = [lowest([s], f)[0] for s, f in zip(scores, floors)]
+    rest = [_without(s, b) if f else s for s, b, f in zip(scores, base, floors)]
     fixed: dict[int, int] = {}
     out: dict[int, torch.Tensor] = {}
     while True:
         active = [i for i in range(len(scores)) if i not in fixed]
-        budget = k - sum(fixed.values())
         if not active:
             break
-        masks = lowest([scores[i] for i in active], max(budget, 0))
-        changed = False
-        for i, m in zip(active, masks):
-            c = int(torch.count_nonzero(m))
-            floor, ceil = math.ceil(lo * sizes[i]), math.floor(hi * sizes[i])
-            if c < floor or c > ceil:
-                fixed[i] = min(max(c, floor), ceil)
-                changed = True
-        if not changed:
+        masks = lowest([rest[i] for i in active], max(k - sum(floors) - sum(fixed.values()), 0))
+        over = {i: room[i] for i, m in zip(active, masks) if int(torch.count_nonzero(m)) > room[i]}
+        if not over:
             out = dict(zip(active, masks))
             break
+        fixed.update(over)
     for i, c in fixed.items():
-        out[i] = lowest([scores[i]], c)[0]
-    return [out[i] for i in range(len(scores))]
+        out[i] = lowest([rest[i]], c)[0]
+    return [base[i] | out[i] for i in range(len(scores))]
+
+
+def _without(s: Lazy, pruned: torch.Tensor) -> Lazy:
+    """``s`` with the ``pruned`` entries scored +inf (out of the running, as long as others remain)."""
+    return Lazy(lambda: s().masked_fill(pruned, math.inf), s.shape, s.device, s.nonneg)
