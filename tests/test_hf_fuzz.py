@@ -477,6 +477,11 @@ KNOWN = [
     # from_pretrained does) scaled by the new size and computed something else without an error
     pytest.param(_spec("gemma"), _o(), id="gemma_embed_scale_from_config"),
     pytest.param(_spec("gemma2", inter=44), _o(ratio=0.6, ignore="attn"), id="gemma2_embed_scale_from_config"),
+    # one key/value head (MQA): query heads are removed alone, and num_key_value_groups (how many times eager
+    # attention and SDPA with a mask repeat k/v) kept its old value: eager attention or a padding mask failed
+    pytest.param(_spec("olmo", heads=3, kv=1, hidden=24, head_dim=8, inter=16, seed=1108),
+                 _o(ratio=0.45, importance="random", round_to=2), id="olmo_mqa_key_value_groups"),
+    pytest.param(_spec("llama", heads=4, kv=1, hidden=16, head_dim=4), _o(), id="llama_mqa_key_value_groups"),
 ]
 
 

@@ -543,6 +543,9 @@ HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_
               "all_head_size", "split_size", "attn_dim", "inner_dim")
 
 
+KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads")
+
+
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size", "all_head_size", "inner_dim", "attn_dim",
                    "split_size", "key_value_proj_dim")
 
@@ -577,11 +580,18 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, float) and not k.startswith("_"):
                 set_[k] = v
         return set_
+    one_kv = "q_proj" in mod._modules and "k_proj" in mod._modules and _out_size(mod.k_proj) == \
+        old.get("_children_out", {}).get("k_proj")  # query heads of one key/value head removed (MQA), k/v whole
     for k in HEAD_ATTRS:
         v = old.get(k)
+        if one_kv and k in KV_HEAD_ATTRS:
+            continue
         if isinstance(v, int) and v > 0 and v * now % before == 0:
             setattr(mod, k, v * now // before)
             set_[k] = v * now // before
+    v = old.get("num_key_value_groups")  # Hugging Face's query heads per key/value head: eager attention and SDPA
+    if one_kv and isinstance(v, int) and v > 0 and v * now % before == 0:  # with a mask repeat k/v by it
+        mod.num_key_value_groups = set_["num_key_value_groups"] = v * now // before
     return set_
 
 
