@@ -45,7 +45,15 @@ GQA = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "
        "falcon"}
 HEAD_DIM = {"llama", "mistral", "qwen3", "gemma", "gemma2"}
 CAUSAL = {"gpt2", "gpt_neox", "gptj", "opt", "falcon", "bloom"} | GQA
-FAMILIES = sorted(CAUSAL | {"bert", "roberta", "distilbert", "t5", "bart", "vit", "deit", "whisper", "timm_vit"})
+# more families built from one table of field names (``_generic``): whatever fields their configs have
+GENERIC = {"starcoder2": "causal", "smollm3": "causal", "olmo2": "causal", "cohere": "causal", "helium": "causal",
+           "glm4": "causal", "nemotron": "causal", "exaone4": "causal", "mixtral": "causal", "qwen3_moe": "causal",
+           "gpt_bigcode": "causal", "gpt_neo": "causal", "xglm": "causal", "mpt": "causal",
+           "albert": "masked", "electra": "masked", "deberta-v2": "masked"}
+GQA |= {"starcoder2", "smollm3", "olmo2", "cohere", "helium", "glm4", "nemotron", "exaone4", "mixtral", "qwen3_moe"}
+CAUSAL |= {k for k, v in GENERIC.items() if v == "causal"}
+FAMILIES = sorted(CAUSAL | set(GENERIC) | {"bert", "roberta", "distilbert", "t5", "bart", "vit", "deit", "whisper",
+                                           "timm_vit"})
 ACTS = ["gelu", "relu", "silu", "gelu_new"]
 IMPORTANCES = ["l1", "l2", "taylor", "random", "lamp", "fpgm"]
 
@@ -212,7 +220,7 @@ def hf_build(s, config=None):
     torch.manual_seed(s["seed"])
     if s["family"] == "timm_vit":
         return _timm_vit(s)
-    cls, cfg = hf_config(s)
+    cls, cfg = _generic(s) if s["family"] in GENERIC else hf_config(s)
     model = cls(config if config is not None else cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -221,6 +229,27 @@ def hf_build(s, config=None):
             elif not p.any():  # zero-initialised heads and biases would make the oracle vacuous
                 p.normal_(std=0.02)
     return model
+
+
+def _generic(s):
+    """(model class, config) of a ``GENERIC`` family: the table's sizes set where its config has the field."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto as A
+    fam, h, n, inter, L = s["family"], s["hidden"], s["heads"], s["inter"], s["layers"]
+    table = dict(hidden_size=h, head_dim=s["head_dim"], intermediate_size=inter, num_hidden_layers=L, num_attention_heads=n,
+                 num_key_value_heads=s.get("kv"), vocab_size=VOCAB, max_position_embeddings=POS, n_positions=POS,
+                 n_embd=h, n_layer=L, n_head=n, n_inner=inter, d_model=h, n_heads=n, n_layers=L, max_seq_len=POS,
+                 embedding_size=h, ffn_dim=inter, num_layers=L, num_heads=n, expansion_ratio=max(1, inter // h),
+                 tie_word_embeddings=s["tie"], hidden_act=s["act"], activation_function=s["act"],
+                 attention_bias=s["bias"], mlp_bias=s["bias"], use_bias=s["bias"], rotary_dim=s["head_dim"] // 2 * 2,
+                 multi_query=s.get("kv") == 1, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=inter, attention_types=[[["global"], L]], pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2, decoder_sparse_step=1, mlp_only_layers=[])
+    cfg_cls = type(CONFIG_MAPPING[fam]())
+    fields = set(cfg_cls().to_dict()) | set(getattr(cfg_cls, "attribute_map", {}))
+    cfg = cfg_cls(**{k: v for k, v in table.items() if k in fields})
+    names = A.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if GENERIC[fam] == "causal" else A.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return getattr(T, (names if s["head"] == "lm" else A.MODEL_MAPPING_NAMES)[fam]), cfg
 
 
 def _timm_vit(s):
@@ -482,6 +511,8 @@ KNOWN = [
     pytest.param(_spec("olmo", heads=3, kv=1, hidden=24, head_dim=8, inter=16, seed=1108),
                  _o(ratio=0.45, importance="random", round_to=2), id="olmo_mqa_key_value_groups"),
     pytest.param(_spec("llama", heads=4, kv=1, hidden=16, head_dim=4), _o(), id="llama_mqa_key_value_groups"),
+    pytest.param(_spec("gpt_bigcode", kv=1, hidden=16, head_dim=8, inter=24, seed=3), _o(),  # fused c_attn: from
+                 id="gpt_bigcode_mqa_key_value_groups"),  # embed_dim / kv_dim, the first set by the size search
 ]
 
 

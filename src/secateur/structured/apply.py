@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.graph.modules import own, snapshot, structure_class, update_attrs
+from secateur.graph.modules import key_value_groups, own, snapshot, structure_class, update_attrs
 from secateur.structured.plan import Plan, STRUCTURE_ATTR
 
 
@@ -251,6 +251,10 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
     for name, kv in _fold_scales(model, plan).items():  # the eager path's stored scale agrees with the fold
         set_attrs(model, {name: kv})
         structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})["attrs"].update(kv)
+    for mod, snap in snaps.items():  # from the widths every update above left
+        kv = key_value_groups(mod, snap)
+        if kv:
+            structure.setdefault(names[mod], {"params": {}, "buffers": {}, "attrs": {}})["attrs"].update(kv)
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
