@@ -543,6 +543,9 @@ HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_
               "all_head_size", "split_size", "attn_dim", "inner_dim")
 
 
+KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads")
+
+
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size", "all_head_size", "inner_dim", "attn_dim",
                    "split_size", "key_value_proj_dim")
 
@@ -577,12 +580,46 @@ def heads_updater(mod: nn.Module, old: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, float) and not k.startswith("_"):
                 set_[k] = v
         return set_
+    one_kv = "q_proj" in mod._modules and "k_proj" in mod._modules and _out_size(mod.k_proj) == \
+        old.get("_children_out", {}).get("k_proj")  # query heads of one key/value head removed (MQA), k/v whole
     for k in HEAD_ATTRS:
         v = old.get(k)
+        if one_kv and k in KV_HEAD_ATTRS:
+            continue
         if isinstance(v, int) and v > 0 and v * now % before == 0:
             setattr(mod, k, v * now // before)
             set_[k] = v * now // before
     return set_
+
+
+def key_value_groups(mod: nn.Module, old: dict[str, Any]) -> dict[str, int]:
+    """Hugging Face attention's ``num_key_value_groups`` (query heads per key/value head) from its pruned widths, once
+    every other size is set: eager attention and SDPA with a mask repeat k/v by it, SDPA without one reads the heads
+    from the tensors, so the dry run (which calls SDPA so) cannot prove it. Under one key/value head (MQA) query heads
+    go alone and the count shrinks. The widths are q_proj / k_proj rows, or GPT-BigCode's fused ``embed_dim`` /
+    ``kv_dim``, over ``head_dim``; set only where they gave the old count too (Qwen3-Next's q_proj rows hold a gate
+    as well). Returns what was set."""
+    g = old.get("num_key_value_groups")
+    if not isinstance(g, int) or g <= 0:
+        return {}
+    outs = old.get("_children_out", {})
+
+    def groups(q, k, hd):
+        if not all(isinstance(v, int) and v > 0 for v in (q, k, hd)) or q % hd or k % hd or (q // hd) % (k // hd):
+            return None
+        return (q // hd) // (k // hd)
+
+    q_proj, k_proj = mod._modules.get("q_proj"), mod._modules.get("k_proj")
+    if q_proj is not None and k_proj is not None:
+        q0, k0, q, k = outs.get("q_proj"), outs.get("k_proj"), _out_size(q_proj), _out_size(k_proj)
+    else:
+        q0, k0 = old.get("embed_dim"), old.get("kv_dim")
+        q, k = getattr(mod, "embed_dim", None), getattr(mod, "kv_dim", None)
+    new = groups(q, k, getattr(mod, "head_dim", None))
+    if groups(q0, k0, old.get("head_dim")) != g or new in (None, g):
+        return {}
+    mod.num_key_value_groups = new
+    return {"num_key_value_groups": new}
 
 
 from secateur.graph import mha as _mha  # noqa: E402,F401 - registers nn.MultiheadAttention (needs the above)

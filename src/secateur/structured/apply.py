@@ -2,6 +2,7 @@
 structure record that ``apply_structure`` (and ``secateur.load``) replays on a fresh model."""
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from secateur.errors import fail
-from secateur.graph.modules import own, snapshot, structure_class, update_attrs
+from secateur.graph.modules import key_value_groups, own, snapshot, structure_class, update_attrs
 from secateur.structured.plan import Plan, STRUCTURE_ATTR
 
 
@@ -250,6 +251,10 @@ def _apply(model: nn.Module, plan: Plan, reuse: _Slices | None = None, record: _
     for name, kv in _fold_scales(model, plan).items():  # the eager path's stored scale agrees with the fold
         set_attrs(model, {name: kv})
         structure.setdefault(name, {"params": {}, "buffers": {}, "attrs": {}})["attrs"].update(kv)
+    for mod, snap in snaps.items():  # from the widths every update above left
+        kv = key_value_groups(mod, snap)
+        if kv:
+            structure.setdefault(names[mod], {"params": {}, "buffers": {}, "attrs": {}})["attrs"].update(kv)
     _update_hf_config(model, structure, "head_dim" if any(g.block is not None for g, _ in plan.choices) else "heads")
     setattr(model, STRUCTURE_ATTR, structure)
     return structure
@@ -381,6 +386,8 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
         changed.update(mla.config_sizes(model, changed))  # MLA heads and latent ranks, proven the same way
     changed = {k: v for k, v in changed.items() if _field(config, k) != v}
     derived = _derived(config)
+    for k in _built_values_differ(model, changed):  # a fresh build would compute with another scale
+        del changed[k]
     for k, v in list(changed.items()):
         old = _field(config, k)
         setattr(config, k, v)
@@ -389,6 +396,50 @@ def _update_hf_config(model: nn.Module, structure: dict, heads: str = "heads") -
             del changed[k]
     if changed:
         structure.setdefault("", {"params": {}, "buffers": {}, "attrs": {}}).setdefault("config", {}).update(changed)
+
+
+def _built_values_differ(model: nn.Module, changed: dict) -> list[str]:
+    """Fields of ``changed`` with which ``type(model)(config)`` builds other values than the pruned model holds: a
+    value computed from the config at construction (Gemma's ``embed_scale = hidden_size ** 0.5``, a non-persistent
+    buffer, its float twin an attribute; neither is saved), which the pruned model keeps at the old size's value. With
+    such a field updated, a model rebuilt from the config (``from_pretrained``) would scale by the new size's value
+    and compute something else without any error; left as it was, the structure record reloads the sizes. Builds
+    have parameters on meta (no memory) and real buffers; a model its class cannot rebuild keeps every field."""
+    from secateur.llm.offload import empty_model
+    config = model.config
+    mods = dict(model.named_modules())
+
+    def values(cfg):
+        built = empty_model(lambda: type(model)(cfg))
+        out = {}
+        for name, mod in built.named_modules():
+            for k, v in vars(mod).items():
+                if isinstance(v, float):
+                    out[name, k] = v
+            for k in mod._non_persistent_buffers_set:
+                if isinstance(mod._buffers.get(k), torch.Tensor):
+                    out[name, k] = mod._buffers[k]
+        return out
+
+    def same(a, b):
+        return a == b if isinstance(a, float) else a.shape != b.shape or torch.equal(a, b)
+
+    try:
+        base = values(config)
+        differ = []
+        for k, v in changed.items():
+            cfg = copy.deepcopy(config)
+            setattr(cfg, k, v)
+            for (name, attr), new in values(cfg).items():
+                old, mod = base.get((name, attr)), mods.get(name)
+                have = getattr(mod, attr, None) if mod is not None else None
+                if old is not None and have is not None and not same(old, new) and same(have, old) \
+                        and not same(have, new):
+                    differ.append(k)
+                    break
+        return differ
+    except Exception:  # noqa: BLE001 - a model its class cannot rebuild from its config: nothing to compare
+        return []
 
 
 def _field(config, key: str):
