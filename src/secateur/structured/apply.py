@@ -2,9 +2,11 @@
 structure record that ``apply_structure`` (and ``secateur.load``) replays on a fresh model."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -403,15 +405,18 @@ def _built_values_differ(model: nn.Module, changed: dict) -> list[str]:
     value computed from the config at construction (Gemma's ``embed_scale = hidden_size ** 0.5``, a non-persistent
     buffer, its float twin an attribute; neither is saved), which the pruned model keeps at the old size's value. With
     such a field updated, a model rebuilt from the config (``from_pretrained``) would scale by the new size's value
-    and compute something else without any error; left as it was, the structure record reloads the sizes. Builds
-    have parameters on meta (no memory) and real buffers; a model its class cannot rebuild keeps every field."""
+    and compute something else without any error; left as it was, the structure record reloads the sizes. So too a
+    field with which the build makes a parameter smaller than the pruned one (Helium sizes ``o_proj``'s input by
+    ``hidden_size``, not by its heads): the record only slices. Builds have parameters on meta (no memory) and real
+    buffers; a model its class cannot rebuild keeps every field."""
     from secateur.llm.offload import empty_model
     config = model.config
     mods = dict(model.named_modules())
+    params = dict(model.named_parameters())
 
     def values(cfg):
         built = empty_model(lambda: type(model)(cfg))
-        out = {}
+        out = {(name, None): p.shape for name, p in built.named_parameters()}
         for name, mod in built.named_modules():
             for k, v in vars(mod).items():
                 if isinstance(v, float):
@@ -424,22 +429,45 @@ def _built_values_differ(model: nn.Module, changed: dict) -> list[str]:
     def same(a, b):
         return a == b if isinstance(a, float) else a.shape != b.shape or torch.equal(a, b)
 
+    def differs(fields) -> bool:
+        cfg = copy.deepcopy(config)
+        for k in fields:
+            setattr(cfg, k, changed[k])
+        for (name, attr), new in values(cfg).items():
+            if attr is None:  # a parameter the build makes smaller than the pruned one: the record cannot reload it
+                if name in params and len(new) == params[name].dim() and any(
+                        a < b for a, b in zip(new, params[name].shape)):
+                    return True
+                continue
+            old, mod = base.get((name, attr)), mods.get(name)
+            have = getattr(mod, attr, None) if mod is not None else None
+            if old is not None and have is not None and not same(old, new) and same(have, old) and not same(have, new):
+                return True
+        return False
+
     try:
-        base = values(config)
-        differ = []
-        for k, v in changed.items():
-            cfg = copy.deepcopy(config)
-            setattr(cfg, k, v)
-            for (name, attr), new in values(cfg).items():
-                old, mod = base.get((name, attr)), mods.get(name)
-                have = getattr(mod, attr, None) if mod is not None else None
-                if old is not None and have is not None and not same(old, new) and same(have, old) \
-                        and not same(have, new):
-                    differ.append(k)
-                    break
-        return differ
+        with _quiet_transformers():
+            base = values(config)
+            if not changed or not differs(changed):  # the common case: two builds, whatever the number of fields
+                return []
+            return [k for k in changed if differs([k])]
     except Exception:  # noqa: BLE001 - a model its class cannot rebuild from its config: nothing to compare
         return []
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Builds of a model from a copy of its config, without transformers' deprecation notices for every copy."""
+    import logging
+    log = logging.getLogger("transformers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _field(config, key: str):
@@ -454,11 +482,12 @@ def _field(config, key: str):
 def _derived(config) -> dict:
     """The number-valued properties a config computes from its fields: a model may read them in its forward."""
     out = {}
-    for name in dir(type(config)):
-        if not name.startswith("_") and isinstance(getattr(type(config), name, None), property):
-            v = _field(config, name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[name] = v
+    with _quiet_transformers():  # deprecated properties among them say so
+        for name in dir(type(config)):
+            if not name.startswith("_") and isinstance(getattr(type(config), name, None), property):
+                v = _field(config, name)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[name] = v
     return out
 
 
