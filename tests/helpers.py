@@ -89,3 +89,13 @@ def prune_causal_lm(make, tmp_path=None, below=0.35, low=0):
     if tmp_path is not None:
         assert_reloads(make, model, x, tmp_path, run)
     return model, plan
+
+
+def first_output(out):
+    """The first tensor of a model's output: the tensor itself, a dict's first value (Hugging Face outputs), or the
+    first element of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out[0]

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 import secateur
 from secateur.errors import PruningError
 from secateur.metrics import count_macs, count_params
+from helpers import first_output as _first
 
 T = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore")
@@ -300,12 +301,6 @@ def _call(model, x):
     return model(**x)
 
 
-def _first(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    return out[0]
 
 
 def _inputs_for(model, x):

@@ -481,29 +481,23 @@ def test_bad_input_is_refused_unchanged(spec, case, train):
         assert torch.equal(before[k], after[k], ) or bool(before[k].isnan().any()), k
 
 
-def test_blocks_out_of_order_are_refused_unchanged():  # fixed 355eca6
-    """Found while changing how the blocks' arguments are caught: blocks given in another order than the forward
-    calls them were pruned silently on the wrong inputs (block 0 calibrated on block 1's inputs)."""
+@pytest.mark.parametrize("order, match", [
+    # found while changing how the blocks' arguments are caught (fixed 355eca6): block 0 was calibrated on block
+    # 1's inputs
+    ((1, 0), r"blocks\[1\].*not given in the order the model calls them"),
+    # a gap: the driver runs the given blocks back to back, so block 2 saw block 0's output, not block 1's
+    ((0, 2), r"blocks\[0\] -> blocks\[1\].*changes the hidden states"),
+], ids=["out_of_order", "one_left_out"])
+def test_blocks_not_as_the_model_calls_them_are_refused_unchanged(order, match):
+    """Blocks given in another order than the forward calls them, or with one left out, were pruned silently on the
+    wrong inputs; the blocks the model calls next to each other still prune."""
     spec = _spec("llama", layers=3)
     model = build(spec)
     before = _state(model)
     layers = model.model.layers
-    with pytest.raises(PruningError, match=r"blocks\[1\].*not given in the order the model calls them"):
-        prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=[layers[1], layers[0]], progress=False)
+    with pytest.raises(PruningError, match=match):
+        prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=[layers[i] for i in order], progress=False)
     assert not masks_of(model)
     assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
-
-
-def test_blocks_with_one_left_out_are_refused_unchanged():
-    """Blocks with a gap (``[layers[0], layers[2]]``) were calibrated silently on the wrong inputs: the driver runs
-    the given blocks back to back, so block 2 saw block 0's output, not block 1's."""
-    spec = _spec("llama", layers=3)
-    model = build(spec)
-    before = _state(model)
-    layers = model.model.layers
-    with pytest.raises(PruningError, match=r"blocks\[0\] -> blocks\[1\].*changes the hidden states"):
-        prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=[layers[0], layers[2]], progress=False)
-    assert not masks_of(model)
-    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
-    prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=list(layers[1:]), progress=False)  # no gap
+    prune_llm(model, [torch.randint(0, spec["vocab"], (2, 8))], blocks=list(layers[1:]), progress=False)
     assert masks_of(model)

@@ -11,6 +11,7 @@ import torch
 
 from secateur.metrics import count_macs, count_params
 from secateur.structured import plan_channels, prune_channels
+from helpers import first_output as _first
 from zoo_models import (HF_FAMILIES, HF_UNBUILT, TIMM_GIANTS, hf_auto_model, hf_causal_lm_types, hf_inputs, hf_model,
                         timm_input, timm_one_per_module)
 
@@ -44,12 +45,6 @@ def oracle(model, x, ratio=0.5, rtol=1e-4, **kw):
     return plan
 
 
-def _first(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    return out[0]
 
 
 def _tv_input(model, sizes=(32, 64, 224)):
