@@ -19,9 +19,10 @@ Names stay stable (a ``Skipped`` takes the block's place), so channel plans made
 ``secateur.save`` / ``load`` replay the drop (``{"skipped": ...}`` in the structure record)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -100,21 +101,24 @@ def _primary(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] | None
 
 
 def _containers(model: nn.Module) -> dict[str, str]:
-    """name -> class name of every element of an nn.Sequential / nn.ModuleList (the repeated units)."""
+    """name -> class name of every element of an nn.Sequential / nn.ModuleList (the repeated units). A module held
+    in several places goes by its ``named_modules`` name (the first), the one hooks and MACs counts know it by."""
     out = {}
     mods = list(model.named_modules())
+    names = {id(m): n for n, m in mods}
     for pname, parent in mods:
         if isinstance(parent, (nn.Sequential, nn.ModuleList)):
-            for cname, child in parent.named_children():
+            for child in parent.children():
                 if not isinstance(child, Skipped) and any(True for _ in child.parameters()):
-                    out[f"{pname}.{cname}" if pname else cname] = type(child).__name__
+                    out[names[id(child)]] = type(child).__name__
     rank = {n: i for i, (n, _) in enumerate(mods)}
     return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))  # model order
 
 
 class _AddWatch(TorchFunctionMode):
-    """Marks a block when its own forward (not a nested block's) adds the block's input to something: the skip
-    connection. ``running``: the candidate blocks being run, innermost last, with their inputs."""
+    """Marks a block when its own forward (not a nested block's) adds the block's input to another tensor shaped
+    like it: the skip connection (``x + 1`` or ``x + bias`` inside ``f(...)`` is not one). ``running``: the
+    candidate blocks being run, innermost last, with their inputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -125,7 +129,9 @@ class _AddWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _ADDS and self.running:
             name, x = self.running[-1]
-            if x is not None and any(a is x for a in (*args, *kwargs.values())):
+            operands = (*args, *kwargs.values())
+            if x is not None and any(a is x for a in operands) and any(
+                    isinstance(a, torch.Tensor) and a is not x and a.shape == x.shape for a in operands):
                 self.residual.add(name)
         return func(*args, **kwargs)
 
@@ -188,11 +194,32 @@ def droppable_blocks(model: nn.Module, example_inputs: Any) -> list[str]:
     return list(_probe(model, example_inputs, _containers(model))[0])
 
 
-def _skip_hook(block: Block):
-    def hook(mod, args, kwargs, out):
-        x = kwargs[block.arg] if isinstance(block.arg, str) else args[block.arg]
-        return x if block.tuple_len is None else (x,) + (None,) * (block.tuple_len - 1)
-    return hook
+def _places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """id(module) -> every (parent, attribute, qualified name) that holds it: one block object at two places of a
+    stage runs, is scored and is dropped at both."""
+    out: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    seen: set[tuple[int, str]] = set()
+    for pname, parent in model.named_modules(remove_duplicate=False):
+        for cname, child in parent._modules.items():
+            if child is not None and (id(parent), cname) not in seen:
+                seen.add((id(parent), cname))
+                out.setdefault(id(child), []).append((parent, cname, f"{pname}.{cname}" if pname else cname))
+    return out
+
+
+@contextlib.contextmanager
+def _skipping(places: list[tuple[nn.Module, str, str]], block: Block) -> Iterator[None]:
+    """``Skipped`` stands in for the block while inside: the model exactly as ``drop_blocks`` leaves it (a forward
+    hook that returns the input would still run the block, and one that changes its input in place, an in-place
+    activation first, would hand back the changed input)."""
+    old = [parent._modules[c] for parent, c, _ in places]
+    for parent, c, _ in places:
+        parent._modules[c] = Skipped(block.kind, block.arg, block.tuple_len)
+    try:
+        yield
+    finally:
+        for (parent, c, _), m in zip(places, old):
+            parent._modules[c] = m
 
 
 def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -221,15 +248,24 @@ def _scores(model: nn.Module, example_inputs: Any, found: dict[str, Block], name
     mods = dict(model.named_modules())
     if criterion == "cosine":
         acc: dict[str, list[float]] = {n: [] for n in names}
+        inputs: list[torch.Tensor] = []  # the running blocks' inputs as they came in (a block may change its own)
+
+        def keep(name):
+            def hook(mod, args, kwargs):
+                inputs.append((kwargs[found[name].arg] if isinstance(found[name].arg, str)
+                               else args[found[name].arg]).clone())
+            return hook
 
         def record(name):
             def hook(mod, args, kwargs, out):
-                x = kwargs[found[name].arg] if isinstance(found[name].arg, str) else args[found[name].arg]
-                y = out if isinstance(out, torch.Tensor) else out[0]
-                cos = nn.functional.cosine_similarity(x.flatten(1).double(), y.flatten(1).double(), dim=1)
+                x, y = inputs.pop(), out if isinstance(out, torch.Tensor) else out[0]
+                rows = len(x) if x.dim() > 1 else 1  # per sample; an unbatched input is one sample
+                cos = nn.functional.cosine_similarity(x.reshape(rows, -1).double(), y.reshape(rows, -1).double(),
+                                                      dim=1)
                 acc[name].append(float((1 - cos).mean()))
             return hook
-        handles = [mods[n].register_forward_hook(record(n), with_kwargs=True) for n in names]
+        handles = [mods[n].register_forward_pre_hook(keep(n), with_kwargs=True) for n in names]
+        handles += [mods[n].register_forward_hook(record(n), with_kwargs=True) for n in names]
         try:
             call_model(model, example_inputs)
         finally:
@@ -240,13 +276,10 @@ def _scores(model: nn.Module, example_inputs: Any, found: dict[str, Block], name
     if not any(t.is_floating_point() and bool(t.any()) for t in ref):
         raise fail("the model's outputs are all zeros on the example inputs, so skipping a block changes nothing "
                    "measurable", where=type(model).__name__, hint="use criterion='cosine' (or trained weights)")
-    scores = {}
+    scores, places = {}, _places(model)
     for n in names:
-        h = mods[n].register_forward_hook(_skip_hook(found[n]), with_kwargs=True)
-        try:
+        with _skipping(places[id(mods[n])], found[n]):
             scores[n] = _distance(ref, _flat_tensors(call_model(model, example_inputs)))
-        finally:
-            h.remove()
     return _finite(scores, model)
 
 
@@ -336,6 +369,9 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
         raise fail("stay_above is True or False", where="drop_blocks", value=stay_above)
     if stay_above and target_macs is None:
         raise fail("stay_above applies to target_macs", where="drop_blocks", value=given)
+    if blocks is not None and not isinstance(blocks, (str, Iterable)):
+        raise fail("blocks is a block name or an iterable of them", where="drop_blocks", value=blocks,
+                   hint="droppable_blocks(model, example_inputs) lists them")
     if blocks is not None:
         blocks = [blocks] if isinstance(blocks, str) else list(blocks)
     found, why = _probe(model, example_inputs, _containers(model))
@@ -350,8 +386,8 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
         raise fail(f"only {len(found)} blocks can be dropped", where="drop_blocks", value=count,
                    hint="droppable_blocks(model, example_inputs) lists them")
     macs0, params0 = count_macs(model, example_inputs), count_params(model)
-    if blocks is not None:  # the caller chose: nothing to score
-        scores, chosen = {}, blocks
+    if blocks is not None or count == 0 or target_macs == 1:  # chosen by the caller, or none: nothing to score
+        scores, chosen = {}, blocks or []
     else:
         scores = _scores(model, example_inputs, found, list(found), criterion) if found else {}
         chosen = sorted(_choose(model, example_inputs, scores, count, target_macs, macs0, stay_above),
@@ -363,14 +399,14 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
 
 def _replace(model: nn.Module, blocks: list[Block]) -> None:
     structure = getattr(model, STRUCTURE_ATTR, None) or {}
+    places = _places(model)
     for b in blocks:
-        parent_name, _, child = b.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        skipped = Skipped(b.kind, b.arg, b.tuple_len)
-        parent._modules[child] = skipped
-        for k in [k for k in structure if k == b.name or k.startswith(b.name + ".")]:
-            structure.pop(k)  # channel records of modules that went with the block
-        structure[b.name] = {"skipped": skipped.spec()}
+        for parent, child, name in places[id(model.get_submodule(b.name))]:  # every place the block is held
+            skipped = Skipped(b.kind, b.arg, b.tuple_len)
+            parent._modules[child] = skipped
+            for k in [k for k in structure if k == name or k.startswith(name + ".")]:
+                structure.pop(k)  # channel records of modules that went with the block
+            structure[name] = {"skipped": skipped.spec()}
     if blocks:
         setattr(model, STRUCTURE_ATTR, structure)
 
