@@ -404,7 +404,7 @@ def check(spec, opts, tmp_path) -> str:
     before = copy.deepcopy(model.state_dict())
     try:
         if opts["target"]:
-            res = secateur.prune_channels(pruned, xi, **kw)
+            secateur.prune_channels(pruned, xi, **kw)
             plan = None
         else:
             plan = secateur.plan_channels(model, xi, **kw)
