@@ -171,7 +171,9 @@ def test_hf_causal_lms_prune_their_residual_stream(family, tmp_path):
     _, want, got = pruned_vs_reference(model, x, plan, run)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert model.model.embed_tokens.weight.shape == (100, 16) and model.lm_head.in_features == 16
-    if getattr(model.config, "head_dim", None):  # where the config states the head size, hidden_size can follow
+    if family == "gemma":  # embed_scale = hidden_size ** 0.5 at build time: the config keeps it, the record reloads
+        assert model.config.hidden_size == 32
+    elif getattr(model.config, "head_dim", None):  # where the config states the head size, hidden_size can follow
         assert model.config.hidden_size == 16  # (else it derives head_dim from it: the structure record reloads)
     assert_reloads(make, model, x, tmp_path, run)
 

@@ -388,6 +388,19 @@ def _hf_mamba2(kind, groups=1):
         mamba_d_state=8, mamba_expand=2, mamba_chunk_size=4, use_cache=False))
 
 
+def _rebuilt_from_config(model):
+    """A fresh model from the pruned config, resized by the structure record, takes the pruned weights strictly and
+    computes the same (what from_pretrained of a saved pruned model does)."""
+    from secateur.structured import apply_structure
+    from secateur.structured.plan import STRUCTURE_ATTR
+    torch.manual_seed(0)
+    fresh = apply_structure(type(model)(model.config).eval(), getattr(model, STRUCTURE_ATTR))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind,groups", [("mamba2", 1), ("mamba2", 2), ("bamba", 1)])
 def test_transformers_mamba2_family_prunes_heads_and_state(kind, groups, tmp_path):
     """transformers' mixers are one op (graph/mamba2.py ``mixer_rule``): whole heads (head j of every group) and the
@@ -399,8 +412,11 @@ def test_transformers_mamba2_family_prunes_heads_and_state(kind, groups, tmp_pat
     assert mixer.ssm_state_size == 4 and mixer.head_dim == 8  # 8 states per group -> 4, in every group
     assert mixer.conv1d.weight.shape[0] == 32 + 8 * groups and mixer.norm.group_size == 32 // groups
     if kind == "bamba":  # its MLP (``feed_forward``) width is not a config field apply.py states: the record's
+        # hidden_size stays: its attention derives head_dim (and its scaling) from hidden_size / heads, and the heads
+        # stay whole here, so a rebuild from hidden_size 16 scaled by another head size with q_proj too small
         assert (model.config.mamba_n_heads, model.config.mamba_expand, model.config.hidden_size,
-                model.config.mamba_d_state) == (4, 2, 16, 4)
+                model.config.mamba_d_state) == (4, 2, 32, 4)
+        _rebuilt_from_config(model)
         return
     assert model.config.state_size == 4
     # the config rebuilds the pruned model: same tensors, same logits
