@@ -15,8 +15,9 @@ from a safetensors checkpoint with ``offload_dir`` / ``save_dir`` / ``load_prune
   layer, Wanda the lowest ``|W| * ||X||_2`` of each row (both up to float near-ties, 1e-4 relative);
 - SparseGPT: pruned weights are zero, the others finite, and on the layer's calibration inputs its updated weight
   reconstructs the dense output no more than 10 % worse than its own mask applied without the update (with at
-  least 4 calibration tokens per input: below that the Hessian is badly estimated, or rank-deficient and prune_llm
-  warns; the update is optimal for the dampened Hessian one column at a time, so a little worse happens);
+  least 4 calibration tokens per input and well-conditioned inputs: otherwise the Hessian is badly estimated or
+  singular, a LayerNorm's outputs summing to zero, and the dampened update, optimal for the dampened Hessian one
+  column at a time, can be worse);
 - nothing outside the pruned layers changes (embeddings, heads, norms, biases, skipped blocks and layers); only
   SparseGPT rewrites weights; element sparsity 0 changes no output;
 - modes and ``requires_grad`` come back as they were, and a training-mode model is calibrated as in eval mode
@@ -339,8 +340,10 @@ def check(spec: dict, opts: dict, tmp_path) -> str:
                 # not a theorem: the update is optimal for the dampened Hessian, one column at a time (a later
                 # column's update moves weights pruned after it); with few tokens per input the Hessian is badly
                 # estimated and the dampening weighs: 2 % worse seen at 18 tokens for 8 inputs (qwen2), 14 % at 14
-                # tokens (phi, 4:8). Checked with at least 4 tokens per input; a wrong-sign update fails it
-                if x.shape[0] >= 4 * x.shape[1]:
+                # tokens (phi, 4:8), 26 % at 32 tokens for 8 inputs behind a LayerNorm (its outputs sum to zero:
+                # X has rank 7, only the dampening makes H invertible). Checked where X is well conditioned, with
+                # at least 4 tokens per input (a wrong update fails tests/test_llm.py against its references)
+                if x.shape[0] >= 4 * x.shape[1] and float(torch.linalg.cond(x)) < 100:
                     assert err_new <= err_mask * 1.1 + 1e-9, f"{n}: SparseGPT {err_new:.4g} > mask " \
                         f"only {err_mask:.4g}"
 
