@@ -278,7 +278,7 @@ def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
     floors = [max(math.ceil(lo * n), d) for n, d in zip(sizes, done)]
     room = [max(math.floor(hi * n), d) - f for n, d, f in zip(sizes, done, floors)]  # how many more each may prune
     k = min(max(k, sum(floors)), total)
-    base = [lowest([s], f)[0] for s, f in zip(scores, floors)]
+    base = [lowest([s], f)[0] if f else None for s, f in zip(scores, floors)]  # None: no floor (no extra mask)
     rest = [_without(s, b) if f else s for s, b, f in zip(scores, base, floors)]
     fixed: dict[int, int] = {}
     out: dict[int, torch.Tensor] = {}
@@ -294,7 +294,7 @@ def _global(work, amount, count, lo, hi) -> list[torch.Tensor]:
         fixed.update(over)
     for i, c in fixed.items():
         out[i] = lowest([rest[i]], c)[0]
-    return [base[i] | out[i] for i in range(len(scores))]
+    return [out[i] if base[i] is None else base[i] | out[i] for i in range(len(scores))]
 
 
 def _without(s: Lazy, pruned: torch.Tensor) -> Lazy:
