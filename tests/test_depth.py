@@ -286,3 +286,18 @@ def test_nested_blocks_are_never_dropped_together():
 
 def test_droppable_blocks_is_a_top_level_name():
     assert secateur.droppable_blocks is droppable_blocks and "droppable_blocks" in secateur.__all__
+
+
+def test_a_shared_block_is_named_by_either_of_its_names():
+    """One block object held at two places is listed under its first name; its second name means the same block
+    (it used to be refused as 'not an element of an nn.Sequential')."""
+    shared = Res(8)
+    model = nn.Sequential(nn.Linear(8, 8), shared, Res(8), shared)
+    x = torch.randn(4, 8)
+    assert droppable_blocks(model, x) == ["1", "2"]
+    assert score_blocks(model, x, ["3"])["3"] == score_blocks(model, x, ["1"])["1"]
+    with pytest.raises(PruningError, match="named twice"):
+        drop_blocks(copy.deepcopy(model), x, blocks=["1", "3"])
+    res = drop_blocks(model, x, blocks=["3"])
+    assert res.dropped == ("1",)
+    assert isinstance(model[1], Skipped) and isinstance(model[3], Skipped) and isinstance(model[2], Res)

@@ -37,10 +37,12 @@ def _get(s: Scores) -> torch.Tensor:
 
 
 def _keys(s: torch.Tensor, nonneg: bool = False) -> torch.Tensor:
-    """Monotone map float32 -> int32 (a < b  <=>  key(a) < key(b); no NaNs): the IEEE bits, with the
-    order of negative numbers flipped. Non-negative scores (magnitudes) keep their bits unchanged."""
+    """Monotone map float32 -> int32 (a < b  <=>  key(a) < key(b), a == b  <=>  key(a) == key(b); no NaNs): the
+    IEEE bits, with the order of negative numbers flipped and shifted up by one so that -0.0 and +0.0 share key 0
+    (they are equal scores: ties between them go by index, as everywhere else). Non-negative scores (magnitudes)
+    keep their bits unchanged."""
     b = s.contiguous().float().view(torch.int32)
-    return b if nonneg else torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+    return b if nonneg else torch.where(b < 0, (b ^ 0x7FFFFFFF) + 1, b)
 
 
 def _high(key: torch.Tensor) -> torch.Tensor:

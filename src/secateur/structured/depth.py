@@ -237,9 +237,11 @@ def score_blocks(model: nn.Module, example_inputs: Any, blocks: Iterable[str] | 
     if criterion not in CRITERIA:
         raise fail("unknown block criterion", where="score_blocks", value=criterion, hint=f"one of {CRITERIA}")
     found, why = _probe(model, example_inputs, _containers(model))
-    names = list(found) if blocks is None else list(blocks)
+    given = list(found) if blocks is None else list(blocks)
+    names = _resolve(model, given, found)
     _check_names(names, found, why)
-    return _scores(model, example_inputs, found, names, criterion)
+    scores = _scores(model, example_inputs, found, names, criterion)
+    return {g: scores[n] for g, n in zip(given, names)}  # under the names asked for
 
 
 def _scores(model: nn.Module, example_inputs: Any, found: dict[str, Block], names: list[str], criterion: str
@@ -293,6 +295,21 @@ def _finite(scores: dict[str, float], model: nn.Module) -> dict[str, float]:
     return scores
 
 
+def _resolve(model: nn.Module, names: list, found: dict[str, Block]) -> list:
+    """Names as ``found`` knows them: a block object held at two places is found under its first name; its other
+    name means the same block (dropping it drops both places either way)."""
+    first = {id(model.get_submodule(n)): n for n in found}
+    out = []
+    for n in names:
+        if isinstance(n, str) and n not in found:
+            try:
+                n = first.get(id(model.get_submodule(n)), n)
+            except AttributeError:
+                pass
+        out.append(n)
+    return out
+
+
 def _check_names(names: list[str], found: dict[str, Block], why: dict[str, str]) -> None:
     for n in names:
         if not isinstance(n, str):
@@ -302,7 +319,8 @@ def _check_names(names: list[str], found: dict[str, Block], why: dict[str, str])
             raise fail(f"this block cannot be dropped: {reason}", where=n,
                        hint="droppable_blocks(model, example_inputs) lists the ones that can")
     if len(set(names)) != len(names):
-        raise fail("a block is named twice", where="drop_blocks", value=names)
+        raise fail("a block is named twice (or under both names of one block object)", where="drop_blocks",
+                   value=names)
 
 
 def _inside(name: str, others: Iterable[str]) -> bool:
@@ -376,6 +394,7 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
         blocks = [blocks] if isinstance(blocks, str) else list(blocks)
     found, why = _probe(model, example_inputs, _containers(model))
     if blocks is not None:
+        blocks = _resolve(model, blocks, found)
         _check_names(blocks, found, why)
         for a in blocks:
             inner = [b for b in blocks if b.startswith(a + ".")]
