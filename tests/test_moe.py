@@ -609,3 +609,21 @@ def test_global_ranking_keeps_grouped_mm_widths_aligned():
     for n, p in m.named_parameters():
         if ".experts." in n:
             assert tuple(p.shape) != shapes0[n] and all(s % GROUPED_MM_ALIGN == 0 for s in p.shape[1:]), (n, p.shape)
+
+
+def test_experts_too_narrow_for_the_alignment_say_why_they_keep_every_channel():
+    """Fused experts keep widths at multiples of 8 (grouped_mm): a tiny Mixtral at ratio 0.3 prunes nothing, and the
+    plan says why instead of coming back empty without a word."""
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tr.MixtralConfig(vocab_size=100, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           head_dim=8)
+    m = tr.MixtralForCausalLM(cfg).eval()
+    x = {"input_ids": torch.randint(3, 100, (1, 6))}
+    plan = plan_channels(m, x, ratio=0.3)
+    assert not plan.choices
+    said = [n for n in plan.notes if "multiple of 8" in n]
+    assert any(n.startswith("model.layers.0.mlp.experts: keeps all 8 channels") for n in said), plan.notes
+    plan = plan_channels(m, x, ratio=0.5)  # the hidden width can go to 8: pruned, and no longer noted
+    assert plan.choices and not any(n.startswith("model.embed_tokens") for n in plan.notes if "multiple" in n)

@@ -42,7 +42,7 @@ from secateur.structured.apply import _apply, apply_structure
 from secateur.structured.depth import DepthResult, Skipped, drop_blocks, droppable_blocks, score_blocks
 from secateur.structured.mix import FastestResult, MixOption, prune_fastest
 from secateur.structured.choose import (_candidates, _choose, _new_plan, _refuse_masked, _refuse_rope, _validate,
-                                        resolve_ratio)
+                                        align_notes, resolve_ratio)
 from secateur.structured.plan import STRUCTURE_ATTR, Plan, StructuredResult
 from secateur.structured.proof import _verified
 from secateur.structured.targets import _latency_target, _target_plan, _validate_latency
@@ -112,6 +112,7 @@ def _plan(model: nn.Module, example_inputs: Any, graph: Graph, ratio, importance
     plan = _new_plan(graph, choose(graph.ties), list(graph.notes), heads)
     plan = _verified(model, example_inputs, plan, graph, done, choose) if verify and plan.choices else plan
     plan.notes.extend(plan.norm_notes())
+    plan.notes.extend(align_notes(cands, plan.choices, threshold, scope, round_to))
     return plan
 
 

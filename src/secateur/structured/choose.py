@@ -2,6 +2,7 @@
 global ranking or ``round_to``, with count ties and linked groups honoured."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from typing import Any, Iterable
@@ -291,6 +292,23 @@ def _choose(cands, threshold, scope, round_to, links=(), ties=None, fixed=frozen
     if ties:
         choices = _tied(choices, cands, ties, round_to, fixed)
     return choices
+
+
+def align_notes(cands, choices, threshold, scope, round_to) -> list[str]:
+    """A group a kernel's alignment (``Group.align``) left whole although the ratio asked for channels: said, so that a
+    small model that prunes nothing (tiny MoE experts at widths below a multiple of 8) is not a mystery."""
+    if scope != "local" and threshold is None:
+        return []  # global: the budget went elsewhere, not to this group
+    chosen = {id(g) for g, _ in choices}
+    out = []
+    for g, s, r in cands:
+        if g.align <= 1 or id(g) in chosen:
+            continue
+        n = int((_ranked(s) < threshold).sum()) if threshold is not None else _floor(g.size * r)
+        if _count(dataclasses.replace(g, align=1), n, round_to):
+            out.append(f"{g.name}: keeps all {g.size} channels: its kept width must stay a multiple of {g.align} "
+                       f"(fused experts run by grouped_mm), so the {n} channels asked for cannot go")
+    return out
 
 
 def _reachable(g: Group, round_to: int | None) -> set[int]:
