@@ -344,3 +344,13 @@ def test_bench_refuses_cuda_without_a_gpu_and_unknown_devices(capsys):
         assert "CUDA is not available" in capsys.readouterr().err
     assert main(["bench", "torch.nn:Identity", "--input-shape", "1,4", "--device", "tpu-ish"]) == 1
     assert "unknown device" in capsys.readouterr().err
+
+
+def test_structural_prune_that_removes_nothing_says_so(tmp_path, factory, capsys):
+    """A model with no prunable group (one Linear: its inputs and outputs stay) is saved unchanged, with a warning
+    rather than a quiet 'pruned 0 channels' line."""
+    out = tmp_path / "lin.safetensors"
+    code, _, err = run(["prune", "torch.nn:Identity", "--input-shape", "1,4", "--structural", "-o", str(out)], capsys)
+    assert code == 0 and "warning: no channel was removed" in err
+    code, _, err = run(["prune", factory, *SHAPE, "--structural", "--ratio", "0.5", "-o", str(out)], capsys)
+    assert code == 0 and "warning" not in err

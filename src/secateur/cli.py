@@ -271,6 +271,10 @@ def _structural(model, inputs, ratio, target_macs=None, **options):
     kw.update(options)
     result = prune_channels(model, inputs, **kw)  # in place
     say(str(result))
+    if not result.channels_pruned:  # saved anyway (a valid model), but never silently unchanged
+        why = "; ".join(result.notes[:3]) or ("no channel group whose removal keeps the model's inputs and outputs "
+                                              "(they always stay), or a ratio too small to remove one channel")
+        say(f"warning: no channel was removed: {why}")
     return model
 
 
