@@ -1,6 +1,7 @@
 """Randomised tests over shapes, ratios and patterns: exact counts, N:M validity, block validity, ties."""
 import math
 
+import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 from torch import nn
@@ -92,3 +93,19 @@ def test_lowest_selection_exact_with_ties_single_and_split(values, k, split):
     # deterministic tie-break: earliest tensor, lowest index -> same as the single-tensor answer (-0.0 and 0.0 are
     # equal scores: the radix select once ranked -0.0 first)
     assert torch.equal(torch.cat(parts), one)
+
+
+@pytest.mark.parametrize("p", [0.5, 3.0, 50.0, 400.0])
+def test_high_order_norms_rank_groups_without_underflow(p):
+    """|w| ** p of small weights underflows float32 for a large p (1e-2 ** 50): every row used to score 0 and the
+    rows were pruned in index order. Scaled by each group's largest entry, the ranking is float64's."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(1e-2)
+    w = lin.weight.detach().double().abs()
+    top = w.amax(1, keepdim=True)
+    ref = top.squeeze(1) * (w / top).pow(p).sum(1).pow(1 / p)  # float64, scaled too (no underflow at 1e-2 ** 400)
+    S.prune(lin, 0.5, pattern="rows", criterion=S.Magnitude(p))
+    pruned = ~S.masks_of(lin)["weight"].all(1)
+    assert torch.equal(pruned, torch.isin(torch.arange(12), torch.argsort(ref)[:6]))

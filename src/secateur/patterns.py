@@ -21,7 +21,14 @@ def _norm_reduce(s: torch.Tensor, dims: tuple[int, ...], p: float) -> torch.Tens
         return s.abs().amax(dim=dims)
     if p == 1:
         return s.abs().sum(dim=dims)
-    return s.abs().pow(p).sum(dim=dims).pow(1.0 / p)
+    a = s.abs()
+    if p == 2:  # as torch.nn.utils.prune's ln_structured computes it (exact agreement with its masks)
+        return a.pow(2).sum(dim=dims).pow(0.5)
+    # any other p: scaled by each group's largest entry, so that |w|**p neither underflows (p = 50 on weights of
+    # 1e-2 is 1e-100: every group would score 0 and tie) nor overflows
+    top = a.amax(dim=dims, keepdim=True)
+    scaled = (a / top.clamp_min(torch.finfo(a.dtype).tiny)).pow(p).sum(dim=dims).pow(1.0 / p)
+    return top.squeeze(dims) * scaled
 
 
 def _check_int(value, what: str, where: str) -> None:
