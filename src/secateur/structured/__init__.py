@@ -183,6 +183,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
                 reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs, grouped=grouped)
     plans, latency, macs1 = [], {}, None
+    unapplied: list[str] = []  # notes of a target's plan that removes nothing ("not reachable" among them)
     if target_latency is not None:
         plan, latency = _latency_target(model, example_inputs, target_latency, latency_table, opts, check)
         if plan.choices:
@@ -203,6 +204,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         if plan.choices:
             plan.apply(model)
             plans.append(plan)
+        else:
+            unapplied.extend(plan.notes)
         if latency:
             latency["latency_estimate"] = latency.pop("estimate")(model)
     else:
@@ -231,7 +234,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     params1 = count_params(model)
     groups = sum(len(p.choices) for p in plans)
     chans = sum(p.channels for p in plans)
-    notes = sorted({n for p in plans for n in p.notes})
+    notes = sorted({n for p in plans for n in p.notes} | set(unapplied))
     desc = (f"pruned {chans} channels in {groups} groups: params {params0:,} -> {params1:,} "
             f"({params1 / max(params0, 1):.1%}), MACs {macs0:,} -> {macs1:,} ({macs1 / max(macs0, 1):.1%})")
     if latency:
