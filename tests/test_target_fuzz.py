@@ -58,6 +58,7 @@ TARGET_OPTIONS = st.fixed_dictionaries({
     "grouped": st.sampled_from(["channels", "groups"]),
     "heads": st.sampled_from(["heads", "heads", "head_dim"]),
     "ignore": st.sampled_from([None, None, 0, 1, 2, 3]),  # index into the model's layers (mod their count)
+    "ignore_inputs": st.sampled_from([None, None, None, 0, 1, 2]),
 })
 
 
@@ -112,6 +113,11 @@ def _layers(model: nn.Module) -> list[str]:
 def _out_width(mod: nn.Module) -> int:
     w = mod.weight
     return w.shape[1] * mod.groups if isinstance(mod, nn.ConvTranspose2d) else w.shape[0]
+
+
+def _in_width(mod: nn.Module) -> int:
+    w = mod.weight
+    return w.shape[0] if isinstance(mod, nn.ConvTranspose2d) else w.shape[1] * getattr(mod, "groups", 1)
 
 
 def _removed(chans: torch.Tensor) -> int:
@@ -180,8 +186,12 @@ def check_target(spec, opts) -> str:
     if pure:
         assert lm0 == macs0, "count_macs differs from the Conv/Linear MACs of a model with no other matmul"
     widths0 = {n: _out_width(model.get_submodule(n)) for n in ignore}
+    k = opts.get("ignore_inputs")
+    inputs = [] if k is None or not layers else [layers[-1 - k % len(layers)]]  # from the end: others than ignore
+    in0 = {n: _in_width(model.get_submodule(n)) for n in inputs}
     try:
-        res = secateur.prune_channels(model, x, **{f"target_{what}": fraction}, ignore=ignore, **kw)
+        res = secateur.prune_channels(model, x, **{f"target_{what}": fraction}, ignore=ignore, ignore_inputs=inputs,
+                                      **kw)
     except PruningError as e:
         return _refused(e, model, sd)
     macs1, params1 = count_macs(model, x), count_params(model)
@@ -194,6 +204,8 @@ def check_target(spec, opts) -> str:
     assert out1.shape == out0.shape
     for n in ignore:
         assert _out_width(model.get_submodule(n)) == widths0[n], f"ignored {n} lost output channels"
+    for n in inputs:
+        assert _in_width(model.get_submodule(n)) == in0[n], f"ignore_inputs {n} lost input channels"
     total, count = (macs0, macs1) if what == "macs" else (params0, params1)
     goal = fraction * total
     assert count <= total
@@ -228,7 +240,7 @@ def check_steps_refused(spec, opts, steps) -> str:
     return "refused"
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
 @given(spec=architectures(max_blocks=4), opts=TARGET_OPTIONS)
 def test_random_targets(spec, opts):
     event(check_target(spec, opts))
@@ -330,7 +342,7 @@ def check_latency(spec, opts) -> str:
     return "met"
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
 @given(spec=architectures(max_blocks=4), opts=LATENCY_OPTIONS)
 def test_random_latency_targets(spec, opts):
     event(check_latency(spec, opts))
@@ -341,6 +353,63 @@ def test_random_latency_targets(spec, opts):
 @given(spec=architectures(max_blocks=6), opts=LATENCY_OPTIONS)
 def test_random_latency_targets_many(spec, opts):
     event(check_latency(spec, opts))
+
+
+# target_macs / target_params with a latency table (secateur.fastest_plan): the target is met on the engine's
+# exact count, and the plan kept is never one the table rates slower than the uniform plan
+
+def check_fastest(spec, opts) -> str:
+    model, x = make(spec), example(spec)
+    table = _synthetic_table(model, x, opts["table_seed"])
+    if table is None:
+        return "no table layer"
+    sd = _state(model)
+    what, fraction = opts["what"], opts["fraction"]
+    kw = {k: opts[k] for k in ("importance", "round_to", "scope", "grouped")}
+    uniform = copy.deepcopy(model)
+    total = count_macs(model, x) if what == "macs" else _params(model)
+    dense = _table_estimate(table, model)
+    try:
+        secateur.prune_channels(uniform, x, **{f"target_{what}": fraction}, **kw)
+        res = secateur.prune_channels(model, x, **{f"target_{what}": fraction}, latency_table=table,
+                                      verify="estimate", **kw)
+    except PruningError as e:
+        return _refused(e, model, sd)
+    count = count_macs(model, x) if what == "macs" else _params(model)
+    est = _table_estimate(table, model) / dense
+    assert res.latency_estimate == pytest.approx(est, rel=1e-9)
+    if count > fraction * total:
+        assert any("not reachable" in n for n in res.notes), f"{count} > {fraction} x {total}: {res.notes}"
+        return "not reachable (noted)"
+    assert est <= _table_estimate(table, uniform) / dense * (1 + 1e-9), "slower than the uniform plan"
+    if res.plans:
+        _check_counts(res.plans[0], opts["round_to"])
+    kept = next((n for n in res.notes if n.startswith("latency table: kept the")), "")
+    return "kept " + kept.split()[4] if kept else "nothing pruned"
+
+
+FASTEST_OPTIONS = st.fixed_dictionaries({
+    "what": st.sampled_from(["macs", "params"]),
+    "fraction": st.floats(0.3, 0.95),
+    "importance": st.sampled_from(DETERMINISTIC),
+    "round_to": st.sampled_from([None, None, 2, 4]),
+    "scope": st.sampled_from(["local", "global"]),
+    "grouped": st.sampled_from(["channels", "groups"]),
+    "table_seed": st.integers(0, 1000),
+})
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
+@given(spec=architectures(max_blocks=4), opts=FASTEST_OPTIONS)
+def test_random_fastest_plans(spec, opts):
+    event(check_fastest(spec, opts))
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
+@given(spec=architectures(max_blocks=6), opts=FASTEST_OPTIONS)
+def test_random_fastest_plans_many(spec, opts):
+    event(check_fastest(spec, opts))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,7 +530,7 @@ def check_group_counts(spec, opts) -> str:
     return "met"
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
 @given(spec=architectures(max_blocks=4), opts=GROUP_OPTIONS)
 def test_random_group_counts(spec, opts):
     event(check_group_counts(spec, opts))
@@ -483,7 +552,8 @@ BAD = [
     (dict(target_macs=True), "True"), (dict(target_params="half"), "half"),
     (dict(target_macs=0.5, target_params=0.5), "target_params"), (dict(target_macs=0.5, threshold=0.1), "threshold"),
     (dict(target_macs=0.5, target_latency=0.5), "target_macs"), (dict(target_params=0.5, steps=2), "steps"),
-    (dict(target_macs=0.5, steps=3), "steps"),
+    (dict(target_macs=0.5, steps=3), "steps"), (dict(target_macs=0.5, ratio={"0": 0.5}), "ratio"),
+    (dict(target_params=0.5, ratio={"3": 0.2}, scope="global"), "ratio"),
     (dict(target_macs=0.5, ignore=["nope"]), "nope"), (dict(target_params=0.5, ignore_inputs=["3.x*"]), "3.x*"),
     (dict(target_macs=0.5, scope="globel"), "globel"), (dict(target_macs=0.5, round_to=0), "0"),
     (dict(target_macs=0.5, heads="dims"), "dims"), (dict(target_macs=0.5, grouped="group"), "group"),
@@ -508,7 +578,7 @@ def test_bad_input_raises_naming_the_value_and_changes_nothing(kw, named):
 
 def _target(**kw):
     return dict(dict(what="macs", fraction=0.5, importance="l1", round_to=None, scope="local", grouped="channels",
-                     heads="heads", ignore=None), **kw)
+                     heads="heads", ignore=None, ignore_inputs=None), **kw)
 
 
 KNOWN = [
@@ -528,4 +598,9 @@ KNOWN = [
 
 @pytest.mark.parametrize("spec, opts", KNOWN)
 def test_known_cases(spec, opts):
-    (check_latency if "target" in opts else check_target)(spec, opts)
+    if "target" in opts:
+        check_latency(spec, opts)
+    elif "table_seed" in opts:
+        check_fastest(spec, opts)
+    else:
+        check_target(spec, opts)
