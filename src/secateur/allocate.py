@@ -222,7 +222,10 @@ def group_counts(model: Any, example_inputs: Any, target: float, *, metric: str 
 
     graph = graph or build_graph(model, example_inputs)
     groups, scores = _scored_groups(model, graph.groups, importance, skip, score_options or {})
-    if not groups:
+    if not groups:  # nothing can lose channels: a reduction is out of reach, as channel_counts says it is
+        if isinstance(target, (int, float)) and target > 1 + BUDGET_SLACK:
+            raise fail("the cost target cannot be reached: no group can lose channels (the model's outputs, "
+                       "ignored and skipped groups keep theirs)", value={"reached_fraction_of_dense": 1.0})
         return []
     needs_time = "latency" in (metric, rank)
     if table is None:

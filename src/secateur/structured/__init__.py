@@ -128,7 +128,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     """Physically remove channels from ``model`` in place (see module docstring). ``target_macs`` /
     ``target_params`` (fractions of the current model): one uniform ratio (or global budget with
     ``scope="global"``) found by bisection on the plan's exact count, applied once; ``steps`` splits
-    ``ratio`` into that many capture-score-prune rounds. ``ignore``: modules (or names / globs) whose output
+    ``ratio`` into that many capture-score-prune rounds (with a target, ``steps`` > 1 and a ratio dict are refused). ``ignore``: modules (or names / globs) whose output
     channels are kept; ``ignore_inputs``: modules whose input channels are kept. The model's outputs are always
     kept, whatever layer produces them. ``heads``: "heads" removes whole attention heads (whole key/value groups
     under GQA); "head_dim" removes the same number of dims from every head (q/k dims together, v dims with the
@@ -184,6 +184,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     opts = dict(importance=importance, scope=scope, ignore=ignore, round_to=round_to, heads=heads,
                 reduce=reduce, normalize=normalize, ignore_inputs=ignore_inputs, grouped=grouped)
     plans, latency, macs1 = [], {}, None
+    unapplied: list[str] = []  # notes of a target's plan that removes nothing ("not reachable" among them)
     if target_latency is not None:
         plan, latency = _latency_target(model, example_inputs, target_latency, latency_table, opts, check)
         if plan.choices:
@@ -204,6 +205,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         if plan.choices:
             plan.apply(model)
             plans.append(plan)
+        else:
+            unapplied.extend(plan.notes)
         if latency:
             latency["latency_estimate"] = latency.pop("estimate")(model)
     else:
@@ -232,7 +235,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     params1 = count_params(model)
     groups = sum(len(p.choices) for p in plans)
     chans = sum(p.channels for p in plans)
-    notes = sorted({n for p in plans for n in p.notes})
+    notes = sorted({n for p in plans for n in p.notes} | set(unapplied))
     desc = (f"pruned {chans} channels in {groups} groups: params {params0:,} -> {params1:,} "
             f"({params1 / max(params0, 1):.1%}), MACs {macs0:,} -> {macs1:,} ({macs1 / max(macs0, 1):.1%})")
     if latency:

@@ -51,6 +51,15 @@ def _validate(ratio, threshold, scope, round_to, steps, target_macs, target_para
     if target_macs is not None and target_params is not None:
         raise fail("give one target: target_macs or target_params", where="prune_channels",
                    value={"target_macs": target_macs, "target_params": target_params})
+    if isinstance(ratio, dict) and (target_macs is not None or target_params is not None):  # (ignored, as steps)
+        raise fail("a MACs / params target chooses one ratio for every group itself; it cannot take a ratio dict",
+                   where="prune_channels", value={"ratio": ratio, "target_macs": target_macs,
+                                                  "target_params": target_params},
+                   hint="prune only some modules with a target by ignoring the others (ignore=...)")
+    if steps != 1 and (target_macs is not None or target_params is not None):  # (it was ignored without a word)
+        raise fail("steps splits ratio into rounds; a MACs / params target is met by one plan, applied once",
+                   where="prune_channels", value={"steps": steps, "target_macs": target_macs,
+                                                  "target_params": target_params}, hint="give steps=1")
     if threshold is not None and (target_macs is not None or target_params is not None):
         raise fail("threshold chooses the channels itself; it cannot meet a MACs / params target too",
                    where="prune_channels", value={"threshold": threshold, "target_macs": target_macs,
