@@ -131,8 +131,9 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     ``steps`` > 1 and a ratio dict); ``steps`` splits ``ratio`` into that many capture-score-prune rounds.
     ``ignore``: modules (or names / globs) whose output channels are kept; ``ignore_inputs``: modules whose
     input channels are kept. The model's outputs are always kept, whatever layer produces them. ``heads``:
-    "heads" removes whole attention heads (whole key/value groups under GQA); "head_dim" removes the same number of dims from every head (q/k dims together, v dims with the
-    output projection's columns), keeping each module's original softmax scale; RoPE models are refused, and
+    "heads" removes whole attention heads (whole key/value groups under GQA); "head_dim" removes the same number
+    of dims from every head (q/k dims together, v dims with the output projection's columns), keeping each
+    module's original softmax scale; RoPE models are refused, and
     attention whose scale cannot be kept falls back to whole heads or keeps its dims (noted).
     ``grouped``: how a grouped convolution loses channels. "channels" (default): the same local channels leave
     every conv group, its inputs and outputs separately, so ``groups`` stays and each group gets narrower;
