@@ -1015,3 +1015,17 @@ KNOWN_RECONSTRUCTIONS = [
 @pytest.mark.parametrize("case", KNOWN_RECONSTRUCTIONS)
 def test_known_reconstructions(case):
     check_reconstruct(case)
+
+
+@pytest.mark.parametrize("ridge", [math.nan, math.inf, -1.0, "x", True], ids=repr)
+def test_fit_weights_and_reconstruct_refuse_a_bad_ridge(ridge):
+    """fit_weights took any ridge: NaN gave NaN weights silently, a string a raw TypeError."""
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    with pytest.raises(PruningError, match="ridge") as e:
+        fit_weights(x, y, ridge=ridge)
+    assert repr(ridge) in str(e.value)
+    layer = nn.Linear(3, 2)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(PruningError, match="ridge"):
+        reconstruct_(layer, x, torch.tensor([True, False, True]), ridge=ridge)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items()) and get_mask(layer) is None

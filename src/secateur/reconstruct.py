@@ -162,10 +162,16 @@ def _l1(layer: nn.Module, inputs: torch.Tensor, n_keep: int) -> torch.Tensor:
 _CHOOSERS = {"greedy": _greedy, "l1": _l1}
 
 
+def _check_ridge(ridge, where: str) -> None:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise fail("ridge must be a finite number >= 0", where=where, value=ridge)
+
+
 def fit_weights(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-6, fit_bias: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Closed-form ridge regression ``y ~ x @ W^T + b``; ``ridge`` is relative to the mean diagonal of
     ``x^T x`` so it means the same at any input scale. Returns ``(W [out, in], b [out] or None)``."""
+    _check_ridge(ridge, "fit_weights")
     _finite_rows(x, "fit_weights", "x")
     _finite_rows(y, "fit_weights", "y")
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
@@ -199,8 +205,7 @@ def reconstruct_(layer: nn.Module, inputs: torch.Tensor, keep: torch.Tensor, *, 
     keep = _check_keep(layer, keep)
     if underdetermined not in ("warn", "error"):
         raise fail("underdetermined must be 'warn' or 'error'", where=type(layer).__name__, value=underdetermined)
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or math.isnan(ridge) or ridge < 0:
-        raise fail("ridge must be a number >= 0", where=type(layer).__name__, value=ridge)
+    _check_ridge(ridge, type(layer).__name__)
     fit_bias = fit_bias and layer.bias is not None
     w_param = original(layer, "weight")
     keep = keep.to(w_param.device)
