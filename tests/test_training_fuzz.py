@@ -1029,3 +1029,24 @@ def test_fit_weights_and_reconstruct_refuse_a_bad_ridge(ridge):
     with pytest.raises(PruningError, match="ridge"):
         reconstruct_(layer, x, torch.tensor([True, False, True]), ridge=ridge)
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items()) and get_mask(layer) is None
+
+
+_NET = {"kind": "mlp", "inp": 1, "widths": [1, 1], "bn": [False, True], "bias": [False, False], "classes": 2,
+        "seed": 0, "double": False, "ties": False, "small": 0.0}
+KNOWN_BAD_FT = [
+    # a NaN batch was refused "with the 0 steps before it taken", but its forward had already folded the NaN into the
+    # BatchNorm running statistics (running_mean, running_var, num_batches_tracked changed)
+    pytest.param(("data", "nan_first", "nan"), False, id="nan_batch_leaves_bn_statistics"),
+    pytest.param(("data", "nan_later", "nan"), True, id="nan_later_batch_leaves_bn_statistics"),
+    # a NaN or infinite temperature passed the check and surfaced as "the loss is nan" (after the BN update), a
+    # string temperature or alpha raised a raw TypeError
+    pytest.param(("temperature", math.nan, "nan"), True, id="nan_temperature"),
+    pytest.param(("temperature", math.inf, "inf"), True, id="inf_temperature"),
+    pytest.param(("temperature", "4", "'4'"), False, id="str_temperature"),
+    pytest.param(("alpha", "x", "'x'"), False, id="str_alpha"),
+]
+
+
+@pytest.mark.parametrize("bad, warm", KNOWN_BAD_FT)
+def test_known_fine_tune_refusals(bad, warm):
+    test_fine_tune_refuses_bad_input_unchanged.hypothesis.inner_test(net=_NET, bad=bad, teacher=False, warm=warm)
