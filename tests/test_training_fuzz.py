@@ -288,7 +288,7 @@ def test_random_scheduler_runs(run, tmp_path):
 
 
 @pytest.mark.slow
-@fuzz(400)
+@fuzz(300)
 @given(run=scheduler_runs())
 def test_random_scheduler_runs_many(run, tmp_path):
     event(check_scheduler(run, tmp_path))
@@ -546,7 +546,7 @@ def test_random_prune_bn_channels(case):
 
 
 @pytest.mark.slow
-@fuzz(600)
+@fuzz(400)
 @given(case=bn_prune_cases())
 def test_random_prune_bn_channels_many(case):
     event(check_prune_bn(case))
@@ -859,7 +859,7 @@ def test_random_fine_tune_and_resume(case, tmp_path):
 
 
 @pytest.mark.slow
-@fuzz(250)
+@fuzz(150)
 @given(case=train_cases())
 def test_random_fine_tune_and_resume_many(case, tmp_path):
     event(check_fine_tune(case, tmp_path))
@@ -1092,3 +1092,94 @@ def test_channel_pruning_gradual_schedule_reaches_the_share_of_the_original():
     widths, sched = _channel_run(Linear(final=0.5, start=0, end=10), 5)
     assert sched.applied[-1] == (10, 0.5)
     assert widths[-1] == _one_shot_width(5, 0.5) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume: a checkpoint that does not fit is refused before anything changes
+
+SPOILERS = ["format", "other_model", "weight_missing", "weight_shape", "weight_not_tensor", "mask_dtype", "mask_shape",
+            "mask_unknown", "mask_buffer", "schedule", "no_scheduler", "no_optimizer", "optimizer_groups",
+            "optimizer_not_dict", "history", "applied"]
+
+
+@fuzz(25)
+@given(net=nets(), spoil=st.sampled_from(SPOILERS), steps=st.integers(1, 3), opt=st.sampled_from(["sgd_momentum",
+                                                                                                "adam"]))
+def test_resume_refuses_a_spoiled_checkpoint_unchanged(net, spoil, steps, opt, tmp_path):
+    case = {"net": net, "opt": opt, "wd": 0.0, "lr": 1e-2, "prior": 0.5, "teacher": False, "alpha": 0.5,
+            "temperature": 4.0, "reg": None, "sched": True, "epochs": 1, "batches": steps, "cut": 1, "data_seed": 0}
+    data = _data(case)
+    m1, s1, o1, _, _ = _setup(case)
+    fine_tune(m1, data, o1, scheduler=s1)
+    save_checkpoint(tmp_path / "c.ckpt", m1, scheduler=s1, optimizer=o1, history=[{"step": steps}])
+    ck = load_checkpoint(tmp_path / "c.ckpt")
+    m2, s2, o2, _, _ = _setup(case, seed=net["seed"] + 7)
+    fine_tune(m2, data[:1], o2, scheduler=s2)  # state of its own, to see that nothing of it moves
+    weight = next(k for k in ck["weights"] if k.endswith("weight"))
+    mask = next(iter(ck["masks"]))
+    if spoil == "format":
+        ck["format"] = "secateur-checkpoint/0"
+    elif spoil == "other_model":
+        other = build_net(dict(net, widths=[w + 1 for w in net["widths"]]))[0]
+        ck["fingerprint"] = {k: list(v.shape) for k, v in plain_state(other).items()}
+    elif spoil == "weight_missing":
+        del ck["weights"][weight]
+    elif spoil == "weight_shape":
+        ck["weights"][weight] = ck["weights"][weight].reshape(-1)[:1].clone()
+    elif spoil == "weight_not_tensor":
+        ck["weights"][weight] = ck["weights"][weight].tolist()
+    elif spoil == "mask_dtype":
+        ck["masks"][mask] = ck["masks"][mask].float()
+    elif spoil == "mask_shape":
+        ck["masks"][mask] = ck["masks"][mask].reshape(-1)
+    elif spoil == "mask_unknown":
+        ck["masks"]["nothing.weight"] = ck["masks"][mask]
+    elif spoil == "mask_buffer":
+        bufs = [k for k in ck["weights"] if k.endswith("running_mean")]
+        ck["masks"][bufs[0] if bufs else "0.nothing"] = torch.ones(1, dtype=torch.bool)
+    elif spoil == "schedule":
+        ck["scheduler"]["schedule"] = dict(ck["scheduler"]["schedule"], final=0.5)
+    elif spoil == "no_scheduler":
+        ck["scheduler"] = None
+    elif spoil == "no_optimizer":
+        ck["optimizer"] = None
+    elif spoil == "optimizer_groups":
+        ck["optimizer"]["param_groups"][0]["params"] = ck["optimizer"]["param_groups"][0]["params"][:-1]
+    elif spoil == "optimizer_not_dict":
+        ck["optimizer"] = ["state"]
+    elif spoil == "history":
+        ck["history"] = "steps"
+    elif spoil == "applied":
+        ck["scheduler"]["applied"] = [[1, 0.5, "extra"]]
+    saved = _all_state(m2, o2)
+    sched_state = copy.deepcopy(s2.state_dict())
+    masks = {k: v.clone() for k, v in masks_of(m2).items()}
+    with pytest.raises(PruningError):
+        resume(m2, ck, scheduler=s2, optimizer=o2)
+    _assert_state(m2, o2, saved)
+    assert s2.state_dict() == sched_state
+    now = masks_of(m2)
+    assert now.keys() == masks.keys() and all(torch.equal(now[k], v) for k, v in masks.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# iterative_prune: bad options refused before anything changes
+
+
+@pytest.mark.parametrize("kw, shown", [
+    ({"rate": 0}, "0"), ({"rate": 1.5}, "1.5"), ({"rate": math.nan}, "nan"), ({"rate": True}, "True"),
+    ({"target": -0.1}, "-0.1"), ({"max_drop": "x"}, "'x'"), ({"max_rounds": 0}, "0"), ({"max_rounds": 2.0}, "2.0"),
+    ({"make_optimizer": None}, "NoneType"),
+], ids=repr)
+def test_iterative_prune_refuses_bad_options_unchanged(kw, shown):
+    from secateur.training import iterative_prune
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    args = dict({"make_optimizer": lambda m: torch.optim.SGD(m.parameters(), lr=0.1)}, **kw)
+    with pytest.raises(PruningError) as e:
+        iterative_prune(model, data, data, **args)
+    assert shown in str(e.value)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
