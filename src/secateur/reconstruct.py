@@ -162,10 +162,16 @@ def _l1(layer: nn.Module, inputs: torch.Tensor, n_keep: int) -> torch.Tensor:
 _CHOOSERS = {"greedy": _greedy, "l1": _l1}
 
 
+def _check_ridge(ridge, where: str) -> None:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise fail("ridge must be a finite number >= 0", where=where, value=ridge)
+
+
 def fit_weights(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-6, fit_bias: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Closed-form ridge regression ``y ~ x @ W^T + b``; ``ridge`` is relative to the mean diagonal of
     ``x^T x`` so it means the same at any input scale. Returns ``(W [out, in], b [out] or None)``."""
+    _check_ridge(ridge, "fit_weights")
     _finite_rows(x, "fit_weights", "x")
     _finite_rows(y, "fit_weights", "y")
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
@@ -199,8 +205,7 @@ def reconstruct_(layer: nn.Module, inputs: torch.Tensor, keep: torch.Tensor, *, 
     keep = _check_keep(layer, keep)
     if underdetermined not in ("warn", "error"):
         raise fail("underdetermined must be 'warn' or 'error'", where=type(layer).__name__, value=underdetermined)
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or math.isnan(ridge) or ridge < 0:
-        raise fail("ridge must be a number >= 0", where=type(layer).__name__, value=ridge)
+    _check_ridge(ridge, type(layer).__name__)
     fit_bias = fit_bias and layer.bias is not None
     w_param = original(layer, "weight")
     keep = keep.to(w_param.device)
@@ -211,7 +216,12 @@ def reconstruct_(layer: nn.Module, inputs: torch.Tensor, keep: torch.Tensor, *, 
         cols = keep.repeat_interleave(k)
         bias = layer.bias.detach() if layer.bias is not None else None
         y = x @ w.T + (bias if bias is not None else 0)
-        unknowns = int(cols.sum()) + int(fit_bias)
+        # an earlier mask on ``weight`` stays (masks never regrow): each output row is fitted on its own unmasked
+        # kept columns, else the mask would zero part of the fit afterwards (rows alike share one solve)
+        old = get_mask(layer, "weight")
+        row_cols = cols.expand(w.shape[0], -1) if old is None else old.reshape(w.shape[0], -1) & cols
+        patterns, which = torch.unique(row_cols, dim=0, return_inverse=True)
+        unknowns = int(patterns.sum(1).max()) + int(fit_bias)
         if x.shape[0] < unknowns:
             msg = (f"{x.shape[0]} calibration rows for {unknowns} unknowns per output: the least-squares "
                    f"fit is underdetermined")
@@ -222,11 +232,20 @@ def reconstruct_(layer: nn.Module, inputs: torch.Tensor, keep: torch.Tensor, *, 
             ridge = max(ridge, 1e-3)
         # without a fitted bias the existing bias stays, so fit the rest of the output
         target = y - bias if (bias is not None and not fit_bias) else y
-        w_new, b_new = fit_weights(x[:, cols], target, ridge=ridge, fit_bias=fit_bias)
         full = torch.zeros_like(w)
-        full[:, cols] = w_new
+        b_new = torch.zeros_like(target[0]) if fit_bias else None
+        for i, pattern in enumerate(patterns):
+            rows = torch.nonzero(which == i).flatten()
+            if not bool(pattern.any()):  # nothing left to fit but the bias: the mean
+                if fit_bias:
+                    b_new[rows] = target[:, rows].mean(0)
+                continue
+            w_r, b_r = fit_weights(x[:, pattern], target[:, rows], ridge=ridge, fit_bias=fit_bias)
+            full[rows.unsqueeze(1), torch.nonzero(pattern).flatten().unsqueeze(0)] = w_r
+            if fit_bias:
+                b_new[rows] = b_r
         plain = x[:, cols] @ w[:, cols].T + (bias if bias is not None else 0)
-        recon = x[:, cols] @ w_new.T + (b_new if b_new is not None else (bias if bias is not None else 0))
+        recon = x @ full.T + (b_new if b_new is not None else (bias if bias is not None else 0))
         denom = float(y.pow(2).sum()) or 1.0
         errors = {"plain": float((plain - y).pow(2).sum()) / denom,
                   "reconstructed": float((recon - y).pow(2).sum()) / denom}
@@ -236,6 +255,5 @@ def reconstruct_(layer: nn.Module, inputs: torch.Tensor, keep: torch.Tensor, *, 
             original(layer, "bias").copy_(b_new)
         shape = [1, -1] + [1] * (w_param.dim() - 2)
         channel_keep = keep.reshape(shape).expand_as(w_param)
-        old = get_mask(layer, "weight")
         set_mask(layer, "weight", channel_keep if old is None else channel_keep & old)
     return errors

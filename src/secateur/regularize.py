@@ -28,14 +28,14 @@ _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _lam(lam: LambdaSpec, step: int, where: str) -> float:
     value = lam(step) if callable(lam) else lam
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise fail("lambda must be a number >= 0", where=where, value=value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise fail("lambda must be a finite number >= 0", where=where, value=value)
     return float(value)
 
 
 def _check_lr(lr: float, where: str) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or math.isnan(lr) or lr < 0:
-        raise fail("the proximal step size (learning rate) must be >= 0", where=where, value=lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise fail("the proximal step size (learning rate) must be a finite number >= 0", where=where, value=lr)
     return float(lr)
 
 
@@ -186,9 +186,14 @@ def _resolve(model: nn.Module, groups: Sequence[LassoGroup]):
     return resolved
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _sq_per_channel(t: torch.Tensor, dim: int, idx, ch, size: int) -> torch.Tensor:
     v = t if idx is None else t.index_select(dim, idx)
-    sq = v.movedim(dim, 0).reshape(v.shape[dim], -1).float().pow(2).sum(1)
+    # at least float32 (half tensors), and float64 stays float64: the norms and thresholds are the model's precision
+    sq = v.movedim(dim, 0).reshape(v.shape[dim], -1).to(_acc(v)).pow(2).sum(1)
     if ch is None:
         return sq
     return torch.zeros(size, dtype=sq.dtype, device=sq.device).index_add_(0, ch, sq)
@@ -225,8 +230,9 @@ class GroupLasso:
             for t, dim, idx, ch, _, _ in parts:
                 per_pos = t.numel() // t.shape[dim]
                 n = t.shape[dim] if idx is None else len(idx)
-                ones = torch.full((n,), float(per_pos), device=t.device)
-                count = count + (ones if ch is None else torch.zeros(g.size, device=t.device).index_add_(0, ch, ones))
+                ones = torch.full((n,), float(per_pos), device=t.device, dtype=_acc(t))
+                count = count + (ones if ch is None else
+                                 torch.zeros(g.size, device=t.device, dtype=_acc(t)).index_add_(0, ch, ones))
             out.append(torch.sqrt(count))
         return out
 

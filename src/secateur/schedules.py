@@ -133,6 +133,8 @@ class _Ramp(Schedule):
     def sparsity_at(self, step: int) -> float:
         if step < self.start:
             return 0.0
+        if step >= self.end:  # exactly ``final``: 0.2 + (0.9 - 0.2) * 1.0 is 0.8999999999999999
+            return float(self.final)
         return self._shape(self._progress(step))
 
     def changes_at(self, step: int) -> bool:
@@ -202,6 +204,8 @@ class Iterative(Schedule):
     def level(self, k: int) -> float:
         """Sparsity after round ``k`` (1-based)."""
         k = min(max(k, 0), self.steps)
+        if k == self.steps:  # exactly ``final``: the formulas round (1 - (1 - 0.1) ** 1 is 0.09999999999999998)
+            return float(self.final)
         if self.mode == "linear":
             return self.final * k / self.steps
         return 1.0 - (1.0 - self.final) ** (k / self.steps)

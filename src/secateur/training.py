@@ -78,8 +78,8 @@ def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer,
     checkpointing). Returns the mean loss of the last epoch."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise fail("epochs must be an integer >= 0", where="fine_tune", value=epochs)
-    if not 0 <= alpha <= 1 or temperature <= 0:
-        raise fail("distillation needs 0 <= alpha <= 1 and temperature > 0", where="fine_tune",
+    if not _number(alpha) or not 0 <= alpha <= 1 or not _number(temperature) or not 0 < temperature < math.inf:
+        raise fail("distillation needs 0 <= alpha <= 1 and a finite temperature > 0", where="fine_tune",
                    value=(alpha, temperature))
     _check_optimizer(model, optimizer, "fine_tune")
     if regularizer is not None:
@@ -98,12 +98,17 @@ def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer,
         total, n = 0.0, 0
         for x, y in _progress(data, f"{progress} epoch {epoch + 1}/{epochs}" if progress else None):
             x, y = x.to(dev), y.to(dev)
+            # a refused step leaves no trace: the forward updates buffers (BatchNorm running statistics)
+            buffers = [(b, b.clone()) for b in model.buffers() if b.dtype != torch.bool]
             out = model(x)
             if teacher is not None:
                 loss = distillation_loss(out, _teacher_logits(teacher, x), y, alpha=alpha, temperature=temperature)
             else:
                 loss = F.cross_entropy(out, y)
             if not torch.isfinite(loss.detach()):  # before the step: a NaN gradient would overwrite every weight
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
                 model.train(modes[0])
                 if teacher is not None:
                     teacher.train(modes[1])
@@ -133,6 +138,10 @@ def fine_tune(model: nn.Module, data: Batches, optimizer: torch.optim.Optimizer,
                        hint=None if epoch == 0 else "pass a re-iterable (a list, a DataLoader), not an iterator")
         last = total / n
     return last
+
+
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and not math.isnan(v)
 
 
 def _check_optimizer(model: nn.Module, optimizer: Any, where: str) -> None:
