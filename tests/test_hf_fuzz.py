@@ -233,14 +233,16 @@ def hf_config(s):
     raise KeyError(fam)
 
 
-def hf_build(s, config=None):
+def hf_build(s, config=None, cls=None):
     """The spec's model in eval mode with weights from ``spec["seed"]`` (norms' affine parameters random too);
-    ``config``: build from that config instead of the spec's (a fresh model for ``load``)."""
+    ``config``: build from that config instead of the spec's (a fresh model for ``load``); ``cls``: this model
+    class instead of the spec's head (e.g. a sequence classifier). A spec with ``"generic": "causal"`` / ``"masked"``
+    builds a family outside ``GENERIC`` from the same field table."""
     torch.manual_seed(s["seed"])
     if s["family"] == "timm_vit":
         return _timm_vit(s)
-    cls, cfg = _generic(s) if s["family"] in GENERIC else hf_config(s)
-    model = cls(config if config is not None else cfg).eval()
+    cls0, cfg = _generic(s) if s["family"] in GENERIC or "generic" in s else hf_config(s)
+    model = (cls or cls0)(config if config is not None else cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and re.search(r"(norm|ln)", name, re.I) and name.endswith("weight"):
@@ -267,7 +269,8 @@ def _generic(s):
     cfg_cls = type(CONFIG_MAPPING[fam]())
     fields = set(cfg_cls().to_dict()) | set(getattr(cfg_cls, "attribute_map", {}))
     cfg = cfg_cls(**{k: v for k, v in table.items() if k in fields})
-    names = A.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if GENERIC[fam] == "causal" else A.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    kind = s.get("generic") or GENERIC[fam]
+    names = A.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if kind == "causal" else A.MODEL_FOR_MASKED_LM_MAPPING_NAMES
     return getattr(T, (names if s["head"] == "lm" else A.MODEL_MAPPING_NAMES)[fam]), cfg
 
 

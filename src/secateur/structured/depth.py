@@ -44,11 +44,17 @@ _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, t
 
 class Skipped(nn.Module):
     """Stands where a dropped block was and returns the block's input, in the form the block returned it (a tensor,
-    or a tuple of it and ``None``s). ``arg``: the input's position (int) or keyword (str)."""
+    or a tuple of it and ``None``s). ``arg``: the input's position (int) or keyword (str). ``attrs``: the block's
+    plain attributes (str / int / float / bool / None), kept because the model may read them off its layers
+    (ModernBERT's ``layer.attention_type`` picks each layer's mask)."""
 
-    def __init__(self, was: str, arg: int | str = 0, tuple_len: int | None = None) -> None:
+    def __init__(self, was: str, arg: int | str = 0, tuple_len: int | None = None,
+                 attrs: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.was, self.arg, self.tuple_len = was, arg, tuple_len
+        self.attrs = dict(attrs or {})
+        for k, v in self.attrs.items():
+            setattr(self, k, v)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = kwargs[self.arg] if isinstance(self.arg, str) else args[self.arg]
@@ -58,7 +64,15 @@ class Skipped(nn.Module):
         return f"was={self.was}"
 
     def spec(self) -> dict:
-        return {"was": self.was, "arg": self.arg, "tuple_len": self.tuple_len}
+        out = {"was": self.was, "arg": self.arg, "tuple_len": self.tuple_len}
+        return dict(out, attrs=self.attrs) if self.attrs else out
+
+
+def _plain_attrs(block: nn.Module) -> dict[str, Any]:
+    """The block's own plain attributes, for ``Skipped`` to carry (``training`` and private ones aside)."""
+    return {k: v for k, v in vars(block).items()
+            if not k.startswith("_") and k not in ("training", "was", "arg", "tuple_len", "attrs")
+            and (v is None or type(v) in (str, int, float, bool))}
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class Block:
     kind: str
     arg: int | str
     tuple_len: int | None
+    attrs: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -182,7 +197,7 @@ def _probe(model: nn.Module, example_inputs: Any, names: dict[str, str]) -> tupl
         elif n not in why and n not in watch.residual:
             why[n] = "it does not add its own input to anything (no skip connection to fall back on)"
         if n not in why:
-            blocks[n] = Block(n, kind, seen[n][0], seen[n][2])
+            blocks[n] = Block(n, kind, seen[n][0], seen[n][2], _plain_attrs(mods[n]))
     return blocks, why
 
 
@@ -214,7 +229,7 @@ def _skipping(places: list[tuple[nn.Module, str, str]], block: Block) -> Iterato
     activation first, would hand back the changed input)."""
     old = [parent._modules[c] for parent, c, _ in places]
     for parent, c, _ in places:
-        parent._modules[c] = Skipped(block.kind, block.arg, block.tuple_len)
+        parent._modules[c] = Skipped(block.kind, block.arg, block.tuple_len, block.attrs)
     try:
         yield
     finally:
@@ -421,7 +436,7 @@ def _replace(model: nn.Module, blocks: list[Block]) -> None:
     places = _places(model)
     for b in blocks:
         for parent, child, name in places[id(model.get_submodule(b.name))]:  # every place the block is held
-            skipped = Skipped(b.kind, b.arg, b.tuple_len)
+            skipped = Skipped(b.kind, b.arg, b.tuple_len, b.attrs)
             parent._modules[child] = skipped
             for k in [k for k in structure if k == name or k.startswith(name + ".")]:
                 structure.pop(k)  # channel records of modules that went with the block
@@ -446,4 +461,4 @@ def skip_recorded(model: nn.Module, structure: dict) -> None:
             raise fail("the structure dropped a different block here", where=name,
                        value=type(old).__name__ if old is not None else None,
                        hint=f"load into the architecture that was saved (it had a {spec.get('was')} here)")
-        parent._modules[child] = Skipped(spec["was"], spec.get("arg", 0), spec.get("tuple_len"))
+        parent._modules[child] = Skipped(spec["was"], spec.get("arg", 0), spec.get("tuple_len"), spec.get("attrs"))
