@@ -52,10 +52,6 @@ EXTRA = {"mamba": "causal", "lfm2": "causal", "qwen3_next": "causal", "gemma3_te
 DEPTH_FAMILIES = sorted(set(FAMILIES) | set(EXTRA))
 # Qwen3-Next's default layer types put full attention on every 4th layer (its cache needs one): 4 layers there
 MIN_LAYERS = {"qwen3_next": 4}
-# Open (KNOWN, xfail): many families (and generate) take the past length from ``past_key_values.get_seq_length()``,
-# i.e. layer 0's cache slot, which nothing fills once layer 0 is a Skipped: cached decoding of a left-padded batch
-# then differs from the reference's (Qwen2/3, Falcon, OLMo, GLM4, Gemma3, Mixtral, OPT, Phi, StableLM, ...), and
-# XGLM fails outright. With the first layer dropped the fuzzer compares uncached decoding only.
 # families whose layers are not droppable: each returns (hidden_states, attention weights) with the weights a tensor
 # even without output_attentions (eager attention), so the layer's output is not "its input's shape, or a tuple of it
 # and Nones" and a Skipped could not stand in for it
@@ -304,15 +300,12 @@ def check(spec: dict, opts: dict, tmp_path) -> str:
     # generation: the reference's tokens, with the cache and without, one row and a padded batch
     gen = spec["family"] in TEXT_GEN and spec["head"] == "lm"
     if gen:
-        first_gone = bool(want) and want[0] in dropped and not opts.get("strict")
         one = {"input_ids": x["input_ids"][:1]}
-        a = b = _generate(model, one, False)
-        if not first_gone:
-            a = _generate(model, one, True)
-            assert torch.equal(a, b), f"cached {a.tolist()} uncached {b.tolist()}"
+        a, b = _generate(model, one, True), _generate(model, one, False)
+        assert torch.equal(a, b), f"cached {a.tolist()} uncached {b.tolist()}"
         assert torch.equal(b, _generate(ref, one, False)), "decoding differs from the reference's"
         pad = {k: v for k, v in _padded(x).items() if k in ("input_ids", "attention_mask")}
-        for cache in ((False,) if first_gone else (True, False)):
+        for cache in (True, False):
             assert torch.equal(_generate(model, pad, cache), _generate(ref, pad, cache)), \
                 f"padded batch (cache={cache}) differs from the reference's"
     # save / load onto a fresh build from the same config
@@ -322,7 +315,7 @@ def check(spec: dict, opts: dict, tmp_path) -> str:
     fresh = secateur.load(build(dict(spec, seed=spec["seed"] + 7)), path)
     _eq(_run(fresh, x), out1, "save / load after drop_blocks")
     if gen:
-        assert torch.equal(_generate(fresh, one, not first_gone), a), "the loaded model decodes otherwise"
+        assert torch.equal(_generate(fresh, one, True), a), "the loaded model decodes otherwise"
     if not opts["channels"]:
         return f"dropped {len(dropped)}"
     try:
@@ -331,7 +324,7 @@ def check(spec: dict, opts: dict, tmp_path) -> str:
         return f"dropped {len(dropped)}; channels refused: {str(e)[:40]}"
     out2 = _run(model, x)
     assert _first(out2).shape == _first(out1).shape
-    if gen and not first_gone:
+    if gen:
         assert torch.equal(_generate(model, one, True), _generate(model, one, False)), "decoding after channels"
     secateur.save(model, path)
     fresh = secateur.load(build(spec), path)
@@ -436,21 +429,16 @@ KNOWN = [
     # AttributeError; Skipped now carries the block's plain attributes, and save / load replays them
     pytest.param(_spec("modernbert", head="base"), _o(blocks=[1]), id="modernbert_attention_type_named_blocks"),
     pytest.param(_spec("modernbert", head="cls"), _o(count=1), id="modernbert_attention_type_output_score"),
-    # open: positions and the mask's past length come from past_key_values.get_seq_length(), i.e. layer 0's cache
-    # slot, which stays empty once layer 0 is a Skipped; greedy decoding of a left-padded batch with the cache then
-    # differs from the reference's (uncached decoding and every forward agree), XGLM raises on its mask size. A fix
-    # needs the Skipped to keep its cache slot's length (or the kept layers renumbered, which breaks by-index layer
-    # types elsewhere)
-    pytest.param(_spec("falcon", falcon="new", seed=3), _o(blocks=[0], strict=True), id="falcon_layer0_cache_length",
-                 marks=pytest.mark.xfail(strict=True, reason="layer 0's empty cache slot: Falcon's past length 0")),
+    # fixed: positions and the mask's past length come from past_key_values.get_seq_length(), i.e. layer 0's cache
+    # slot, which stayed empty once layer 0 was a Skipped: greedy decoding of a left-padded batch with the cache
+    # differed from the reference's (Qwen2/3, Falcon, OLMo, GLM4, Gemma3, Mixtral, OPT, Phi, StableLM, ...; uncached
+    # decoding and every forward agreed), XGLM raised on its mask size. Skipped now keeps its slot's length
+    pytest.param(_spec("falcon", falcon="new", seed=3), _o(blocks=[0], strict=True), id="falcon_layer0_cache_length"),
     pytest.param({"family": "falcon", "heads": 2, "head_dim": 4, "hidden": 8, "layers": 3, "inter": 8, "bias": False,
                   "tie": True, "act": "gelu_new", "head": "lm", "seed": 65536, "kv": 1, "parallel": False,
-                  "falcon": "old"}, _o(criterion="cosine", count=1, strict=True), id="falcon_old_layer0_by_count",
-                 marks=pytest.mark.xfail(strict=True, reason="layer 0's empty cache slot: Falcon's past length 0")),
-    pytest.param(_spec("qwen2", seed=1), _o(blocks=[0], strict=True), id="qwen2_layer0_cache_length",
-                 marks=pytest.mark.xfail(strict=True, reason="layer 0's empty cache slot: past length 0")),
-    pytest.param(_spec("xglm", seed=1), _o(blocks=[0], strict=True), id="xglm_layer0_cache_mask_size",
-                 marks=pytest.mark.xfail(strict=True, reason="layer 0's empty cache slot: mask sized for no past")),
+                  "falcon": "old"}, _o(criterion="cosine", count=1, strict=True), id="falcon_old_layer0_by_count"),
+    pytest.param(_spec("qwen2", seed=1), _o(blocks=[0], strict=True), id="qwen2_layer0_cache_length"),
+    pytest.param(_spec("xglm", seed=1), _o(blocks=[0], strict=True), id="xglm_layer0_cache_mask_size"),
 ]
 
 

@@ -58,6 +58,9 @@ class Skipped(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = kwargs[self.arg] if isinstance(self.arg, str) else args[self.arg]
+        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if cache is not None and type(self.attrs.get("layer_idx")) is int and isinstance(x, torch.Tensor):
+            _hold_cache_slot(cache, self.attrs["layer_idx"], x)
         return x if self.tuple_len is None else (x,) + (None,) * (self.tuple_len - 1)
 
     def extra_repr(self) -> str:
@@ -68,11 +71,44 @@ class Skipped(nn.Module):
         return dict(out, attrs=self.attrs) if self.attrs else out
 
 
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _hold_cache_slot(cache: Any, idx: int, x: torch.Tensor) -> None:
+    """Keep a dropped Hugging Face layer's key/value cache slot as long as the sequence, with one-head, size-1 zero
+    entries (a slot of no elements counts as empty). Why: models and ``generate`` read the past length from slot 0 (``get_seq_length()``); a dropped first
+    layer left it empty, so cached decoding took every new token for the first one (wrong positions and masks).
+    Only dynamic slots are written (a static cache's length is read from its values: not kept, README)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return
+    cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: the decoder's own slots
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not callable(getattr(cache, "update", None)) or x.dim() != 3:
+        return
+    if idx < len(layers):
+        if not isinstance(layers[idx], DynamicLayer):
+            return
+    else:
+        make = getattr(cache, "layer_class_to_replicate", None)
+        if not (isinstance(make, type) and issubclass(make, DynamicLayer)):
+            return
+    filler = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
+    cache.update(filler, filler, idx)
+
+
 def _plain_attrs(block: nn.Module) -> dict[str, Any]:
-    """The block's own plain attributes, for ``Skipped`` to carry (``training`` and private ones aside)."""
-    return {k: v for k, v in vars(block).items()
-            if not k.startswith("_") and k not in ("training", "was", "arg", "tuple_len", "attrs")
-            and (v is None or type(v) in (str, int, float, bool))}
+    """The block's own plain attributes, for ``Skipped`` to carry (``training`` and private ones aside), and the
+    ``layer_idx`` of its attention (a Hugging Face layer's cache slot, which ``Skipped`` keeps in step)."""
+    out = {k: v for k, v in vars(block).items()
+           if not k.startswith("_") and k not in ("training", "was", "arg", "tuple_len", "attrs")
+           and (v is None or type(v) in (str, int, float, bool))}
+    if "layer_idx" not in out:
+        idx = next((m.layer_idx for m in block.modules() if type(getattr(m, "layer_idx", None)) is int), None)
+        if idx is not None:
+            out["layer_idx"] = idx
+    return out
 
 
 @dataclass(frozen=True)
