@@ -301,3 +301,38 @@ def test_a_shared_block_is_named_by_either_of_its_names():
     res = drop_blocks(model, x, blocks=["3"])
     assert res.dropped == ("1",)
     assert isinstance(model[1], Skipped) and isinstance(model[3], Skipped) and isinstance(model[2], Res)
+
+
+class Peeking(Stack):
+    """Model code that reaches into its blocks (RecurrentGemma sets up ``layer.temporal_block``'s cache)."""
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            b.f  # noqa: B018 - the model's own code reads the block's insides
+            x = b(x)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("how", [dict(count=1), dict(blocks=["blocks.1"], criterion="cosine"),
+                                 dict(target_macs=0.5, criterion="cosine")])
+def test_model_code_that_reads_a_dropped_blocks_insides_is_refused_unchanged(how):
+    model, x = Peeking([Res(8), Res(8)]).eval(), torch.randn(3, 4)
+    before = copy.deepcopy(model.state_dict())
+    assert droppable_blocks(model, x) == ["blocks.0", "blocks.1"]  # found by their skips
+    with pytest.raises(PruningError, match="cannot run with this block skipped.*has no attribute 'f'"):
+        drop_blocks(model, x, **how)
+    assert all(isinstance(b, Res) for b in model.blocks)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_recurrent_gemma_layers_are_refused_not_broken():
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tr.RecurrentGemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=1, lru_width=32,
+                                  attention_window_size=16, block_types=["recurrent", "attention"])
+    model, x = tr.RecurrentGemmaForCausalLM(cfg).eval(), {"input_ids": torch.randint(3, 100, (1, 6))}
+    with pytest.raises(PruningError, match="temporal_block"):
+        drop_blocks(model, x, count=1)
+    assert not any(isinstance(m, Skipped) for m in model.modules())

@@ -76,9 +76,10 @@ _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 def _hold_cache_slot(cache: Any, idx: int, x: torch.Tensor) -> None:
     """Keep a dropped Hugging Face layer's key/value cache slot as long as the sequence, with one-head, size-1 zero
-    entries (a slot of no elements counts as empty). Why: models and ``generate`` read the past length from slot 0 (``get_seq_length()``); a dropped first
-    layer left it empty, so cached decoding took every new token for the first one (wrong positions and masks).
-    Only dynamic slots are written (a static cache's length is read from its values: not kept, README)."""
+    entries (a slot of no elements counts as empty). Why: models and ``generate`` read the past length from slot 0
+    (``get_seq_length()``); a dropped first layer left it empty, so cached decoding took every new token for the
+    first one (wrong positions and masks). Only dynamic slots are written (a static cache's length is read from its
+    values: not kept, README)."""
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:
@@ -332,8 +333,30 @@ def _scores(model: nn.Module, example_inputs: Any, found: dict[str, Block], name
     scores, places = {}, _places(model)
     for n in names:
         with _skipping(places[id(mods[n])], found[n]):
-            scores[n] = _distance(ref, _flat_tensors(call_model(model, example_inputs)))
+            scores[n] = _distance(ref, _flat_tensors(_run_skipped(model, example_inputs, [n])))
     return _finite(scores, model)
+
+
+def _run_skipped(model: nn.Module, example_inputs: Any, names: list[str]) -> Any:
+    """The model's forward with ``names`` skipped; model code that reaches into a block it expects to find there
+    (RecurrentGemma sets up ``layer.temporal_block``'s cache) fails: refused, naming the blocks."""
+    try:
+        return call_model(model, example_inputs)
+    except Exception as e:  # noqa: BLE001 - the model's own code, failing only with these blocks skipped
+        raise fail("the model's code cannot run with this block skipped (it reads the block's insides)",
+                   where=", ".join(names), value=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}",
+                   hint="leave these blocks in (blocks= names the others)") from e
+
+
+def _check_runs(model: nn.Module, example_inputs: Any, found: dict[str, Block], names: list[str]) -> None:
+    """One forward with every chosen block skipped, before the model changes."""
+    if not names:
+        return
+    places, mods = _places(model), dict(model.named_modules())
+    with contextlib.ExitStack() as stack:
+        for n in names:
+            stack.enter_context(_skipping(places[id(mods[n])], found[n]))
+        _run_skipped(model, example_inputs, names)
 
 
 def _finite(scores: dict[str, float], model: nn.Module) -> dict[str, float]:
@@ -462,6 +485,7 @@ def drop_blocks(model: nn.Module, example_inputs: Any, *, count: int | None = No
         scores = _scores(model, example_inputs, found, list(found), criterion) if found else {}
         chosen = sorted(_choose(model, example_inputs, scores, count, target_macs, macs0, stay_above),
                         key=scores.get)
+    _check_runs(model, example_inputs, found, chosen)
     _replace(model, [found[n] for n in chosen])
     return DepthResult(tuple(chosen), scores, criterion, macs0, count_macs(model, example_inputs) if chosen else macs0,
                        params0, count_params(model))
