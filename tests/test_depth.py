@@ -336,3 +336,24 @@ def test_recurrent_gemma_layers_are_refused_not_broken():
     with pytest.raises(PruningError, match="temporal_block"):
         drop_blocks(model, x, count=1)
     assert not any(isinstance(m, Skipped) for m in model.modules())
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_first_layer_dropped_keeps_cached_decoding_of_a_padded_batch(cache):
+    """Models and generate read the past length from cache slot 0: a dropped first layer must keep its slot as long
+    as the sequence (dynamic or static cache), or positions and masks go wrong from the second token on."""
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tr.Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = tr.Qwen2ForCausalLM(cfg).eval()
+    x = torch.randint(3, 100, (2, 6))
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    ref = copy.deepcopy(model)
+    ref.model.layers[0].register_forward_hook(lambda mod, args, out: args[0])  # runs, fills its slot, hands x on
+    drop_blocks(model, {"input_ids": x}, blocks=["model.layers.0"])
+    kw = dict(max_new_tokens=6, do_sample=False, attention_mask=mask)
+    if cache:
+        kw["cache_implementation"] = cache
+    assert torch.equal(model.generate(x, **kw), ref.generate(x, **kw))

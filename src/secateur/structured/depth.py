@@ -78,10 +78,10 @@ def _hold_cache_slot(cache: Any, idx: int, x: torch.Tensor) -> None:
     """Keep a dropped Hugging Face layer's key/value cache slot as long as the sequence, with one-head, size-1 zero
     entries (a slot of no elements counts as empty). Why: models and ``generate`` read the past length from slot 0
     (``get_seq_length()``); a dropped first layer left it empty, so cached decoding took every new token for the
-    first one (wrong positions and masks). Only dynamic slots are written (a static cache's length is read from its
-    values: not kept, README)."""
+    first one (wrong positions and masks). Dynamic and static slots alike (a static one allocates one head of size
+    1 over its length); a recurrent layer's state slot is left alone."""
     try:
-        from transformers.cache_utils import DynamicLayer
+        from transformers.cache_utils import CacheLayerMixin
     except ImportError:
         return
     cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache: the decoder's own slots
@@ -89,11 +89,11 @@ def _hold_cache_slot(cache: Any, idx: int, x: torch.Tensor) -> None:
     if not isinstance(layers, list) or not callable(getattr(cache, "update", None)) or x.dim() != 3:
         return
     if idx < len(layers):
-        if not isinstance(layers[idx], DynamicLayer):
+        if not isinstance(layers[idx], CacheLayerMixin):  # a key/value slot (not a recurrent layer's state)
             return
     else:
         make = getattr(cache, "layer_class_to_replicate", None)
-        if not (isinstance(make, type) and issubclass(make, DynamicLayer)):
+        if not (isinstance(make, type) and issubclass(make, CacheLayerMixin)):
             return
     filler = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
     cache.update(filler, filler, idx)
