@@ -52,9 +52,10 @@ EXTRA = {"mamba": "causal", "lfm2": "causal", "qwen3_next": "causal", "gemma3_te
 DEPTH_FAMILIES = sorted(set(FAMILIES) | set(EXTRA))
 # Qwen3-Next's default layer types put full attention on every 4th layer (its cache needs one): 4 layers there
 MIN_LAYERS = {"qwen3_next": 4}
-# families whose layers are not droppable: each returns (hidden_states, attention weights) with the weights a tensor
-# even without output_attentions (eager attention), so the layer's output is not "its input's shape, or a tuple of it
-# and Nones" and a Skipped could not stand in for it
+# families whose layers were not droppable up to transformers 5.23: each returned (hidden_states, attention weights)
+# with the weights a tensor even without output_attentions (eager attention), so the layer's output is not "its
+# input's shape, or a tuple of it and Nones" and a Skipped could not stand in for it (5.24's GPT-J returns the hidden
+# states alone): their layers are checked against that rule on a forward here
 NO_BLOCKS = {"bloom", "gpt_neo", "gptj", "mpt"}
 # T5's blocks (and their attention sublayers) return (hidden_states, position_bias, ...): only the feed-forward
 # sublayers (encoder.block.i.layer.1, decoder.block.i.layer.2) are droppable
@@ -122,16 +123,36 @@ def expected_droppable(spec: dict, model: nn.Module | None = None) -> list[str]:
     """The family's layers, in model order, from the module tree (not from secateur)."""
     fam = spec["family"]
     if fam in NO_BLOCKS:
-        return []
+        model = build(spec) if model is None else model
+        names = _layer_lists(model)
+        outs = _outputs_of(model, _inputs_for(model, hf_inputs(spec)), names)
+        return [n for n in names if isinstance(outs[n], torch.Tensor)
+                or (isinstance(outs[n], tuple) and all(o is None for o in outs[n][1:]))]
     if fam in SUBLAYERS:
         L = spec["layers"]
         return [f"encoder.block.{i}.layer.1" for i in range(L)] + [f"decoder.block.{i}.layer.2" for i in range(L)]
     if fam == "albert":
         return ["albert.encoder.albert_layer_groups.0.albert_layers.0" if spec["head"] != "base"
                 else "encoder.albert_layer_groups.0.albert_layers.0"]
-    model = build(spec) if model is None else model
+    return _layer_lists(build(spec) if model is None else model)
+
+
+def _layer_lists(model: nn.Module) -> list[str]:
     return [f"{n}.{i}" for n, m in model.named_modules()
             if isinstance(m, (nn.ModuleList, nn.Sequential)) and _LISTS.search(n) for i in range(len(m))]
+
+
+def _outputs_of(model: nn.Module, x, names) -> dict:
+    got: dict = {}
+    hs = [model.get_submodule(n).register_forward_hook(lambda mod, a, out, n=n: got.setdefault(n, out))
+          for n in names]
+    try:
+        with torch.no_grad():
+            _call(model, x)
+    finally:
+        for h in hs:
+            h.remove()
+    return got
 
 
 # ----------------------------------------------------------------------------------------------------------------

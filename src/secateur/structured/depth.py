@@ -71,7 +71,7 @@ class Skipped(nn.Module):
         return dict(out, attrs=self.attrs) if self.attrs else out
 
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache": transformers >= 5.24
 
 
 def _hold_cache_slot(cache: Any, idx: int, x: torch.Tensor) -> None:
