@@ -138,7 +138,8 @@ def catch_inputs(model: nn.Module, blocks: list[nn.Module], batches: list, devic
 
     def stub(i: int, block: nn.Module):
         def forward(*args, **kwargs):
-            kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else v) for k, v in kwargs.items()}
+            # no cache: by its old names, and by value (transformers 5.24 passes it as ``cache=``)
+            kwargs = {k: (_NO_CACHE[k] if k in _NO_CACHE else None if _is_cache(v) else v) for k, v in kwargs.items()}
             if args:  # a KV cache passed by position (GPT-2 does) would grow on every block run: drop it
                 hidden, rest, by_kw = args[0], tuple(None if _is_cache(a) else a for a in args[1:]), False
             elif "hidden_states" in kwargs:
