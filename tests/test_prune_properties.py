@@ -7,7 +7,7 @@ from hypothesis import example, given, settings, strategies as st
 from torch import nn
 
 import secateur as S
-from secateur.selection import lowest
+from secateur.selection import below, lowest
 
 ALL = dict(targets=lambda n, m: True)
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -109,3 +109,26 @@ def test_high_order_norms_rank_groups_without_underflow(p):
     S.prune(lin, 0.5, pattern="rows", criterion=S.Magnitude(p))
     pruned = ~S.masks_of(lin)["weight"].all(1)
     assert torch.equal(pruned, torch.isin(torch.arange(12), torch.argsort(ref)[:6]))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(values=st.lists(st.floats(allow_nan=False, width=32) | st.sampled_from([0.0, -0.0, 1e-45, 0.1]), min_size=1,
+                       max_size=20),
+       threshold=st.floats(allow_nan=False) | st.sampled_from([2.5667333503637356e-233, 1e-40, 0.1, -1e-300, 1e300]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+@example(values=[0.0], threshold=2.5667333503637356e-233, dtype=torch.float32)
+def test_below_compares_the_exact_numbers(values, threshold, dtype):
+    """``below`` decides ``score < threshold`` on the exact values (a Python float is a float64), never on the
+    threshold rounded into the scores' dtype: 0.0 is below 1e-233 although float32(1e-233) == 0."""
+    s = torch.tensor(values, dtype=torch.float64).to(dtype)
+    want = [float(v) < threshold for v in s.double()]
+    assert below(s, threshold).tolist() == want
+
+
+def test_threshold_prune_keeps_exact_order_for_tiny_thresholds():
+    """A zero weight is below a threshold of 1e-46 (which float32 rounds to 0 when the threshold is cast)."""
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 1.0, 2.0, 3.0], [1e-45, 0.5, 0.0, 1.0]]))
+    S.prune(lin, threshold=1e-46)
+    assert S.get_mask(lin, "weight").tolist() == [[False, True, True, True], [True, True, False, True]]

@@ -195,6 +195,15 @@ def test_prune_bn_channels_threshold_and_ratio():
         prune_bn_channels(model2, ratio=1.5)
 
 
+def test_prune_bn_channels_threshold_below_float32_resolution():
+    """A zero scale is below a threshold of 1e-233 although float32(1e-233) == 0 (found by the training fuzzer:
+    the threshold was cast into the scales' dtype before comparing)."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.0, 0.5, -0.25]))
+    assert prune_bn_channels(model, threshold=2.5667333503637356e-233) == {"1": 2}
+    assert get_mask(model[1], "weight").tolist() == [False, True, True]
+
 def test_size_weighted_group_lasso_thresholds_by_sqrt_size():
     lin = nn.Sequential(nn.Linear(9, 2), nn.Linear(2, 2))
     with torch.no_grad():

@@ -92,6 +92,18 @@ def test_ignore_and_ratio_dict():
     assert m.conv2.out_channels == 24 and m.conv1.out_channels == 16
 
 
+def test_ignore_inputs_of_a_depthwise_conv_keeps_its_channels():
+    """A depthwise conv's inputs go with its outputs (whole conv groups): ignore_inputs on it keeps both (found
+    by the target fuzzer: the group was pruned because only its "in" members were checked)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                      nn.ReLU(), nn.Conv2d(16, 8, 1))
+    x = torch.randn(2, 3, 8, 8)
+    prune_channels(m, x, ratio=0.5, ignore_inputs=["3"])
+    assert m[3].in_channels == m[3].out_channels == 16 and m[0].out_channels == 16
+    prune_channels(m, x, ratio=0.5)
+    assert m[3].in_channels == 8
+
 def test_global_scope_prunes_the_requested_total():
     m, x = _seed()
     m.conv2.weight.data *= 10  # conv2 channels are far more important: global ranking prunes conv1 first

@@ -18,7 +18,7 @@ from secateur.criteria import CriterionSpec, Magnitude, get_criterion
 from secateur.errors import fail
 from secateur.masks import check_model, get_mask, set_mask
 from secateur.patterns import NM, PatternSpec, get_pattern
-from secateur.selection import Lazy, lowest
+from secateur.selection import Lazy, below, lowest
 from secateur.targets import Target, TargetSpec, select_targets
 
 Amount = Union[float, Mapping[str, float], Callable[[str, torch.Tensor], float]]
@@ -214,7 +214,7 @@ def _select(work, pat, amount, threshold, count, scope, lo, hi) -> list[torch.Te
     if isinstance(pat, NM):
         return [~tp.keep(s()) for _, s, _, _, tp in work]
     if threshold is not None:
-        return [s() < threshold for _, s, _, _, _ in work]
+        return [below(s(), threshold) for _, s, _, _, _ in work]
     if scope == "global":
         return _global(work, amount, count, lo, hi)
     pruned = []

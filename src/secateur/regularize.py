@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from secateur.errors import fail
 from secateur.masks import Mask, get_mask, original, set_mask
-from secateur.selection import lowest
+from secateur.selection import below, lowest
 
 LambdaSpec = Union[float, Callable[[int], float]]
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -344,7 +344,7 @@ def prune_bn_channels(model: nn.Module, *, threshold: float | None = None, ratio
         ranked = [sc.float().masked_fill(p, math.inf) for sc, p in zip(scales, protected)]
         keeps = [~pruned for pruned in lowest(ranked, k)]
     else:
-        keeps = [(sc >= threshold) | p for sc, p in zip(scales, protected)]
+        keeps = [~below(sc, threshold) | p for sc, p in zip(scales, protected)]
     plan = []
     for (name, bn), keep in zip(layers, keeps):
         plan += [(bn, "weight", keep), (bn, "bias", keep)]

@@ -133,3 +133,18 @@ def _lowest_small(s: torch.Tensor, k: int) -> torch.Tensor:
     return less.reshape(s.shape)
 
 
+
+
+def below(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``scores < threshold`` decided as on the exact numbers. ``scores < 1e-40`` would cast the Python float to
+    the scores' dtype first, rounding it to nearest, possibly *down* (to 0 in float32), so that a score equal to
+    the rounded value counted as at or above a threshold it is below. The threshold is rounded *up* instead (the
+    smallest value of the dtype at or above it): no value of the dtype lies between the two, so the comparison
+    is exact."""
+    if not scores.is_floating_point():
+        return scores < threshold
+    exact = torch.tensor(threshold, dtype=torch.float64)
+    t = exact.to(scores.dtype)
+    if t.double() < exact:
+        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=scores.dtype))
+    return scores < t.to(scores.device)

@@ -14,6 +14,7 @@ from secateur.errors import fail
 from secateur.graph.groups import Graph, Group
 from secateur.importance import ExpertScores, expert_scores, group_scores, shared_norms
 from secateur.structured.plan import Plan
+from secateur.selection import below
 
 
 def _number(v: Any) -> bool:
@@ -132,9 +133,12 @@ def _matches(name: str, pats: set[str]) -> bool:
 
 
 def _is_ignored(group: Group, outputs: set[str], inputs: set[str]) -> bool:
-    """``ignore``: the module's output channels stay; ``ignore_inputs``: its input channels stay."""
+    """``ignore``: the module's output channels stay; ``ignore_inputs``: its input channels stay. A grouped conv
+    that loses whole conv groups (a depthwise conv) loses the inputs of the outputs it drops: its "out" member is
+    an input too."""
     return any((m.kind in ("out", "param") and _matches(m.module, outputs)) or
-               (m.consumer and _matches(m.module, inputs)) for m in group.members)
+               ((m.consumer or group.grouped.get(m.module) == "groups") and _matches(m.module, inputs))
+               for m in group.members)
 
 
 def _ratio_for(group: Group, ratio) -> float:
@@ -285,7 +289,7 @@ def _choose(cands, threshold, scope, round_to, links=(), ties=None, fixed=frozen
     choices = []
     if threshold is not None:
         for g, s, _ in cands:
-            n = _count(g, int((_ranked(s) < threshold).sum()), round_to)
+            n = _count(g, int(below(_ranked(s), threshold).sum()), round_to)
             if n:
                 choices.append((g, _pick(g, s, n)))
     elif scope == "local":
@@ -313,7 +317,7 @@ def align_notes(cands, choices, threshold, scope, round_to) -> list[str]:
     for g, s, r in cands:
         if g.align <= 1 or id(g) in chosen:
             continue
-        n = int((_ranked(s) < threshold).sum()) if threshold is not None else _floor(g.size * r)
+        n = int(below(_ranked(s), threshold).sum()) if threshold is not None else _floor(g.size * r)
         if _count(dataclasses.replace(g, align=1), n, round_to):
             out.append(f"{g.name}: keeps all {g.size} channels: its kept width must stay a multiple of {g.align} "
                        f"(fused experts run by grouped_mm), so the {n} channels asked for cannot go")
