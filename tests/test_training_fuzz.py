@@ -1149,14 +1149,38 @@ def test_channel_pruning_one_shot_removes_the_share_of_the_original(width):
     assert widths[-1] == _one_shot_width(width, 0.5) < width
 
 
-@pytest.mark.xfail(strict=True, reason="channel_pruning converts each update into a ratio of the survivors and the "
-                   "engine floors each count: small updates on a narrow layer all round to 0 (5 channels, a linear "
-                   "ramp to 0.5 over 10 steps removes none). Needs each group's original size kept across updates "
-                   "(and through resume); not fixed in this change")
 def test_channel_pruning_gradual_schedule_reaches_the_share_of_the_original():
     widths, sched = _channel_run(Linear(final=0.5, start=0, end=10), 5)
     assert sched.applied[-1] == (10, 0.5)
     assert widths[-1] == _one_shot_width(5, 0.5) == 3
+
+
+def test_channel_pruning_resumed_mid_ramp_ends_at_the_same_widths(tmp_path):
+    """The original widths travel in the scheduler's state: a run checkpointed mid-ramp and resumed into a fresh
+    scheduler (and a fresh ``channel_pruning``) ends where the uninterrupted run does."""
+    whole, _ = _channel_run(Linear(final=0.5, start=0, end=10), 5)
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    first = PruningScheduler(model, Linear(final=0.5, start=0, end=10), prune_fn=channel_pruning(x))
+    for _ in range(5):
+        first.step()
+    torch.save(first.state_dict(), tmp_path / "sched.pt")
+    state = torch.load(tmp_path / "sched.pt", weights_only=True)
+    assert state["channel_sizes"] == {"0#0": 5}
+    second = PruningScheduler(model, Linear(final=0.5, start=0, end=10), prune_fn=channel_pruning(x))
+    second.load_state_dict(state)
+    widths = [model[0].out_features]
+    for _ in range(7):
+        second.step()
+        widths.append(model[0].out_features)
+    assert widths[-1] == whole[-1] == 3
+
+
+@pytest.mark.parametrize("option", ["target_macs", "steps", "threshold", "verify"])
+def test_channel_pruning_refuses_what_the_schedule_sets(option):
+    with pytest.raises(PruningError, match=option):
+        channel_pruning(torch.randn(3, 4), **{option: 0.5})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -226,11 +226,14 @@ PruneFn = Callable[[nn.Module, float], Any]
 def channel_pruning(example_inputs: Any, **prune_channels_kwargs: Any) -> "ChannelPruning":
     """A ``prune_fn`` for `PruningScheduler` that removes channels physically with
     ``secateur.structured.prune_channels``; the schedule's sparsity is the fraction of each group's
-    *original* channels removed so far (each update removes the right share of the survivors).
+    *original* channels removed so far: the widths at the first update are remembered (also in the scheduler's
+    ``state_dict``, so a resumed run goes on from them), and each update leaves every group the width one-shot
+    pruning to that sparsity would (``scope="global"``: the total of the widths). Small steps on a narrow layer
+    thus add up instead of each rounding to nothing.
     Physical removal replaces parameters: rebuild the optimizer after an update (``scheduler.applied``
     grows) and do not use it under DDP, where masks (the default) are the way."""
     from secateur.structured import prune_channels
-    _check_options(prune_channels, prune_channels_kwargs, ("model", "example_inputs", "ratio"), "channel_pruning")
+    _check_options(prune_channels, prune_channels_kwargs, ChannelPruning.SCHEDULE_SETS, "channel_pruning")
     return ChannelPruning(example_inputs, prune_channels_kwargs)
 
 
@@ -247,13 +250,64 @@ def _check_options(fn: Callable, options: dict, taken: tuple[str, ...], where: s
 
 @dataclass
 class ChannelPruning:
+    """``sizes``: each group's width at the first update, keyed by `group_keys` (None before it)."""
     example_inputs: Any
     kwargs: dict
+    sizes: dict[str, int] | None = None
+    # what the schedule decides (how much, when, in how many rounds): refused as options
+    SCHEDULE_SETS: ClassVar[tuple[str, ...]] = ("model", "example_inputs", "ratio", "threshold", "target_macs",
+                                                "target_params", "target_latency", "latency_table", "verify",
+                                                "steps")
 
     def __call__(self, model: nn.Module, target: float, previous: float = 0.0) -> Any:
-        from secateur.structured import prune_channels
-        ratio = 1.0 - (1.0 - target) / (1.0 - previous) if previous < 1 else 0.0
-        return prune_channels(model, self.example_inputs, ratio=ratio, **self.kwargs)
+        from secateur.graph.groups import build_graph
+        from secateur.structured import plan_channels
+        from secateur.structured.choose import GroupRatios, _ignored, _is_ignored
+        kw = self.kwargs
+        graph = build_graph(model, self.example_inputs, kw.get("heads", "heads"), kw.get("grouped", "channels"))
+        keys = group_keys(graph.groups)
+        if self.sizes is None:
+            if previous > 0:  # (a scheduler state from before the widths were kept: the share of the survivors)
+                self.sizes = {}
+            else:
+                self.sizes = {k: g.size for k, g in zip(keys, graph.groups)}
+        ignored = _ignored(model, kw.get("ignore", ())), _ignored(model, kw.get("ignore_inputs", ()))
+        live = [(k, g) for k, g in zip(keys, graph.groups) if not _is_ignored(g, *ignored)]
+        survivors = 1.0 - (1.0 - target) / (1.0 - previous) if previous < 1 else 0.0
+        if kw.get("scope", "local") == "global":
+            if all(k in self.sizes for k, _ in live):
+                now = sum(g.size for _, g in live)
+                first = sum(self.sizes[k] for k, _ in live)
+                gone = first - now
+                ratio = max(0.0, (math.floor(first * target + 1e-9) - gone) / now) if now else 0.0
+            else:
+                ratio = survivors
+        else:
+            ratio = GroupRatios()
+            for k, g in live:
+                first = self.sizes.get(k)
+                r = survivors if first is None else (g.size - (first - math.floor(first * target + 1e-9))) / g.size
+                if r > 0:
+                    ratio[id(g)] = min(r, 1.0 - 1.0 / g.size)
+            if not ratio:
+                return None
+        plan = plan_channels(model, self.example_inputs, ratio=ratio, graph=graph, **kw)
+        return plan.apply(model) if plan.choices else None
+
+    def state(self) -> dict[str, int] | None:
+        return dict(self.sizes) if self.sizes is not None else None
+
+
+def group_keys(groups) -> list[str]:
+    """A name for each group that survives pruning: its first member's module, numbered among the groups that
+    share it (a fused q/k/v projection leads several)."""
+    seen: dict[str, int] = {}
+    out = []
+    for g in groups:
+        i = seen.get(g.name, 0)
+        seen[g.name] = i + 1
+        out.append(f"{g.name}#{i}")
+    return out
 
 
 class PruningScheduler:
@@ -316,8 +370,11 @@ class PruningScheduler:
     def state_dict(self) -> dict[str, Any]:
         """Plain data only (ints, floats, lists, a dict for the schedule): safe for ``torch.save`` and
         ``torch.load(weights_only=True)``. Masks live in the model, see `secateur.training.checkpoint`."""
-        return {"step": self.step_count, "sparsity": self.sparsity, "applied": [list(a) for a in self.applied],
-                "schedule": self.schedule.to_dict()}
+        state = {"step": self.step_count, "sparsity": self.sparsity, "applied": [list(a) for a in self.applied],
+                 "schedule": self.schedule.to_dict()}
+        if isinstance(self.prune_fn, ChannelPruning):  # the widths the schedule's shares are of
+            state["channel_sizes"] = self.prune_fn.state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counter; refuses a state written by a different schedule (nothing is changed)."""
@@ -325,10 +382,15 @@ class PruningScheduler:
             step, sparsity = int(state["step"]), float(state["sparsity"])
             applied = [(int(a), float(b)) for a, b in state["applied"]]
             sched = state["schedule"]
-        except (KeyError, TypeError, ValueError) as e:
+            sizes = state.get("channel_sizes")
+            if sizes is not None:
+                sizes = {str(k): int(v) for k, v in sizes.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise fail("not a PruningScheduler state", where="PruningScheduler.load_state_dict",
                        value=sorted(state) if isinstance(state, dict) else type(state)) from e
         if sched != self.schedule.to_dict():
             raise fail("the state was written by a different schedule", where="PruningScheduler.load_state_dict",
                        value={"saved": sched, "current": self.schedule.to_dict()})
         self.step_count, self.sparsity, self.applied = step, sparsity, applied
+        if isinstance(self.prune_fn, ChannelPruning):
+            self.prune_fn.sizes = sizes

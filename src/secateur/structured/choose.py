@@ -119,10 +119,15 @@ def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
     return {_module_name(model, x, "prune_channels ignore", names) for x in ignore}
 
 
+class GroupRatios(dict):
+    """Ratios for single groups of one graph, keyed by ``id(group)`` (internal: `schedules.channel_pruning` gives
+    each group the share of its own original width still to go). Groups it does not name keep their channels."""
+
+
 def resolve_ratio(model: nn.Module, ratio: float | dict) -> float | dict:
     """A ratio dict keyed by names / globs (a name covers its submodules) or modules, as names; every key must
     match a module."""
-    if not isinstance(ratio, dict):
+    if not isinstance(ratio, dict) or isinstance(ratio, GroupRatios):
         return ratio
     names = {m: n for n, m in model.named_modules()}
     return {_module_name(model, k, "prune_channels ratio", names): v for k, v in ratio.items()}
@@ -144,6 +149,8 @@ def _is_ignored(group: Group, outputs: set[str], inputs: set[str]) -> bool:
 def _ratio_for(group: Group, ratio) -> float:
     if not isinstance(ratio, dict):
         return float(ratio)
+    if isinstance(ratio, GroupRatios):
+        return float(ratio.get(id(group), 0.0))
     for pat, r in ratio.items():
         if any(_matches(m.module, {pat}) for m in group.members if m.kind == "out"):
             return float(r)
@@ -263,7 +270,7 @@ def _candidates(model: nn.Module, graph: Graph, ratio, every: bool, importance, 
                 normalize) -> list[tuple[Group, torch.Tensor, float]]:
     """(group, channel scores, ratio) for every group that may lose channels (``every``: ratio 0 too)."""
     ignored, ignored_in = _ignored(model, ignore), _ignored(model, ignore_inputs)
-    if isinstance(ratio, dict):
+    if isinstance(ratio, dict) and not isinstance(ratio, GroupRatios):
         _ratio_keys_prune(graph, ratio)
     cands: list[tuple[Group, torch.Tensor, float]] = []
     with shared_norms():  # each weight read once for the groups of both its dims
