@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from secateur.errors import PruningError
@@ -136,6 +137,44 @@ def test_steps_and_callable_importance():
     # the callable ranked channel 0 lowest: the first channels went, the last ones stayed
     m2, _ = _seed()
     assert torch.equal(m.bn1.bias.detach(), m2.bn1.bias.detach()[-4:])
+
+
+def _mlp(widths, seed=0):
+    torch.manual_seed(seed)
+    dims = [4, *widths, 2]
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(widths=st.lists(st.integers(1, 24), min_size=1, max_size=3), ratio=st.floats(0, 0.95),
+       steps=st.integers(2, 6), scope=st.sampled_from(["local", "global"]), round_to=st.sampled_from([None, 2, 4]),
+       as_dict=st.booleans())
+def test_steps_end_where_one_shot_does(widths, ratio, steps, scope, round_to, as_dict):
+    """Each round's share is counted from the widths at the first round: the rounds add up to one-shot pruning's
+    count (rounding the survivors' share down each round removed nothing from a narrow layer: 5 channels, 4 rounds
+    towards 0.5 kept all 5). Local: every layer's width; global: the total (the ranking may split it otherwise)."""
+    if scope == "global":
+        round_to = None
+    r = {"0": ratio} if as_dict else ratio
+    x = torch.randn(3, 4)
+    one, rounds = _mlp(widths), _mlp(widths)
+    prune_channels(one, x, ratio=r, scope=scope, round_to=round_to)
+    prune_channels(rounds, x, ratio=r, scope=scope, round_to=round_to, steps=steps)
+    w1 = [m.out_features for m in one if isinstance(m, nn.Linear)]
+    w2 = [m.out_features for m in rounds if isinstance(m, nn.Linear)]
+    if scope == "local":
+        assert w2 == w1
+    else:
+        assert sum(w2) == sum(w1)
+
+
+def test_steps_remove_from_a_narrow_layer():
+    m = _mlp([5])
+    prune_channels(m, torch.randn(3, 4), ratio=0.5, steps=4)
+    assert m[0].out_features == 3
 
 
 @pytest.mark.parametrize("importance", ["l2", "random", "lamp", "fpgm", "taylor"])

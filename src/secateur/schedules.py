@@ -250,7 +250,7 @@ def _check_options(fn: Callable, options: dict, taken: tuple[str, ...], where: s
 
 @dataclass
 class ChannelPruning:
-    """``sizes``: each group's width at the first update, keyed by `group_keys` (None before it)."""
+    """``sizes``: each group's width at the first update, keyed by `secateur.structured.choose.group_keys` (None before it)."""
     example_inputs: Any
     kwargs: dict
     sizes: dict[str, int] | None = None
@@ -262,52 +262,21 @@ class ChannelPruning:
     def __call__(self, model: nn.Module, target: float, previous: float = 0.0) -> Any:
         from secateur.graph.groups import build_graph
         from secateur.structured import plan_channels
-        from secateur.structured.choose import GroupRatios, _ignored, _is_ignored
+        from secateur.structured.choose import toward_original, widths
         kw = self.kwargs
         graph = build_graph(model, self.example_inputs, kw.get("heads", "heads"), kw.get("grouped", "channels"))
-        keys = group_keys(graph.groups)
-        if self.sizes is None:
-            if previous > 0:  # (a scheduler state from before the widths were kept: the share of the survivors)
-                self.sizes = {}
-            else:
-                self.sizes = {k: g.size for k, g in zip(keys, graph.groups)}
-        ignored = _ignored(model, kw.get("ignore", ())), _ignored(model, kw.get("ignore_inputs", ()))
-        live = [(k, g) for k, g in zip(keys, graph.groups) if not _is_ignored(g, *ignored)]
+        if self.sizes is None:  # (a scheduler state from before the widths were kept: shares of the survivors)
+            self.sizes = {} if previous > 0 else widths(graph)
         survivors = 1.0 - (1.0 - target) / (1.0 - previous) if previous < 1 else 0.0
-        if kw.get("scope", "local") == "global":
-            if all(k in self.sizes for k, _ in live):
-                now = sum(g.size for _, g in live)
-                first = sum(self.sizes[k] for k, _ in live)
-                gone = first - now
-                ratio = max(0.0, (math.floor(first * target + 1e-9) - gone) / now) if now else 0.0
-            else:
-                ratio = survivors
-        else:
-            ratio = GroupRatios()
-            for k, g in live:
-                first = self.sizes.get(k)
-                r = survivors if first is None else (g.size - (first - math.floor(first * target + 1e-9))) / g.size
-                if r > 0:
-                    ratio[id(g)] = min(r, 1.0 - 1.0 / g.size)
-            if not ratio:
-                return None
+        ratio = toward_original(model, graph, self.sizes, lambda g: target, lambda g: survivors,
+                                kw.get("scope", "local"), kw.get("ignore", ()), kw.get("ignore_inputs", ()))
+        if not ratio:
+            return None
         plan = plan_channels(model, self.example_inputs, ratio=ratio, graph=graph, **kw)
         return plan.apply(model) if plan.choices else None
 
     def state(self) -> dict[str, int] | None:
         return dict(self.sizes) if self.sizes is not None else None
-
-
-def group_keys(groups) -> list[str]:
-    """A name for each group that survives pruning: its first member's module, numbered among the groups that
-    share it (a fused q/k/v projection leads several)."""
-    seen: dict[str, int] = {}
-    out = []
-    for g in groups:
-        i = seen.get(g.name, 0)
-        seen[g.name] = i + 1
-        out.append(f"{g.name}#{i}")
-    return out
 
 
 class PruningScheduler:

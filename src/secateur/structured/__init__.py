@@ -41,8 +41,9 @@ from secateur.modes import keeps_statistics
 from secateur.structured.apply import _apply, apply_structure
 from secateur.structured.depth import DepthResult, Skipped, drop_blocks, droppable_blocks, score_blocks
 from secateur.structured.mix import FastestResult, MixOption, prune_fastest
-from secateur.structured.choose import (_candidates, _choose, _new_plan, _refuse_masked, _refuse_rope, _validate,
-                                        align_notes, resolve_ratio)
+from secateur.structured.choose import (_candidates, _choose, _new_plan, _ratio_for, _ratio_keys_prune,
+                                        _refuse_masked, _refuse_rope, _validate, align_notes, resolve_ratio,
+                                        toward_original, widths)
 from secateur.structured.plan import STRUCTURE_ATTR, Plan, StructuredResult
 from secateur.structured.proof import _verified
 from secateur.structured.targets import _latency_target, _target_plan, _validate_latency
@@ -117,6 +118,24 @@ def _plan(model: nn.Module, example_inputs: Any, graph: Graph, ratio, importance
 
 
 @_old_objects_spared
+def _step_ratio(model, graph, ratio, i: int, steps: int, first: dict, scope, ignore, ignore_inputs):
+    """Round ``i`` of ``steps``: after it each group has lost ``1 - (1 - r) ** ((i + 1) / steps)`` of its width at
+    the first round (exactly ``r`` after the last), counted from those widths, so the rounds end where one-shot
+    pruning would (the survivors' share rounded down each round removed nothing from a narrow layer)."""
+    if i == 0:
+        if isinstance(ratio, dict):
+            _ratio_keys_prune(graph, ratio)
+        first.update(widths(graph))
+    frac = (i + 1) / steps
+
+    def share(g):
+        r = _ratio_for(g, ratio)
+        return r if i == steps - 1 else 1 - (1 - r) ** frac
+
+    return toward_original(model, graph, first, share, lambda g: 1 - (1 - _ratio_for(g, ratio)) ** (1 / steps),
+                           scope, ignore, ignore_inputs)
+
+
 @keeps_statistics
 def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
                    importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
@@ -211,23 +230,22 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         if latency:
             latency["latency_estimate"] = latency.pop("estimate")(model)
     else:
+        first: dict[str, int] = {}
         for i in range(steps):
-            if steps == 1:  # exactly the ratio plan_channels gets (1 - (1 - r) ** 1 is not always r in floats)
-                r = ratio
-            elif isinstance(ratio, dict):
-                r = {k: 1 - (1 - v) ** (1 / steps) for k, v in ratio.items()}
-            else:
-                r = 1 - (1 - float(ratio)) ** (1 / steps)
             # one capture per step (counting the dense MACs on the first); the dry run's slices and MAC count
             # are reused: the plan is sliced once and the pruned model not run again to count it
             graph = groups_from(capture(model, example_inputs, heads, grouped, macs=i == 0))
             if i == 0:
                 macs0 = graph.tracer.macs if graph.tracer.macs is not None else count_macs(model, example_inputs)
+            r = ratio if steps == 1 or threshold is not None else _step_ratio(model, graph, ratio, i, steps, first,
+                                                                             scope, ignore, ignore_inputs)
             done = {}
             plan = _plan(model, example_inputs, graph, r, importance, threshold, scope, ignore, round_to, heads,
                          reduce, normalize, ignore_inputs, True, done)
             if not plan.choices:
-                break
+                if threshold is not None:
+                    break  # (nothing left below it)
+                continue  # (a narrow layer's next channel may be due only in a later round)
             _apply(model, plan, reuse=done.get("slices"))
             plans.append(plan)
             macs1 = done.get("macs")

@@ -120,8 +120,53 @@ def _ignored(model: nn.Module, ignore: Iterable) -> set[str]:
 
 
 class GroupRatios(dict):
-    """Ratios for single groups of one graph, keyed by ``id(group)`` (internal: `schedules.channel_pruning` gives
-    each group the share of its own original width still to go). Groups it does not name keep their channels."""
+    """Ratios for single groups of one graph, keyed by ``id(group)`` (internal: rounds of pruning give each group
+    the share of its own original width still to go, see `toward_original`). Groups it does not name keep their
+    channels."""
+
+
+def group_keys(groups: Iterable[Group]) -> list[str]:
+    """A name for each group that survives pruning: its first member's module, numbered among the groups that
+    share it (a fused q/k/v projection leads several)."""
+    seen: dict[str, int] = {}
+    out = []
+    for g in groups:
+        i = seen.get(g.name, 0)
+        seen[g.name] = i + 1
+        out.append(f"{g.name}#{i}")
+    return out
+
+
+def widths(graph: Graph) -> dict[str, int]:
+    """Each group's width by `group_keys`: what later rounds' shares are of."""
+    return {k: g.size for k, g in zip(group_keys(graph.groups), graph.groups)}
+
+
+def toward_original(model: nn.Module, graph: Graph, first: dict[str, int], share, fallback, scope: str,
+                    ignore: Iterable = (), ignore_inputs: Iterable = ()) -> GroupRatios:
+    """This round's ratio of each group's *current* width such that the group keeps what one-shot pruning of its
+    width in ``first`` by ``share(group)`` would keep (``scope="global"``: the groups' total does). Rounds of
+    pruning that each take a share of the survivors, counts rounded down, remove nothing from a narrow layer when
+    the shares are small (5 channels, ten rounds towards 0.5); counting from the first widths, the rounds add up
+    to the one-shot count. ``fallback(group)``: the ratio for a group ``first`` does not know."""
+    out = GroupRatios()
+    ignored = _ignored(model, ignore), _ignored(model, ignore_inputs)
+    live = [(k, g, float(share(g))) for k, g in zip(group_keys(graph.groups), graph.groups)
+            if not _is_ignored(g, *ignored)]
+    live = [(k, g, s) for k, g, s in live if s > 0]
+    if scope == "global" and all(k in first for k, _, _ in live):
+        now = sum(g.size for _, g, _ in live)
+        gone = sum(first[k] for k, _, _ in live) - now
+        need = _floor(sum(first[k] * s for k, _, s in live)) - gone
+        if now and need > 0:
+            out.update((id(g), need / now) for _, g, _ in live)
+        return out
+    for k, g, s in live:
+        f = first.get(k)
+        r = float(fallback(g)) if f is None or scope == "global" else (g.size - (f - _floor(f * s))) / g.size
+        if r > 0:
+            out[id(g)] = r
+    return out
 
 
 def resolve_ratio(model: nn.Module, ratio: float | dict) -> float | dict:
