@@ -135,13 +135,16 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
             lo, hi = (lo, mid) if count(choose(mid)) <= goal else (mid, hi)
         return hi
 
-    for _ in range(4):
+    # each round leaves out the groups the previous round's verification dropped (or keeps new count ties), so
+    # rounds end: the bound only guards against ties that keep changing
+    for _ in range(len(cands) + 4):
         def choose(r: float, cands=cands, fixed=frozenset()):
             return _choose([(g, s, r) for g, s, _ in cands], None, opts["scope"], opts["round_to"], graph.links,
                            graph.ties, fixed)
 
         hi = 0.99
-        if counter.exact(choose(hi)) > goal:
+        reachable = counter.exact(choose(hi)) <= goal
+        if not reachable:
             notes.append(f"target_{what}={fraction} is not reachable with a ratio below 1; pruned at {hi}")
         else:
             hi = search(choose, counter.estimate, 0.0, hi, 20)  # upper bound: hi meets the goal for sure
@@ -154,10 +157,15 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
         plan = _verified(model, example_inputs, plan, graph,
                          rechoose=lambda t, fixed, hi=hi: choose(hi, fixed=fixed))  # choose reads graph.ties
         dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
-        if (not dropped and graph.ties is ties) or counter.exact(plan.choices, plan.attrs) <= goal:
+        left = counter.exact(plan.choices, plan.attrs)
+        met = left <= goal
+        if met or (not dropped and graph.ties is ties):
             break
         cands = [c for c in cands if id(c[0]) not in dropped]
         notes = plan.notes
+    if reachable and not met:  # (said, never a missed target without a word)
+        plan.notes.append(f"target_{what}={fraction} missed: {left / counter.total:.4g} of the model's {what} left "
+                          "(the groups the dry run keeps whole could not be made up for by the others)")
     plan.notes.extend(plan.norm_notes())
     return plan
 
