@@ -1,5 +1,7 @@
 """Regularisers: proximal maps against their closed forms, penalties against autograd-free formulas,
 group lasso shrinking whole groups, network-slimming pruning by threshold and ratio."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -126,6 +128,26 @@ def test_group_lasso_shrinks_whole_groups_together():
             scale = (1 - tau / old[~dead]).unsqueeze(1)
             orig = snapshot[f"{mod_name}.{param}"].movedim(dim, 0).reshape(g.size, -1)
             assert torch.allclose(rows[~dead], orig[~dead] * scale, atol=1e-6)  # direction kept
+
+
+def test_group_lasso_step_does_not_depend_on_the_order_of_overlapping_groups():
+    """The structural engine's groups overlap (a conv's rows belong to its own group, its input columns to the
+    previous one's): every group is thresholded from the values before the step, so reversing the groups gives the
+    same model (the sequential step gave the later group norms of already-shrunk values)."""
+    x = torch.randn(2, 3, 10, 10)
+    torch.manual_seed(0)
+    a = _convnet()
+    a(x)
+    _bn_randomise(a)
+    b = copy.deepcopy(a)
+    groups = channel_groups(a, example_inputs=x)
+    tensors = [{(m[0], m[1]) for m in g.members} for g in groups]
+    assert any(a & b for i, a in enumerate(tensors) for b in tensors[i + 1:])  # (a tensor in two groups)
+    tau = float(torch.cat(GroupLasso(tuple(groups)).norms(a)).median())
+    GroupLasso(tuple(groups), lam=1.0).proximal_(a, lr=tau)
+    GroupLasso(tuple(reversed(groups)), lam=1.0).proximal_(b, lr=tau)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_group_lasso_penalty_gradient_training_shrinks_groups():

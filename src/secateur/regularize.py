@@ -266,12 +266,17 @@ class GroupLasso:
 
     @torch.no_grad()
     def proximal_(self, model: nn.Module, lr: float, step: int = 0) -> None:
-        """Block soft-thresholding: scale channel k of a group by ``max(0, 1 - lr*lambda/||w_k||)``."""
+        """Block soft-thresholding: scale channel k of a group by ``max(0, 1 - lr*lambda/||w_k||)``. Every group's
+        norms are taken before any is scaled, so groups that share entries (a layer's rows in one group, its input
+        columns in the next) give the same step in any order; a shared entry gets the product of its groups'
+        scales."""
         tau = _check_lr(lr, "GroupLasso.proximal_") * _lam(self.lam, step, "GroupLasso")
         resolved = _resolve(model, self.groups)
+        scales = []
         for parts, g, w in zip(resolved, self.groups, self._weights(resolved)):
             norm = torch.sqrt(sum(_sq_per_channel(t, d, i, c, g.size) for t, d, i, c, _, _ in parts))
-            scale = (1 - tau * w / norm.clamp_min(1e-30)).clamp_min(0)
+            scales.append((1 - tau * w / norm.clamp_min(1e-30)).clamp_min(0))
+        for parts, scale in zip(resolved, scales):
             for t, dim, idx, ch, _, _ in parts:
                 n = t.shape[dim] if idx is None else len(idx)
                 per_pos = scale if ch is None else scale[ch]
