@@ -454,7 +454,8 @@ BAD = {
     "float tokens": (dict(calibration="float"), r"calibration\[0\].*integer token ids"),
     "NaN weight": (dict(nan=True), r"\.weight.*NaN|NaN.*\.weight|\] weight holds NaN"),
     "indivisible N:M": (dict(pattern=secateur.NM(3, 7)), r"not divisible by M=7"),
-    "targets nothing": (dict(targets=lambda n, m: False), r"no targeted Linear"),
+    "targets nothing": (dict(targets=lambda n, m: False), r"target filter selected no prunable tensor"),
+    "targets outside the blocks": (dict(targets=lambda n, m: n == "lm_head"), r"blocks hold no targeted Linear"),
 }
 
 
