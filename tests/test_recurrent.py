@@ -238,3 +238,37 @@ def test_input_features_straight_from_the_models_input_stay(layer):
     assert_oracle(model, torch.randn(2, 3, 3), ratio=0.5)
     assert model.lin.out_features == 2
     assert (model.rnn.weight_ih_l0 if hasattr(model.rnn, "weight_ih_l0") else model.rnn.weight_ih).shape[1] == 3
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+@pytest.mark.parametrize("cls, kw", [
+    (nn.LSTM, dict()), (nn.LSTM, dict(bidirectional=True)), (nn.LSTM, dict(num_layers=2)),
+    (nn.LSTM, dict(batch_first=False)), (nn.LSTM, dict(proj_size=4, bidirectional=True)), (nn.LSTM, dict(packed=True)),
+    (nn.GRU, dict(bidirectional=True, num_layers=2)), (nn.RNN, dict()),
+], ids=["lstm", "bidir", "2_layers", "seq_first", "proj_bidir", "packed", "gru", "rnn"])
+def test_recurrent_macs_are_counted_on_the_cpu_as_on_meta(cls, kw):
+    """nn.LSTM runs one fused oneDNN kernel per layer and direction on the CPU (``mkldnn_rnn_layer``), which the
+    flop counter did not know: an LSTM counted 0 MACs on the CPU and its matmuls on meta, so MACs targets on LSTM
+    models were met against the wrong total. Both now count the formula: per step and sequence, gates x (input +
+    hidden), plus the projection."""
+    from secateur.graph.verify import skeleton, to_meta
+    from secateur.metrics import count_macs
+    packed, batch_first = kw.pop("packed", False), kw.pop("batch_first", True)
+    torch.manual_seed(0)
+    rnn = cls(11, 8, batch_first=batch_first, **kw)
+    x = torch.randn(2, 5, 11) if batch_first else torch.randn(5, 2, 11)
+    tokens = 10
+    if packed:
+        x = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
+        tokens = 8
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[cls]
+    dirs = 2 if kw.get("bidirectional") else 1
+    hidden, proj = 8, kw.get("proj_size", 0)
+    out = proj or hidden
+    want = 0
+    for layer in range(kw.get("num_layers", 1)):
+        width = 11 if layer == 0 else out * dirs
+        want += dirs * tokens * (gates * hidden * (width + out) + hidden * proj)
+    assert count_macs(rnn, (x,)) == want  # (a PackedSequence is a tuple: one argument)
+    if not packed:  # (meta cannot pack: the lengths are values)
+        assert count_macs(skeleton(rnn), to_meta(x)) == want

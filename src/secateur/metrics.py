@@ -30,9 +30,21 @@ def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
     return 2 * n * a[-1]
 
 
+def _mkldnn_rnn_flops(x, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    """The CPU's fused LSTM layer (oneDNN, one call per layer and direction): per time step and sequence, the input
+    and the hidden matmuls (what the op's decomposition on meta counts). ``x`` is [T, B, in], [B, T, in] or a
+    packed [tokens, in]."""
+    steps = 1
+    for s in x[:-1]:
+        steps *= s
+    return 2 * steps * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
+
+
 # kernels FlopCounterMode does not know: attention on the CPU flash path (q k^T and attn v, like its GPU formulas),
-# grouped matmuls
+# the CPU's fused LSTM layer (nn.LSTM counted 0 MACs on the CPU and its full count on meta), grouped matmuls
 _EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+          **({torch.ops.aten.mkldnn_rnn_layer: _mkldnn_rnn_flops} if hasattr(torch.ops.aten, "mkldnn_rnn_layer")
+             else {}),
           **({torch.ops.aten._grouped_mm: _grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {})}
 
 
