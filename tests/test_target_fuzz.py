@@ -416,6 +416,24 @@ def test_random_fastest_plans_many(spec, opts):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# MACs targets are searched on meta skeletons (`_Counter.exact`) and reported on the model: both counts must agree
+# (an nn.LSTM's fused CPU kernel counted 0 MACs on the CPU and its matmuls on meta)
+
+def check_meta_macs(spec) -> str:
+    from secateur.graph.verify import skeleton, to_meta
+    model, x = make(spec), example(spec)
+    cpu = count_macs(model, x)
+    assert count_macs(skeleton(model), to_meta(x)) == cpu, "MACs on meta differ from the CPU's"
+    return "counted"
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=_HC, database=None)
+@given(spec=architectures(max_blocks=5))
+def test_macs_on_meta_equal_the_cpu(spec):
+    event(check_meta_macs(spec))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the allocator against brute force
 
 def _loss(scores, counts) -> float:
