@@ -272,3 +272,15 @@ def test_recurrent_macs_are_counted_on_the_cpu_as_on_meta(cls, kw):
     assert count_macs(rnn, (x,)) == want  # (a PackedSequence is a tuple: one argument)
     if not packed:  # (meta cannot pack: the lengths are values)
         assert count_macs(skeleton(rnn), to_meta(x)) == want
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bidirectional=True, num_layers=2), dict(proj_size=4), dict(bias=False)])
+def test_fused_gpu_rnn_formula_counts_every_matrix(kw):
+    """cuDNN runs the whole nn.LSTM in one ``_cudnn_rnn`` call (no GPU here: the formula, on the shapes the flop
+    counter hands it): the same count as the CPU's per-layer kernels."""
+    from secateur.metrics import _fused_rnn_flops, count_macs
+    torch.manual_seed(0)
+    lstm = nn.LSTM(11, 8, batch_first=True, **kw)
+    x = torch.randn(2, 5, 11)
+    shapes = [tuple(w.shape) for w in lstm._flat_weights]
+    assert _fused_rnn_flops((2, 5, 11), shapes, 4, None) // 2 == count_macs(lstm, x)

@@ -40,11 +40,20 @@ def _mkldnn_rnn_flops(x, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
     return 2 * steps * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
 
 
+def _fused_rnn_flops(x, weights, *args, out_shape=None, **kwargs) -> int:
+    """cuDNN's / MIOpen's whole recurrent layer stack in one call: every matrix of every layer and direction (input,
+    hidden, projection) meets every time step of every sequence once."""
+    steps = 1
+    for s in x[:-1]:
+        steps *= s
+    return 2 * steps * sum(w[0] * w[1] for w in weights if len(w) == 2)
+
+
 # kernels FlopCounterMode does not know: attention on the CPU flash path (q k^T and attn v, like its GPU formulas),
-# the CPU's fused LSTM layer (nn.LSTM counted 0 MACs on the CPU and its full count on meta), grouped matmuls
+# fused recurrent layers (nn.LSTM counted 0 MACs on the CPU and its full count on meta), grouped matmuls
+_RNN_OPS = {"mkldnn_rnn_layer": _mkldnn_rnn_flops, "_cudnn_rnn": _fused_rnn_flops, "miopen_rnn": _fused_rnn_flops}
 _EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
-          **({torch.ops.aten.mkldnn_rnn_layer: _mkldnn_rnn_flops} if hasattr(torch.ops.aten, "mkldnn_rnn_layer")
-             else {}),
+          **{getattr(torch.ops.aten, k): f for k, f in _RNN_OPS.items() if hasattr(torch.ops.aten, k)},
           **({torch.ops.aten._grouped_mm: _grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {})}
 
 
