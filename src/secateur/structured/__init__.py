@@ -117,7 +117,6 @@ def _plan(model: nn.Module, example_inputs: Any, graph: Graph, ratio, importance
     return plan
 
 
-@_old_objects_spared
 def _step_ratio(model, graph, ratio, i: int, steps: int, first: dict, scope, ignore, ignore_inputs):
     """Round ``i`` of ``steps``: after it each group has lost ``1 - (1 - r) ** ((i + 1) / steps)`` of its width at
     the first round (exactly ``r`` after the last), counted from those widths, so the rounds end where one-shot
@@ -136,6 +135,7 @@ def _step_ratio(model, graph, ratio, i: int, steps: int, first: dict, scope, ign
                            scope, ignore, ignore_inputs)
 
 
+@_old_objects_spared
 @keeps_statistics
 def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict = 0.5,
                    importance: str | Callable = "l1", threshold: float | None = None, scope: str = "local",
