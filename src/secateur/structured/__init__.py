@@ -147,7 +147,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
     """Physically remove channels from ``model`` in place (see module docstring). ``target_macs`` /
     ``target_params`` (fractions of the current model): one uniform ratio (or global budget with
     ``scope="global"``) found by bisection on the plan's exact count, applied once (so a target refuses
-    ``steps`` > 1 and a ratio dict); ``steps`` splits ``ratio`` into that many capture-score-prune rounds.
+    ``steps`` > 1 and a ratio dict); ``steps`` splits ``ratio`` into that many capture-score-prune rounds
+    (geometric shares counted from the widths at the first round: the last round leaves one-shot's widths).
     ``ignore``: modules (or names / globs) whose output channels are kept; ``ignore_inputs``: modules whose
     input channels are kept. The model's outputs are always kept, whatever layer produces them. ``heads``:
     "heads" removes whole attention heads (whole key/value groups under GQA); "head_dim" removes the same number
