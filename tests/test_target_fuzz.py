@@ -614,7 +614,140 @@ KNOWN = [
                   "head": {"op": "head", "kind": "mean", "c": 2, "out": 1}, "seed": 0},
                  dict(target=0.5, importance="l1", round_to=None, grouped="channels", ignore=None, table_seed=0),
                  id="latency_nothing_prunable_not_refused"),
+    # found by a reseeded run: an nn.LSTM counted 0 MACs on the CPU (its fused kernel) and its matmuls on meta, so
+    # the uniform plan (0.86 of the MACs) was rated 1.035 of them and passed over for a plan the table rated slower
+    pytest.param({'blocks': [{'bidir': False, 'din': 11, 'hidden': 8, 'kind': 'lstm', 'op': 'rnn'},
+                             {'bias': False, 'd': 8, 'heads': 1, 'op': 'attn'},
+                             {'act': 'relu', 'bias': False, 'din': 8, 'dout': 20, 'op': 'linear'},
+                             {'bidir': True, 'din': 20, 'hidden': 11, 'kind': 'gru', 'op': 'rnn'},
+                             {'act': 'relu', 'd': 22, 'hidden': 23, 'norm': False, 'op': 'mlp'},
+                             {'d': 22, 'op': 'ln'}],
+                  'head': {'c': 22, 'kind': 'tokens', 'op': 'head', 'out': 1},
+                  'input': [2, 4, 11],
+                  'seed': 0},
+                 {'fraction': 0.9,
+                  'grouped': 'channels',
+                  'importance': 'l1',
+                  'round_to': 4,
+                  'scope': 'global',
+                  'table_seed': 0,
+                  'what': 'macs'}, id="lstm_macs_uncounted_on_the_cpu"),
+    # found by a reseeded run: the dry run kept the one group the latency allocator chose (a size the head's
+    # control flow reads), the plan removed nothing, and its notes were dropped with it: 1.0 of the latency for a
+    # 0.59 target without a word (the allocation now runs again without such groups, and the notes are kept)
+    pytest.param({'blocks': [{'body': [{'act': 'relu',
+                                        'conv': {'bias': False,
+                                                 'cin': 3,
+                                                 'cout': 3,
+                                                 'groups': 1,
+                                                 'k': 1,
+                                                 'op': 'conv',
+                                                 'p': 0,
+                                                 's': 1},
+                                        'norm': {'c': 3, 'kind': 'bn', 'op': 'norm'},
+                                        'op': 'unit'}],
+                              'c': 3,
+                              'op': 'scaled'},
+                             {'a': [{'act': 'relu',
+                                     'conv': {'bias': False,
+                                              'cin': 3,
+                                              'cout': 15,
+                                              'groups': 3,
+                                              'k': 3,
+                                              'op': 'conv',
+                                              'p': 1,
+                                              's': 1},
+                                     'norm': {'c': 15, 'kind': 'ln', 'op': 'norm'},
+                                     'op': 'unit'}],
+                              'act': 'relu',
+                              'b': [{'act': 'relu',
+                                     'conv': {'bias': False,
+                                              'cin': 3,
+                                              'cout': 15,
+                                              'groups': 1,
+                                              'k': 1,
+                                              'op': 'conv',
+                                              'p': 0,
+                                              's': 1},
+                                     'norm': {'c': 15, 'kind': 'bn', 'op': 'norm'},
+                                     'op': 'unit'}],
+                              'op': 'add2'},
+                             {'body': [{'act': 'relu',
+                                        'conv': {'bias': True,
+                                                 'cin': 15,
+                                                 'cout': 15,
+                                                 'groups': 1,
+                                                 'k': 1,
+                                                 'op': 'conv',
+                                                 'p': 0,
+                                                 's': 1},
+                                        'norm': {'c': 15, 'kind': 'bn', 'op': 'norm'},
+                                        'op': 'unit'}],
+                              'c': 15,
+                              'op': 'scaled'},
+                             {'act': 'relu',
+                              'body': [{'act': 'relu',
+                                        'conv': {'bias': False,
+                                                 'cin': 15,
+                                                 'cout': 15,
+                                                 'groups': 1,
+                                                 'k': 1,
+                                                 'op': 'conv',
+                                                 'p': 0,
+                                                 's': 1},
+                                        'norm': {'c': 15, 'kind': 'bn', 'op': 'norm'},
+                                        'op': 'unit'},
+                                       {'act': None,
+                                        'conv': {'bias': True,
+                                                 'cin': 15,
+                                                 'cout': 15,
+                                                 'groups': 1,
+                                                 'k': 1,
+                                                 'op': 'conv',
+                                                 'p': 0,
+                                                 's': 1},
+                                        'norm': {'c': 15, 'kind': 'bn', 'op': 'norm'},
+                                        'op': 'unit'}],
+                              'op': 'res',
+                              'proj': None}],
+                  'head': {'c': 15, 'in': 990, 'kind': 'gap', 'op': 'head', 'out': 1},
+                  'input': [2, 3, 6, 11],
+                  'seed': 0},
+                 {'grouped': 'channels',
+                  'ignore': None,
+                  'importance': 'l1',
+                  'round_to': None,
+                  'table_seed': 70,
+                  'target': 0.59375}, id="latency_target_dry_run_notes_lost"),
 ]
+
+
+def test_latency_target_allocates_again_without_the_groups_the_dry_run_keeps(monkeypatch):
+    """A group the dry run keeps whole leaves its share of the cut undone: the allocation runs again over the other
+    groups, so the target is still met where they can make up for it (it was missed, and noted only since session
+    25). The stand-in verifier keeps whole the group the first allocation cut most (the allocator's favourite)."""
+    import secateur.structured.targets as targets
+    real, calls = targets._verified, []
+
+    def verified(model, example_inputs, plan, graph=None, done=None, rechoose=None):
+        plan = real(model, example_inputs, plan, graph, done, rechoose)
+        if not calls:
+            calls.append(max(plan.choices, key=lambda gc: len(gc[1]))[0].name)
+        calls.append(sorted(g.name for g, _ in plan.choices))
+        plan.choices = [(g, c) for g, c in plan.choices if g.name != calls[0]]
+        return plan
+
+    monkeypatch.setattr(targets, "_verified", verified)
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip([8] + [24] * 6, [24] * 6 + [2]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model, x = nn.Sequential(*layers[:-1]), torch.randn(4, 8)
+    table = _synthetic_table(model, x, 0)
+    dense = _table_estimate(table, model)
+    res = secateur.prune_channels(model, x, target_latency=0.7, latency_table=table, verify="estimate")
+    assert len(calls) == 3 and calls[0] in calls[1] and calls[0] not in calls[2]  # (two rounds, without it)
+    assert _table_estimate(table, model) / dense <= 0.7 * (1 + 1e-9), res.notes
 
 
 @pytest.mark.parametrize("spec, opts", KNOWN)

@@ -211,6 +211,8 @@ def prune_channels(model: nn.Module, example_inputs: Any, *, ratio: float | dict
         if plan.choices:
             plan.apply(model)
             plans.append(plan)
+        else:
+            unapplied.extend(plan.notes)  # (why nothing was removed: the groups the dry run kept)
         latency["latency_estimate"] = latency.pop("estimate")(model)
     elif target_macs is not None or target_params is not None:
         what = "macs" if target_macs is not None else "params"

@@ -34,25 +34,39 @@ def _validate_latency(ratio, threshold, steps, target_macs, target_params, heads
 def _latency_plan(model: nn.Module, example_inputs: Any, target_latency: float, table: Any,
                   opts: dict) -> Plan:
     """One plan whose per-group counts meet the latency target (see `secateur.allocate.latency_choices`),
-    verified like every other plan."""
+    verified like every other plan. Groups the verification keeps whole are left out and the allocation runs
+    again over the others, as for MACs targets, until the verified plan keeps every group it chose (or no
+    allocation without them meets the target: the last verified plan, which says what it kept)."""
     from secateur.allocate import latency_choices
     graph = build_graph(model, example_inputs, grouped=opts["grouped"])
     ignored, ignored_in = _ignored(model, opts["ignore"]), _ignored(model, opts["ignore_inputs"])
-    try:
-        choices = latency_choices(model, example_inputs, target_latency, table=table,
-                                  importance=opts["importance"], round_to=opts["round_to"], graph=graph,
-                                  skip=lambda g: _is_ignored(g, ignored, ignored_in),
-                                  score_options=dict(reduce=opts["reduce"], normalize=opts["normalize"]))
-    except PruningError as e:
-        if "cannot be reached" not in str(e):
-            raise
-        # the allocator's hint names its own options; here the way out is a milder target or fewer constraints
-        raise fail("target_latency cannot be reached by removing channels: the table says the model keeps more "
-                   "time than that with every prunable group at its smallest count", where="prune_channels",
-                   value=target_latency, hint=f"ask for less (a larger target_latency), or drop ignore= / round_to; "
-                   f"the allocator said: {e}") from None
-    plan = Plan(graph.groups, choices, list(graph.notes), norms=graph.norms)
-    plan = _verified(model, example_inputs, plan, graph) if plan.choices else plan
+    left_out: set[int] = set()
+    plan, notes = None, list(graph.notes)
+    for _ in range(len(graph.groups) + 1):
+        try:
+            choices = latency_choices(model, example_inputs, target_latency, table=table,
+                                      importance=opts["importance"], round_to=opts["round_to"], graph=graph,
+                                      skip=lambda g: _is_ignored(g, ignored, ignored_in) or id(g) in left_out,
+                                      score_options=dict(reduce=opts["reduce"], normalize=opts["normalize"]))
+        except PruningError as e:
+            if "cannot be reached" not in str(e):
+                raise
+            if plan is not None:  # reachable until the dry run kept groups whole: the best verified plan
+                plan.notes.append(f"target_latency={target_latency} missed: no allocation over the groups left "
+                                  "meets it")
+                break
+            # the allocator's hint names its own options; here the way out is a milder target or fewer constraints
+            raise fail("target_latency cannot be reached by removing channels: the table says the model keeps more "
+                       "time than that with every prunable group at its smallest count", where="prune_channels",
+                       value=target_latency, hint=f"ask for less (a larger target_latency), or drop ignore= / "
+                       f"round_to; the allocator said: {e}") from None
+        plan = Plan(graph.groups, choices, list(notes), norms=graph.norms)
+        plan = _verified(model, example_inputs, plan, graph) if plan.choices else plan
+        dropped = {id(g) for g, _ in choices} - {id(g) for g, _ in plan.choices}
+        if not dropped:
+            break
+        left_out |= dropped
+        notes = plan.notes
     plan.notes.extend(plan.norm_notes())
     return plan
 
