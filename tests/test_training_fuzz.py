@@ -1162,6 +1162,59 @@ def test_channel_pruning_resumed_mid_ramp_ends_at_the_same_widths(tmp_path):
     assert widths[-1] == whole[-1] == 3
 
 
+def test_channel_pruning_checkpoint_resumes_into_a_freshly_built_model(tmp_path):
+    """A structural schedule checkpointed mid-ramp (`save_checkpoint`) resumes in a new process: the freshly built
+    model is resized by the checkpoint's structure record, the weights, scheduler (with the first widths) and
+    optimizer load, and the run ends bit-identical to the uninterrupted one."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    x = torch.randn(3, 4)
+    sched = lambda m: PruningScheduler(m, Linear(final=0.6, start=0, end=10), prune_fn=channel_pruning(x))
+    whole = build()
+    s0 = sched(whole)
+    for _ in range(12):
+        s0.step()
+    model = build()
+    s1 = sched(model)
+    for _ in range(5):
+        s1.step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.pt", model, scheduler=s1, optimizer=opt)
+    fresh = build()
+    s2 = sched(fresh)
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    resume(fresh, load_checkpoint(tmp_path / "c.pt"), scheduler=s2, optimizer=opt2)
+    assert [fresh[i].out_features for i in (0, 2)] == [model[i].out_features for i in (0, 2)] != [7, 6]
+    for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(opt2.state[p]["momentum_buffer"], opt.state[q]["momentum_buffer"])
+               for p, q in zip(fresh.parameters(), model.parameters()))
+    for _ in range(7):
+        s1.step()
+        s2.step()
+    assert [fresh[i].out_features for i in (0, 2)] == [model[i].out_features for i in (0, 2)] \
+        == [whole[i].out_features for i in (0, 2)]
+
+
+def test_resume_refuses_a_pruned_checkpoint_for_another_architecture(tmp_path):
+    """The structure record only shapes a model it fits: another architecture (a 1-way head where the record has
+    2 outputs) is refused unchanged. (A wider one is not told apart: the record slices every tensor it names.)"""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    model = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 2))
+    S.prune_channels(model, x, ratio=0.5)
+    save_checkpoint(tmp_path / "c.pt", model)
+    other = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 1))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(PruningError, match="different model"):
+        resume(other, load_checkpoint(tmp_path / "c.pt"))
+    assert other[0].out_features == 7 and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
 @pytest.mark.parametrize("option", ["target_macs", "steps", "threshold", "verify"])
 def test_channel_pruning_refuses_what_the_schedule_sets(option):
     with pytest.raises(PruningError, match=option):

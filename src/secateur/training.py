@@ -220,12 +220,16 @@ def fingerprint(model: nn.Module) -> dict[str, list[int]]:
 
 def checkpoint(model: nn.Module, *, scheduler: Any = None, optimizer: torch.optim.Optimizer | None = None,
                history: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
-    """A plain dict for ``torch.save``: weights, masks, scheduler/optimizer state, history, ``extra``.
+    """A plain dict for ``torch.save``: weights, masks, scheduler/optimizer state, history, ``extra``, and the
+    structure record of a structurally pruned model (so that `resume` can shape a freshly built one).
     Tensors are references to the live ones: save (or clone) it before training goes on."""
+    import copy
+    from secateur.structured.plan import STRUCTURE_ATTR
     return {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint(model), "weights": plain_state(model),
             "masks": dict(masks_of(model)), "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "history": list(history or []), "extra": extra}
+            "history": list(history or []), "extra": extra,
+            "structure": copy.deepcopy(getattr(model, STRUCTURE_ATTR, None)) or None}
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **kw: Any) -> None:
@@ -302,6 +306,25 @@ def _check_checkpoint(model: nn.Module, ckpt: Mapping[str, Any], where: str) -> 
         raise fail("the checkpoint's history is not a list", where=where, value=type(ckpt["history"]).__name__)
 
 
+def _shaped_like(model: nn.Module, ckpt: Mapping[str, Any]) -> nn.Module | None:
+    """A meta copy of ``model`` resized by the checkpoint's structure record, where ``model`` is a freshly built,
+    unpruned one that this makes fit the checkpoint (channels removed physically during training, as by
+    `secateur.schedules.channel_pruning`); None otherwise (the model is checked as it is)."""
+    from secateur.structured.plan import STRUCTURE_ATTR
+    structure = ckpt.get("structure")
+    if not isinstance(structure, Mapping) or not structure or getattr(model, STRUCTURE_ATTR, None) \
+            or masks_of(model) or not isinstance(ckpt.get("fingerprint"), Mapping) \
+            or fingerprint(model) == ckpt["fingerprint"]:
+        return None
+    from secateur.graph.verify import skeleton
+    from secateur.structured import apply_structure
+    try:
+        shaped = apply_structure(skeleton(model), dict(structure))
+    except Exception:  # noqa: BLE001 - a record that does not fit this model: it is checked as it is, and refused
+        return None
+    return shaped if fingerprint(shaped) == ckpt["fingerprint"] else None
+
+
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, where: str) -> None:
     if state is None:
         raise fail("the checkpoint holds no optimizer state", where=where)
@@ -329,7 +352,8 @@ def resume(model: nn.Module, ckpt: Mapping[str, Any], *, scheduler: Any = None,
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise fail("not a secateur checkpoint", where="resume",
                    value=ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__)
-    _check_checkpoint(model, ckpt, where)
+    shaped = _shaped_like(model, ckpt)  # a fresh model of a structurally pruned run: its shapes after the record
+    _check_checkpoint(model if shaped is None else shaped, ckpt, where)
     if scheduler is not None:
         state = ckpt.get("scheduler")
         if state is None:
@@ -356,6 +380,9 @@ def resume(model: nn.Module, ckpt: Mapping[str, Any], *, scheduler: Any = None,
         raise fail(f"the checkpoint's optimizer state does not load ({type(e).__name__}: {e})", where=where) from e
     # the model: drop current masks (keeping the Parameter objects), load weights, re-attach masks. All
     # of it was checked above (names, shapes, parametrizations).
+    if shaped is not None:
+        from secateur.structured import apply_structure
+        apply_structure(model, ckpt["structure"])  # (the Parameter objects stay: an optimizer over them still fits)
     for _, module, param, _ in list(iter_masks(model)):
         remove_mask(module, param, bake=False)
     model.load_state_dict(ckpt["weights"], strict=True)
