@@ -30,23 +30,20 @@ def _grouped_mm_flops(a, b, *args, out_shape=None, **kwargs) -> int:
     return 2 * n * a[-1]
 
 
-def _mkldnn_rnn_flops(x, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
-    """The CPU's fused LSTM layer (oneDNN, one call per layer and direction): per time step and sequence, the input
-    and the hidden matmuls (what the op's decomposition on meta counts). ``x`` is [T, B, in], [B, T, in] or a
+def _fused_rnn_flops(x, weights, *args, out_shape=None, **kwargs) -> int:
+    """cuDNN's / MIOpen's whole recurrent layer stack in one call: every matrix of every layer and direction (input,
+    hidden, projection) meets every time step of every sequence once. ``x`` is [T, B, in], [B, T, in] or a
     packed [tokens, in]."""
     steps = 1
     for s in x[:-1]:
         steps *= s
-    return 2 * steps * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
-
-
-def _fused_rnn_flops(x, weights, *args, out_shape=None, **kwargs) -> int:
-    """cuDNN's / MIOpen's whole recurrent layer stack in one call: every matrix of every layer and direction (input,
-    hidden, projection) meets every time step of every sequence once."""
-    steps = 1
-    for s in x[:-1]:
-        steps *= s
     return 2 * steps * sum(w[0] * w[1] for w in weights if len(w) == 2)
+
+
+def _mkldnn_rnn_flops(x, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    """The CPU's fused LSTM layer (oneDNN, one call per layer and direction): its input and hidden matmuls (what the
+    op's decomposition on meta counts)."""
+    return _fused_rnn_flops(x, [w_ih, w_hh])
 
 
 # kernels FlopCounterMode does not know: attention on the CPU flash path (q k^T and attn v, like its GPU formulas),

@@ -7,6 +7,7 @@ weights under their ordinary names, the masks, the scheduler's counter and the h
 fingerprint of the model so that resuming into a different model is refused before anything changes."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -223,7 +224,6 @@ def checkpoint(model: nn.Module, *, scheduler: Any = None, optimizer: torch.opti
     """A plain dict for ``torch.save``: weights, masks, scheduler/optimizer state, history, ``extra``, and the
     structure record of a structurally pruned model (so that `resume` can shape a freshly built one).
     Tensors are references to the live ones: save (or clone) it before training goes on."""
-    import copy
     from secateur.structured.plan import STRUCTURE_ATTR
     return {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint(model), "weights": plain_state(model),
             "masks": dict(masks_of(model)), "scheduler": scheduler.state_dict() if scheduler is not None else None,

@@ -171,15 +171,18 @@ def _target_plan(model: nn.Module, example_inputs: Any, fraction: float, what: s
         plan = _verified(model, example_inputs, plan, graph,
                          rechoose=lambda t, fixed, hi=hi: choose(hi, fixed=fixed))  # choose reads graph.ties
         dropped = {id(g) for g, _ in choose(hi)} - {id(g) for g, _ in plan.choices}
-        left = counter.exact(plan.choices, plan.attrs)
-        met = left <= goal
-        if met or (not dropped and graph.ties is ties):
+        if not dropped and graph.ties is ties:  # the plan searched for: it meets the goal when any ratio can
+            met = reachable
+            break
+        met = counter.exact(plan.choices, plan.attrs) <= goal
+        if met:
             break
         cands = [c for c in cands if id(c[0]) not in dropped]
         notes = plan.notes
     if reachable and not met:  # (said, never a missed target without a word)
-        plan.notes.append(f"target_{what}={fraction} missed: {left / counter.total:.4g} of the model's {what} left "
-                          "(the groups the dry run keeps whole could not be made up for by the others)")
+        left = counter.exact(plan.choices, plan.attrs) / counter.total
+        plan.notes.append(f"target_{what}={fraction} missed: {left:.4g} of the model's {what} left (the groups the "
+                          "dry run keeps whole could not be made up for by the others)")
     plan.notes.extend(plan.norm_notes())
     return plan
 
