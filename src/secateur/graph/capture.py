@@ -102,6 +102,9 @@ class Tracer:
         self.read_at: dict[int, int] = {}
         self.made: dict[int, tuple[int, Any]] = {}  # id(buffer a factory made) -> (its trace step, weak reference)
         self.values: Any = None  # on meta: the values known there (graph/meta_values.py), for index rules
+        # each module's first call: what its inputs and outputs were (graph/local_proof.py proves size-attribute
+        # updates on a CPU copy of one module from these, where the whole model cannot run here)
+        self.module_calls: dict[str, Any] = {}
         for mname, mod in model.named_modules() if named is None else named:
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) not in self.owner:
@@ -375,7 +378,7 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
     handles = []
     names = {m: n for n, m in named}
     rules = {m: leaf_rule(m) for m in names}  # once per module, not twice per call
-    from secateur.graph import inner_width
+    from secateur.graph import inner_width, local_proof
     from secateur.graph.rules.attention import MathAttention
     widths = {type(m) for m in names if f"{type(m).__module__}.{type(m).__name__}" in inner_width.SAME_WIDTH}
     math = MathAttention(tracer)
@@ -385,6 +388,8 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
     def pre(mod, args, kwargs):
         entered.add(id(mod))
         tracer.stack.append(names.get(mod, "?"))
+        if tracer.depth == 0 and tracer.stack[-1] not in tracer.module_calls:
+            tracer.module_calls[tracer.stack[-1]] = local_proof.Call.of(tracer, args, kwargs)
         if tracer.depth == 0 and (id(mod) in tracer.same_width or type(mod) in widths):
             tracer.atoms.site = (tracer.where(), type(mod).__name__)
             with no_dispatch():  # label ops, not the model's
@@ -405,6 +410,9 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
                 finally:
                     tracer.depth -= 1
                 tracer.record(f"module {tracer.where()}", out)
+        call_ = tracer.module_calls.get(tracer.stack[-1])
+        if call_ is not None and call_.outputs is None:
+            call_.outputs = [tracer.get(t) for t in _flat_tensors(out)]
         tracer.stack.pop()
 
     tracer.leaf_names = {n for m, n in names.items() if rules[m] is not None}

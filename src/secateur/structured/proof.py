@@ -40,10 +40,10 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
         d1, ties = ({} if done is not None else None), graph.ties
         first = _verify_loop(model, example_inputs, _copy(plan), graph, search=True, done=d1, rechoose=rechoose,
                              memo=memo)
-        if len(first.choices) == len(plan.choices) and _exact(model, example_inputs, first, memo):
+        if len(first.choices) == len(plan.choices) and _exact(model, example_inputs, first, memo, graph):
             if done is not None:
                 done.update(d1)
-            return first
+            return _local_noted(first, memo)
         graph.ties = ties
     d0 = {} if done is not None else None
     base = _verify_loop(model, example_inputs, _copy(plan), graph, search=False, done=d0, rechoose=rechoose,
@@ -72,7 +72,7 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
             # by a tie to heads its grouped output projection cannot lose, shrinks there: 0.98 -> 0.55 of dense MACs
             # with the grouped rule off, tests/test_batched_weights.py)
             if ((found.attrs or not tied) and found.channels > picked.channels
-                    and _exact(model, example_inputs, found, memo)):
+                    and _exact(model, example_inputs, found, memo, graph)):
                 picked, d, kept_ties = found, d1, graph.ties
         graph.ties = kept_ties
     folded = [g for g, _ in picked.choices if g.scale_fold is not None]
@@ -104,19 +104,40 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
                 picked.notes.append(note)
     if done is not None:
         done.update(d)
-    return picked
+    return _local_noted(picked, memo)
 
 
-def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None = None) -> bool | None:
+def _local_noted(plan: Plan, memo: dict) -> Plan:
+    """The plan, with a note where its size attributes were proven on module copies only (graph/local_proof.py)."""
+    if plan.attrs and memo.get(("local", *_DryRuns.plan_key(plan))) is True and LOCAL_NOTE not in plan.notes:
+        plan.notes.append(LOCAL_NOTE)
+    return plan
+
+
+def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None = None, graph: Graph | None = None
+           ) -> bool | None:
     """Does ``plan`` applied to a copy compute the oracle's reference (the original with the chosen channels zeroed
     at their consumers, norms over the kept ones) on the example inputs? None where it cannot be run here (not a
     CPU model within ``verify.HERE_BYTES``): a numeric proof costs two forwards of copies, or one where ``memo``
     (``_DryRuns``') holds the outputs of this plan's dry run on a CPU twin: the same copy (the model's weights,
     the plan's slices and sizes) run on the same inputs with the same seed, so its outputs are the ones a fresh
     pruned copy gives (tnt_b_patch16_224's proof: 1.25 s, 0.92 s this way). A plan with scale folds compares the
-    attention logits too (``_Logits``), remembered in ``memo`` per plan."""
-    if not plan.choices or not _runs_here(model, example_inputs, False, memo):
+    attention logits too (``_Logits``), remembered in ``memo`` per plan. With ``graph``, a model that cannot run
+    here still gets its size-attribute updates proven on a CPU copy of the modules holding them
+    (graph/local_proof.py): the rest of such a plan has only the dry run's shape proof, as before."""
+    if not plan.choices:
         return None
+    if not _runs_here(model, example_inputs, False, memo):
+        if not plan.attrs or graph is None:
+            return None
+        key = ("local", *_DryRuns.plan_key(plan))  # the updated sizes, on a CPU copy of their module
+        if memo is None or key not in memo:
+            from secateur.graph.local_proof import prove
+            res = prove(model, example_inputs, plan, graph)
+            if memo is None:
+                return res
+            memo[key] = res
+        return memo[key]
     folds = any(g.scale_fold is not None for g, _ in plan.choices)
     key = ("exact", *_DryRuns.plan_key(plan))
     if folds and memo is not None and key in memo:
@@ -534,6 +555,8 @@ class _DryRuns:
         return (*res, expected, slices, macs)
 
 
+LOCAL_NOTE = ("size attributes: the model does not run here, so their numeric proof ran on a CPU copy of one module "
+              "per class holding them (graph/local_proof.py), with random weights where the model has none")
 FOLD_TRIALS = 4  # more size-search dry runs for a plan with scale folds: the logits proof checks what they find
 _MEMO = True  # tests turn it off to compare with the plain path (tests/test_engine_fast_paths.py)
 
