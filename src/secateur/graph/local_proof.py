@@ -15,12 +15,13 @@ kept its query heads. Most such attributes are read by one module's own forward,
 * one module per class and update is copied to the CPU in float32 (its own weights, or random ones where they are
   on meta); its float inputs are random, its integer / boolean ones the recorded values (no proof where those are
   unknown). The reference is the copy with the plan's channels zeroed at their consumers inside the module and its
-  normalisations over the kept channels (the oracle's, restricted to the module), on the full inputs; the pruned
+  normalisations over the kept channels (the oracle's, restricted to the module: a site's call is counted from the
+  module's entry, where the capture's counts stood), on the full inputs; the pruned
   copy runs on the inputs without their removed channels. Outputs must agree on the kept channels (1e-4 relative).
 
 The proof is of the module, not of the model: the rest of the plan is proven by the dry run's shapes, as for every
 model too large to run here. ``None`` wherever it cannot be run (no recorded call, unknown index values, a
-normalisation counted per op, a scale fold, a module over ``MODULE_BYTES``), and the update is then not taken."""
+scale fold, a module over ``MODULE_BYTES``), and the update is then not taken."""
 from __future__ import annotations
 
 import dataclasses
@@ -55,6 +56,7 @@ class Call:
     args: Any
     kwargs: Any
     outputs: list | None = None
+    calls: dict | None = None  # the capture's op / norm-module call counts at entry (norm sites count from there)
 
     @staticmethod
     def of(tracer: Any, args: tuple, kwargs: dict) -> "Call":
@@ -67,8 +69,11 @@ class Call:
                 usable[0] = False
             return v if isinstance(v, _PLAIN) else None
 
-        a, k = tree_map(spec, args), tree_map(spec, kwargs)
-        return Call(a, k) if usable[0] else Call(None, None)
+        try:  # bookkeeping only: whatever the model passes, the capture goes on (no proof for this module)
+            a, k = tree_map(spec, args), tree_map(spec, kwargs)
+        except Exception:  # noqa: BLE001
+            return Call(None, None)
+        return Call(a, k, calls=dict(tracer.calls)) if usable[0] else Call(None, None)
 
 
 def _value(tracer: Any, t: torch.Tensor) -> torch.Tensor | None:
@@ -128,7 +133,14 @@ def _read_outside(model: nn.Module, example_inputs: Any, attrs: dict[str, dict[s
 
         handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
         cls = type(mod)
-        mod.__class__ = _watching(cls, names, depth, outside)
+        try:
+            mod.__class__ = _watching(cls, names, depth, outside)
+        except Exception:  # noqa: BLE001 - a class whose instances cannot change class (slots, C types): no proof
+            for h in handles:
+                h.remove()
+            for m, c in swapped:
+                m.__class__ = c
+            return None
         swapped.append((mod, cls))
     try:
         shapes, _, _, _ = verify.run(sk, example_inputs)
@@ -164,13 +176,14 @@ def _prove_module(model: nn.Module, path: str, plan: Any, call: Call | None, exp
         members = [m for m in g.members if _inside(m.module, path)]
         if members:
             choices.append((dataclasses.replace(g, members=members), c))
-    norms = []
+    norms = []  # the normalisations inside the module, their calls counted from its entry (the reference's count)
     for site, keep in plan._norm_keeps():
-        where = site.key if site.kind == "module" else site.where
+        where = site.key if site.kind in ("module", "wstd") else site.where
         if isinstance(where, str) and _inside(where, path):
-            if site.kind != "module":
-                return None  # counted per op over the whole model's run: not this module's alone
-            norms.append((site, keep))
+            n = site.call - call.calls.get(site.key, 0)
+            if n < 0:
+                return None
+            norms.append((dataclasses.replace(site, call=n), keep))
     local = Plan([g for g, _ in choices], choices, heads=plan.heads,
                  attrs={n: dict(kv) for n, kv in plan.attrs.items() if _inside(n, path)})
     gen = torch.Generator().manual_seed(0)
