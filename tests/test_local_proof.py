@@ -156,3 +156,60 @@ def test_a_too_big_falcon_keeps_pruning_its_query_heads(too_big):
     with torch.no_grad():
         out = m(**x).logits
     assert out.shape == (1, 6, 100) and torch.isfinite(out).all()
+
+
+class _Recurrent(_Attn):
+    """Keeps q as state for the next call (as RecurrentGemma's RG-LRU keeps ``recurrent_states``), which its parent
+    resets before every sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.state = None
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.nh, self.dk).permute(2, 0, 3, 1, 4)
+        if self.state is not None:
+            q = q + self.state
+        self.state = q.detach()
+        y = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+        return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _Sequence(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _Recurrent()
+
+    def forward(self, x):
+        self.attn.state = None
+        return self.attn(x)
+
+
+def test_state_a_forward_leaves_behind_is_reset_as_the_capture_saw_it(too_big):
+    """After the capture the module holds the unpruned state of its last call; the module's copy starts from None,
+    as the capture's call did (a stale full-width state made the proof fail: RecurrentGemma kept its blocks)."""
+    torch.manual_seed(0)
+    m, x = _Sequence().eval(), torch.randn(2, 5, 16)
+    plan = _plan(m, x)
+    assert _head_dims_pruned(plan) == 4 and LOCAL_NOTE in plan.notes, plan.notes
+    assert plan.apply_checked(m, x) < 1e-5
+
+
+def test_state_set_before_the_capture_is_not_guessed(too_big):
+    """A tensor the module held when the capture called it cannot be rebuilt for the copy: no proof."""
+    torch.manual_seed(0)
+    m, x = _Recurrent().eval(), torch.randn(2, 5, 16)
+    m.state = torch.zeros(2, 2, 5, 8)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = m
+
+        def forward(self, x):
+            return self.attn(x)
+
+    outer = Outer().eval()
+    plan = _plan(outer, x)
+    assert _head_dims_pruned(plan) is None and LOCAL_NOTE not in plan.notes

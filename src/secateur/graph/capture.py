@@ -389,7 +389,7 @@ def _capture(model: nn.Module, example_inputs: Any, heads: str, grouped: str, ma
         entered.add(id(mod))
         tracer.stack.append(names.get(mod, "?"))
         if tracer.depth == 0 and tracer.stack[-1] not in tracer.module_calls:
-            tracer.module_calls[tracer.stack[-1]] = local_proof.Call.of(tracer, args, kwargs)
+            tracer.module_calls[tracer.stack[-1]] = local_proof.Call.of(tracer, mod, args, kwargs)
         if tracer.depth == 0 and (id(mod) in tracer.same_width or type(mod) in widths):
             tracer.atoms.site = (tracer.where(), type(mod).__name__)
             with no_dispatch():  # label ops, not the model's

@@ -57,9 +57,10 @@ class Call:
     kwargs: Any
     outputs: list | None = None
     calls: dict | None = None  # the capture's op / norm-module call counts at entry (norm sites count from there)
+    unset: frozenset = frozenset()  # plain attributes that were None at entry (state a later call may have set)
 
     @staticmethod
-    def of(tracer: Any, args: tuple, kwargs: dict) -> "Call":
+    def of(tracer: Any, mod: nn.Module, args: tuple, kwargs: dict) -> "Call":
         usable = [True]
 
         def spec(v: Any) -> Any:
@@ -73,7 +74,9 @@ class Call:
             a, k = tree_map(spec, args), tree_map(spec, kwargs)
         except Exception:  # noqa: BLE001
             return Call(None, None)
-        return Call(a, k, calls=dict(tracer.calls)) if usable[0] else Call(None, None)
+        if not usable[0]:
+            return Call(None, None)
+        return Call(a, k, calls=dict(tracer.calls), unset=frozenset(n for n, v in vars(mod).items() if v is None))
 
 
 def _value(tracer: Any, t: torch.Tensor) -> torch.Tensor | None:
@@ -103,7 +106,7 @@ def prove(model: nn.Module, example_inputs: Any, plan: Any, graph: Any) -> bool 
         return None
     exp = verify.Expected(graph, plan.choices)
     for path in scopes.values():
-        ok = _prove_module(model, path, plan, calls.get(path), exp)
+        ok = _prove_module(model, path, plan, calls, exp)
         if ok is not True:
             return ok
     return True
@@ -163,12 +166,13 @@ def _watching(cls: type, names: frozenset, depth: list[int], outside: list[bool]
     return sub
 
 
-def _prove_module(model: nn.Module, path: str, plan: Any, call: Call | None, exp: Any) -> bool | None:
+def _prove_module(model: nn.Module, path: str, plan: Any, calls: dict[str, Call], exp: Any) -> bool | None:
     from secateur.graph import verify
     from secateur.graph.capture import _flat_tensors
     from secateur.graph.reference import kept_norms
     from secateur.structured.apply import _apply
     from secateur.structured.plan import Plan
+    call = calls.get(path)
     if call is None or call.args is None or call.outputs is None:
         return None
     choices = []
@@ -188,7 +192,7 @@ def _prove_module(model: nn.Module, path: str, plan: Any, call: Call | None, exp
                  attrs={n: dict(kv) for n, kv in plan.attrs.items() if _inside(n, path)})
     gen = torch.Generator().manual_seed(0)
     mod = _cpu_copy(model.get_submodule(path), gen)
-    if mod is None:
+    if mod is None or not _state_as_captured(mod, path, calls):
         return None
     inputs = _inputs(call, exp, gen)
     if inputs is None:
@@ -220,6 +224,20 @@ def _prove_module(model: nn.Module, path: str, plan: Any, call: Call | None, exp
                 return False
         elif not torch.equal(a, b):
             return False
+    return True
+
+
+def _state_as_captured(mod: nn.Module, path: str, calls: dict[str, Call]) -> bool:
+    """Put the copy's plain tensor attributes (state a forward leaves behind: RecurrentGemma's RG-LRU keeps
+    ``recurrent_states``, which its model resets before a new sequence) back to None where they were None when the
+    capture called the module; False where one held a tensor then too (a state the proof cannot rebuild)."""
+    for name, m in mod.named_modules():
+        call = calls.get(f"{path}.{name}" if name else path)
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor):
+                if call is None or k not in call.unset:
+                    return False
+                setattr(m, k, None)
     return True
 
 
