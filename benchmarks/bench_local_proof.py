@@ -2,13 +2,14 @@
 
 A model on meta, on a GPU or over ``verify.HERE_BYTES`` (a 7B model on the CPU) cannot get the numeric proof a size
 update needs on a copy of the whole model; graph/local_proof.py runs it on a CPU copy of one module per class. This
-script checks, on every model that runs here, that the per-module proof takes what the whole-model proof takes and
+script checks, on every model that runs here (the Hugging Face causal-LM registry, one timm model per timm module,
+the torchvision classifiers; up to 30 M parameters), that the per-module proof takes what the whole-model proof takes and
 nothing that is wrong: each model is planned twice (ratio 0.5, channel i scored i so both plans rank alike), once
 as usual and once with ``HERE_BYTES = 0`` (every dry run on meta, proofs per module), and every plan whose updates
 the per-module proof took is applied to a copy and checked against the oracle (``Plan.apply_checked``).
 Then a Falcon-7B configuration is planned on the meta device (no weights) with and without the per-module proof.
 
-    python benchmarks/bench_local_proof.py [--zoo hf timm] [--limit N] [--timeout 240]
+    python benchmarks/bench_local_proof.py [--zoo hf timm tv] [--limit N] [--timeout 240]
 
 Prints a table (models where the two plans differ, or where the per-module proof was used) and writes
 benchmarks/results/local_proof.json.
@@ -34,6 +35,18 @@ def _models(zoo: str):
     if zoo == "hf":
         for t in Z.hf_causal_lm_types():
             yield f"hf-auto:{t}", lambda t=t: Z.hf_auto_model(t)
+        return
+    if zoo == "tv":
+        import torch
+        import torchvision
+        for n in torchvision.models.list_models(module=torchvision.models):
+            def make(n=n):
+                m = torchvision.models.get_model(n, weights=None).eval()
+                if sum(p.numel() for p in m.parameters()) > 30e6:
+                    return None, None
+                size = 299 if n == "inception_v3" else 224
+                return m, torch.randn(1, 3, size, size)
+            yield f"tv:{n}", make
         return
     import timm
     for n in Z.timm_one_per_module():
@@ -119,7 +132,7 @@ def falcon_7b() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", nargs="+", default=["hf", "timm"], choices=["hf", "timm"])
+    ap.add_argument("--zoo", nargs="+", default=["hf", "timm", "tv"], choices=["hf", "timm", "tv"])
     ap.add_argument("--limit", type=int, default=None, help="at most this many models per zoo")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per model (both plans and the oracle)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "local_proof.json"))

@@ -213,3 +213,49 @@ def test_state_set_before_the_capture_is_not_guessed(too_big):
     outer = Outer().eval()
     plan = _plan(outer, x)
     assert _head_dims_pruned(plan) is None and LOCAL_NOTE not in plan.notes
+
+
+class _FoldWrap(nn.Module):
+    """test_scale_fold's attention one level down (a fold is proven on the module that calls the attention)."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        from test_scale_fold import Attn
+        self.attn = Attn(**kw)
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def _fold_notes(plan):
+    return [n for n in plan.notes if "scaled by sqrt(" in n]
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_scale_folds_are_proven_on_the_module_where_the_model_cannot_run(too_big, act):
+    """SDPA's default scale follows q's head size: pruning head dims folds sqrt(d'/d) into q's rows, taken only with
+    the logits proven. A GELU on q makes the fold wrong: refused there as by the whole-model proof."""
+    torch.manual_seed(0)
+    m, x = _FoldWrap(act=act).eval(), torch.randn(2, 7, 32)
+    plan = plan_channels(m, x, ratio=0.5, heads="head_dim")
+    if act:
+        assert not _fold_notes(plan) and any("was not proven" in n for n in plan.notes), plan.notes
+        return
+    assert _fold_notes(plan) and "logits proven on a CPU copy of the module" in _fold_notes(plan)[0], plan.notes
+    assert LOCAL_NOTE in plan.notes
+    with torch.no_grad():  # sharpened q/k (a softmax far from uniform, as trained weights give): a wrong scale shows
+        m.attn.qkv.weight[:64] *= 30.0
+        m.attn.qkv.bias[:64] *= 30.0
+    assert plan.apply_checked(m, x) < 1e-5
+
+
+def test_scale_folds_on_meta_match_the_cpu_plan():
+    torch.manual_seed(0)
+    cpu, x = _FoldWrap().eval(), torch.randn(2, 7, 32)
+    with torch.device("meta"):
+        meta = _FoldWrap().eval()
+    by_position = lambda g: torch.arange(g.size, dtype=torch.float)  # noqa: E731
+    want = plan_channels(cpu, x, ratio=0.5, heads="head_dim", importance=by_position)
+    got = plan_channels(meta, x.to("meta"), ratio=0.5, heads="head_dim", importance=by_position)
+    assert [c.tolist() for _, c in got.choices] == [c.tolist() for _, c in want.choices]
+    assert len(_fold_notes(got)) == len(_fold_notes(want)) == 1

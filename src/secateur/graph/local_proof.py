@@ -1,29 +1,33 @@
-"""A numeric proof of size-attribute updates on a CPU copy of the module that holds them, for models the whole-model
-proof cannot run (on meta, on a GPU, or over ``verify.HERE_BYTES``).
+"""Numeric proofs on a CPU copy of one module, for models the whole-model proof cannot run (on meta, on a GPU, or
+over ``verify.HERE_BYTES``): size-attribute updates and attention scale folds.
 
 Why: a size the model keeps in an attribute (Falcon's and GPT-BigCode's ``num_heads``) is found by the dry run's
 shapes (graph/size_attrs.py), but shapes only prove that the attribute sizes a pruned dim, not that it is not also
-used as a number (a one-head attention's ``head_dim`` sized its reshape and its softmax scale). So the plan takes an
-update only with a numeric proof, which ran on a copy of the whole model: a 7B Falcon, or any model planned on meta,
-kept its query heads. Most such attributes are read by one module's own forward, and one module is small:
+used as a number (a one-head attention's ``head_dim`` sized its reshape and its softmax scale); a scale folded into
+q's rows (graph/scale_fold.py) is not seen by shapes at all. So the plan takes either only with a numeric proof,
+which ran on a copy of the whole model: a 7B Falcon, or any model planned on meta, kept its query heads. Most such
+updates concern one module's own forward, and one module is small:
 
 * the capture keeps, for every module's first call, its inputs (shapes, dtypes, channel labels, and the values of
-  integer and boolean tensors where they are known: on the CPU, or on meta through graph/meta_values.py) and its
-  outputs' labels (``Call``);
+  integer and boolean tensors where they are known: on the CPU, or on meta through graph/meta_values.py), its
+  outputs' labels, the op counts at entry and the plain attributes that were None (``Call``);
 * a meta run of the unpruned model with the updated attributes watched checks that nothing outside the module's
   own forward reads them (a parent reading ``self.attn.num_heads`` would not be covered): no proof otherwise;
-* one module per class and update is copied to the CPU in float32 (its own weights, or random ones where they are
-  on meta); its float inputs are random, its integer / boolean ones the recorded values (no proof where those are
-  unknown). The reference is the copy with the plan's channels zeroed at their consumers inside the module and its
-  normalisations over the kept channels (the oracle's, restricted to the module: a site's call is counted from the
-  module's entry, where the capture's counts stood), on the full inputs; the pruned
-  copy runs on the inputs without their removed channels. Outputs must agree on the kept channels (1e-4 relative).
+* one module per class and update (for a fold: the module calling the attention, which must also make q's rows)
+  is copied to the CPU in float32 (its own weights, or random ones where they are on meta), with state a forward
+  left behind reset to None as at the capture's call; its float inputs are random, its integer / boolean ones the
+  recorded values (no proof where those are unknown). The reference is the copy with the plan's channels zeroed at
+  their consumers inside the module and its normalisations over the kept channels (the oracle's, restricted to the
+  module: a site's call is counted from the module's entry), on the full inputs; the pruned copy runs on the inputs
+  without their removed channels. Outputs must agree on the kept channels (1e-4 relative), and with a fold the
+  attention logits too (structured/proof.py ``_Logits``).
 
 The proof is of the module, not of the model: the rest of the plan is proven by the dry run's shapes, as for every
-model too large to run here. ``None`` wherever it cannot be run (no recorded call, unknown index values, a
-scale fold, a module over ``MODULE_BYTES``), and the update is then not taken."""
+model too large to run here. ``None`` wherever it cannot be run (no recorded call, unknown index values, state the
+module held at the capture's call, a module over ``MODULE_BYTES``), and the update is then not taken."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -91,21 +95,26 @@ def _value(tracer: Any, t: torch.Tensor) -> torch.Tensor | None:
 
 
 def prove(model: nn.Module, example_inputs: Any, plan: Any, graph: Any) -> bool | None:
-    """True where every module whose size attributes ``plan`` updates computes, pruned, what the oracle's reference
-    does on a CPU copy of it; False where one does not; None where that cannot be run (see the module docstring)."""
+    """True where every module whose size attributes ``plan`` updates, and every module whose attention scale it
+    folds into q's rows (graph/scale_fold.py), computes, pruned, what the oracle's reference does on a CPU copy of it
+    (a fold: the attention logits too); False where one does not; None where that cannot be run (see the module
+    docstring)."""
     from secateur.graph import verify
     calls = getattr(getattr(graph, "tracer", None), "module_calls", None)
-    if not plan.attrs or not calls or "" in plan.attrs:
-        return None
-    if any(g.scale_fold is not None for g, _ in plan.choices):
+    folds = [(g.scale_fold, c) for g, c in plan.choices if g.scale_fold is not None]
+    if not (plan.attrs or folds) or not calls or "" in plan.attrs:
         return None
     scopes: dict[tuple, str] = {}  # one module per class and update: the others run the same code
     for path, kv in plan.attrs.items():
         scopes.setdefault((type(model.get_submodule(path)), repr(sorted(kv.items()))), path)
-    if _read_outside(model, example_inputs, plan.attrs) is not False:
+    for f, c in folds:
+        if not f.where or any(not _inside(t[0], f.where) for t in f.targets):
+            return None  # q's rows made outside the calling module: not its proof alone
+        scopes.setdefault((type(model.get_submodule(f.where)), "fold", f.head_size, f.kept(c)), f.where)
+    if plan.attrs and _read_outside(model, example_inputs, plan.attrs) is not False:
         return None
     exp = verify.Expected(graph, plan.choices)
-    for path in scopes.values():
+    for path in dict.fromkeys(scopes.values()):
         ok = _prove_module(model, path, plan, calls, exp)
         if ok is not True:
             return ok
@@ -172,6 +181,7 @@ def _prove_module(model: nn.Module, path: str, plan: Any, calls: dict[str, Call]
     from secateur.graph.reference import kept_norms
     from secateur.structured.apply import _apply
     from secateur.structured.plan import Plan
+    from secateur.structured.proof import _Logits
     call = calls.get(path)
     if call is None or call.args is None or call.outputs is None:
         return None
@@ -200,17 +210,22 @@ def _prove_module(model: nn.Module, path: str, plan: Any, calls: dict[str, Call]
     (args, kwargs), (pargs, pkwargs) = inputs
     ref, pruned = _mounted(path, verify.deepcopy_module(mod, {})), _mounted(path, mod)
     local.zero_consumers(ref)
+    folds = any(g.scale_fold is not None for g, _ in choices)
+    logits_ref, logits_got = _Logits(), _Logits()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        with kept_norms(ref, norms):
+        with kept_norms(ref, norms), (logits_ref if folds else contextlib.nullcontext()):
             want = _flat_tensors(ref.get_submodule(path)(*args, **kwargs))
         try:
             _apply(pruned, local)
             torch.manual_seed(0)
-            got = _flat_tensors(pruned.get_submodule(path)(*pargs, **pkwargs))
+            with logits_got if folds else contextlib.nullcontext():
+                got = _flat_tensors(pruned.get_submodule(path)(*pargs, **pkwargs))
         except Exception:  # noqa: BLE001 - the module's own code may raise anything on wrong sizes
             return False
     if len(want) != len(got) or len(want) != len(call.outputs):
+        return False
+    if folds and not logits_ref.same(logits_got):
         return False
     for a, b, lab in zip(want, got, call.outputs):
         a = _kept(a, lab, exp)

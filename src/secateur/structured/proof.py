@@ -76,7 +76,7 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
                 picked, d, kept_ties = found, d1, graph.ties
         graph.ties = kept_ties
     folded = [g for g, _ in picked.choices if g.scale_fold is not None]
-    if folded and _exact(model, example_inputs, picked, memo) is not True:
+    if folded and _exact(model, example_inputs, picked, memo, graph) is not True:
         # a scale fold not proven (logits differ, or the model cannot be run here): those q/k dims are kept
         bad = frozenset(id(g) for g in folded)
         notes = list(plan.notes) + [f"{g.scale_fold.where}: attention scale follows q's head size and folding it into "
@@ -86,6 +86,8 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
                      norms=plan.norms, attrs=plan.attrs)
         rech = None if rechoose is None else (lambda ties, fixed=frozenset(): rechoose(ties, frozenset(fixed) | bad))
         return _verified(model, example_inputs, again, graph, done, rech)
+    where_proven = ("a CPU copy of the module" if memo.get(("local", *_DryRuns.plan_key(picked))) is True
+                    else "the example input")
     for g, chans in picked.choices:
         f = g.scale_fold
         if f is not None:
@@ -99,7 +101,7 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
                     if stored else "")
             note = (f"{f.where}: attention scale follows q's head size ({f.head_size} -> {kept}): q rows of {rows} "
                     f"scaled by sqrt({kept}/{f.head_size}) so the softmax keeps 1/sqrt({f.head_size}) (logits "
-                    f"proven on the example input){also}")
+                    f"proven on {where_proven}){also}")
             if note not in picked.notes:
                 picked.notes.append(note)
     if done is not None:
@@ -108,8 +110,9 @@ def _verified(model: nn.Module, example_inputs: Any, plan: Plan, graph: Graph | 
 
 
 def _local_noted(plan: Plan, memo: dict) -> Plan:
-    """The plan, with a note where its size attributes were proven on module copies only (graph/local_proof.py)."""
-    if plan.attrs and memo.get(("local", *_DryRuns.plan_key(plan))) is True and LOCAL_NOTE not in plan.notes:
+    """The plan, with a note where its size attributes or scale folds were proven on module copies only
+    (graph/local_proof.py)."""
+    if memo.get(("local", *_DryRuns.plan_key(plan))) is True and LOCAL_NOTE not in plan.notes:
         plan.notes.append(LOCAL_NOTE)
     return plan
 
@@ -123,12 +126,12 @@ def _exact(model: nn.Module, example_inputs: Any, plan: Plan, memo: dict | None 
     the plan's slices and sizes) run on the same inputs with the same seed, so its outputs are the ones a fresh
     pruned copy gives (tnt_b_patch16_224's proof: 1.25 s, 0.92 s this way). A plan with scale folds compares the
     attention logits too (``_Logits``), remembered in ``memo`` per plan. With ``graph``, a model that cannot run
-    here still gets its size-attribute updates proven on a CPU copy of the modules holding them
+    here still gets its size-attribute updates and scale folds proven on CPU copies of the modules concerned
     (graph/local_proof.py): the rest of such a plan has only the dry run's shape proof, as before."""
     if not plan.choices:
         return None
     if not _runs_here(model, example_inputs, False, memo):
-        if not plan.attrs or graph is None:
+        if not (plan.attrs or any(g.scale_fold is not None for g, _ in plan.choices)) or graph is None:
             return None
         key = ("local", *_DryRuns.plan_key(plan))  # the updated sizes, on a CPU copy of their module
         if memo is None or key not in memo:
@@ -555,8 +558,8 @@ class _DryRuns:
         return (*res, expected, slices, macs)
 
 
-LOCAL_NOTE = ("size attributes: the model does not run here, so their numeric proof ran on a CPU copy of one module "
-              "per class holding them (graph/local_proof.py), with random weights where the model has none")
+LOCAL_NOTE = ("size attributes / scale folds: the model does not run here, so their numeric proof ran on a CPU copy "
+              "of one module per class (graph/local_proof.py), with random weights where the model has none")
 FOLD_TRIALS = 4  # more size-search dry runs for a plan with scale folds: the logits proof checks what they find
 _MEMO = True  # tests turn it off to compare with the plain path (tests/test_engine_fast_paths.py)
 
