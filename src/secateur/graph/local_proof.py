@@ -88,10 +88,10 @@ def _value(tracer: Any, t: torch.Tensor) -> torch.Tensor | None:
         return None  # float inputs are drawn at random: the proof compares two runs on the same values
     from secateur.graph.meta_values import value_of
     v = value_of(tracer, t)
-    if v is None or v.device.type != "cpu":
+    if v is None or v.device.type == "meta":
         return None
-    with no_dispatch():  # a copy (the model may write the original in place), not an op of the capture
-        return v.detach().clone()
+    with no_dispatch():  # a CPU copy (the model may write the original in place), not an op of the capture
+        return v.detach().to("cpu", copy=True)
 
 
 def prove(model: nn.Module, example_inputs: Any, plan: Any, graph: Any) -> bool | None:
