@@ -259,3 +259,32 @@ def test_scale_folds_on_meta_match_the_cpu_plan():
     got = plan_channels(meta, x.to("meta"), ratio=0.5, heads="head_dim", importance=by_position)
     assert [c.tolist() for _, c in got.choices] == [c.tolist() for _, c in want.choices]
     assert len(_fold_notes(got)) == len(_fold_notes(want)) == 1
+
+
+class _Two(nn.Module):
+    """Two instances of one class, one of them down another branch (its bool switch ``numeric``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Attn(numeric=False), _Attn(numeric=True)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("where", ["cpu", "too_big", "meta"])
+def test_instances_down_other_branches_are_proven_apart(monkeypatch, where):
+    """Proving one instance of a class covers the others only where they run the same code: the one whose switch
+    makes the head size a number too must be proven itself (and fails), as the whole-model proof says."""
+    torch.manual_seed(0)
+    if where == "too_big":
+        monkeypatch.setattr(verify, "HERE_BYTES", 0)
+    if where == "meta":
+        with torch.device("meta"):
+            m = _Two().eval()
+        plan = _plan(m, torch.randn(2, 5, 16, device="meta"))
+    else:
+        m, x = _Two().eval(), torch.randn(2, 5, 16)
+        plan = _plan(m, x)
+        assert plan.apply_checked(m, x) < 1e-5
+    assert "b" not in plan.attrs, plan.attrs

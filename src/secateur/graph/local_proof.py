@@ -13,7 +13,8 @@ updates concern one module's own forward, and one module is small:
   outputs' labels, the op counts at entry and the plain attributes that were None (``Call``);
 * a meta run of the unpruned model with the updated attributes watched checks that nothing outside the module's
   own forward reads them (a parent reading ``self.attn.num_heads`` would not be covered): no proof otherwise;
-* one module per class and update (for a fold: the module calling the attention, which must also make q's rows)
+* one module per class, flavour (its bool / str attributes: branch switches) and update (for a fold: the module
+  calling the attention, which must also make q's rows)
   is copied to the CPU in float32 (its own weights, or random ones where they are on meta), with state a forward
   left behind reset to None as at the capture's call; its float inputs are random, its integer / boolean ones the
   recorded values (no proof where those are unknown). The reference is the copy with the plan's channels zeroed at
@@ -104,13 +105,15 @@ def prove(model: nn.Module, example_inputs: Any, plan: Any, graph: Any) -> bool 
     folds = [(g.scale_fold, c) for g, c in plan.choices if g.scale_fold is not None]
     if not (plan.attrs or folds) or not calls or "" in plan.attrs:
         return None
-    scopes: dict[tuple, str] = {}  # one module per class and update: the others run the same code
+    scopes: dict[tuple, str] = {}  # one module per class, flavour and update: the others run the same code
     for path, kv in plan.attrs.items():
-        scopes.setdefault((type(model.get_submodule(path)), repr(sorted(kv.items()))), path)
+        mod = model.get_submodule(path)
+        scopes.setdefault((type(mod), _flavour(mod), repr(sorted(kv.items()))), path)
     for f, c in folds:
         if not f.where or any(not _inside(t[0], f.where) for t in f.targets):
             return None  # q's rows made outside the calling module: not its proof alone
-        scopes.setdefault((type(model.get_submodule(f.where)), "fold", f.head_size, f.kept(c)), f.where)
+        mod = model.get_submodule(f.where)
+        scopes.setdefault((type(mod), _flavour(mod), "fold", f.head_size, f.kept(c)), f.where)
     if plan.attrs and _read_outside(model, example_inputs, plan.attrs) is not False:
         return None
     exp = verify.Expected(graph, plan.choices)
@@ -119,6 +122,13 @@ def prove(model: nn.Module, example_inputs: Any, plan: Any, graph: Any) -> bool 
         if ok is not True:
             return ok
     return True
+
+
+def _flavour(mod: nn.Module) -> tuple:
+    """The bool and str attributes of ``mod`` and its descendants: the switches that send instances of one class
+    down other branches (Gemma's sliding-window layers: ``is_sliding``, ``attention_type``), proven apart."""
+    return tuple((n, k, v) for n, m in mod.named_modules() for k, v in sorted(vars(m).items())
+                 if isinstance(v, (bool, str)) and not k.startswith("_"))
 
 
 def _inside(name: str, path: str) -> bool:
