@@ -412,9 +412,9 @@ def _sdpa_vit():
 def test_meta_dry_run_takes_the_cpu_attention_kernel(heads, monkeypatch):
     """A dry run on meta (a model over ``HERE_BYTES``) runs SDPA as the CPU capture did (its flash kernel) instead of
     the decomposition: no meta reference trace is made, and the plan (kept indices, sizes, notes) and the pruned
-    model are the ones of the meta run without the shortcut, and under heads="heads" of the CPU dry run. Under
-    heads="head_dim" the CPU plan also folds the scale change into q's rows (graph/scale_fold.py), which only a
-    numeric proof admits: meta cannot run one, so there the q/k dims are kept (noted)."""
+    model are the ones of the meta run without the shortcut, and of the CPU dry run. Under heads="head_dim" the plan
+    also folds the scale change into q's rows (graph/scale_fold.py), which only a numeric proof admits: on the
+    whole model on the CPU, on a CPU copy of each attention module from meta (graph/local_proof.py)."""
     from secateur.graph import verify
     model, x = _sdpa_vit()
     traces = [0]
@@ -443,9 +443,11 @@ def test_meta_dry_run_takes_the_cpu_attention_kernel(heads, monkeypatch):
     if heads == "heads":
         assert got["cpu"][0] == got["meta"][0]
         assert all(torch.equal(got["cpu"][2][k], v) for k, v in got["meta"][2].items())
-    else:
-        assert any("scaled by sqrt(" in n for n in got["cpu"][0][2]), got["cpu"][0][2]
-        assert any("was not proven" in n for n in got["meta"][0][2]), got["meta"][0][2]
+    else:  # the fold, proven on the whole model on the CPU, on a CPU copy of each attention module from meta
+        assert any("logits proven on the example input" in n for n in got["cpu"][0][2]), got["cpu"][0][2]
+        assert any("logits proven on a CPU copy of the module" in n for n in got["meta"][0][2]), got["meta"][0][2]
+    assert got["cpu"][0][:2] == got["meta"][0][:2]
+    assert all(torch.equal(got["cpu"][2][k], v) for k, v in got["meta"][2].items())
 
 
 def test_plans_freeze_old_objects_and_give_them_back():
