@@ -288,3 +288,15 @@ def test_instances_down_other_branches_are_proven_apart(monkeypatch, where):
         plan = _plan(m, x)
         assert plan.apply_checked(m, x) < 1e-5
     assert "b" not in plan.attrs, plan.attrs
+
+
+def test_a_proof_that_raises_is_no_proof_and_the_plan_goes_on(too_big, monkeypatch):
+    """Model code run on random inputs may raise anything: the update is then not taken, the plan is made."""
+    def boom(*a, **k):
+        raise ValueError("model code refusing random inputs")
+    monkeypatch.setattr(local_proof, "_prove_module", boom)
+    torch.manual_seed(0)
+    m, x = _Net().eval(), torch.randn(2, 5, 16)
+    plan = _plan(m, x)
+    assert "attn" not in plan.attrs and LOCAL_NOTE not in plan.notes
+    assert plan.apply_checked(m, x) < 1e-5

@@ -114,13 +114,16 @@ def prove(model: nn.Module, example_inputs: Any, plan: Any, graph: Any) -> bool 
             return None  # q's rows made outside the calling module: not its proof alone
         mod = model.get_submodule(f.where)
         scopes.setdefault((type(mod), _flavour(mod), "fold", f.head_size, f.kept(c)), f.where)
-    if plan.attrs and _read_outside(model, example_inputs, plan.attrs) is not False:
+    try:  # a proof that cannot be set up or run is no proof (the update is not taken), never the plan's failure
+        if plan.attrs and _read_outside(model, example_inputs, plan.attrs) is not False:
+            return None
+        exp = verify.Expected(graph, plan.choices)
+        for path in dict.fromkeys(scopes.values()):
+            ok = _prove_module(model, path, plan, calls, exp)
+            if ok is not True:
+                return ok
+    except Exception:  # noqa: BLE001 - the module's own code on random inputs may raise anything
         return None
-    exp = verify.Expected(graph, plan.choices)
-    for path in dict.fromkeys(scopes.values()):
-        ok = _prove_module(model, path, plan, calls, exp)
-        if ok is not True:
-            return ok
     return True
 
 
