@@ -103,7 +103,7 @@ class Tracer:
         self.made: dict[int, tuple[int, Any]] = {}  # id(buffer a factory made) -> (its trace step, weak reference)
         self.values: Any = None  # on meta: the values known there (graph/meta_values.py), for index rules
         # each module's first call: what its inputs and outputs were (graph/local_proof.py proves size-attribute
-        # updates on a CPU copy of one module from these, where the whole model cannot run here)
+        # updates and scale folds on a CPU copy of one module from these, where the whole model cannot run here)
         self.module_calls: dict[str, Any] = {}
         for mname, mod in model.named_modules() if named is None else named:
             for attr, p in mod._parameters.items():
