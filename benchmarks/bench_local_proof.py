@@ -7,7 +7,8 @@ the torchvision classifiers; up to 30 M parameters), that the per-module proof t
 nothing that is wrong: each model is planned twice (ratio 0.5, channel i scored i so both plans rank alike), once
 as usual and once with ``HERE_BYTES = 0`` (every dry run on meta, proofs per module), and every plan whose updates
 the per-module proof took is applied to a copy and checked against the oracle (``Plan.apply_checked``).
-Then a Falcon-7B configuration is planned on the meta device (no weights) with and without the per-module proof.
+Then real-size configurations (Falcon-7B, OLMo-7B, StarCoderBase-1B) are planned on the meta device (no weights)
+with and without the per-module proof.
 
     python benchmarks/bench_local_proof.py [--zoo hf timm tv] [--limit N] [--timeout 240]
 
@@ -103,30 +104,47 @@ def compare(make, timeout: int) -> dict:
         signal.alarm(0)
 
 
-def falcon_7b() -> dict:
-    """Falcon-7B's configuration on meta (71 query heads, one key/value head): its heads need ``num_heads``."""
+def _meta_configs():
+    """Real-size configurations whose plans need size updates: Falcon-7B (71 query heads, one key/value head:
+    ``num_heads``), OLMo-7B (its LayerNorm without weights keeps ``normalized_shape``), StarCoderBase-1B
+    (GPT-BigCode, multi-query: ``num_heads``)."""
+    from transformers import (FalconConfig, FalconForCausalLM, GPTBigCodeConfig, GPTBigCodeForCausalLM, OlmoConfig,
+                              OlmoForCausalLM)
+    yield "falcon-7b", FalconForCausalLM, FalconConfig(
+        hidden_size=4544, num_attention_heads=71, num_hidden_layers=32, multi_query=True, parallel_attn=True,
+        new_decoder_architecture=False, vocab_size=65024, use_cache=False, alibi=False, bias=False)
+    yield "olmo-7b", OlmoForCausalLM, OlmoConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=50304,
+        use_cache=False)
+    yield "starcoderbase-1b", GPTBigCodeForCausalLM, GPTBigCodeConfig(
+        n_embd=2048, n_layer=24, n_head=16, n_inner=8192, vocab_size=49152, multi_query=True, use_cache=False,
+        n_positions=8192)
+
+
+def on_meta() -> dict:
+    """Each real-size configuration planned on the meta device (no weights), ratio 0.25, with and without the
+    per-module proof."""
     import torch
-    from transformers import FalconConfig, FalconForCausalLM
     from secateur.graph import local_proof
     from secateur.structured import plan_channels
-    cfg = FalconConfig(hidden_size=4544, num_attention_heads=71, num_hidden_layers=32, multi_query=True,
-                       parallel_attn=True, new_decoder_architecture=False, vocab_size=65024, use_cache=False,
-                       alibi=False, bias=False)
-    with torch.device("meta"):
-        model = FalconForCausalLM(cfg).eval()
-    x = {"input_ids": torch.randint(0, 100, (1, 16), device="meta")}
     out = {}
-    prove = local_proof.prove
-    for name, fn in (("without", lambda *a, **k: None), ("with", prove)):
-        local_proof.prove = fn
-        try:
-            t = time.perf_counter()
-            plan = plan_channels(model, x, ratio=0.25, importance="random")
-            out[name] = {"seconds": round(time.perf_counter() - t, 2), "groups_pruned": sum(
-                1 for _, c in plan.choices if c.numel()), "groups": len(plan.groups), "channels": plan.channels,
-                "num_heads": plan.attrs.get("transformer.h.0.self_attention", {}).get("num_heads", 71)}
-        finally:
-            local_proof.prove = prove
+    for name, cls, cfg in _meta_configs():
+        with torch.device("meta"):
+            model = cls(cfg).eval()
+        x = {"input_ids": torch.randint(0, 100, (1, 16), device="meta")}
+        prove = local_proof.prove
+        for how, fn in (("without", lambda *a, **k: None), ("with", prove)):
+            local_proof.prove = fn
+            try:
+                t = time.perf_counter()
+                plan = plan_channels(model, x, ratio=0.25, importance="random")
+                out.setdefault(name, {})[how] = {
+                    "seconds": round(time.perf_counter() - t, 2), "groups": len(plan.groups),
+                    "groups_pruned": sum(1 for _, c in plan.choices if c.numel()), "channels": plan.channels,
+                    "size_updates": len(plan.attrs)}
+            finally:
+                local_proof.prove = prove
+        print(f"{name} on meta, ratio 0.25: {out[name]}", flush=True)
     return out
 
 
@@ -166,9 +184,8 @@ def main() -> None:
         "local_removes_more": sorted(n for n, r in rows.items() if "whole" in r and r["local"] > r["whole"]),
     }
     print(summary)
-    falcon = falcon_7b()
-    print("Falcon-7B config on meta, ratio 0.25:", falcon)
-    write_results(args.out, {"summary": summary, "falcon_7b_meta": falcon, "models": rows})
+    meta = on_meta()
+    write_results(args.out, {"summary": summary, "on_meta": meta, "models": rows})
 
 
 if __name__ == "__main__":
