@@ -190,6 +190,8 @@ def _watching(cls: type, names: frozenset, depth: list[int], outside: list[bool]
 
 
 def _prove_module(model: nn.Module, path: str, plan: Any, calls: dict[str, Call], exp: Any) -> bool | None:
+    """The proof on the module at ``path`` (see the module docstring): the plan restricted to the members, norm
+    sites and size attributes inside it, on a CPU copy; True, False, or None where it cannot be run."""
     from secateur.graph import verify
     from secateur.graph.capture import _flat_tensors
     from secateur.graph.reference import kept_norms
