@@ -300,3 +300,37 @@ def test_a_proof_that_raises_is_no_proof_and_the_plan_goes_on(too_big, monkeypat
     plan = _plan(m, x)
     assert "attn" not in plan.attrs and LOCAL_NOTE not in plan.notes
     assert plan.apply_checked(m, x) < 1e-5
+
+
+def test_the_proofs_comparison_places_nan_and_infinities():
+    from secateur.structured.proof import agree
+    a = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
+    assert agree(a, a.clone())
+    assert not agree(a, torch.tensor([1.0, float("nan"), float("inf"), 5.0]))  # a NaN elsewhere proved this
+    assert not agree(a, torch.tensor([1.0, 0.0, float("inf"), 2.0]))
+    assert not agree(a, torch.tensor([1.0, float("nan"), float("-inf"), 2.0]))
+    assert agree(torch.full((3,), float("nan")), torch.full((3,), float("nan")))
+    assert not agree(torch.zeros(2), torch.zeros(3))
+    assert agree(torch.arange(3), torch.arange(3)) and not agree(torch.arange(3), torch.arange(1, 4))
+
+
+class _NaNTail(nn.Module):
+    """The attention whose head size is also a number, its output flattened with one NaN after it (a masked
+    position, a padding value): the NaN made the whole-model proof's largest difference NaN, which passed."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _Net(numeric=True)
+
+    def forward(self, x):
+        return torch.cat([self.net(x).flatten(), torch.full((1,), float("nan"))])
+
+
+@pytest.mark.parametrize("where", ["cpu", "too_big"])
+def test_a_nan_in_the_output_proves_nothing(monkeypatch, where):
+    if where == "too_big":
+        monkeypatch.setattr(verify, "HERE_BYTES", 0)
+    torch.manual_seed(0)
+    m, x = _NaNTail().eval(), torch.randn(2, 5, 16)
+    plan = _plan(m, x)
+    assert "net.attn" not in plan.attrs, plan.notes

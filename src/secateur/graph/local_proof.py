@@ -197,7 +197,7 @@ def _prove_module(model: nn.Module, path: str, plan: Any, calls: dict[str, Call]
     from secateur.graph.reference import kept_norms
     from secateur.structured.apply import _apply
     from secateur.structured.plan import Plan
-    from secateur.structured.proof import _Logits
+    from secateur.structured.proof import _Logits, agree
     call = calls.get(path)
     if call is None or call.args is None or call.outputs is None:
         return None
@@ -247,13 +247,7 @@ def _prove_module(model: nn.Module, path: str, plan: Any, calls: dict[str, Call]
         a = _kept(a, lab, exp)
         if a is None:
             return None
-        if a.shape != b.shape:
-            return False
-        if a.is_floating_point() and a.numel():
-            scale = float(a.abs().max())
-            if not math.isfinite(scale) or float((a - b).abs().max()) > TOLERANCE * max(scale, 1e-3):
-                return False
-        elif not torch.equal(a, b):
+        if not agree(a, b, TOLERANCE):
             return False
     return True
 
