@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 LIMIT = 1 << 20  # elements of an integer / boolean input kept as its value (index and mask arithmetic)
 MODULE_BYTES = 2 ** 30  # the largest float32 copy of one module proven here (a 40B model's attention: ~140 M
-# parameters, 0.57 GB); the proof holds about three such copies at once
+# parameters, 0.57 GB); the proof holds it, the reference's copies of the tensors it zeroes and the sliced ones
 TOLERANCE = 1e-4  # relative to the reference's largest output, as the whole-model proof (structured/proof.py)
 
 
@@ -192,12 +192,11 @@ def _watching(cls: type, names: frozenset, depth: list[int], outside: list[bool]
 def _prove_module(model: nn.Module, path: str, plan: Any, calls: dict[str, Call], exp: Any) -> bool | None:
     """The proof on the module at ``path`` (see the module docstring): the plan restricted to the members, norm
     sites and size attributes inside it, on a CPU copy; True, False, or None where it cannot be run."""
-    from secateur.graph import verify
     from secateur.graph.capture import _flat_tensors
     from secateur.graph.reference import kept_norms
     from secateur.structured.apply import _apply
     from secateur.structured.plan import Plan
-    from secateur.structured.proof import _Logits, agree
+    from secateur.structured.proof import _Logits, _writable_twin, agree
     call = calls.get(path)
     if call is None or call.args is None or call.outputs is None:
         return None
@@ -224,7 +223,8 @@ def _prove_module(model: nn.Module, path: str, plan: Any, calls: dict[str, Call]
     if inputs is None:
         return None
     (args, kwargs), (pargs, pkwargs) = inputs
-    ref, pruned = _mounted(path, verify.deepcopy_module(mod, {})), _mounted(path, mod)
+    pruned = _mounted(path, mod)
+    ref = _writable_twin(pruned, local)  # shares the weights it does not zero (apply never writes into them)
     local.zero_consumers(ref)
     folds = any(g.scale_fold is not None for g, _ in choices)
     logits_ref, logits_got = _Logits(), _Logits()
