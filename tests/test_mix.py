@@ -260,3 +260,41 @@ def test_compiled_timing_keeps_the_fastest_compiled_candidate_and_the_model_stay
     assert type(model) is ResCNN and not hasattr(model, "_orig_mod")
     with torch.no_grad():
         torch.testing.assert_close(model(x), _rebuilt(orig, x, res.kept, 0.5, round_to=4)(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fastest", ["first", "uniform"])
+def test_under_compile_the_uniform_width_plan_is_a_candidate_beside_the_eager_pick(monkeypatch, fastest):
+    """Eager timings pick a share's width plan among the table's options; compiled, another may win, so under
+    ``compile`` the uniform plan is built too (when the eager pick was not uniform) and is exactly prune_channels'
+    own plan for the rest of the target."""
+    import time
+    import secateur.fastest_plan as fp
+    from secateur.structured.mix import _build
+    from test_fastest_plan import _model as _net, _table
+
+    model, x = _net()
+    table = _table(model, x, lambda n, c: 1e-4 + {"conv1": 1e-5, "conv2": 1e-7, "conv3": 1e-5, "fc": 0.0}[n] * c,
+                   lambda n, c: 1.0 + {"conv1": 0.0, "conv2": 0.1, "conv3": 0.001, "fc": 1.0}[n] * c)
+    timed = []
+
+    def fake(m, ex, plans, repeats=10):  # the options come in the table's order, uniform last
+        timed.append(len(plans))
+        win = 0 if fastest == "first" else len(plans) - 1
+        return [0.5 if i == win else 0.9 for i in range(len(plans))]
+
+    monkeypatch.setattr(fp, "measured_fractions", fake)
+    macs0 = count_macs(model, x)
+    built = {c: _build(model, x, {(): 0.0}, macs0, 0.6 * macs0, table, {}, [], lambda m: None, time.perf_counter(),
+                       c) for c in (False, True)}
+    assert timed and timed[0] >= 2  # the situation under test: the table offered more than the uniform plan
+    eager, compiled = [[b[2] for b in built[c]] for c in (False, True)]
+    if fastest == "first":
+        assert eager[0] != "uniform" and compiled == [eager[0], "uniform"]
+        uni = copy.deepcopy(model)
+        prune_channels(uni, x, target_macs=0.6)
+        with torch.no_grad():
+            torch.testing.assert_close(built[True][1][4](x), uni(x), rtol=0, atol=0)
+        assert built[True][1][3] == count_macs(uni, x) <= 0.6 * macs0
+    else:
+        assert eager == compiled == ["uniform"]
+    assert all(b[3] <= 0.6 * macs0 for c in built for b in built[c])
