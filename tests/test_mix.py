@@ -298,3 +298,27 @@ def test_under_compile_the_uniform_width_plan_is_a_candidate_beside_the_eager_pi
     else:
         assert eager == compiled == ["uniform"]
     assert all(b[3] <= 0.6 * macs0 for c in built for b in built[c])
+
+
+def test_under_compile_a_uniform_plan_that_overshoots_the_target_is_not_a_candidate(monkeypatch):
+    """One ratio over counts rounded to 8 keeps 0.29 of this model's MACs for a target of 0.5: faster only because
+    it removes more, so it is passed over with a note and the eager pick (which meets the target) stays alone."""
+    import time
+    import secateur.fastest_plan as fp
+    from secateur.structured.mix import OVERSHOOT, _build
+    from test_fastest_plan import _model as _net, _table
+
+    model, x = _net()
+    table = _table(model, x, lambda n, c: 1e-4 + {"conv1": 1e-5, "conv2": 1e-7, "conv3": 1e-5, "fc": 0.0}[n] * c,
+                   lambda n, c: 1.0 + {"conv1": 0.0, "conv2": 0.1, "conv3": 0.001, "fc": 1.0}[n] * c)
+    monkeypatch.setattr(fp, "measured_fractions", lambda m, ex, plans, repeats=10: [0.5] + [0.9] * (len(plans) - 1))
+    macs0 = count_macs(model, x)
+    uni = copy.deepcopy(model)
+    prune_channels(uni, x, target_macs=0.5, round_to=8)
+    assert count_macs(uni, x) * (1 + OVERSHOOT) < 0.5 * macs0  # the situation under test
+    notes = []
+    built = _build(model, x, {(): 0.0}, macs0, 0.5 * macs0, table, {"round_to": 8}, notes, lambda m: None,
+                   time.perf_counter(), True)
+    assert [b[2] for b in built] != ["uniform"] and len(built) == 1
+    assert count_macs(uni, x) < built[0][3] <= 0.5 * macs0  # closer to the target than uniform
+    assert any("uniform channel plan keeps 0.287" in n and "not a candidate" in n for n in notes)
