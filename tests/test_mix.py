@@ -109,6 +109,7 @@ def test_shares_drop_the_blocks_worked_out_here_and_same_sets_are_built_once():
     assert sorted(by) == [0.0, 1.0] and set(by[1.0].dropped) == set(full)
     assert [n.split(" keeps")[0] for n in res.notes if n.endswith("not timed")] == [
         f"depth share 0.5 ({len(part)} blocks, uniform channels)"]
+    assert str(res).endswith("\nnote: " + res.notes[-1])  # what was not timed is said where the table is
     res = prune_fastest(copy.deepcopy(model), x, target_macs=0.45, depth=(1.0, 0.5, 0.0, 0.5), repeats=3)
     assert [o.share for o in res.options] == [0.5] and set(res.kept.dropped) == set(_expected_blocks(model, x, 0.45,
                                                                                                      0.5))

@@ -95,7 +95,8 @@ class FastestResult:
         k = self.kept
         return (f"kept depth share {k.share:g} ({len(k.dropped)} blocks dropped, {k.channels}): MACs "
                 f"{self.macs_before:,} -> {self.macs_after:,}, params {self.params_before:,} -> {self.params_after:,},"
-                f" measured {k.speedup:.2f}x faster here\n{self.table()}")
+                f" measured {k.speedup:.2f}x faster here\n{self.table()}"
+                + "".join(f"\nnote: {n}" for n in self.notes))
 
 
 def _validate(model, example_inputs, target_macs, depth, criterion, latency_table, repeats, threads, accept, compile,
