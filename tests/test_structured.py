@@ -130,6 +130,37 @@ def test_target_macs_is_reached():
     assert count_macs(m, x) == res.macs_after
 
 
+@pytest.mark.parametrize("what", ["macs", "params"])
+def test_a_target_with_round_to_is_not_overshot_where_every_group_steps_at_once(what):
+    """Eight convs of 16 channels with round_to=8: one ratio keeps every group at 16 below 0.5 and halves them all at
+    0.5, so the uniform ratio alone kept about 1/4 of the MACs for a target of 3/4 (regnet_x_400mf: 0.257 for
+    0.5). Groups go back to 16 channels while the target still holds: the count lands within one group's step of
+    it, every group keeps 8 or 16, and the pruned model is the plan applied (the oracle's reference)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Sequential(nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1), nn.ReLU()) for i in range(8)],
+                      nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    ref = copy.deepcopy(m)
+    count = (lambda mod: count_macs(mod, x)) if what == "macs" else count_params
+    before = count(m)
+    halved = copy.deepcopy(m)
+    prune_channels(halved, x, ratio=0.5, round_to=8)
+    assert count(halved) < 0.4 * before  # the situation under test: the uniform step
+    res = prune_channels(m, x, round_to=8, **{f"target_{what}": 0.75})
+    widths = [m[i][0].out_channels for i in range(8)]
+    assert set(widths) == {8, 16} and count(m) <= 0.75 * before
+    halves = [i for i in range(8) if widths[i] == 8]
+    steps = []  # what giving group i its 16 channels back adds
+    for i in halves:
+        back = copy.deepcopy(ref)
+        prune_channels(back, x, ratio={f"{j}.0": 0.5 for j in halves if j != i}, round_to=8)
+        steps.append(count(back) - count(m))
+    assert min(steps) > 0 and count(m) + min(steps) > 0.75 * before  # none could go back without missing it
+    res.plans[0].zero_consumers(ref)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_target_is_met_when_verification_keeps_dropping_groups(monkeypatch):
     """Each round re-searches the ratio without the groups the dry run kept whole; a higher ratio can make more
     groups fail, so the rounds go on until the plan meets the target (four rounds were the limit: this chain needs
