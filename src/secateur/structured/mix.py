@@ -171,11 +171,11 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     ``latency_table``, the plan that table rates fastest, timed here: ``verify="measure"``; under ``compile`` the
     uniform plan is a candidate of its own as well, since that timing is eager). Shares that drop the same blocks are
     built once, and a candidate more than 5 % past the target is not timed when another is closer (channel counts
-    move in steps, and removing more is not an answer to the target). The copies and the model are timed interleaved on ``example_inputs`` (``repeats``
-    rounds, ``threads``; with ``compile=True`` each under ``torch.compile``, for a model you will deploy compiled:
-    fusion removes per-op overhead, which favours narrow layers more than missing blocks), the model takes the
-    fastest one that ``accept`` (if given) takes, and the result lists them all. The model stays an ``nn.Module``
-    either way. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
+    move in steps, and removing more is not an answer to the target). The copies and the model are timed
+    interleaved on ``example_inputs`` (``repeats`` rounds, ``threads``; with ``compile=True`` each under
+    ``torch.compile``, for a model you will deploy compiled: fusion removes per-op overhead, which favours narrow
+    layers more than missing blocks), the model takes the fastest one that ``accept`` (if given) takes, and the
+    result lists them all. The model stays an ``nn.Module`` either way. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
     Everything is checked first; a PruningError leaves the model as it was."""
     shares = _validate(model, example_inputs, target_macs, depth, criterion, latency_table, repeats, threads, accept,
                        compile, progress, channel_options)
