@@ -175,8 +175,9 @@ def prune_fastest(model: nn.Module, example_inputs: Any, *, target_macs: float,
     interleaved on ``example_inputs`` (``repeats`` rounds, ``threads``; with ``compile=True`` each under
     ``torch.compile``, for a model you will deploy compiled: fusion removes per-op overhead, which favours narrow
     layers more than missing blocks), the model takes the fastest one that ``accept`` (if given) takes, and the
-    result lists them all. The model stays an ``nn.Module`` either way. Time and memory: one copy of the model per distinct candidate, all held while they are timed.
-    Everything is checked first; a PruningError leaves the model as it was."""
+    result lists them all. The model stays an ``nn.Module`` either way. Time and memory: one copy of the model per
+    distinct candidate, all held while they are timed. Everything is checked first; a PruningError leaves the model
+    as it was."""
     shares = _validate(model, example_inputs, target_macs, depth, criterion, latency_table, repeats, threads, accept,
                        compile, progress, channel_options)
     say = (lambda msg: print(f"prune_fastest: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
